@@ -11,13 +11,28 @@
 //! - [`sync`]: the range-reconciliation state machine and its CBOR wire form.
 //!
 //! The IO layers drive it:
-//! - [`store`]: RocksDB column families, atomic write batches, durable group commit.
+//! - [`store`]: RocksDB column families, atomic write batches, durable group commit;
+//! - [`wire`]: node-to-node request, response and gossip frames;
+//! - [`net`]: the libp2p swarm (TCP, noise, yamux, gossipsub, request-response) as byte frames;
+//! - [`node`]: the only place store, network and reconciliation meet;
+//! - [`api`]: the HTTP API over a node handle; [`metrics`]: the node's Prometheus metrics;
+//! - [`config`]: TOML configuration; [`harness`], [`http_client`], [`demo`]: local clusters of
+//!   real node processes for the demo and the integration tests.
 
 #![deny(missing_docs)]
 #![allow(missing_docs)] // TODO: lift once every public item is documented
 
+pub mod api;
+pub mod config;
 pub mod crdt;
+pub mod demo;
+pub mod harness;
+pub mod http_client;
 pub mod merkle;
+pub mod metrics;
 pub mod model;
+pub mod net;
+pub mod node;
 pub mod store;
 pub mod sync;
+pub mod wire;

@@ -1,1 +1,114 @@
-fn main(){}
+//! The `mailmesh` command: run a node, or a local demo cluster.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+use mailmesh::config::{self, ConfigFile};
+
+#[derive(Parser)]
+#[command(name = "mailmesh", version, about = "Peer-to-peer replication node for mail stores")]
+struct Cli {
+    #[command(subcommand)]
+    command: CommandLine,
+}
+
+#[derive(Subcommand)]
+enum CommandLine {
+    /// Run a node (with no flags: a working node with its store under ./data).
+    Node(NodeArguments),
+    /// Start three nodes on 127.0.0.1, exercise them, print how fast they converge.
+    Demo {
+        /// Keep the demo's data directories instead of deleting them.
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct NodeArguments {
+    /// TOML configuration file; flags override its keys.
+    #[arg(long, env = "MAILMESH_CONFIG")]
+    config: Option<PathBuf>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Multiaddr to listen on (repeatable), e.g. /ip4/0.0.0.0/tcp/4801.
+    #[arg(long)]
+    listen: Vec<String>,
+    /// HTTP API address, e.g. 127.0.0.1:4800.
+    #[arg(long)]
+    http: Option<String>,
+    /// Peer multiaddr to bootstrap from (repeatable), with or without /p2p/<peer id>.
+    #[arg(long)]
+    peer: Vec<String>,
+    #[arg(long)]
+    cluster: Option<String>,
+    #[arg(long)]
+    gossip_interval_ms: Option<u64>,
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,libp2p_gossipsub=warn")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    match cli.command {
+        CommandLine::Node(arguments) => run_node(arguments),
+        CommandLine::Demo { keep } => {
+            let binary = std::env::current_exe().context("locating the mailmesh binary")?;
+            mailmesh::demo::run(&binary, keep)
+        }
+    }
+}
+
+fn run_node(arguments: NodeArguments) -> anyhow::Result<()> {
+    let file = match &arguments.config {
+        Some(path) => ConfigFile::load(path)?,
+        None => ConfigFile::default(),
+    };
+    let mut node_config = file.into_node_config()?;
+    if let Some(name) = arguments.name {
+        node_config.name = name;
+    }
+    if let Some(data_dir) = arguments.data_dir {
+        node_config.data_dir = data_dir;
+    }
+    if !arguments.listen.is_empty() {
+        node_config.listen = config::parse_addresses("listen", &arguments.listen)?;
+    }
+    if let Some(http) = arguments.http {
+        node_config.http = http.parse().with_context(|| format!("--http {http:?}"))?;
+    }
+    if !arguments.peer.is_empty() {
+        node_config.peers.extend(config::parse_addresses("peer", &arguments.peer)?);
+    }
+    if let Some(cluster) = arguments.cluster {
+        node_config.cluster = cluster;
+    }
+    if let Some(milliseconds) = arguments.gossip_interval_ms {
+        node_config.gossip_interval = Duration::from_millis(milliseconds.max(10));
+    }
+    config::validate(&node_config)?;
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let shutdown = async {
+            let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .expect("installing the SIGTERM handler");
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = terminate.recv() => {}
+            }
+        };
+        mailmesh::node::run(node_config, shutdown).await
+    })?;
+    Ok(())
+}

@@ -1,0 +1,102 @@
+//! Node configuration: a TOML file (see config/*.toml) overridden by command-line flags.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::node::NodeConfig;
+
+/// Why a configuration could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("invalid {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// The keys of a configuration file; every key is optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    pub name: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub listen: Option<Vec<String>>,
+    pub http: Option<String>,
+    pub peers: Option<Vec<String>>,
+    pub cluster: Option<String>,
+    pub gossip_interval_ms: Option<u64>,
+    pub max_message_bytes: Option<u64>,
+    pub inline_blob_bytes: Option<usize>,
+    pub clock_bound_ms: Option<u64>,
+}
+
+impl ConfigFile {
+    /// Reads a TOML file.
+    pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+    }
+
+    /// Applies the file over the defaults.
+    pub fn into_node_config(self) -> Result<NodeConfig, ConfigError> {
+        let mut config = NodeConfig::default();
+        if let Some(name) = self.name {
+            config.name = name;
+        }
+        if let Some(data_dir) = self.data_dir {
+            config.data_dir = data_dir;
+        }
+        if let Some(listen) = self.listen {
+            config.listen = parse_addresses("listen", &listen)?;
+        }
+        if let Some(http) = self.http {
+            config.http = http.parse().map_err(|error| ConfigError::Invalid { key: "http", reason: format!("{error}") })?;
+        }
+        if let Some(peers) = self.peers {
+            config.peers = parse_addresses("peers", &peers)?;
+        }
+        if let Some(cluster) = self.cluster {
+            config.cluster = cluster;
+        }
+        if let Some(milliseconds) = self.gossip_interval_ms {
+            config.gossip_interval = Duration::from_millis(milliseconds.max(10));
+        }
+        if let Some(bytes) = self.max_message_bytes {
+            config.max_message_bytes = bytes;
+        }
+        if let Some(bytes) = self.inline_blob_bytes {
+            config.inline_blob_bytes = bytes;
+        }
+        if let Some(milliseconds) = self.clock_bound_ms {
+            config.clock_bound_millis = milliseconds;
+        }
+        validate(&config)?;
+        Ok(config)
+    }
+}
+
+/// Parses multiaddrs, naming the key on error.
+pub fn parse_addresses(key: &'static str, texts: &[String]) -> Result<Vec<libp2p::Multiaddr>, ConfigError> {
+    texts
+        .iter()
+        .map(|text| text.parse().map_err(|error| ConfigError::Invalid { key, reason: format!("{text:?}: {error}") }))
+        .collect()
+}
+
+/// Checks values that must make sense together.
+pub fn validate(config: &NodeConfig) -> Result<(), ConfigError> {
+    if config.cluster.is_empty() || config.cluster.contains(['/', ' ']) {
+        return Err(ConfigError::Invalid { key: "cluster", reason: "must be non-empty without '/' or spaces".into() });
+    }
+    if config.max_message_bytes == 0 {
+        return Err(ConfigError::Invalid { key: "max_message_bytes", reason: "must be positive".into() });
+    }
+    if config.inline_blob_bytes > 512 * 1024 {
+        return Err(ConfigError::Invalid { key: "inline_blob_bytes", reason: "at most 524288".into() });
+    }
+    Ok(())
+}

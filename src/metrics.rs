@@ -1,0 +1,94 @@
+//! The node's own metrics, registered in the one Prometheus registry it shares with libp2p.
+//!
+//! Operators read convergence from here: reconciliation sessions, rounds and bytes, records and
+//! blobs pulled, mailboxes found divergent, and the writes that caused them.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// A label for a direction of traffic.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: &'static str,
+}
+
+/// A label for gossip kind and direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GossipLabel {
+    pub kind: &'static str,
+    pub direction: &'static str,
+}
+
+/// A label for a write kind.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct WriteLabel {
+    pub kind: &'static str,
+}
+
+/// A label for an outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabel {
+    pub outcome: &'static str,
+}
+
+/// Every metric the node keeps. Cloning shares the same counters.
+#[derive(Clone)]
+pub struct NodeMetrics {
+    pub gossip_messages: Family<GossipLabel, Counter>,
+    pub gossip_bytes: Family<GossipLabel, Counter>,
+    pub sessions: Family<OutcomeLabel, Counter>,
+    pub session_rounds: Counter,
+    pub sync_bytes: Family<DirectionLabel, Counter>,
+    pub records_pulled: Counter,
+    pub blobs_pulled: Counter,
+    pub blobs_rejected: Counter,
+    pub mailboxes_divergent: Counter,
+    pub writes: Family<WriteLabel, Counter>,
+    pub peers_agreeing: Gauge,
+    pub reconcile_seconds: Histogram,
+    pub replication_lag_seconds: Histogram,
+}
+
+impl NodeMetrics {
+    /// Registers every metric under the `mailmesh` prefix.
+    pub fn register(registry: &mut Registry) -> Self {
+        let metrics = NodeMetrics {
+            gossip_messages: Family::default(),
+            gossip_bytes: Family::default(),
+            sessions: Family::default(),
+            session_rounds: Counter::default(),
+            sync_bytes: Family::default(),
+            records_pulled: Counter::default(),
+            blobs_pulled: Counter::default(),
+            blobs_rejected: Counter::default(),
+            mailboxes_divergent: Counter::default(),
+            writes: Family::default(),
+            peers_agreeing: Gauge::default(),
+            reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            replication_lag_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+        };
+        let registry = registry.sub_registry_with_prefix("mailmesh");
+        registry.register("gossip_messages", "Gossip messages by kind (operation, digest) and direction", metrics.gossip_messages.clone());
+        registry.register("gossip_bytes", "Gossip payload bytes by kind and direction", metrics.gossip_bytes.clone());
+        registry.register("reconcile_sessions", "Reconciliation sessions started by this node, by outcome", metrics.sessions.clone());
+        registry.register("reconcile_rounds", "Reconciliation request-response rounds this node initiated", metrics.session_rounds.clone());
+        registry.register("sync_bytes", "Bytes of reconciliation and pull frames, by direction", metrics.sync_bytes.clone());
+        registry.register("records_pulled", "Records pulled from peers and merged", metrics.records_pulled.clone());
+        registry.register("blobs_pulled", "Blobs pulled from peers, verified and stored", metrics.blobs_pulled.clone());
+        registry.register("blobs_rejected", "Blobs from peers whose bytes did not match their hash", metrics.blobs_rejected.clone());
+        registry.register("mailboxes_divergent", "Mailboxes found to differ from a peer", metrics.mailboxes_divergent.clone());
+        registry.register("writes", "Local writes accepted, by kind (append, flags, expunge)", metrics.writes.clone());
+        registry.register("peers_agreeing", "Connected peers whose last digest equals ours", metrics.peers_agreeing.clone());
+        registry.register("reconcile_duration_seconds", "Duration of reconciliation sessions", metrics.reconcile_seconds.clone());
+        registry.register(
+            "replication_lag_seconds",
+            "Time from a record's origin stamp to its arrival here by gossip or pull",
+            metrics.replication_lag_seconds.clone(),
+        );
+        metrics
+    }
+}

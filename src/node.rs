@@ -1,0 +1,1036 @@
+//! The node: where the store, the network and the reconciliation core meet.
+//!
+//! - Local writes go through the store's group commit; once durable, the new record state is
+//!   gossiped at once on the operations topic (small blobs inline), so peers see it within about
+//!   one network round trip.
+//! - Every gossip interval the node publishes its digest (the directory trie's root). A peer whose
+//!   digest differs from ours gets a reconciliation session: first over the directory trie to find
+//!   the differing mailboxes, then over each of those mailboxes' tries to find the differing
+//!   messages. Both sides learn what they lack; each pulls its own records, then the blobs, and
+//!   checks every blob against its blake3 hash before storing it.
+//! - A newly connected peer gets a session at once, so an empty node joining later fills up.
+//!
+//! Responding is stateless (see [`crate::sync`]); what a responder learns it lacks starts a pull
+//! task toward the requester.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use libp2p::{identity, Multiaddr, PeerId};
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::crdt;
+use crate::merkle::{Prefix, TreeView};
+use crate::metrics::{DirectionLabel, GossipLabel, NodeMetrics, OutcomeLabel, WriteLabel};
+use crate::model::{BlobHash, Flag, MailboxId, MailboxKey, MessageId, MessageRecord, NodeId};
+use crate::net::{self, NetworkClient, NetworkConfig, NetworkEvent, Topic};
+use crate::store::{Applied, CommitQueue, Operation, Space, Store, StoreError, StoreOptions};
+use crate::sync::{self, ByteString, Element, Outcome, SyncLimits};
+use crate::wire::{self, Gossip, Request, Response, WireSpace};
+
+/// Everything a node needs to start.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub name: String,
+    pub data_dir: PathBuf,
+    pub listen: Vec<Multiaddr>,
+    pub http: SocketAddr,
+    pub peers: Vec<Multiaddr>,
+    pub cluster: String,
+    pub gossip_interval: Duration,
+    pub max_message_bytes: u64,
+    /// Blobs up to this size travel inside the operation gossip.
+    pub inline_blob_bytes: usize,
+    pub clock_bound_millis: u64,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            name: "mailmesh".into(),
+            data_dir: PathBuf::from("data"),
+            listen: vec!["/ip4/0.0.0.0/tcp/4801".parse().expect("valid multiaddr")],
+            http: SocketAddr::from(([127, 0, 0, 1], 4800)),
+            peers: Vec::new(),
+            cluster: "default".into(),
+            gossip_interval: Duration::from_millis(1000),
+            max_message_bytes: 25 * 1024 * 1024,
+            inline_blob_bytes: 64 * 1024,
+            clock_bound_millis: 5 * 60 * 1000,
+        }
+    }
+}
+
+/// Why a node operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("network: {0}")]
+    Network(#[from] net::NetworkError),
+    #[error("peer {peer} answered badly: {reason}")]
+    Peer { peer: PeerId, reason: String },
+    #[error("identity file {path}: {reason}")]
+    Identity { path: PathBuf, reason: String },
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// What the node knows of a connected peer.
+#[derive(Clone, Debug)]
+pub struct PeerState {
+    pub connected_since: SystemTime,
+    pub name: Option<String>,
+    pub last_digest: Option<[u8; 32]>,
+    pub last_digest_seen: Option<SystemTime>,
+    /// Since when this peer's digest has differed from ours (None while equal).
+    pub differs_since: Option<SystemTime>,
+}
+
+/// A snapshot of one peer for status pages.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PeerStatus {
+    pub peer_id: String,
+    pub name: Option<String>,
+    pub addresses: Vec<String>,
+    pub connected_seconds: u64,
+    pub last_digest: Option<String>,
+    pub agrees: bool,
+    pub differs_seconds: Option<u64>,
+}
+
+struct NodeInner {
+    config: NodeConfig,
+    peer_id: PeerId,
+    store: Arc<Store>,
+    queue: CommitQueue,
+    network: NetworkClient,
+    metrics: NodeMetrics,
+    registry: Mutex<Registry>,
+    peers: Mutex<HashMap<PeerId, PeerState>>,
+    syncing: Mutex<HashSet<PeerId>>,
+    sequence: AtomicU64,
+    limits: SyncLimits,
+    listen: Mutex<Vec<Multiaddr>>,
+    dial_attempts: Mutex<HashMap<PeerId, Instant>>,
+}
+
+/// A handle on a running node: what the HTTP API and the demo use.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<NodeInner>,
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_millis() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// Loads the node's ed25519 identity from `path`, creating it on first start.
+pub fn load_or_create_identity(path: &Path) -> Result<identity::Keypair, NodeError> {
+    let error = |reason: String| NodeError::Identity { path: path.to_owned(), reason };
+    match std::fs::read(path) {
+        Ok(bytes) => identity::Keypair::from_protobuf_encoding(&bytes).map_err(|e| error(e.to_string())),
+        Err(missing) if missing.kind() == std::io::ErrorKind::NotFound => {
+            let keypair = identity::Keypair::generate_ed25519();
+            let bytes = keypair.to_protobuf_encoding().map_err(|e| error(e.to_string()))?;
+            let temporary = path.with_extension("tmp");
+            std::fs::write(&temporary, bytes)?;
+            std::fs::rename(&temporary, path)?;
+            Ok(keypair)
+        }
+        Err(other) => Err(error(other.to_string())),
+    }
+}
+
+/// Starts a node and runs it until `shutdown` resolves. `ready` receives the handle once the
+/// node is up (for in-process users such as tests).
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let (stop_sender, stop) = watch::channel(false);
+    let node = Node::start(config, stop.clone()).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_sender.send(true);
+    node.wait_stopped().await;
+    Ok(())
+}
+
+impl Node {
+    /// Opens the store, starts the network, the HTTP server and the gossip timer.
+    pub async fn start(config: NodeConfig, stop: watch::Receiver<bool>) -> Result<Node, NodeError> {
+        std::fs::create_dir_all(&config.data_dir)?;
+        let keypair = load_or_create_identity(&config.data_dir.join("identity.key"))?;
+        let peer_id = keypair.public().to_peer_id();
+        let node_id = NodeId::from_identity(&peer_id.to_bytes());
+        let store = Arc::new(Store::open(
+            &config.data_dir.join("store"),
+            node_id,
+            StoreOptions {
+                max_message_bytes: config.max_message_bytes,
+                clock_bound_millis: config.clock_bound_millis,
+                sync_writes: true,
+            },
+        )?);
+        let queue = CommitQueue::start(store.clone(), 512);
+        let mut registry = Registry::default();
+        let metrics = NodeMetrics::register(&mut registry);
+        let mut network_config = NetworkConfig::new(keypair, config.cluster.clone());
+        network_config.listen = config.listen.clone();
+        network_config.bootstrap = config.peers.clone();
+        network_config.max_gossip_bytes = (config.inline_blob_bytes + 64 * 1024).max(256 * 1024);
+        let (network, mut events, event_loop) = net::new(network_config, &mut registry)?;
+        let mut loop_stop = stop.clone();
+        tokio::spawn(event_loop.run(async move {
+            stopped(&mut loop_stop).await;
+        }));
+        let node = Node {
+            inner: Arc::new(NodeInner {
+                config: config.clone(),
+                peer_id,
+                store,
+                queue,
+                network,
+                metrics,
+                registry: Mutex::new(registry),
+                peers: Mutex::new(HashMap::new()),
+                syncing: Mutex::new(HashSet::new()),
+                sequence: AtomicU64::new(0),
+                limits: SyncLimits::default(),
+                listen: Mutex::new(Vec::new()),
+                dial_attempts: Mutex::new(HashMap::new()),
+            }),
+        };
+        tracing::info!(peer_id = %peer_id, name = %config.name, "node started");
+
+        // Network events.
+        let handler = node.clone();
+        let mut events_stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    event = events.recv() => match event {
+                        Some(event) => handler.on_network_event(event),
+                        None => break,
+                    },
+                    _ = stopped(&mut events_stop) => break,
+                }
+            }
+        });
+
+        // Digest gossip and periodic catch-up.
+        let gossiper = node.clone();
+        let mut gossip_stop = stop.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(gossiper.inner.config.gossip_interval);
+            interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => gossiper.on_gossip_tick().await,
+                    _ = stopped(&mut gossip_stop) => break,
+                }
+            }
+        });
+
+        // HTTP.
+        let listener = tokio::net::TcpListener::bind(config.http).await?;
+        let http_address = listener.local_addr()?;
+        std::fs::write(config.data_dir.join("http.addr"), http_address.to_string())?;
+        tracing::info!(address = %http_address, "HTTP API listening");
+        let router = crate::api::router(node.clone());
+        let mut http_stop = stop.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    stopped(&mut http_stop).await;
+                })
+                .await;
+            if let Err(error) = served {
+                tracing::error!("HTTP server failed: {error}");
+            }
+        });
+        Ok(node)
+    }
+
+    async fn wait_stopped(&self) {
+        // Give the event loop and HTTP server a moment to close their sockets.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    /// The node's peer ID.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// The node's name.
+    pub fn name(&self) -> &str {
+        &self.inner.config.name
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &NodeMetrics {
+        &self.inner.metrics
+    }
+
+    /// Prometheus text for every registered metric.
+    pub fn encode_metrics(&self) -> String {
+        let mut text = String::new();
+        if let Ok(registry) = self.inner.registry.lock() {
+            let _ = prometheus_client::encoding::text::encode(&mut text, &registry);
+        }
+        text
+    }
+
+    /// The node digest as hex.
+    pub fn digest_hex(&self) -> Result<String, StoreError> {
+        Ok(hex(&self.inner.store.digest()?.root_hash()))
+    }
+
+    /// Listen addresses with the `/p2p/` suffix.
+    pub async fn listen_addresses(&self) -> Vec<Multiaddr> {
+        let mut addresses = self.inner.network.listen_addresses().await.unwrap_or_default();
+        if addresses.is_empty() {
+            addresses = self.inner.listen.lock().map(|list| list.clone()).unwrap_or_default();
+        }
+        addresses
+            .into_iter()
+            .map(|address| address.with(libp2p::multiaddr::Protocol::P2p(self.inner.peer_id)))
+            .collect()
+    }
+
+    /// The connected peers and whether each agrees with us.
+    pub async fn peer_statuses(&self) -> Vec<PeerStatus> {
+        let my_digest = self.inner.store.digest().map(|aggregate| aggregate.root_hash()).ok();
+        let infos = self.inner.network.peers().await.unwrap_or_default();
+        let states = self.inner.peers.lock().map(|peers| peers.clone()).unwrap_or_default();
+        let now = SystemTime::now();
+        infos
+            .into_iter()
+            .map(|info| {
+                let state = states.get(&info.peer_id);
+                let last_digest = state.and_then(|state| state.last_digest);
+                PeerStatus {
+                    peer_id: info.peer_id.to_string(),
+                    name: state.and_then(|state| state.name.clone()),
+                    addresses: info.addresses.iter().map(|address| address.to_string()).collect(),
+                    connected_seconds: now.duration_since(info.connected_since).map(|d| d.as_secs()).unwrap_or(0),
+                    last_digest: last_digest.map(|digest| hex(&digest)),
+                    agrees: last_digest.is_some() && last_digest == my_digest,
+                    differs_seconds: state
+                        .and_then(|state| state.differs_since)
+                        .and_then(|since| now.duration_since(since).ok())
+                        .map(|d| d.as_secs()),
+                }
+            })
+            .collect()
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Local writes
+    // -----------------------------------------------------------------------------------------
+
+    /// Appends a message; returns once it is durable here (and has been offered to peers).
+    pub async fn append(&self, mailbox: &MailboxKey, raw: Vec<u8>, flags: Vec<Flag>) -> Result<MessageRecord, StoreError> {
+        let applied = self
+            .inner
+            .queue
+            .submit(Operation::Append {
+                mailbox: mailbox.clone(),
+                raw: raw.clone(),
+                flags,
+                now_millis: now_millis(),
+                random: rand::random::<u128>(),
+            })
+            .await?;
+        let Applied::Appended { record, .. } = applied else {
+            return Err(StoreError::Corrupt("append returned no record".into()));
+        };
+        self.inner.metrics.writes.get_or_create(&WriteLabel { kind: "append" }).inc();
+        let inline = (raw.len() <= self.inner.config.inline_blob_bytes).then_some(ByteString(raw));
+        self.publish_operation(mailbox, &record, inline).await;
+        Ok(record)
+    }
+
+    /// Sets and clears flags.
+    pub async fn set_flags(
+        &self,
+        mailbox: &MailboxKey,
+        id: MessageId,
+        add: Vec<Flag>,
+        remove: Vec<Flag>,
+    ) -> Result<MessageRecord, StoreError> {
+        let applied = self
+            .inner
+            .queue
+            .submit(Operation::SetFlags { mailbox: mailbox.clone(), id, add, remove, now_millis: now_millis() })
+            .await?;
+        let Applied::Record { record, changed } = applied else {
+            return Err(StoreError::Corrupt("flag change returned no record".into()));
+        };
+        if changed {
+            self.inner.metrics.writes.get_or_create(&WriteLabel { kind: "flags" }).inc();
+            self.publish_operation(mailbox, &record, None).await;
+        }
+        Ok(record)
+    }
+
+    /// Expunges a message.
+    pub async fn expunge(&self, mailbox: &MailboxKey, id: MessageId) -> Result<MessageRecord, StoreError> {
+        let applied =
+            self.inner.queue.submit(Operation::Expunge { mailbox: mailbox.clone(), id, now_millis: now_millis() }).await?;
+        let Applied::Record { record, changed } = applied else {
+            return Err(StoreError::Corrupt("expunge returned no record".into()));
+        };
+        if changed {
+            self.inner.metrics.writes.get_or_create(&WriteLabel { kind: "expunge" }).inc();
+            self.publish_operation(mailbox, &record, None).await;
+        }
+        Ok(record)
+    }
+
+    async fn publish_operation(&self, mailbox: &MailboxKey, record: &MessageRecord, blob: Option<ByteString>) {
+        let data = wire::encode(&Gossip::Operation { mailbox: mailbox.clone(), record: record.clone(), blob });
+        let size = data.len() as u64;
+        match self.inner.network.publish(Topic::Operations, data).await {
+            Ok(()) => {
+                let label = GossipLabel { kind: "operation", direction: "out" };
+                self.inner.metrics.gossip_messages.get_or_create(&label).inc();
+                self.inner.metrics.gossip_bytes.get_or_create(&label).inc_by(size);
+            }
+            Err(error) => tracing::warn!("could not gossip an operation: {error}"),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Network events
+    // -----------------------------------------------------------------------------------------
+
+    fn on_network_event(&self, event: NetworkEvent) {
+        match event {
+            NetworkEvent::Gossip { topic, message_id, propagation_source, data } => {
+                let node = self.clone();
+                tokio::spawn(async move {
+                    let valid = node.on_gossip(topic, propagation_source, &data).await;
+                    let _ = node.inner.network.report_validation(message_id, propagation_source, valid).await;
+                });
+            }
+            NetworkEvent::Request { peer, data, channel } => {
+                let node = self.clone();
+                tokio::spawn(async move {
+                    node.inner
+                        .metrics
+                        .sync_bytes
+                        .get_or_create(&DirectionLabel { direction: "in" })
+                        .inc_by(data.len() as u64);
+                    let response = node.on_request(peer, &data).await;
+                    let encoded = wire::encode(&response);
+                    node.inner
+                        .metrics
+                        .sync_bytes
+                        .get_or_create(&DirectionLabel { direction: "out" })
+                        .inc_by(encoded.len() as u64);
+                    if let Err(error) = node.inner.network.respond(channel, encoded).await {
+                        tracing::warn!(%peer, "could not answer a request: {error}");
+                    }
+                });
+            }
+            NetworkEvent::PeerConnected(peer) => {
+                if let Ok(mut peers) = self.inner.peers.lock() {
+                    peers.entry(peer).or_insert(PeerState {
+                        connected_since: SystemTime::now(),
+                        name: None,
+                        last_digest: None,
+                        last_digest_seen: None,
+                        differs_since: None,
+                    });
+                }
+                self.spawn_session(peer);
+            }
+            NetworkEvent::PeerDisconnected(peer) => {
+                if let Ok(mut peers) = self.inner.peers.lock() {
+                    peers.remove(&peer);
+                }
+            }
+            NetworkEvent::Listening(address) => {
+                if let Ok(mut listen) = self.inner.listen.lock() {
+                    listen.push(address);
+                }
+            }
+        }
+    }
+
+    async fn on_gossip(&self, topic: Topic, source: PeerId, data: &[u8]) -> bool {
+        let gossip: Gossip = match wire::decode(data) {
+            Ok(gossip) => gossip,
+            Err(error) => {
+                tracing::warn!(%source, "refused a gossip message: {error}");
+                return false;
+            }
+        };
+        let kind = match gossip {
+            Gossip::Operation { .. } => "operation",
+            Gossip::Digest { .. } => "digest",
+        };
+        let label = GossipLabel { kind, direction: "in" };
+        self.inner.metrics.gossip_messages.get_or_create(&label).inc();
+        self.inner.metrics.gossip_bytes.get_or_create(&label).inc_by(data.len() as u64);
+        match (topic, gossip) {
+            (Topic::Operations, Gossip::Operation { mailbox, record, blob }) => {
+                match self.on_operation(source, mailbox, record, blob).await {
+                    Ok(()) => true,
+                    Err(error) => {
+                        tracing::warn!(%source, "refused an operation: {error}");
+                        false
+                    }
+                }
+            }
+            (Topic::Digests, Gossip::Digest { peer, name, digest, addresses, .. }) => {
+                let Ok(peer) = peer.parse::<PeerId>() else { return false };
+                let Ok(digest) = <[u8; 32]>::try_from(digest.0.as_slice()) else { return false };
+                if addresses.len() > 16 || name.len() > 255 {
+                    return false;
+                }
+                let connected = self.on_digest(peer, name, digest);
+                if !connected {
+                    self.discover(peer, &addresses);
+                }
+                true
+            }
+            _ => false,
+        }
+    }
+
+    async fn on_operation(
+        &self,
+        source: PeerId,
+        mailbox: MailboxKey,
+        record: MessageRecord,
+        blob: Option<ByteString>,
+    ) -> Result<(), NodeError> {
+        mailbox.validate().map_err(|error| NodeError::Peer { peer: source, reason: error.to_string() })?;
+        wire::validate_record(&record).map_err(|error| NodeError::Peer { peer: source, reason: error.to_string() })?;
+        if let Some(existing) = self.inner.store.record(mailbox.id(), record.id)? {
+            if crdt::merge(&existing, &record).map(|merged| merged == existing).unwrap_or(false) {
+                return Ok(()); // nothing new
+            }
+        }
+        let mut operations = Vec::new();
+        if !self.inner.store.has_blob(&record.blob)? {
+            let bytes = match blob {
+                Some(bytes) => bytes.0,
+                None => match self.fetch_blob(source, record.blob).await? {
+                    Some(bytes) => bytes,
+                    None => return Ok(()), // anti-entropy will bring it with its record later
+                },
+            };
+            operations.push(Operation::PutBlob { expected: record.blob, bytes });
+        }
+        self.observe_lag(&record);
+        operations.push(Operation::Merge { mailbox, record, now_millis: now_millis() });
+        self.apply_all(operations).await
+    }
+
+    fn observe_lag(&self, record: &MessageRecord) {
+        let origin_millis = record.latest_stamp().map(|stamp| crdt::millis_of(stamp.time)).unwrap_or(record.received_millis);
+        let lag = now_millis().saturating_sub(origin_millis) as f64 / 1000.0;
+        self.inner.metrics.replication_lag_seconds.observe(lag);
+    }
+
+    async fn apply_all(&self, operations: Vec<Operation>) -> Result<(), NodeError> {
+        let submissions: Vec<_> = operations.into_iter().map(|operation| self.inner.queue.submit(operation)).collect();
+        for result in futures::future::join_all(submissions).await {
+            result?;
+        }
+        Ok(())
+    }
+
+    /// Dials a peer learned from gossip (at most once every 10 s).
+    fn discover(&self, peer: PeerId, addresses: &[String]) {
+        if peer == self.inner.peer_id {
+            return;
+        }
+        {
+            let Ok(mut attempts) = self.inner.dial_attempts.lock() else { return };
+            let now = Instant::now();
+            if attempts.get(&peer).is_some_and(|last| now.duration_since(*last) < Duration::from_secs(10)) {
+                return;
+            }
+            attempts.insert(peer, now);
+        }
+        let addresses: Vec<Multiaddr> = addresses
+            .iter()
+            .filter_map(|text| text.parse::<Multiaddr>().ok())
+            .filter(|address| {
+                address.iter().any(|part| matches!(part, libp2p::multiaddr::Protocol::P2p(id) if id == peer))
+            })
+            .collect();
+        let network = self.inner.network.clone();
+        tokio::spawn(async move {
+            for address in addresses {
+                match network.dial(address.clone()).await {
+                    Ok(()) => {
+                        tracing::info!(%peer, %address, "connected to a peer learned from gossip");
+                        return;
+                    }
+                    Err(error) => tracing::debug!(%peer, %address, "dial failed: {error}"),
+                }
+            }
+        });
+    }
+
+    /// Records a peer's digest; returns whether the peer is connected.
+    fn on_digest(&self, peer: PeerId, name: String, digest: [u8; 32]) -> bool {
+        if peer == self.inner.peer_id {
+            return true;
+        }
+        let mine = self.inner.store.digest().map(|aggregate| aggregate.root_hash()).ok();
+        let differs = Some(digest) != mine;
+        let connected = {
+            let Ok(mut peers) = self.inner.peers.lock() else { return false };
+            match peers.get_mut(&peer) {
+                Some(state) => {
+                    state.name = Some(name);
+                    state.last_digest = Some(digest);
+                    state.last_digest_seen = Some(SystemTime::now());
+                    if differs {
+                        state.differs_since.get_or_insert(SystemTime::now());
+                    } else {
+                        state.differs_since = None;
+                    }
+                    true
+                }
+                None => false,
+            }
+        };
+        if differs && connected {
+            self.spawn_session(peer);
+        }
+        connected
+    }
+
+    async fn on_gossip_tick(&self) {
+        let Ok(digest) = self.inner.store.digest() else { return };
+        let gossip = Gossip::Digest {
+            peer: self.inner.peer_id.to_string(),
+            name: self.inner.config.name.clone(),
+            sequence: self.inner.sequence.fetch_add(1, Ordering::Relaxed),
+            digest: ByteString(digest.root_hash().to_vec()),
+            records: digest.count,
+            addresses: self.listen_addresses().await.iter().map(|address| address.to_string()).collect(),
+        };
+        let data = wire::encode(&gossip);
+        let size = data.len() as u64;
+        if self.inner.network.publish(Topic::Digests, data).await.is_ok() {
+            let label = GossipLabel { kind: "digest", direction: "out" };
+            self.inner.metrics.gossip_messages.get_or_create(&label).inc();
+            self.inner.metrics.gossip_bytes.get_or_create(&label).inc_by(size);
+        }
+        // Keep agreement figures fresh, and retry peers that stayed divergent.
+        let mine = digest.root_hash();
+        let mut agreeing = 0;
+        let mut retry = Vec::new();
+        if let Ok(mut peers) = self.inner.peers.lock() {
+            for (peer, state) in peers.iter_mut() {
+                match state.last_digest {
+                    Some(theirs) if theirs == mine => {
+                        agreeing += 1;
+                        state.differs_since = None;
+                    }
+                    Some(_) => {
+                        let since = *state.differs_since.get_or_insert(SystemTime::now());
+                        let stale = SystemTime::now().duration_since(since).unwrap_or_default();
+                        if stale > self.inner.config.gossip_interval * 5 {
+                            tracing::warn!(%peer, seconds = stale.as_secs(), "peer still divergent after several gossip intervals");
+                        }
+                        retry.push(*peer);
+                    }
+                    None => {}
+                }
+            }
+        }
+        self.inner.metrics.peers_agreeing.set(agreeing);
+        for peer in retry {
+            self.spawn_session(peer);
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Answering requests
+    // -----------------------------------------------------------------------------------------
+
+    async fn on_request(&self, peer: PeerId, data: &[u8]) -> Response {
+        let request: Request = match wire::decode(data) {
+            Ok(request) => request,
+            Err(error) => return Response::Error { message: error.to_string() },
+        };
+        if let Err(error) = wire::validate_request(&request) {
+            return Response::Error { message: error.to_string() };
+        }
+        match self.answer(peer, request).await {
+            Ok(response) => response,
+            Err(error) => Response::Error { message: error.to_string() },
+        }
+    }
+
+    async fn answer(&self, peer: PeerId, request: Request) -> Result<Response, NodeError> {
+        let store = &self.inner.store;
+        match request {
+            Request::Reconcile { space, message } => {
+                let incoming = sync::decode(&message.0, &self.inner.limits)
+                    .map_err(|error| NodeError::Peer { peer, reason: error.to_string() })?;
+                let (reply, outcome) = match &space {
+                    WireSpace::Directory => sync::respond(&store.tree(Space::Directory), &incoming, &self.inner.limits),
+                    WireSpace::Mailbox(key) => {
+                        sync::respond(&store.tree(Space::Mailbox(key.id())), &incoming, &self.inner.limits)
+                    }
+                }
+                .map_err(|error| NodeError::Peer { peer, reason: error.to_string() })?;
+                if let (WireSpace::Mailbox(key), false) = (&space, outcome.is_empty()) {
+                    // The requester has things we lack: pull them.
+                    let node = self.clone();
+                    let key = key.clone();
+                    tokio::spawn(async move {
+                        if let Err(error) = node.pull(peer, &key, outcome).await {
+                            tracing::warn!(%peer, "pull after answering failed: {error}");
+                        }
+                    });
+                }
+                Ok(Response::Reconcile { message: ByteString(sync::encode(&split_you_lack(reply))) })
+            }
+            Request::FetchRecords { mailbox, ids } => {
+                let mut records = Vec::with_capacity(ids.len());
+                for id in ids {
+                    if let Some(record) = store.record(mailbox.id(), id)? {
+                        records.push(record);
+                    }
+                }
+                Ok(Response::Records { records, more: false })
+            }
+            Request::FetchRange { mailbox, depth, bits, after, limit } => {
+                let prefix = Prefix::from_packed(depth, &bits.0)
+                    .ok_or_else(|| NodeError::Peer { peer, reason: "bad prefix".into() })?;
+                let (low, high) = prefix.bounds();
+                let start = match after {
+                    Some(after) if after.0 >= high => return Ok(Response::Records { records: vec![], more: false }),
+                    Some(after) => after.0.max(low.saturating_sub(1)) + 1,
+                    None => low,
+                };
+                let limit = limit as usize;
+                let mut records = store.records_in_range(mailbox.id(), MessageId(start), MessageId(high), limit + 1)?;
+                let more = records.len() > limit;
+                records.truncate(limit);
+                Ok(Response::Records { records, more })
+            }
+            Request::FetchBlob { hash } => Ok(Response::Blob { bytes: store.blob(&hash)?.map(ByteString) }),
+            Request::ResolveMailboxes { ids, depth, bits } => {
+                let mut keys = Vec::new();
+                let mut wanted: Vec<MailboxId> = ids
+                    .iter()
+                    .filter_map(|id| <[u8; 16]>::try_from(id.0.as_slice()).ok())
+                    .map(|bytes| MailboxId(u128::from_be_bytes(bytes)))
+                    .collect();
+                if ids.is_empty() {
+                    if let Some(prefix) = Prefix::from_packed(depth, &bits.0) {
+                        let leaves = store.tree(Space::Directory).leaves(prefix, wire::MAX_IDS_PER_REQUEST)?;
+                        wanted.extend(leaves.into_iter().map(|(id, _)| MailboxId(id)));
+                    }
+                }
+                for id in wanted {
+                    if let Some(entry) = store.mailbox_entry(id)? {
+                        keys.push(entry.key);
+                    }
+                }
+                Ok(Response::Mailboxes { keys })
+            }
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Sessions and pulls
+    // -----------------------------------------------------------------------------------------
+
+    fn spawn_session(&self, peer: PeerId) {
+        {
+            let Ok(mut syncing) = self.inner.syncing.lock() else { return };
+            if !syncing.insert(peer) {
+                return; // one session per peer at a time
+            }
+        }
+        let node = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let result = node.session(peer).await;
+            node.inner.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+            let outcome = match &result {
+                Ok(_) => "ok",
+                Err(_) => "failed",
+            };
+            node.inner.metrics.sessions.get_or_create(&OutcomeLabel { outcome }).inc();
+            match result {
+                Ok(mailboxes) => tracing::debug!(%peer, mailboxes, ms = started.elapsed().as_millis() as u64, "reconciled"),
+                Err(error) => tracing::info!(%peer, "reconciliation failed: {error}"),
+            }
+            if let Ok(mut syncing) = node.inner.syncing.lock() {
+                syncing.remove(&peer);
+            }
+        });
+    }
+
+    async fn request(&self, peer: PeerId, request: &Request) -> Result<Response, NodeError> {
+        let data = wire::encode(request);
+        self.inner.metrics.sync_bytes.get_or_create(&DirectionLabel { direction: "out" }).inc_by(data.len() as u64);
+        let answer = self.inner.network.request(peer, data).await?;
+        self.inner.metrics.sync_bytes.get_or_create(&DirectionLabel { direction: "in" }).inc_by(answer.len() as u64);
+        match wire::decode::<Response>(&answer) {
+            Ok(Response::Error { message }) => Err(NodeError::Peer { peer, reason: message }),
+            Ok(response) => Ok(response),
+            Err(error) => Err(NodeError::Peer { peer, reason: error.to_string() }),
+        }
+    }
+
+    /// Runs reconciliation of one space with a peer; returns this side's outcome and the
+    /// elements it told the peer about (what the peer lacks).
+    async fn reconcile<V: TreeView>(
+        &self,
+        peer: PeerId,
+        space: WireSpace,
+        view: &V,
+    ) -> Result<(Outcome, Outcome), NodeError> {
+        let limits = self.inner.limits;
+        let sync_error = |error: sync::SyncError| NodeError::Peer { peer, reason: error.to_string() };
+        let mut outgoing = sync::initial(view, &limits).map_err(sync_error)?;
+        let mut mine = Outcome::default();
+        let mut told = Outcome::default();
+        for _round in 0..80 {
+            if outgoing.is_empty() {
+                return Ok((mine, told));
+            }
+            for element in &outgoing {
+                match element {
+                    Element::YouLack { keys } => told.need_keys.extend(keys.iter().copied()),
+                    Element::YouLackAll { prefix } => told.need_prefixes.push(*prefix),
+                    _ => {}
+                }
+            }
+            let mut incoming = Vec::new();
+            for chunk in chunk_elements(split_you_lack(outgoing)) {
+                self.inner.metrics.session_rounds.inc();
+                let request = Request::Reconcile { space: space.clone(), message: ByteString(sync::encode(&chunk)) };
+                match self.request(peer, &request).await? {
+                    Response::Reconcile { message } => {
+                        incoming.extend(sync::decode(&message.0, &limits).map_err(sync_error)?);
+                    }
+                    _ => return Err(NodeError::Peer { peer, reason: "unexpected answer to reconcile".into() }),
+                }
+            }
+            let (reply, outcome) = sync::respond(view, &incoming, &limits).map_err(sync_error)?;
+            mine.extend(outcome);
+            outgoing = reply;
+        }
+        Err(NodeError::Peer { peer, reason: "reconciliation did not end within 80 rounds".into() })
+    }
+
+    /// Directory first, then each differing mailbox. Returns how many mailboxes differed.
+    async fn session(&self, peer: PeerId) -> Result<usize, NodeError> {
+        let store = self.inner.store.clone();
+        let (mut mine, mut told) = self.reconcile(peer, WireSpace::Directory, &store.tree(Space::Directory)).await?;
+        mine.normalize();
+        told.normalize();
+        let mut keys: BTreeSet<MailboxKey> = BTreeSet::new();
+        let mut unknown: Vec<ByteString> = Vec::new();
+        for id in mine.need_keys.iter().chain(&told.need_keys) {
+            match store.mailbox_entry(MailboxId(*id))? {
+                Some(entry) => {
+                    keys.insert(entry.key);
+                }
+                None => unknown.push(ByteString(id.to_be_bytes().to_vec())),
+            }
+        }
+        for chunk in unknown.chunks(wire::MAX_IDS_PER_REQUEST) {
+            let request = Request::ResolveMailboxes { ids: chunk.to_vec(), depth: 0, bits: ByteString(vec![]) };
+            if let Response::Mailboxes { keys: resolved } = self.request(peer, &request).await? {
+                keys.extend(resolved.into_iter().filter(|key| key.validate().is_ok()));
+            }
+        }
+        for prefix in &mine.need_prefixes {
+            let request =
+                Request::ResolveMailboxes { ids: vec![], depth: prefix.depth(), bits: ByteString(prefix.packed_bits()) };
+            if let Response::Mailboxes { keys: resolved } = self.request(peer, &request).await? {
+                keys.extend(resolved.into_iter().filter(|key| key.validate().is_ok()));
+            }
+        }
+        for prefix in &told.need_prefixes {
+            for (id, _) in store.tree(Space::Directory).leaves(*prefix, usize::MAX)? {
+                if let Some(entry) = store.mailbox_entry(MailboxId(id))? {
+                    keys.insert(entry.key);
+                }
+            }
+        }
+        self.inner.metrics.mailboxes_divergent.inc_by(keys.len() as u64);
+        for key in &keys {
+            let (outcome, _) = self.reconcile(peer, WireSpace::Mailbox(key.clone()), &store.tree(Space::Mailbox(key.id()))).await?;
+            self.pull(peer, key, outcome).await?;
+        }
+        Ok(keys.len())
+    }
+
+    /// Pulls the records (and then the blobs) this side lacks from a peer, and merges them.
+    async fn pull(&self, peer: PeerId, mailbox: &MailboxKey, mut outcome: Outcome) -> Result<(), NodeError> {
+        outcome.normalize();
+        for chunk in outcome.need_keys.chunks(1000) {
+            let request =
+                Request::FetchRecords { mailbox: mailbox.clone(), ids: chunk.iter().map(|key| MessageId(*key)).collect() };
+            if let Response::Records { records: fetched, .. } = self.request(peer, &request).await? {
+                self.merge_pulled(peer, mailbox, fetched).await?;
+            }
+        }
+        for prefix in &outcome.need_prefixes {
+            let mut after: Option<MessageId> = None;
+            loop {
+                let request = Request::FetchRange {
+                    mailbox: mailbox.clone(),
+                    depth: prefix.depth(),
+                    bits: ByteString(prefix.packed_bits()),
+                    after,
+                    limit: 1000,
+                };
+                let Response::Records { records: fetched, more } = self.request(peer, &request).await? else {
+                    return Err(NodeError::Peer { peer, reason: "unexpected answer to a range fetch".into() });
+                };
+                let last = fetched.last().map(|record| record.id);
+                if fetched.iter().any(|record| !prefix.contains(record.id.0) || Some(record.id) <= after) {
+                    return Err(NodeError::Peer { peer, reason: "range fetch returned records outside the range".into() });
+                }
+                self.merge_pulled(peer, mailbox, fetched).await?;
+                match (more, last) {
+                    (true, Some(last)) => after = Some(last),
+                    _ => break,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches missing blobs for `records`, then merges blobs and records in one go.
+    async fn merge_pulled(
+        &self,
+        peer: PeerId,
+        mailbox: &MailboxKey,
+        records: Vec<MessageRecord>,
+    ) -> Result<(), NodeError> {
+        let store = &self.inner.store;
+        let mut operations = Vec::new();
+        let mut fetched_blobs: HashSet<BlobHash> = HashSet::new();
+        let mut blob_fetches = Vec::new();
+        let mut merged_count = 0u64;
+        for record in &records {
+            wire::validate_record(record).map_err(|error| NodeError::Peer { peer, reason: error.to_string() })?;
+            if !store.has_blob(&record.blob)? && fetched_blobs.insert(record.blob) {
+                blob_fetches.push(record.blob);
+            }
+        }
+        for chunk in blob_fetches.chunks(16) {
+            let answers = futures::future::join_all(chunk.iter().map(|hash| self.fetch_blob(peer, *hash))).await;
+            for (hash, answer) in chunk.iter().zip(answers) {
+                if let Some(bytes) = answer? {
+                    operations.push(Operation::PutBlob { expected: *hash, bytes });
+                    self.inner.metrics.blobs_pulled.inc();
+                }
+            }
+        }
+        for record in records {
+            self.observe_lag(&record);
+            merged_count += 1;
+            operations.push(Operation::Merge { mailbox: mailbox.clone(), record, now_millis: now_millis() });
+        }
+        self.apply_all(operations).await?;
+        self.inner.metrics.records_pulled.inc_by(merged_count);
+        Ok(())
+    }
+
+    /// Fetches one blob and checks its hash; a peer that sends wrong bytes is disconnected.
+    async fn fetch_blob(&self, peer: PeerId, hash: BlobHash) -> Result<Option<Vec<u8>>, NodeError> {
+        match self.request(peer, &Request::FetchBlob { hash }).await? {
+            Response::Blob { bytes: Some(bytes) } => {
+                if BlobHash::of(&bytes.0) != hash {
+                    self.inner.metrics.blobs_rejected.inc();
+                    tracing::warn!(%peer, blob = %hash, "peer sent a blob that fails its hash; disconnecting it");
+                    let _ = self.inner.network.disconnect(peer).await;
+                    return Err(NodeError::Peer { peer, reason: format!("blob {hash} failed its hash") });
+                }
+                Ok(Some(bytes.0))
+            }
+            Response::Blob { bytes: None } => Ok(None),
+            _ => Err(NodeError::Peer { peer, reason: "unexpected answer to a blob fetch".into() }),
+        }
+    }
+}
+
+/// Resolves once the stop flag is set (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// Splits long `YouLack` lists so no element exceeds the wire limit.
+fn split_you_lack(elements: Vec<Element>) -> Vec<Element> {
+    let mut out = Vec::with_capacity(elements.len());
+    for element in elements {
+        match element {
+            Element::YouLack { keys } if keys.len() > 4096 => {
+                for chunk in keys.chunks(4096) {
+                    out.push(Element::YouLack { keys: chunk.to_vec() });
+                }
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+/// Groups elements into requests of at most about 512 KiB each.
+fn chunk_elements(elements: Vec<Element>) -> Vec<Vec<Element>> {
+    const BUDGET: usize = 512 * 1024;
+    let estimate = |element: &Element| match element {
+        Element::Children { children, .. } => 24 + children.len() * 19,
+        Element::Leaves { leaves, .. } => 24 + leaves.len() * 24,
+        Element::YouLack { keys } => 8 + keys.len() * 16,
+        _ => 24,
+    };
+    let mut chunks = Vec::new();
+    let mut current = Vec::new();
+    let mut size = 0;
+    for element in elements {
+        let element_size = estimate(&element);
+        if size + element_size > BUDGET && !current.is_empty() {
+            chunks.push(std::mem::take(&mut current));
+            size = 0;
+        }
+        size += element_size;
+        current.push(element);
+    }
+    if !current.is_empty() {
+        chunks.push(current);
+    }
+    chunks
+}

@@ -1,0 +1,181 @@
+//! The node-to-node messages: request-response frames and gossip payloads, as versioned CBOR.
+//!
+//! Reconciliation messages themselves are encoded by [`crate::sync`]; this module wraps them with
+//! the space they are about, and adds the pulls (records by ID, records by prefix, blobs, mailbox
+//! keys) and the two gossip payloads (a new operation, a node digest). Decoding never trusts a
+//! length: frames are bounded by the transport before they get here, every list is checked
+//! against a limit, and every key and flag is validated.
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{BlobHash, MailboxKey, MessageId, MessageRecord};
+use crate::sync::ByteString;
+
+/// The version of these frames.
+pub const WIRE_VERSION: u8 = 1;
+/// The most records one response carries.
+pub const MAX_RECORDS_PER_RESPONSE: usize = 2_000;
+/// The most IDs one fetch names.
+pub const MAX_IDS_PER_REQUEST: usize = 4_000;
+
+/// Why a frame was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    #[error("malformed frame: {0}")]
+    Malformed(String),
+    #[error("frame version {0} is not supported (this node speaks {WIRE_VERSION})")]
+    UnsupportedVersion(u8),
+    #[error("frame exceeds a limit: {0}")]
+    LimitExceeded(String),
+}
+
+/// Which trie a reconciliation message is about.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireSpace {
+    #[serde(rename = "d")]
+    Directory,
+    #[serde(rename = "m")]
+    Mailbox(MailboxKey),
+}
+
+/// A request from one node to another.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Request {
+    /// One reconciliation message ([`crate::sync::encode`]).
+    #[serde(rename = "reconcile")]
+    Reconcile { space: WireSpace, message: ByteString },
+    /// Records by ID.
+    #[serde(rename = "records")]
+    FetchRecords { mailbox: MailboxKey, ids: Vec<MessageId> },
+    /// Records inside a trie prefix, after an ID (paging), at most `limit`.
+    #[serde(rename = "range")]
+    FetchRange { mailbox: MailboxKey, depth: u8, bits: ByteString, after: Option<MessageId>, limit: u32 },
+    /// A blob by hash.
+    #[serde(rename = "blob")]
+    FetchBlob { hash: BlobHash },
+    /// Mailbox keys for mailbox IDs (from the directory trie), or all keys in a prefix.
+    #[serde(rename = "mailboxes")]
+    ResolveMailboxes { ids: Vec<ByteString>, depth: u8, bits: ByteString },
+}
+
+/// The answer to a [`Request`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Response {
+    #[serde(rename = "reconcile")]
+    Reconcile { message: ByteString },
+    #[serde(rename = "records")]
+    Records { records: Vec<MessageRecord>, more: bool },
+    #[serde(rename = "blob")]
+    Blob { bytes: Option<ByteString> },
+    #[serde(rename = "mailboxes")]
+    Mailboxes { keys: Vec<MailboxKey> },
+    #[serde(rename = "error")]
+    Error { message: String },
+}
+
+/// What nodes gossip.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Gossip {
+    /// A record just written on its origin, pushed at once; small blobs travel inline.
+    #[serde(rename = "op")]
+    Operation { mailbox: MailboxKey, record: MessageRecord, blob: Option<ByteString> },
+    /// A node's digest over all its mailboxes. `sequence` makes each announcement unique, so
+    /// gossipsub's duplicate cache does not drop an unchanged digest.
+    #[serde(rename = "digest")]
+    Digest { peer: String, name: String, sequence: u64, digest: ByteString, records: u64, addresses: Vec<String> },
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope<T>(u8, T);
+
+/// Encodes a frame with its version.
+pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    cbor4ii::serde::to_vec(Vec::new(), &Envelope(WIRE_VERSION, value)).unwrap_or_default()
+}
+
+/// Decodes a frame, checking its version.
+pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, WireError> {
+    let Envelope(version, value): Envelope<T> =
+        cbor4ii::serde::from_slice(bytes).map_err(|error| WireError::Malformed(error.to_string()))?;
+    if version != WIRE_VERSION {
+        return Err(WireError::UnsupportedVersion(version));
+    }
+    Ok(value)
+}
+
+/// Checks what a decoded record claims before it goes near the store.
+pub fn validate_record(record: &MessageRecord) -> Result<(), WireError> {
+    if record.flags.len() > 256 {
+        return Err(WireError::LimitExceeded(format!("{} flags on one record", record.flags.len())));
+    }
+    Ok(())
+}
+
+/// Checks a request's lists and keys.
+pub fn validate_request(request: &Request) -> Result<(), WireError> {
+    let check_key = |key: &MailboxKey| key.validate().map_err(|error| WireError::Malformed(error.to_string()));
+    match request {
+        Request::Reconcile { space: WireSpace::Mailbox(key), .. } => check_key(key),
+        Request::Reconcile { space: WireSpace::Directory, .. } => Ok(()),
+        Request::FetchRecords { mailbox, ids } => {
+            check_key(mailbox)?;
+            if ids.len() > MAX_IDS_PER_REQUEST {
+                return Err(WireError::LimitExceeded(format!("{} ids in one fetch", ids.len())));
+            }
+            Ok(())
+        }
+        Request::FetchRange { mailbox, limit, .. } => {
+            check_key(mailbox)?;
+            if *limit as usize > MAX_RECORDS_PER_RESPONSE {
+                return Err(WireError::LimitExceeded(format!("range limit {limit}")));
+            }
+            Ok(())
+        }
+        Request::FetchBlob { .. } => Ok(()),
+        Request::ResolveMailboxes { ids, .. } => {
+            if ids.len() > MAX_IDS_PER_REQUEST || ids.iter().any(|id| id.0.len() != 16) {
+                return Err(WireError::Malformed("mailbox ids must be at most 4000 of 16 bytes".into()));
+            }
+            Ok(())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{NodeId, Stamp};
+    use proptest::prelude::*;
+
+    #[test]
+    fn frames_round_trip() {
+        let mailbox = MailboxKey::new("erin", "INBOX").unwrap();
+        let mut record = MessageRecord::new(MessageId(99), BlobHash::of(b"raw"), 3, 4, NodeId(5));
+        crate::crdt::apply_flag(&mut record, crate::model::Flag::Seen, true, Stamp { time: 9, node: NodeId(5) });
+        let gossip = Gossip::Operation { mailbox: mailbox.clone(), record, blob: Some(ByteString(b"raw".to_vec())) };
+        assert_eq!(decode::<Gossip>(&encode(&gossip)).unwrap(), gossip);
+        let request = Request::FetchRecords { mailbox, ids: vec![MessageId(1), MessageId(2)] };
+        assert_eq!(decode::<Request>(&encode(&request)).unwrap(), request);
+    }
+
+    #[test]
+    fn bad_frames_are_refused() {
+        assert!(decode::<Request>(&[]).is_err());
+        assert!(matches!(
+            decode::<Request>(&cbor4ii::serde::to_vec(Vec::new(), &Envelope(9u8, 0u8)).unwrap()),
+            Err(WireError::UnsupportedVersion(9))
+        ));
+        // An invalid flag name inside a record is refused at decoding.
+        let bad = cbor4ii::serde::to_vec(Vec::new(), &Envelope(1u8, ("x", 1))).unwrap();
+        assert!(decode::<Gossip>(&bad).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1024)) {
+            let _ = decode::<Request>(&bytes);
+            let _ = decode::<Response>(&bytes);
+            let _ = decode::<Gossip>(&bytes);
+        }
+    }
+}
