@@ -100,3 +100,25 @@ pub fn validate(config: &NodeConfig) -> Result<(), ConfigError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_configuration_parses() {
+        let file: ConfigFile = toml::from_str(include_str!("../config/node.toml")).expect("config/node.toml parses");
+        let config = file.into_node_config().expect("config/node.toml is valid");
+        assert_eq!(config.name, "paris-1");
+        assert_eq!(config.peers.len(), 1);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused() {
+        assert!(toml::from_str::<ConfigFile>("nmae = \"typo\"").is_err());
+        let file: ConfigFile = toml::from_str("cluster = \"a/b\"").unwrap();
+        assert!(file.into_node_config().is_err());
+        let file: ConfigFile = toml::from_str("listen = [\"not a multiaddr\"]").unwrap();
+        assert!(file.into_node_config().is_err());
+    }
+}

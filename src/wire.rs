@@ -95,11 +95,14 @@ pub fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 
 /// Decodes a frame, checking its version.
 pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, WireError> {
-    let Envelope(version, value): Envelope<T> =
+    // The version first, so a newer peer's frame is reported as such rather than as garbage.
+    let Envelope(version, _): Envelope<serde::de::IgnoredAny> =
         cbor4ii::serde::from_slice(bytes).map_err(|error| WireError::Malformed(error.to_string()))?;
     if version != WIRE_VERSION {
         return Err(WireError::UnsupportedVersion(version));
     }
+    let Envelope(_, value): Envelope<T> =
+        cbor4ii::serde::from_slice(bytes).map_err(|error| WireError::Malformed(error.to_string()))?;
     Ok(value)
 }
 
@@ -165,9 +168,15 @@ mod tests {
             decode::<Request>(&cbor4ii::serde::to_vec(Vec::new(), &Envelope(9u8, 0u8)).unwrap()),
             Err(WireError::UnsupportedVersion(9))
         ));
+        assert!(decode::<Gossip>(&cbor4ii::serde::to_vec(Vec::new(), &Envelope(1u8, ("x", 1))).unwrap()).is_err());
         // An invalid flag name inside a record is refused at decoding.
-        let bad = cbor4ii::serde::to_vec(Vec::new(), &Envelope(1u8, ("x", 1))).unwrap();
-        assert!(decode::<Gossip>(&bad).is_err());
+        let mailbox = MailboxKey::new("erin", "INBOX").unwrap();
+        let mut record = MessageRecord::new(MessageId(99), BlobHash::of(b"raw"), 3, 4, NodeId(5));
+        crate::crdt::apply_flag(&mut record, crate::model::Flag::Seen, true, Stamp { time: 9, node: NodeId(5) });
+        let mut frame = encode(&Gossip::Operation { mailbox, record, blob: None });
+        let position = frame.windows(5).position(|window| window == b"\\Seen").unwrap();
+        frame[position..position + 5].copy_from_slice(b"\\Junk");
+        assert!(matches!(decode::<Gossip>(&frame), Err(WireError::Malformed(_))));
     }
 
     proptest! {
