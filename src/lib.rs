@@ -19,9 +19,6 @@
 //! - [`config`]: TOML configuration; [`harness`], [`http_client`], [`demo`]: local clusters of
 //!   real node processes for the demo and the integration tests.
 
-#![deny(missing_docs)]
-#![allow(missing_docs)] // TODO: lift once every public item is documented
-
 pub mod api;
 pub mod config;
 pub mod crdt;

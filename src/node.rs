@@ -742,7 +742,15 @@ impl Node {
                 records.truncate(limit);
                 Ok(Response::Records { records, more })
             }
-            Request::FetchBlob { hash } => Ok(Response::Blob { bytes: store.blob(&hash)?.map(ByteString) }),
+            Request::FetchBlob { hash, offset, length } => match store.blob(&hash)? {
+                Some(bytes) => {
+                    let total = bytes.len() as u64;
+                    let start = offset.min(total) as usize;
+                    let end = (offset.saturating_add(u64::from(length))).min(total) as usize;
+                    Ok(Response::Blob { bytes: Some(ByteString(bytes[start..end].to_vec())), total })
+                }
+                None => Ok(Response::Blob { bytes: None, total: 0 }),
+            },
             Request::ResolveMailboxes { ids, depth, bits } => {
                 let mut keys = Vec::new();
                 let mut wanted: Vec<MailboxId> = ids
@@ -950,16 +958,24 @@ impl Node {
                 blob_fetches.push(record.blob);
             }
         }
+        let mut unavailable: HashSet<BlobHash> = HashSet::new();
         for chunk in blob_fetches.chunks(16) {
             let answers = futures::future::join_all(chunk.iter().map(|hash| self.fetch_blob(peer, *hash))).await;
             for (hash, answer) in chunk.iter().zip(answers) {
-                if let Some(bytes) = answer? {
-                    operations.push(Operation::PutBlob { expected: *hash, bytes });
-                    self.inner.metrics.blobs_pulled.inc();
+                match answer? {
+                    Some(bytes) => {
+                        operations.push(Operation::PutBlob { expected: *hash, bytes });
+                        self.inner.metrics.blobs_pulled.inc();
+                    }
+                    None => {
+                        unavailable.insert(*hash);
+                    }
                 }
             }
         }
-        for record in records {
+        // A record is merged only with its blob, so no listed message lacks its bytes; one whose
+        // blob the peer could not give stays different and is retried by a later session.
+        for record in records.into_iter().filter(|record| !unavailable.contains(&record.blob)) {
             self.observe_lag(&record);
             merged_count += 1;
             operations.push(Operation::Merge { mailbox: mailbox.clone(), record, now_millis: now_millis() });
@@ -969,21 +985,36 @@ impl Node {
         Ok(())
     }
 
-    /// Fetches one blob and checks its hash; a peer that sends wrong bytes is disconnected.
+    /// Fetches one blob (in chunks when large) and checks its hash; a peer that sends wrong
+    /// bytes is disconnected.
     async fn fetch_blob(&self, peer: PeerId, hash: BlobHash) -> Result<Option<Vec<u8>>, NodeError> {
-        match self.request(peer, &Request::FetchBlob { hash }).await? {
-            Response::Blob { bytes: Some(bytes) } => {
-                if BlobHash::of(&bytes.0) != hash {
-                    self.inner.metrics.blobs_rejected.inc();
-                    tracing::warn!(%peer, blob = %hash, "peer sent a blob that fails its hash; disconnecting it");
-                    let _ = self.inner.network.disconnect(peer).await;
-                    return Err(NodeError::Peer { peer, reason: format!("blob {hash} failed its hash") });
+        let mut bytes: Vec<u8> = Vec::new();
+        loop {
+            let request = Request::FetchBlob { hash, offset: bytes.len() as u64, length: wire::MAX_BLOB_CHUNK };
+            match self.request(peer, &request).await? {
+                Response::Blob { bytes: Some(chunk), total } => {
+                    if total > self.inner.config.max_message_bytes {
+                        return Err(NodeError::Peer { peer, reason: format!("blob {hash} claims {total} bytes, over the limit") });
+                    }
+                    if chunk.0.is_empty() && (bytes.len() as u64) < total {
+                        return Err(NodeError::Peer { peer, reason: format!("blob {hash} stopped short") });
+                    }
+                    bytes.extend_from_slice(&chunk.0);
+                    if bytes.len() as u64 >= total {
+                        break;
+                    }
                 }
-                Ok(Some(bytes.0))
+                Response::Blob { bytes: None, .. } => return Ok(None),
+                _ => return Err(NodeError::Peer { peer, reason: "unexpected answer to a blob fetch".into() }),
             }
-            Response::Blob { bytes: None } => Ok(None),
-            _ => Err(NodeError::Peer { peer, reason: "unexpected answer to a blob fetch".into() }),
         }
+        if BlobHash::of(&bytes) != hash {
+            self.inner.metrics.blobs_rejected.inc();
+            tracing::warn!(%peer, blob = %hash, "peer sent a blob that fails its hash; disconnecting it");
+            let _ = self.inner.network.disconnect(peer).await;
+            return Err(NodeError::Peer { peer, reason: format!("blob {hash} failed its hash") });
+        }
+        Ok(Some(bytes))
     }
 }
 

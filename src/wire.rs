@@ -17,6 +17,8 @@ pub const WIRE_VERSION: u8 = 1;
 pub const MAX_RECORDS_PER_RESPONSE: usize = 2_000;
 /// The most IDs one fetch names.
 pub const MAX_IDS_PER_REQUEST: usize = 4_000;
+/// The most blob bytes one response carries.
+pub const MAX_BLOB_CHUNK: u32 = 4 * 1024 * 1024;
 
 /// Why a frame was refused.
 #[derive(Debug, thiserror::Error)]
@@ -50,9 +52,9 @@ pub enum Request {
     /// Records inside a trie prefix, after an ID (paging), at most `limit`.
     #[serde(rename = "range")]
     FetchRange { mailbox: MailboxKey, depth: u8, bits: ByteString, after: Option<MessageId>, limit: u32 },
-    /// A blob by hash.
+    /// Part of a blob by hash: `length` bytes from `offset` (blobs larger than a response are paged).
     #[serde(rename = "blob")]
-    FetchBlob { hash: BlobHash },
+    FetchBlob { hash: BlobHash, offset: u64, length: u32 },
     /// Mailbox keys for mailbox IDs (from the directory trie), or all keys in a prefix.
     #[serde(rename = "mailboxes")]
     ResolveMailboxes { ids: Vec<ByteString>, depth: u8, bits: ByteString },
@@ -65,8 +67,9 @@ pub enum Response {
     Reconcile { message: ByteString },
     #[serde(rename = "records")]
     Records { records: Vec<MessageRecord>, more: bool },
+    /// The requested part of a blob and the blob's total size; `None` when the blob is unknown.
     #[serde(rename = "blob")]
-    Blob { bytes: Option<ByteString> },
+    Blob { bytes: Option<ByteString>, total: u64 },
     #[serde(rename = "mailboxes")]
     Mailboxes { keys: Vec<MailboxKey> },
     #[serde(rename = "error")]
@@ -134,7 +137,12 @@ pub fn validate_request(request: &Request) -> Result<(), WireError> {
             }
             Ok(())
         }
-        Request::FetchBlob { .. } => Ok(()),
+        Request::FetchBlob { length, .. } => {
+            if *length > MAX_BLOB_CHUNK {
+                return Err(WireError::LimitExceeded(format!("blob chunk of {length} bytes")));
+            }
+            Ok(())
+        }
         Request::ResolveMailboxes { ids, .. } => {
             if ids.len() > MAX_IDS_PER_REQUEST || ids.iter().any(|id| id.0.len() != 16) {
                 return Err(WireError::Malformed("mailbox ids must be at most 4000 of 16 bytes".into()));
