@@ -57,6 +57,7 @@ pub fn router(node: Node) -> Router {
         .route("/v1/mailboxes/{account}/{mailbox}/messages/{id}/flags", post(set_flags))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({ "status": "alive" })) }))
+        .route("/readyz", get(ready))
         .layer(DefaultBodyLimit::disable())
         .with_state(node)
 }
@@ -113,7 +114,7 @@ async fn status(State(node): State<Node>) -> Result<Json<Value>, ApiError> {
         "listen": listen,
         "peers": peers,
         "digest": node.digest_hex()?,
-        "records": node.store().digest()?.count,
+        "mailboxes": node.store().digest()?.count,
     })))
 }
 
@@ -281,6 +282,18 @@ async fn expunge(
         }
         _ => Err(not_found(format!("no message {id}"))),
     }
+}
+
+/// Ready when the store answers and, if peers are configured, at least one is connected.
+async fn ready(State(node): State<Node>) -> Response {
+    if let Err(error) = node.store().digest() {
+        return ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("store not readable: {error}")).into_response();
+    }
+    let peers = node.peer_statuses().await.len();
+    if !node.config().peers.is_empty() && peers == 0 {
+        return ApiError(StatusCode::SERVICE_UNAVAILABLE, "no peer connected yet".into()).into_response();
+    }
+    Json(json!({ "status": "ready", "peers": peers })).into_response()
 }
 
 async fn metrics(State(node): State<Node>) -> Response {

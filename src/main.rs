@@ -19,6 +19,15 @@ struct Cli {
 enum CommandLine {
     /// Run a node (with no flags: a working node with its store under ./data).
     Node(NodeArguments),
+    /// Show a running node, its peers and whether they agree; exits 1 when some peer disagrees.
+    Status {
+        /// The node's HTTP address.
+        #[arg(long, default_value = "127.0.0.1:4800")]
+        http: String,
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Start three nodes on 127.0.0.1, exercise them, print how fast they converge.
     Demo {
         /// Keep the demo's data directories instead of deleting them.
@@ -63,11 +72,51 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         CommandLine::Node(arguments) => run_node(arguments),
+        CommandLine::Status { http, json } => status(&http, json),
         CommandLine::Demo { keep } => {
             let binary = std::env::current_exe().context("locating the mailmesh binary")?;
             mailmesh::demo::run(&binary, keep)
         }
     }
+}
+
+fn status(http: &str, json: bool) -> anyhow::Result<()> {
+    let response = mailmesh::http_client::request(http, "GET", "/v1/status", &[], None)?;
+    if response.status != 200 {
+        anyhow::bail!("{http} answered {}: {}", response.status, String::from_utf8_lossy(&response.body));
+    }
+    let status = response.json();
+    let peers = status["peers"].as_array().cloned().unwrap_or_default();
+    let all_agree = peers.iter().all(|peer| peer["agrees"].as_bool().unwrap_or(false));
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+    } else {
+        println!("node     {} ({})", status["name"].as_str().unwrap_or("?"), status["peer_id"].as_str().unwrap_or("?"));
+        println!("digest   {}  ({} mailboxes)", status["digest"].as_str().unwrap_or("?"), status["mailboxes"]);
+        println!("peers    {}", peers.len());
+        for peer in &peers {
+            let verdict = if peer["agrees"].as_bool().unwrap_or(false) {
+                "agrees".to_owned()
+            } else {
+                match peer["differs_seconds"].as_u64() {
+                    Some(seconds) => format!("DIFFERS for {seconds} s"),
+                    None => "DIFFERS (no digest seen yet)".to_owned(),
+                }
+            };
+            println!(
+                "  {:<10} {}  connected {:>6} s  {}  {}",
+                peer["name"].as_str().unwrap_or("?"),
+                peer["peer_id"].as_str().unwrap_or("?"),
+                peer["connected_seconds"],
+                peer["addresses"].as_array().and_then(|list| list.first()).and_then(|a| a.as_str()).unwrap_or("-"),
+                verdict
+            );
+        }
+    }
+    if !all_agree {
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn run_node(arguments: NodeArguments) -> anyhow::Result<()> {

@@ -636,7 +636,7 @@ impl Node {
             name: self.inner.config.name.clone(),
             sequence: self.inner.sequence.fetch_add(1, Ordering::Relaxed),
             digest: ByteString(digest.root_hash().to_vec()),
-            records: digest.count,
+            mailboxes: digest.count,
             addresses: self.listen_addresses().await.iter().map(|address| address.to_string()).collect(),
         };
         let data = wire::encode(&gossip);
