@@ -58,6 +58,7 @@ pub fn router(node: Node) -> Router {
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({ "status": "alive" })) }))
         .route("/readyz", get(ready))
+        .merge(crate::page::routes())
         .layer(DefaultBodyLimit::disable())
         .with_state(node)
 }

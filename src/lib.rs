@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod node;
+pub mod page;
 pub mod store;
 pub mod sync;
 pub mod wire;
