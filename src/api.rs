@@ -12,9 +12,11 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::mail::Listing;
+use crate::merkle::{Prefix, TreeView};
 use crate::model::{Flag, MailboxKey, MessageId, MessageRecord};
 use crate::node::Node;
-use crate::store::StoreError;
+use crate::store::{SortKey, Space, StoreError};
 
 /// An API error: a status and a message.
 pub struct ApiError(StatusCode, String);
@@ -55,12 +57,37 @@ pub fn router(node: Node) -> Router {
         .route("/v1/mailboxes/{account}/{mailbox}/messages/{id}", get(get_message).delete(expunge))
         .route("/v1/mailboxes/{account}/{mailbox}/messages/{id}/raw", get(get_raw))
         .route("/v1/mailboxes/{account}/{mailbox}/messages/{id}/flags", post(set_flags))
+        .route("/v1/mailboxes/{account}/{mailbox}/sync", get(sync_ranges))
+        .route("/v1/mailboxes/{account}/{mailbox}/sync/ids", get(sync_ids))
+        .route("/v1/mailboxes/{account}/{mailbox}/changes", get(changes))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { Json(json!({ "status": "alive" })) }))
         .route("/readyz", get(ready))
         .merge(crate::page::routes())
+        .fallback(|| async { not_found("no such route") })
+        .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::disable())
         .with_state(node)
+}
+
+/// Turns axum's own plain-text refusals (bad query strings, bad paths, wrong methods) into the
+/// API's `{"error": "..."}` form, keeping their status.
+async fn json_errors(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let body = axum::body::to_bytes(response.into_body(), 64 * 1024).await.unwrap_or_default();
+    let mut message = String::from_utf8_lossy(&body).trim().to_owned();
+    if message.is_empty() {
+        message = status.canonical_reason().unwrap_or("error").to_owned();
+    }
+    ApiError(status, message).into_response()
 }
 
 fn mailbox_key(account: &str, mailbox: &str) -> Result<MailboxKey, ApiError> {
@@ -95,15 +122,23 @@ pub fn rfc3339(millis: u64) -> String {
     )
 }
 
-fn item(record: &MessageRecord) -> Value {
+fn item(record: &MessageRecord, listing: &Listing) -> Value {
     let flags: Vec<&str> = record.set_flags().into_iter().map(Flag::as_str).collect();
     json!({
         "id": record.id.to_string(),
         "blob": record.blob.to_string(),
         "size": record.size,
         "received": rfc3339(record.received_millis),
+        "date": rfc3339(listing.date_millis.unwrap_or(record.received_millis)),
+        "from": listing.from,
+        "subject": listing.subject,
         "flags": flags,
     })
+}
+
+fn item_of(node: &Node, key: &MailboxKey, record: &MessageRecord) -> Result<Value, ApiError> {
+    let listing = node.store().local_state(key.id(), record.id)?.and_then(|state| state.listing).unwrap_or_default();
+    Ok(item(record, &listing))
 }
 
 async fn status(State(node): State<Node>) -> Result<Json<Value>, ApiError> {
@@ -150,9 +185,18 @@ async fn get_mailbox(
     })))
 }
 
+#[derive(Deserialize)]
+struct AppendOptions {
+    /// Answer 200 with the existing message instead of appending when the mailbox already holds
+    /// a live message with the same bytes (used by `mailmesh import`).
+    #[serde(default)]
+    skip_duplicate: bool,
+}
+
 async fn append(
     State(node): State<Node>,
     Path((account, mailbox)): Path<(String, String)>,
+    Query(options): Query<AppendOptions>,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let key = mailbox_key(&account, &mailbox)?;
@@ -162,6 +206,15 @@ async fn append(
     })?;
     if raw.is_empty() {
         return Err(bad_request("empty message body"));
+    }
+    if options.skip_duplicate {
+        let blob = crate::model::BlobHash::of(&raw);
+        if let Some(id) = node.store().live_message_with_blob(key.id(), &blob)? {
+            return Ok((
+                StatusCode::OK,
+                Json(json!({ "id": id.to_string(), "blob": blob.to_string(), "size": raw.len(), "duplicate": true })),
+            ));
+        }
     }
     let record = node.append(&key, raw.to_vec(), vec![]).await?;
     Ok((
@@ -176,7 +229,11 @@ struct ListQuery {
     order: Option<String>,
     position: Option<usize>,
     limit: Option<usize>,
+    search: Option<String>,
 }
+
+/// The most search hits ranked by relevance before sorting and paging.
+const SEARCH_CAP: usize = 10_000;
 
 async fn list_messages(
     State(node): State<Node>,
@@ -184,11 +241,9 @@ async fn list_messages(
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let key = mailbox_key(&account, &mailbox)?;
-    if let Some(sort) = &query.sort {
-        if sort != "received" {
-            return Err(bad_request(format!("unsupported sort {sort:?}: use received")));
-        }
-    }
+    let sort_name = query.sort.as_deref().unwrap_or("received");
+    let sort = SortKey::parse(sort_name)
+        .ok_or_else(|| bad_request(format!("unsupported sort {sort_name:?}: use received, date, from, subject or size")))?;
     let descending = match query.order.as_deref() {
         None | Some("asc") => false,
         Some("desc") => true,
@@ -201,22 +256,174 @@ async fn list_messages(
     let position = query.position.unwrap_or(0);
     let entry = node.store().mailbox_entry(key.id())?.ok_or_else(|| not_found("no such mailbox"))?;
     let mut items = Vec::new();
-    let mut skipped = 0;
-    node.store().records_ordered(key.id(), descending, |record| {
-        if !record.is_live() {
-            return true;
+    let total;
+    match query.search {
+        Some(text) if !text.trim().is_empty() => {
+            let store = node.store_handle();
+            let index = node.search_index().clone();
+            let mailbox_id = key.id();
+            let hits = tokio::task::spawn_blocking(move || index.search(&store, mailbox_id, &text, SEARCH_CAP))
+                .await
+                .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+                .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
+            total = hits.total;
+            let mut ranked = Vec::with_capacity(hits.ids.len());
+            for id in hits.ids {
+                let Some(record) = node.store().record(key.id(), id)? else { continue };
+                let listing = node.store().local_state(key.id(), id)?.and_then(|state| state.listing).unwrap_or_default();
+                ranked.push((sort.key(&record, &listing), record, listing));
+            }
+            ranked.sort_by(|left, right| (&left.0, left.1.id).cmp(&(&right.0, right.1.id)));
+            if descending {
+                ranked.reverse();
+            }
+            for (_, record, listing) in ranked.into_iter().skip(position).take(limit) {
+                items.push(item(&record, &listing));
+            }
         }
-        if skipped < position {
-            skipped += 1;
-            return true;
+        _ => {
+            total = entry.live as usize;
+            for (record, listing) in node.store().list(key.id(), sort, descending, position, limit)? {
+                items.push(item(&record, &listing));
+            }
         }
-        items.push(item(&record));
-        items.len() < limit
-    })?;
-    if limit == 0 {
-        items.clear();
     }
-    Ok(Json(json!({ "total": entry.live, "items": items })))
+    Ok(Json(json!({ "total": total, "items": items })))
+}
+
+#[derive(Deserialize)]
+struct RangeQuery {
+    lo: Option<String>,
+    hi: Option<String>,
+    split: Option<u32>,
+    limit: Option<usize>,
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
+}
+
+/// The trie node whose bounds are exactly `lo..=hi` (the whole mailbox when both are absent).
+fn prefix_of_bounds(lo: Option<&str>, hi: Option<&str>) -> Result<Prefix, ApiError> {
+    let (low, high) = match (lo, hi) {
+        (None, None) => return Ok(Prefix::ROOT),
+        (Some(lo), Some(hi)) => (message_id(lo)?.0, message_id(hi)?.0),
+        _ => return Err(bad_request("give both lo and hi, or neither")),
+    };
+    (0..=crate::merkle::KEY_NIBBLES)
+        .map(|depth| Prefix::of(low, depth))
+        .find(|prefix| prefix.bounds() == (low, high))
+        .ok_or_else(|| bad_request("lo and hi must be the bounds of a range returned by /sync"))
+}
+
+fn range_json(prefix: Prefix, aggregate: &crate::merkle::Aggregate) -> Value {
+    let (low, high) = prefix.bounds();
+    json!({
+        "lo": MessageId(low).to_string(),
+        "hi": MessageId(high).to_string(),
+        "count": aggregate.count,
+        "fingerprint": hex(&aggregate.fingerprint().0),
+    })
+}
+
+/// Range fingerprints for heavy clients: the same counts and fingerprints peers compare.
+async fn sync_ranges(
+    State(node): State<Node>,
+    Path((account, mailbox)): Path<(String, String)>,
+    Query(query): Query<RangeQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let key = mailbox_key(&account, &mailbox)?;
+    let prefix = prefix_of_bounds(query.lo.as_deref(), query.hi.as_deref())?;
+    let levels = match query.split.unwrap_or(16) {
+        16 => 1,
+        256 => 2,
+        other => return Err(bad_request(format!("split is 16 or 256, not {other}"))),
+    };
+    let tree = node.store().tree(Space::Mailbox(key.id()));
+    let whole = tree.aggregate(prefix)?;
+    // Skip single-child levels (time-ordered IDs share their high nibbles), as peers do, so
+    // each answer splits where the messages actually branch.
+    let mut branching = prefix;
+    while branching.depth() < crate::merkle::KEY_NIBBLES && whole.count > 1 {
+        let children = tree.child_aggregates(branching)?;
+        let mut present = children.iter().enumerate().filter(|(_, aggregate)| !aggregate.is_empty());
+        match (present.next(), present.next()) {
+            (Some((index, _)), None) => match branching.child(index as u8) {
+                Some(child) => branching = child,
+                None => break,
+            },
+            _ => break,
+        }
+    }
+    let mut frontier = vec![branching];
+    for _ in 0..levels {
+        frontier = frontier.iter().flat_map(|parent| (0..16).filter_map(move |index| parent.child(index))).collect();
+    }
+    let mut ranges = Vec::new();
+    for child in frontier {
+        let aggregate = tree.aggregate(child)?;
+        if !aggregate.is_empty() {
+            ranges.push(range_json(child, &aggregate));
+        }
+    }
+    let mut answer = range_json(prefix, &whole);
+    answer["ranges"] = Value::Array(ranges);
+    Ok(Json(answer))
+}
+
+/// The IDs in a range with an 8-byte digest of each record's state (the leaf tag peers use).
+async fn sync_ids(
+    State(node): State<Node>,
+    Path((account, mailbox)): Path<(String, String)>,
+    Query(query): Query<RangeQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let key = mailbox_key(&account, &mailbox)?;
+    let low = query.lo.as_deref().map(message_id).transpose()?.unwrap_or(MessageId(0));
+    let high = query.hi.as_deref().map(message_id).transpose()?.unwrap_or(MessageId(u128::MAX));
+    let limit = query.limit.unwrap_or(1000);
+    if limit > 10_000 {
+        return Err(bad_request("limit is at most 10000"));
+    }
+    let mut records = node.store().records_in_range(key.id(), low, high, limit + 1)?;
+    let more = records.len() > limit;
+    records.truncate(limit);
+    let ids: Vec<Value> = records
+        .iter()
+        .map(|record| {
+            json!({
+                "id": record.id.to_string(),
+                "state": hex(&crate::crdt::state_hash(record)[..8]),
+                "expunged": !record.is_live(),
+            })
+        })
+        .collect();
+    Ok(Json(json!({ "ids": ids, "more": more })))
+}
+
+#[derive(Deserialize)]
+struct ChangesQuery {
+    since: Option<u64>,
+    limit: Option<usize>,
+}
+
+/// Created, updated and expunged IDs since a node-local modseq (like CONDSTORE or JMAP /changes).
+async fn changes(
+    State(node): State<Node>,
+    Path((account, mailbox)): Path<(String, String)>,
+    Query(query): Query<ChangesQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let key = mailbox_key(&account, &mailbox)?;
+    let limit = query.limit.unwrap_or(10_000).min(100_000);
+    let changes = node.store().changes_since(key.id(), query.since.unwrap_or(0), limit)?;
+    let text = |ids: &[MessageId]| ids.iter().map(|id| id.to_string()).collect::<Vec<_>>();
+    Ok(Json(json!({
+        "created": text(&changes.created),
+        "updated": text(&changes.updated),
+        "expunged": text(&changes.expunged),
+        "modseq": changes.modseq,
+        "cannot_calculate": changes.cannot_calculate,
+        "node": node.peer_id().to_string(),
+    })))
 }
 
 fn live_record(node: &Node, key: &MailboxKey, id: MessageId) -> Result<MessageRecord, ApiError> {
@@ -232,7 +439,7 @@ async fn get_message(
 ) -> Result<Json<Value>, ApiError> {
     let key = mailbox_key(&account, &mailbox)?;
     let record = live_record(&node, &key, message_id(&id)?)?;
-    Ok(Json(item(&record)))
+    Ok(Json(item_of(&node, &key, &record)?))
 }
 
 async fn get_raw(
@@ -267,7 +474,7 @@ async fn set_flags(
     };
     let (add, remove) = (parse(&change.add)?, parse(&change.remove)?);
     let record = node.set_flags(&key, id, add, remove).await?;
-    Ok(Json(item(&record)))
+    Ok(Json(item_of(&node, &key, &record)?))
 }
 
 async fn expunge(

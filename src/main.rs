@@ -28,6 +28,24 @@ enum CommandLine {
         #[arg(long)]
         json: bool,
     },
+    /// Import an mbox file or a Maildir folder into a running node (no duplicates on re-runs).
+    Import {
+        /// The node's HTTP address.
+        #[arg(long, default_value = "127.0.0.1:4800")]
+        http: String,
+        #[arg(long)]
+        account: String,
+        #[arg(long)]
+        mailbox: String,
+        /// An mbox file, or a Maildir folder (with cur/ and new/).
+        path: PathBuf,
+    },
+    /// Rebuild every local index (sorts, counters, change log, full-text) from the store.
+    /// Run it with the node stopped.
+    Reindex {
+        #[arg(long, default_value = "data")]
+        data_dir: PathBuf,
+    },
     /// Start three nodes on 127.0.0.1, exercise them, print how fast they converge.
     Demo {
         /// Keep the demo's data directories instead of deleting them.
@@ -73,6 +91,24 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         CommandLine::Node(arguments) => run_node(arguments),
         CommandLine::Status { http, json } => status(&http, json),
+        CommandLine::Import { http, account, mailbox, path } => {
+            let started = std::time::Instant::now();
+            let summary = mailmesh::import::import(&http, &account, &mailbox, &path, true)?;
+            println!(
+                "read {} messages: {} imported ({} bytes), {} already present, {} failed, in {:.1} s",
+                summary.read,
+                summary.imported,
+                summary.bytes,
+                summary.duplicates,
+                summary.failed,
+                started.elapsed().as_secs_f64()
+            );
+            if summary.failed > 0 {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
+        CommandLine::Reindex { data_dir } => reindex(&data_dir),
         CommandLine::Demo { keep } => {
             let binary = std::env::current_exe().context("locating the mailmesh binary")?;
             mailmesh::demo::run(&binary, keep)
@@ -116,6 +152,27 @@ fn status(http: &str, json: bool) -> anyhow::Result<()> {
     if !all_agree {
         std::process::exit(1);
     }
+    Ok(())
+}
+
+fn reindex(data_dir: &std::path::Path) -> anyhow::Result<()> {
+    let identity = mailmesh::node::load_or_create_identity(&data_dir.join("identity.key"))?;
+    let node = mailmesh::model::NodeId::from_identity(&identity.public().to_peer_id().to_bytes());
+    let store_path = data_dir.join("store");
+    if !store_path.exists() {
+        anyhow::bail!("no store at {}", store_path.display());
+    }
+    let store = mailmesh::store::Store::open(&store_path, node, Default::default())
+        .with_context(|| format!("opening {} (is the node still running?)", store_path.display()))?;
+    let started = std::time::Instant::now();
+    let records = store.rebuild_local_indexes()?;
+    let search = mailmesh::search::SearchIndex::open(&data_dir.join("search"))?;
+    search.clear()?;
+    let indexed = search.catch_up(&store)?;
+    println!(
+        "reindexed {records} records ({indexed} live messages in the full-text index) in {:.1} s",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -29,6 +29,7 @@ use crate::merkle::{Prefix, TreeView};
 use crate::metrics::{DirectionLabel, GossipLabel, NodeMetrics, OutcomeLabel, WriteLabel};
 use crate::model::{BlobHash, Flag, MailboxId, MailboxKey, MessageId, MessageRecord, NodeId};
 use crate::net::{self, NetworkClient, NetworkConfig, NetworkEvent, Topic};
+use crate::search::SearchIndex;
 use crate::store::{Applied, CommitQueue, Operation, Space, Store, StoreError, StoreOptions};
 use crate::sync::{self, ByteString, Element, Outcome, SyncLimits};
 use crate::wire::{self, Gossip, Request, Response, WireSpace};
@@ -79,6 +80,8 @@ pub enum NodeError {
     Identity { path: PathBuf, reason: String },
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Search(#[from] crate::search::SearchError),
 }
 
 /// What the node knows of a connected peer.
@@ -108,6 +111,7 @@ struct NodeInner {
     config: NodeConfig,
     peer_id: PeerId,
     store: Arc<Store>,
+    search: Arc<SearchIndex>,
     queue: CommitQueue,
     network: NetworkClient,
     metrics: NodeMetrics,
@@ -184,6 +188,7 @@ impl Node {
             },
         )?);
         let queue = CommitQueue::start(store.clone(), 512);
+        let search = Arc::new(SearchIndex::open(&config.data_dir.join("search"))?);
         let mut registry = Registry::default();
         let metrics = NodeMetrics::register(&mut registry);
         let mut network_config = NetworkConfig::new(keypair, config.cluster.clone());
@@ -200,6 +205,7 @@ impl Node {
                 config: config.clone(),
                 peer_id,
                 store,
+                search,
                 queue,
                 network,
                 metrics,
@@ -243,6 +249,28 @@ impl Node {
             }
         });
 
+        // The full-text index follows the store's queue in the background (searches also catch
+        // up before they run).
+        let indexer = node.clone();
+        let mut indexer_stop = stop.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(500));
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {
+                        let worker = indexer.clone();
+                        let caught_up = tokio::task::spawn_blocking(move || {
+                            worker.inner.search.catch_up(&worker.inner.store)
+                        }).await;
+                        if let Ok(Err(error)) = caught_up {
+                            tracing::warn!("full-text index update failed: {error}");
+                        }
+                    }
+                    _ = stopped(&mut indexer_stop) => break,
+                }
+            }
+        });
+
         // HTTP.
         let listener = tokio::net::TcpListener::bind(config.http).await?;
         let http_address = listener.local_addr()?;
@@ -281,6 +309,16 @@ impl Node {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// The full-text index.
+    pub fn search_index(&self) -> &Arc<SearchIndex> {
+        &self.inner.search
+    }
+
+    /// A shared handle on the store (for blocking work off the async runtime).
+    pub fn store_handle(&self) -> Arc<Store> {
+        self.inner.store.clone()
     }
 
     /// The configuration.

@@ -6,7 +6,15 @@
 //! - `tree`: `space (17) | depth (1) | prefix bits (16)` -> [`Aggregate`] (40 bytes), for the trie of
 //!   every mailbox and for the directory trie over all mailboxes;
 //! - `mailboxes`: `mailbox id (16)` -> CBOR [`MailboxEntry`] (key, counters, root);
-//! - `meta`: the clock, the last message ID issued, the node ID.
+//! - `meta`: the clock, the last message ID issued, the search queue's sequence.
+//!
+//! Node-local caches, never replicated and rebuildable from the records and blobs at any time
+//! ([`Store::rebuild_local_indexes`]), written in the same batch as the records they describe so
+//! they are never stale after an acknowledged write, including merges from peers:
+//! - `local`: `mailbox id | message id` -> [`LocalState`] (the record's listing and modseqs);
+//! - `index`: `mailbox id | sort | sort key | message id` -> empty, one entry per sort and live message;
+//! - `changes`: `mailbox id | modseq` -> message ID, the last change of each record (CONDSTORE-like);
+//! - `search_queue`: `sequence` -> a record to add to or drop from the full-text index.
 //!
 //! Every operation — append, flag change, expunge, merge of a peer's record, blob put — is applied
 //! together with the trie aggregates, the mailbox counters, the directory trie and the clock in one
@@ -26,6 +34,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crdt::{self, Clock, ClockError, MergeError};
 use crate::merkle::{aggregate_changes, Aggregate, AggregateDelta, Prefix, StoredDepth, TreeView};
+use crate::mail::{self, Listing};
 use crate::model::{BlobHash, Flag, MailboxId, MailboxKey, MessageId, MessageIdGenerator, MessageRecord, NodeId, Stamp};
 
 const RECORDS: &str = "records";
@@ -33,6 +42,12 @@ const BLOBS: &str = "blobs";
 const TREE: &str = "tree";
 const MAILBOXES: &str = "mailboxes";
 const META: &str = "meta";
+const LOCAL: &str = "local";
+const INDEX: &str = "index";
+const CHANGES: &str = "changes";
+const SEARCH_QUEUE: &str = "search_queue";
+const LOCAL_FAMILIES: [&str; 4] = [LOCAL, INDEX, CHANGES, SEARCH_QUEUE];
+const META_SEARCH_SEQUENCE: &[u8] = b"search_sequence";
 
 const META_CLOCK: &[u8] = b"clock";
 const META_LAST_ID: &[u8] = b"last_id";
@@ -115,6 +130,103 @@ pub struct MailboxEntry {
     pub unseen: u64,
     /// blake3 of the mailbox's root aggregate.
     pub root: crate::model::FixedBytes<32>,
+    /// The node-local modification sequence: bumped by every change to a record of the mailbox.
+    #[serde(default)]
+    pub modseq: u64,
+}
+
+/// What the node keeps locally about one record: its listing while live, and its modseqs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocalState {
+    /// The modseq at which this node first stored the record.
+    pub created: u64,
+    /// The modseq of the record's last change here.
+    pub modseq: u64,
+    /// Headers for listings and sorts; `None` once expunged.
+    pub listing: Option<Listing>,
+}
+
+/// The orders a mailbox can be listed in.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum SortKey {
+    Received = 0,
+    Date = 1,
+    From = 2,
+    Subject = 3,
+    Size = 4,
+}
+
+impl SortKey {
+    /// Every sort.
+    pub const ALL: [SortKey; 5] = [SortKey::Received, SortKey::Date, SortKey::From, SortKey::Subject, SortKey::Size];
+
+    /// The sort named in a query string.
+    pub fn parse(name: &str) -> Option<SortKey> {
+        Some(match name {
+            "received" => SortKey::Received,
+            "date" => SortKey::Date,
+            "from" => SortKey::From,
+            "subject" => SortKey::Subject,
+            "size" => SortKey::Size,
+            _ => return None,
+        })
+    }
+
+    /// The sort key bytes of a record under this order.
+    pub fn key(self, record: &MessageRecord, listing: &Listing) -> Vec<u8> {
+        match self {
+            SortKey::Received => record.received_millis.to_be_bytes().to_vec(),
+            SortKey::Date => listing.date_millis.unwrap_or(record.received_millis).to_be_bytes().to_vec(),
+            SortKey::From => mail::text_sort_key(&listing.from),
+            SortKey::Subject => mail::subject_sort_key(&listing.subject),
+            SortKey::Size => record.size.to_be_bytes().to_vec(),
+        }
+    }
+}
+
+fn index_key(mailbox: MailboxId, sort: SortKey, key: &[u8], id: MessageId) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(16 + 1 + key.len() + 1 + 16);
+    bytes.extend_from_slice(&mailbox.to_bytes());
+    bytes.push(sort as u8);
+    bytes.extend_from_slice(key);
+    if matches!(sort, SortKey::From | SortKey::Subject) {
+        bytes.push(0); // terminator: "ab" sorts before "abc"
+    }
+    bytes.extend_from_slice(&id.to_bytes());
+    bytes
+}
+
+/// The sort byte under which the index also maps blobs to the live messages holding them.
+const BLOB_INDEX: u8 = 0xb0;
+
+fn blob_key(mailbox: MailboxId, blob: &BlobHash, id: MessageId) -> Vec<u8> {
+    let mut bytes = Vec::with_capacity(16 + 1 + 32 + 16);
+    bytes.extend_from_slice(&mailbox.to_bytes());
+    bytes.push(BLOB_INDEX);
+    bytes.extend_from_slice(blob.as_bytes());
+    bytes.extend_from_slice(&id.to_bytes());
+    bytes
+}
+
+/// A full-text index task, queued in the same batch as the record change.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SearchTask {
+    /// Index this live record (its blob is in the store).
+    Add { mailbox: u128, id: MessageId, blob: BlobHash },
+    /// Drop this record from the index.
+    Remove { id: MessageId },
+}
+
+/// What changed in a mailbox since a modseq.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub created: Vec<MessageId>,
+    pub updated: Vec<MessageId>,
+    pub expunged: Vec<MessageId>,
+    /// The mailbox's current modseq (the state to ask from next time).
+    pub modseq: u64,
+    /// True when the node cannot say exactly (the modseq is not one this node issued).
+    pub cannot_calculate: bool,
 }
 
 /// Which trie: the directory of mailboxes or one mailbox.
@@ -177,6 +289,7 @@ fn decode_cbor<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result
 struct WriterState {
     clock: Clock,
     ids: MessageIdGenerator,
+    search_sequence: u64,
 }
 
 /// The node's RocksDB store.
@@ -211,6 +324,10 @@ impl Store {
             ColumnFamilyDescriptor::new(TREE, Options::default()),
             ColumnFamilyDescriptor::new(MAILBOXES, Options::default()),
             ColumnFamilyDescriptor::new(META, Options::default()),
+            ColumnFamilyDescriptor::new(LOCAL, Options::default()),
+            ColumnFamilyDescriptor::new(INDEX, Options::default()),
+            ColumnFamilyDescriptor::new(CHANGES, Options::default()),
+            ColumnFamilyDescriptor::new(SEARCH_QUEUE, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&db_options, path, families)?;
         let meta = db.cf_handle(META).ok_or_else(|| StoreError::Corrupt("missing meta family".into()))?;
@@ -224,9 +341,16 @@ impl Store {
             Some(bytes) => MessageId::from_slice(&bytes).ok_or_else(|| StoreError::Corrupt("last id value".into()))?,
             None => MessageId::default(),
         };
+        let search_sequence = match db.get_cf(&meta, META_SEARCH_SEQUENCE)? {
+            Some(bytes) => u64::from_be_bytes(
+                bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt("search sequence value".into()))?,
+            ),
+            None => 0,
+        };
         let writer = WriterState {
             clock: Clock::resume(clock_value, options.clock_bound_millis),
             ids: MessageIdGenerator::after(last_id),
+            search_sequence,
         };
         Ok(Store { db, options, node, writer: Mutex::new(writer) })
     }
@@ -260,7 +384,7 @@ impl Store {
         let mut staging = Staging::default();
         let mut results: Vec<Result<Applied, StoreError>> =
             operations.into_iter().map(|operation| self.stage(&mut state, &mut staging, operation)).collect();
-        if let Err(error) = self.commit(&state, staging) {
+        if let Err(error) = self.commit(&mut state, staging) {
             let message = error.to_string();
             for result in &mut results {
                 if result.is_ok() {
@@ -374,7 +498,7 @@ impl Store {
         }
     }
 
-    fn commit(&self, state: &WriterState, staging: Staging) -> Result<(), StoreError> {
+    fn commit(&self, state: &mut WriterState, staging: Staging) -> Result<(), StoreError> {
         let records = self.family(RECORDS)?;
         let blobs = self.family(BLOBS)?;
         let tree = self.family(TREE)?;
@@ -387,8 +511,67 @@ impl Store {
         // Fold record changes into counters and trie deltas, per mailbox.
         let mut deltas: HashMap<(Space, Prefix), AggregateDelta> = HashMap::new();
         let mut counters: HashMap<MailboxId, (MailboxKey, i64, i64, i64)> = HashMap::new();
+        let mut modseqs: HashMap<MailboxId, u64> = HashMap::new();
+        let local = self.family(LOCAL)?;
+        let index = self.family(INDEX)?;
+        let changes = self.family(CHANGES)?;
+        let search_queue = self.family(SEARCH_QUEUE)?;
         for ((mailbox_id, id), change) in &staging.records {
             batch.put_cf(records, record_key(*mailbox_id, *id), encode_cbor(&change.new));
+            // Node-local state: modseq, change log, listing, sort indexes, search queue.
+            let modseq = match modseqs.get_mut(mailbox_id) {
+                Some(modseq) => modseq,
+                None => {
+                    let current = self.mailbox_entry(*mailbox_id)?.map(|entry| entry.modseq).unwrap_or(0);
+                    modseqs.entry(*mailbox_id).or_insert(current)
+                }
+            };
+            *modseq += 1;
+            let modseq = *modseq;
+            let old_local = self.local_state(*mailbox_id, *id)?;
+            if let Some(old) = &old_local {
+                batch.delete_cf(changes, change_key(*mailbox_id, old.modseq));
+            }
+            batch.put_cf(changes, change_key(*mailbox_id, modseq), id.to_bytes());
+            let old_listing = old_local.as_ref().and_then(|old| old.listing.clone());
+            let new_listing = if change.new.is_live() {
+                match &old_listing {
+                    Some(listing) => Some(listing.clone()),
+                    None => Some(match staging.blobs.get(&change.new.blob) {
+                        Some(raw) => mail::listing(raw),
+                        None => self.blob(&change.new.blob)?.map(|raw| mail::listing(&raw)).unwrap_or_default(),
+                    }),
+                }
+            } else {
+                None
+            };
+            match (&old_listing, &new_listing) {
+                (None, Some(listing)) => {
+                    for sort in SortKey::ALL {
+                        batch.put_cf(index, index_key(*mailbox_id, sort, &sort.key(&change.new, listing), *id), []);
+                    }
+                    batch.put_cf(index, blob_key(*mailbox_id, &change.new.blob, *id), []);
+                    state.search_sequence += 1;
+                    let task = SearchTask::Add { mailbox: mailbox_id.0, id: *id, blob: change.new.blob };
+                    batch.put_cf(search_queue, state.search_sequence.to_be_bytes(), encode_cbor(&task));
+                }
+                (Some(listing), None) => {
+                    let old_record = change.old.as_ref().unwrap_or(&change.new);
+                    for sort in SortKey::ALL {
+                        batch.delete_cf(index, index_key(*mailbox_id, sort, &sort.key(old_record, listing), *id));
+                    }
+                    batch.delete_cf(index, blob_key(*mailbox_id, &old_record.blob, *id));
+                    state.search_sequence += 1;
+                    batch.put_cf(search_queue, state.search_sequence.to_be_bytes(), encode_cbor(&SearchTask::Remove { id: *id }));
+                }
+                _ => {}
+            }
+            let local_state = LocalState {
+                created: old_local.as_ref().map(|old| old.created).unwrap_or(modseq),
+                modseq,
+                listing: new_listing,
+            };
+            batch.put_cf(local, record_key(*mailbox_id, *id), encode_cbor(&local_state));
             let old_hash = change.old.as_ref().map(crdt::state_hash);
             let new_hash = crdt::state_hash(&change.new);
             let space = Space::Mailbox(*mailbox_id);
@@ -427,7 +610,11 @@ impl Store {
                 live: 0,
                 unseen: 0,
                 root: crate::model::FixedBytes([0; 32]),
+                modseq: 0,
             });
+            if let Some(modseq) = modseqs.get(&mailbox_id) {
+                entry.modseq = *modseq;
+            }
             entry.records = entry.records.wrapping_add_signed(records_delta);
             entry.live = entry.live.wrapping_add_signed(live_delta);
             entry.unseen = entry.unseen.wrapping_add_signed(unseen_delta);
@@ -454,6 +641,7 @@ impl Store {
             }
         }
         batch.put_cf(meta, META_CLOCK, state.clock.current().to_be_bytes());
+        batch.put_cf(meta, META_SEARCH_SEQUENCE, state.search_sequence.to_be_bytes());
         if let Some(id) = staging.last_id {
             batch.put_cf(meta, META_LAST_ID, id.to_bytes());
         }
@@ -558,6 +746,217 @@ impl Store {
         Ok(())
     }
 
+    /// The node-local state of a record.
+    pub fn local_state(&self, mailbox: MailboxId, id: MessageId) -> Result<Option<LocalState>, StoreError> {
+        match self.db.get_pinned_cf(self.family(LOCAL)?, record_key(mailbox, id))? {
+            Some(bytes) => Ok(Some(decode_cbor(&bytes, "local state")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// A page of live messages in a sort order, from the sort index: `position` entries are
+    /// skipped (reading keys only), then `limit` records and listings are read.
+    pub fn list(
+        &self,
+        mailbox: MailboxId,
+        sort: SortKey,
+        descending: bool,
+        position: usize,
+        limit: usize,
+    ) -> Result<Vec<(MessageRecord, Listing)>, StoreError> {
+        let ids = self.list_ids(mailbox, sort, descending, position, limit)?;
+        let mut page = Vec::with_capacity(ids.len());
+        for id in ids {
+            let record = self.record(mailbox, id)?.ok_or_else(|| StoreError::Corrupt(format!("index names missing record {id}")))?;
+            let listing = self.local_state(mailbox, id)?.and_then(|state| state.listing).unwrap_or_default();
+            page.push((record, listing));
+        }
+        Ok(page)
+    }
+
+    /// The IDs of a page of live messages in a sort order.
+    pub fn list_ids(
+        &self,
+        mailbox: MailboxId,
+        sort: SortKey,
+        descending: bool,
+        position: usize,
+        limit: usize,
+    ) -> Result<Vec<MessageId>, StoreError> {
+        let mut lower = mailbox.to_bytes().to_vec();
+        lower.push(sort as u8);
+        let mut upper = mailbox.to_bytes().to_vec();
+        upper.push(sort as u8 + 1);
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_lower_bound(lower.clone());
+        options.set_iterate_upper_bound(upper.clone());
+        let mode = if descending { IteratorMode::End } else { IteratorMode::Start };
+        let mut ids = Vec::with_capacity(limit.min(1024));
+        for (skipped, item) in self.db.iterator_cf_opt(self.family(INDEX)?, options, mode).enumerate() {
+            let (key, _) = item?;
+            if skipped < position {
+                continue;
+            }
+            if ids.len() >= limit {
+                break;
+            }
+            let id = key.get(key.len().saturating_sub(16)..).and_then(MessageId::from_slice);
+            ids.push(id.ok_or_else(|| StoreError::Corrupt("index key".into()))?);
+        }
+        Ok(ids)
+    }
+
+    /// A live message of the mailbox whose bytes are this blob, if any.
+    pub fn live_message_with_blob(&self, mailbox: MailboxId, blob: &BlobHash) -> Result<Option<MessageId>, StoreError> {
+        let start = blob_key(mailbox, blob, MessageId(0));
+        let end = blob_key(mailbox, blob, MessageId(u128::MAX));
+        let mut iterator = self.db.iterator_cf(self.family(INDEX)?, IteratorMode::From(&start, Direction::Forward));
+        match iterator.next() {
+            Some(item) => {
+                let (key, _) = item?;
+                if key.as_ref() > end.as_slice() {
+                    return Ok(None);
+                }
+                Ok(key.get(key.len() - 16..).and_then(MessageId::from_slice))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// Records created, updated and expunged in a mailbox since a node-local modseq.
+    pub fn changes_since(&self, mailbox: MailboxId, since: u64, limit: usize) -> Result<Changes, StoreError> {
+        let current = self.mailbox_entry(mailbox)?.map(|entry| entry.modseq).unwrap_or(0);
+        let mut result = Changes { modseq: current, ..Changes::default() };
+        if since > current {
+            result.cannot_calculate = true;
+            return Ok(result);
+        }
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(change_key(mailbox, u64::MAX).to_vec());
+        let start = change_key(mailbox, since.saturating_add(1));
+        let mut seen = 0;
+        for item in self.db.iterator_cf_opt(self.family(CHANGES)?, options, IteratorMode::From(&start, Direction::Forward)) {
+            let (key, value) = item?;
+            if !key.starts_with(&mailbox.to_bytes()) {
+                break;
+            }
+            seen += 1;
+            if seen > limit {
+                result.cannot_calculate = true;
+                break;
+            }
+            let id = MessageId::from_slice(&value).ok_or_else(|| StoreError::Corrupt("change value".into()))?;
+            let state = self.local_state(mailbox, id)?.unwrap_or_default();
+            match (state.created > since, state.listing.is_some()) {
+                (true, true) => result.created.push(id),
+                (true, false) => {} // created and expunged since: nothing to tell
+                (false, true) => result.updated.push(id),
+                (false, false) => result.expunged.push(id),
+            }
+        }
+        Ok(result)
+    }
+
+    /// Up to `limit` queued full-text index tasks, oldest first.
+    pub fn search_tasks(&self, limit: usize) -> Result<Vec<(u64, SearchTask)>, StoreError> {
+        let mut tasks = Vec::new();
+        for item in self.db.iterator_cf(self.family(SEARCH_QUEUE)?, IteratorMode::Start).take(limit) {
+            let (key, value) = item?;
+            let sequence = u64::from_be_bytes(key.as_ref().try_into().map_err(|_| StoreError::Corrupt("queue key".into()))?);
+            tasks.push((sequence, decode_cbor(&value, "search task")?));
+        }
+        Ok(tasks)
+    }
+
+    /// Removes handled tasks from the search queue.
+    pub fn finish_search_tasks(&self, sequences: &[u64]) -> Result<(), StoreError> {
+        let family = self.family(SEARCH_QUEUE)?;
+        let mut batch = WriteBatch::default();
+        for sequence in sequences {
+            batch.delete_cf(family, sequence.to_be_bytes());
+        }
+        self.db.write(batch)?;
+        Ok(())
+    }
+
+    /// Drops and rebuilds every node-local index (listings, sort indexes, change log, search
+    /// queue and mailbox counters) from the records and blobs. Returns the records visited.
+    /// Run with the node stopped; the full-text index is then refilled from the queue.
+    pub fn rebuild_local_indexes(&self) -> Result<u64, StoreError> {
+        let _writer = self.writer.lock().map_err(|_| StoreError::Closed)?;
+        for name in LOCAL_FAMILIES {
+            let family = self.family(name)?;
+            let mut batch = WriteBatch::default();
+            batch.delete_range_cf(family, [0u8; 0].as_slice(), [0xffu8; 64].as_slice());
+            self.db.write(batch)?;
+        }
+        let mut visited = 0u64;
+        let mut sequence = 0u64;
+        for entry in self.mailboxes()? {
+            let mailbox_id = entry.key.id();
+            let mut batch = WriteBatch::default();
+            let (mut live, mut unseen, mut modseq) = (0u64, 0u64, 0u64);
+            let mut failure = None;
+            self.records_ordered(mailbox_id, false, |record| {
+                visited += 1;
+                modseq += 1;
+                let id = record.id;
+                let listing = if record.is_live() {
+                    live += 1;
+                    if !record.has_flag(&Flag::Seen) {
+                        unseen += 1;
+                    }
+                    match self.blob(&record.blob) {
+                        Ok(raw) => Some(raw.map(|raw| mail::listing(&raw)).unwrap_or_default()),
+                        Err(error) => {
+                            failure = Some(error);
+                            return false;
+                        }
+                    }
+                } else {
+                    None
+                };
+                let families = (self.family(LOCAL), self.family(INDEX), self.family(CHANGES), self.family(SEARCH_QUEUE));
+                let (Ok(local), Ok(index), Ok(changes), Ok(queue)) = families else { return false };
+                if let Some(listing) = &listing {
+                    for sort in SortKey::ALL {
+                        batch.put_cf(index, index_key(mailbox_id, sort, &sort.key(&record, listing), id), []);
+                    }
+                    batch.put_cf(index, blob_key(mailbox_id, &record.blob, id), []);
+                    sequence += 1;
+                    let task = SearchTask::Add { mailbox: mailbox_id.0, id, blob: record.blob };
+                    batch.put_cf(queue, sequence.to_be_bytes(), encode_cbor(&task));
+                }
+                batch.put_cf(changes, change_key(mailbox_id, modseq), id.to_bytes());
+                batch.put_cf(local, record_key(mailbox_id, id), encode_cbor(&LocalState { created: modseq, modseq, listing }));
+                true
+            })?;
+            if let Some(error) = failure {
+                return Err(error);
+            }
+            let mut entry = entry;
+            entry.live = live;
+            entry.unseen = unseen;
+            entry.modseq = modseq;
+            batch.put_cf(self.family(MAILBOXES)?, mailbox_id.to_bytes(), encode_cbor(&entry));
+            self.db.write(batch)?;
+        }
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.family(META)?, META_SEARCH_SEQUENCE, sequence.to_be_bytes());
+        self.db.write(batch)?;
+        Ok(visited)
+    }
+
+    /// Bytes on disk of the node-local index column families (estimated by RocksDB).
+    pub fn local_index_bytes(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        for name in LOCAL_FAMILIES {
+            total += self.db.property_int_value_cf(self.family(name)?, "rocksdb.total-sst-files-size")?.unwrap_or(0);
+            total += self.db.property_int_value_cf(self.family(name)?, "rocksdb.cur-size-all-mem-tables")?.unwrap_or(0);
+        }
+        Ok(total)
+    }
+
     /// The trie of a space, for reconciliation.
     pub fn tree(&self, space: Space) -> StoreTree<'_> {
         StoreTree { store: self, space }
@@ -572,6 +971,13 @@ impl Store {
     pub fn mailbox_root(&self, mailbox: MailboxId) -> Result<Aggregate, StoreError> {
         self.stored_aggregate(&tree_key(Space::Mailbox(mailbox), Prefix::ROOT))
     }
+}
+
+fn change_key(mailbox: MailboxId, modseq: u64) -> [u8; 24] {
+    let mut key = [0u8; 24];
+    key[..16].copy_from_slice(&mailbox.to_bytes());
+    key[16..].copy_from_slice(&modseq.to_be_bytes());
+    key
 }
 
 fn counts(record: &MessageRecord) -> (i64, i64, i64) {

@@ -1,0 +1,176 @@
+//! Full-text search over from, to, subject and body, on a tantivy index next to the store.
+//!
+//! The index is a cache: never replicated, rebuildable. The store queues an add or a drop for it
+//! in the same RocksDB batch as the record change ([`crate::store::SearchTask`]); [`SearchIndex::catch_up`]
+//! applies the queue and only then removes the tasks, so a crash at any point at worst indexes a
+//! record twice (adds first delete by key, so twice is once). Every search first catches up, so
+//! results are never older than the last acknowledged write, and results are checked against the
+//! store so an expunged message drops out at once.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use tantivy::collector::{Count, TopDocs};
+use tantivy::query::{BooleanQuery, Occur, Query, TermQuery};
+use tantivy::schema::{Field, IndexRecordOption, Schema, Value, STORED, STRING, TEXT};
+use tantivy::{doc, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
+
+use crate::mail;
+use crate::model::{MailboxId, MessageId};
+use crate::store::{SearchTask, Store, StoreError};
+
+/// Why a search or an index update failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SearchError {
+    #[error("search index: {0}")]
+    Index(#[from] tantivy::TantivyError),
+    #[error("search index directory: {0}")]
+    Directory(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+struct Fields {
+    key: Field,
+    id: Field,
+    mailbox: Field,
+    from: Field,
+    to: Field,
+    subject: Field,
+    body: Field,
+}
+
+/// The node's full-text index.
+pub struct SearchIndex {
+    index: Index,
+    writer: Mutex<IndexWriter<TantivyDocument>>,
+    reader: IndexReader,
+    fields: Fields,
+}
+
+fn mailbox_term(mailbox: u128) -> String {
+    format!("{mailbox:032x}")
+}
+
+fn document_key(mailbox: u128, id: MessageId) -> String {
+    format!("{mailbox:032x}/{id}")
+}
+
+/// Search results: the matching IDs (best `cap` by relevance) and how many matched in all.
+#[derive(Debug, Default)]
+pub struct SearchHits {
+    pub ids: Vec<MessageId>,
+    pub total: usize,
+}
+
+impl SearchIndex {
+    /// Opens or creates the index in `path`.
+    pub fn open(path: &Path) -> Result<SearchIndex, SearchError> {
+        std::fs::create_dir_all(path).map_err(|error| SearchError::Directory(error.to_string()))?;
+        let mut builder = Schema::builder();
+        let key = builder.add_text_field("key", STRING);
+        let id = builder.add_text_field("id", STRING | STORED);
+        let mailbox = builder.add_text_field("mailbox", STRING);
+        let from = builder.add_text_field("from", TEXT);
+        let to = builder.add_text_field("to", TEXT);
+        let subject = builder.add_text_field("subject", TEXT);
+        let body = builder.add_text_field("body", TEXT);
+        let schema = builder.build();
+        let directory = tantivy::directory::MmapDirectory::open(path)
+            .map_err(|error| SearchError::Directory(error.to_string()))?;
+        let index = Index::open_or_create(directory, schema)?;
+        let writer = index.writer_with_num_threads(1, 64 * 1024 * 1024)?;
+        let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
+        Ok(SearchIndex {
+            index,
+            writer: Mutex::new(writer),
+            reader,
+            fields: Fields { key, id, mailbox, from, to, subject, body },
+        })
+    }
+
+    /// Applies every queued task from the store; returns how many were applied.
+    pub fn catch_up(&self, store: &Store) -> Result<usize, SearchError> {
+        let mut writer = self.writer.lock().map_err(|_| SearchError::Directory("index writer poisoned".into()))?;
+        let mut handled = 0;
+        loop {
+            let tasks = store.search_tasks(2000)?;
+            if tasks.is_empty() {
+                break;
+            }
+            for (_, task) in &tasks {
+                match task {
+                    SearchTask::Add { mailbox, id, blob } => {
+                        let key = document_key(*mailbox, *id);
+                        writer.delete_term(Term::from_field_text(self.fields.key, &key));
+                        let raw = store.blob(blob)?.unwrap_or_default();
+                        let text = mail::search_text(&raw);
+                        writer.add_document(doc!(
+                            self.fields.key => key,
+                            self.fields.id => id.to_string(),
+                            self.fields.mailbox => mailbox_term(*mailbox),
+                            self.fields.from => text.from,
+                            self.fields.to => text.to,
+                            self.fields.subject => text.subject,
+                            self.fields.body => text.body,
+                        ))?;
+                    }
+                    SearchTask::Remove { id } => {
+                        // The key needs the mailbox; the id alone is unique on this node's
+                        // records, so drop by id.
+                        writer.delete_term(Term::from_field_text(self.fields.id, &id.to_string()));
+                    }
+                }
+            }
+            writer.commit()?;
+            let sequences: Vec<u64> = tasks.iter().map(|(sequence, _)| *sequence).collect();
+            store.finish_search_tasks(&sequences)?;
+            handled += tasks.len();
+        }
+        if handled > 0 {
+            self.reader.reload()?;
+        }
+        Ok(handled)
+    }
+
+    /// Messages of one mailbox matching `text` (tantivy query syntax, read leniently), best
+    /// `cap` by relevance, live ones only.
+    pub fn search(&self, store: &Store, mailbox: MailboxId, text: &str, cap: usize) -> Result<SearchHits, SearchError> {
+        self.catch_up(store)?;
+        let parser = tantivy::query::QueryParser::for_index(
+            &self.index,
+            vec![self.fields.from, self.fields.to, self.fields.subject, self.fields.body],
+        );
+        let (user_query, _errors) = parser.parse_query_lenient(text);
+        let in_mailbox: Box<dyn Query> = Box::new(TermQuery::new(
+            Term::from_field_text(self.fields.mailbox, &mailbox_term(mailbox.0)),
+            IndexRecordOption::Basic,
+        ));
+        let query = BooleanQuery::new(vec![(Occur::Must, in_mailbox), (Occur::Must, user_query)]);
+        let searcher = self.reader.searcher();
+        let (top, total) = searcher.search(&query, &(TopDocs::with_limit(cap.max(1)).order_by_score(), Count))?;
+        let mut hits = SearchHits { ids: Vec::with_capacity(top.len()), total };
+        for (_, address) in top {
+            let document: TantivyDocument = searcher.doc(address)?;
+            let Some(id) = document.get_first(self.fields.id).and_then(|value| value.as_str()).and_then(|s| s.parse().ok())
+            else {
+                continue;
+            };
+            if store.local_state(mailbox, id)?.is_some_and(|state| state.listing.is_some()) {
+                hits.ids.push(id);
+            } else {
+                hits.total = hits.total.saturating_sub(1);
+            }
+        }
+        Ok(hits)
+    }
+
+    /// Deletes every document (before a rebuild from the store's queue).
+    pub fn clear(&self) -> Result<(), SearchError> {
+        let mut writer = self.writer.lock().map_err(|_| SearchError::Directory("index writer poisoned".into()))?;
+        writer.delete_all_documents()?;
+        writer.commit()?;
+        self.reader.reload()?;
+        Ok(())
+    }
+}
