@@ -232,9 +232,6 @@ struct ListQuery {
     search: Option<String>,
 }
 
-/// The most search hits ranked by relevance before sorting and paging.
-const SEARCH_CAP: usize = 10_000;
-
 async fn list_messages(
     State(node): State<Node>,
     Path((account, mailbox)): Path<(String, String)>,
@@ -262,22 +259,16 @@ async fn list_messages(
             let store = node.store_handle();
             let index = node.search_index().clone();
             let mailbox_id = key.id();
-            let hits = tokio::task::spawn_blocking(move || index.search(&store, mailbox_id, &text, SEARCH_CAP))
-                .await
-                .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
-                .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
+            let hits = tokio::task::spawn_blocking(move || {
+                index.search(&store, mailbox_id, &text, sort, descending, position, limit)
+            })
+            .await
+            .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
+            .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
             total = hits.total;
-            let mut ranked = Vec::with_capacity(hits.ids.len());
             for id in hits.ids {
                 let Some(record) = node.store().record(key.id(), id)? else { continue };
                 let listing = node.store().local_state(key.id(), id)?.and_then(|state| state.listing).unwrap_or_default();
-                ranked.push((sort.key(&record, &listing), record, listing));
-            }
-            ranked.sort_by(|left, right| (&left.0, left.1.id).cmp(&(&right.0, right.1.id)));
-            if descending {
-                ranked.reverse();
-            }
-            for (_, record, listing) in ranked.into_iter().skip(position).take(limit) {
                 items.push(item(&record, &listing));
             }
         }

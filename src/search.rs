@@ -12,12 +12,12 @@ use std::sync::Mutex;
 
 use tantivy::collector::{Count, TopDocs};
 use tantivy::query::{BooleanQuery, Occur, Query, TermQuery};
-use tantivy::schema::{Field, IndexRecordOption, Schema, Value, STORED, STRING, TEXT};
-use tantivy::{doc, Index, IndexReader, IndexWriter, ReloadPolicy, TantivyDocument, Term};
+use tantivy::schema::{Field, IndexRecordOption, Schema, Value, FAST, STORED, STRING, TEXT};
+use tantivy::{doc, DocAddress, Index, IndexReader, IndexWriter, Order, ReloadPolicy, TantivyDocument, Term};
 
 use crate::mail;
 use crate::model::{MailboxId, MessageId};
-use crate::store::{SearchTask, Store, StoreError};
+use crate::store::{SearchTask, SortKey, Store, StoreError};
 
 /// Why a search or an index update failed.
 #[derive(Debug, thiserror::Error)]
@@ -38,6 +38,11 @@ struct Fields {
     to: Field,
     subject: Field,
     body: Field,
+    received: Field,
+    date: Field,
+    size: Field,
+    from_key: Field,
+    subject_key: Field,
 }
 
 /// The node's full-text index.
@@ -75,6 +80,12 @@ impl SearchIndex {
         let to = builder.add_text_field("to", TEXT);
         let subject = builder.add_text_field("subject", TEXT);
         let body = builder.add_text_field("body", TEXT);
+        // Sort keys as fast fields, so a search sorted by any order pages inside tantivy.
+        let received = builder.add_u64_field("received", FAST);
+        let date = builder.add_u64_field("date", FAST);
+        let size = builder.add_u64_field("size", FAST);
+        let from_key = builder.add_text_field("from_key", STRING | FAST);
+        let subject_key = builder.add_text_field("subject_key", STRING | FAST);
         let schema = builder.build();
         let directory = tantivy::directory::MmapDirectory::open(path)
             .map_err(|error| SearchError::Directory(error.to_string()))?;
@@ -85,7 +96,7 @@ impl SearchIndex {
             index,
             writer: Mutex::new(writer),
             reader,
-            fields: Fields { key, id, mailbox, from, to, subject, body },
+            fields: Fields { key, id, mailbox, from, to, subject, body, received, date, size, from_key, subject_key },
         })
     }
 
@@ -103,9 +114,18 @@ impl SearchIndex {
                     SearchTask::Add { mailbox, id, blob } => {
                         let key = document_key(*mailbox, *id);
                         writer.delete_term(Term::from_field_text(self.fields.key, &key));
+                        let mailbox_id = MailboxId(*mailbox);
+                        let Some(record) = store.record(mailbox_id, *id)? else { continue };
+                        let listing = store.local_state(mailbox_id, *id)?.and_then(|state| state.listing).unwrap_or_default();
                         let raw = store.blob(blob)?.unwrap_or_default();
                         let text = mail::search_text(&raw);
+                        let text_key = |sort: SortKey| String::from_utf8_lossy(&sort.key(&record, &listing)).into_owned();
                         writer.add_document(doc!(
+                            self.fields.received => record.received_millis,
+                            self.fields.date => listing.date_millis.unwrap_or(record.received_millis),
+                            self.fields.size => record.size,
+                            self.fields.from_key => text_key(SortKey::From),
+                            self.fields.subject_key => text_key(SortKey::Subject),
                             self.fields.key => key,
                             self.fields.id => id.to_string(),
                             self.fields.mailbox => mailbox_term(*mailbox),
@@ -133,9 +153,19 @@ impl SearchIndex {
         Ok(handled)
     }
 
-    /// Messages of one mailbox matching `text` (tantivy query syntax, read leniently), best
-    /// `cap` by relevance, live ones only.
-    pub fn search(&self, store: &Store, mailbox: MailboxId, text: &str, cap: usize) -> Result<SearchHits, SearchError> {
+    /// Messages of one mailbox matching `text` (tantivy query syntax, read leniently), in a sort
+    /// order, `limit` of them after skipping `offset`; live ones only.
+    #[allow(clippy::too_many_arguments)]
+    pub fn search(
+        &self,
+        store: &Store,
+        mailbox: MailboxId,
+        text: &str,
+        sort: SortKey,
+        descending: bool,
+        offset: usize,
+        limit: usize,
+    ) -> Result<SearchHits, SearchError> {
         self.catch_up(store)?;
         let parser = tantivy::query::QueryParser::for_index(
             &self.index,
@@ -148,9 +178,29 @@ impl SearchIndex {
         ));
         let query = BooleanQuery::new(vec![(Occur::Must, in_mailbox), (Occur::Must, user_query)]);
         let searcher = self.reader.searcher();
-        let (top, total) = searcher.search(&query, &(TopDocs::with_limit(cap.max(1)).order_by_score(), Count))?;
-        let mut hits = SearchHits { ids: Vec::with_capacity(top.len()), total };
-        for (_, address) in top {
+        let order = if descending { Order::Desc } else { Order::Asc };
+        let top = TopDocs::with_limit(limit.max(1)).and_offset(offset);
+        let (addresses, total): (Vec<DocAddress>, usize) = match sort {
+            SortKey::Received | SortKey::Date | SortKey::Size => {
+                let field = match sort {
+                    SortKey::Received => "received",
+                    SortKey::Date => "date",
+                    _ => "size",
+                };
+                let (found, total) = searcher.search(&query, &(top.order_by_fast_field::<u64>(field, order), Count))?;
+                (found.into_iter().map(|(_, address)| address).collect(), total)
+            }
+            SortKey::From | SortKey::Subject => {
+                let field = if sort == SortKey::From { "from_key" } else { "subject_key" };
+                let (found, total) = searcher.search(&query, &(top.order_by_string_fast_field(field, order), Count))?;
+                (found.into_iter().map(|(_, address)| address).collect(), total)
+            }
+        };
+        let mut hits = SearchHits { ids: Vec::with_capacity(addresses.len()), total };
+        if limit == 0 {
+            return Ok(hits);
+        }
+        for address in addresses {
             let document: TantivyDocument = searcher.doc(address)?;
             let Some(id) = document.get_first(self.fields.id).and_then(|value| value.as_str()).and_then(|s| s.parse().ok())
             else {

@@ -208,18 +208,56 @@ fn search_finds_words_in_headers_and_bodies_of_one_mailbox_only() {
     let body_hit = append(&inbox, mail_with("Hello", "the invoice is attached"));
     append(&inbox, mail_with("Lunch", "pizza?"));
     append(&other, mail_with("Invoice elsewhere", "not in the inbox"));
-    let hits = index.search(&store, inbox.id(), "invoice", 100).unwrap();
+    let hits = index.search(&store, inbox.id(), "invoice", SortKey::Received, false, 0, 100).unwrap();
     let mut found = hits.ids.clone();
     found.sort();
     let mut expected = vec![invoice, body_hit];
     expected.sort();
     assert_eq!(found, expected, "search must be fresh right after the write and limited to the mailbox");
     assert_eq!(hits.total, 2);
-    assert_eq!(index.search(&store, inbox.id(), "erin@example.org", 100).unwrap().ids.len(), 3);
+    assert_eq!(index.search(&store, inbox.id(), "erin@example.org", SortKey::Subject, true, 0, 100).unwrap().ids.len(), 3);
     store.apply_one(Operation::Expunge { mailbox: inbox.clone(), id: invoice, now_millis: NOW }).unwrap();
-    assert_eq!(index.search(&store, inbox.id(), "invoice", 100).unwrap().ids, vec![body_hit]);
+    assert_eq!(index.search(&store, inbox.id(), "invoice", SortKey::Received, false, 0, 100).unwrap().ids, vec![body_hit]);
+    // Sorted and paged inside the index: the same order as a naive sort of the hits.
+    let many = samples(60, 21);
+    for sample in &many {
+        append(&inbox, sample.raw.clone());
+    }
+    for sort in SortKey::ALL {
+        for descending in [false, true] {
+            let everything = index.search(&store, inbox.id(), "number", sort, descending, 0, 1000).unwrap();
+            assert_eq!(everything.total, 60);
+            let mut keyed: Vec<(Vec<u8>, MessageId)> = everything
+                .ids
+                .iter()
+                .map(|id| {
+                    let record = store.record(inbox.id(), *id).unwrap().unwrap();
+                    let listing = store.local_state(inbox.id(), *id).unwrap().unwrap().listing.unwrap();
+                    (sort.key(&record, &listing), *id)
+                })
+                .collect();
+            let keys: Vec<Vec<u8>> = keyed.iter().map(|(key, _)| key.clone()).collect();
+            keyed.sort();
+            if descending {
+                keyed.reverse();
+            }
+            let expected: Vec<Vec<u8>> = keyed.iter().map(|(key, _)| key.clone()).collect();
+            assert_eq!(keys, expected, "search sorted by {sort:?} descending {descending}");
+            let page = index.search(&store, inbox.id(), "number", sort, descending, 10, 5).unwrap();
+            let page_keys: Vec<Vec<u8>> = page
+                .ids
+                .iter()
+                .map(|id| {
+                    let record = store.record(inbox.id(), *id).unwrap().unwrap();
+                    let listing = store.local_state(inbox.id(), *id).unwrap().unwrap().listing.unwrap();
+                    sort.key(&record, &listing)
+                })
+                .collect();
+            assert_eq!(page_keys, keys[10..15].to_vec(), "page of a search sorted by {sort:?}");
+        }
+    }
     // A query that is not valid syntax is read leniently rather than refused.
-    let _ = index.search(&store, inbox.id(), "AND (( \"unclosed", 10).unwrap();
+    let _ = index.search(&store, inbox.id(), "AND (( \"unclosed", SortKey::From, false, 0, 10).unwrap();
 }
 
 fn write_samples_to_mbox(path: &std::path::Path, samples: &[Vec<u8>]) {
