@@ -65,9 +65,49 @@ pub fn router(node: Node) -> Router {
         .route("/readyz", get(ready))
         .merge(crate::page::routes())
         .fallback(|| async { not_found("no such route") })
+        .layer(axum::middleware::from_fn_with_state(node.clone(), require_token))
         .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::disable())
         .with_state(node)
+}
+
+/// With a configured token, every route but the health checks needs `Authorization: Bearer
+/// <token>` (or `?token=` for the status page in a browser); others get 401.
+async fn require_token(
+    State(node): State<Node>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(expected) = node.config().http_token.as_deref() else { return next.run(request).await };
+    let path = request.uri().path();
+    if path == "/healthz" || path == "/readyz" {
+        return next.run(request).await;
+    }
+    let from_header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        .map(str::to_owned);
+    let from_query = request
+        .uri()
+        .query()
+        .and_then(|query| query.split('&').find_map(|pair| pair.strip_prefix("token=")).map(str::to_owned));
+    let presented = from_header.or(from_query).unwrap_or_default();
+    if constant_time_equal(presented.as_bytes(), expected.as_bytes()) {
+        return next.run(request).await;
+    }
+    node.metrics().http_unauthorized.inc();
+    let mut response = ApiError(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into()).into_response();
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    response
+}
+
+fn constant_time_equal(left: &[u8], right: &[u8]) -> bool {
+    if left.len() != right.len() {
+        return false;
+    }
+    left.iter().zip(right).fold(0u8, |difference, (a, b)| difference | (a ^ b)) == 0
 }
 
 /// Turns axum's own plain-text refusals (bad query strings, bad paths, wrong methods) into the

@@ -32,6 +32,9 @@ pub struct ConfigFile {
     pub max_message_bytes: Option<u64>,
     pub inline_blob_bytes: Option<usize>,
     pub clock_bound_ms: Option<u64>,
+    pub peer_requests_per_second: Option<f64>,
+    pub peer_request_burst: Option<f64>,
+    pub http_token_file: Option<PathBuf>,
 }
 
 impl ConfigFile {
@@ -74,9 +77,31 @@ impl ConfigFile {
         if let Some(milliseconds) = self.clock_bound_ms {
             config.clock_bound_millis = milliseconds;
         }
+        if let Some(rate) = self.peer_requests_per_second {
+            config.peer_requests_per_second = rate;
+        }
+        if let Some(burst) = self.peer_request_burst {
+            config.peer_request_burst = burst;
+        }
+        if let Some(path) = self.http_token_file {
+            config.http_token = Some(read_token(&path)?);
+        }
         validate(&config)?;
         Ok(config)
     }
+}
+
+/// Reads a bearer token file (the first line, trimmed; at least 16 characters).
+pub fn read_token(path: &Path) -> Result<String, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let token = text.lines().next().unwrap_or_default().trim().to_owned();
+    if token.len() < 16 || !token.bytes().all(|byte| byte.is_ascii_graphic()) {
+        return Err(ConfigError::Invalid {
+            key: "http_token_file",
+            reason: format!("{}: the token must be at least 16 printable characters", path.display()),
+        });
+    }
+    Ok(token)
 }
 
 /// Parses multiaddrs, naming the key on error.
@@ -94,6 +119,12 @@ pub fn validate(config: &NodeConfig) -> Result<(), ConfigError> {
     }
     if config.max_message_bytes == 0 {
         return Err(ConfigError::Invalid { key: "max_message_bytes", reason: "must be positive".into() });
+    }
+    if !(config.peer_requests_per_second > 0.0 && config.peer_request_burst >= 1.0) {
+        return Err(ConfigError::Invalid {
+            key: "peer_requests_per_second",
+            reason: "the rate must be positive and the burst at least 1".into(),
+        });
     }
     if config.inline_blob_bytes > 512 * 1024 {
         return Err(ConfigError::Invalid { key: "inline_blob_bytes", reason: "at most 524288".into() });

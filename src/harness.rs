@@ -29,7 +29,10 @@ pub struct LocalNode {
     pub http: String,
     binary: PathBuf,
     arguments: Vec<String>,
+    environment: Vec<(String, String)>,
     child: Option<Child>,
+    /// The bearer token sent with every request, when the node requires one.
+    pub token: Option<String>,
 }
 
 impl LocalNode {
@@ -42,6 +45,21 @@ impl LocalNode {
         peers: &[String],
         gossip_interval_ms: u64,
         extra: &[String],
+    ) -> Result<LocalNode, HarnessError> {
+        Self::spawn_with_environment(binary, name, data_dir, cluster, peers, gossip_interval_ms, extra, &[])
+    }
+
+    /// The same, with extra environment variables for the node process.
+    #[allow(clippy::too_many_arguments)]
+    pub fn spawn_with_environment(
+        binary: &Path,
+        name: &str,
+        data_dir: &Path,
+        cluster: &str,
+        peers: &[String],
+        gossip_interval_ms: u64,
+        extra: &[String],
+        environment: &[(&str, &str)],
     ) -> Result<LocalNode, HarnessError> {
         std::fs::create_dir_all(data_dir)?;
         let mut arguments: Vec<String> = vec![
@@ -70,7 +88,9 @@ impl LocalNode {
             http: String::new(),
             binary: binary.to_owned(),
             arguments,
+            environment: environment.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect(),
             child: None,
+            token: None,
         };
         node.start()?;
         Ok(node)
@@ -84,6 +104,7 @@ impl LocalNode {
         let child = Command::new(&self.binary)
             .args(&self.arguments)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
+            .envs(self.environment.iter().map(|(key, value)| (key.as_str(), value.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -150,12 +171,12 @@ impl LocalNode {
 
     /// GET a path.
     pub fn get(&self, path: &str) -> Result<HttpResponse, HarnessError> {
-        Ok(http_client::request(&self.http, "GET", path, &[], None)?)
+        Ok(http_client::request(&self.http, "GET", path, &[], self.token.as_deref())?)
     }
 
     /// Sends a request with a body.
     pub fn send(&self, method: &str, path: &str, body: &[u8]) -> Result<HttpResponse, HarnessError> {
-        Ok(http_client::request(&self.http, method, path, body, None)?)
+        Ok(http_client::request(&self.http, method, path, body, self.token.as_deref())?)
     }
 
     /// The node's status document.

@@ -76,6 +76,9 @@ struct NodeArguments {
     cluster: Option<String>,
     #[arg(long)]
     gossip_interval_ms: Option<u64>,
+    /// A file whose first line is the bearer token every HTTP client must send.
+    #[arg(long)]
+    http_token_file: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -202,6 +205,9 @@ fn run_node(arguments: NodeArguments) -> anyhow::Result<()> {
     }
     if let Some(milliseconds) = arguments.gossip_interval_ms {
         node_config.gossip_interval = Duration::from_millis(milliseconds.max(10));
+    }
+    if let Some(path) = arguments.http_token_file {
+        node_config.http_token = Some(config::read_token(&path)?);
     }
     config::validate(&node_config)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

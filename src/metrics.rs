@@ -35,6 +35,18 @@ pub struct OutcomeLabel {
     pub outcome: &'static str,
 }
 
+/// A label naming a limit.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    pub limit: &'static str,
+}
+
+/// A label naming why a peer was penalised.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
 /// Every metric the node keeps. Cloning shares the same counters.
 #[derive(Clone)]
 pub struct NodeMetrics {
@@ -51,6 +63,9 @@ pub struct NodeMetrics {
     pub peers_agreeing: Gauge,
     pub reconcile_seconds: Histogram,
     pub replication_lag_seconds: Histogram,
+    pub limits_hit: Family<LimitLabel, Counter>,
+    pub peers_penalised: Family<ReasonLabel, Counter>,
+    pub http_unauthorized: Counter,
 }
 
 impl NodeMetrics {
@@ -70,6 +85,9 @@ impl NodeMetrics {
             peers_agreeing: Gauge::default(),
             reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             replication_lag_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
+            limits_hit: Family::default(),
+            peers_penalised: Family::default(),
+            http_unauthorized: Counter::default(),
         };
         let registry = registry.sub_registry_with_prefix("mailmesh");
         registry.register("gossip_messages", "Gossip messages by kind (operation, digest) and direction", metrics.gossip_messages.clone());
@@ -89,6 +107,13 @@ impl NodeMetrics {
             "Time from a record's origin stamp to its arrival here by gossip or pull",
             metrics.replication_lag_seconds.clone(),
         );
+        registry.register("limits_hit", "Requests or frames refused because a configured limit was reached, by limit", metrics.limits_hit.clone());
+        registry.register(
+            "peers_penalised",
+            "Peers disconnected and blocked for misbehaving, by reason",
+            metrics.peers_penalised.clone(),
+        );
+        registry.register("http_unauthorized", "HTTP requests refused for a missing or wrong bearer token", metrics.http_unauthorized.clone());
         metrics
     }
 }

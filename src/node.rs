@@ -48,6 +48,11 @@ pub struct NodeConfig {
     /// Blobs up to this size travel inside the operation gossip.
     pub inline_blob_bytes: usize,
     pub clock_bound_millis: u64,
+    /// Inbound requests a peer may make per second on average, and in a burst.
+    pub peer_requests_per_second: f64,
+    pub peer_request_burst: f64,
+    /// When set, every HTTP request except /healthz and /readyz needs `Authorization: Bearer <token>`.
+    pub http_token: Option<String>,
 }
 
 impl Default for NodeConfig {
@@ -62,7 +67,10 @@ impl Default for NodeConfig {
             gossip_interval: Duration::from_millis(1000),
             max_message_bytes: 25 * 1024 * 1024,
             inline_blob_bytes: 64 * 1024,
-            clock_bound_millis: 5 * 60 * 1000,
+            clock_bound_millis: 2 * 60 * 60 * 1000,
+            peer_requests_per_second: 500.0,
+            peer_request_burst: 2000.0,
+            http_token: None,
         }
     }
 }
@@ -122,6 +130,7 @@ struct NodeInner {
     limits: SyncLimits,
     listen: Mutex<Vec<Multiaddr>>,
     dial_attempts: Mutex<HashMap<PeerId, Instant>>,
+    buckets: Mutex<HashMap<PeerId, TokenBucket>>,
 }
 
 /// A handle on a running node: what the HTTP API and the demo use.
@@ -130,9 +139,38 @@ pub struct Node {
     inner: Arc<NodeInner>,
 }
 
-/// Milliseconds since the Unix epoch.
+/// Milliseconds since the Unix epoch, as this node's wall clock reads them.
+///
+/// `MAILMESH_CLOCK_OFFSET_MS` (signed) shifts the reading: a testing aid to run a node whose wall
+/// clock is wrong, as a misconfigured site's would be.
 pub fn now_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+    static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
+    let offset = *OFFSET.get_or_init(|| {
+        std::env::var("MAILMESH_CLOCK_OFFSET_MS").ok().and_then(|text| text.trim().parse().ok()).unwrap_or(0)
+    });
+    let real = SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0);
+    real.saturating_add_signed(offset)
+}
+
+/// A token bucket: `rate` tokens a second up to `burst`.
+#[derive(Clone, Debug)]
+struct TokenBucket {
+    tokens: f64,
+    last: Instant,
+}
+
+impl TokenBucket {
+    fn take(&mut self, rate: f64, burst: f64, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * rate).min(burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -216,6 +254,7 @@ impl Node {
                 limits: SyncLimits::default(),
                 listen: Mutex::new(Vec::new()),
                 dial_attempts: Mutex::new(HashMap::new()),
+                buckets: Mutex::new(HashMap::new()),
             }),
         };
         tracing::info!(peer_id = %peer_id, name = %config.name, "node started");
@@ -474,6 +513,14 @@ impl Node {
                 });
             }
             NetworkEvent::Request { peer, data, channel } => {
+                if !self.admit_request(peer) {
+                    let node = self.clone();
+                    tokio::spawn(async move {
+                        let refusal = Response::Error { message: "rate limited: slow down".into() };
+                        let _ = node.inner.network.respond(channel, wire::encode(&refusal)).await;
+                    });
+                    return;
+                }
                 let node = self.clone();
                 tokio::spawn(async move {
                     node.inner
@@ -516,6 +563,21 @@ impl Node {
                 }
             }
         }
+    }
+
+    /// Takes a token from the peer's bucket; false (and counted) when it is empty.
+    fn admit_request(&self, peer: PeerId) -> bool {
+        let (rate, burst) = (self.inner.config.peer_requests_per_second, self.inner.config.peer_request_burst);
+        let now = Instant::now();
+        let admitted = match self.inner.buckets.lock() {
+            Ok(mut buckets) => buckets.entry(peer).or_insert(TokenBucket { tokens: burst, last: now }).take(rate, burst, now),
+            Err(_) => true,
+        };
+        if !admitted {
+            self.inner.metrics.limits_hit.get_or_create(&crate::metrics::LimitLabel { limit: "peer_request_rate" }).inc();
+            tracing::debug!(%peer, "request refused: the peer exceeds its request rate");
+        }
+        admitted
     }
 
     async fn on_gossip(&self, topic: Topic, source: PeerId, data: &[u8]) -> bool {
@@ -750,7 +812,7 @@ impl Node {
                     let key = key.clone();
                     tokio::spawn(async move {
                         if let Err(error) = node.pull(peer, &key, outcome).await {
-                            tracing::warn!(%peer, "pull after answering failed: {error}");
+                            node.on_peer_failure(peer, "pull", error).await;
                         }
                     });
                 }
@@ -816,6 +878,29 @@ impl Node {
     // Sessions and pulls
     // -----------------------------------------------------------------------------------------
 
+    /// Sorts a failed exchange: a peer that broke the protocol or sent bad data is disconnected
+    /// and blocked for a while; a network failure is only logged (the next round retries).
+    async fn on_peer_failure(&self, peer: PeerId, during: &str, error: NodeError) {
+        let reason = match &error {
+            NodeError::Peer { .. } => "protocol_violation",
+            NodeError::Store(StoreError::Clock(_)) => "stamp_too_far_ahead",
+            NodeError::Store(StoreError::Merge(_)) => "conflicting_record",
+            NodeError::Store(StoreError::BlobMismatch { .. }) => "blob_hash_mismatch",
+            _ => {
+                tracing::info!(%peer, "{during} failed: {error}");
+                return;
+            }
+        };
+        self.penalise(peer, reason, &error.to_string()).await;
+    }
+
+    /// Disconnects a misbehaving peer and keeps it out for the configured time.
+    pub async fn penalise(&self, peer: PeerId, reason: &'static str, detail: &str) {
+        self.inner.metrics.peers_penalised.get_or_create(&crate::metrics::ReasonLabel { reason }).inc();
+        tracing::warn!(%peer, reason, "disconnecting a misbehaving peer: {detail}");
+        let _ = self.inner.network.disconnect(peer).await;
+    }
+
     fn spawn_session(&self, peer: PeerId) {
         {
             let Ok(mut syncing) = self.inner.syncing.lock() else { return };
@@ -835,7 +920,7 @@ impl Node {
             node.inner.metrics.sessions.get_or_create(&OutcomeLabel { outcome }).inc();
             match result {
                 Ok(mailboxes) => tracing::debug!(%peer, mailboxes, ms = started.elapsed().as_millis() as u64, "reconciled"),
-                Err(error) => tracing::info!(%peer, "reconciliation failed: {error}"),
+                Err(error) => node.on_peer_failure(peer, "reconciliation", error).await,
             }
             if let Ok(mut syncing) = node.inner.syncing.lock() {
                 syncing.remove(&peer);
@@ -948,6 +1033,10 @@ impl Node {
             let request =
                 Request::FetchRecords { mailbox: mailbox.clone(), ids: chunk.iter().map(|key| MessageId(*key)).collect() };
             if let Response::Records { records: fetched, .. } = self.request(peer, &request).await? {
+                let asked: HashSet<u128> = chunk.iter().copied().collect();
+                if fetched.len() > chunk.len() || fetched.iter().any(|record| !asked.contains(&record.id.0)) {
+                    return Err(NodeError::Peer { peer, reason: "sent records that were not asked for".into() });
+                }
                 self.merge_pulled(peer, mailbox, fetched).await?;
             }
         }
@@ -965,8 +1054,15 @@ impl Node {
                     return Err(NodeError::Peer { peer, reason: "unexpected answer to a range fetch".into() });
                 };
                 let last = fetched.last().map(|record| record.id);
-                if fetched.iter().any(|record| !prefix.contains(record.id.0) || Some(record.id) <= after) {
-                    return Err(NodeError::Peer { peer, reason: "range fetch returned records outside the range".into() });
+                let sorted = fetched.windows(2).all(|pair| pair[0].id < pair[1].id);
+                if fetched.len() > 1000
+                    || !sorted
+                    || fetched.iter().any(|record| !prefix.contains(record.id.0) || Some(record.id) <= after)
+                {
+                    return Err(NodeError::Peer {
+                        peer,
+                        reason: "range fetch returned too many, unsorted or out-of-range records".into(),
+                    });
                 }
                 self.merge_pulled(peer, mailbox, fetched).await?;
                 match (more, last) {
@@ -1048,9 +1144,7 @@ impl Node {
         }
         if BlobHash::of(&bytes) != hash {
             self.inner.metrics.blobs_rejected.inc();
-            tracing::warn!(%peer, blob = %hash, "peer sent a blob that fails its hash; disconnecting it");
-            let _ = self.inner.network.disconnect(peer).await;
-            return Err(NodeError::Peer { peer, reason: format!("blob {hash} failed its hash") });
+            return Err(NodeError::Store(StoreError::BlobMismatch { expected: hash }));
         }
         Ok(Some(bytes))
     }

