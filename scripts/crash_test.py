@@ -85,7 +85,7 @@ def main():
                 try:
                     status, answer = request(address, "POST", "/v1/mailboxes/crash%40example.org/INBOX/messages", body, timeout=5)
                 except OSError:
-                    failed_requests[0] += 1  # the node died mid-request: not acknowledged
+                    failed_requests[0] += 1  # the node is down or died mid-request: not acknowledged
                     continue
                 if status == 201:
                     with lock:
@@ -116,7 +116,7 @@ def main():
         "acknowledged": len(acknowledged),
         "lost": len(lost),
         "first_lost": lost[:5],
-        "requests_cut_by_kill": failed_requests[0],
+        "requests_refused_while_down": failed_requests[0],
         "seconds": round(time.time() - started, 1),
         "data": root if (arguments.keep or lost) else None,
     }

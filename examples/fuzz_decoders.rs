@@ -1,0 +1,220 @@
+//! A mutation fuzzer on stable Rust for every decoder that reads bytes from outside: the sync
+//! message decoder, the request, response and gossip frame decoders, the mail header reader used
+//! on appended mail, and the text parsers for IDs, flags and mailbox names.
+//!
+//! `cargo run --release --example fuzz_decoders -- --seconds 600 [--target NAME] --json`
+//!
+//! cargo-fuzz needs a nightly toolchain, which this project's machines do not have; this driver
+//! mutates a seed corpus of valid inputs (bit flips, byte edits, insertions, deletions, splices,
+//! length-field tampering) and runs each input under `catch_unwind`. A panicking input is saved
+//! under `fuzz/crashes/` and named in the output; it should become a regression test.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::time::{Duration, Instant};
+
+use mailmesh::merkle::{MemoryTree, StoredDepth};
+use mailmesh::model::{BlobHash, Flag, MailboxKey, MessageId, MessageRecord, NodeId, Stamp};
+use mailmesh::sync::{self, ByteString, SyncLimits};
+use mailmesh::wire::{self, Gossip, Request, Response, WireSpace};
+
+struct Random(u64);
+
+impl Random {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    fn below(&mut self, bound: usize) -> usize {
+        if bound == 0 {
+            0
+        } else {
+            (self.next() % bound as u64) as usize
+        }
+    }
+}
+
+fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
+    let mut tree = MemoryTree::new(StoredDepth::MAILBOX);
+    for value in 0..200u128 {
+        tree.insert((1_767_225_600_000u128 + value * 1000) << 80 | value, *blake3::hash(&value.to_be_bytes()).as_bytes());
+    }
+    let limits = SyncLimits { leaf_threshold: 4, ..SyncLimits::default() };
+    let first = sync::initial(&tree, &limits).unwrap_or_default();
+    let empty = MemoryTree::new(StoredDepth::MAILBOX);
+    let (reply, _) = sync::respond(&empty, &first, &limits).unwrap_or_default();
+    let small = sync::initial(&empty, &limits).unwrap_or_default();
+    let sync_seeds = vec![sync::encode(&first), sync::encode(&reply), sync::encode(&small)];
+
+    let mailbox = MailboxKey::new("fuzz@example.org", "Archive/2026").expect("valid");
+    let mut record = MessageRecord::new(MessageId(12345), BlobHash::of(b"x"), 1, 2, NodeId(3));
+    mailmesh::crdt::apply_flag(&mut record, Flag::Seen, true, Stamp { time: 9, node: NodeId(3) });
+    mailmesh::crdt::apply_flag(&mut record, Flag::Keyword("$Junk".into()), false, Stamp { time: 10, node: NodeId(4) });
+    let frame_seeds = vec![
+        wire::encode(&Request::Reconcile { space: WireSpace::Mailbox(mailbox.clone()), message: ByteString(sync::encode(&first)) }),
+        wire::encode(&Request::FetchRecords { mailbox: mailbox.clone(), ids: vec![MessageId(1), MessageId(2)] }),
+        wire::encode(&Request::FetchRange { mailbox: mailbox.clone(), depth: 3, bits: ByteString(vec![1, 2]), after: None, limit: 10 }),
+        wire::encode(&Request::FetchBlob { hash: BlobHash::of(b"x"), offset: 0, length: 100 }),
+        wire::encode(&Response::Records { records: vec![record.clone()], more: true }),
+        wire::encode(&Response::Blob { bytes: Some(ByteString(b"hello".to_vec())), total: 5 }),
+        wire::encode(&Gossip::Operation { mailbox: mailbox.clone(), record, blob: Some(ByteString(b"raw".to_vec())) }),
+        wire::encode(&Gossip::Digest {
+            peer: "12D3KooW".into(),
+            name: "n".into(),
+            sequence: 1,
+            digest: ByteString(vec![0; 32]),
+            mailboxes: 1,
+            addresses: vec!["/ip4/127.0.0.1/tcp/1".into()],
+        }),
+    ];
+    let mail_seeds = vec![
+        b"From: \"Bob\" <bob@example.org>\r\nTo: a@example.org, \"C, D\" <c@example.org>\r\nSubject: =?utf-8?B?w6l0w6k=?=\r\nDate: Sun, 29 Nov 2026 08:00:00 +0000\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\ncaf=E9\r\n--b\r\nContent-Type: text/html\r\n\r\n<p>x</p>\r\n--b--\r\n".to_vec(),
+        b"Subject: Re: AW: hi\r\nFrom: =?koi8-r?B?7s/Xz9PUySDEzNEg18HT?= <n@example.ru>\r\n\r\nbody".to_vec(),
+    ];
+    let text_seeds = vec![b"01ARZ3NDEKTSV4RRFFQ69G5FAV".to_vec(), b"\\Seen".to_vec(), b"$Forwarded".to_vec(), b"Archive/2026".to_vec()];
+    vec![("sync", sync_seeds), ("frames", frame_seeds), ("mail", mail_seeds), ("text", text_seeds)]
+}
+
+fn run_target(target: &str, input: &[u8]) {
+    match target {
+        "sync" => {
+            if let Ok(elements) = sync::decode(input, &SyncLimits::default()) {
+                // Whatever decodes must also be safe to answer.
+                let tree = MemoryTree::new(StoredDepth::MAILBOX);
+                let _ = sync::respond(&tree, &elements, &SyncLimits::default());
+                let _ = sync::encode(&elements);
+            }
+        }
+        "frames" => {
+            if let Ok(request) = wire::decode::<Request>(input) {
+                let _ = wire::validate_request(&request);
+            }
+            let _ = wire::decode::<Response>(input);
+            if let Ok(Gossip::Operation { record, .. }) = wire::decode::<Gossip>(input) {
+                let _ = wire::validate_record(&record);
+                let _ = mailmesh::crdt::state_hash(&record);
+            }
+        }
+        "mail" => {
+            let _ = mailmesh::mail::listing(input);
+            let text = mailmesh::mail::search_text(input);
+            let _ = mailmesh::mail::subject_sort_key(&text.subject);
+        }
+        _ => {
+            let text = String::from_utf8_lossy(input);
+            let _ = text.parse::<MessageId>();
+            let _ = text.parse::<Flag>();
+            let _ = text.parse::<BlobHash>();
+            let _ = MailboxKey::new(&text, &text);
+        }
+    }
+}
+
+fn mutate(random: &mut Random, corpus: &[Vec<u8>], input: &[u8]) -> Vec<u8> {
+    let mut output = input.to_vec();
+    for _ in 0..1 + random.below(4) {
+        match random.below(7) {
+            0 if !output.is_empty() => {
+                let index = random.below(output.len());
+                output[index] ^= 1 << random.below(8);
+            }
+            1 if !output.is_empty() => {
+                let index = random.below(output.len());
+                output[index] = [0, 0xff, 0x7f, 0x80, 0x1f, 0x5b, 0x9f, 0xbf][random.below(8)];
+            }
+            2 => {
+                let index = random.below(output.len() + 1);
+                let count = 1 + random.below(16);
+                for _ in 0..count {
+                    output.insert(index, random.next() as u8);
+                }
+            }
+            3 if !output.is_empty() => {
+                let start = random.below(output.len());
+                let end = (start + 1 + random.below(32)).min(output.len());
+                output.drain(start..end);
+            }
+            4 => {
+                let other = &corpus[random.below(corpus.len())];
+                if !other.is_empty() {
+                    let start = random.below(other.len());
+                    let end = (start + 1 + random.below(64)).min(other.len());
+                    let at = random.below(output.len() + 1);
+                    output.splice(at..at, other[start..end].iter().copied());
+                }
+            }
+            5 if !output.is_empty() => {
+                // CBOR length tampering: make a header claim a huge length.
+                let index = random.below(output.len());
+                output[index] = [0x5b, 0x9b, 0x7b, 0xbb, 0x1b][random.below(5)];
+                for _ in 0..8 {
+                    output.insert((index + 1).min(output.len()), 0xff);
+                }
+            }
+            _ => {
+                let length = random.below(output.len() + 1);
+                output.truncate(length);
+            }
+        }
+    }
+    output
+}
+
+fn main() {
+    let mut seconds = 60u64;
+    let mut only: Option<String> = None;
+    let mut json = false;
+    let mut arguments = std::env::args().skip(1);
+    while let Some(flag) = arguments.next() {
+        match flag.as_str() {
+            "--seconds" => seconds = arguments.next().and_then(|v| v.parse().ok()).unwrap_or(60),
+            "--target" => only = arguments.next(),
+            "--json" => json = true,
+            other => {
+                eprintln!("fuzz_decoders: unknown argument {other}");
+                std::process::exit(2);
+            }
+        }
+    }
+    std::panic::set_hook(Box::new(|_| {})); // panics are reported below, with their inputs
+    let mut report = serde_json::Map::new();
+    let mut crashes_total = 0;
+    for (target, seed_corpus) in seeds() {
+        if only.as_deref().is_some_and(|name| name != target) {
+            continue;
+        }
+        let mut random = Random(0x9e37_79b9_7f4a_7c15 ^ target.len() as u64);
+        let mut corpus = seed_corpus.clone();
+        let started = Instant::now();
+        let mut executions = 0u64;
+        let mut crashes = Vec::new();
+        while started.elapsed() < Duration::from_secs(seconds) {
+            let base = corpus[random.below(corpus.len())].clone();
+            let input = mutate(&mut random, &corpus, &base);
+            executions += 1;
+            if catch_unwind(AssertUnwindSafe(|| run_target(target, &input))).is_err() {
+                let name = format!("{target}-{}", &blake3::hash(&input).to_hex()[..16]);
+                let _ = std::fs::create_dir_all("fuzz/crashes");
+                let _ = std::fs::write(format!("fuzz/crashes/{name}"), &input);
+                crashes.push(name);
+            } else if corpus.len() < 4096 && random.below(64) == 0 {
+                corpus.push(input); // keep some mutants as new bases
+            }
+        }
+        crashes_total += crashes.len();
+        report.insert(
+            target.to_owned(),
+            serde_json::json!({ "seconds": seconds, "executions": executions, "crashes": crashes }),
+        );
+    }
+    let output = serde_json::Value::Object(report);
+    if json {
+        println!("{output}");
+    } else {
+        println!("{}", serde_json::to_string_pretty(&output).unwrap_or_default());
+    }
+    if crashes_total > 0 {
+        std::process::exit(1);
+    }
+}
