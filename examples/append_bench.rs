@@ -16,6 +16,9 @@
 //! spread (median `--median-bytes`, 4 KiB by default; sigma `--sigma`, 1.0), pre-generated
 //! before the clock starts, spread over `--mailboxes` mailboxes.
 //!
+//! `peak_rss_mib` is the process's VmHWM (messages are pre-generated in memory, about `--messages`
+//! times the mean size, so subtract that to see RocksDB's share).
+//!
 //! Syncs are counted where they happen: this binary defines `fdatasync` and `fsync`, which the
 //! statically linked RocksDB calls instead of libc's; each counts the call, tells WAL files
 //! (`*.log`) from the rest (SST, blob, MANIFEST, directories) by the descriptor's path, and makes
@@ -255,6 +258,35 @@ fn filesystem_of(path: &Path) -> Option<String> {
         .map(|(_, kind)| kind)
 }
 
+/// This process's peak resident set (VmHWM), in MiB: RocksDB's memtables and caches for a store
+/// holding everything appended so far.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|line| line.starts_with("VmHWM:"))?;
+    let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(round(kib / 1024.0, 1))
+}
+
+/// CPU seconds (user + system) used so far by this process's threads named `name`.
+fn thread_cpu_seconds(name: &str) -> Option<f64> {
+    let ticks_per_second = 100.0; // USER_HZ, 100 on Linux
+    let mut total = 0.0;
+    let mut found = false;
+    for entry in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        if comm.trim() != name {
+            continue;
+        }
+        let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        let user: f64 = fields.get(11)?.parse().ok()?;
+        let system: f64 = fields.get(12)?.parse().ok()?;
+        total += (user + system) / ticks_per_second;
+        found = true;
+    }
+    found.then_some(total)
+}
+
 /// Removes a directory when dropped, also when a phase panics.
 struct TemporaryDirectory(PathBuf);
 
@@ -319,8 +351,12 @@ fn run_phase(
     });
     let seconds = started.elapsed().as_secs_f64();
     let syncs_after = sync_counter::read();
+    // The commit thread is started by this phase's queue, so its CPU time is this phase's.
+    let commit_cpu = thread_cpu_seconds("mailmesh-commit");
     drop(queue);
     drop(store);
+    // Let the commit thread notice its queue is gone and exit before the next phase counts CPU.
+    std::thread::sleep(Duration::from_millis(200));
     let failures = failures.load(Ordering::Relaxed);
     let succeeded = count - failures;
     let mut milliseconds: Vec<f64> = latencies.iter().map(|latency| latency.as_secs_f64() * 1000.0).collect();
@@ -341,6 +377,8 @@ fn run_phase(
             "p99": round(percentile(&milliseconds, 0.99), 3),
             "max": round(percentile(&milliseconds, 1.0), 3),
         },
+        "commit_thread_cpu_seconds": commit_cpu.map(|cpu| round(cpu, 2)),
+        "commit_thread_busy": commit_cpu.map(|cpu| round(cpu / seconds, 2)),
         "wal_syncs": wal_syncs,
         "other_syncs": other_syncs,
         "appends_per_wal_sync": wal_syncs.filter(|syncs| *syncs > 0).map(|syncs| round(succeeded as f64 / syncs as f64, 2)),
@@ -407,6 +445,8 @@ fn main() {
         "sync_counting": if sync_counter::read().is_some() { "interposed fdatasync/fsync" } else { "unavailable" },
         "sequential": sequential,
         "concurrent": concurrent,
+        "peak_rss_mib": peak_rss_mib(),
+        "pregenerated_message_mib": round((sizes.iter().sum::<f64>() + mean * arguments.sequential_messages as f64) / 1048576.0, 1),
         "target_appends_per_second": target,
         "target_met": concurrent_rate >= target,
     });

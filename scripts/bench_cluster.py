@@ -30,7 +30,9 @@ What it does, in order, and what it measures (all in one JSON object, printed as
    - `floor_bytes`: each operation delivered once to each other node: (N-1) x (sum of message sizes
      + appends x the record's encoded size, estimated from the operation gossip the origins
      published minus the inline message bytes).
-5. Idle: after agreement, samples the same counters over --idle-seconds: bytes per second per node.
+5. Idle: after agreement, waits until no reconciliation round is started for 2 s (sessions begun
+   during the load go on walking the mailboxes that differed), then samples the same counters
+   over --idle-seconds: bytes per second per node.
 6. Partition (--partition kill, the default): SIGKILLs the second half of the nodes, appends 10% of
    K to the first half, restarts them and times until every digest agrees (`heal_seconds`, from
    the restarted nodes answering /healthz; `restart_to_agreement_seconds` includes process start).
@@ -669,6 +671,17 @@ class Cluster:
                 time.sleep(0.05)
         return connected, agreed
 
+    def message_counts(self):
+        """Messages per node (sum over GET /v1/mailboxes), to show how far a heal got."""
+        counts = []
+        for node in self.nodes:
+            try:
+                listing = self.http.json(node.http, "/v1/mailboxes").get("mailboxes", [])
+                counts.append(sum(entry.get("count", 0) for entry in listing))
+            except (OSError, ValueError, http.client.HTTPException):
+                counts.append(None)
+        return counts
+
     def metrics(self):
         result = {}
         for node in self.nodes:
@@ -882,6 +895,11 @@ def run(options):
                 "p99_le": histogram_quantile(lag, "mailmesh_replication_lag_seconds", 0.99),
             },
         }
+        try:
+            report["mailboxes_created"] = cluster.http.json(nodes[0].http, "/v1/status").get("mailboxes")
+        except (OSError, ValueError, http.client.HTTPException):
+            report["mailboxes_created"] = None
+        report["ping_rtt_median_le_s"] = histogram_quantile(lag, "libp2p_ping_rtt_seconds", 0.5)
         report["drain_seconds"] = rounded(drain_from_last_ack)
         report["converged_after_load"] = drain is not None
 
@@ -922,8 +940,18 @@ def run(options):
             "wire_bytes_per_node": wire,
         }
 
-        # Idle gossip.
-        time.sleep(2.0)
+        # Idle gossip, once the reconciliation sessions started during the load have ended (a
+        # session walks every mailbox that differed when it started, even if gossip has since
+        # delivered them).
+        settle_started = time.monotonic()
+        last_rounds = None
+        while time.monotonic() - settle_started < options.settle_timeout:
+            rounds = sum(metric_sum(samples, "mailmesh_reconcile_rounds_total") for samples in cluster.metrics().values())
+            if rounds == last_rounds:
+                break
+            last_rounds = rounds
+            time.sleep(2.0)
+        report["sessions_settled_seconds"] = rounded(time.monotonic() - settle_started, 1)
         metrics_before, sockets_before = cluster.metrics(), socket_snapshot()
         idle_started = time.monotonic()
         time.sleep(options.idle_seconds)
@@ -1008,6 +1036,9 @@ def run(options):
                 "note": "relay links between the halves dropped and refused; direct links across the cut mean "
                         "the nodes went around the relays, so the cut was not a real partition",
             })
+        if mode != "none" and partition.get("heal_seconds") is None:
+            partition["messages_per_node_at_timeout"] = cluster.message_counts()
+            partition["messages_acknowledged_in_total"] = load.acked + partition.get("acknowledged", 0)
         report["partition"] = partition
         for node in nodes:
             node.read_rss()
@@ -1064,6 +1095,8 @@ def main():
                         help="wait after the gossip subscriptions are known, for the gossipsub mesh")
     parser.add_argument("--cut-seconds", type=float, default=3.0,
                         help="--partition relay: how long the cut lasts before the writes start")
+    parser.add_argument("--settle-timeout", type=float, default=60.0,
+                        help="longest wait for reconciliation rounds to stop before the idle sample")
     parser.add_argument("--idle-seconds", type=float, default=10.0)
     parser.add_argument("--converge-timeout", type=float, default=120.0)
     parser.add_argument("--visibility-timeout", type=float, default=60.0)
