@@ -66,6 +66,7 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
             digest: ByteString(vec![0; 32]),
             mailboxes: 1,
             addresses: vec!["/ip4/127.0.0.1/tcp/1".into()],
+            stale: false,
         }),
     ];
     let mail_seeds = vec![

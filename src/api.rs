@@ -191,6 +191,7 @@ async fn status(State(node): State<Node>) -> Result<Json<Value>, ApiError> {
         "peers": peers,
         "digest": node.digest_hex()?,
         "mailboxes": node.store().digest()?.count,
+        "stale": node.is_stale(),
     })))
 }
 
@@ -527,6 +528,10 @@ async fn expunge(
 async fn ready(State(node): State<Node>) -> Response {
     if let Err(error) = node.store().digest() {
         return ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("store not readable: {error}")).into_response();
+    }
+    if node.is_stale() {
+        return ApiError(StatusCode::SERVICE_UNAVAILABLE, "stale replica: see the node's log; rejoin it empty".into())
+            .into_response();
     }
     let peers = node.peer_statuses().await.len();
     if !node.config().peers.is_empty() && peers == 0 {

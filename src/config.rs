@@ -35,6 +35,7 @@ pub struct ConfigFile {
     pub peer_requests_per_second: Option<f64>,
     pub peer_request_burst: Option<f64>,
     pub http_token_file: Option<PathBuf>,
+    pub tombstone_horizon_days: Option<u64>,
 }
 
 impl ConfigFile {
@@ -82,6 +83,9 @@ impl ConfigFile {
         }
         if let Some(burst) = self.peer_request_burst {
             config.peer_request_burst = burst;
+        }
+        if let Some(days) = self.tombstone_horizon_days {
+            config.tombstone_horizon_millis = days.max(1) * 86_400_000;
         }
         if let Some(path) = self.http_token_file {
             config.http_token = Some(read_token(&path)?);

@@ -53,6 +53,8 @@ pub struct NodeConfig {
     pub peer_request_burst: f64,
     /// When set, every HTTP request except /healthz and /readyz needs `Authorization: Bearer <token>`.
     pub http_token: Option<String>,
+    /// Tombstones older than this are collected; a replica out of contact longer is refused.
+    pub tombstone_horizon_millis: u64,
 }
 
 impl Default for NodeConfig {
@@ -71,6 +73,7 @@ impl Default for NodeConfig {
             peer_requests_per_second: 500.0,
             peer_request_burst: 2000.0,
             http_token: None,
+            tombstone_horizon_millis: crate::store::DEFAULT_TOMBSTONE_HORIZON_MILLIS,
         }
     }
 }
@@ -84,6 +87,9 @@ pub enum NodeError {
     Network(#[from] net::NetworkError),
     #[error("peer {peer} answered badly: {reason}")]
     Peer { peer: PeerId, reason: String },
+    /// The peer answered within the protocol but declined (rate limit, its own failure, stale).
+    #[error("peer {peer} declined: {message}")]
+    Refused { peer: PeerId, message: String },
     #[error("identity file {path}: {reason}")]
     Identity { path: PathBuf, reason: String },
     #[error("io: {0}")]
@@ -101,6 +107,8 @@ pub struct PeerState {
     pub last_digest_seen: Option<SystemTime>,
     /// Since when this peer's digest has differed from ours (None while equal).
     pub differs_since: Option<SystemTime>,
+    /// The peer says it was away longer than the tombstone horizon.
+    pub stale: bool,
 }
 
 /// A snapshot of one peer for status pages.
@@ -131,6 +139,9 @@ struct NodeInner {
     listen: Mutex<Vec<Multiaddr>>,
     dial_attempts: Mutex<HashMap<PeerId, Instant>>,
     buckets: Mutex<HashMap<PeerId, TokenBucket>>,
+    /// This replica was out of contact longer than the tombstone horizon: it must not sync.
+    stale: std::sync::atomic::AtomicBool,
+    last_contact_written: Mutex<Option<Instant>>,
 }
 
 /// A handle on a running node: what the HTTP API and the demo use.
@@ -223,6 +234,7 @@ impl Node {
                 max_message_bytes: config.max_message_bytes,
                 clock_bound_millis: config.clock_bound_millis,
                 sync_writes: true,
+                tombstone_horizon_millis: config.tombstone_horizon_millis,
             },
         )?);
         let queue = CommitQueue::start(store.clone(), 512);
@@ -255,9 +267,12 @@ impl Node {
                 listen: Mutex::new(Vec::new()),
                 dial_attempts: Mutex::new(HashMap::new()),
                 buckets: Mutex::new(HashMap::new()),
+                stale: std::sync::atomic::AtomicBool::new(false),
+                last_contact_written: Mutex::new(None),
             }),
         };
         tracing::info!(peer_id = %peer_id, name = %config.name, "node started");
+        node.check_staleness()?;
 
         // Network events.
         let handler = node.clone();
@@ -284,6 +299,36 @@ impl Node {
                 tokio::select! {
                     _ = interval.tick() => gossiper.on_gossip_tick().await,
                     _ = stopped(&mut gossip_stop) => break,
+                }
+            }
+        });
+
+        // Tombstones past the horizon are collected now and then.
+        let collector = node.clone();
+        let mut collector_stop = stop.clone();
+        tokio::spawn(async move {
+            let mut interval = tokio::time::interval(Duration::from_secs(600));
+            loop {
+                tokio::select! {
+                    _ = interval.tick() => {
+                        let store = collector.inner.store.clone();
+                        let purged = tokio::task::spawn_blocking(move || {
+                            let mut total = 0;
+                            loop {
+                                match store.collect_tombstones(now_millis(), 10_000) {
+                                    Ok(0) => return Ok(total),
+                                    Ok(count) => total += count,
+                                    Err(error) => return Err(error),
+                                }
+                            }
+                        }).await;
+                        match purged {
+                            Ok(Ok(0)) | Err(_) => {}
+                            Ok(Ok(count)) => tracing::info!(count, "collected tombstones older than the horizon"),
+                            Ok(Err(error)) => tracing::warn!("tombstone collection failed: {error}"),
+                        }
+                    }
+                    _ = stopped(&mut collector_stop) => break,
                 }
             }
         });
@@ -348,6 +393,43 @@ impl Node {
     /// The store.
     pub fn store(&self) -> &Store {
         &self.inner.store
+    }
+
+    /// Whether this replica refuses to sync because it was away longer than the tombstone horizon.
+    pub fn is_stale(&self) -> bool {
+        self.inner.stale.load(Ordering::Relaxed)
+    }
+
+    fn stale_message(&self) -> String {
+        let days = self.inner.config.tombstone_horizon_millis / 86_400_000;
+        format!(
+            "this replica was last in contact with the cluster longer ago than the tombstone horizon ({days} days): \
+             it refuses to resynchronise, so mail deleted meanwhile cannot come back. Stop the node, empty its data \
+             directory's store (keep identity.key) and start it again to rejoin empty"
+        )
+    }
+
+    /// Marks the replica stale when its last contact is older than the horizon and it holds data.
+    fn check_staleness(&self) -> Result<(), NodeError> {
+        let last = self.inner.store.last_contact()?;
+        let holds_data = self.inner.store.digest()?.count > 0;
+        let age = now_millis().saturating_sub(last);
+        if last > 0 && holds_data && age > self.inner.config.tombstone_horizon_millis {
+            self.inner.stale.store(true, Ordering::Relaxed);
+            tracing::error!("{}", self.stale_message());
+        }
+        Ok(())
+    }
+
+    fn record_contact(&self) {
+        let Ok(mut written) = self.inner.last_contact_written.lock() else { return };
+        if written.is_some_and(|at| at.elapsed() < Duration::from_secs(10)) {
+            return;
+        }
+        *written = Some(Instant::now());
+        if let Err(error) = self.inner.store.set_last_contact(now_millis()) {
+            tracing::warn!("could not record the last contact time: {error}");
+        }
     }
 
     /// The full-text index.
@@ -548,6 +630,7 @@ impl Node {
                         last_digest: None,
                         last_digest_seen: None,
                         differs_since: None,
+                        stale: false,
                     });
                 }
                 self.spawn_session(peer);
@@ -563,6 +646,10 @@ impl Node {
                 }
             }
         }
+    }
+
+    fn peer_is_stale(&self, peer: PeerId) -> bool {
+        self.inner.peers.lock().map(|peers| peers.get(&peer).is_some_and(|state| state.stale)).unwrap_or(false)
     }
 
     /// Takes a token from the peer's bucket; false (and counted) when it is empty.
@@ -605,11 +692,19 @@ impl Node {
                     }
                 }
             }
-            (Topic::Digests, Gossip::Digest { peer, name, digest, addresses, .. }) => {
+            (Topic::Digests, Gossip::Digest { peer, name, digest, addresses, stale, .. }) => {
                 let Ok(peer) = peer.parse::<PeerId>() else { return false };
                 let Ok(digest) = <[u8; 32]>::try_from(digest.0.as_slice()) else { return false };
                 if addresses.len() > 16 || name.len() > 255 {
                     return false;
+                }
+                if let Ok(mut peers) = self.inner.peers.lock() {
+                    if let Some(state) = peers.get_mut(&peer) {
+                        if stale && !state.stale {
+                            tracing::warn!(%peer, "peer reports it is a stale replica (away longer than the tombstone horizon); not syncing with it");
+                        }
+                        state.stale = stale;
+                    }
                 }
                 let connected = self.on_digest(peer, name, digest);
                 if !connected {
@@ -628,6 +723,9 @@ impl Node {
         record: MessageRecord,
         blob: Option<ByteString>,
     ) -> Result<(), NodeError> {
+        if self.is_stale() || self.peer_is_stale(source) {
+            return Err(NodeError::Refused { peer: source, message: "stale replica".into() });
+        }
         mailbox.validate().map_err(|error| NodeError::Peer { peer: source, reason: error.to_string() })?;
         wire::validate_record(&record).map_err(|error| NodeError::Peer { peer: source, reason: error.to_string() })?;
         if let Some(existing) = self.inner.store.record(mailbox.id(), record.id)? {
@@ -738,7 +836,11 @@ impl Node {
             digest: ByteString(digest.root_hash().to_vec()),
             mailboxes: digest.count,
             addresses: self.listen_addresses().await.iter().map(|address| address.to_string()).collect(),
+            stale: self.is_stale(),
         };
+        if self.is_stale() && self.inner.sequence.load(Ordering::Relaxed) % 30 == 1 {
+            tracing::error!("{}", self.stale_message());
+        }
         let data = wire::encode(&gossip);
         let size = data.len() as u64;
         if self.inner.network.publish(Topic::Digests, data).await.is_ok() {
@@ -786,6 +888,14 @@ impl Node {
         };
         if let Err(error) = wire::validate_request(&request) {
             return Response::Error { message: error.to_string() };
+        }
+        if self.is_stale() {
+            return Response::Error { message: format!("stale replica: {}", self.stale_message()) };
+        }
+        if self.peer_is_stale(peer) {
+            return Response::Error {
+                message: "stale replica: you were out of contact longer than the tombstone horizon; rejoin empty".into(),
+            };
         }
         match self.answer(peer, request).await {
             Ok(response) => response,
@@ -902,6 +1012,9 @@ impl Node {
     }
 
     fn spawn_session(&self, peer: PeerId) {
+        if self.is_stale() || self.peer_is_stale(peer) {
+            return;
+        }
         {
             let Ok(mut syncing) = self.inner.syncing.lock() else { return };
             if !syncing.insert(peer) {
@@ -919,7 +1032,10 @@ impl Node {
             };
             node.inner.metrics.sessions.get_or_create(&OutcomeLabel { outcome }).inc();
             match result {
-                Ok(mailboxes) => tracing::debug!(%peer, mailboxes, ms = started.elapsed().as_millis() as u64, "reconciled"),
+                Ok(mailboxes) => {
+                    node.record_contact();
+                    tracing::debug!(%peer, mailboxes, ms = started.elapsed().as_millis() as u64, "reconciled")
+                }
                 Err(error) => node.on_peer_failure(peer, "reconciliation", error).await,
             }
             if let Ok(mut syncing) = node.inner.syncing.lock() {
@@ -934,7 +1050,7 @@ impl Node {
         let answer = self.inner.network.request(peer, data).await?;
         self.inner.metrics.sync_bytes.get_or_create(&DirectionLabel { direction: "in" }).inc_by(answer.len() as u64);
         match wire::decode::<Response>(&answer) {
-            Ok(Response::Error { message }) => Err(NodeError::Peer { peer, reason: message }),
+            Ok(Response::Error { message }) => Err(NodeError::Refused { peer, message }),
             Ok(response) => Ok(response),
             Err(error) => Err(NodeError::Peer { peer, reason: error.to_string() }),
         }

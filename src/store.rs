@@ -14,7 +14,16 @@
 //! - `local`: `mailbox id | message id` -> [`LocalState`] (the record's listing and modseqs);
 //! - `index`: `mailbox id | sort | sort key | message id` -> empty, one entry per sort and live message;
 //! - `changes`: `mailbox id | modseq` -> message ID, the last change of each record (CONDSTORE-like);
-//! - `search_queue`: `sequence` -> a record to add to or drop from the full-text index.
+//! - `search_queue`: `sequence` -> a record to add to or drop from the full-text index;
+//! - `tombstones`: `expunge millisecond | mailbox id | message id` -> empty, for collection.
+//!
+//! # Tombstones
+//! An expunged record stays as a tombstone so the expunge reaches every replica. Tombstones older
+//! than the horizon (`tombstone_horizon_millis`, 30 days by default) are purged from the records
+//! and the tries, and a peer's record expunged before the horizon is not taken in unless this
+//! node holds the message live (then the expunge still applies). A replica out of contact for
+//! longer than the horizon could resurrect purged mail, so the node refuses to resynchronise it
+//! (see [`Store::last_contact`] and the node).
 //!
 //! Every operation — append, flag change, expunge, merge of a peer's record, blob put — is applied
 //! together with the trie aggregates, the mailbox counters, the directory trie and the clock in one
@@ -46,7 +55,9 @@ const LOCAL: &str = "local";
 const INDEX: &str = "index";
 const CHANGES: &str = "changes";
 const SEARCH_QUEUE: &str = "search_queue";
-const LOCAL_FAMILIES: [&str; 4] = [LOCAL, INDEX, CHANGES, SEARCH_QUEUE];
+const TOMBSTONES: &str = "tombstones";
+const LOCAL_FAMILIES: [&str; 5] = [LOCAL, INDEX, CHANGES, SEARCH_QUEUE, TOMBSTONES];
+const META_LAST_CONTACT: &[u8] = b"last_contact";
 const META_SEARCH_SEQUENCE: &[u8] = b"search_sequence";
 
 const META_CLOCK: &[u8] = b"clock";
@@ -84,11 +95,21 @@ pub struct StoreOptions {
     pub clock_bound_millis: u64,
     /// Sync the WAL before acknowledging (turn off only in benchmarks that say so).
     pub sync_writes: bool,
+    /// Tombstones expunged longer ago than this are collected.
+    pub tombstone_horizon_millis: u64,
 }
+
+/// Thirty days.
+pub const DEFAULT_TOMBSTONE_HORIZON_MILLIS: u64 = 30 * 24 * 60 * 60 * 1000;
 
 impl Default for StoreOptions {
     fn default() -> Self {
-        StoreOptions { max_message_bytes: 50 * 1024 * 1024, clock_bound_millis: 2 * 60 * 60 * 1000, sync_writes: true }
+        StoreOptions {
+            max_message_bytes: 50 * 1024 * 1024,
+            clock_bound_millis: 2 * 60 * 60 * 1000,
+            sync_writes: true,
+            tombstone_horizon_millis: DEFAULT_TOMBSTONE_HORIZON_MILLIS,
+        }
     }
 }
 
@@ -105,6 +126,8 @@ pub enum Operation {
     Merge { mailbox: MailboxKey, record: MessageRecord, now_millis: u64 },
     /// Stores a blob received from a peer, after checking its hash.
     PutBlob { expected: BlobHash, bytes: Vec<u8> },
+    /// Removes a tombstone older than the horizon (see [`Store::collect_tombstones`]).
+    Purge { mailbox: MailboxId, id: MessageId, now_millis: u64 },
 }
 
 /// What an operation did.
@@ -116,6 +139,8 @@ pub enum Applied {
     Record { record: MessageRecord, changed: bool },
     /// A blob was stored (or was already there).
     Blob { hash: BlobHash, new: bool },
+    /// A tombstone was purged (false when it was not one to purge).
+    Purged(bool),
 }
 
 /// A mailbox's entry in the directory: its key, counters and current root.
@@ -328,6 +353,7 @@ impl Store {
             ColumnFamilyDescriptor::new(INDEX, Options::default()),
             ColumnFamilyDescriptor::new(CHANGES, Options::default()),
             ColumnFamilyDescriptor::new(SEARCH_QUEUE, Options::default()),
+            ColumnFamilyDescriptor::new(TOMBSTONES, Options::default()),
         ];
         let db = DB::open_cf_descriptors(&db_options, path, families)?;
         let meta = db.cf_handle(META).ok_or_else(|| StoreError::Corrupt("missing meta family".into()))?;
@@ -469,6 +495,13 @@ impl Store {
                     state.clock.check(latest.time, now_millis)?;
                 }
                 let old = self.load(staging, mailbox.id(), record.id)?;
+                let cutoff = now_millis.saturating_sub(self.options.tombstone_horizon_millis);
+                let expunged_before_horizon =
+                    record.expunged.is_some_and(|stamp| crdt::millis_of(stamp.time) < cutoff);
+                if old.is_none() && expunged_before_horizon {
+                    // Collected here already, or never seen: taking it in would only bring it back.
+                    return Ok(Applied::Record { record, changed: false });
+                }
                 let merged = match &old {
                     Some(existing) => crdt::merge(existing, &record)?,
                     None => record.clone(),
@@ -481,6 +514,20 @@ impl Store {
                     staging.change(mailbox, old, merged.clone());
                 }
                 Ok(Applied::Record { record: merged, changed })
+            }
+            Operation::Purge { mailbox, id, now_millis } => {
+                if staging.records.contains_key(&(mailbox, id)) || staging.purges.iter().any(|(m, r)| *m == mailbox && r.id == id) {
+                    return Ok(Applied::Purged(false));
+                }
+                let Some(record) = self.record(mailbox, id)? else { return Ok(Applied::Purged(false)) };
+                let cutoff = now_millis.saturating_sub(self.options.tombstone_horizon_millis);
+                match record.expunged {
+                    Some(stamp) if crdt::millis_of(stamp.time) < cutoff => {
+                        staging.purges.push((mailbox, record));
+                        Ok(Applied::Purged(true))
+                    }
+                    _ => Ok(Applied::Purged(false)),
+                }
             }
             Operation::PutBlob { expected, bytes } => {
                 if bytes.len() as u64 > self.options.max_message_bytes {
@@ -516,6 +563,26 @@ impl Store {
         let index = self.family(INDEX)?;
         let changes = self.family(CHANGES)?;
         let search_queue = self.family(SEARCH_QUEUE)?;
+        let tombstones = self.family(TOMBSTONES)?;
+        for (mailbox_id, record) in &staging.purges {
+            batch.delete_cf(records, record_key(*mailbox_id, record.id));
+            let old_hash = crdt::state_hash(record);
+            let space = Space::Mailbox(*mailbox_id);
+            for (prefix, delta) in aggregate_changes(record.id.0, Some(&old_hash), None, space.stored_depth()) {
+                deltas.entry((space, prefix)).or_default().add(&delta);
+            }
+            if let Some(local_state) = self.local_state(*mailbox_id, record.id)? {
+                batch.delete_cf(changes, change_key(*mailbox_id, local_state.modseq));
+            }
+            batch.delete_cf(local, record_key(*mailbox_id, record.id));
+            if let Some(stamp) = record.expunged {
+                batch.delete_cf(tombstones, tombstone_key(crdt::millis_of(stamp.time), *mailbox_id, record.id));
+            }
+            let key = self.mailbox_entry(*mailbox_id)?.map(|entry| entry.key);
+            if let Some(key) = key {
+                counters.entry(*mailbox_id).or_insert_with(|| (key, 0, 0, 0)).1 -= 1;
+            }
+        }
         for ((mailbox_id, id), change) in &staging.records {
             batch.put_cf(records, record_key(*mailbox_id, *id), encode_cbor(&change.new));
             // Node-local state: modseq, change log, listing, sort indexes, search queue.
@@ -556,6 +623,9 @@ impl Store {
                     batch.put_cf(search_queue, state.search_sequence.to_be_bytes(), encode_cbor(&task));
                 }
                 (Some(listing), None) => {
+                    if let Some(stamp) = change.new.expunged {
+                        batch.put_cf(tombstones, tombstone_key(crdt::millis_of(stamp.time), *mailbox_id, *id), []);
+                    }
                     let old_record = change.old.as_ref().unwrap_or(&change.new);
                     for sort in SortKey::ALL {
                         batch.delete_cf(index, index_key(*mailbox_id, sort, &sort.key(old_record, listing), *id));
@@ -857,6 +927,44 @@ impl Store {
         Ok(result)
     }
 
+    /// Purges up to `limit` tombstones expunged before the horizon; returns how many.
+    pub fn collect_tombstones(&self, now_millis: u64, limit: usize) -> Result<usize, StoreError> {
+        let cutoff = now_millis.saturating_sub(self.options.tombstone_horizon_millis);
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(cutoff.to_be_bytes().to_vec());
+        let mut operations = Vec::new();
+        for item in self.db.iterator_cf_opt(self.family(TOMBSTONES)?, options, IteratorMode::Start).take(limit) {
+            let (key, _) = item?;
+            let mailbox = key.get(8..24).and_then(|bytes| <[u8; 16]>::try_from(bytes).ok()).map(u128::from_be_bytes);
+            let id = key.get(24..40).and_then(MessageId::from_slice);
+            let (Some(mailbox), Some(id)) = (mailbox, id) else { return Err(StoreError::Corrupt("tombstone key".into())) };
+            operations.push(Operation::Purge { mailbox: MailboxId(mailbox), id, now_millis });
+        }
+        let mut purged = 0;
+        for result in self.apply(operations) {
+            if let Applied::Purged(true) = result? {
+                purged += 1;
+            }
+        }
+        Ok(purged)
+    }
+
+    /// When this replica last completed a reconciliation with a peer (0: never).
+    pub fn last_contact(&self) -> Result<u64, StoreError> {
+        match self.db.get_cf(self.family(META)?, META_LAST_CONTACT)? {
+            Some(bytes) => Ok(u64::from_be_bytes(
+                bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt("last contact value".into()))?,
+            )),
+            None => Ok(0),
+        }
+    }
+
+    /// Records a completed reconciliation with a peer.
+    pub fn set_last_contact(&self, now_millis: u64) -> Result<(), StoreError> {
+        self.db.put_cf(self.family(META)?, META_LAST_CONTACT, now_millis.to_be_bytes())?;
+        Ok(())
+    }
+
     /// Up to `limit` queued full-text index tasks with a sequence above `after`, oldest first.
     pub fn search_tasks(&self, after: u64, limit: usize) -> Result<Vec<(u64, SearchTask)>, StoreError> {
         let mut tasks = Vec::new();
@@ -919,6 +1027,9 @@ impl Store {
                 };
                 let families = (self.family(LOCAL), self.family(INDEX), self.family(CHANGES), self.family(SEARCH_QUEUE));
                 let (Ok(local), Ok(index), Ok(changes), Ok(queue)) = families else { return false };
+                if let (Some(stamp), Ok(tombstones)) = (record.expunged, self.family(TOMBSTONES)) {
+                    batch.put_cf(tombstones, tombstone_key(crdt::millis_of(stamp.time), mailbox_id, id), []);
+                }
                 if let Some(listing) = &listing {
                     for sort in SortKey::ALL {
                         batch.put_cf(index, index_key(mailbox_id, sort, &sort.key(&record, listing), id), []);
@@ -974,6 +1085,14 @@ impl Store {
     }
 }
 
+fn tombstone_key(expunged_millis: u64, mailbox: MailboxId, id: MessageId) -> [u8; 40] {
+    let mut key = [0u8; 40];
+    key[..8].copy_from_slice(&expunged_millis.to_be_bytes());
+    key[8..24].copy_from_slice(&mailbox.to_bytes());
+    key[24..].copy_from_slice(&id.to_bytes());
+    key
+}
+
 fn change_key(mailbox: MailboxId, modseq: u64) -> [u8; 24] {
     let mut key = [0u8; 24];
     key[..16].copy_from_slice(&mailbox.to_bytes());
@@ -996,6 +1115,7 @@ struct RecordChange {
 #[derive(Default)]
 struct Staging {
     records: BTreeMap<(MailboxId, MessageId), RecordChange>,
+    purges: Vec<(MailboxId, MessageRecord)>,
     blobs: BTreeMap<BlobHash, Vec<u8>>,
     last_id: Option<MessageId>,
 }

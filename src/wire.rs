@@ -85,7 +85,17 @@ pub enum Gossip {
     /// A node's digest over all its mailboxes. `sequence` makes each announcement unique, so
     /// gossipsub's duplicate cache does not drop an unchanged digest.
     #[serde(rename = "digest")]
-    Digest { peer: String, name: String, sequence: u64, digest: ByteString, mailboxes: u64, addresses: Vec<String> },
+    Digest {
+        peer: String,
+        name: String,
+        sequence: u64,
+        digest: ByteString,
+        mailboxes: u64,
+        addresses: Vec<String>,
+        /// The sender was away longer than the tombstone horizon and does not sync.
+        #[serde(default)]
+        stale: bool,
+    },
 }
 
 #[derive(Serialize, Deserialize)]

@@ -236,3 +236,44 @@ async fn gossip_with_a_stamp_far_in_the_future_is_refused() {
     let log = std::fs::read_to_string(directory.path().join("node").join("node.log")).unwrap();
     assert!(log.contains("refused an operation") && log.contains("ahead"), "the log does not say why the gossip was refused");
 }
+
+#[test]
+fn a_replica_away_longer_than_the_tombstone_horizon_is_refused_resynchronisation() {
+    let directory = tempfile::tempdir().unwrap();
+    let first = LocalNode::spawn(binary(), "steady", &directory.path().join("steady"), "test-stale", &[], 200, &[]).unwrap();
+    let seed = first.listen_address().unwrap();
+    let mut away = LocalNode::spawn(binary(), "away", &directory.path().join("away"), "test-stale", &[seed.clone()], 200, &[]).unwrap();
+    first.append("stale@example.org", "INBOX", &sample_message("a@example.org", "before", "x")).unwrap();
+    assert!(wait_until(Duration::from_secs(60), || digests_agree(&[&first, &away])).is_some());
+    std::thread::sleep(Duration::from_millis(500)); // let the contact time be written
+    away.kill();
+    // Thirty-one days later by its clock, the away replica comes back.
+    let mut returning = LocalNode::spawn_with_environment(
+        binary(),
+        "away",
+        &directory.path().join("away"),
+        "test-stale",
+        &[seed],
+        200,
+        &[],
+        &[("MAILMESH_CLOCK_OFFSET_MS", "2678400000")],
+    )
+    .unwrap();
+    let status = returning.status().unwrap();
+    assert_eq!(status["stale"], true, "{status}");
+    assert_eq!(returning.get("/readyz").unwrap().status, 503);
+    let log = std::fs::read_to_string(directory.path().join("away").join("node.log")).unwrap();
+    assert!(log.contains("tombstone horizon") && log.contains("rejoin empty"), "the log does not tell the operator what to do");
+    // It takes nothing in and gives nothing out, and the healthy node does not treat it as hostile.
+    first.append("stale@example.org", "INBOX", &sample_message("a@example.org", "after", "y")).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(returning.messages("stale@example.org", "INBOX").unwrap().len(), 1);
+    assert_eq!(first.metric_sum("mailmesh_peers_penalised_total").unwrap(), 0.0);
+    // Emptied, it rejoins and fills up.
+    returning.kill();
+    std::fs::remove_dir_all(directory.path().join("away").join("store")).unwrap();
+    std::fs::remove_dir_all(directory.path().join("away").join("search")).unwrap();
+    returning.restart().unwrap();
+    assert_eq!(returning.status().unwrap()["stale"], false);
+    assert!(wait_until(Duration::from_secs(60), || returning.messages("stale@example.org", "INBOX").map(|list| list.len() == 2).unwrap_or(false)).is_some());
+}

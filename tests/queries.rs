@@ -15,8 +15,6 @@ const NOW: u64 = 1_767_225_600_000;
 
 struct Sample {
     raw: Vec<u8>,
-    from: String,
-    subject: String,
     date_millis: Option<u64>,
 }
 
@@ -54,7 +52,7 @@ fn samples(count: usize, seed: u64) -> Vec<Sample> {
             )
             .into_bytes();
             let listing = mail::listing(&raw);
-            Sample { raw, from: listing.from, subject: listing.subject, date_millis: listing.date_millis }
+            Sample { raw, date_millis: listing.date_millis }
         })
         .collect()
 }

@@ -366,3 +366,50 @@ fn acknowledged_appends_survive_kill_9() {
         assert_tree_matches_records(&store, &inbox());
     }
 }
+
+#[test]
+fn tombstones_past_the_horizon_are_collected_and_not_taken_back() {
+    let first_directory = tempfile::tempdir().unwrap();
+    let second_directory = tempfile::tempdir().unwrap();
+    let day: u64 = 86_400_000;
+    let a = open(first_directory.path(), 1);
+    let b = open(second_directory.path(), 2);
+    let mailbox = inbox();
+    let ids: Vec<MessageId> = (0..20).map(|index| append(&a, &mailbox, index)).collect();
+    for id in &ids {
+        let record = a.record(mailbox.id(), *id).unwrap().unwrap();
+        b.apply_one(Operation::PutBlob { expected: record.blob, bytes: a.blob(&record.blob).unwrap().unwrap() }).unwrap();
+        b.apply_one(Operation::Merge { mailbox: mailbox.clone(), record, now_millis: NOW }).unwrap();
+    }
+    for id in &ids[..5] {
+        a.apply_one(Operation::Expunge { mailbox: mailbox.clone(), id: *id, now_millis: NOW }).unwrap();
+        let tombstone = a.record(mailbox.id(), *id).unwrap().unwrap();
+        b.apply_one(Operation::Merge { mailbox: mailbox.clone(), record: tombstone, now_millis: NOW }).unwrap();
+    }
+    // Not yet past the horizon: nothing is collected.
+    assert_eq!(a.collect_tombstones(NOW + 29 * day, 100).unwrap(), 0);
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+    // Past it: both replicas collect the same tombstones and agree again.
+    let later = NOW + 31 * day;
+    assert_eq!(a.collect_tombstones(later, 100).unwrap(), 5);
+    assert_eq!(b.collect_tombstones(later, 100).unwrap(), 5);
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+    assert!(a.record(mailbox.id(), ids[0]).unwrap().is_none());
+    assert_tree_matches_records(&a, &mailbox);
+    let entry = a.mailbox_entry(mailbox.id()).unwrap().unwrap();
+    assert_eq!((entry.records, entry.live), (15, 15));
+    // A peer offering an old tombstone for a message this node no longer has: ignored.
+    let mut old_tombstone = MessageRecord::new(ids[0], BlobHash::of(&mail(0)), mail(0).len() as u64, NOW, NodeId(1));
+    old_tombstone.expunged = Some(Stamp { time: mailmesh::crdt::physical_time(NOW), node: NodeId(1) });
+    let digest = a.digest().unwrap();
+    a.apply_one(Operation::Merge { mailbox: mailbox.clone(), record: old_tombstone, now_millis: later }).unwrap();
+    assert_eq!(a.digest().unwrap(), digest, "a collected tombstone came back");
+    // But an old expunge still kills a live copy this node holds.
+    let live = a.record(mailbox.id(), ids[10]).unwrap().unwrap();
+    let mut killed = live.clone();
+    killed.expunged = Some(Stamp { time: mailmesh::crdt::physical_time(NOW), node: NodeId(2) });
+    a.apply_one(Operation::Merge { mailbox: mailbox.clone(), record: killed, now_millis: later }).unwrap();
+    assert!(!a.record(mailbox.id(), ids[10]).unwrap().unwrap().is_live());
+    assert_eq!(a.collect_tombstones(later, 100).unwrap(), 1);
+    assert_tree_matches_records(&a, &mailbox);
+}
