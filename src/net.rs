@@ -16,6 +16,11 @@
 //! * Requests arrive as [`NetworkEvent::Request`] and are answered with
 //!   [`NetworkClient::respond`].
 //!
+//! * Access control sits below all protocols: an optional allow list of peer ids, a block
+//!   list with expiry ([`NetworkClient::block`]), connection limits, and an optional
+//!   pre-shared key (libp2p pnet over TCP) that keeps nodes of other clusters from even
+//!   completing a handshake.
+//!
 //! The module knows nothing about mail, records or CRDTs: payloads are `Vec<u8>`, and the
 //! wire format of the request-response protocol `/mailmesh/sync/1` is a 4-byte big-endian
 //! length followed by that many bytes, checked against a configured limit before a single
@@ -28,17 +33,28 @@ use std::io;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
-use libp2p::core::ConnectedPoint;
+use libp2p::allow_block_list::{self, AllowedPeers, BlockedPeers};
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
+use libp2p::core::upgrade::Version;
+use libp2p::core::{ConnectedPoint, Transport};
 use libp2p::gossipsub::{
     self, IdentTopic, IdentityTransform, MessageAcceptance, MessageAuthenticity, PublishError,
     TopicHash, ValidationMode, WhitelistSubscriptionFilter,
 };
 use libp2p::metrics::Recorder;
 use libp2p::multiaddr::Protocol;
+use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport};
+use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{ConnectionId, DialError, NetworkBehaviour, SwarmEvent};
-use libp2p::{identify, identity, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionId, DialError, ListenError, NetworkBehaviour, SwarmEvent,
+};
+use libp2p::{
+    connection_limits, identify, identity, noise, ping, tcp, yamux, StreamProtocol, Swarm,
+    SwarmBuilder,
+};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -77,6 +93,12 @@ const MAX_REDIAL_DELAY: Duration = Duration::from_secs(30);
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 const REDIAL_TICK: Duration = Duration::from_millis(250);
 const MAX_ADDRESSES_PER_PEER: usize = 16;
+/// Longer blocks are cut to this (and `Instant` arithmetic cannot overflow).
+const MAX_BLOCK_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
+/// Length in bytes of a pre-shared key (libp2p pnet, XSalsa20).
+pub const PRE_SHARED_KEY_BYTES: usize = 32;
+const SWARM_KEY_HEADER: &str = "/key/swarm/psk/1.0.0/";
+const SWARM_KEY_BASE16: &str = "/base16/";
 
 const COMMAND_QUEUE: usize = 256;
 const EVENT_QUEUE: usize = 1024;
@@ -93,7 +115,7 @@ const INITIAL_READ_CAPACITY: usize = 64 * 1024;
 // ---------------------------------------------------------------------------------------------
 
 /// Everything the network layer needs to start.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct NetworkConfig {
     pub keypair: identity::Keypair,
     /// Addresses to listen on, e.g. `/ip4/127.0.0.1/tcp/0`.
@@ -109,6 +131,99 @@ pub struct NetworkConfig {
     /// How long a connection without any open stream stays up; long enough that peers are not
     /// dropped between gossip rounds.
     pub idle_connection_timeout: Duration,
+    /// When set, only these peers may hold a connection, inbound or outbound. Others are
+    /// refused as soon as their peer id is known: before dialing when the address names it,
+    /// otherwise right after the noise handshake authenticated them (an inbound peer id is
+    /// not known earlier; the refused side may see its connection open and close at once).
+    /// Bootstrap entries naming an unlisted peer are not dialed. `None`: any peer.
+    pub allowed_peers: Option<HashSet<PeerId>>,
+    /// When set, TCP connections run libp2p's private-network protocol (pnet: XSalsa20 with
+    /// this key) beneath noise; nodes without the same key cannot complete a handshake.
+    /// See [`parse_pre_shared_key`]. Never printed: `Debug` shows its fingerprint.
+    pub pre_shared_key: Option<[u8; PRE_SHARED_KEY_BYTES]>,
+    /// Established connections in total, both directions (at least 1).
+    pub max_connections: u32,
+    /// Established connections to one peer (at least 1).
+    pub max_connections_per_peer: u32,
+}
+
+impl fmt::Debug for NetworkConfig {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let key_fingerprint = self
+            .pre_shared_key
+            .map(|key| PreSharedKey::new(key).fingerprint().to_string());
+        formatter
+            .debug_struct("NetworkConfig")
+            .field("keypair", &self.keypair)
+            .field("listen", &self.listen)
+            .field("bootstrap", &self.bootstrap)
+            .field("cluster", &self.cluster)
+            .field("max_request_bytes", &self.max_request_bytes)
+            .field("max_response_bytes", &self.max_response_bytes)
+            .field("max_gossip_bytes", &self.max_gossip_bytes)
+            .field("request_timeout", &self.request_timeout)
+            .field("idle_connection_timeout", &self.idle_connection_timeout)
+            .field("allowed_peers", &self.allowed_peers)
+            .field("pre_shared_key_fingerprint", &key_fingerprint)
+            .field("max_connections", &self.max_connections)
+            .field("max_connections_per_peer", &self.max_connections_per_peer)
+            .finish()
+    }
+}
+
+/// Parses a pre-shared key: either the go-ipfs `swarm.key` format
+/// (`/key/swarm/psk/1.0.0/`, `/base16/`, then 64 hex digits, one per line) or just the 64 hex
+/// digits. Surrounding whitespace and CRLF line ends are accepted. Errors never quote the
+/// key.
+pub fn parse_pre_shared_key(text: &str) -> Result<[u8; PRE_SHARED_KEY_BYTES], NetworkError> {
+    let invalid =
+        |reason: String| NetworkError::InvalidConfiguration(format!("pre-shared key: {reason}"));
+    let text = text.trim();
+    let hex = if text.starts_with('/') {
+        let mut lines = text.lines().map(str::trim);
+        if lines.next() != Some(SWARM_KEY_HEADER) {
+            return Err(invalid(format!(
+                "unknown key type; a swarm key file starts with {SWARM_KEY_HEADER}"
+            )));
+        }
+        match lines.next() {
+            Some(SWARM_KEY_BASE16) => {}
+            Some(encoding) => {
+                return Err(invalid(format!(
+                    "unsupported encoding {encoding:?}; only {SWARM_KEY_BASE16} is supported"
+                )))
+            }
+            None => return Err(invalid("the encoding line is missing".into())),
+        }
+        let key = lines
+            .next()
+            .ok_or_else(|| invalid("the key line is missing".into()))?;
+        if lines.any(|line| !line.is_empty()) {
+            return Err(invalid("unexpected text after the key line".into()));
+        }
+        key
+    } else {
+        text
+    };
+    if hex.len() != 2 * PRE_SHARED_KEY_BYTES {
+        return Err(invalid(format!(
+            "expected {} hex digits, found {} characters",
+            2 * PRE_SHARED_KEY_BYTES,
+            hex.chars().count()
+        )));
+    }
+    let digits = hex.as_bytes();
+    let mut key = [0u8; PRE_SHARED_KEY_BYTES];
+    for (index, byte) in key.iter_mut().enumerate() {
+        let pair = std::str::from_utf8(&digits[2 * index..2 * index + 2]).ok();
+        *byte = pair
+            .filter(|pair| pair.bytes().all(|digit| digit.is_ascii_hexdigit()))
+            .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+            .ok_or_else(|| {
+                invalid("the key contains a character that is not a hex digit".into())
+            })?;
+    }
+    Ok(key)
 }
 
 impl NetworkConfig {
@@ -125,6 +240,10 @@ impl NetworkConfig {
             max_gossip_bytes: 256 * 1024,
             request_timeout: Duration::from_secs(30),
             idle_connection_timeout: Duration::from_secs(60 * 60),
+            allowed_peers: None,
+            pre_shared_key: None,
+            max_connections: 256,
+            max_connections_per_peer: 2,
         }
     }
 }
@@ -257,6 +376,8 @@ pub enum NetworkError {
     },
     #[error("the request from {peer} can no longer be answered (timed out or connection closed)")]
     ResponseChannelClosed { peer: PeerId },
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
 }
 
 impl NetworkError {
@@ -322,6 +443,19 @@ enum Command {
     },
     Peers {
         reply: Reply<Vec<PeerInfo>>,
+    },
+    Block {
+        peer: PeerId,
+        duration: Duration,
+        reason: String,
+        reply: Reply<()>,
+    },
+    Unblock {
+        peer: PeerId,
+        reply: Reply<bool>,
+    },
+    BlockedPeers {
+        reply: Reply<Vec<(PeerId, Duration)>>,
     },
 }
 
@@ -431,6 +565,37 @@ impl NetworkClient {
     /// The peers currently connected.
     pub async fn peers(&self) -> Result<Vec<PeerInfo>, NetworkError> {
         self.call(|reply| Command::Peers { reply }).await
+    }
+
+    /// Blocks a misbehaving peer for `duration`: closes its connections now, refuses its
+    /// connections in both directions and does not redial it until the block ends, then
+    /// lifts the block by itself (within a quarter second) and resumes redialing it if it
+    /// was a peer to keep connected. Blocking a blocked peer again keeps the later end.
+    /// Durations over ten years are cut to ten years; a zero duration or this node's own id
+    /// is an [`NetworkError::InvalidArgument`].
+    pub async fn block(
+        &self,
+        peer: PeerId,
+        duration: Duration,
+        reason: String,
+    ) -> Result<(), NetworkError> {
+        self.call(|reply| Command::Block {
+            peer,
+            duration,
+            reason,
+            reply,
+        })
+        .await
+    }
+
+    /// Lifts a block before it ends; returns whether the peer was blocked.
+    pub async fn unblock(&self, peer: PeerId) -> Result<bool, NetworkError> {
+        self.call(|reply| Command::Unblock { peer, reply }).await
+    }
+
+    /// The blocked peers with the time left on each block, shortest first.
+    pub async fn blocked_peers(&self) -> Result<Vec<(PeerId, Duration)>, NetworkError> {
+        self.call(|reply| Command::BlockedPeers { reply }).await
     }
 }
 
@@ -658,6 +823,10 @@ struct NetworkMetrics {
     publish_skipped: Family<SkipLabels, Counter>,
     connected_peers: Gauge,
     frames_rejected: Family<ReasonLabels, Counter>,
+    peers_refused: Family<ReasonLabels, Counter>,
+    peers_blocked: Counter,
+    blocked_peers: Gauge,
+    inbound_handshake_failures: Counter,
 }
 
 impl NetworkMetrics {
@@ -672,6 +841,10 @@ impl NetworkMetrics {
             publish_skipped: Family::default(),
             connected_peers: Gauge::default(),
             frames_rejected: Family::default(),
+            peers_refused: Family::default(),
+            peers_blocked: Counter::default(),
+            blocked_peers: Gauge::default(),
+            inbound_handshake_failures: Counter::default(),
         };
         // Counters get their `_total` suffix from prometheus-client.
         registry.register(
@@ -714,6 +887,28 @@ impl NetworkMetrics {
             "Frames and messages refused or dropped, by reason",
             metrics.frames_rejected.clone(),
         );
+        registry.register(
+            "mailmesh_net_peers_refused",
+            "Connections refused once the peer was known, by reason: not_allowed, blocked, \
+             connection_limit",
+            metrics.peers_refused.clone(),
+        );
+        registry.register(
+            "mailmesh_net_peers_blocked",
+            "Blocks imposed on misbehaving peers",
+            metrics.peers_blocked.clone(),
+        );
+        registry.register(
+            "mailmesh_net_blocked_peers",
+            "Peers currently blocked",
+            metrics.blocked_peers.clone(),
+        );
+        registry.register(
+            "mailmesh_net_inbound_handshake_failures",
+            "Inbound connections that failed before the peer was authenticated: a different or \
+             missing pre-shared key, noise or multiplexer failure, or the 10 s upgrade timeout",
+            metrics.inbound_handshake_failures.clone(),
+        );
         metrics
     }
 
@@ -747,8 +942,13 @@ impl NetworkMetrics {
 
 type GossipBehaviour = gossipsub::Behaviour<IdentityTransform, WhitelistSubscriptionFilter>;
 
+/// Access control comes first: the swarm asks the behaviours in field order, so a refused
+/// connection is turned away before any protocol sets up a handler for it.
 #[derive(NetworkBehaviour)]
 struct Behaviour {
+    allowed: Toggle<allow_block_list::Behaviour<AllowedPeers>>,
+    blocked: allow_block_list::Behaviour<BlockedPeers>,
+    limits: connection_limits::Behaviour,
     gossipsub: GossipBehaviour,
     sync: request_response::Behaviour<FrameCodec>,
     identify: identify::Behaviour,
@@ -812,7 +1012,41 @@ fn validate_config(config: &NetworkConfig) -> Result<(), NetworkError> {
     if config.request_timeout.is_zero() {
         return invalid("request_timeout must be positive".into());
     }
+    if config.max_connections == 0 {
+        return invalid("max_connections must be at least 1".into());
+    }
+    if config.max_connections_per_peer == 0 {
+        return invalid("max_connections_per_peer must be at least 1".into());
+    }
     Ok(())
+}
+
+/// TCP, then pnet when a pre-shared key is set, then noise and yamux; what
+/// `SwarmBuilder::with_tcp` builds, with the private-network layer slotted in beneath noise.
+fn build_transport(
+    keypair: &identity::Keypair,
+    pre_shared_key: Option<[u8; PRE_SHARED_KEY_BYTES]>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
+    let noise = noise::Config::new(keypair)?;
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default());
+    let transport = match pre_shared_key {
+        Some(key) => {
+            let key = PreSharedKey::new(key);
+            tcp.and_then(move |socket, _| PnetConfig::new(key).handshake(socket))
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default())
+                .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+                .boxed()
+        }
+        None => tcp
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+    };
+    Ok(transport)
 }
 
 fn build_gossipsub(
@@ -891,7 +1125,22 @@ pub fn new(
         )
         .with_agent_version(format!("mailmesh/{}", env!("CARGO_PKG_VERSION"))),
     );
+    let allowed = config.allowed_peers.as_ref().map(|peers| {
+        let mut allowed = allow_block_list::Behaviour::<AllowedPeers>::default();
+        for peer in peers {
+            allowed.allow_peer(*peer);
+        }
+        allowed
+    });
+    let limits = connection_limits::Behaviour::new(
+        connection_limits::ConnectionLimits::default()
+            .with_max_established(Some(config.max_connections))
+            .with_max_established_per_peer(Some(config.max_connections_per_peer)),
+    );
     let behaviour = Behaviour {
+        allowed: Toggle::from(allowed),
+        blocked: allow_block_list::Behaviour::default(),
+        limits,
         gossipsub,
         sync,
         identify,
@@ -899,13 +1148,25 @@ pub fn new(
     };
 
     let idle_connection_timeout = config.idle_connection_timeout;
+    let pre_shared_key = config.pre_shared_key;
+    if let Some(key) = pre_shared_key {
+        tracing::info!(
+            fingerprint = %PreSharedKey::new(key).fingerprint(),
+            "private network: connections need the pre-shared key"
+        );
+    }
+    if let Some(peers) = &config.allowed_peers {
+        tracing::info!(
+            peers = peers.len(),
+            "only peers on the allow list may connect"
+        );
+        if peers.is_empty() {
+            tracing::warn!("the allow list is empty: every connection will be refused");
+        }
+    }
     let mut swarm = SwarmBuilder::with_existing_identity(config.keypair.clone())
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default(),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+        .with_other_transport(|keypair| build_transport(keypair, pre_shared_key))
         .map_err(|error| NetworkError::Transport(error.to_string()))?
         .with_dns()
         .map_err(|error| NetworkError::Transport(error.to_string()))?
@@ -947,6 +1208,9 @@ pub fn new(
         peers: HashMap::new(),
         address_targets: Vec::new(),
         metrics,
+        allowed: config.allowed_peers.clone(),
+        blocks: HashMap::new(),
+        private_network: config.pre_shared_key.is_some(),
     };
     for address in config.bootstrap {
         event_loop.add_bootstrap(address);
@@ -1075,7 +1339,80 @@ fn is_dialable(address: &Multiaddr) -> bool {
 }
 
 fn describe_dial_error(error: &DialError) -> String {
-    error.to_string()
+    match error {
+        DialError::Denied { cause } => format!("refused: {}", classify_denial(cause).1),
+        _ => error.to_string(),
+    }
+}
+
+/// The text of a denial's cause (`ConnectionDenied` itself only says "connection denied").
+fn denial_text(cause: &ConnectionDenied) -> String {
+    std::error::Error::source(cause)
+        .map(|source| source.to_string())
+        .unwrap_or_else(|| cause.to_string())
+}
+
+/// The metric label and log text of a connection refused by an access-control behaviour.
+fn classify_denial(cause: &ConnectionDenied) -> (&'static str, String) {
+    if cause
+        .downcast_ref::<allow_block_list::NotAllowed>()
+        .is_some()
+    {
+        ("not_allowed", "not on the allow list".into())
+    } else if cause.downcast_ref::<allow_block_list::Blocked>().is_some() {
+        ("blocked", "blocked".into())
+    } else if let Some(exceeded) = cause.downcast_ref::<connection_limits::Exceeded>() {
+        ("connection_limit", exceeded.to_string())
+    } else {
+        ("other", denial_text(cause))
+    }
+}
+
+/// Counts and logs a refused connection. A free function so that the redial loop can call it
+/// while it holds the peer table.
+fn record_refusal(
+    metrics: &NetworkMetrics,
+    blocks: &HashMap<PeerId, Instant>,
+    peer: Option<PeerId>,
+    direction: &'static str,
+    cause: &ConnectionDenied,
+) {
+    let (reason, mut detail) = classify_denial(cause);
+    if reason == "blocked" {
+        if let Some(until) = peer.and_then(|peer| blocks.get(&peer)) {
+            let left = until.saturating_duration_since(Instant::now());
+            detail = format!("blocked for another {} s", seconds(left));
+        }
+    }
+    metrics
+        .peers_refused
+        .get_or_create(&ReasonLabels { reason })
+        .inc();
+    match peer {
+        Some(peer) => tracing::warn!(direction, "refused peer {peer}: {detail}"),
+        None => tracing::warn!(direction, "refused a connection: {detail}"),
+    }
+}
+
+/// Whether the redial loop may dial a peer: on the allow list (if any) and not blocked.
+fn may_dial(
+    allowed: &Option<HashSet<PeerId>>,
+    blocks: &HashMap<PeerId, Instant>,
+    peer: &PeerId,
+) -> bool {
+    allowed
+        .as_ref()
+        .is_none_or(|allowed| allowed.contains(peer))
+        && !blocks.contains_key(peer)
+}
+
+/// Seconds for log lines: whole numbers as such, otherwise to a tenth.
+fn seconds(duration: Duration) -> String {
+    if duration.subsec_nanos() == 0 {
+        duration.as_secs().to_string()
+    } else {
+        format!("{:.1}", duration.as_secs_f64())
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1099,6 +1436,12 @@ pub struct EventLoop {
     peers: HashMap<PeerId, PeerRecord>,
     address_targets: Vec<AddressTarget>,
     metrics: NetworkMetrics,
+    /// The allow list, if any (the `allowed` behaviour enforces it; this copy decides what
+    /// not to dial).
+    allowed: Option<HashSet<PeerId>>,
+    /// Blocked peers and when each block ends (the `blocked` behaviour enforces them).
+    blocks: HashMap<PeerId, Instant>,
+    private_network: bool,
 }
 
 impl EventLoop {
@@ -1130,7 +1473,10 @@ impl EventLoop {
                         Err(_) => self.close_events(),
                     }
                 }
-                _ = redial_tick.tick() => self.redial_due(),
+                _ = redial_tick.tick() => {
+                    self.expire_blocks();
+                    self.redial_due();
+                }
             }
         }
         tracing::info!(peer = %self.swarm.local_peer_id(), "network event loop stopped");
@@ -1141,6 +1487,14 @@ impl EventLoop {
         match peer {
             Some(peer) if peer == *self.swarm.local_peer_id() => {
                 tracing::warn!(%address, "bootstrap address is this node itself; skipped");
+            }
+            Some(peer)
+                if self
+                    .allowed
+                    .as_ref()
+                    .is_some_and(|allowed| !allowed.contains(&peer)) =>
+            {
+                tracing::warn!(%address, "bootstrap peer {peer} is not on the allow list; not dialing it");
             }
             Some(peer) => {
                 self.swarm.add_peer_address(peer, plain.clone());
@@ -1345,6 +1699,102 @@ impl EventLoop {
                     .collect();
                 let _ = reply.send(Ok(peers));
             }
+            Command::Block {
+                peer,
+                duration,
+                reason,
+                reply,
+            } => {
+                let _ = reply.send(self.block(peer, duration, &reason));
+            }
+            Command::Unblock { peer, reply } => {
+                let was_blocked = self.lift_block(peer);
+                if was_blocked {
+                    tracing::info!(%peer, "block lifted on request");
+                }
+                let _ = reply.send(Ok(was_blocked));
+            }
+            Command::BlockedPeers { reply } => {
+                let now = Instant::now();
+                let mut blocked: Vec<(PeerId, Duration)> = self
+                    .blocks
+                    .iter()
+                    .map(|(peer, until)| (*peer, until.saturating_duration_since(now)))
+                    .filter(|(_, left)| !left.is_zero())
+                    .collect();
+                blocked.sort_by_key(|(_, left)| *left);
+                let _ = reply.send(Ok(blocked));
+            }
+        }
+    }
+
+    // -- blocking ------------------------------------------------------------------------------
+
+    fn block(
+        &mut self,
+        peer: PeerId,
+        duration: Duration,
+        reason: &str,
+    ) -> Result<(), NetworkError> {
+        if peer == *self.swarm.local_peer_id() {
+            return Err(NetworkError::InvalidArgument(
+                "a node cannot block its own peer id".into(),
+            ));
+        }
+        if duration.is_zero() {
+            return Err(NetworkError::InvalidArgument(
+                "the block duration must be positive".into(),
+            ));
+        }
+        let duration = duration.min(MAX_BLOCK_DURATION);
+        let until = Instant::now() + duration;
+        let end = self.blocks.entry(peer).or_insert(until);
+        *end = (*end).max(until);
+        // Closes the peer's connections when newly blocked; closing again does no harm.
+        self.swarm.behaviour_mut().blocked.block_peer(peer);
+        let _ = self.swarm.disconnect_peer_id(peer);
+        self.metrics.peers_blocked.inc();
+        self.metrics.blocked_peers.set(self.blocks.len() as i64);
+        tracing::warn!("blocked peer {peer} for {} s: {reason}", seconds(duration));
+        Ok(())
+    }
+
+    /// Ends a block; the peer is redialed at once if it is one to keep connected.
+    fn lift_block(&mut self, peer: PeerId) -> bool {
+        self.swarm.behaviour_mut().blocked.unblock_peer(peer);
+        if self.blocks.remove(&peer).is_none() {
+            return false;
+        }
+        self.metrics.blocked_peers.set(self.blocks.len() as i64);
+        if let Some(record) = self.peers.get_mut(&peer) {
+            if record.redial && record.connections == 0 && record.dialing.is_none() {
+                record.backoff.reset();
+                record.backoff.due_now();
+            }
+        }
+        for target in &mut self.address_targets {
+            if target.enabled && target.peer == Some(peer) && target.dialing.is_none() {
+                target.backoff.reset();
+                target.backoff.due_now();
+            }
+        }
+        true
+    }
+
+    fn expire_blocks(&mut self) {
+        if self.blocks.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let expired: Vec<PeerId> = self
+            .blocks
+            .iter()
+            .filter(|(_, until)| **until <= now)
+            .map(|(peer, _)| *peer)
+            .collect();
+        for peer in expired {
+            self.lift_block(peer);
+            tracing::info!(%peer, "block expired");
         }
     }
 
@@ -1420,7 +1870,11 @@ impl EventLoop {
                 let _ = reply.send(Ok(()));
             }
             Err(error) => {
-                tracing::warn!(%address, %error, "dial failed");
+                if let DialError::Denied { cause } = &error {
+                    record_refusal(&self.metrics, &self.blocks, peer, OUTBOUND, cause);
+                } else {
+                    tracing::warn!(%address, %error, "dial failed");
+                }
                 let _ = reply.send(Err(NetworkError::Dial {
                     address,
                     reason: describe_dial_error(&error),
@@ -1446,6 +1900,13 @@ impl EventLoop {
                 target.backoff.cancel();
                 continue;
             }
+            // Stays due: dialed as soon as the block ends.
+            if target
+                .peer
+                .is_some_and(|peer| !may_dial(&self.allowed, &self.blocks, &peer))
+            {
+                continue;
+            }
             let options = DialOpts::unknown_peer_id()
                 .address(target.address.clone())
                 .build();
@@ -1459,6 +1920,9 @@ impl EventLoop {
                 }
                 Err(error) => {
                     let wait = target.backoff.schedule(now);
+                    if let DialError::Denied { cause } = &error {
+                        record_refusal(&self.metrics, &self.blocks, target.peer, OUTBOUND, cause);
+                    }
                     tracing::warn!(address = %target.address, %error, ?wait, "could not dial bootstrap address");
                 }
             }
@@ -1476,6 +1940,10 @@ impl EventLoop {
                 || record.connections > 0
                 || !record.backoff.is_due(now)
             {
+                continue;
+            }
+            // Stays due: redialed as soon as the block ends.
+            if !may_dial(&self.allowed, &self.blocks, peer) {
                 continue;
             }
             record.backoff.cancel();
@@ -1502,6 +1970,9 @@ impl EventLoop {
                 }
                 Err(error) => {
                     let wait = record.backoff.schedule(now);
+                    if let DialError::Denied { cause } = &error {
+                        record_refusal(&self.metrics, &self.blocks, Some(*peer), OUTBOUND, cause);
+                    }
                     tracing::warn!(%peer, %error, ?wait, "could not redial peer");
                 }
             }
@@ -1558,14 +2029,33 @@ impl EventLoop {
                 connection_id,
                 peer_id,
                 error,
-            } => self.on_dial_failure(connection_id, peer_id, error),
+            } => {
+                if let DialError::Denied { cause } = &error {
+                    record_refusal(&self.metrics, &self.blocks, peer_id, OUTBOUND, cause);
+                }
+                self.on_dial_failure(connection_id, peer_id, error)
+            }
             SwarmEvent::IncomingConnectionError {
                 send_back_addr,
                 error,
+                peer_id,
                 ..
-            } => {
-                tracing::warn!(from = %send_back_addr, %error, "incoming connection failed");
-            }
+            } => match &error {
+                ListenError::Denied { cause } => {
+                    record_refusal(&self.metrics, &self.blocks, peer_id, INBOUND, cause);
+                }
+                ListenError::Transport(_) => {
+                    self.metrics.inbound_handshake_failures.inc();
+                    if self.private_network {
+                        tracing::warn!(from = %send_back_addr, %error, "incoming connection failed before authentication (a peer without this pre-shared key?)");
+                    } else {
+                        tracing::warn!(from = %send_back_addr, %error, "incoming connection failed before authentication");
+                    }
+                }
+                _ => {
+                    tracing::warn!(from = %send_back_addr, %error, "incoming connection failed");
+                }
+            },
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, peer = %self.swarm.local_peer_id(), "listening");
                 self.queue_event(NetworkEvent::Listening(address));
@@ -2409,6 +2899,393 @@ mod tests {
         assert!(write_frame(&mut sink, FrameKind::Request, 4, b"payload")
             .await
             .is_err());
+    }
+
+    // -- access control ------------------------------------------------------------------------
+
+    /// The value of one series in the metrics text (0 when absent).
+    fn metric(text: &str, series: &str) -> u64 {
+        text.lines()
+            .filter_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .filter_map(|value| value.trim().parse::<f64>().ok())
+            .map(|value| value as u64)
+            .sum()
+    }
+
+    async fn wait_for_metric(node: &Node, series: &str, at_least: u64) {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let text = node.metrics();
+            if metric(&text, series) >= at_least {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {DEADLINE:?} waiting for {series} >= {at_least}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Watches events for `period`, failing if any of `refused` connects.
+    async fn assert_never_connected(
+        events: &mut mpsc::Receiver<NetworkEvent>,
+        refused: Vec<PeerId>,
+        period: Duration,
+        who: &str,
+    ) {
+        let until = tokio::time::Instant::now() + period;
+        loop {
+            match tokio::time::timeout_at(until, events.recv()).await {
+                Err(_) => return,
+                Ok(None) => panic!("{who}: event channel closed"),
+                Ok(Some(NetworkEvent::PeerConnected(peer))) if refused.contains(&peer) => {
+                    panic!("{who} connected to {peer}, which must be refused")
+                }
+                Ok(Some(_)) => {}
+            }
+        }
+    }
+
+    /// Waits for `peer` to connect, failing if any other peer connects first.
+    async fn wait_connected_only(node: &mut Node, peer: PeerId) {
+        wait_for(
+            &mut node.events,
+            &format!("a connection to {peer} (and no other)"),
+            |event| match event {
+                NetworkEvent::PeerConnected(connected) if connected == peer => Some(()),
+                NetworkEvent::PeerConnected(other) => panic!("unexpected connection to {other}"),
+                _ => None,
+            },
+        )
+        .await
+    }
+
+    fn new_key() -> identity::Keypair {
+        identity::Keypair::generate_ed25519()
+    }
+
+    const REFUSED_NOT_ALLOWED: &str = r#"mailmesh_net_peers_refused_total{reason="not_allowed"}"#;
+    const REFUSED_BLOCKED: &str = r#"mailmesh_net_peers_refused_total{reason="blocked"}"#;
+    const REFUSED_LIMIT: &str = r#"mailmesh_net_peers_refused_total{reason="connection_limit"}"#;
+    const HANDSHAKE_FAILURES: &str = "mailmesh_net_inbound_handshake_failures_total";
+
+    #[tokio::test]
+    async fn allow_list_admits_listed_peers_and_refuses_others() {
+        init_tracing();
+        let (a_key, b_key) = (new_key(), new_key());
+        // D is open but not on A's list: A has it as a bootstrap peer and must not dial it.
+        let mut d = Node::start(config(&new_key(), Vec::new())).await;
+        let mut a_config = config(&a_key, vec![d.address_with_peer_id()]);
+        a_config.allowed_peers = Some(HashSet::from([b_key.public().to_peer_id()]));
+        let mut a = Node::start(a_config).await;
+        let b = Node::start(config(&b_key, vec![a.address_with_peer_id()])).await;
+        // C is not on the list and keeps redialing A (backoff 1 s, 2 s, ...).
+        let c = Node::start(config(&new_key(), vec![a.address_with_peer_id()])).await;
+        let (a_peer, b_peer, c_peer, d_peer) = (a.peer_id(), b.peer_id(), c.peer_id(), d.peer_id());
+
+        wait_connected_only(&mut a, b_peer).await;
+        wait_for_metric(&a, REFUSED_NOT_ALLOWED, 1).await;
+        // Long enough for C's second attempt; D must never hear from A.
+        tokio::join!(
+            assert_never_connected(
+                &mut a.events,
+                vec![c_peer, d_peer],
+                Duration::from_secs(3),
+                "A"
+            ),
+            assert_never_connected(&mut d.events, vec![a_peer], Duration::from_secs(3), "D"),
+        );
+        let refused = metric(&a.metrics(), REFUSED_NOT_ALLOWED);
+        assert!(refused >= 2, "C's redials were refused too: {refused}");
+
+        let peers = a.client.peers().await.expect("peers");
+        let connected: Vec<PeerId> = peers.iter().map(|info| info.peer_id).collect();
+        assert_eq!(connected, vec![b_peer], "only B is connected to A");
+
+        // An explicit dial of an unlisted peer is refused before any packet leaves.
+        let error = a
+            .client
+            .dial(c.address_with_peer_id())
+            .await
+            .expect_err("dialing an unlisted peer must fail");
+        assert!(
+            matches!(&error, NetworkError::Dial { reason, .. } if reason.contains("allow list")),
+            "{error}"
+        );
+        assert_eq!(
+            metric(&d.metrics(), "mailmesh_net_connected_peers"),
+            0,
+            "D never had A connected"
+        );
+    }
+
+    #[tokio::test]
+    async fn pre_shared_key_separates_private_networks() {
+        init_tracing();
+        let key_one = [0x5au8; PRE_SHARED_KEY_BYTES];
+        let mut key_two = key_one;
+        key_two[31] ^= 1;
+        let private = |bootstrap: Vec<Multiaddr>, key: Option<[u8; PRE_SHARED_KEY_BYTES]>| {
+            let mut config = config(&new_key(), bootstrap);
+            config.pre_shared_key = key;
+            config
+        };
+        let mut a = Node::start(private(Vec::new(), Some(key_one))).await;
+        let mut open = Node::start(private(Vec::new(), None)).await;
+        let mut same = Node::start(private(vec![a.address_with_peer_id()], Some(key_one))).await;
+        let mut other = Node::start(private(vec![a.address_with_peer_id()], Some(key_two))).await;
+        let mut without = Node::start(private(vec![a.address_with_peer_id()], None)).await;
+        let mut keyed =
+            Node::start(private(vec![open.address_with_peer_id()], Some(key_one))).await;
+        let (a_peer, open_peer) = (a.peer_id(), open.peer_id());
+        let (other_peer, without_peer, keyed_peer) =
+            (other.peer_id(), without.peer_id(), keyed.peer_id());
+
+        wait_connected_only(&mut a, same.peer_id()).await;
+        same.wait_connected(a_peer).await;
+        let period = Duration::from_secs(4);
+        tokio::join!(
+            assert_never_connected(&mut a.events, vec![other_peer, without_peer], period, "A"),
+            assert_never_connected(&mut other.events, vec![a_peer], period, "other key"),
+            assert_never_connected(&mut without.events, vec![a_peer], period, "no key"),
+            assert_never_connected(&mut open.events, vec![keyed_peer], period, "open node"),
+            assert_never_connected(&mut keyed.events, vec![open_peer], period, "key vs open"),
+        );
+        // The failed handshakes are visible on the listening side.
+        wait_for_metric(&a, HANDSHAKE_FAILURES, 1).await;
+        wait_for_metric(&open, HANDSHAKE_FAILURES, 1).await;
+
+        // Requests travel over the private network intact.
+        let _gossip = serve(a.client.clone(), a.events, answer);
+        let response = same
+            .client
+            .request(a_peer, b"big".to_vec())
+            .await
+            .expect("a request between nodes with the same key");
+        assert!(response == big_payload(), "response bytes arrive intact");
+    }
+
+    #[tokio::test]
+    async fn blocked_peer_is_refused_until_the_block_ends() {
+        init_tracing();
+        let mut a = Node::start(config(&new_key(), Vec::new())).await;
+        let mut b = Node::start(config(&new_key(), vec![a.address_with_peer_id()])).await;
+        let (a_peer, b_peer) = (a.peer_id(), b.peer_id());
+        wait_connected_only(&mut a, b_peer).await;
+        b.wait_connected(a_peer).await;
+
+        let block = Duration::from_secs(2);
+        let started = Instant::now();
+        a.client
+            .block(b_peer, block, "test: sent garbage".into())
+            .await
+            .expect("block");
+        let blocked = a.client.blocked_peers().await.expect("blocked peers");
+        assert_eq!(blocked.len(), 1, "{blocked:?}");
+        assert_eq!(blocked[0].0, b_peer);
+        assert!(
+            blocked[0].1 <= block && blocked[0].1 > Duration::from_secs(1),
+            "{blocked:?}"
+        );
+        assert!(matches!(
+            a.client.block(a_peer, block, "self".into()).await,
+            Err(NetworkError::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            a.client.block(b_peer, Duration::ZERO, "zero".into()).await,
+            Err(NetworkError::InvalidArgument(_))
+        ));
+        // A does not dial a blocked peer either (refused before any packet leaves).
+        let error = a
+            .client
+            .dial(b.address_with_peer_id())
+            .await
+            .expect_err("dialing a blocked peer must fail");
+        assert!(
+            matches!(&error, NetworkError::Dial { reason, .. } if reason.contains("blocked")),
+            "{error}"
+        );
+        assert_eq!(
+            metric(&a.metrics(), REFUSED_BLOCKED),
+            1,
+            "A's own dial counted"
+        );
+
+        wait_for(&mut b.events, "B to lose A", |event| match event {
+            NetworkEvent::PeerDisconnected(peer) if peer == a_peer => Some(()),
+            _ => None,
+        })
+        .await;
+        // B redials after its 1 s backoff and is refused.
+        wait_for_metric(&a, REFUSED_BLOCKED, 2).await;
+        wait_for(
+            &mut a.events,
+            "B to come back after the block",
+            |event| match event {
+                NetworkEvent::PeerConnected(peer) if peer == b_peer => Some(()),
+                _ => None,
+            },
+        )
+        .await;
+        let elapsed = started.elapsed();
+        assert!(
+            elapsed >= block,
+            "B reconnected after {elapsed:?}, inside the block"
+        );
+        assert!(a
+            .client
+            .blocked_peers()
+            .await
+            .expect("blocked peers")
+            .is_empty());
+        let metrics = a.metrics();
+        assert_eq!(
+            metric(&metrics, "mailmesh_net_peers_blocked_total"),
+            1,
+            "{metrics}"
+        );
+        assert_eq!(
+            metric(&metrics, "mailmesh_net_blocked_peers"),
+            0,
+            "{metrics}"
+        );
+    }
+
+    #[tokio::test]
+    async fn connection_limits_hold() {
+        init_tracing();
+        // A takes one connection per peer; B dials it a second time by address alone.
+        let mut a_config = config(&new_key(), Vec::new());
+        a_config.max_connections_per_peer = 1;
+        let mut a = Node::start(a_config).await;
+        let mut b = Node::start(config(&new_key(), vec![a.address_with_peer_id()])).await;
+        let b_peer = b.peer_id();
+        wait_connected_only(&mut a, b_peer).await;
+        b.wait_connected(a.peer_id()).await;
+        // B may see the second connection open before A drops it: the result does not matter.
+        let _ = b.client.dial(a.address.clone()).await;
+        wait_for_metric(&a, REFUSED_LIMIT, 1).await;
+        let peers = a.client.peers().await.expect("peers");
+        let b_info = peers
+            .iter()
+            .find(|info| info.peer_id == b_peer)
+            .expect("B stays connected");
+        assert_eq!(b_info.connections, 1, "{b_info:?}");
+
+        // C enforces the same limit on its own dials.
+        let mut c_config = config(&new_key(), vec![a.address_with_peer_id()]);
+        c_config.max_connections_per_peer = 1;
+        let mut c = Node::start(c_config).await;
+        c.wait_connected(a.peer_id()).await;
+        let error = c
+            .client
+            .dial(a.address.clone())
+            .await
+            .expect_err("a second connection over C's own limit");
+        assert!(
+            matches!(&error, NetworkError::Dial { reason, .. } if reason.contains("connection limit")),
+            "{error}"
+        );
+        wait_for_metric(&c, REFUSED_LIMIT, 1).await;
+
+        // D takes one connection in all: E gets it, F is refused.
+        let mut d_config = config(&new_key(), Vec::new());
+        d_config.max_connections = 1;
+        let mut d = Node::start(d_config).await;
+        let e = Node::start(config(&new_key(), vec![d.address_with_peer_id()])).await;
+        wait_connected_only(&mut d, e.peer_id()).await;
+        let f = Node::start(config(&new_key(), vec![d.address_with_peer_id()])).await;
+        wait_for_metric(&d, REFUSED_LIMIT, 1).await;
+        assert_never_connected(
+            &mut d.events,
+            vec![f.peer_id()],
+            Duration::from_millis(500),
+            "D",
+        )
+        .await;
+        assert_eq!(d.client.peers().await.expect("peers").len(), 1);
+    }
+
+    #[test]
+    fn invalid_limits_are_refused() {
+        let mut registry = Registry::default();
+        let mut zero = NetworkConfig::new(new_key(), "test");
+        zero.max_connections_per_peer = 0;
+        assert!(matches!(
+            new(zero, &mut registry),
+            Err(NetworkError::InvalidConfiguration(_))
+        ));
+        let open = NetworkConfig::new(new_key(), "test");
+        assert!(open.allowed_peers.is_none() && open.pre_shared_key.is_none());
+        assert_eq!(
+            (open.max_connections, open.max_connections_per_peer),
+            (256, 2)
+        );
+    }
+
+    #[test]
+    fn parse_pre_shared_key_accepts_swarm_key_files_and_hex() {
+        let hex = "00112233445566778899aabbccddeeff00112233445566778899AABBCCDDEEFF";
+        let expected: [u8; 32] = std::array::from_fn(|index| {
+            let byte = (index % 16) as u8;
+            byte << 4 | byte
+        });
+        assert_eq!(parse_pre_shared_key(hex).expect("plain hex"), expected);
+        assert_eq!(
+            parse_pre_shared_key(&format!("  {hex}\n")).expect("padded"),
+            expected
+        );
+        let file = format!("/key/swarm/psk/1.0.0/\n/base16/\n{hex}\n");
+        assert_eq!(parse_pre_shared_key(&file).expect("swarm.key"), expected);
+        let crlf = file.replace('\n', "\r\n");
+        assert_eq!(
+            parse_pre_shared_key(&crlf).expect("CRLF swarm.key"),
+            expected
+        );
+        // The same key as libp2p's own parser reads it.
+        let theirs: PreSharedKey = file.parse().expect("libp2p parses it");
+        assert!(theirs.fingerprint() == PreSharedKey::new(expected).fingerprint());
+
+        let bad = [
+            ("", "empty"),
+            (&hex[..63], "63 digits"),
+            (&format!("{hex}0"), "65 digits"),
+            (&format!("{}g", &hex[..63]), "not hex"),
+            (&format!("{}é", &hex[..62]), "non-ASCII"),
+            (
+                &format!("/key/swarm/psk/2.0.0/\n/base16/\n{hex}"),
+                "key type",
+            ),
+            (
+                &format!("/key/swarm/psk/1.0.0/\n/base64/\n{hex}"),
+                "encoding",
+            ),
+            ("/key/swarm/psk/1.0.0/\n/base16/", "no key line"),
+            (&format!("{}\nextra", file.trim_end()), "trailing text"),
+        ];
+        for (text, what) in bad {
+            match parse_pre_shared_key(text) {
+                Err(NetworkError::InvalidConfiguration(message)) => {
+                    assert!(
+                        !message.contains(&hex[..16]),
+                        "{what}: the key leaks: {message}"
+                    );
+                }
+                other => panic!("{what}: expected an error, got {other:?}"),
+            }
+        }
+
+        let mut config = NetworkConfig::new(new_key(), "test");
+        config.pre_shared_key = Some(expected);
+        let debug = format!("{config:?}");
+        // Neither the bytes nor the hex of the key (the keypair's own output is random).
+        assert!(
+            !debug.contains("0, 17, 34, 51, 68, 85")
+                && !debug.to_lowercase().contains(&hex[..32].to_lowercase()),
+            "{debug}"
+        );
+        assert!(debug.contains("pre_shared_key_fingerprint"), "{debug}");
     }
 
     #[test]
