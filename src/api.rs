@@ -29,6 +29,9 @@ impl IntoResponse for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
+        if error.is_disk_full() {
+            return ApiError(StatusCode::INSUFFICIENT_STORAGE, error.to_string());
+        }
         let status = match &error {
             StoreError::NotFound { .. } | StoreError::Expunged(_) => StatusCode::NOT_FOUND,
             StoreError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -184,6 +187,12 @@ fn item_of(node: &Node, key: &MailboxKey, record: &MessageRecord) -> Result<Valu
 async fn status(State(node): State<Node>) -> Result<Json<Value>, ApiError> {
     let peers = node.peer_statuses().await;
     let listen: Vec<String> = node.listen_addresses().await.iter().map(|address| address.to_string()).collect();
+    let blocked: Vec<Value> = node
+        .blocked_peers()
+        .await
+        .into_iter()
+        .map(|(peer, left)| json!({ "peer_id": peer.to_string(), "seconds_left": left.as_secs() }))
+        .collect();
     Ok(Json(json!({
         "peer_id": node.peer_id().to_string(),
         "name": node.name(),
@@ -192,6 +201,7 @@ async fn status(State(node): State<Node>) -> Result<Json<Value>, ApiError> {
         "digest": node.digest_hex()?,
         "mailboxes": node.store().digest()?.count,
         "stale": node.is_stale(),
+        "blocked": blocked,
     })))
 }
 

@@ -36,6 +36,13 @@ pub struct ConfigFile {
     pub peer_request_burst: Option<f64>,
     pub http_token_file: Option<PathBuf>,
     pub tombstone_horizon_days: Option<u64>,
+    pub min_free_bytes: Option<u64>,
+    pub allow_peers: Option<Vec<String>>,
+    pub allow_peers_file: Option<PathBuf>,
+    pub cluster_key_file: Option<PathBuf>,
+    pub max_connections: Option<u32>,
+    pub max_connections_per_peer: Option<u32>,
+    pub block_seconds: Option<u64>,
 }
 
 impl ConfigFile {
@@ -84,6 +91,31 @@ impl ConfigFile {
         if let Some(burst) = self.peer_request_burst {
             config.peer_request_burst = burst;
         }
+        let mut allowed = Vec::new();
+        if let Some(peers) = &self.allow_peers {
+            allowed.extend(peers.iter().cloned());
+        }
+        if let Some(path) = &self.allow_peers_file {
+            allowed.extend(read_peer_list(path)?);
+        }
+        if self.allow_peers.is_some() || self.allow_peers_file.is_some() {
+            add_allowed_peers(&mut config, &allowed)?;
+        }
+        if let Some(path) = &self.cluster_key_file {
+            config.cluster_key = Some(read_cluster_key(path)?);
+        }
+        if let Some(limit) = self.max_connections {
+            config.max_connections = limit;
+        }
+        if let Some(limit) = self.max_connections_per_peer {
+            config.max_connections_per_peer = limit;
+        }
+        if let Some(seconds) = self.block_seconds {
+            config.block_duration = Duration::from_secs(seconds.max(1));
+        }
+        if let Some(bytes) = self.min_free_bytes {
+            config.min_free_bytes = bytes;
+        }
         if let Some(days) = self.tombstone_horizon_days {
             config.tombstone_horizon_millis = days.max(1) * 86_400_000;
         }
@@ -93,6 +125,37 @@ impl ConfigFile {
         validate(&config)?;
         Ok(config)
     }
+}
+
+/// Reads peer IDs, one per line (`#` starts a comment).
+pub fn read_peer_list(path: &Path) -> Result<Vec<String>, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    Ok(text
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or_default().trim().to_owned())
+        .filter(|line| !line.is_empty())
+        .collect())
+}
+
+/// Adds peer IDs to the allow list (creating it), naming a bad ID.
+pub fn add_allowed_peers(config: &mut NodeConfig, peers: &[String]) -> Result<(), ConfigError> {
+    let list = config.allowed_peers.get_or_insert_with(Default::default);
+    for text in peers {
+        let peer = text
+            .parse::<libp2p::PeerId>()
+            .map_err(|error| ConfigError::Invalid { key: "allow_peers", reason: format!("{text:?}: {error}") })?;
+        list.insert(peer);
+    }
+    Ok(())
+}
+
+/// Reads a pre-shared cluster key (go-ipfs swarm.key format or 64 hex characters).
+pub fn read_cluster_key(path: &Path) -> Result<[u8; 32], ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    crate::net::parse_pre_shared_key(&text).map_err(|error| ConfigError::Invalid {
+        key: "cluster_key_file",
+        reason: format!("{}: {error}", path.display()),
+    })
 }
 
 /// Reads a bearer token file (the first line, trimmed; at least 16 characters).

@@ -79,6 +79,15 @@ struct NodeArguments {
     /// A file whose first line is the bearer token every HTTP client must send.
     #[arg(long)]
     http_token_file: Option<PathBuf>,
+    /// Admit only this peer ID (repeatable); other peers are refused after authentication.
+    #[arg(long)]
+    allow_peer: Vec<String>,
+    /// A file of peer IDs to admit, one per line.
+    #[arg(long)]
+    allow_peers_file: Option<PathBuf>,
+    /// A pre-shared key file (swarm.key format or 64 hex characters): a private network.
+    #[arg(long)]
+    cluster_key: Option<PathBuf>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -208,6 +217,15 @@ fn run_node(arguments: NodeArguments) -> anyhow::Result<()> {
     }
     if let Some(path) = arguments.http_token_file {
         node_config.http_token = Some(config::read_token(&path)?);
+    }
+    if !arguments.allow_peer.is_empty() {
+        config::add_allowed_peers(&mut node_config, &arguments.allow_peer)?;
+    }
+    if let Some(path) = arguments.allow_peers_file {
+        config::add_allowed_peers(&mut node_config, &config::read_peer_list(&path)?)?;
+    }
+    if let Some(path) = arguments.cluster_key {
+        node_config.cluster_key = Some(config::read_cluster_key(&path)?);
     }
     config::validate(&node_config)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

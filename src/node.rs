@@ -55,6 +55,16 @@ pub struct NodeConfig {
     pub http_token: Option<String>,
     /// Tombstones older than this are collected; a replica out of contact longer is refused.
     pub tombstone_horizon_millis: u64,
+    /// Writes are refused with 507 while fewer bytes than this would stay free on the data disk.
+    pub min_free_bytes: u64,
+    /// When set, only these peers may connect (after noise authentication).
+    pub allowed_peers: Option<std::collections::HashSet<PeerId>>,
+    /// A libp2p private-network key: only nodes holding it can connect (TCP only).
+    pub cluster_key: Option<[u8; 32]>,
+    pub max_connections: u32,
+    pub max_connections_per_peer: u32,
+    /// How long a misbehaving peer stays blocked.
+    pub block_duration: Duration,
 }
 
 impl Default for NodeConfig {
@@ -74,6 +84,12 @@ impl Default for NodeConfig {
             peer_request_burst: 2000.0,
             http_token: None,
             tombstone_horizon_millis: crate::store::DEFAULT_TOMBSTONE_HORIZON_MILLIS,
+            min_free_bytes: 256 * 1024 * 1024,
+            allowed_peers: None,
+            cluster_key: None,
+            max_connections: 256,
+            max_connections_per_peer: 2,
+            block_duration: Duration::from_secs(600),
         }
     }
 }
@@ -235,6 +251,7 @@ impl Node {
                 clock_bound_millis: config.clock_bound_millis,
                 sync_writes: true,
                 tombstone_horizon_millis: config.tombstone_horizon_millis,
+                min_free_bytes: config.min_free_bytes,
             },
         )?);
         let queue = CommitQueue::start(store.clone(), 512);
@@ -245,6 +262,10 @@ impl Node {
         network_config.listen = config.listen.clone();
         network_config.bootstrap = config.peers.clone();
         network_config.max_gossip_bytes = (config.inline_blob_bytes + 64 * 1024).max(256 * 1024);
+        network_config.allowed_peers = config.allowed_peers.clone();
+        network_config.pre_shared_key = config.cluster_key;
+        network_config.max_connections = config.max_connections;
+        network_config.max_connections_per_peer = config.max_connections_per_peer;
         let (network, mut events, event_loop) = net::new(network_config, &mut registry)?;
         let mut loop_stop = stop.clone();
         tokio::spawn(event_loop.run(async move {
@@ -476,6 +497,11 @@ impl Node {
             .into_iter()
             .map(|address| address.with(libp2p::multiaddr::Protocol::P2p(self.inner.peer_id)))
             .collect()
+    }
+
+    /// Peers blocked for misbehaving, with the time left.
+    pub async fn blocked_peers(&self) -> Vec<(PeerId, Duration)> {
+        self.inner.network.blocked_peers().await.unwrap_or_default()
     }
 
     /// The connected peers and whether each agrees with us.
@@ -1007,8 +1033,12 @@ impl Node {
     /// Disconnects a misbehaving peer and keeps it out for the configured time.
     pub async fn penalise(&self, peer: PeerId, reason: &'static str, detail: &str) {
         self.inner.metrics.peers_penalised.get_or_create(&crate::metrics::ReasonLabel { reason }).inc();
-        tracing::warn!(%peer, reason, "disconnecting a misbehaving peer: {detail}");
-        let _ = self.inner.network.disconnect(peer).await;
+        let seconds = self.inner.config.block_duration.as_secs();
+        tracing::warn!(%peer, reason, seconds, "disconnecting and blocking a misbehaving peer: {detail}");
+        if let Err(error) = self.inner.network.block(peer, self.inner.config.block_duration, format!("{reason}: {detail}")).await {
+            tracing::warn!(%peer, "could not block the peer: {error}");
+            let _ = self.inner.network.disconnect(peer).await;
+        }
     }
 
     fn spawn_session(&self, peer: PeerId) {

@@ -84,6 +84,30 @@ pub enum StoreError {
     Corrupt(String),
     #[error("the store's writer has stopped")]
     Closed,
+    #[error("not enough disk space: {free} bytes free, {needed} needed (including the reserve of min_free_bytes); nothing was written, and writes resume once space is freed")]
+    DiskFull { free: u64, needed: u64 },
+}
+
+impl StoreError {
+    /// Whether the error is the disk running out of space (also when RocksDB itself hit ENOSPC).
+    pub fn is_disk_full(&self) -> bool {
+        match self {
+            StoreError::DiskFull { .. } => true,
+            StoreError::Database(error) => error.to_string().contains("No space left on device"),
+            StoreError::Corrupt(message) => message.contains("No space left on device"),
+            _ => false,
+        }
+    }
+}
+
+/// Free bytes for an unprivileged writer on the file system holding `path`.
+pub fn free_bytes(path: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let text = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `text` is a valid NUL-terminated path and `stats` a writable statvfs.
+    let result = unsafe { libc::statvfs(text.as_ptr(), &mut stats) };
+    (result == 0).then(|| u64::from(stats.f_bavail) * u64::from(stats.f_frsize))
 }
 
 /// Settings of a store.
@@ -97,6 +121,8 @@ pub struct StoreOptions {
     pub sync_writes: bool,
     /// Tombstones expunged longer ago than this are collected.
     pub tombstone_horizon_millis: u64,
+    /// Writes are refused (nothing written) while fewer bytes than this would stay free.
+    pub min_free_bytes: u64,
 }
 
 /// Thirty days.
@@ -109,6 +135,7 @@ impl Default for StoreOptions {
             clock_bound_millis: 2 * 60 * 60 * 1000,
             sync_writes: true,
             tombstone_horizon_millis: DEFAULT_TOMBSTONE_HORIZON_MILLIS,
+            min_free_bytes: 256 * 1024 * 1024,
         }
     }
 }
@@ -403,6 +430,22 @@ impl Store {
     /// Applies operations in one atomic, durable batch. Each operation gets its own result; one
     /// failing leaves the others untouched.
     pub fn apply(&self, operations: Vec<Operation>) -> Vec<Result<Applied, StoreError>> {
+        // Refuse the whole batch up front when the disk is nearly full: a write that fails
+        // half-way inside RocksDB would leave the database read-only until it is reopened.
+        let incoming: u64 = operations
+            .iter()
+            .map(|operation| match operation {
+                Operation::Append { raw, .. } => raw.len() as u64 + 4096,
+                Operation::PutBlob { bytes, .. } => bytes.len() as u64,
+                _ => 1024,
+            })
+            .sum();
+        if let Some(free) = free_bytes(self.db.path()) {
+            let needed = self.options.min_free_bytes.saturating_add(incoming);
+            if free < needed {
+                return operations.iter().map(|_| Err(StoreError::DiskFull { free, needed })).collect();
+            }
+        }
         let mut state = match self.writer.lock() {
             Ok(state) => state,
             Err(poisoned) => poisoned.into_inner(),

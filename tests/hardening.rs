@@ -277,3 +277,69 @@ fn a_replica_away_longer_than_the_tombstone_horizon_is_refused_resynchronisation
     assert_eq!(returning.status().unwrap()["stale"], false);
     assert!(wait_until(Duration::from_secs(60), || returning.messages("stale@example.org", "INBOX").map(|list| list.len() == 2).unwrap_or(false)).is_some());
 }
+
+#[test]
+fn only_listed_peers_and_holders_of_the_cluster_key_get_in() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = |name: &str| directory.path().join(name);
+    let key = path("swarm.key");
+    std::fs::write(&key, format!("/key/swarm/psk/1.0.0/\n/base16/\n{}\n", "ab".repeat(32))).unwrap();
+    let other_key = path("other.key");
+    std::fs::write(&other_key, "cd".repeat(32)).unwrap();
+    let with_key = |file: &std::path::Path| vec!["--cluster-key".to_owned(), file.display().to_string()];
+    let friend = LocalNode::spawn(binary(), "friend", &path("friend"), "test-access", &[], 200, &with_key(&key)).unwrap();
+    let outsider = LocalNode::spawn(binary(), "outsider", &path("outsider"), "test-access", &[], 200, &with_key(&other_key)).unwrap();
+    let friend_id = friend.status().unwrap()["peer_id"].as_str().unwrap().to_owned();
+    let mut arguments = with_key(&key);
+    arguments.extend(["--allow-peer".to_owned(), friend_id.clone()]);
+    let peers = [friend.listen_address().unwrap(), outsider.listen_address().unwrap()];
+    let guarded = LocalNode::spawn(binary(), "guarded", &path("guarded"), "test-access", &peers, 200, &arguments).unwrap();
+    // A node with the right key but not on the list knocks.
+    let stranger = LocalNode::spawn(
+        binary(),
+        "stranger",
+        &path("stranger"),
+        "test-access",
+        &[guarded.listen_address().unwrap()],
+        200,
+        &with_key(&key),
+    )
+    .unwrap();
+    let connected = |node: &LocalNode| -> Vec<String> {
+        node.status().unwrap()["peers"].as_array().unwrap().iter().map(|peer| peer["peer_id"].as_str().unwrap().to_owned()).collect()
+    };
+    assert!(wait_until(Duration::from_secs(30), || connected(&guarded) == vec![friend_id.clone()]).is_some(), "{:?}", connected(&guarded));
+    assert!(
+        wait_until(Duration::from_secs(30), || guarded.metric_sum("mailmesh_net_peers_refused_total").unwrap_or(0.0) >= 1.0).is_some(),
+        "the refusal of the unlisted peer was not counted"
+    );
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(connected(&guarded), vec![friend_id], "only the listed peer holding the key is connected");
+    assert!(connected(&outsider).is_empty(), "a node with another cluster key got in: {:?}", connected(&outsider));
+    // Data flows between the admitted pair.
+    guarded.append("access@example.org", "INBOX", &sample_message("g@example.org", "hello", "x")).unwrap();
+    assert!(wait_until(Duration::from_secs(30), || digests_agree(&[&guarded, &friend])).is_some());
+    assert_ne!(stranger.digest().unwrap(), guarded.digest().unwrap());
+    let log = std::fs::read_to_string(path("guarded").join("node.log")).unwrap();
+    assert!(log.contains("not on the allow list"), "the refusal is not logged");
+}
+
+#[test]
+fn a_full_disk_answers_507_writes_nothing_and_writes_resume_once_space_returns() {
+    let directory = tempfile::tempdir().unwrap();
+    let config = directory.path().join("node.toml");
+    // Demand more free space than any disk has: every write meets a "full" disk.
+    std::fs::write(&config, "min_free_bytes = 4611686018427387904\n").unwrap();
+    let data = directory.path().join("node");
+    let mut node = LocalNode::spawn(binary(), "full", &data, "test-full", &[], 200, &["--config".into(), config.display().to_string()]).unwrap();
+    let response = node.send("POST", "/v1/mailboxes/full%40example.org/INBOX/messages", b"Subject: no room\r\n\r\nx").unwrap();
+    assert_eq!(response.status, 507, "{}", String::from_utf8_lossy(&response.body));
+    assert!(response.json()["error"].as_str().unwrap().contains("disk space"));
+    assert_eq!(node.get("/v1/mailboxes/full%40example.org/INBOX").unwrap().status, 404, "something was half-written");
+    // Space returns (here: the reserve is lowered) and the same node takes writes again.
+    node.kill();
+    std::fs::write(&config, "min_free_bytes = 1024\n").unwrap();
+    node.restart().unwrap();
+    node.append("full@example.org", "INBOX", b"Subject: room again\r\n\r\nx").unwrap();
+    assert_eq!(node.messages("full@example.org", "INBOX").unwrap().len(), 1);
+}
