@@ -353,10 +353,16 @@ fn run_phase(
     let syncs_after = sync_counter::read();
     // The commit thread is started by this phase's queue, so its CPU time is this phase's.
     let commit_cpu = thread_cpu_seconds("mailmesh-commit");
+    // The commit thread holds the store until it sees its queue gone: wait for it to exit, so
+    // the database is closed before its directory is removed and before the next phase counts
+    // the commit thread's CPU.
     drop(queue);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Arc::strong_count(&store) > 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
     drop(store);
-    // Let the commit thread notice its queue is gone and exit before the next phase counts CPU.
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(50));
     let failures = failures.load(Ordering::Relaxed);
     let succeeded = count - failures;
     let mut milliseconds: Vec<f64> = latencies.iter().map(|latency| latency.as_secs_f64() * 1000.0).collect();
