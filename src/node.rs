@@ -80,8 +80,8 @@ impl Default for NodeConfig {
             max_message_bytes: 25 * 1024 * 1024,
             inline_blob_bytes: 64 * 1024,
             clock_bound_millis: 2 * 60 * 60 * 1000,
-            peer_requests_per_second: 500.0,
-            peer_request_burst: 2000.0,
+            peer_requests_per_second: 2000.0,
+            peer_request_burst: 10000.0,
             http_token: None,
             tombstone_horizon_millis: crate::store::DEFAULT_TOMBSTONE_HORIZON_MILLIS,
             min_free_bytes: 256 * 1024 * 1024,
@@ -155,6 +155,8 @@ struct NodeInner {
     listen: Mutex<Vec<Multiaddr>>,
     dial_attempts: Mutex<HashMap<PeerId, Instant>>,
     buckets: Mutex<HashMap<PeerId, TokenBucket>>,
+    ticks: AtomicU64,
+    last_published: Mutex<Option<[u8; 32]>>,
     /// This replica was out of contact longer than the tombstone horizon: it must not sync.
     stale: std::sync::atomic::AtomicBool,
     last_contact_written: Mutex<Option<Instant>>,
@@ -288,6 +290,8 @@ impl Node {
                 listen: Mutex::new(Vec::new()),
                 dial_attempts: Mutex::new(HashMap::new()),
                 buckets: Mutex::new(HashMap::new()),
+                ticks: AtomicU64::new(0),
+                last_published: Mutex::new(None),
                 stale: std::sync::atomic::AtomicBool::new(false),
                 last_contact_written: Mutex::new(None),
             }),
@@ -594,16 +598,31 @@ impl Node {
         Ok(record)
     }
 
+    /// Pushes a new record state to every connected peer once. Pushes are not forwarded (a
+    /// gossipsub mesh delivered each operation to each node several times over); peers that
+    /// are not connected to the writer get it through anti-entropy.
     async fn publish_operation(&self, mailbox: &MailboxKey, record: &MessageRecord, blob: Option<ByteString>) {
-        let data = wire::encode(&Gossip::Operation { mailbox: mailbox.clone(), record: record.clone(), blob });
-        let size = data.len() as u64;
-        match self.inner.network.publish(Topic::Operations, data).await {
-            Ok(()) => {
-                let label = GossipLabel { kind: "operation", direction: "out" };
-                self.inner.metrics.gossip_messages.get_or_create(&label).inc();
-                self.inner.metrics.gossip_bytes.get_or_create(&label).inc_by(size);
-            }
-            Err(error) => tracing::warn!("could not gossip an operation: {error}"),
+        let data = wire::encode(&Request::Push { mailbox: mailbox.clone(), record: record.clone(), blob });
+        let peers: Vec<PeerId> = match self.inner.peers.lock() {
+            Ok(peers) => peers.iter().filter(|(_, state)| !state.stale).map(|(peer, _)| *peer).collect(),
+            Err(_) => return,
+        };
+        let label = GossipLabel { kind: "operation", direction: "out" };
+        for peer in peers {
+            self.inner.metrics.gossip_messages.get_or_create(&label).inc();
+            self.inner.metrics.gossip_bytes.get_or_create(&label).inc_by(data.len() as u64);
+            let network = self.inner.network.clone();
+            let data = data.clone();
+            tokio::spawn(async move {
+                match network.request(peer, data).await {
+                    Ok(answer) => {
+                        if let Ok(Response::Error { message }) = wire::decode::<Response>(&answer) {
+                            tracing::debug!(%peer, "peer declined a push: {message}");
+                        }
+                    }
+                    Err(error) => tracing::debug!(%peer, "push failed: {error}"),
+                }
+            });
         }
     }
 
@@ -847,21 +866,55 @@ impl Node {
                 None => false,
             }
         };
-        if differs && connected {
+        // A write reaches peers by push within a round trip; only a difference that outlives two
+        // gossip intervals is worth a reconciliation session.
+        if differs && connected && self.differs_long_enough(peer) {
             self.spawn_session(peer);
         }
         connected
     }
 
+    fn differs_long_enough(&self, peer: PeerId) -> bool {
+        let patience = self.inner.config.gossip_interval * 2;
+        self.inner
+            .peers
+            .lock()
+            .map(|peers| {
+                peers
+                    .get(&peer)
+                    .and_then(|state| state.differs_since)
+                    .and_then(|since| SystemTime::now().duration_since(since).ok())
+                    .is_some_and(|elapsed| elapsed >= patience)
+            })
+            .unwrap_or(false)
+    }
+
     async fn on_gossip_tick(&self) {
         let Ok(digest) = self.inner.store.digest() else { return };
+        // Publish when the digest changed, and as a heartbeat every tenth tick while idle.
+        let tick = self.inner.ticks.fetch_add(1, Ordering::Relaxed);
+        let root = digest.root_hash();
+        let changed = self.inner.last_published.lock().map(|last| *last != Some(root)).unwrap_or(true);
+        let heartbeat = tick % 10 == 0;
+        if !changed && !heartbeat {
+            self.refresh_agreement(root);
+            return;
+        }
+        if let Ok(mut last) = self.inner.last_published.lock() {
+            *last = Some(root);
+        }
         let gossip = Gossip::Digest {
             peer: self.inner.peer_id.to_string(),
             name: self.inner.config.name.clone(),
             sequence: self.inner.sequence.fetch_add(1, Ordering::Relaxed),
             digest: ByteString(digest.root_hash().to_vec()),
             mailboxes: digest.count,
-            addresses: self.listen_addresses().await.iter().map(|address| address.to_string()).collect(),
+            // Addresses (for discovery) ride on heartbeats and the first few announcements only.
+            addresses: if heartbeat || tick < 5 {
+                self.listen_addresses().await.iter().map(|address| address.to_string()).collect()
+            } else {
+                Vec::new()
+            },
             stale: self.is_stale(),
         };
         if self.is_stale() && self.inner.sequence.load(Ordering::Relaxed) % 30 == 1 {
@@ -874,8 +927,11 @@ impl Node {
             self.inner.metrics.gossip_messages.get_or_create(&label).inc();
             self.inner.metrics.gossip_bytes.get_or_create(&label).inc_by(size);
         }
-        // Keep agreement figures fresh, and retry peers that stayed divergent.
-        let mine = digest.root_hash();
+        self.refresh_agreement(root);
+    }
+
+    /// Keeps agreement figures fresh, and retries peers that stayed divergent.
+    fn refresh_agreement(&self, mine: [u8; 32]) {
         let mut agreeing = 0;
         let mut retry = Vec::new();
         if let Ok(mut peers) = self.inner.peers.lock() {
@@ -888,10 +944,12 @@ impl Node {
                     Some(_) => {
                         let since = *state.differs_since.get_or_insert(SystemTime::now());
                         let stale = SystemTime::now().duration_since(since).unwrap_or_default();
-                        if stale > self.inner.config.gossip_interval * 5 {
+                        if stale > self.inner.config.gossip_interval * 5 && stale.as_secs() % 30 == 0 {
                             tracing::warn!(%peer, seconds = stale.as_secs(), "peer still divergent after several gossip intervals");
                         }
-                        retry.push(*peer);
+                        if stale >= self.inner.config.gossip_interval * 2 {
+                            retry.push(*peer);
+                        }
                     }
                     None => {}
                 }
@@ -953,6 +1011,21 @@ impl Node {
                     });
                 }
                 Ok(Response::Reconcile { message: ByteString(sync::encode(&split_you_lack(reply))) })
+            }
+            Request::Push { mailbox, record, blob } => {
+                let label = GossipLabel { kind: "operation", direction: "in" };
+                self.inner.metrics.gossip_messages.get_or_create(&label).inc();
+                match self.on_operation(peer, mailbox, record, blob).await {
+                    Ok(()) => Ok(Response::Ack),
+                    Err(NodeError::Peer { peer, reason }) => Err(NodeError::Peer { peer, reason }),
+                    Err(NodeError::Store(error)) if matches!(error, StoreError::Clock(_) | StoreError::Merge(_) | StoreError::BlobMismatch { .. }) => {
+                        let error = NodeError::Store(error);
+                        let message = error.to_string();
+                        self.on_peer_failure(peer, "push", error).await;
+                        Ok(Response::Error { message })
+                    }
+                    Err(error) => Ok(Response::Error { message: error.to_string() }),
+                }
             }
             Request::FetchRecords { mailbox, ids } => {
                 let mut records = Vec::with_capacity(ids.len());
@@ -1165,11 +1238,28 @@ impl Node {
             }
         }
         self.inner.metrics.mailboxes_divergent.inc_by(keys.len() as u64);
-        for key in &keys {
-            let (outcome, _) = self.reconcile(peer, WireSpace::Mailbox(key.clone()), &store.tree(Space::Mailbox(key.id()))).await?;
-            self.pull(peer, key, outcome).await?;
+        // Mailboxes are reconciled eight at a time: each takes a few round trips, and after a
+        // partition thousands may differ.
+        use futures::stream::StreamExt;
+        let mut pending = futures::stream::FuturesUnordered::new();
+        let mut remaining = keys.iter().cloned();
+        for key in remaining.by_ref().take(8) {
+            pending.push(self.sync_mailbox(peer, key));
+        }
+        while let Some(result) = pending.next().await {
+            result?;
+            if let Some(key) = remaining.next() {
+                pending.push(self.sync_mailbox(peer, key));
+            }
         }
         Ok(keys.len())
+    }
+
+    /// Reconciles one mailbox with a peer and pulls what this side lacks.
+    async fn sync_mailbox(&self, peer: PeerId, key: MailboxKey) -> Result<(), NodeError> {
+        let store = self.inner.store.clone();
+        let (outcome, _) = self.reconcile(peer, WireSpace::Mailbox(key.clone()), &store.tree(Space::Mailbox(key.id()))).await?;
+        self.pull(peer, &key, outcome).await
     }
 
     /// Pulls the records (and then the blobs) this side lacks from a peer, and merges them.

@@ -366,21 +366,33 @@ impl Store {
         db_options.create_missing_column_families(true);
         db_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
         db_options.set_max_background_jobs(2);
-        let mut blob_options = Options::default();
+        // Bound memory: one budget for every column family's write buffers, and one block cache.
+        db_options.set_db_write_buffer_size(64 * 1024 * 1024);
+        let cache = rocksdb::Cache::new_lru_cache(32 * 1024 * 1024);
+        let family_options = || {
+            let mut options = Options::default();
+            options.set_write_buffer_size(16 * 1024 * 1024);
+            let mut table = rocksdb::BlockBasedOptions::default();
+            table.set_block_cache(&cache);
+            table.set_cache_index_and_filter_blocks(true);
+            options.set_block_based_table_factory(&table);
+            options
+        };
+        let mut blob_options = family_options();
         blob_options.set_enable_blob_files(true);
         blob_options.set_min_blob_size(4096);
         blob_options.set_compression_type(rocksdb::DBCompressionType::Lz4);
         let families = vec![
-            ColumnFamilyDescriptor::new(RECORDS, Options::default()),
+            ColumnFamilyDescriptor::new(RECORDS, family_options()),
             ColumnFamilyDescriptor::new(BLOBS, blob_options),
-            ColumnFamilyDescriptor::new(TREE, Options::default()),
-            ColumnFamilyDescriptor::new(MAILBOXES, Options::default()),
-            ColumnFamilyDescriptor::new(META, Options::default()),
-            ColumnFamilyDescriptor::new(LOCAL, Options::default()),
-            ColumnFamilyDescriptor::new(INDEX, Options::default()),
-            ColumnFamilyDescriptor::new(CHANGES, Options::default()),
-            ColumnFamilyDescriptor::new(SEARCH_QUEUE, Options::default()),
-            ColumnFamilyDescriptor::new(TOMBSTONES, Options::default()),
+            ColumnFamilyDescriptor::new(TREE, family_options()),
+            ColumnFamilyDescriptor::new(MAILBOXES, family_options()),
+            ColumnFamilyDescriptor::new(META, family_options()),
+            ColumnFamilyDescriptor::new(LOCAL, family_options()),
+            ColumnFamilyDescriptor::new(INDEX, family_options()),
+            ColumnFamilyDescriptor::new(CHANGES, family_options()),
+            ColumnFamilyDescriptor::new(SEARCH_QUEUE, family_options()),
+            ColumnFamilyDescriptor::new(TOMBSTONES, family_options()),
         ];
         let db = DB::open_cf_descriptors(&db_options, path, families)?;
         let meta = db.cf_handle(META).ok_or_else(|| StoreError::Corrupt("missing meta family".into()))?;

@@ -55,6 +55,10 @@ pub enum Request {
     /// Part of a blob by hash: `length` bytes from `offset` (blobs larger than a response are paged).
     #[serde(rename = "blob")]
     FetchBlob { hash: BlobHash, offset: u64, length: u32 },
+    /// A record just written on the sender, pushed once to each connected peer (small blobs
+    /// inline); not forwarded further, anti-entropy reaches peers that are not connected.
+    #[serde(rename = "push")]
+    Push { mailbox: MailboxKey, record: MessageRecord, blob: Option<ByteString> },
     /// Mailbox keys for mailbox IDs (from the directory trie), or all keys in a prefix.
     #[serde(rename = "mailboxes")]
     ResolveMailboxes { ids: Vec<ByteString>, depth: u8, bits: ByteString },
@@ -72,6 +76,9 @@ pub enum Response {
     Blob { bytes: Option<ByteString>, total: u64 },
     #[serde(rename = "mailboxes")]
     Mailboxes { keys: Vec<MailboxKey> },
+    /// A push was taken in (or was already known).
+    #[serde(rename = "ack")]
+    Ack,
     #[serde(rename = "error")]
     Error { message: String },
 }
@@ -146,6 +153,10 @@ pub fn validate_request(request: &Request) -> Result<(), WireError> {
                 return Err(WireError::LimitExceeded(format!("range limit {limit}")));
             }
             Ok(())
+        }
+        Request::Push { mailbox, record, .. } => {
+            check_key(mailbox)?;
+            validate_record(record)
         }
         Request::FetchBlob { length, .. } => {
             if *length > MAX_BLOB_CHUNK {
