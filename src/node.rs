@@ -156,6 +156,7 @@ struct NodeInner {
     dial_attempts: Mutex<HashMap<PeerId, Instant>>,
     buckets: Mutex<HashMap<PeerId, TokenBucket>>,
     ticks: AtomicU64,
+    announce: std::sync::atomic::AtomicBool,
     last_published: Mutex<Option<[u8; 32]>>,
     /// This replica was out of contact longer than the tombstone horizon: it must not sync.
     stale: std::sync::atomic::AtomicBool,
@@ -291,6 +292,7 @@ impl Node {
                 dial_attempts: Mutex::new(HashMap::new()),
                 buckets: Mutex::new(HashMap::new()),
                 ticks: AtomicU64::new(0),
+                announce: std::sync::atomic::AtomicBool::new(true),
                 last_published: Mutex::new(None),
                 stale: std::sync::atomic::AtomicBool::new(false),
                 last_contact_written: Mutex::new(None),
@@ -668,6 +670,7 @@ impl Node {
                 });
             }
             NetworkEvent::PeerConnected(peer) => {
+                self.inner.announce.store(true, Ordering::Relaxed);
                 if let Ok(mut peers) = self.inner.peers.lock() {
                     peers.entry(peer).or_insert(PeerState {
                         connected_since: SystemTime::now(),
@@ -895,7 +898,8 @@ impl Node {
         let tick = self.inner.ticks.fetch_add(1, Ordering::Relaxed);
         let root = digest.root_hash();
         let changed = self.inner.last_published.lock().map(|last| *last != Some(root)).unwrap_or(true);
-        let heartbeat = tick % 10 == 0;
+        // New connections get a full announcement (with addresses) at once, for discovery.
+        let heartbeat = tick % 10 == 0 || tick < 5 || self.inner.announce.swap(false, Ordering::Relaxed);
         if !changed && !heartbeat {
             self.refresh_agreement(root);
             return;
@@ -910,7 +914,7 @@ impl Node {
             digest: ByteString(digest.root_hash().to_vec()),
             mailboxes: digest.count,
             // Addresses (for discovery) ride on heartbeats and the first few announcements only.
-            addresses: if heartbeat || tick < 5 {
+            addresses: if heartbeat {
                 self.listen_addresses().await.iter().map(|address| address.to_string()).collect()
             } else {
                 Vec::new()
