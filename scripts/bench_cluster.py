@@ -927,7 +927,9 @@ def run(options):
         digest_payload = delta("mailmesh_gossip_bytes_total", kind="digest", direction="out")
         wire, vanished = sent_between(sockets_before, sockets_after, nodes)
         appends = max(1, load.acked)
-        record_bytes = (sum(operation_payload.values()) - load.inline_bytes) / appends
+        # Each operation is pushed once to each of the other N-1 nodes; its payload is the record
+        # plus, for small messages, the message bytes inline.
+        record_bytes = max(0.0, (sum(operation_payload.values()) / max(1, options.nodes - 1) - load.inline_bytes) / appends)
         floor = (options.nodes - 1) * (sum(load.sizes) + load.acked * record_bytes)
         app_total = sum(request_out.values()) + sum(response_out.values()) + sum(gossipsub_sent.values())
         wire_total = sum(wire.values()) if wire is not None else None

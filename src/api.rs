@@ -202,6 +202,16 @@ async fn status(State(node): State<Node>) -> Result<Json<Value>, ApiError> {
         "mailboxes": node.store().digest()?.count,
         "stale": node.is_stale(),
         "blocked": blocked,
+        "divergent": node
+            .divergent_mailboxes()
+            .into_iter()
+            .map(|(key, peer, since)| json!({
+                "account": key.account(),
+                "mailbox": key.mailbox(),
+                "peer_id": peer.to_string(),
+                "seconds": since.as_secs(),
+            }))
+            .collect::<Vec<Value>>(),
     })))
 }
 

@@ -134,6 +134,37 @@ fn status(http: &str, json: bool) -> anyhow::Result<()> {
         anyhow::bail!("{http} answered {}: {}", response.status, String::from_utf8_lossy(&response.body));
     }
     let status = response.json();
+    // Rates: two samples of the node's counters one second apart.
+    let sample = || -> std::collections::HashMap<&'static str, f64> {
+        let text = mailmesh::http_client::request(http, "GET", "/metrics", &[], None)
+            .map(|response| String::from_utf8_lossy(&response.body).into_owned())
+            .unwrap_or_default();
+        let sum = |name: &str| -> f64 {
+            text.lines()
+                .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum()
+        };
+        [
+            ("gossip_bytes", sum("mailmesh_gossip_bytes_total")),
+            ("sync_bytes", sum("mailmesh_sync_bytes_total")),
+            ("records_pulled", sum("mailmesh_records_pulled_total")),
+            ("sessions", sum("mailmesh_reconcile_sessions_total")),
+        ]
+        .into_iter()
+        .collect()
+    };
+    let before = sample();
+    std::thread::sleep(Duration::from_secs(1));
+    let after = sample();
+    let rate = |name: &str| (after.get(name).unwrap_or(&0.0) - before.get(name).unwrap_or(&0.0)).max(0.0);
+    let mut status = status;
+    status["rates_per_second"] = serde_json::json!({
+        "gossip_bytes": rate("gossip_bytes"),
+        "sync_bytes": rate("sync_bytes"),
+        "records_pulled": rate("records_pulled"),
+        "sessions": rate("sessions"),
+    });
     let peers = status["peers"].as_array().cloned().unwrap_or_default();
     let all_agree = peers.iter().all(|peer| peer["agrees"].as_bool().unwrap_or(false));
     if json {
@@ -141,6 +172,26 @@ fn status(http: &str, json: bool) -> anyhow::Result<()> {
     } else {
         println!("node     {} ({})", status["name"].as_str().unwrap_or("?"), status["peer_id"].as_str().unwrap_or("?"));
         println!("digest   {}  ({} mailboxes)", status["digest"].as_str().unwrap_or("?"), status["mailboxes"]);
+        let rates = &status["rates_per_second"];
+        println!(
+            "rates    gossip {} B/s, sync {} B/s, {} records pulled/s, {} sessions/s",
+            rates["gossip_bytes"], rates["sync_bytes"], rates["records_pulled"], rates["sessions"]
+        );
+        let divergent = status["divergent"].as_array().cloned().unwrap_or_default();
+        if divergent.is_empty() {
+            println!("mailboxes: none known to differ from a peer");
+        } else {
+            println!("mailboxes differing from a peer: {}", divergent.len());
+            for entry in divergent.iter().take(50) {
+                println!(
+                    "  {}/{}  from {}  for {} s",
+                    entry["account"].as_str().unwrap_or("?"),
+                    entry["mailbox"].as_str().unwrap_or("?"),
+                    entry["peer_id"].as_str().unwrap_or("?"),
+                    entry["seconds"]
+                );
+            }
+        }
         println!("peers    {}", peers.len());
         for peer in &peers {
             let verdict = if peer["agrees"].as_bool().unwrap_or(false) {
@@ -152,11 +203,12 @@ fn status(http: &str, json: bool) -> anyhow::Result<()> {
                 }
             };
             println!(
-                "  {:<10} {}  connected {:>6} s  {}  {}",
+                "  {:<10} {}  connected {:>6} s  {}  last digest {}  {}",
                 peer["name"].as_str().unwrap_or("?"),
                 peer["peer_id"].as_str().unwrap_or("?"),
                 peer["connected_seconds"],
                 peer["addresses"].as_array().and_then(|list| list.first()).and_then(|a| a.as_str()).unwrap_or("-"),
+                peer["last_digest"].as_str().map(|digest| &digest[..digest.len().min(16)]).unwrap_or("none yet"),
                 verdict
             );
         }

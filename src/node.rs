@@ -23,6 +23,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use libp2p::{identity, Multiaddr, PeerId};
 use prometheus_client::registry::Registry;
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::crdt;
 use crate::merkle::{Prefix, TreeView};
@@ -156,6 +157,9 @@ struct NodeInner {
     dial_attempts: Mutex<HashMap<PeerId, Instant>>,
     buckets: Mutex<HashMap<PeerId, TokenBucket>>,
     ticks: AtomicU64,
+    session_slots: tokio::sync::Semaphore,
+    /// Mailboxes found to differ from a peer and not yet reconciled, with the peer and since when.
+    divergent: Mutex<HashMap<MailboxKey, (PeerId, SystemTime)>>,
     announce: std::sync::atomic::AtomicBool,
     last_published: Mutex<Option<[u8; 32]>>,
     /// This replica was out of contact longer than the tombstone horizon: it must not sync.
@@ -180,6 +184,25 @@ pub fn now_millis() -> u64 {
     });
     let real = SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0);
     real.saturating_add_signed(offset)
+}
+
+/// What one reconciliation (of the directory or of one mailbox) cost, for its tracing span.
+#[derive(Default, Debug)]
+pub struct SessionStats {
+    rounds: AtomicU64,
+    bytes: AtomicU64,
+    records: AtomicU64,
+    blobs: AtomicU64,
+}
+
+impl SessionStats {
+    fn add(counter: &AtomicU64, amount: u64) {
+        counter.fetch_add(amount, Ordering::Relaxed);
+    }
+
+    fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
 }
 
 /// A token bucket: `rate` tokens a second up to `burst`.
@@ -292,6 +315,8 @@ impl Node {
                 dial_attempts: Mutex::new(HashMap::new()),
                 buckets: Mutex::new(HashMap::new()),
                 ticks: AtomicU64::new(0),
+                session_slots: tokio::sync::Semaphore::new(2),
+                divergent: Mutex::new(HashMap::new()),
                 announce: std::sync::atomic::AtomicBool::new(true),
                 last_published: Mutex::new(None),
                 stale: std::sync::atomic::AtomicBool::new(false),
@@ -503,6 +528,21 @@ impl Node {
             .into_iter()
             .map(|address| address.with(libp2p::multiaddr::Protocol::P2p(self.inner.peer_id)))
             .collect()
+    }
+
+    /// Mailboxes that differ from some peer and are not reconciled yet: key, peer, since when.
+    pub fn divergent_mailboxes(&self) -> Vec<(MailboxKey, PeerId, Duration)> {
+        let now = SystemTime::now();
+        self.inner
+            .divergent
+            .lock()
+            .map(|divergent| {
+                divergent
+                    .iter()
+                    .map(|(key, (peer, since))| (key.clone(), *peer, now.duration_since(*since).unwrap_or_default()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     /// Peers blocked for misbehaving, with the time left.
@@ -785,7 +825,7 @@ impl Node {
         if !self.inner.store.has_blob(&record.blob)? {
             let bytes = match blob {
                 Some(bytes) => bytes.0,
-                None => match self.fetch_blob(source, record.blob).await? {
+                None => match self.fetch_blob(source, record.blob, &SessionStats::default()).await? {
                     Some(bytes) => bytes,
                     None => return Ok(()), // anti-entropy will bring it with its record later
                 },
@@ -894,12 +934,13 @@ impl Node {
 
     async fn on_gossip_tick(&self) {
         let Ok(digest) = self.inner.store.digest() else { return };
-        // Publish when the digest changed, and as a heartbeat every tenth tick while idle.
+        // Publish when the digest changed, and as a heartbeat every thirtieth tick while idle
+        // (gossipsub forwards each digest through the mesh, so idle digests cost N x D sends).
         let tick = self.inner.ticks.fetch_add(1, Ordering::Relaxed);
         let root = digest.root_hash();
         let changed = self.inner.last_published.lock().map(|last| *last != Some(root)).unwrap_or(true);
         // New connections get a full announcement (with addresses) at once, for discovery.
-        let heartbeat = tick % 10 == 0 || tick < 5 || self.inner.announce.swap(false, Ordering::Relaxed);
+        let heartbeat = tick % 30 == 0 || tick < 5 || self.inner.announce.swap(false, Ordering::Relaxed);
         if !changed && !heartbeat {
             self.refresh_agreement(root);
             return;
@@ -1009,7 +1050,7 @@ impl Node {
                     let node = self.clone();
                     let key = key.clone();
                     tokio::spawn(async move {
-                        if let Err(error) = node.pull(peer, &key, outcome).await {
+                        if let Err(error) = node.pull(peer, &key, outcome, &SessionStats::default()).await {
                             node.on_peer_failure(peer, "pull", error).await;
                         }
                     });
@@ -1130,6 +1171,9 @@ impl Node {
         }
         let node = self.clone();
         tokio::spawn(async move {
+            // Two sessions at a time: a node back from a partition would otherwise pull the same
+            // records from every peer at once; the first session brings most, later ones little.
+            let _permit = node.inner.session_slots.acquire().await;
             let started = Instant::now();
             let result = node.session(peer).await;
             node.inner.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
@@ -1151,11 +1195,13 @@ impl Node {
         });
     }
 
-    async fn request(&self, peer: PeerId, request: &Request) -> Result<Response, NodeError> {
+    async fn request(&self, peer: PeerId, request: &Request, stats: &SessionStats) -> Result<Response, NodeError> {
         let data = wire::encode(request);
         self.inner.metrics.sync_bytes.get_or_create(&DirectionLabel { direction: "out" }).inc_by(data.len() as u64);
+        SessionStats::add(&stats.bytes, data.len() as u64);
         let answer = self.inner.network.request(peer, data).await?;
         self.inner.metrics.sync_bytes.get_or_create(&DirectionLabel { direction: "in" }).inc_by(answer.len() as u64);
+        SessionStats::add(&stats.bytes, answer.len() as u64);
         match wire::decode::<Response>(&answer) {
             Ok(Response::Error { message }) => Err(NodeError::Refused { peer, message }),
             Ok(response) => Ok(response),
@@ -1170,6 +1216,7 @@ impl Node {
         peer: PeerId,
         space: WireSpace,
         view: &V,
+        stats: &SessionStats,
     ) -> Result<(Outcome, Outcome), NodeError> {
         let limits = self.inner.limits;
         let sync_error = |error: sync::SyncError| NodeError::Peer { peer, reason: error.to_string() };
@@ -1190,8 +1237,9 @@ impl Node {
             let mut incoming = Vec::new();
             for chunk in chunk_elements(split_you_lack(outgoing)) {
                 self.inner.metrics.session_rounds.inc();
+                SessionStats::add(&stats.rounds, 1);
                 let request = Request::Reconcile { space: space.clone(), message: ByteString(sync::encode(&chunk)) };
-                match self.request(peer, &request).await? {
+                match self.request(peer, &request, stats).await? {
                     Response::Reconcile { message } => {
                         incoming.extend(sync::decode(&message.0, &limits).map_err(sync_error)?);
                     }
@@ -1208,7 +1256,8 @@ impl Node {
     /// Directory first, then each differing mailbox. Returns how many mailboxes differed.
     async fn session(&self, peer: PeerId) -> Result<usize, NodeError> {
         let store = self.inner.store.clone();
-        let (mut mine, mut told) = self.reconcile(peer, WireSpace::Directory, &store.tree(Space::Directory)).await?;
+        let stats = &SessionStats::default();
+        let (mut mine, mut told) = self.reconcile(peer, WireSpace::Directory, &store.tree(Space::Directory), stats).await?;
         mine.normalize();
         told.normalize();
         let mut keys: BTreeSet<MailboxKey> = BTreeSet::new();
@@ -1223,14 +1272,14 @@ impl Node {
         }
         for chunk in unknown.chunks(wire::MAX_IDS_PER_REQUEST) {
             let request = Request::ResolveMailboxes { ids: chunk.to_vec(), depth: 0, bits: ByteString(vec![]) };
-            if let Response::Mailboxes { keys: resolved } = self.request(peer, &request).await? {
+            if let Response::Mailboxes { keys: resolved } = self.request(peer, &request, stats).await? {
                 keys.extend(resolved.into_iter().filter(|key| key.validate().is_ok()));
             }
         }
         for prefix in &mine.need_prefixes {
             let request =
                 Request::ResolveMailboxes { ids: vec![], depth: prefix.depth(), bits: ByteString(prefix.packed_bits()) };
-            if let Response::Mailboxes { keys: resolved } = self.request(peer, &request).await? {
+            if let Response::Mailboxes { keys: resolved } = self.request(peer, &request, stats).await? {
                 keys.extend(resolved.into_iter().filter(|key| key.validate().is_ok()));
             }
         }
@@ -1242,12 +1291,17 @@ impl Node {
             }
         }
         self.inner.metrics.mailboxes_divergent.inc_by(keys.len() as u64);
-        // Mailboxes are reconciled eight at a time: each takes a few round trips, and after a
+        if let Ok(mut divergent) = self.inner.divergent.lock() {
+            for key in &keys {
+                divergent.entry(key.clone()).or_insert((peer, SystemTime::now()));
+            }
+        }
+        // Mailboxes are reconciled 32 at a time: each takes a few round trips, and after a
         // partition thousands may differ.
         use futures::stream::StreamExt;
         let mut pending = futures::stream::FuturesUnordered::new();
         let mut remaining = keys.iter().cloned();
-        for key in remaining.by_ref().take(8) {
+        for key in remaining.by_ref().take(32) {
             pending.push(self.sync_mailbox(peer, key));
         }
         while let Some(result) = pending.next().await {
@@ -1261,23 +1315,55 @@ impl Node {
 
     /// Reconciles one mailbox with a peer and pulls what this side lacks.
     async fn sync_mailbox(&self, peer: PeerId, key: MailboxKey) -> Result<(), NodeError> {
-        let store = self.inner.store.clone();
-        let (outcome, _) = self.reconcile(peer, WireSpace::Mailbox(key.clone()), &store.tree(Space::Mailbox(key.id()))).await?;
-        self.pull(peer, &key, outcome).await
+        let span = tracing::info_span!(
+            "reconcile",
+            %peer,
+            account = key.account(),
+            mailbox = key.mailbox(),
+            rounds = tracing::field::Empty,
+            bytes = tracing::field::Empty,
+            records = tracing::field::Empty,
+            blobs = tracing::field::Empty,
+        );
+        let started = Instant::now();
+        let stats = SessionStats::default();
+        let result = async {
+            let store = self.inner.store.clone();
+            let (outcome, _) =
+                self.reconcile(peer, WireSpace::Mailbox(key.clone()), &store.tree(Space::Mailbox(key.id())), &stats).await?;
+            self.pull(peer, &key, outcome, &stats).await
+        }
+        .instrument(span.clone())
+        .await;
+        span.record("rounds", SessionStats::get(&stats.rounds));
+        span.record("bytes", SessionStats::get(&stats.bytes));
+        span.record("records", SessionStats::get(&stats.records));
+        span.record("blobs", SessionStats::get(&stats.blobs));
+        let _entered = span.enter();
+        match &result {
+            Ok(()) => {
+                if let Ok(mut divergent) = self.inner.divergent.lock() {
+                    divergent.remove(&key);
+                }
+                tracing::debug!(ms = started.elapsed().as_millis() as u64, "mailbox reconciled")
+            }
+            Err(error) => tracing::info!("mailbox reconciliation failed: {error}"),
+        }
+        result
     }
 
     /// Pulls the records (and then the blobs) this side lacks from a peer, and merges them.
-    async fn pull(&self, peer: PeerId, mailbox: &MailboxKey, mut outcome: Outcome) -> Result<(), NodeError> {
+    async fn pull(&self, peer: PeerId, mailbox: &MailboxKey, mut outcome: Outcome, stats: &SessionStats) -> Result<(), NodeError> {
         outcome.normalize();
         for chunk in outcome.need_keys.chunks(1000) {
             let request =
                 Request::FetchRecords { mailbox: mailbox.clone(), ids: chunk.iter().map(|key| MessageId(*key)).collect() };
-            if let Response::Records { records: fetched, .. } = self.request(peer, &request).await? {
+            if let Response::Records { records: fetched, .. } = self.request(peer, &request, stats).await? {
                 let asked: HashSet<u128> = chunk.iter().copied().collect();
                 if fetched.len() > chunk.len() || fetched.iter().any(|record| !asked.contains(&record.id.0)) {
                     return Err(NodeError::Peer { peer, reason: "sent records that were not asked for".into() });
                 }
-                self.merge_pulled(peer, mailbox, fetched).await?;
+                self.merge_pulled(peer, mailbox, fetched, stats).await?;
             }
         }
         for prefix in &outcome.need_prefixes {
@@ -1290,7 +1376,7 @@ impl Node {
                     after,
                     limit: 1000,
                 };
-                let Response::Records { records: fetched, more } = self.request(peer, &request).await? else {
+                let Response::Records { records: fetched, more } = self.request(peer, &request, stats).await? else {
                     return Err(NodeError::Peer { peer, reason: "unexpected answer to a range fetch".into() });
                 };
                 let last = fetched.last().map(|record| record.id);
@@ -1304,7 +1390,7 @@ impl Node {
                         reason: "range fetch returned too many, unsorted or out-of-range records".into(),
                     });
                 }
-                self.merge_pulled(peer, mailbox, fetched).await?;
+                self.merge_pulled(peer, mailbox, fetched, stats).await?;
                 match (more, last) {
                     (true, Some(last)) => after = Some(last),
                     _ => break,
@@ -1320,6 +1406,7 @@ impl Node {
         peer: PeerId,
         mailbox: &MailboxKey,
         records: Vec<MessageRecord>,
+        stats: &SessionStats,
     ) -> Result<(), NodeError> {
         let store = &self.inner.store;
         let mut operations = Vec::new();
@@ -1334,12 +1421,13 @@ impl Node {
         }
         let mut unavailable: HashSet<BlobHash> = HashSet::new();
         for chunk in blob_fetches.chunks(16) {
-            let answers = futures::future::join_all(chunk.iter().map(|hash| self.fetch_blob(peer, *hash))).await;
+            let answers = futures::future::join_all(chunk.iter().map(|hash| self.fetch_blob(peer, *hash, stats))).await;
             for (hash, answer) in chunk.iter().zip(answers) {
                 match answer? {
                     Some(bytes) => {
                         operations.push(Operation::PutBlob { expected: *hash, bytes });
                         self.inner.metrics.blobs_pulled.inc();
+                        SessionStats::add(&stats.blobs, 1);
                     }
                     None => {
                         unavailable.insert(*hash);
@@ -1356,16 +1444,17 @@ impl Node {
         }
         self.apply_all(operations).await?;
         self.inner.metrics.records_pulled.inc_by(merged_count);
+        SessionStats::add(&stats.records, merged_count);
         Ok(())
     }
 
     /// Fetches one blob (in chunks when large) and checks its hash; a peer that sends wrong
     /// bytes is disconnected.
-    async fn fetch_blob(&self, peer: PeerId, hash: BlobHash) -> Result<Option<Vec<u8>>, NodeError> {
+    async fn fetch_blob(&self, peer: PeerId, hash: BlobHash, stats: &SessionStats) -> Result<Option<Vec<u8>>, NodeError> {
         let mut bytes: Vec<u8> = Vec::new();
         loop {
             let request = Request::FetchBlob { hash, offset: bytes.len() as u64, length: wire::MAX_BLOB_CHUNK };
-            match self.request(peer, &request).await? {
+            match self.request(peer, &request, stats).await? {
                 Response::Blob { bytes: Some(chunk), total } => {
                     if total > self.inner.config.max_message_bytes {
                         return Err(NodeError::Peer { peer, reason: format!("blob {hash} claims {total} bytes, over the limit") });
