@@ -7,11 +7,14 @@ have_libclang() {
     compgen -G '/usr/lib/*/libclang*.so*' >/dev/null && return 0
     return 1
 }
-if ! have_libclang; then
-    echo "setup: installing libclang-dev (needed by the rocksdb crate's bindgen)" >&2
+missing=()
+have_libclang || missing+=(libclang-dev)          # the rocksdb crate's bindgen
+command -v g++ >/dev/null || missing+=(g++)       # RocksDB's C++ sources
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "setup: installing ${missing[*]}" >&2
     SUDO=""
     if [ "$(id -u)" -ne 0 ]; then SUDO="sudo"; fi
     $SUDO apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq libclang-dev >/dev/null
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 command -v cargo >/dev/null || { echo "setup: cargo is missing: install the Rust toolchain (rustup)" >&2; exit 1; }
