@@ -43,6 +43,10 @@ pub struct ConfigFile {
     pub max_connections: Option<u32>,
     pub max_connections_per_peer: Option<u32>,
     pub block_seconds: Option<u64>,
+    pub max_request_bytes: Option<usize>,
+    pub max_response_bytes: Option<usize>,
+    pub max_gossip_bytes: Option<usize>,
+    pub max_sync_elements: Option<usize>,
 }
 
 impl ConfigFile {
@@ -109,6 +113,18 @@ impl ConfigFile {
         }
         if let Some(limit) = self.max_connections_per_peer {
             config.max_connections_per_peer = limit;
+        }
+        if let Some(bytes) = self.max_request_bytes {
+            config.max_request_bytes = bytes;
+        }
+        if let Some(bytes) = self.max_response_bytes {
+            config.max_response_bytes = bytes;
+        }
+        if let Some(bytes) = self.max_gossip_bytes {
+            config.max_gossip_bytes = bytes;
+        }
+        if let Some(count) = self.max_sync_elements {
+            config.max_sync_elements = count.max(64);
         }
         if let Some(seconds) = self.block_seconds {
             config.block_duration = Duration::from_secs(seconds.max(1));

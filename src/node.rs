@@ -66,6 +66,12 @@ pub struct NodeConfig {
     pub max_connections_per_peer: u32,
     /// How long a misbehaving peer stays blocked.
     pub block_duration: Duration,
+    /// Frame size limits: requests, responses and gossip messages.
+    pub max_request_bytes: usize,
+    pub max_response_bytes: usize,
+    pub max_gossip_bytes: usize,
+    /// The most elements one reconciliation message may carry.
+    pub max_sync_elements: usize,
 }
 
 impl Default for NodeConfig {
@@ -91,6 +97,10 @@ impl Default for NodeConfig {
             max_connections: 256,
             max_connections_per_peer: 2,
             block_duration: Duration::from_secs(600),
+            max_request_bytes: 1024 * 1024,
+            max_response_bytes: 8 * 1024 * 1024,
+            max_gossip_bytes: 256 * 1024,
+            max_sync_elements: 50_000,
         }
     }
 }
@@ -287,7 +297,9 @@ impl Node {
         let mut network_config = NetworkConfig::new(keypair, config.cluster.clone());
         network_config.listen = config.listen.clone();
         network_config.bootstrap = config.peers.clone();
-        network_config.max_gossip_bytes = (config.inline_blob_bytes + 64 * 1024).max(256 * 1024);
+        network_config.max_gossip_bytes = config.max_gossip_bytes.max(config.inline_blob_bytes + 64 * 1024);
+        network_config.max_request_bytes = config.max_request_bytes.max(config.inline_blob_bytes + 64 * 1024);
+        network_config.max_response_bytes = config.max_response_bytes.max(wire::MAX_BLOB_CHUNK as usize + 64 * 1024);
         network_config.allowed_peers = config.allowed_peers.clone();
         network_config.pre_shared_key = config.cluster_key;
         network_config.max_connections = config.max_connections;
@@ -310,7 +322,7 @@ impl Node {
                 peers: Mutex::new(HashMap::new()),
                 syncing: Mutex::new(HashSet::new()),
                 sequence: AtomicU64::new(0),
-                limits: SyncLimits::default(),
+                limits: SyncLimits { max_elements: config.max_sync_elements, ..SyncLimits::default() },
                 listen: Mutex::new(Vec::new()),
                 dial_attempts: Mutex::new(HashMap::new()),
                 buckets: Mutex::new(HashMap::new()),
@@ -776,6 +788,14 @@ impl Node {
                     Ok(()) => true,
                     Err(error) => {
                         tracing::warn!(%source, "refused an operation: {error}");
+                        // Relays validate before forwarding, so bad data came from this peer.
+                        if matches!(
+                            &error,
+                            NodeError::Peer { .. }
+                                | NodeError::Store(StoreError::Clock(_) | StoreError::Merge(_) | StoreError::BlobMismatch { .. })
+                        ) {
+                            self.on_peer_failure(source, "gossip", error).await;
+                        }
                         false
                     }
                 }
