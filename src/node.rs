@@ -733,7 +733,11 @@ impl Node {
                         stale: false,
                     });
                 }
-                self.spawn_session(peer);
+                // A session is two-way (the responder pulls what it learns it lacks), so one side
+                // starting it is enough: the one with the lower peer ID. Digests catch the rest.
+                if self.inner.peer_id < peer {
+                    self.spawn_session(peer);
+                }
             }
             NetworkEvent::PeerDisconnected(peer) => {
                 if let Ok(mut peers) = self.inner.peers.lock() {
@@ -1316,12 +1320,12 @@ impl Node {
                 divergent.entry(key.clone()).or_insert((peer, SystemTime::now()));
             }
         }
-        // Mailboxes are reconciled 32 at a time: each takes a few round trips, and after a
+        // Mailboxes are reconciled 64 at a time: each takes a few round trips, and after a
         // partition thousands may differ.
         use futures::stream::StreamExt;
         let mut pending = futures::stream::FuturesUnordered::new();
         let mut remaining = keys.iter().cloned();
-        for key in remaining.by_ref().take(32) {
+        for key in remaining.by_ref().take(64) {
             pending.push(self.sync_mailbox(peer, key));
         }
         while let Some(result) = pending.next().await {
