@@ -56,7 +56,7 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         wire::encode(&Request::FetchRecords { mailbox: mailbox.clone(), ids: vec![MessageId(1), MessageId(2)] }),
         wire::encode(&Request::FetchRange { mailbox: mailbox.clone(), depth: 3, bits: ByteString(vec![1, 2]), after: None, limit: 10 }),
         wire::encode(&Request::FetchBlob { hash: BlobHash::of(b"x"), offset: 0, length: 100 }),
-        wire::encode(&Response::Records { records: vec![record.clone()], more: true }),
+        wire::encode(&Response::Records { records: vec![record.clone()], more: true, blobs: vec![] }),
         wire::encode(&Response::Blob { bytes: Some(ByteString(b"hello".to_vec())), total: 5 }),
         wire::encode(&Gossip::Operation { mailbox: mailbox.clone(), record, blob: Some(ByteString(b"raw".to_vec())) }),
         wire::encode(&Gossip::Digest {

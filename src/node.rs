@@ -933,6 +933,10 @@ impl Node {
                 None => false,
             }
         };
+        // Agreeing with a connected peer is contact with the cluster, as is a completed session.
+        if !differs && connected && !self.is_stale() {
+            self.record_contact();
+        }
         // A write reaches peers by push within a round trip; only a difference that outlives two
         // gossip intervals is worth a reconciliation session.
         if differs && connected && self.differs_long_enough(peer) {
@@ -1069,6 +1073,9 @@ impl Node {
                     }
                 }
                 .map_err(|error| NodeError::Peer { peer, reason: error.to_string() })?;
+                if !self.is_stale() {
+                    self.record_contact(); // answering a session is contact with the cluster too
+                }
                 if let (WireSpace::Mailbox(key), false) = (&space, outcome.is_empty()) {
                     // The requester has things we lack: pull them.
                     let node = self.clone();
@@ -1103,14 +1110,17 @@ impl Node {
                         records.push(record);
                     }
                 }
-                Ok(Response::Records { records, more: false })
+                let blobs = self.inline_blobs(&records)?;
+                Ok(Response::Records { records, more: false, blobs })
             }
             Request::FetchRange { mailbox, depth, bits, after, limit } => {
                 let prefix = Prefix::from_packed(depth, &bits.0)
                     .ok_or_else(|| NodeError::Peer { peer, reason: "bad prefix".into() })?;
                 let (low, high) = prefix.bounds();
                 let start = match after {
-                    Some(after) if after.0 >= high => return Ok(Response::Records { records: vec![], more: false }),
+                    Some(after) if after.0 >= high => {
+                        return Ok(Response::Records { records: vec![], more: false, blobs: vec![] })
+                    }
                     Some(after) => after.0.max(low.saturating_sub(1)) + 1,
                     None => low,
                 };
@@ -1118,7 +1128,8 @@ impl Node {
                 let mut records = store.records_in_range(mailbox.id(), MessageId(start), MessageId(high), limit + 1)?;
                 let more = records.len() > limit;
                 records.truncate(limit);
-                Ok(Response::Records { records, more })
+                let blobs = self.inline_blobs(&records)?;
+                Ok(Response::Records { records, more, blobs })
             }
             Request::FetchBlob { hash, offset, length } => match store.blob(&hash)? {
                 Some(bytes) => {
@@ -1382,12 +1393,12 @@ impl Node {
         for chunk in outcome.need_keys.chunks(1000) {
             let request =
                 Request::FetchRecords { mailbox: mailbox.clone(), ids: chunk.iter().map(|key| MessageId(*key)).collect() };
-            if let Response::Records { records: fetched, .. } = self.request(peer, &request, stats).await? {
+            if let Response::Records { records: fetched, blobs, .. } = self.request(peer, &request, stats).await? {
                 let asked: HashSet<u128> = chunk.iter().copied().collect();
                 if fetched.len() > chunk.len() || fetched.iter().any(|record| !asked.contains(&record.id.0)) {
                     return Err(NodeError::Peer { peer, reason: "sent records that were not asked for".into() });
                 }
-                self.merge_pulled(peer, mailbox, fetched, stats).await?;
+                self.merge_pulled(peer, mailbox, fetched, blobs, stats).await?;
             }
         }
         for prefix in &outcome.need_prefixes {
@@ -1400,7 +1411,7 @@ impl Node {
                     after,
                     limit: 1000,
                 };
-                let Response::Records { records: fetched, more } = self.request(peer, &request, stats).await? else {
+                let Response::Records { records: fetched, more, blobs } = self.request(peer, &request, stats).await? else {
                     return Err(NodeError::Peer { peer, reason: "unexpected answer to a range fetch".into() });
                 };
                 let last = fetched.last().map(|record| record.id);
@@ -1414,7 +1425,7 @@ impl Node {
                         reason: "range fetch returned too many, unsorted or out-of-range records".into(),
                     });
                 }
-                self.merge_pulled(peer, mailbox, fetched, stats).await?;
+                self.merge_pulled(peer, mailbox, fetched, blobs, stats).await?;
                 match (more, last) {
                     (true, Some(last)) => after = Some(last),
                     _ => break,
@@ -1430,17 +1441,28 @@ impl Node {
         peer: PeerId,
         mailbox: &MailboxKey,
         records: Vec<MessageRecord>,
+        inline: Vec<ByteString>,
         stats: &SessionStats,
     ) -> Result<(), NodeError> {
         let store = &self.inner.store;
         let mut operations = Vec::new();
+        // Inline blobs are keyed by their own hash: one that no record names is simply unused.
+        let mut inline: HashMap<BlobHash, Vec<u8>> =
+            inline.into_iter().map(|bytes| (BlobHash::of(&bytes.0), bytes.0)).collect();
         let mut fetched_blobs: HashSet<BlobHash> = HashSet::new();
         let mut blob_fetches = Vec::new();
         let mut merged_count = 0u64;
         for record in &records {
             wire::validate_record(record).map_err(|error| NodeError::Peer { peer, reason: error.to_string() })?;
             if !store.has_blob(&record.blob)? && fetched_blobs.insert(record.blob) {
-                blob_fetches.push(record.blob);
+                match inline.remove(&record.blob) {
+                    Some(bytes) => {
+                        operations.push(Operation::PutBlob { expected: record.blob, bytes });
+                        self.inner.metrics.blobs_pulled.inc();
+                        SessionStats::add(&stats.blobs, 1);
+                    }
+                    None => blob_fetches.push(record.blob),
+                }
             }
         }
         let mut unavailable: HashSet<BlobHash> = HashSet::new();
@@ -1470,6 +1492,23 @@ impl Node {
         self.inner.metrics.records_pulled.inc_by(merged_count);
         SessionStats::add(&stats.records, merged_count);
         Ok(())
+    }
+
+    /// The blobs of small live records, up to 4 MiB in all, to travel with them.
+    fn inline_blobs(&self, records: &[MessageRecord]) -> Result<Vec<ByteString>, NodeError> {
+        let mut blobs = Vec::new();
+        let mut budget: u64 = 4 * 1024 * 1024;
+        let limit = self.inner.config.inline_blob_bytes as u64;
+        for record in records {
+            if !record.is_live() || record.size > limit || record.size > budget {
+                continue;
+            }
+            if let Some(bytes) = self.inner.store.blob(&record.blob)? {
+                budget -= bytes.len() as u64;
+                blobs.push(ByteString(bytes));
+            }
+        }
+        Ok(blobs)
     }
 
     /// Fetches one blob (in chunks when large) and checks its hash; a peer that sends wrong

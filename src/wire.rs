@@ -70,7 +70,14 @@ pub enum Response {
     #[serde(rename = "reconcile")]
     Reconcile { message: ByteString },
     #[serde(rename = "records")]
-    Records { records: Vec<MessageRecord>, more: bool },
+    Records {
+        records: Vec<MessageRecord>,
+        more: bool,
+        /// Blobs of small live records, inline, so a pull needs no separate blob fetch; each is
+        /// checked against its hash on arrival.
+        #[serde(default)]
+        blobs: Vec<ByteString>,
+    },
     /// The requested part of a blob and the blob's total size; `None` when the blob is unknown.
     #[serde(rename = "blob")]
     Blob { bytes: Option<ByteString>, total: u64 },

@@ -168,7 +168,7 @@ async fn a_peer_that_answers_out_of_protocol_is_disconnected_and_counted() {
     while tokio::time::Instant::now() < deadline && !disconnected {
         match tokio::time::timeout(Duration::from_secs(1), hostile.events.recv()).await {
             Ok(Some(NetworkEvent::Request { channel, .. })) => {
-                let garbage = wire::encode(&Response::Records { records: vec![], more: false });
+                let garbage = wire::encode(&Response::Records { records: vec![], more: false, blobs: vec![] });
                 let _ = hostile.client.respond(channel, garbage).await;
             }
             Ok(Some(NetworkEvent::PeerDisconnected(_))) => disconnected = true,
