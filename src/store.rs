@@ -375,6 +375,9 @@ impl Store {
             let mut table = rocksdb::BlockBasedOptions::default();
             table.set_block_cache(&cache);
             table.set_cache_index_and_filter_blocks(true);
+            // Most point reads on the write path miss (new records have no old state): bloom
+            // filters answer those without touching the data blocks.
+            table.set_bloom_filter(10.0, false);
             options.set_block_based_table_factory(&table);
             options
         };
@@ -442,6 +445,16 @@ impl Store {
     /// Applies operations in one atomic, durable batch. Each operation gets its own result; one
     /// failing leaves the others untouched.
     pub fn apply(&self, operations: Vec<Operation>) -> Vec<Result<Applied, StoreError>> {
+        self.apply_prepared(operations, HashMap::new())
+    }
+
+    /// The same, with listings already read from the blobs the operations bring (by the callers'
+    /// threads, see [`CommitQueue`]), so the single writer does not parse mail.
+    pub fn apply_prepared(
+        &self,
+        operations: Vec<Operation>,
+        listings: HashMap<BlobHash, Listing>,
+    ) -> Vec<Result<Applied, StoreError>> {
         // Refuse the whole batch up front when the disk is nearly full: a write that fails
         // half-way inside RocksDB would leave the database read-only until it is reopened.
         let incoming: u64 = operations
@@ -462,7 +475,7 @@ impl Store {
             Ok(state) => state,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let mut staging = Staging::default();
+        let mut staging = Staging { listings, ..Staging::default() };
         let mut results: Vec<Result<Applied, StoreError>> =
             operations.into_iter().map(|operation| self.stage(&mut state, &mut staging, operation)).collect();
         if let Err(error) = self.commit(&mut state, staging) {
@@ -659,9 +672,10 @@ impl Store {
             let new_listing = if change.new.is_live() {
                 match &old_listing {
                     Some(listing) => Some(listing.clone()),
-                    None => Some(match staging.blobs.get(&change.new.blob) {
-                        Some(raw) => mail::listing(raw),
-                        None => self.blob(&change.new.blob)?.map(|raw| mail::listing(&raw)).unwrap_or_default(),
+                    None => Some(match (staging.listings.get(&change.new.blob), staging.blobs.get(&change.new.blob)) {
+                        (Some(listing), _) => listing.clone(),
+                        (None, Some(raw)) => mail::listing(raw),
+                        (None, None) => self.blob(&change.new.blob)?.map(|raw| mail::listing(&raw)).unwrap_or_default(),
                     }),
                 }
             } else {
@@ -1171,6 +1185,8 @@ struct RecordChange {
 struct Staging {
     records: BTreeMap<(MailboxId, MessageId), RecordChange>,
     purges: Vec<(MailboxId, MessageRecord)>,
+    /// Listings read ahead of the batch, by blob.
+    listings: HashMap<BlobHash, Listing>,
     blobs: BTreeMap<BlobHash, Vec<u8>>,
     last_id: Option<MessageId>,
 }
@@ -1242,18 +1258,29 @@ impl TreeView for StoreTree<'_> {
 // ---------------------------------------------------------------------------------------------
 
 type Reply = tokio::sync::oneshot::Sender<Result<Applied, StoreError>>;
+type Submission = (Operation, Option<(BlobHash, Listing)>, Reply);
+
+/// Reads, in the caller's thread, what the writer would otherwise parse: the listing of a
+/// message that an append or a blob put brings.
+fn prepare(operation: &Operation) -> Option<(BlobHash, Listing)> {
+    match operation {
+        Operation::Append { raw, .. } => Some((BlobHash::of(raw), mail::listing(raw))),
+        Operation::PutBlob { expected, bytes } => Some((*expected, mail::listing(bytes))),
+        _ => None,
+    }
+}
 
 /// Durable group commit: operations from any number of threads or tasks are gathered into one
 /// batch and one WAL sync by a dedicated writer thread.
 #[derive(Clone)]
 pub struct CommitQueue {
-    sender: std::sync::mpsc::Sender<(Operation, Reply)>,
+    sender: std::sync::mpsc::Sender<Submission>,
 }
 
 impl CommitQueue {
     /// Starts the writer thread for `store`. It stops when every queue handle is dropped.
     pub fn start(store: Arc<Store>, max_batch: usize) -> CommitQueue {
-        let (sender, receiver) = std::sync::mpsc::channel::<(Operation, Reply)>();
+        let (sender, receiver) = std::sync::mpsc::channel::<Submission>();
         std::thread::Builder::new()
             .name("mailmesh-commit".into())
             .spawn(move || {
@@ -1265,8 +1292,17 @@ impl CommitQueue {
                             Err(_) => break,
                         }
                     }
-                    let (operations, replies): (Vec<Operation>, Vec<Reply>) = pending.into_iter().unzip();
-                    let results = store.apply(operations);
+                    let mut operations = Vec::with_capacity(pending.len());
+                    let mut replies = Vec::with_capacity(pending.len());
+                    let mut listings = HashMap::new();
+                    for (operation, prepared, reply) in pending {
+                        if let Some((blob, listing)) = prepared {
+                            listings.insert(blob, listing);
+                        }
+                        operations.push(operation);
+                        replies.push(reply);
+                    }
+                    let results = store.apply_prepared(operations, listings);
                     for (reply, result) in replies.into_iter().zip(results) {
                         let _ = reply.send(result);
                     }
@@ -1280,14 +1316,16 @@ impl CommitQueue {
     /// Submits an operation and waits until it is durable (or failed).
     pub async fn submit(&self, operation: Operation) -> Result<Applied, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.sender.send((operation, reply)).map_err(|_| StoreError::Closed)?;
+        let prepared = prepare(&operation);
+        self.sender.send((operation, prepared, reply)).map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
     /// The same, for threads outside the async runtime.
     pub fn submit_blocking(&self, operation: Operation) -> Result<Applied, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.sender.send((operation, reply)).map_err(|_| StoreError::Closed)?;
+        let prepared = prepare(&operation);
+        self.sender.send((operation, prepared, reply)).map_err(|_| StoreError::Closed)?;
         answer.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 }

@@ -162,11 +162,24 @@ async fn a_peer_that_answers_out_of_protocol_is_disconnected_and_counted() {
     .unwrap();
     let address = node.listen_address().unwrap();
     let mut hostile = hostile_peer(&address, "test-hostile").await;
-    // The node opens a session as soon as we connect; answer it with the wrong kind of frame.
+    // Announce a digest that differs from the node's, so it opens a session with us (or it does
+    // so on connect, when its peer ID is the lower); answer with the wrong kind of frame.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
     let mut disconnected = false;
+    let mut sequence = 0u64;
     while tokio::time::Instant::now() < deadline && !disconnected {
-        match tokio::time::timeout(Duration::from_secs(1), hostile.events.recv()).await {
+        sequence += 1;
+        let digest = Gossip::Digest {
+            peer: hostile.client.local_peer_id().to_string(),
+            name: "hostile".into(),
+            sequence,
+            digest: ByteString(vec![7; 32]),
+            mailboxes: 1,
+            addresses: vec![],
+            stale: false,
+        };
+        let _ = hostile.client.publish(Topic::Digests, wire::encode(&digest)).await;
+        match tokio::time::timeout(Duration::from_millis(300), hostile.events.recv()).await {
             Ok(Some(NetworkEvent::Request { channel, .. })) => {
                 let garbage = wire::encode(&Response::Records { records: vec![], more: false, blobs: vec![] });
                 let _ = hostile.client.respond(channel, garbage).await;
