@@ -125,7 +125,10 @@ fn parse_arguments() -> Result<Arguments, String> {
     let mut iterator = std::env::args().skip(1);
     while let Some(flag) = iterator.next() {
         let mut value = || iterator.next().ok_or(format!("{flag} needs a value"));
-        let number = |text: String| text.parse::<usize>().map_err(|_| format!("{flag} takes a whole number"));
+        let number = |text: String| {
+            text.parse::<usize>()
+                .map_err(|_| format!("{flag} takes a whole number"))
+        };
         match flag.as_str() {
             "--messages" => arguments.messages = number(value()?)?,
             "--sequential-messages" => arguments.sequential_messages = number(value()?)?,
@@ -180,10 +183,38 @@ impl SplitMix {
 }
 
 const WORDS: [&str; 32] = [
-    "the", "meeting", "invoice", "attached", "please", "review", "quarterly", "report", "thanks", "regards",
-    "schedule", "project", "update", "deadline", "customer", "shipment", "contract", "draft", "budget", "team",
-    "tomorrow", "agenda", "minutes", "question", "answer", "server", "release", "notes", "before", "after",
-    "we", "will",
+    "the",
+    "meeting",
+    "invoice",
+    "attached",
+    "please",
+    "review",
+    "quarterly",
+    "report",
+    "thanks",
+    "regards",
+    "schedule",
+    "project",
+    "update",
+    "deadline",
+    "customer",
+    "shipment",
+    "contract",
+    "draft",
+    "budget",
+    "team",
+    "tomorrow",
+    "agenda",
+    "minutes",
+    "question",
+    "answer",
+    "server",
+    "release",
+    "notes",
+    "before",
+    "after",
+    "we",
+    "will",
 ];
 
 /// One RFC 5322 message of about `size` bytes: headers, then lines of text.
@@ -223,7 +254,9 @@ fn make_messages(arguments: &Arguments, count: usize, random: &mut SplitMix) -> 
     let mu = arguments.median_bytes.ln();
     (0..count)
         .map(|index| {
-            let size = (mu + arguments.sigma * random.normal()).exp().clamp(300.0, arguments.max_bytes as f64) as usize;
+            let size = (mu + arguments.sigma * random.normal())
+                .exp()
+                .clamp(300.0, arguments.max_bytes as f64) as usize;
             let mailbox = (random.next() % arguments.mailboxes as u64) as usize;
             (mailbox, make_message(random, index, size))
         })
@@ -239,7 +272,10 @@ fn percentile(sorted: &[f64], fraction: f64) -> f64 {
 }
 
 fn now_millis() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// The file system type of the mount holding `path` (from /proc/mounts), to tell a real disk from
@@ -306,15 +342,20 @@ fn run_phase(
     seed: u64,
 ) -> Result<Value, String> {
     let path = directory.join(name);
-    let options = StoreOptions { sync_writes: true, ..StoreOptions::default() };
-    let store = Arc::new(Store::open(&path, NodeId(seed), options).map_err(|error| format!("opening the store: {error}"))?);
+    let options = StoreOptions {
+        sync_writes: true,
+        ..StoreOptions::default()
+    };
+    let store =
+        Arc::new(Store::open(&path, NodeId(seed), options).map_err(|error| format!("opening the store: {error}"))?);
     let queue = CommitQueue::start(store.clone(), arguments.max_batch);
     let mailboxes: Vec<MailboxKey> = (0..arguments.mailboxes)
         .map(|index| MailboxKey::new(&format!("user{index}@example.net"), "INBOX").expect("valid mailbox key"))
         .collect();
     let count = messages.len();
     let bytes: u64 = messages.iter().map(|(_, raw)| raw.len() as u64).sum();
-    let pool: Vec<Mutex<Option<(usize, Vec<u8>)>>> = messages.into_iter().map(|message| Mutex::new(Some(message))).collect();
+    let pool: Vec<Mutex<Option<(usize, Vec<u8>)>>> =
+        messages.into_iter().map(|message| Mutex::new(Some(message))).collect();
     let next = AtomicUsize::new(0);
     let failures = AtomicUsize::new(0);
     let syncs_before = sync_counter::read();
@@ -329,7 +370,9 @@ fn run_phase(
                     loop {
                         let index = next.fetch_add(1, Ordering::Relaxed);
                         let Some(slot) = pool.get(index) else { break };
-                        let Some((mailbox, raw)) = slot.lock().ok().and_then(|mut slot| slot.take()) else { break };
+                        let Some((mailbox, raw)) = slot.lock().ok().and_then(|mut slot| slot.take()) else {
+                            break;
+                        };
                         let submitted = Instant::now();
                         let result = queue.submit_blocking(Operation::Append {
                             mailbox: mailboxes[mailbox].clone(),
@@ -347,7 +390,10 @@ fn run_phase(
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|handle| handle.join().unwrap_or_default()).collect()
+        handles
+            .into_iter()
+            .flat_map(|handle| handle.join().unwrap_or_default())
+            .collect()
     });
     let seconds = started.elapsed().as_secs_f64();
     let syncs_after = sync_counter::read();
@@ -407,7 +453,10 @@ fn main() {
     let unique = format!(
         "mailmesh-append-bench-{}-{}",
         std::process::id(),
-        SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_nanos()).unwrap_or(0)
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|elapsed| elapsed.as_nanos())
+            .unwrap_or(0)
     );
     let directory = arguments.dir.clone().unwrap_or_else(std::env::temp_dir).join(unique);
     if let Err(error) = std::fs::create_dir_all(&directory) {
@@ -422,9 +471,22 @@ fn main() {
     sizes.sort_by(f64::total_cmp);
     let mean = sizes.iter().sum::<f64>() / sizes.len().max(1) as f64;
 
-    let sequential = run_phase("sequential", &directory, sequential_messages, 1, &arguments, arguments.seed);
-    let concurrent =
-        run_phase("concurrent", &directory, concurrent_messages, arguments.writers, &arguments, arguments.seed + 1);
+    let sequential = run_phase(
+        "sequential",
+        &directory,
+        sequential_messages,
+        1,
+        &arguments,
+        arguments.seed,
+    );
+    let concurrent = run_phase(
+        "concurrent",
+        &directory,
+        concurrent_messages,
+        arguments.writers,
+        &arguments,
+        arguments.seed + 1,
+    );
     let (sequential, concurrent) = match (sequential, concurrent) {
         (Ok(sequential), Ok(concurrent)) => (sequential, concurrent),
         (Err(error), _) | (_, Err(error)) => {

@@ -38,9 +38,15 @@ impl Random {
 fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     let mut tree = MemoryTree::new(StoredDepth::MAILBOX);
     for value in 0..200u128 {
-        tree.insert((1_767_225_600_000u128 + value * 1000) << 80 | value, *blake3::hash(&value.to_be_bytes()).as_bytes());
+        tree.insert(
+            (1_767_225_600_000u128 + value * 1000) << 80 | value,
+            *blake3::hash(&value.to_be_bytes()).as_bytes(),
+        );
     }
-    let limits = SyncLimits { leaf_threshold: 4, ..SyncLimits::default() };
+    let limits = SyncLimits {
+        leaf_threshold: 4,
+        ..SyncLimits::default()
+    };
     let first = sync::initial(&tree, &limits).unwrap_or_default();
     let empty = MemoryTree::new(StoredDepth::MAILBOX);
     let (reply, _) = sync::respond(&empty, &first, &limits).unwrap_or_default();
@@ -49,16 +55,59 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
 
     let mailbox = MailboxKey::new("fuzz@example.org", "Archive/2026").expect("valid");
     let mut record = MessageRecord::new(MessageId(12345), BlobHash::of(b"x"), 1, 2, NodeId(3));
-    mailmesh::crdt::apply_flag(&mut record, Flag::Seen, true, Stamp { time: 9, node: NodeId(3) });
-    mailmesh::crdt::apply_flag(&mut record, Flag::Keyword("$Junk".into()), false, Stamp { time: 10, node: NodeId(4) });
+    mailmesh::crdt::apply_flag(
+        &mut record,
+        Flag::Seen,
+        true,
+        Stamp {
+            time: 9,
+            node: NodeId(3),
+        },
+    );
+    mailmesh::crdt::apply_flag(
+        &mut record,
+        Flag::Keyword("$Junk".into()),
+        false,
+        Stamp {
+            time: 10,
+            node: NodeId(4),
+        },
+    );
     let frame_seeds = vec![
-        wire::encode(&Request::Reconcile { space: WireSpace::Mailbox(mailbox.clone()), message: ByteString(sync::encode(&first)) }),
-        wire::encode(&Request::FetchRecords { mailbox: mailbox.clone(), ids: vec![MessageId(1), MessageId(2)] }),
-        wire::encode(&Request::FetchRange { mailbox: mailbox.clone(), depth: 3, bits: ByteString(vec![1, 2]), after: None, limit: 10 }),
-        wire::encode(&Request::FetchBlob { hash: BlobHash::of(b"x"), offset: 0, length: 100 }),
-        wire::encode(&Response::Records { records: vec![record.clone()], more: true, blobs: vec![] }),
-        wire::encode(&Response::Blob { bytes: Some(ByteString(b"hello".to_vec())), total: 5 }),
-        wire::encode(&Gossip::Operation { mailbox: mailbox.clone(), record, blob: Some(ByteString(b"raw".to_vec())) }),
+        wire::encode(&Request::Reconcile {
+            space: WireSpace::Mailbox(mailbox.clone()),
+            message: ByteString(sync::encode(&first)),
+        }),
+        wire::encode(&Request::FetchRecords {
+            mailbox: mailbox.clone(),
+            ids: vec![MessageId(1), MessageId(2)],
+        }),
+        wire::encode(&Request::FetchRange {
+            mailbox: mailbox.clone(),
+            depth: 3,
+            bits: ByteString(vec![1, 2]),
+            after: None,
+            limit: 10,
+        }),
+        wire::encode(&Request::FetchBlob {
+            hash: BlobHash::of(b"x"),
+            offset: 0,
+            length: 100,
+        }),
+        wire::encode(&Response::Records {
+            records: vec![record.clone()],
+            more: true,
+            blobs: vec![],
+        }),
+        wire::encode(&Response::Blob {
+            bytes: Some(ByteString(b"hello".to_vec())),
+            total: 5,
+        }),
+        wire::encode(&Gossip::Operation {
+            mailbox: mailbox.clone(),
+            record,
+            blob: Some(ByteString(b"raw".to_vec())),
+        }),
         wire::encode(&Gossip::Digest {
             peer: "12D3KooW".into(),
             name: "n".into(),
@@ -73,8 +122,18 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         b"From: \"Bob\" <bob@example.org>\r\nTo: a@example.org, \"C, D\" <c@example.org>\r\nSubject: =?utf-8?B?w6l0w6k=?=\r\nDate: Sun, 29 Nov 2026 08:00:00 +0000\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: text/plain; charset=iso-8859-1\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\ncaf=E9\r\n--b\r\nContent-Type: text/html\r\n\r\n<p>x</p>\r\n--b--\r\n".to_vec(),
         b"Subject: Re: AW: hi\r\nFrom: =?koi8-r?B?7s/Xz9PUySDEzNEg18HT?= <n@example.ru>\r\n\r\nbody".to_vec(),
     ];
-    let text_seeds = vec![b"01ARZ3NDEKTSV4RRFFQ69G5FAV".to_vec(), b"\\Seen".to_vec(), b"$Forwarded".to_vec(), b"Archive/2026".to_vec()];
-    vec![("sync", sync_seeds), ("frames", frame_seeds), ("mail", mail_seeds), ("text", text_seeds)]
+    let text_seeds = vec![
+        b"01ARZ3NDEKTSV4RRFFQ69G5FAV".to_vec(),
+        b"\\Seen".to_vec(),
+        b"$Forwarded".to_vec(),
+        b"Archive/2026".to_vec(),
+    ];
+    vec![
+        ("sync", sync_seeds),
+        ("frames", frame_seeds),
+        ("mail", mail_seeds),
+        ("text", text_seeds),
+    ]
 }
 
 fn run_target(target: &str, input: &[u8]) {

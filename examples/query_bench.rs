@@ -23,15 +23,26 @@ struct Arguments {
 }
 
 fn parse_arguments() -> Result<Arguments, String> {
-    let mut arguments = Arguments { messages: 100_000, json: false, repeats: 200, keep: false };
+    let mut arguments = Arguments {
+        messages: 100_000,
+        json: false,
+        repeats: 200,
+        keep: false,
+    };
     let mut iterator = std::env::args().skip(1);
     while let Some(flag) = iterator.next() {
         match flag.as_str() {
             "--messages" => {
-                arguments.messages = iterator.next().and_then(|v| v.parse().ok()).ok_or("--messages takes a number")?
+                arguments.messages = iterator
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--messages takes a number")?
             }
             "--repeats" => {
-                arguments.repeats = iterator.next().and_then(|v| v.parse().ok()).ok_or("--repeats takes a number")?
+                arguments.repeats = iterator
+                    .next()
+                    .and_then(|v| v.parse().ok())
+                    .ok_or("--repeats takes a number")?
             }
             "--json" => arguments.json = true,
             "--keep" => arguments.keep = true,
@@ -45,7 +56,10 @@ struct Random(u64);
 
 impl Random {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         self.0 >> 17
     }
     fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
@@ -53,17 +67,32 @@ impl Random {
     }
 }
 
-const FIRST: [&str; 12] = ["Anna", "Bruno", "Chloé", "Dmitri", "Eva", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemal", "Lea"];
-const LAST: [&str; 10] = ["Smith", "Müller", "Rossi", "Dubois", "Tanaka", "Nowak", "Silva", "Okafor", "Larsen", "Kim"];
+const FIRST: [&str; 12] = [
+    "Anna", "Bruno", "Chloé", "Dmitri", "Eva", "Farid", "Grace", "Hiro", "Ines", "Jonas", "Kemal", "Lea",
+];
+const LAST: [&str; 10] = [
+    "Smith", "Müller", "Rossi", "Dubois", "Tanaka", "Nowak", "Silva", "Okafor", "Larsen", "Kim",
+];
 const TOPICS: [&str; 14] = [
-    "quarterly report", "team lunch", "server migration", "invoice", "holiday plans", "contract draft",
-    "release notes", "budget review", "meeting notes", "travel booking", "password reset", "newsletter",
-    "design review", "customer feedback",
+    "quarterly report",
+    "team lunch",
+    "server migration",
+    "invoice",
+    "holiday plans",
+    "contract draft",
+    "release notes",
+    "budget review",
+    "meeting notes",
+    "travel booking",
+    "password reset",
+    "newsletter",
+    "design review",
+    "customer feedback",
 ];
 const WORDS: [&str; 24] = [
-    "please", "find", "attached", "the", "latest", "version", "regards", "thanks", "schedule", "review",
-    "project", "deadline", "update", "question", "answer", "tomorrow", "office", "payment", "delivery",
-    "account", "meeting", "agenda", "summary", "details",
+    "please", "find", "attached", "the", "latest", "version", "regards", "thanks", "schedule", "review", "project",
+    "deadline", "update", "question", "answer", "tomorrow", "office", "payment", "delivery", "account", "meeting",
+    "agenda", "summary", "details",
 ];
 
 fn message(random: &mut Random, index: usize) -> Vec<u8> {
@@ -72,7 +101,9 @@ fn message(random: &mut Random, index: usize) -> Vec<u8> {
     let topic = random.pick(&TOPICS);
     let prefix = ["", "", "Re: ", "Fwd: ", "RE: "][(random.next() % 5) as usize];
     let day = 1 + random.next() % 28;
-    let month = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"][(random.next() % 12) as usize];
+    let month = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ][(random.next() % 12) as usize];
     let words = 40 + (random.next() % 600) as usize; // sizes spread around a 4 KiB median with headers
     let mut body = String::with_capacity(words * 7);
     for word in 0..words {
@@ -135,7 +166,10 @@ fn main() {
     let store = Store::open(
         &root.join("store"),
         mailmesh::model::NodeId(1),
-        StoreOptions { sync_writes: false, ..StoreOptions::default() },
+        StoreOptions {
+            sync_writes: false,
+            ..StoreOptions::default()
+        },
     )
     .expect("open store");
     let search = SearchIndex::open(&root.join("search")).expect("open search index");
@@ -150,7 +184,11 @@ fn main() {
             .map(|index| Operation::Append {
                 mailbox: mailbox.clone(),
                 raw: message(&mut random, index),
-                flags: if index % 3 == 0 { vec![] } else { vec![mailmesh::model::Flag::Seen] },
+                flags: if index % 3 == 0 {
+                    vec![]
+                } else {
+                    vec![mailmesh::model::Flag::Seen]
+                },
                 now_millis: start_millis + index as u64 * 30_000,
                 random: u128::from(random.next()) << 40 | u128::from(random.next()),
             })
@@ -191,15 +229,32 @@ fn main() {
         assert!(entry.unseen <= entry.live);
     });
     let rare = measure(repeats, |_| {
-        search.search(&store, id, "zanzibar", SortKey::Received, true, 0, 100).expect("search");
+        search
+            .search(&store, id, "zanzibar", SortKey::Received, true, 0, 100)
+            .expect("search");
     });
     let common = measure(repeats, |_| {
-        search.search(&store, id, "invoice", SortKey::Received, true, 0, 100).expect("search");
+        search
+            .search(&store, id, "invoice", SortKey::Received, true, 0, 100)
+            .expect("search");
     });
     let sender = measure(repeats, |_| {
-        search.search(&store, id, "from:tanaka AND subject:budget", SortKey::Subject, false, 0, 100).expect("search");
+        search
+            .search(
+                &store,
+                id,
+                "from:tanaka AND subject:budget",
+                SortKey::Subject,
+                false,
+                0,
+                100,
+            )
+            .expect("search");
     });
-    let hits = search.search(&store, id, "invoice", SortKey::Received, true, 0, 1).expect("search").total;
+    let hits = search
+        .search(&store, id, "invoice", SortKey::Received, true, 0, 1)
+        .expect("search")
+        .total;
     let index_bytes = store.local_index_bytes().unwrap_or(0) + directory_size(&root.join("search"));
     let json = serde_json::json!({
         "messages": arguments.messages,

@@ -130,8 +130,16 @@ fn main() {
             }
         }
     }
-    let client_keys: Vec<u128> = all.iter().copied().filter(|key| !missing_on_client.contains(key)).collect();
-    let server_keys: Vec<u128> = all.iter().copied().filter(|key| !missing_on_server.contains(key)).collect();
+    let client_keys: Vec<u128> = all
+        .iter()
+        .copied()
+        .filter(|key| !missing_on_client.contains(key))
+        .collect();
+    let server_keys: Vec<u128> = all
+        .iter()
+        .copied()
+        .filter(|key| !missing_on_server.contains(key))
+        .collect();
 
     let mut client = MemoryTree::new(StoredDepth::MAILBOX);
     for key in &client_keys {
@@ -142,7 +150,10 @@ fn main() {
         server.insert(*key, leaf_hash(*key));
     }
 
-    let limits = SyncLimits { leaf_threshold: arguments.leaf_threshold, ..SyncLimits::default() };
+    let limits = SyncLimits {
+        leaf_threshold: arguments.leaf_threshold,
+        ..SyncLimits::default()
+    };
     let started = Instant::now();
     let mut bytes: u64 = 0;
     let mut messages = 0u64;
@@ -154,7 +165,11 @@ fn main() {
         bytes += encoded.len() as u64;
         messages += 1;
         let incoming = sync::decode(&encoded, &limits).expect("own messages decode");
-        let (view, needs) = if client_turn { (&client, &mut client_needs) } else { (&server, &mut server_needs) };
+        let (view, needs) = if client_turn {
+            (&client, &mut client_needs)
+        } else {
+            (&server, &mut server_needs)
+        };
         let (reply, outcome) = sync::respond(view, &incoming, &limits).expect("respond");
         needs.extend(outcome);
         outgoing = reply;
@@ -191,7 +206,11 @@ fn main() {
     } else {
         let to_bytes = |keys: &[u128]| keys.iter().map(|key| key.to_be_bytes()).collect::<Vec<[u8; 16]>>();
         match negentropy_reference::reconcile(&to_bytes(&client_keys), &to_bytes(&server_keys)) {
-            Ok(figures) => (Some(figures.bytes), Some(figures.round_trips), Some(figures.milliseconds)),
+            Ok(figures) => (
+                Some(figures.bytes),
+                Some(figures.round_trips),
+                Some(figures.milliseconds),
+            ),
             Err(message) => {
                 eprintln!("reconcile_bench: negentropy failed: {message}");
                 std::process::exit(1);

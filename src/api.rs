@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use crate::mail::Listing;
 use crate::merkle::{Prefix, TreeView};
 use crate::model::{Flag, MailboxKey, MessageId, MessageRecord};
-use crate::node::Node;
+use crate::node::{hex, Node};
 use crate::store::{SortKey, Space, StoreError};
 
 /// An API error: a status and a message.
@@ -56,8 +56,14 @@ pub fn router(node: Node) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/mailboxes", get(list_mailboxes))
         .route("/v1/mailboxes/{account}/{mailbox}", get(get_mailbox))
-        .route("/v1/mailboxes/{account}/{mailbox}/messages", post(append).get(list_messages))
-        .route("/v1/mailboxes/{account}/{mailbox}/messages/{id}", get(get_message).delete(expunge))
+        .route(
+            "/v1/mailboxes/{account}/{mailbox}/messages",
+            post(append).get(list_messages),
+        )
+        .route(
+            "/v1/mailboxes/{account}/{mailbox}/messages/{id}",
+            get(get_message).delete(expunge),
+        )
         .route("/v1/mailboxes/{account}/{mailbox}/messages/{id}/raw", get(get_raw))
         .route("/v1/mailboxes/{account}/{mailbox}/messages/{id}/flags", post(set_flags))
         .route("/v1/mailboxes/{account}/{mailbox}/sync", get(sync_ranges))
@@ -81,7 +87,9 @@ async fn require_token(
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let Some(expected) = node.config().http_token.as_deref() else { return next.run(request).await };
+    let Some(expected) = node.config().http_token.as_deref() else {
+        return next.run(request).await;
+    };
     let path = request.uri().path();
     if path == "/healthz" || path == "/readyz" {
         return next.run(request).await;
@@ -92,17 +100,21 @@ async fn require_token(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
         .map(str::to_owned);
-    let from_query = request
-        .uri()
-        .query()
-        .and_then(|query| query.split('&').find_map(|pair| pair.strip_prefix("token=")).map(str::to_owned));
+    let from_query = request.uri().query().and_then(|query| {
+        query
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("token="))
+            .map(str::to_owned)
+    });
     let presented = from_header.or(from_query).unwrap_or_default();
     if constant_time_equal(presented.as_bytes(), expected.as_bytes()) {
         return next.run(request).await;
     }
     node.metrics().http_unauthorized.inc();
     let mut response = ApiError(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into()).into_response();
-    response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    response
+        .headers_mut()
+        .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
     response
 }
 
@@ -110,7 +122,10 @@ fn constant_time_equal(left: &[u8], right: &[u8]) -> bool {
     if left.len() != right.len() {
         return false;
     }
-    left.iter().zip(right).fold(0u8, |difference, (a, b)| difference | (a ^ b)) == 0
+    left.iter()
+        .zip(right)
+        .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+        == 0
 }
 
 /// Turns axum's own plain-text refusals (bad query strings, bad paths, wrong methods) into the
@@ -125,7 +140,9 @@ async fn json_errors(response: Response) -> Response {
     if !(status.is_client_error() || status.is_server_error()) || is_json {
         return response;
     }
-    let body = axum::body::to_bytes(response.into_body(), 64 * 1024).await.unwrap_or_default();
+    let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
+        .await
+        .unwrap_or_default();
     let mut message = String::from_utf8_lossy(&body).trim().to_owned();
     if message.is_empty() {
         message = status.canonical_reason().unwrap_or("error").to_owned();
@@ -138,7 +155,8 @@ fn mailbox_key(account: &str, mailbox: &str) -> Result<MailboxKey, ApiError> {
 }
 
 fn message_id(text: &str) -> Result<MessageId, ApiError> {
-    text.parse().map_err(|error: crate::model::ModelError| bad_request(error.to_string()))
+    text.parse()
+        .map_err(|error: crate::model::ModelError| bad_request(error.to_string()))
 }
 
 /// RFC 3339 UTC with milliseconds, from milliseconds since the epoch.
@@ -154,7 +172,11 @@ pub fn rfc3339(millis: u64) -> String {
     let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
     let month_index = (5 * day_of_year + 2) / 153;
     let day = day_of_year - (153 * month_index + 2) / 5 + 1;
-    let month = if month_index < 10 { month_index + 3 } else { month_index - 9 };
+    let month = if month_index < 10 {
+        month_index + 3
+    } else {
+        month_index - 9
+    };
     let year = year_of_era + era * 400 + i64::from(month <= 2);
     format!(
         "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
@@ -180,13 +202,22 @@ fn item(record: &MessageRecord, listing: &Listing) -> Value {
 }
 
 fn item_of(node: &Node, key: &MailboxKey, record: &MessageRecord) -> Result<Value, ApiError> {
-    let listing = node.store().local_state(key.id(), record.id)?.and_then(|state| state.listing).unwrap_or_default();
+    let listing = node
+        .store()
+        .local_state(key.id(), record.id)?
+        .and_then(|state| state.listing)
+        .unwrap_or_default();
     Ok(item(record, &listing))
 }
 
 async fn status(State(node): State<Node>) -> Result<Json<Value>, ApiError> {
     let peers = node.peer_statuses().await;
-    let listen: Vec<String> = node.listen_addresses().await.iter().map(|address| address.to_string()).collect();
+    let listen: Vec<String> = node
+        .listen_addresses()
+        .await
+        .iter()
+        .map(|address| address.to_string())
+        .collect();
     let blocked: Vec<Value> = node
         .blocked_peers()
         .await
@@ -236,7 +267,10 @@ async fn get_mailbox(
     Path((account, mailbox)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
     let key = mailbox_key(&account, &mailbox)?;
-    let entry = node.store().mailbox_entry(key.id())?.ok_or_else(|| not_found("no such mailbox"))?;
+    let entry = node
+        .store()
+        .mailbox_entry(key.id())?
+        .ok_or_else(|| not_found("no such mailbox"))?;
     Ok(Json(json!({
         "account": entry.key.account(),
         "mailbox": entry.key.mailbox(),
@@ -262,9 +296,14 @@ async fn append(
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
     let key = mailbox_key(&account, &mailbox)?;
     let limit = node.config().max_message_bytes;
-    let raw: Bytes = axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX)).await.map_err(|_| {
-        ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("message exceeds the limit of {limit} bytes"))
-    })?;
+    let raw: Bytes = axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
+        .await
+        .map_err(|_| {
+            ApiError(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("message exceeds the limit of {limit} bytes"),
+            )
+        })?;
     if raw.is_empty() {
         return Err(bad_request("empty message body"));
     }
@@ -300,8 +339,11 @@ async fn list_messages(
 ) -> Result<Json<Value>, ApiError> {
     let key = mailbox_key(&account, &mailbox)?;
     let sort_name = query.sort.as_deref().unwrap_or("received");
-    let sort = SortKey::parse(sort_name)
-        .ok_or_else(|| bad_request(format!("unsupported sort {sort_name:?}: use received, date, from, subject or size")))?;
+    let sort = SortKey::parse(sort_name).ok_or_else(|| {
+        bad_request(format!(
+            "unsupported sort {sort_name:?}: use received, date, from, subject or size"
+        ))
+    })?;
     let descending = match query.order.as_deref() {
         None | Some("asc") => false,
         Some("desc") => true,
@@ -312,7 +354,10 @@ async fn list_messages(
         return Err(bad_request("limit is at most 1000"));
     }
     let position = query.position.unwrap_or(0);
-    let entry = node.store().mailbox_entry(key.id())?.ok_or_else(|| not_found("no such mailbox"))?;
+    let entry = node
+        .store()
+        .mailbox_entry(key.id())?
+        .ok_or_else(|| not_found("no such mailbox"))?;
     let mut items = Vec::new();
     let total;
     match query.search {
@@ -328,8 +373,14 @@ async fn list_messages(
             .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
             total = hits.total;
             for id in hits.ids {
-                let Some(record) = node.store().record(key.id(), id)? else { continue };
-                let listing = node.store().local_state(key.id(), id)?.and_then(|state| state.listing).unwrap_or_default();
+                let Some(record) = node.store().record(key.id(), id)? else {
+                    continue;
+                };
+                let listing = node
+                    .store()
+                    .local_state(key.id(), id)?
+                    .and_then(|state| state.listing)
+                    .unwrap_or_default();
                 items.push(item(&record, &listing));
             }
         }
@@ -349,10 +400,6 @@ struct RangeQuery {
     hi: Option<String>,
     split: Option<u32>,
     limit: Option<usize>,
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// The trie node whose bounds are exactly `lo..=hi` (the whole mailbox when both are absent).
@@ -398,7 +445,10 @@ async fn sync_ranges(
     let mut branching = prefix;
     while branching.depth() < crate::merkle::KEY_NIBBLES && whole.count > 1 {
         let children = tree.child_aggregates(branching)?;
-        let mut present = children.iter().enumerate().filter(|(_, aggregate)| !aggregate.is_empty());
+        let mut present = children
+            .iter()
+            .enumerate()
+            .filter(|(_, aggregate)| !aggregate.is_empty());
         match (present.next(), present.next()) {
             (Some((index, _)), None) => match branching.child(index as u8) {
                 Some(child) => branching = child,
@@ -409,7 +459,10 @@ async fn sync_ranges(
     }
     let mut frontier = vec![branching];
     for _ in 0..levels {
-        frontier = frontier.iter().flat_map(|parent| (0..16).filter_map(move |index| parent.child(index))).collect();
+        frontier = frontier
+            .iter()
+            .flat_map(|parent| (0..16).filter_map(move |index| parent.child(index)))
+            .collect();
     }
     let mut ranges = Vec::new();
     for child in frontier {
@@ -431,7 +484,12 @@ async fn sync_ids(
 ) -> Result<Json<Value>, ApiError> {
     let key = mailbox_key(&account, &mailbox)?;
     let low = query.lo.as_deref().map(message_id).transpose()?.unwrap_or(MessageId(0));
-    let high = query.hi.as_deref().map(message_id).transpose()?.unwrap_or(MessageId(u128::MAX));
+    let high = query
+        .hi
+        .as_deref()
+        .map(message_id)
+        .transpose()?
+        .unwrap_or(MessageId(u128::MAX));
     let limit = query.limit.unwrap_or(1000);
     if limit > 10_000 {
         return Err(bad_request("limit is at most 10000"));
@@ -500,7 +558,10 @@ async fn get_raw(
 ) -> Result<Response, ApiError> {
     let key = mailbox_key(&account, &mailbox)?;
     let record = live_record(&node, &key, message_id(&id)?)?;
-    let bytes = node.store().blob(&record.blob)?.ok_or_else(|| not_found("the message's blob has not arrived yet"))?;
+    let bytes = node
+        .store()
+        .blob(&record.blob)?
+        .ok_or_else(|| not_found("the message's blob has not arrived yet"))?;
     Ok(([(header::CONTENT_TYPE, "message/rfc822")], bytes).into_response())
 }
 
@@ -519,10 +580,13 @@ async fn set_flags(
 ) -> Result<Json<Value>, ApiError> {
     let key = mailbox_key(&account, &mailbox)?;
     let id = message_id(&id)?;
-    let change: FlagChange =
-        serde_json::from_slice(&body).map_err(|error| bad_request(format!("expected {{\"add\":[...],\"remove\":[...]}}: {error}")))?;
+    let change: FlagChange = serde_json::from_slice(&body)
+        .map_err(|error| bad_request(format!("expected {{\"add\":[...],\"remove\":[...]}}: {error}")))?;
     let parse = |names: &[String]| -> Result<Vec<Flag>, ApiError> {
-        names.iter().map(|name| name.parse::<Flag>().map_err(|error| bad_request(error.to_string()))).collect()
+        names
+            .iter()
+            .map(|name| name.parse::<Flag>().map_err(|error| bad_request(error.to_string())))
+            .collect()
     };
     let (add, remove) = (parse(&change.add)?, parse(&change.remove)?);
     let record = node.set_flags(&key, id, add, remove).await?;
@@ -550,8 +614,11 @@ async fn ready(State(node): State<Node>) -> Response {
         return ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("store not readable: {error}")).into_response();
     }
     if node.is_stale() {
-        return ApiError(StatusCode::SERVICE_UNAVAILABLE, "stale replica: see the node's log; rejoin it empty".into())
-            .into_response();
+        return ApiError(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "stale replica: see the node's log; rejoin it empty".into(),
+        )
+        .into_response();
     }
     let peers = node.peer_statuses().await.len();
     if !node.config().peers.is_empty() && peers == 0 {
@@ -562,7 +629,10 @@ async fn ready(State(node): State<Node>) -> Response {
 
 async fn metrics(State(node): State<Node>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         node.encode_metrics(),
     )
         .into_response()

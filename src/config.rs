@@ -52,8 +52,14 @@ pub struct ConfigFile {
 impl ConfigFile {
     /// Reads a TOML file.
     pub fn load(path: &Path) -> Result<ConfigFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.to_owned(), source })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// Applies the file over the defaults.
@@ -69,7 +75,10 @@ impl ConfigFile {
             config.listen = parse_addresses("listen", &listen)?;
         }
         if let Some(http) = self.http {
-            config.http = http.parse().map_err(|error| ConfigError::Invalid { key: "http", reason: format!("{error}") })?;
+            config.http = http.parse().map_err(|error| ConfigError::Invalid {
+                key: "http",
+                reason: format!("{error}"),
+            })?;
         }
         if let Some(peers) = self.peers {
             config.peers = parse_addresses("peers", &peers)?;
@@ -145,7 +154,10 @@ impl ConfigFile {
 
 /// Reads peer IDs, one per line (`#` starts a comment).
 pub fn read_peer_list(path: &Path) -> Result<Vec<String>, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     Ok(text
         .lines()
         .map(|line| line.split('#').next().unwrap_or_default().trim().to_owned())
@@ -157,9 +169,10 @@ pub fn read_peer_list(path: &Path) -> Result<Vec<String>, ConfigError> {
 pub fn add_allowed_peers(config: &mut NodeConfig, peers: &[String]) -> Result<(), ConfigError> {
     let list = config.allowed_peers.get_or_insert_with(Default::default);
     for text in peers {
-        let peer = text
-            .parse::<libp2p::PeerId>()
-            .map_err(|error| ConfigError::Invalid { key: "allow_peers", reason: format!("{text:?}: {error}") })?;
+        let peer = text.parse::<libp2p::PeerId>().map_err(|error| ConfigError::Invalid {
+            key: "allow_peers",
+            reason: format!("{text:?}: {error}"),
+        })?;
         list.insert(peer);
     }
     Ok(())
@@ -167,7 +180,10 @@ pub fn add_allowed_peers(config: &mut NodeConfig, peers: &[String]) -> Result<()
 
 /// Reads a pre-shared cluster key (go-ipfs swarm.key format or 64 hex characters).
 pub fn read_cluster_key(path: &Path) -> Result<[u8; 32], ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     crate::net::parse_pre_shared_key(&text).map_err(|error| ConfigError::Invalid {
         key: "cluster_key_file",
         reason: format!("{}: {error}", path.display()),
@@ -176,7 +192,10 @@ pub fn read_cluster_key(path: &Path) -> Result<[u8; 32], ConfigError> {
 
 /// Reads a bearer token file (the first line, trimmed; at least 16 characters).
 pub fn read_token(path: &Path) -> Result<String, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     let token = text.lines().next().unwrap_or_default().trim().to_owned();
     if token.len() < 16 || !token.bytes().all(|byte| byte.is_ascii_graphic()) {
         return Err(ConfigError::Invalid {
@@ -191,17 +210,28 @@ pub fn read_token(path: &Path) -> Result<String, ConfigError> {
 pub fn parse_addresses(key: &'static str, texts: &[String]) -> Result<Vec<libp2p::Multiaddr>, ConfigError> {
     texts
         .iter()
-        .map(|text| text.parse().map_err(|error| ConfigError::Invalid { key, reason: format!("{text:?}: {error}") }))
+        .map(|text| {
+            text.parse().map_err(|error| ConfigError::Invalid {
+                key,
+                reason: format!("{text:?}: {error}"),
+            })
+        })
         .collect()
 }
 
 /// Checks values that must make sense together.
 pub fn validate(config: &NodeConfig) -> Result<(), ConfigError> {
     if config.cluster.is_empty() || config.cluster.contains(['/', ' ']) {
-        return Err(ConfigError::Invalid { key: "cluster", reason: "must be non-empty without '/' or spaces".into() });
+        return Err(ConfigError::Invalid {
+            key: "cluster",
+            reason: "must be non-empty without '/' or spaces".into(),
+        });
     }
     if config.max_message_bytes == 0 {
-        return Err(ConfigError::Invalid { key: "max_message_bytes", reason: "must be positive".into() });
+        return Err(ConfigError::Invalid {
+            key: "max_message_bytes",
+            reason: "must be positive".into(),
+        });
     }
     if !(config.peer_requests_per_second > 0.0 && config.peer_request_burst >= 1.0) {
         return Err(ConfigError::Invalid {
@@ -210,7 +240,10 @@ pub fn validate(config: &NodeConfig) -> Result<(), ConfigError> {
         });
     }
     if config.inline_blob_bytes > 512 * 1024 {
-        return Err(ConfigError::Invalid { key: "inline_blob_bytes", reason: "at most 524288".into() });
+        return Err(ConfigError::Invalid {
+            key: "inline_blob_bytes",
+            reason: "at most 524288".into(),
+        });
     }
     Ok(())
 }

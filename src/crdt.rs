@@ -101,7 +101,10 @@ pub fn state_hash(record: &MessageRecord) -> [u8; 32] {
     hasher.update(&record.origin.0.to_be_bytes());
     match record.expunged {
         None => hasher.update(&[0]),
-        Some(stamp) => hasher.update(&[1]).update(&stamp.time.to_be_bytes()).update(&stamp.node.0.to_be_bytes()),
+        Some(stamp) => hasher
+            .update(&[1])
+            .update(&stamp.time.to_be_bytes())
+            .update(&stamp.node.0.to_be_bytes()),
     };
     hasher.update(&(record.flags.len() as u64).to_be_bytes());
     for (flag, register) in &record.flags {
@@ -160,7 +163,11 @@ impl Clock {
         let local = self.last.max(physical_time(now_millis));
         let limit = local.saturating_add(self.bound_millis.saturating_mul(1 << COUNTER_BITS));
         if seen > limit {
-            return Err(ClockError::TooFarAhead { seen, local, bound_millis: self.bound_millis });
+            return Err(ClockError::TooFarAhead {
+                seen,
+                local,
+                bound_millis: self.bound_millis,
+            });
         }
         Ok(())
     }
@@ -263,11 +270,35 @@ mod tests {
     fn higher_stamp_wins_and_node_breaks_ties() {
         let mut left = base();
         let mut right = base();
-        apply_flag(&mut left, Flag::Seen, true, Stamp { time: 5, node: NodeId(1) });
-        apply_flag(&mut right, Flag::Seen, false, Stamp { time: 5, node: NodeId(2) });
+        apply_flag(
+            &mut left,
+            Flag::Seen,
+            true,
+            Stamp {
+                time: 5,
+                node: NodeId(1),
+            },
+        );
+        apply_flag(
+            &mut right,
+            Flag::Seen,
+            false,
+            Stamp {
+                time: 5,
+                node: NodeId(2),
+            },
+        );
         let merged = merge(&left, &right).unwrap();
         assert!(!merged.has_flag(&Flag::Seen), "node 2 breaks the tie");
-        apply_flag(&mut left, Flag::Seen, true, Stamp { time: 6, node: NodeId(1) });
+        apply_flag(
+            &mut left,
+            Flag::Seen,
+            true,
+            Stamp {
+                time: 6,
+                node: NodeId(1),
+            },
+        );
         assert!(merge(&left, &right).unwrap().has_flag(&Flag::Seen));
     }
 

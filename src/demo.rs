@@ -25,7 +25,10 @@ fn converge(step: &str, nodes: &[&LocalNode], extra: impl Fn() -> bool) -> anyho
             for node in nodes {
                 eprintln!("  {}: digest {}", node.name, node.digest().unwrap_or_default());
             }
-            bail!("{step}: the nodes did not converge within {} s", CONVERGENCE_LIMIT.as_secs())
+            bail!(
+                "{step}: the nodes did not converge within {} s",
+                CONVERGENCE_LIMIT.as_secs()
+            )
         }
     }
 }
@@ -42,7 +45,10 @@ fn traffic(nodes: &[&LocalNode]) -> (f64, f64) {
 
 /// Runs the demo with node processes started from `binary`.
 pub fn run(binary: &Path, keep: bool) -> anyhow::Result<()> {
-    let stamp = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0);
+    let stamp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     let root = std::env::temp_dir().join(format!("mailmesh-demo-{}-{stamp}", std::process::id()));
     std::fs::create_dir_all(&root)?;
     let result = run_in(binary, &root);
@@ -61,15 +67,37 @@ fn run_in(binary: &Path, root: &Path) -> anyhow::Result<()> {
     println!("mailmesh demo: three nodes on 127.0.0.1 (data in {})", root.display());
     let alpha = LocalNode::spawn(binary, "alpha", &root.join("alpha"), cluster, &[], gossip_ms, &[])?;
     let seed = alpha.listen_address()?;
-    let bravo = LocalNode::spawn(binary, "bravo", &root.join("bravo"), cluster, &[seed.clone()], gossip_ms, &[])?;
-    let mut charlie = LocalNode::spawn(binary, "charlie", &root.join("charlie"), cluster, &[seed], gossip_ms, &[])?;
+    let bravo = LocalNode::spawn(
+        binary,
+        "bravo",
+        &root.join("bravo"),
+        cluster,
+        &[seed.clone()],
+        gossip_ms,
+        &[],
+    )?;
+    let mut charlie = LocalNode::spawn(
+        binary,
+        "charlie",
+        &root.join("charlie"),
+        cluster,
+        &[seed],
+        gossip_ms,
+        &[],
+    )?;
     let peers_up = wait_until(Duration::from_secs(30), || {
         [&alpha, &bravo, &charlie].iter().all(|node| {
-            node.status().map(|status| status["peers"].as_array().map(Vec::len).unwrap_or(0) >= 2).unwrap_or(false)
+            node.status()
+                .map(|status| status["peers"].as_array().map(Vec::len).unwrap_or(0) >= 2)
+                .unwrap_or(false)
         })
     })
     .context("the three nodes did not all connect to each other within 30 s")?;
-    println!("  {:<48} connected in {:>7.1} ms", "three nodes, full mesh", peers_up.as_secs_f64() * 1000.0);
+    println!(
+        "  {:<48} connected in {:>7.1} ms",
+        "three nodes, full mesh",
+        peers_up.as_secs_f64() * 1000.0
+    );
 
     // 1. Concurrent appends to the same mailbox on all three nodes.
     let per_node = 20;
@@ -91,13 +119,19 @@ fn run_in(binary: &Path, root: &Path) -> anyhow::Result<()> {
             })
             .collect();
         for handle in handles {
-            handle.join().map_err(|_| anyhow::anyhow!("an append thread panicked"))??;
+            handle
+                .join()
+                .map_err(|_| anyhow::anyhow!("an append thread panicked"))??;
         }
         Ok(())
     })?;
     let nodes = [&alpha, &bravo, &charlie];
     converge("60 concurrent appends on 3 nodes, all survive", &nodes, || {
-        nodes.iter().all(|node| node.messages(ACCOUNT, MAILBOX).map(|list| list.len() == 3 * per_node).unwrap_or(false))
+        nodes.iter().all(|node| {
+            node.messages(ACCOUNT, MAILBOX)
+                .map(|list| list.len() == 3 * per_node)
+                .unwrap_or(false)
+        })
     })?;
 
     // 2. Conflicting flag changes on one message at the same moment.
@@ -131,13 +165,21 @@ fn run_in(binary: &Path, root: &Path) -> anyhow::Result<()> {
         bail!("expunge answered {}", response.status);
     }
     converge("expunge on one node", &nodes, || {
-        nodes.iter().all(|node| node.get(&expunge_path).map(|response| response.status == 404).unwrap_or(false))
+        nodes.iter().all(|node| {
+            node.get(&expunge_path)
+                .map(|response| response.status == 404)
+                .unwrap_or(false)
+        })
     })?;
 
     // 4. Kill charlie with SIGKILL, write while it is down, restart it.
     charlie.kill();
     for index in 0..30 {
-        let raw = sample_message("late@example.org", &format!("Written while charlie is down {index}"), "Catch up.");
+        let raw = sample_message(
+            "late@example.org",
+            &format!("Written while charlie is down {index}"),
+            "Catch up.",
+        );
         if index % 2 == 0 { &alpha } else { &bravo }.append(ACCOUNT, MAILBOX, &raw)?;
     }
     let restart_started = Instant::now();
@@ -146,7 +188,10 @@ fn run_in(binary: &Path, root: &Path) -> anyhow::Result<()> {
     let catch_up = converge("charlie killed, 30 writes, restarted, catches up", &nodes, || true)?;
     let total = charlie.messages(ACCOUNT, MAILBOX)?.len();
     if total != 3 * per_node - 1 + 30 {
-        bail!("charlie holds {total} live messages after catching up, expected {}", 3 * per_node - 1 + 30);
+        bail!(
+            "charlie holds {total} live messages after catching up, expected {}",
+            3 * per_node - 1 + 30
+        );
     }
     println!(
         "  {:<48} {:>7.1} ms including process start",
@@ -155,9 +200,15 @@ fn run_in(binary: &Path, root: &Path) -> anyhow::Result<()> {
     );
 
     let (sync_bytes, gossip_bytes) = traffic(&nodes);
-    println!("  {:<48} {:>9.0} bytes", "reconciliation and pull traffic (all nodes)", sync_bytes);
+    println!(
+        "  {:<48} {:>9.0} bytes",
+        "reconciliation and pull traffic (all nodes)", sync_bytes
+    );
     println!("  {:<48} {:>9.0} bytes", "gossip payloads (all nodes)", gossip_bytes);
     println!("  {:<48} {}", "final digest", alpha.digest()?);
-    println!("demo finished in {:.1} s: every step converged", started.elapsed().as_secs_f64());
+    println!(
+        "demo finished in {:.1} s: every step converged",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }

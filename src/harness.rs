@@ -88,7 +88,10 @@ impl LocalNode {
             http: String::new(),
             binary: binary.to_owned(),
             arguments,
-            environment: environment.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect(),
+            environment: environment
+                .iter()
+                .map(|(key, value)| (key.to_string(), value.to_string()))
+                .collect(),
             child: None,
             token: None,
         };
@@ -104,7 +107,11 @@ impl LocalNode {
         let child = Command::new(&self.binary)
             .args(&self.arguments)
             .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()))
-            .envs(self.environment.iter().map(|(key, value)| (key.as_str(), value.as_str())))
+            .envs(
+                self.environment
+                    .iter()
+                    .map(|(key, value)| (key.as_str(), value.as_str())),
+            )
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -114,7 +121,11 @@ impl LocalNode {
         loop {
             if let Ok(address) = std::fs::read_to_string(&address_file) {
                 self.http = address.trim().to_owned();
-                if self.get("/healthz").map(|response| response.status == 200).unwrap_or(false) {
+                if self
+                    .get("/healthz")
+                    .map(|response| response.status == 200)
+                    .unwrap_or(false)
+                {
                     return Ok(());
                 }
             }
@@ -171,12 +182,24 @@ impl LocalNode {
 
     /// GET a path.
     pub fn get(&self, path: &str) -> Result<HttpResponse, HarnessError> {
-        Ok(http_client::request(&self.http, "GET", path, &[], self.token.as_deref())?)
+        Ok(http_client::request(
+            &self.http,
+            "GET",
+            path,
+            &[],
+            self.token.as_deref(),
+        )?)
     }
 
     /// Sends a request with a body.
     pub fn send(&self, method: &str, path: &str, body: &[u8]) -> Result<HttpResponse, HarnessError> {
-        Ok(http_client::request(&self.http, method, path, body, self.token.as_deref())?)
+        Ok(http_client::request(
+            &self.http,
+            method,
+            path,
+            body,
+            self.token.as_deref(),
+        )?)
     }
 
     /// The node's status document.
@@ -193,7 +216,11 @@ impl LocalNode {
         let status = self.status()?;
         status["listen"]
             .as_array()
-            .and_then(|list| list.iter().filter_map(Value::as_str).find(|address| address.contains("127.0.0.1")))
+            .and_then(|list| {
+                list.iter()
+                    .filter_map(Value::as_str)
+                    .find(|address| address.contains("127.0.0.1"))
+            })
             .map(str::to_owned)
             .ok_or_else(|| HarnessError::Unexpected(format!("no listen address in {status}")))
     }
@@ -205,7 +232,11 @@ impl LocalNode {
 
     /// Appends a message and returns its ID.
     pub fn append(&self, account: &str, mailbox: &str, raw: &[u8]) -> Result<String, HarnessError> {
-        let response = self.send("POST", &format!("{}/messages", Self::mailbox_path(account, mailbox)), raw)?;
+        let response = self.send(
+            "POST",
+            &format!("{}/messages", Self::mailbox_path(account, mailbox)),
+            raw,
+        )?;
         if response.status != 201 {
             return Err(HarnessError::Unexpected(format!(
                 "append on {} answered {}: {}",
@@ -214,7 +245,10 @@ impl LocalNode {
                 String::from_utf8_lossy(&response.body)
             )));
         }
-        response.json()["id"].as_str().map(str::to_owned).ok_or_else(|| HarnessError::Unexpected("no id".into()))
+        response.json()["id"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| HarnessError::Unexpected("no id".into()))
     }
 
     /// Every live message of a mailbox as (id, sorted flags), in ID order.
@@ -222,7 +256,10 @@ impl LocalNode {
         let mut all = Vec::new();
         let mut position = 0;
         loop {
-            let path = format!("{}/messages?limit=1000&position={position}", Self::mailbox_path(account, mailbox));
+            let path = format!(
+                "{}/messages?limit=1000&position={position}",
+                Self::mailbox_path(account, mailbox)
+            );
             let response = self.get(&path)?;
             if response.status == 404 {
                 return Ok(all);
@@ -252,12 +289,7 @@ impl LocalNode {
     /// The sum of a metric's samples whose line starts with `name` (all label sets).
     pub fn metric_sum(&self, name: &str) -> Result<f64, HarnessError> {
         let text = String::from_utf8_lossy(&self.get("/metrics")?.body).into_owned();
-        Ok(text
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum())
+        Ok(http_client::metric_sum(&text, name))
     }
 }
 

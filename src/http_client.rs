@@ -46,11 +46,25 @@ pub fn encode_segment(segment: &str) -> String {
 }
 
 /// Sends one request to `address` (host:port) and reads the whole response.
-pub fn request(address: &str, method: &str, path: &str, body: &[u8], bearer: Option<&str>) -> Result<HttpResponse, HttpError> {
-    let io = |source| HttpError::Io { address: address.to_owned(), source };
-    let malformed = |reason: &str| HttpError::Malformed { address: address.to_owned(), reason: reason.to_owned() };
-    let mut stream =
-        TcpStream::connect(address).map_err(|source| HttpError::Connect { address: address.to_owned(), source })?;
+pub fn request(
+    address: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    bearer: Option<&str>,
+) -> Result<HttpResponse, HttpError> {
+    let io = |source| HttpError::Io {
+        address: address.to_owned(),
+        source,
+    };
+    let malformed = |reason: &str| HttpError::Malformed {
+        address: address.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let mut stream = TcpStream::connect(address).map_err(|source| HttpError::Connect {
+        address: address.to_owned(),
+        source,
+    })?;
     stream.set_read_timeout(Some(Duration::from_secs(60))).map_err(io)?;
     let mut head = format!(
         "{method} {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\nContent-Length: {}\r\n",
@@ -117,4 +131,13 @@ pub fn request(address: &str, method: &str, path: &str, body: &[u8], bearer: Opt
         reader.read_to_end(&mut body).map_err(io)?;
     }
     Ok(HttpResponse { status, body })
+}
+
+/// The sum of every sample of a metric (all label sets) in Prometheus text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
 }

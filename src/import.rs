@@ -30,7 +30,10 @@ pub struct ImportSummary {
 
 /// Reads every message of an mbox file or Maildir folder (with `cur` and `new`).
 pub fn read_messages(path: &Path) -> Result<Vec<Vec<u8>>, ImportError> {
-    let error = |reason: String| ImportError::Source { path: path.display().to_string(), reason };
+    let error = |reason: String| ImportError::Source {
+        path: path.display().to_string(),
+        reason,
+    };
     let mut messages = Vec::new();
     if path.is_dir() {
         let iterator = mail_parser::mailbox::maildir::MessageIterator::new(path).map_err(|e| error(e.to_string()))?;
@@ -48,17 +51,39 @@ pub fn read_messages(path: &Path) -> Result<Vec<Vec<u8>>, ImportError> {
 
 fn progress(done: u64, total: u64) {
     let width = 30;
-    let filled = if total == 0 { width } else { (done * width as u64 / total) as usize };
+    let filled = if total == 0 {
+        width
+    } else {
+        (done * width as u64 / total) as usize
+    };
     let mut stderr = std::io::stderr();
-    let _ = write!(stderr, "\r[{}{}] {done}/{total}", "#".repeat(filled), " ".repeat(width - filled));
+    let _ = write!(
+        stderr,
+        "\r[{}{}] {done}/{total}",
+        "#".repeat(filled),
+        " ".repeat(width - filled)
+    );
     let _ = stderr.flush();
 }
 
 /// Imports messages into `account`/`mailbox` on the node at `http` (host:port).
-pub fn import(http: &str, account: &str, mailbox: &str, path: &Path, show_progress: bool) -> Result<ImportSummary, ImportError> {
+pub fn import(
+    http: &str,
+    account: &str,
+    mailbox: &str,
+    path: &Path,
+    show_progress: bool,
+) -> Result<ImportSummary, ImportError> {
     let messages = read_messages(path)?;
-    let target = format!("/v1/mailboxes/{}/{}/messages?skip_duplicate=true", encode_segment(account), encode_segment(mailbox));
-    let mut summary = ImportSummary { read: messages.len() as u64, ..ImportSummary::default() };
+    let target = format!(
+        "/v1/mailboxes/{}/{}/messages?skip_duplicate=true",
+        encode_segment(account),
+        encode_segment(mailbox)
+    );
+    let mut summary = ImportSummary {
+        read: messages.len() as u64,
+        ..ImportSummary::default()
+    };
     for (index, raw) in messages.iter().enumerate() {
         if raw.is_empty() {
             summary.failed += 1;
@@ -72,7 +97,9 @@ pub fn import(http: &str, account: &str, mailbox: &str, path: &Path, show_progre
             }
             200 => summary.duplicates += 1,
             400 if index == 0 => {
-                return Err(ImportError::Refused(String::from_utf8_lossy(&response.body).into_owned()));
+                return Err(ImportError::Refused(
+                    String::from_utf8_lossy(&response.body).into_owned(),
+                ));
             }
             _ => summary.failed += 1,
         }

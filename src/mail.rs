@@ -48,9 +48,14 @@ fn address_text(address: Option<&mail_parser::Address<'_>>) -> (String, String) 
 
 /// The listing of a raw message.
 pub fn listing(raw: &[u8]) -> Listing {
-    let Some(message) = parse(raw) else { return Listing::default() };
+    let Some(message) = parse(raw) else {
+        return Listing::default();
+    };
     let (name, address) = address_text(message.from());
-    let date_millis = message.date().and_then(|date| u64::try_from(date.to_timestamp()).ok()).map(|seconds| seconds * 1000);
+    let date_millis = message
+        .date()
+        .and_then(|date| u64::try_from(date.to_timestamp()).ok())
+        .map(|seconds| seconds * 1000);
     Listing {
         date_millis,
         from: if name.is_empty() { address } else { name },
@@ -62,7 +67,10 @@ pub fn listing(raw: &[u8]) -> Listing {
 pub fn search_text(raw: &[u8]) -> SearchText {
     let Some(message) = parse(raw) else {
         // Not parseable at all: search the bytes as text.
-        return SearchText { body: truncate(&String::from_utf8_lossy(raw), SEARCH_BODY_BYTES), ..SearchText::default() };
+        return SearchText {
+            body: truncate(&String::from_utf8_lossy(raw), SEARCH_BODY_BYTES),
+            ..SearchText::default()
+        };
     };
     let (from_name, from_address) = address_text(message.from());
     let to: Vec<String> = message
@@ -72,11 +80,20 @@ pub fn search_text(raw: &[u8]) -> SearchText {
                 .clone()
                 .into_list()
                 .into_iter()
-                .map(|addr| format!("{} {}", addr.name().unwrap_or_default(), addr.address().unwrap_or_default()))
+                .map(|addr| {
+                    format!(
+                        "{} {}",
+                        addr.name().unwrap_or_default(),
+                        addr.address().unwrap_or_default()
+                    )
+                })
                 .collect()
         })
         .unwrap_or_default();
-    let body = message.body_text(0).map(|text| truncate(&text, SEARCH_BODY_BYTES)).unwrap_or_default();
+    let body = message
+        .body_text(0)
+        .map(|text| truncate(&text, SEARCH_BODY_BYTES))
+        .unwrap_or_default();
     SearchText {
         from: format!("{from_name} {from_address}"),
         to: to.join(" "),
@@ -98,7 +115,12 @@ fn truncate(text: &str, limit: usize) -> String {
 
 /// Case-folded sort key for names and subjects, at most [`SORT_KEY_BYTES`] bytes, without NUL.
 pub fn text_sort_key(text: &str) -> Vec<u8> {
-    let folded: String = text.trim().to_lowercase().chars().map(|c| if c == '\0' { ' ' } else { c }).collect();
+    let folded: String = text
+        .trim()
+        .to_lowercase()
+        .chars()
+        .map(|c| if c == '\0' { ' ' } else { c })
+        .collect();
     truncate(&folded, SORT_KEY_BYTES).into_bytes()
 }
 
@@ -147,12 +169,18 @@ mod tests {
 
     #[test]
     fn broken_mail_is_read_leniently() {
-        for raw in [&b""[..], b"\xff\xfe\x00garbage", b"Subject: =?x-unknown?Q?abc?=\r\n", b"From: <>\r\nDate: yesterday\r\n\r\nbody"] {
+        for raw in [
+            &b""[..],
+            b"\xff\xfe\x00garbage",
+            b"Subject: =?x-unknown?Q?abc?=\r\n",
+            b"From: <>\r\nDate: yesterday\r\n\r\nbody",
+        ] {
             let listing = listing(raw);
             let _ = search_text(raw);
             assert!(listing.date_millis.is_none() || raw.is_empty());
         }
-        let latin1 = b"From: =?iso-8859-1?Q?J=F6rg?= <j@example.de>\r\nSubject: =?iso-8859-1?Q?Gr=FC=DFe?=\r\n\r\nHallo";
+        let latin1 =
+            b"From: =?iso-8859-1?Q?J=F6rg?= <j@example.de>\r\nSubject: =?iso-8859-1?Q?Gr=FC=DFe?=\r\n\r\nHallo";
         let listing = listing(latin1);
         assert_eq!(listing.from, "J\u{f6}rg");
         assert_eq!(listing.subject, "Gr\u{fc}\u{df}e");

@@ -103,7 +103,12 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         CommandLine::Node(arguments) => run_node(arguments),
         CommandLine::Status { http, json } => status(&http, json),
-        CommandLine::Import { http, account, mailbox, path } => {
+        CommandLine::Import {
+            http,
+            account,
+            mailbox,
+            path,
+        } => {
             let started = std::time::Instant::now();
             let summary = mailmesh::import::import(&http, &account, &mailbox, &path, true)?;
             println!(
@@ -131,7 +136,11 @@ fn main() -> anyhow::Result<()> {
 fn status(http: &str, json: bool) -> anyhow::Result<()> {
     let response = mailmesh::http_client::request(http, "GET", "/v1/status", &[], None)?;
     if response.status != 200 {
-        anyhow::bail!("{http} answered {}: {}", response.status, String::from_utf8_lossy(&response.body));
+        anyhow::bail!(
+            "{http} answered {}: {}",
+            response.status,
+            String::from_utf8_lossy(&response.body)
+        );
     }
     let status = response.json();
     // Rates: two samples of the node's counters one second apart.
@@ -139,12 +148,7 @@ fn status(http: &str, json: bool) -> anyhow::Result<()> {
         let text = mailmesh::http_client::request(http, "GET", "/metrics", &[], None)
             .map(|response| String::from_utf8_lossy(&response.body).into_owned())
             .unwrap_or_default();
-        let sum = |name: &str| -> f64 {
-            text.lines()
-                .filter(|line| line.starts_with(name) && line[name.len()..].starts_with(['{', ' ']))
-                .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
-                .sum()
-        };
+        let sum = |name: &str| mailmesh::http_client::metric_sum(&text, name);
         [
             ("gossip_bytes", sum("mailmesh_gossip_bytes_total")),
             ("sync_bytes", sum("mailmesh_sync_bytes_total")),
@@ -170,8 +174,16 @@ fn status(http: &str, json: bool) -> anyhow::Result<()> {
     if json {
         println!("{}", serde_json::to_string_pretty(&status)?);
     } else {
-        println!("node     {} ({})", status["name"].as_str().unwrap_or("?"), status["peer_id"].as_str().unwrap_or("?"));
-        println!("digest   {}  ({} mailboxes)", status["digest"].as_str().unwrap_or("?"), status["mailboxes"]);
+        println!(
+            "node     {} ({})",
+            status["name"].as_str().unwrap_or("?"),
+            status["peer_id"].as_str().unwrap_or("?")
+        );
+        println!(
+            "digest   {}  ({} mailboxes)",
+            status["digest"].as_str().unwrap_or("?"),
+            status["mailboxes"]
+        );
         let rates = &status["rates_per_second"];
         println!(
             "rates    gossip {} B/s, sync {} B/s, {} records pulled/s, {} sessions/s",
@@ -207,8 +219,15 @@ fn status(http: &str, json: bool) -> anyhow::Result<()> {
                 peer["name"].as_str().unwrap_or("?"),
                 peer["peer_id"].as_str().unwrap_or("?"),
                 peer["connected_seconds"],
-                peer["addresses"].as_array().and_then(|list| list.first()).and_then(|a| a.as_str()).unwrap_or("-"),
-                peer["last_digest"].as_str().map(|digest| &digest[..digest.len().min(16)]).unwrap_or("none yet"),
+                peer["addresses"]
+                    .as_array()
+                    .and_then(|list| list.first())
+                    .and_then(|a| a.as_str())
+                    .unwrap_or("-"),
+                peer["last_digest"]
+                    .as_str()
+                    .map(|digest| &digest[..digest.len().min(16)])
+                    .unwrap_or("none yet"),
                 verdict
             );
         }
@@ -259,7 +278,9 @@ fn run_node(arguments: NodeArguments) -> anyhow::Result<()> {
         node_config.http = http.parse().with_context(|| format!("--http {http:?}"))?;
     }
     if !arguments.peer.is_empty() {
-        node_config.peers.extend(config::parse_addresses("peer", &arguments.peer)?);
+        node_config
+            .peers
+            .extend(config::parse_addresses("peer", &arguments.peer)?);
     }
     if let Some(cluster) = arguments.cluster {
         node_config.cluster = cluster;

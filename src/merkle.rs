@@ -54,7 +54,10 @@ impl Prefix {
     /// The prefix of `key` with `depth` nibbles (depth is capped at 32).
     pub fn of(key: u128, depth: u8) -> Self {
         let depth = depth.min(KEY_NIBBLES);
-        Prefix { depth, bits: key & Self::mask(depth) }
+        Prefix {
+            depth,
+            bits: key & Self::mask(depth),
+        }
     }
 
     /// A prefix from its depth and bits, refusing bits below the depth.
@@ -91,7 +94,10 @@ impl Prefix {
             return None;
         }
         let shift = 128 - 4 * (u32::from(self.depth) + 1);
-        Some(Prefix { depth: self.depth + 1, bits: self.bits | (u128::from(index) << shift) })
+        Some(Prefix {
+            depth: self.depth + 1,
+            bits: self.bits | (u128::from(index) << shift),
+        })
     }
 
     /// The parent; `None` for the root.
@@ -210,7 +216,10 @@ pub struct Summary {
 impl Aggregate {
     /// The aggregate of a single leaf.
     pub fn leaf(hash: &[u8; 32]) -> Self {
-        Aggregate { count: 1, sum: Sum256::from_hash(hash) }
+        Aggregate {
+            count: 1,
+            sum: Sum256::from_hash(hash),
+        }
     }
 
     /// Whether no leaf is below.
@@ -248,7 +257,10 @@ impl Aggregate {
 
     /// Count and fingerprint.
     pub fn summary(&self) -> Summary {
-        Summary { count: self.count, fingerprint: self.fingerprint() }
+        Summary {
+            count: self.count,
+            fingerprint: self.fingerprint(),
+        }
     }
 
     /// 40 bytes for storage: count (big-endian) then the sum.
@@ -337,7 +349,9 @@ pub fn aggregate_changes(
 ) -> impl Iterator<Item = (Prefix, AggregateDelta)> {
     let delta = AggregateDelta::replace(old, new);
     let nothing = delta.is_zero();
-    Prefix::ancestors(key, stored).filter(move |_| !nothing).map(move |prefix| (prefix, delta))
+    Prefix::ancestors(key, stored)
+        .filter(move |_| !nothing)
+        .map(move |prefix| (prefix, delta))
 }
 
 /// An in-memory trie: used by tests, simulations and benchmarks, and as the model the RocksDB store
@@ -357,7 +371,11 @@ pub enum Infallible {}
 impl MemoryTree {
     /// An empty tree keeping aggregates down to `stored`.
     pub fn new(stored: StoredDepth) -> Self {
-        MemoryTree { stored, leaves: BTreeMap::new(), aggregates: HashMap::new() }
+        MemoryTree {
+            stored,
+            leaves: BTreeMap::new(),
+            aggregates: HashMap::new(),
+        }
     }
 
     /// Sets (or replaces) a leaf.
@@ -426,7 +444,12 @@ impl TreeView for MemoryTree {
 
     fn leaves(&self, prefix: Prefix, limit: usize) -> Result<Vec<(u128, [u8; 32])>, Infallible> {
         let (low, high) = prefix.bounds();
-        Ok(self.leaves.range(low..=high).take(limit).map(|(key, hash)| (*key, *hash)).collect())
+        Ok(self
+            .leaves
+            .range(low..=high)
+            .take(limit)
+            .map(|(key, hash)| (*key, *hash))
+            .collect())
     }
 }
 
@@ -446,7 +469,11 @@ mod tests {
         assert!(prefix.contains(key));
         assert_eq!(prefix.packed_bits(), vec![0x01, 0x20]);
         assert_eq!(Prefix::from_packed(3, &[0x01, 0x20]), Some(prefix));
-        assert_eq!(Prefix::from_packed(3, &[0x01, 0x21]), None, "bits below the depth are refused");
+        assert_eq!(
+            Prefix::from_packed(3, &[0x01, 0x21]),
+            None,
+            "bits below the depth are refused"
+        );
         assert_eq!(prefix.child(3).unwrap(), Prefix::of(key, 4));
         assert_eq!(Prefix::of(key, 4).parent(), Some(prefix));
         assert_eq!(Prefix::of(key, 32).child(0), None);

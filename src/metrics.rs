@@ -90,30 +90,86 @@ impl NodeMetrics {
             http_unauthorized: Counter::default(),
         };
         let registry = registry.sub_registry_with_prefix("mailmesh");
-        registry.register("gossip_messages", "Gossip messages by kind (operation, digest) and direction", metrics.gossip_messages.clone());
-        registry.register("gossip_bytes", "Gossip payload bytes by kind and direction", metrics.gossip_bytes.clone());
-        registry.register("reconcile_sessions", "Reconciliation sessions started by this node, by outcome", metrics.sessions.clone());
-        registry.register("reconcile_rounds", "Reconciliation request-response rounds this node initiated", metrics.session_rounds.clone());
-        registry.register("sync_bytes", "Bytes of reconciliation and pull frames, by direction", metrics.sync_bytes.clone());
-        registry.register("records_pulled", "Records pulled from peers and merged", metrics.records_pulled.clone());
-        registry.register("blobs_pulled", "Blobs pulled from peers, verified and stored", metrics.blobs_pulled.clone());
-        registry.register("blobs_rejected", "Blobs from peers whose bytes did not match their hash", metrics.blobs_rejected.clone());
-        registry.register("mailboxes_divergent", "Mailboxes found to differ from a peer", metrics.mailboxes_divergent.clone());
-        registry.register("writes", "Local writes accepted, by kind (append, flags, expunge)", metrics.writes.clone());
-        registry.register("peers_agreeing", "Connected peers whose last digest equals ours", metrics.peers_agreeing.clone());
-        registry.register("reconcile_duration_seconds", "Duration of reconciliation sessions", metrics.reconcile_seconds.clone());
+        registry.register(
+            "gossip_messages",
+            "Gossip messages by kind (operation, digest) and direction",
+            metrics.gossip_messages.clone(),
+        );
+        registry.register(
+            "gossip_bytes",
+            "Gossip payload bytes by kind and direction",
+            metrics.gossip_bytes.clone(),
+        );
+        registry.register(
+            "reconcile_sessions",
+            "Reconciliation sessions started by this node, by outcome",
+            metrics.sessions.clone(),
+        );
+        registry.register(
+            "reconcile_rounds",
+            "Reconciliation request-response rounds this node initiated",
+            metrics.session_rounds.clone(),
+        );
+        registry.register(
+            "sync_bytes",
+            "Bytes of reconciliation and pull frames, by direction",
+            metrics.sync_bytes.clone(),
+        );
+        registry.register(
+            "records_pulled",
+            "Records pulled from peers and merged",
+            metrics.records_pulled.clone(),
+        );
+        registry.register(
+            "blobs_pulled",
+            "Blobs pulled from peers, verified and stored",
+            metrics.blobs_pulled.clone(),
+        );
+        registry.register(
+            "blobs_rejected",
+            "Blobs from peers whose bytes did not match their hash",
+            metrics.blobs_rejected.clone(),
+        );
+        registry.register(
+            "mailboxes_divergent",
+            "Mailboxes found to differ from a peer",
+            metrics.mailboxes_divergent.clone(),
+        );
+        registry.register(
+            "writes",
+            "Local writes accepted, by kind (append, flags, expunge)",
+            metrics.writes.clone(),
+        );
+        registry.register(
+            "peers_agreeing",
+            "Connected peers whose last digest equals ours",
+            metrics.peers_agreeing.clone(),
+        );
+        registry.register(
+            "reconcile_duration_seconds",
+            "Duration of reconciliation sessions",
+            metrics.reconcile_seconds.clone(),
+        );
         registry.register(
             "replication_lag_seconds",
             "Time from a record's origin stamp to its arrival here by gossip or pull",
             metrics.replication_lag_seconds.clone(),
         );
-        registry.register("limits_hit", "Requests or frames refused because a configured limit was reached, by limit", metrics.limits_hit.clone());
+        registry.register(
+            "limits_hit",
+            "Requests or frames refused because a configured limit was reached, by limit",
+            metrics.limits_hit.clone(),
+        );
         registry.register(
             "peers_penalised",
             "Peers disconnected and blocked for misbehaving, by reason",
             metrics.peers_penalised.clone(),
         );
-        registry.register("http_unauthorized", "HTTP requests refused for a missing or wrong bearer token", metrics.http_unauthorized.clone());
+        registry.register(
+            "http_unauthorized",
+            "HTTP requests refused for a missing or wrong bearer token",
+            metrics.http_unauthorized.clone(),
+        );
         metrics
     }
 }

@@ -191,8 +191,7 @@ impl<'de, const N: usize> Deserialize<'de> for FixedBytes<N> {
                 write!(formatter, "a byte string of {M} bytes")
             }
             fn visit_bytes<E: serde::de::Error>(self, bytes: &[u8]) -> Result<Self::Value, E> {
-                let array: [u8; M] =
-                    bytes.try_into().map_err(|_| E::invalid_length(bytes.len(), &self))?;
+                let array: [u8; M] = bytes.try_into().map_err(|_| E::invalid_length(bytes.len(), &self))?;
                 Ok(FixedBytes(array))
             }
         }
@@ -322,7 +321,10 @@ impl MailboxKey {
     pub fn new(account: &str, mailbox: &str) -> Result<Self, ModelError> {
         validate_name("account", account)?;
         validate_name("mailbox", mailbox)?;
-        Ok(MailboxKey { account: account.to_owned(), mailbox: mailbox.to_owned() })
+        Ok(MailboxKey {
+            account: account.to_owned(),
+            mailbox: mailbox.to_owned(),
+        })
     }
 
     /// Validates a key that came from outside (e.g. decoded from the wire).
@@ -480,7 +482,15 @@ pub struct MessageRecord {
 impl MessageRecord {
     /// A fresh, live record with no flags.
     pub fn new(id: MessageId, blob: BlobHash, size: u64, received_millis: u64, origin: NodeId) -> Self {
-        MessageRecord { id, blob, size, received_millis, origin, expunged: None, flags: BTreeMap::new() }
+        MessageRecord {
+            id,
+            blob,
+            size,
+            received_millis,
+            origin,
+            expunged: None,
+            flags: BTreeMap::new(),
+        }
     }
 
     /// Whether the message has not been expunged.
@@ -495,12 +505,20 @@ impl MessageRecord {
 
     /// The flags currently set, sorted.
     pub fn set_flags(&self) -> Vec<&Flag> {
-        self.flags.iter().filter(|(_, register)| register.set).map(|(flag, _)| flag).collect()
+        self.flags
+            .iter()
+            .filter(|(_, register)| register.set)
+            .map(|(flag, _)| flag)
+            .collect()
     }
 
     /// The latest stamp anywhere in the record (flags and tombstone).
     pub fn latest_stamp(&self) -> Option<Stamp> {
-        self.flags.values().map(|register| register.stamp).chain(self.expunged).max()
+        self.flags
+            .values()
+            .map(|register| register.stamp)
+            .chain(self.expunged)
+            .max()
     }
 }
 
@@ -529,7 +547,13 @@ mod tests {
 
     #[test]
     fn bad_message_ids_are_refused() {
-        for text in ["", "short", "8ZZZZZZZZZZZZZZZZZZZZZZZZZ", "0000000000000000000000000U", "ü0000000000000000000000000"] {
+        for text in [
+            "",
+            "short",
+            "8ZZZZZZZZZZZZZZZZZZZZZZZZZ",
+            "0000000000000000000000000U",
+            "ü0000000000000000000000000",
+        ] {
             assert!(text.parse::<MessageId>().is_err(), "{text:?} should fail");
         }
     }
@@ -550,13 +574,19 @@ mod tests {
         assert!(MailboxKey::new("alice", "").is_err());
         assert!(MailboxKey::new("alice", "IN\u{7}BOX").is_err());
         assert!(MailboxKey::new("alice", &"x".repeat(256)).is_err());
-        assert_ne!(MailboxKey::new("a", "bc").unwrap().id(), MailboxKey::new("ab", "c").unwrap().id());
+        assert_ne!(
+            MailboxKey::new("a", "bc").unwrap().id(),
+            MailboxKey::new("ab", "c").unwrap().id()
+        );
     }
 
     #[test]
     fn flags_parse_and_refuse_bad_names() {
         assert_eq!("\\seen".parse::<Flag>().unwrap(), Flag::Seen);
-        assert_eq!("$Forwarded".parse::<Flag>().unwrap(), Flag::Keyword("$Forwarded".into()));
+        assert_eq!(
+            "$Forwarded".parse::<Flag>().unwrap(),
+            Flag::Keyword("$Forwarded".into())
+        );
         for bad in ["", "\\Recent", "two words", "a(b", &"k".repeat(65), "é"] {
             assert!(bad.parse::<Flag>().is_err(), "{bad:?} should fail");
         }

@@ -39,8 +39,8 @@ use libp2p::core::transport::Boxed;
 use libp2p::core::upgrade::Version;
 use libp2p::core::{ConnectedPoint, Transport};
 use libp2p::gossipsub::{
-    self, IdentTopic, IdentityTransform, MessageAcceptance, MessageAuthenticity, PublishError,
-    TopicHash, ValidationMode, WhitelistSubscriptionFilter,
+    self, IdentTopic, IdentityTransform, MessageAcceptance, MessageAuthenticity, PublishError, TopicHash,
+    ValidationMode, WhitelistSubscriptionFilter,
 };
 use libp2p::metrics::Recorder;
 use libp2p::multiaddr::Protocol;
@@ -48,13 +48,8 @@ use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ProtocolSupport};
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{
-    ConnectionDenied, ConnectionId, DialError, ListenError, NetworkBehaviour, SwarmEvent,
-};
-use libp2p::{
-    connection_limits, identify, identity, noise, ping, tcp, yamux, StreamProtocol, Swarm,
-    SwarmBuilder,
-};
+use libp2p::swarm::{ConnectionDenied, ConnectionId, DialError, ListenError, NetworkBehaviour, SwarmEvent};
+use libp2p::{connection_limits, identify, identity, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -176,8 +171,7 @@ impl fmt::Debug for NetworkConfig {
 /// digits. Surrounding whitespace and CRLF line ends are accepted. Errors never quote the
 /// key.
 pub fn parse_pre_shared_key(text: &str) -> Result<[u8; PRE_SHARED_KEY_BYTES], NetworkError> {
-    let invalid =
-        |reason: String| NetworkError::InvalidConfiguration(format!("pre-shared key: {reason}"));
+    let invalid = |reason: String| NetworkError::InvalidConfiguration(format!("pre-shared key: {reason}"));
     let text = text.trim();
     let hex = if text.starts_with('/') {
         let mut lines = text.lines().map(str::trim);
@@ -195,9 +189,7 @@ pub fn parse_pre_shared_key(text: &str) -> Result<[u8; PRE_SHARED_KEY_BYTES], Ne
             }
             None => return Err(invalid("the encoding line is missing".into())),
         }
-        let key = lines
-            .next()
-            .ok_or_else(|| invalid("the key line is missing".into()))?;
+        let key = lines.next().ok_or_else(|| invalid("the key line is missing".into()))?;
         if lines.any(|line| !line.is_empty()) {
             return Err(invalid("unexpected text after the key line".into()));
         }
@@ -219,9 +211,7 @@ pub fn parse_pre_shared_key(text: &str) -> Result<[u8; PRE_SHARED_KEY_BYTES], Ne
         *byte = pair
             .filter(|pair| pair.bytes().all(|digit| digit.is_ascii_hexdigit()))
             .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-            .ok_or_else(|| {
-                invalid("the key contains a character that is not a hex digit".into())
-            })?;
+            .ok_or_else(|| invalid("the key contains a character that is not a hex digit".into()))?;
     }
     Ok(key)
 }
@@ -492,8 +482,7 @@ impl NetworkClient {
                 limit,
             });
         }
-        self.call(|reply| Command::Publish { topic, data, reply })
-            .await
+        self.call(|reply| Command::Publish { topic, data, reply }).await
     }
 
     /// Sends a request to a peer (dialing it if needed) and waits for its response.
@@ -505,16 +494,11 @@ impl NetworkClient {
                 limit,
             });
         }
-        self.call(|reply| Command::Request { peer, data, reply })
-            .await
+        self.call(|reply| Command::Request { peer, data, reply }).await
     }
 
     /// Answers a request received as [`NetworkEvent::Request`].
-    pub async fn respond(
-        &self,
-        channel: ResponseHandle,
-        data: Vec<u8>,
-    ) -> Result<(), NetworkError> {
+    pub async fn respond(&self, channel: ResponseHandle, data: Vec<u8>) -> Result<(), NetworkError> {
         let limit = self.limits.max_response_bytes;
         if data.len() > limit {
             return Err(NetworkError::ResponseTooLarge {
@@ -522,12 +506,7 @@ impl NetworkClient {
                 limit,
             });
         }
-        self.call(|reply| Command::Respond {
-            channel,
-            data,
-            reply,
-        })
-        .await
+        self.call(|reply| Command::Respond { channel, data, reply }).await
     }
 
     /// Judges a gossip message: valid ones are forwarded to the mesh, invalid ones are dropped
@@ -573,12 +552,7 @@ impl NetworkClient {
     /// was a peer to keep connected. Blocking a blocked peer again keeps the later end.
     /// Durations over ten years are cut to ten years; a zero duration or this node's own id
     /// is an [`NetworkError::InvalidArgument`].
-    pub async fn block(
-        &self,
-        peer: PeerId,
-        duration: Duration,
-        reason: String,
-    ) -> Result<(), NetworkError> {
+    pub async fn block(&self, peer: PeerId, duration: Duration, reason: String) -> Result<(), NetworkError> {
         self.call(|reply| Command::Block {
             peer,
             duration,
@@ -681,11 +655,7 @@ where
     if length > limit {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            FrameTooLarge {
-                kind,
-                length,
-                limit,
-            },
+            FrameTooLarge { kind, length, limit },
         ));
     }
     // `length <= limit`, and `limit` came from a `usize`.
@@ -695,10 +665,7 @@ where
     if data.len() != expected {
         return Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
-            format!(
-                "{kind} frame ended after {} of {expected} bytes",
-                data.len()
-            ),
+            format!("{kind} frame ended after {} of {expected} bytes", data.len()),
         ));
     }
     Ok(data)
@@ -753,24 +720,14 @@ impl request_response::Codec for FrameCodec {
         result
     }
 
-    async fn write_request<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        request: Vec<u8>,
-    ) -> io::Result<()>
+    async fn write_request<T>(&mut self, _: &StreamProtocol, io: &mut T, request: Vec<u8>) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
         write_frame(io, FrameKind::Request, self.max_request_bytes, &request).await
     }
 
-    async fn write_response<T>(
-        &mut self,
-        _: &StreamProtocol,
-        io: &mut T,
-        response: Vec<u8>,
-    ) -> io::Result<()>
+    async fn write_response<T>(&mut self, _: &StreamProtocol, io: &mut T, response: Vec<u8>) -> io::Result<()>
     where
         T: AsyncWrite + Unpin + Send,
     {
@@ -913,15 +870,11 @@ impl NetworkMetrics {
     }
 
     fn reject(&self, reason: &'static str) {
-        self.frames_rejected
-            .get_or_create(&ReasonLabels { reason })
-            .inc();
+        self.frames_rejected.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     fn request_outcome(&self, direction: &'static str, outcome: &'static str) {
-        self.requests
-            .get_or_create(&RequestLabels { direction, outcome })
-            .inc();
+        self.requests.get_or_create(&RequestLabels { direction, outcome }).inc();
     }
 
     fn gossip(&self, topic: Topic, direction: &'static str, bytes: usize) {
@@ -930,9 +883,7 @@ impl NetworkMetrics {
             direction,
         };
         self.gossip_messages.get_or_create(&labels).inc();
-        self.gossip_bytes
-            .get_or_create(&labels)
-            .inc_by(bytes as u64);
+        self.gossip_bytes.get_or_create(&labels).inc_by(bytes as u64);
     }
 }
 
@@ -976,9 +927,7 @@ impl Topics {
     }
 
     fn lookup(&self, hash: &TopicHash) -> Option<Topic> {
-        Topic::ALL
-            .into_iter()
-            .find(|topic| self.get(*topic).hash() == *hash)
+        Topic::ALL.into_iter().find(|topic| self.get(*topic).hash() == *hash)
     }
 }
 
@@ -1054,39 +1003,26 @@ fn build_gossipsub(
     topics: &Topics,
     registry: &mut Registry,
 ) -> Result<GossipBehaviour, NetworkError> {
-    let invalid =
-        |reason: String| NetworkError::InvalidConfiguration(format!("gossipsub: {reason}"));
+    let invalid = |reason: String| NetworkError::InvalidConfiguration(format!("gossipsub: {reason}"));
     let gossip_config = gossipsub::ConfigBuilder::default()
         .validation_mode(ValidationMode::Strict)
         .validate_messages()
         .message_id_fn(content_message_id)
-        .max_transmit_size(
-            config
-                .max_gossip_bytes
-                .saturating_add(GOSSIP_ENVELOPE_ALLOWANCE),
-        )
+        .max_transmit_size(config.max_gossip_bytes.saturating_add(GOSSIP_ENVELOPE_ALLOWANCE))
         .heartbeat_interval(GOSSIP_HEARTBEAT)
         .heartbeat_initial_delay(GOSSIP_HEARTBEAT_INITIAL_DELAY)
         .history_length(GOSSIP_HISTORY_LENGTH)
         .history_gossip(GOSSIP_HISTORY_GOSSIP)
         .build()
         .map_err(|error| invalid(error.to_string()))?;
-    let filter = WhitelistSubscriptionFilter(
-        Topic::ALL
-            .into_iter()
-            .map(|topic| topics.get(topic).hash())
-            .collect(),
-    );
+    let filter = WhitelistSubscriptionFilter(Topic::ALL.into_iter().map(|topic| topics.get(topic).hash()).collect());
     let mut gossipsub: GossipBehaviour = gossipsub::Behaviour::new_with_subscription_filter(
         MessageAuthenticity::Signed(config.keypair.clone()),
         gossip_config,
         filter,
     )
     .map_err(|reason| invalid(reason.to_string()))?
-    .with_metrics(
-        registry.sub_registry_with_prefix("gossipsub"),
-        Default::default(),
-    );
+    .with_metrics(registry.sub_registry_with_prefix("gossipsub"), Default::default());
     for topic in Topic::ALL {
         gossipsub
             .subscribe(topics.get(topic))
@@ -1119,11 +1055,8 @@ pub fn new(
         request_response::Config::default().with_request_timeout(config.request_timeout),
     );
     let identify = identify::Behaviour::new(
-        identify::Config::new(
-            IDENTIFY_PROTOCOL_VERSION.to_string(),
-            config.keypair.public(),
-        )
-        .with_agent_version(format!("mailmesh/{}", env!("CARGO_PKG_VERSION"))),
+        identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_string(), config.keypair.public())
+            .with_agent_version(format!("mailmesh/{}", env!("CARGO_PKG_VERSION"))),
     );
     let allowed = config.allowed_peers.as_ref().map(|peers| {
         let mut allowed = allow_block_list::Behaviour::<AllowedPeers>::default();
@@ -1156,10 +1089,7 @@ pub fn new(
         );
     }
     if let Some(peers) = &config.allowed_peers {
-        tracing::info!(
-            peers = peers.len(),
-            "only peers on the allow list may connect"
-        );
+        tracing::info!(peers = peers.len(), "only peers on the allow list may connect");
         if peers.is_empty() {
             tracing::warn!("the allow list is empty: every connection will be refused");
         }
@@ -1172,18 +1102,14 @@ pub fn new(
         .map_err(|error| NetworkError::Transport(error.to_string()))?
         .with_behaviour(move |_| behaviour)
         .map_err(|never| match never {})?
-        .with_swarm_config(|swarm_config| {
-            swarm_config.with_idle_connection_timeout(idle_connection_timeout)
-        })
+        .with_swarm_config(|swarm_config| swarm_config.with_idle_connection_timeout(idle_connection_timeout))
         .build();
 
     for address in &config.listen {
-        swarm
-            .listen_on(address.clone())
-            .map_err(|error| NetworkError::Listen {
-                address: address.clone(),
-                reason: error.to_string(),
-            })?;
+        swarm.listen_on(address.clone()).map_err(|error| NetworkError::Listen {
+            address: address.clone(),
+            reason: error.to_string(),
+        })?;
     }
 
     let limits = Limits {
@@ -1330,12 +1256,8 @@ fn split_peer_id(address: &Multiaddr) -> (Multiaddr, Option<PeerId>) {
 }
 
 fn is_dialable(address: &Multiaddr) -> bool {
-    address
-        .iter()
-        .any(|protocol| matches!(protocol, Protocol::Tcp(_)))
-        && !address
-            .iter()
-            .any(|protocol| matches!(protocol, Protocol::P2pCircuit))
+    address.iter().any(|protocol| matches!(protocol, Protocol::Tcp(_)))
+        && !address.iter().any(|protocol| matches!(protocol, Protocol::P2pCircuit))
 }
 
 fn describe_dial_error(error: &DialError) -> String {
@@ -1354,10 +1276,7 @@ fn denial_text(cause: &ConnectionDenied) -> String {
 
 /// The metric label and log text of a connection refused by an access-control behaviour.
 fn classify_denial(cause: &ConnectionDenied) -> (&'static str, String) {
-    if cause
-        .downcast_ref::<allow_block_list::NotAllowed>()
-        .is_some()
-    {
+    if cause.downcast_ref::<allow_block_list::NotAllowed>().is_some() {
         ("not_allowed", "not on the allow list".into())
     } else if cause.downcast_ref::<allow_block_list::Blocked>().is_some() {
         ("blocked", "blocked".into())
@@ -1384,10 +1303,7 @@ fn record_refusal(
             detail = format!("blocked for another {} s", seconds(left));
         }
     }
-    metrics
-        .peers_refused
-        .get_or_create(&ReasonLabels { reason })
-        .inc();
+    metrics.peers_refused.get_or_create(&ReasonLabels { reason }).inc();
     match peer {
         Some(peer) => tracing::warn!(direction, "refused peer {peer}: {detail}"),
         None => tracing::warn!(direction, "refused a connection: {detail}"),
@@ -1395,15 +1311,8 @@ fn record_refusal(
 }
 
 /// Whether the redial loop may dial a peer: on the allow list (if any) and not blocked.
-fn may_dial(
-    allowed: &Option<HashSet<PeerId>>,
-    blocks: &HashMap<PeerId, Instant>,
-    peer: &PeerId,
-) -> bool {
-    allowed
-        .as_ref()
-        .is_none_or(|allowed| allowed.contains(peer))
-        && !blocks.contains_key(peer)
+fn may_dial(allowed: &Option<HashSet<PeerId>>, blocks: &HashMap<PeerId, Instant>, peer: &PeerId) -> bool {
+    allowed.as_ref().is_none_or(|allowed| allowed.contains(peer)) && !blocks.contains_key(peer)
 }
 
 /// Seconds for log lines: whole numbers as such, otherwise to a tenth.
@@ -1488,12 +1397,7 @@ impl EventLoop {
             Some(peer) if peer == *self.swarm.local_peer_id() => {
                 tracing::warn!(%address, "bootstrap address is this node itself; skipped");
             }
-            Some(peer)
-                if self
-                    .allowed
-                    .as_ref()
-                    .is_some_and(|allowed| !allowed.contains(&peer)) =>
-            {
+            Some(peer) if self.allowed.as_ref().is_some_and(|allowed| !allowed.contains(&peer)) => {
                 tracing::warn!(%address, "bootstrap peer {peer} is not on the allow list; not dialing it");
             }
             Some(peer) => {
@@ -1536,10 +1440,7 @@ impl EventLoop {
                 }
             }
         }
-        let droppable = matches!(
-            event,
-            NetworkEvent::Gossip { .. } | NetworkEvent::Request { .. }
-        );
+        let droppable = matches!(event, NetworkEvent::Gossip { .. } | NetworkEvent::Request { .. });
         if droppable && self.outbox.len() >= EVENT_BACKLOG_LIMIT {
             self.metrics.reject("event_backlog");
             tracing::warn!("event backlog full: dropping an incoming message");
@@ -1551,9 +1452,7 @@ impl EventLoop {
 
     fn close_events(&mut self) {
         if !self.events_closed {
-            tracing::warn!(
-                "network event receiver dropped: incoming gossip and requests are ignored"
-            );
+            tracing::warn!("network event receiver dropped: incoming gossip and requests are ignored");
         }
         self.events_closed = true;
         for event in std::mem::take(&mut self.outbox) {
@@ -1570,14 +1469,11 @@ impl EventLoop {
             ..
         } = event
         {
-            self.swarm
-                .behaviour_mut()
-                .gossipsub
-                .report_message_validation_result(
-                    &message_id,
-                    &propagation_source,
-                    MessageAcceptance::Ignore,
-                );
+            self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                &message_id,
+                &propagation_source,
+                MessageAcceptance::Ignore,
+            );
         }
     }
 
@@ -1599,18 +1495,12 @@ impl EventLoop {
                 }
                 self.metrics
                     .request_bytes
-                    .get_or_create(&DirectionLabels {
-                        direction: OUTBOUND,
-                    })
+                    .get_or_create(&DirectionLabels { direction: OUTBOUND })
                     .inc_by(data.len() as u64);
                 let request_id = self.swarm.behaviour_mut().sync.send_request(&peer, data);
                 self.pending_requests.insert(request_id, reply);
             }
-            Command::Respond {
-                channel,
-                data,
-                reply,
-            } => {
+            Command::Respond { channel, data, reply } => {
                 let peer = channel.peer;
                 let size = data.len();
                 let result = if size > self.limits.max_response_bytes {
@@ -1619,18 +1509,11 @@ impl EventLoop {
                         limit: self.limits.max_response_bytes,
                     })
                 } else {
-                    match self
-                        .swarm
-                        .behaviour_mut()
-                        .sync
-                        .send_response(channel.channel, data)
-                    {
+                    match self.swarm.behaviour_mut().sync.send_response(channel.channel, data) {
                         Ok(()) => {
                             self.metrics
                                 .response_bytes
-                                .get_or_create(&DirectionLabels {
-                                    direction: OUTBOUND,
-                                })
+                                .get_or_create(&DirectionLabels { direction: OUTBOUND })
                                 .inc_by(size as u64);
                             Ok(())
                         }
@@ -1650,11 +1533,11 @@ impl EventLoop {
                 } else {
                     MessageAcceptance::Reject
                 };
-                let known = self
-                    .swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .report_message_validation_result(&message_id, &source, acceptance);
+                let known = self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &message_id,
+                    &source,
+                    acceptance,
+                );
                 if !known {
                     tracing::debug!(%message_id, "validation reported for a message no longer cached");
                 }
@@ -1730,12 +1613,7 @@ impl EventLoop {
 
     // -- blocking ------------------------------------------------------------------------------
 
-    fn block(
-        &mut self,
-        peer: PeerId,
-        duration: Duration,
-        reason: &str,
-    ) -> Result<(), NetworkError> {
+    fn block(&mut self, peer: PeerId, duration: Duration, reason: &str) -> Result<(), NetworkError> {
         if peer == *self.swarm.local_peer_id() {
             return Err(NetworkError::InvalidArgument(
                 "a node cannot block its own peer id".into(),
@@ -1818,18 +1696,12 @@ impl EventLoop {
             }
             Err(PublishError::NoPeersSubscribedToTopic) => {
                 tracing::debug!(%topic, "published with no subscribed peer yet");
-                self.metrics
-                    .publish_skipped
-                    .get_or_create(&skipped("no_peers"))
-                    .inc();
+                self.metrics.publish_skipped.get_or_create(&skipped("no_peers")).inc();
                 Ok(())
             }
             Err(PublishError::Duplicate) => {
                 tracing::debug!(%topic, "publication is a duplicate of a recent one");
-                self.metrics
-                    .publish_skipped
-                    .get_or_create(&skipped("duplicate"))
-                    .inc();
+                self.metrics.publish_skipped.get_or_create(&skipped("duplicate")).inc();
                 Ok(())
             }
             Err(PublishError::MessageTooLarge) => Err(NetworkError::GossipTooLarge {
@@ -1862,8 +1734,7 @@ impl EventLoop {
         let connection_id = options.connection_id();
         match self.swarm.dial(options) {
             Ok(()) => {
-                self.dials
-                    .insert(connection_id, DialPurpose::Command(address, reply));
+                self.dials.insert(connection_id, DialPurpose::Command(address, reply));
             }
             // Already being dialed by someone else: the peer will be connected shortly.
             Err(DialError::DialPeerConditionFalse(_)) => {
@@ -1893,10 +1764,7 @@ impl EventLoop {
             if !target.enabled || target.dialing.is_some() || !target.backoff.is_due(now) {
                 continue;
             }
-            if target
-                .peer
-                .is_some_and(|peer| self.swarm.is_connected(&peer))
-            {
+            if target.peer.is_some_and(|peer| self.swarm.is_connected(&peer)) {
                 target.backoff.cancel();
                 continue;
             }
@@ -1907,16 +1775,13 @@ impl EventLoop {
             {
                 continue;
             }
-            let options = DialOpts::unknown_peer_id()
-                .address(target.address.clone())
-                .build();
+            let options = DialOpts::unknown_peer_id().address(target.address.clone()).build();
             let connection_id = options.connection_id();
             target.backoff.cancel();
             match self.swarm.dial(options) {
                 Ok(()) => {
                     target.dialing = Some(connection_id);
-                    self.dials
-                        .insert(connection_id, DialPurpose::Address(index));
+                    self.dials.insert(connection_id, DialPurpose::Address(index));
                 }
                 Err(error) => {
                     let wait = target.backoff.schedule(now);
@@ -1935,11 +1800,7 @@ impl EventLoop {
             .filter_map(|target| target.peer)
             .collect();
         for (peer, record) in &mut self.peers {
-            if !record.redial
-                || record.dialing.is_some()
-                || record.connections > 0
-                || !record.backoff.is_due(now)
-            {
+            if !record.redial || record.dialing.is_some() || record.connections > 0 || !record.backoff.is_due(now) {
                 continue;
             }
             // Stays due: redialed as soon as the block ends.
@@ -2005,12 +1866,7 @@ impl EventLoop {
                 endpoint,
                 num_established,
                 ..
-            } => self.on_connection_established(
-                peer_id,
-                connection_id,
-                &endpoint,
-                num_established.get(),
-            ),
+            } => self.on_connection_established(peer_id, connection_id, &endpoint, num_established.get()),
             SwarmEvent::ConnectionClosed {
                 peer_id,
                 num_established,
@@ -2152,12 +2008,7 @@ impl EventLoop {
         self.update_connected_gauge();
     }
 
-    fn on_dial_failure(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: Option<PeerId>,
-        error: DialError,
-    ) {
+    fn on_dial_failure(&mut self, connection_id: ConnectionId, peer: Option<PeerId>, error: DialError) {
         let now = Instant::now();
         match self.dials.remove(&connection_id) {
             Some(DialPurpose::Address(index)) => {
@@ -2245,27 +2096,21 @@ impl EventLoop {
                 let Some(topic) = self.topics.lookup(&message.topic) else {
                     self.metrics.reject("foreign_topic");
                     tracing::debug!(topic = %message.topic, "ignoring gossip of another cluster");
-                    self.swarm
-                        .behaviour_mut()
-                        .gossipsub
-                        .report_message_validation_result(
-                            &message_id,
-                            &propagation_source,
-                            MessageAcceptance::Ignore,
-                        );
+                    self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        MessageAcceptance::Ignore,
+                    );
                     return;
                 };
                 if message.data.len() > self.limits.max_gossip_bytes {
                     self.metrics.reject("gossip_too_large");
                     tracing::warn!(peer = %propagation_source, size = message.data.len(), "rejecting oversized gossip");
-                    self.swarm
-                        .behaviour_mut()
-                        .gossipsub
-                        .report_message_validation_result(
-                            &message_id,
-                            &propagation_source,
-                            MessageAcceptance::Reject,
-                        );
+                    self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        MessageAcceptance::Reject,
+                    );
                     return;
                 }
                 self.metrics.gossip(topic, INBOUND, message.data.len());
@@ -2300,10 +2145,7 @@ impl EventLoop {
         match event {
             request_response::Event::Message {
                 peer,
-                message:
-                    request_response::Message::Request {
-                        request, channel, ..
-                    },
+                message: request_response::Message::Request { request, channel, .. },
                 ..
             } => {
                 self.metrics
@@ -2317,11 +2159,7 @@ impl EventLoop {
                 });
             }
             request_response::Event::Message {
-                message:
-                    request_response::Message::Response {
-                        request_id,
-                        response,
-                    },
+                message: request_response::Message::Response { request_id, response },
                 ..
             } => {
                 self.metrics
@@ -2340,17 +2178,12 @@ impl EventLoop {
                 ..
             } => {
                 let (outcome, failure) = match error {
-                    OutboundFailure::DialFailure => {
-                        ("dial_failure", NetworkError::PeerUnreachable { peer })
-                    }
+                    OutboundFailure::DialFailure => ("dial_failure", NetworkError::PeerUnreachable { peer }),
                     OutboundFailure::Timeout => ("timeout", NetworkError::RequestTimeout { peer }),
-                    OutboundFailure::ConnectionClosed => {
-                        ("connection_closed", NetworkError::ConnectionClosed { peer })
+                    OutboundFailure::ConnectionClosed => ("connection_closed", NetworkError::ConnectionClosed { peer }),
+                    OutboundFailure::UnsupportedProtocols => {
+                        ("unsupported_protocol", NetworkError::UnsupportedProtocol { peer })
                     }
-                    OutboundFailure::UnsupportedProtocols => (
-                        "unsupported_protocol",
-                        NetworkError::UnsupportedProtocol { peer },
-                    ),
                     OutboundFailure::Io(source) => match frame_too_large(&source) {
                         Some(FrameTooLarge {
                             kind: FrameKind::Response,
@@ -2377,9 +2210,7 @@ impl EventLoop {
                 let outcome = match &error {
                     request_response::InboundFailure::Timeout => "timeout",
                     request_response::InboundFailure::ConnectionClosed => "connection_closed",
-                    request_response::InboundFailure::UnsupportedProtocols => {
-                        "unsupported_protocol"
-                    }
+                    request_response::InboundFailure::UnsupportedProtocols => "unsupported_protocol",
                     request_response::InboundFailure::ResponseOmission => "no_response",
                     // Failures to read the request never get here (see `FrameCodec`).
                     request_response::InboundFailure::Io(_) => "stream_error",
@@ -2436,8 +2267,7 @@ mod tests {
     impl Node {
         async fn start(config: NetworkConfig) -> Node {
             let mut registry = Registry::default();
-            let (client, mut events, event_loop) =
-                new(config, &mut registry).expect("the network should start");
+            let (client, mut events, event_loop) = new(config, &mut registry).expect("the network should start");
             let (shutdown, stop) = oneshot::channel::<()>();
             let task = tokio::spawn(event_loop.run(async move {
                 let _ = stop.await;
@@ -2553,9 +2383,7 @@ mod tests {
     }
 
     fn big_payload() -> Vec<u8> {
-        (0..2 * 1024 * 1024)
-            .map(|index: usize| (index % 251) as u8)
-            .collect()
+        (0..2 * 1024 * 1024).map(|index: usize| (index % 251) as u8).collect()
     }
 
     fn answer(request: &[u8]) -> Vec<u8> {
@@ -2610,11 +2438,8 @@ mod tests {
             text
         };
         assert!(
-            a_metrics
-                .contains(r#"mailmesh_net_frames_rejected_total{reason="request_too_large"} 1"#)
-                && a_metrics.contains(
-                    r#"mailmesh_net_requests_total{direction="inbound",outcome="too_large"} 1"#
-                ),
+            a_metrics.contains(r#"mailmesh_net_frames_rejected_total{reason="request_too_large"} 1"#)
+                && a_metrics.contains(r#"mailmesh_net_requests_total{direction="inbound",outcome="too_large"} 1"#),
             "A counted the refused frame:\n{a_metrics}"
         );
         // Locally, a request over our own limit never leaves the node.
@@ -2652,15 +2477,10 @@ mod tests {
 
         let metrics = b.metrics();
         assert!(
-            metrics.contains(
-                r#"mailmesh_net_requests_total{direction="outbound",outcome="success"} 2"#
-            ),
+            metrics.contains(r#"mailmesh_net_requests_total{direction="outbound",outcome="success"} 2"#),
             "outbound successes counted:\n{metrics}"
         );
-        assert!(
-            metrics.contains(r#"mailmesh_net_connected_peers 1"#),
-            "{metrics}"
-        );
+        assert!(metrics.contains(r#"mailmesh_net_connected_peers 1"#), "{metrics}");
         assert!(
             metrics.contains("libp2p_swarm_connections_established_total"),
             "{metrics}"
@@ -2701,15 +2521,10 @@ mod tests {
             attempt += 1;
             // Each attempt differs: content ids would turn a repeat into a duplicate.
             a_client
-                .publish(
-                    Topic::Operations,
-                    format!("operation {attempt}").into_bytes(),
-                )
+                .publish(Topic::Operations, format!("operation {attempt}").into_bytes())
                 .await
                 .expect("publishing never fails for lack of peers");
-            if let Ok(Some(received)) =
-                tokio::time::timeout(Duration::from_millis(500), c_gossip.recv()).await
-            {
+            if let Ok(Some(received)) = tokio::time::timeout(Duration::from_millis(500), c_gossip.recv()).await {
                 break received;
             }
         };
@@ -2725,15 +2540,10 @@ mod tests {
         let mut metrics = String::new();
         encode(&mut metrics, &c_registry).expect("metrics encode");
         assert!(
-            metrics.contains(
-                r#"mailmesh_net_gossip_messages_total{topic="operations",direction="inbound"}"#
-            ),
+            metrics.contains(r#"mailmesh_net_gossip_messages_total{topic="operations",direction="inbound"}"#),
             "inbound gossip counted on C:\n{metrics}"
         );
-        assert!(
-            metrics.contains("gossipsub_"),
-            "gossipsub's own metrics registered"
-        );
+        assert!(metrics.contains("gossipsub_"), "gossipsub's own metrics registered");
         let _ = c_peer;
     }
 
@@ -2750,22 +2560,14 @@ mod tests {
         } else {
             a.address.clone()
         };
-        let mut b = Node::start(config(
-            &identity::Keypair::generate_ed25519(),
-            vec![bootstrap],
-        ))
-        .await;
+        let mut b = Node::start(config(&identity::Keypair::generate_ed25519(), vec![bootstrap])).await;
         b.wait_connected(a_peer).await;
 
         a.stop().await;
-        wait_for(
-            &mut b.events,
-            "B to notice A is gone",
-            |event| match event {
-                NetworkEvent::PeerDisconnected(peer) if peer == a_peer => Some(()),
-                _ => None,
-            },
-        )
+        wait_for(&mut b.events, "B to notice A is gone", |event| match event {
+            NetworkEvent::PeerDisconnected(peer) if peer == a_peer => Some(()),
+            _ => None,
+        })
         .await;
         // Let at least one redial fail, so that the backoff is exercised.
         tokio::time::sleep(Duration::from_millis(1500)).await;
@@ -2798,16 +2600,10 @@ mod tests {
         init_tracing();
         let a = Node::start(config(&identity::Keypair::generate_ed25519(), Vec::new())).await;
         assert!(
-            !a.address
-                .iter()
-                .any(|protocol| matches!(protocol, Protocol::P2p(_))),
+            !a.address.iter().any(|protocol| matches!(protocol, Protocol::P2p(_))),
             "the listen address carries no peer id"
         );
-        let mut b = Node::start(config(
-            &identity::Keypair::generate_ed25519(),
-            vec![a.address.clone()],
-        ))
-        .await;
+        let mut b = Node::start(config(&identity::Keypair::generate_ed25519(), vec![a.address.clone()])).await;
         b.wait_connected(a.peer_id()).await;
         let listen = b.client.listen_addresses().await.expect("listen addresses");
         assert_eq!(listen, vec![b.address.clone()]);
@@ -2839,13 +2635,9 @@ mod tests {
             .expect("valid multiaddr")
         };
         let mut a_config = config(&keys[0], vec![address(1)]);
-        a_config.listen = vec![format!("/ip4/127.0.0.1/tcp/{}", ports[0])
-            .parse()
-            .expect("multiaddr")];
+        a_config.listen = vec![format!("/ip4/127.0.0.1/tcp/{}", ports[0]).parse().expect("multiaddr")];
         let mut b_config = config(&keys[1], vec![address(0)]);
-        b_config.listen = vec![format!("/ip4/127.0.0.1/tcp/{}", ports[1])
-            .parse()
-            .expect("multiaddr")];
+        b_config.listen = vec![format!("/ip4/127.0.0.1/tcp/{}", ports[1]).parse().expect("multiaddr")];
         let mut a = Node::start(a_config).await;
         let b = Node::start(b_config).await;
         a.wait_connected(b.peer_id()).await;
@@ -2896,9 +2688,7 @@ mod tests {
             .expect("read back");
         assert_eq!(data, b"payload");
         let mut sink = futures::io::Cursor::new(Vec::new());
-        assert!(write_frame(&mut sink, FrameKind::Request, 4, b"payload")
-            .await
-            .is_err());
+        assert!(write_frame(&mut sink, FrameKind::Request, 4, b"payload").await.is_err());
     }
 
     // -- access control ------------------------------------------------------------------------
@@ -2988,12 +2778,7 @@ mod tests {
         wait_for_metric(&a, REFUSED_NOT_ALLOWED, 1).await;
         // Long enough for C's second attempt; D must never hear from A.
         tokio::join!(
-            assert_never_connected(
-                &mut a.events,
-                vec![c_peer, d_peer],
-                Duration::from_secs(3),
-                "A"
-            ),
+            assert_never_connected(&mut a.events, vec![c_peer, d_peer], Duration::from_secs(3), "A"),
             assert_never_connected(&mut d.events, vec![a_peer], Duration::from_secs(3), "D"),
         );
         let refused = metric(&a.metrics(), REFUSED_NOT_ALLOWED);
@@ -3036,11 +2821,9 @@ mod tests {
         let mut same = Node::start(private(vec![a.address_with_peer_id()], Some(key_one))).await;
         let mut other = Node::start(private(vec![a.address_with_peer_id()], Some(key_two))).await;
         let mut without = Node::start(private(vec![a.address_with_peer_id()], None)).await;
-        let mut keyed =
-            Node::start(private(vec![open.address_with_peer_id()], Some(key_one))).await;
+        let mut keyed = Node::start(private(vec![open.address_with_peer_id()], Some(key_one))).await;
         let (a_peer, open_peer) = (a.peer_id(), open.peer_id());
-        let (other_peer, without_peer, keyed_peer) =
-            (other.peer_id(), without.peer_id(), keyed.peer_id());
+        let (other_peer, without_peer, keyed_peer) = (other.peer_id(), without.peer_id(), keyed.peer_id());
 
         wait_connected_only(&mut a, same.peer_id()).await;
         same.wait_connected(a_peer).await;
@@ -3106,11 +2889,7 @@ mod tests {
             matches!(&error, NetworkError::Dial { reason, .. } if reason.contains("blocked")),
             "{error}"
         );
-        assert_eq!(
-            metric(&a.metrics(), REFUSED_BLOCKED),
-            1,
-            "A's own dial counted"
-        );
+        assert_eq!(metric(&a.metrics(), REFUSED_BLOCKED), 1, "A's own dial counted");
 
         wait_for(&mut b.events, "B to lose A", |event| match event {
             NetworkEvent::PeerDisconnected(peer) if peer == a_peer => Some(()),
@@ -3119,37 +2898,17 @@ mod tests {
         .await;
         // B redials after its 1 s backoff and is refused.
         wait_for_metric(&a, REFUSED_BLOCKED, 2).await;
-        wait_for(
-            &mut a.events,
-            "B to come back after the block",
-            |event| match event {
-                NetworkEvent::PeerConnected(peer) if peer == b_peer => Some(()),
-                _ => None,
-            },
-        )
+        wait_for(&mut a.events, "B to come back after the block", |event| match event {
+            NetworkEvent::PeerConnected(peer) if peer == b_peer => Some(()),
+            _ => None,
+        })
         .await;
         let elapsed = started.elapsed();
-        assert!(
-            elapsed >= block,
-            "B reconnected after {elapsed:?}, inside the block"
-        );
-        assert!(a
-            .client
-            .blocked_peers()
-            .await
-            .expect("blocked peers")
-            .is_empty());
+        assert!(elapsed >= block, "B reconnected after {elapsed:?}, inside the block");
+        assert!(a.client.blocked_peers().await.expect("blocked peers").is_empty());
         let metrics = a.metrics();
-        assert_eq!(
-            metric(&metrics, "mailmesh_net_peers_blocked_total"),
-            1,
-            "{metrics}"
-        );
-        assert_eq!(
-            metric(&metrics, "mailmesh_net_blocked_peers"),
-            0,
-            "{metrics}"
-        );
+        assert_eq!(metric(&metrics, "mailmesh_net_peers_blocked_total"), 1, "{metrics}");
+        assert_eq!(metric(&metrics, "mailmesh_net_blocked_peers"), 0, "{metrics}");
     }
 
     #[tokio::test]
@@ -3197,13 +2956,7 @@ mod tests {
         wait_connected_only(&mut d, e.peer_id()).await;
         let f = Node::start(config(&new_key(), vec![d.address_with_peer_id()])).await;
         wait_for_metric(&d, REFUSED_LIMIT, 1).await;
-        assert_never_connected(
-            &mut d.events,
-            vec![f.peer_id()],
-            Duration::from_millis(500),
-            "D",
-        )
-        .await;
+        assert_never_connected(&mut d.events, vec![f.peer_id()], Duration::from_millis(500), "D").await;
         assert_eq!(d.client.peers().await.expect("peers").len(), 1);
     }
 
@@ -3218,10 +2971,7 @@ mod tests {
         ));
         let open = NetworkConfig::new(new_key(), "test");
         assert!(open.allowed_peers.is_none() && open.pre_shared_key.is_none());
-        assert_eq!(
-            (open.max_connections, open.max_connections_per_peer),
-            (256, 2)
-        );
+        assert_eq!((open.max_connections, open.max_connections_per_peer), (256, 2));
     }
 
     #[test]
@@ -3232,17 +2982,11 @@ mod tests {
             byte << 4 | byte
         });
         assert_eq!(parse_pre_shared_key(hex).expect("plain hex"), expected);
-        assert_eq!(
-            parse_pre_shared_key(&format!("  {hex}\n")).expect("padded"),
-            expected
-        );
+        assert_eq!(parse_pre_shared_key(&format!("  {hex}\n")).expect("padded"), expected);
         let file = format!("/key/swarm/psk/1.0.0/\n/base16/\n{hex}\n");
         assert_eq!(parse_pre_shared_key(&file).expect("swarm.key"), expected);
         let crlf = file.replace('\n', "\r\n");
-        assert_eq!(
-            parse_pre_shared_key(&crlf).expect("CRLF swarm.key"),
-            expected
-        );
+        assert_eq!(parse_pre_shared_key(&crlf).expect("CRLF swarm.key"), expected);
         // The same key as libp2p's own parser reads it.
         let theirs: PreSharedKey = file.parse().expect("libp2p parses it");
         assert!(theirs.fingerprint() == PreSharedKey::new(expected).fingerprint());
@@ -3253,24 +2997,15 @@ mod tests {
             (&format!("{hex}0"), "65 digits"),
             (&format!("{}g", &hex[..63]), "not hex"),
             (&format!("{}é", &hex[..62]), "non-ASCII"),
-            (
-                &format!("/key/swarm/psk/2.0.0/\n/base16/\n{hex}"),
-                "key type",
-            ),
-            (
-                &format!("/key/swarm/psk/1.0.0/\n/base64/\n{hex}"),
-                "encoding",
-            ),
+            (&format!("/key/swarm/psk/2.0.0/\n/base16/\n{hex}"), "key type"),
+            (&format!("/key/swarm/psk/1.0.0/\n/base64/\n{hex}"), "encoding"),
             ("/key/swarm/psk/1.0.0/\n/base16/", "no key line"),
             (&format!("{}\nextra", file.trim_end()), "trailing text"),
         ];
         for (text, what) in bad {
             match parse_pre_shared_key(text) {
                 Err(NetworkError::InvalidConfiguration(message)) => {
-                    assert!(
-                        !message.contains(&hex[..16]),
-                        "{what}: the key leaks: {message}"
-                    );
+                    assert!(!message.contains(&hex[..16]), "{what}: the key leaks: {message}");
                 }
                 other => panic!("{what}: expected an error, got {other:?}"),
             }
@@ -3281,8 +3016,7 @@ mod tests {
         let debug = format!("{config:?}");
         // Neither the bytes nor the hex of the key (the keypair's own output is random).
         assert!(
-            !debug.contains("0, 17, 34, 51, 68, 85")
-                && !debug.to_lowercase().contains(&hex[..32].to_lowercase()),
+            !debug.contains("0, 17, 34, 51, 68, 85") && !debug.to_lowercase().contains(&hex[..32].to_lowercase()),
             "{debug}"
         );
         assert!(debug.contains("pre_shared_key_fingerprint"), "{debug}");

@@ -190,9 +190,15 @@ pub struct Node {
 pub fn now_millis() -> u64 {
     static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
     let offset = *OFFSET.get_or_init(|| {
-        std::env::var("MAILMESH_CLOCK_OFFSET_MS").ok().and_then(|text| text.trim().parse().ok()).unwrap_or(0)
+        std::env::var("MAILMESH_CLOCK_OFFSET_MS")
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+            .unwrap_or(0)
     });
-    let real = SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_millis() as u64).unwrap_or(0);
+    let real = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0);
     real.saturating_add_signed(offset)
 }
 
@@ -236,13 +242,17 @@ impl TokenBucket {
     }
 }
 
-fn hex(bytes: &[u8]) -> String {
+/// Lower-case hex of some bytes (digests, fingerprints).
+pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|byte| format!("{byte:02x}")).collect()
 }
 
 /// Loads the node's ed25519 identity from `path`, creating it on first start.
 pub fn load_or_create_identity(path: &Path) -> Result<identity::Keypair, NodeError> {
-    let error = |reason: String| NodeError::Identity { path: path.to_owned(), reason };
+    let error = |reason: String| NodeError::Identity {
+        path: path.to_owned(),
+        reason,
+    };
     match std::fs::read(path) {
         Ok(bytes) => identity::Keypair::from_protobuf_encoding(&bytes).map_err(|e| error(e.to_string())),
         Err(missing) if missing.kind() == std::io::ErrorKind::NotFound => {
@@ -322,7 +332,10 @@ impl Node {
                 peers: Mutex::new(HashMap::new()),
                 syncing: Mutex::new(HashSet::new()),
                 sequence: AtomicU64::new(0),
-                limits: SyncLimits { max_elements: config.max_sync_elements, ..SyncLimits::default() },
+                limits: SyncLimits {
+                    max_elements: config.max_sync_elements,
+                    ..SyncLimits::default()
+                },
                 listen: Mutex::new(Vec::new()),
                 dial_attempts: Mutex::new(HashMap::new()),
                 buckets: Mutex::new(HashMap::new()),
@@ -486,7 +499,9 @@ impl Node {
     }
 
     fn record_contact(&self) {
-        let Ok(mut written) = self.inner.last_contact_written.lock() else { return };
+        let Ok(mut written) = self.inner.last_contact_written.lock() else {
+            return;
+        };
         if written.is_some_and(|at| at.elapsed() < Duration::from_secs(10)) {
             return;
         }
@@ -577,7 +592,10 @@ impl Node {
                     peer_id: info.peer_id.to_string(),
                     name: state.and_then(|state| state.name.clone()),
                     addresses: info.addresses.iter().map(|address| address.to_string()).collect(),
-                    connected_seconds: now.duration_since(info.connected_since).map(|d| d.as_secs()).unwrap_or(0),
+                    connected_seconds: now
+                        .duration_since(info.connected_since)
+                        .map(|d| d.as_secs())
+                        .unwrap_or(0),
                     last_digest: last_digest.map(|digest| hex(&digest)),
                     agrees: last_digest.is_some() && last_digest == my_digest,
                     differs_seconds: state
@@ -594,7 +612,12 @@ impl Node {
     // -----------------------------------------------------------------------------------------
 
     /// Appends a message; returns once it is durable here (and has been offered to peers).
-    pub async fn append(&self, mailbox: &MailboxKey, raw: Vec<u8>, flags: Vec<Flag>) -> Result<MessageRecord, StoreError> {
+    pub async fn append(
+        &self,
+        mailbox: &MailboxKey,
+        raw: Vec<u8>,
+        flags: Vec<Flag>,
+    ) -> Result<MessageRecord, StoreError> {
         let applied = self
             .inner
             .queue
@@ -609,7 +632,11 @@ impl Node {
         let Applied::Appended { record, .. } = applied else {
             return Err(StoreError::Corrupt("append returned no record".into()));
         };
-        self.inner.metrics.writes.get_or_create(&WriteLabel { kind: "append" }).inc();
+        self.inner
+            .metrics
+            .writes
+            .get_or_create(&WriteLabel { kind: "append" })
+            .inc();
         let inline = (raw.len() <= self.inner.config.inline_blob_bytes).then_some(ByteString(raw));
         self.publish_operation(mailbox, &record, inline).await;
         Ok(record)
@@ -626,13 +653,23 @@ impl Node {
         let applied = self
             .inner
             .queue
-            .submit(Operation::SetFlags { mailbox: mailbox.clone(), id, add, remove, now_millis: now_millis() })
+            .submit(Operation::SetFlags {
+                mailbox: mailbox.clone(),
+                id,
+                add,
+                remove,
+                now_millis: now_millis(),
+            })
             .await?;
         let Applied::Record { record, changed } = applied else {
             return Err(StoreError::Corrupt("flag change returned no record".into()));
         };
         if changed {
-            self.inner.metrics.writes.get_or_create(&WriteLabel { kind: "flags" }).inc();
+            self.inner
+                .metrics
+                .writes
+                .get_or_create(&WriteLabel { kind: "flags" })
+                .inc();
             self.publish_operation(mailbox, &record, None).await;
         }
         Ok(record)
@@ -640,13 +677,24 @@ impl Node {
 
     /// Expunges a message.
     pub async fn expunge(&self, mailbox: &MailboxKey, id: MessageId) -> Result<MessageRecord, StoreError> {
-        let applied =
-            self.inner.queue.submit(Operation::Expunge { mailbox: mailbox.clone(), id, now_millis: now_millis() }).await?;
+        let applied = self
+            .inner
+            .queue
+            .submit(Operation::Expunge {
+                mailbox: mailbox.clone(),
+                id,
+                now_millis: now_millis(),
+            })
+            .await?;
         let Applied::Record { record, changed } = applied else {
             return Err(StoreError::Corrupt("expunge returned no record".into()));
         };
         if changed {
-            self.inner.metrics.writes.get_or_create(&WriteLabel { kind: "expunge" }).inc();
+            self.inner
+                .metrics
+                .writes
+                .get_or_create(&WriteLabel { kind: "expunge" })
+                .inc();
             self.publish_operation(mailbox, &record, None).await;
         }
         Ok(record)
@@ -656,15 +704,30 @@ impl Node {
     /// gossipsub mesh delivered each operation to each node several times over); peers that
     /// are not connected to the writer get it through anti-entropy.
     async fn publish_operation(&self, mailbox: &MailboxKey, record: &MessageRecord, blob: Option<ByteString>) {
-        let data = wire::encode(&Request::Push { mailbox: mailbox.clone(), record: record.clone(), blob });
+        let data = wire::encode(&Request::Push {
+            mailbox: mailbox.clone(),
+            record: record.clone(),
+            blob,
+        });
         let peers: Vec<PeerId> = match self.inner.peers.lock() {
-            Ok(peers) => peers.iter().filter(|(_, state)| !state.stale).map(|(peer, _)| *peer).collect(),
+            Ok(peers) => peers
+                .iter()
+                .filter(|(_, state)| !state.stale)
+                .map(|(peer, _)| *peer)
+                .collect(),
             Err(_) => return,
         };
-        let label = GossipLabel { kind: "operation", direction: "out" };
+        let label = GossipLabel {
+            kind: "operation",
+            direction: "out",
+        };
         for peer in peers {
             self.inner.metrics.gossip_messages.get_or_create(&label).inc();
-            self.inner.metrics.gossip_bytes.get_or_create(&label).inc_by(data.len() as u64);
+            self.inner
+                .metrics
+                .gossip_bytes
+                .get_or_create(&label)
+                .inc_by(data.len() as u64);
             let network = self.inner.network.clone();
             let data = data.clone();
             tokio::spawn(async move {
@@ -686,18 +749,29 @@ impl Node {
 
     fn on_network_event(&self, event: NetworkEvent) {
         match event {
-            NetworkEvent::Gossip { topic, message_id, propagation_source, data } => {
+            NetworkEvent::Gossip {
+                topic,
+                message_id,
+                propagation_source,
+                data,
+            } => {
                 let node = self.clone();
                 tokio::spawn(async move {
                     let valid = node.on_gossip(topic, propagation_source, &data).await;
-                    let _ = node.inner.network.report_validation(message_id, propagation_source, valid).await;
+                    let _ = node
+                        .inner
+                        .network
+                        .report_validation(message_id, propagation_source, valid)
+                        .await;
                 });
             }
             NetworkEvent::Request { peer, data, channel } => {
                 if !self.admit_request(peer) {
                     let node = self.clone();
                     tokio::spawn(async move {
-                        let refusal = Response::Error { message: "rate limited: slow down".into() };
+                        let refusal = Response::Error {
+                            message: "rate limited: slow down".into(),
+                        };
                         let _ = node.inner.network.respond(channel, wire::encode(&refusal)).await;
                     });
                     return;
@@ -753,19 +827,38 @@ impl Node {
     }
 
     fn peer_is_stale(&self, peer: PeerId) -> bool {
-        self.inner.peers.lock().map(|peers| peers.get(&peer).is_some_and(|state| state.stale)).unwrap_or(false)
+        self.inner
+            .peers
+            .lock()
+            .map(|peers| peers.get(&peer).is_some_and(|state| state.stale))
+            .unwrap_or(false)
     }
 
     /// Takes a token from the peer's bucket; false (and counted) when it is empty.
     fn admit_request(&self, peer: PeerId) -> bool {
-        let (rate, burst) = (self.inner.config.peer_requests_per_second, self.inner.config.peer_request_burst);
+        let (rate, burst) = (
+            self.inner.config.peer_requests_per_second,
+            self.inner.config.peer_request_burst,
+        );
         let now = Instant::now();
         let admitted = match self.inner.buckets.lock() {
-            Ok(mut buckets) => buckets.entry(peer).or_insert(TokenBucket { tokens: burst, last: now }).take(rate, burst, now),
+            Ok(mut buckets) => buckets
+                .entry(peer)
+                .or_insert(TokenBucket {
+                    tokens: burst,
+                    last: now,
+                })
+                .take(rate, burst, now),
             Err(_) => true,
         };
         if !admitted {
-            self.inner.metrics.limits_hit.get_or_create(&crate::metrics::LimitLabel { limit: "peer_request_rate" }).inc();
+            self.inner
+                .metrics
+                .limits_hit
+                .get_or_create(&crate::metrics::LimitLabel {
+                    limit: "peer_request_rate",
+                })
+                .inc();
             tracing::debug!(%peer, "request refused: the peer exceeds its request rate");
         }
         admitted
@@ -785,7 +878,11 @@ impl Node {
         };
         let label = GossipLabel { kind, direction: "in" };
         self.inner.metrics.gossip_messages.get_or_create(&label).inc();
-        self.inner.metrics.gossip_bytes.get_or_create(&label).inc_by(data.len() as u64);
+        self.inner
+            .metrics
+            .gossip_bytes
+            .get_or_create(&label)
+            .inc_by(data.len() as u64);
         match (topic, gossip) {
             (Topic::Operations, Gossip::Operation { mailbox, record, blob }) => {
                 match self.on_operation(source, mailbox, record, blob).await {
@@ -796,7 +893,9 @@ impl Node {
                         if matches!(
                             &error,
                             NodeError::Peer { .. }
-                                | NodeError::Store(StoreError::Clock(_) | StoreError::Merge(_) | StoreError::BlobMismatch { .. })
+                                | NodeError::Store(
+                                    StoreError::Clock(_) | StoreError::Merge(_) | StoreError::BlobMismatch { .. }
+                                )
                         ) {
                             self.on_peer_failure(source, "gossip", error).await;
                         }
@@ -804,9 +903,21 @@ impl Node {
                     }
                 }
             }
-            (Topic::Digests, Gossip::Digest { peer, name, digest, addresses, stale, .. }) => {
+            (
+                Topic::Digests,
+                Gossip::Digest {
+                    peer,
+                    name,
+                    digest,
+                    addresses,
+                    stale,
+                    ..
+                },
+            ) => {
                 let Ok(peer) = peer.parse::<PeerId>() else { return false };
-                let Ok(digest) = <[u8; 32]>::try_from(digest.0.as_slice()) else { return false };
+                let Ok(digest) = <[u8; 32]>::try_from(digest.0.as_slice()) else {
+                    return false;
+                };
                 if addresses.len() > 16 || name.len() > 255 {
                     return false;
                 }
@@ -836,12 +947,24 @@ impl Node {
         blob: Option<ByteString>,
     ) -> Result<(), NodeError> {
         if self.is_stale() || self.peer_is_stale(source) {
-            return Err(NodeError::Refused { peer: source, message: "stale replica".into() });
+            return Err(NodeError::Refused {
+                peer: source,
+                message: "stale replica".into(),
+            });
         }
-        mailbox.validate().map_err(|error| NodeError::Peer { peer: source, reason: error.to_string() })?;
-        wire::validate_record(&record).map_err(|error| NodeError::Peer { peer: source, reason: error.to_string() })?;
+        mailbox.validate().map_err(|error| NodeError::Peer {
+            peer: source,
+            reason: error.to_string(),
+        })?;
+        wire::validate_record(&record).map_err(|error| NodeError::Peer {
+            peer: source,
+            reason: error.to_string(),
+        })?;
         if let Some(existing) = self.inner.store.record(mailbox.id(), record.id)? {
-            if crdt::merge(&existing, &record).map(|merged| merged == existing).unwrap_or(false) {
+            if crdt::merge(&existing, &record)
+                .map(|merged| merged == existing)
+                .unwrap_or(false)
+            {
                 return Ok(()); // nothing new
             }
         }
@@ -854,21 +977,34 @@ impl Node {
                     None => return Ok(()), // anti-entropy will bring it with its record later
                 },
             };
-            operations.push(Operation::PutBlob { expected: record.blob, bytes });
+            operations.push(Operation::PutBlob {
+                expected: record.blob,
+                bytes,
+            });
         }
         self.observe_lag(&record);
-        operations.push(Operation::Merge { mailbox, record, now_millis: now_millis() });
+        operations.push(Operation::Merge {
+            mailbox,
+            record,
+            now_millis: now_millis(),
+        });
         self.apply_all(operations).await
     }
 
     fn observe_lag(&self, record: &MessageRecord) {
-        let origin_millis = record.latest_stamp().map(|stamp| crdt::millis_of(stamp.time)).unwrap_or(record.received_millis);
+        let origin_millis = record
+            .latest_stamp()
+            .map(|stamp| crdt::millis_of(stamp.time))
+            .unwrap_or(record.received_millis);
         let lag = now_millis().saturating_sub(origin_millis) as f64 / 1000.0;
         self.inner.metrics.replication_lag_seconds.observe(lag);
     }
 
     async fn apply_all(&self, operations: Vec<Operation>) -> Result<(), NodeError> {
-        let submissions: Vec<_> = operations.into_iter().map(|operation| self.inner.queue.submit(operation)).collect();
+        let submissions: Vec<_> = operations
+            .into_iter()
+            .map(|operation| self.inner.queue.submit(operation))
+            .collect();
         for result in futures::future::join_all(submissions).await {
             result?;
         }
@@ -881,9 +1017,14 @@ impl Node {
             return;
         }
         {
-            let Ok(mut attempts) = self.inner.dial_attempts.lock() else { return };
+            let Ok(mut attempts) = self.inner.dial_attempts.lock() else {
+                return;
+            };
             let now = Instant::now();
-            if attempts.get(&peer).is_some_and(|last| now.duration_since(*last) < Duration::from_secs(10)) {
+            if attempts
+                .get(&peer)
+                .is_some_and(|last| now.duration_since(*last) < Duration::from_secs(10))
+            {
                 return;
             }
             attempts.insert(peer, now);
@@ -892,7 +1033,9 @@ impl Node {
             .iter()
             .filter_map(|text| text.parse::<Multiaddr>().ok())
             .filter(|address| {
-                address.iter().any(|part| matches!(part, libp2p::multiaddr::Protocol::P2p(id) if id == peer))
+                address
+                    .iter()
+                    .any(|part| matches!(part, libp2p::multiaddr::Protocol::P2p(id) if id == peer))
             })
             .collect();
         let network = self.inner.network.clone();
@@ -917,7 +1060,9 @@ impl Node {
         let mine = self.inner.store.digest().map(|aggregate| aggregate.root_hash()).ok();
         let differs = Some(digest) != mine;
         let connected = {
-            let Ok(mut peers) = self.inner.peers.lock() else { return false };
+            let Ok(mut peers) = self.inner.peers.lock() else {
+                return false;
+            };
             match peers.get_mut(&peer) {
                 Some(state) => {
                     state.name = Some(name);
@@ -966,7 +1111,12 @@ impl Node {
         // (gossipsub forwards each digest through the mesh, so idle digests cost N x D sends).
         let tick = self.inner.ticks.fetch_add(1, Ordering::Relaxed);
         let root = digest.root_hash();
-        let changed = self.inner.last_published.lock().map(|last| *last != Some(root)).unwrap_or(true);
+        let changed = self
+            .inner
+            .last_published
+            .lock()
+            .map(|last| *last != Some(root))
+            .unwrap_or(true);
         // New connections get a full announcement (with addresses) at once, for discovery.
         let heartbeat = tick % 30 == 0 || tick < 5 || self.inner.announce.swap(false, Ordering::Relaxed);
         if !changed && !heartbeat {
@@ -984,7 +1134,11 @@ impl Node {
             mailboxes: digest.count,
             // Addresses (for discovery) ride on heartbeats and the first few announcements only.
             addresses: if heartbeat {
-                self.listen_addresses().await.iter().map(|address| address.to_string()).collect()
+                self.listen_addresses()
+                    .await
+                    .iter()
+                    .map(|address| address.to_string())
+                    .collect()
             } else {
                 Vec::new()
             },
@@ -996,7 +1150,10 @@ impl Node {
         let data = wire::encode(&gossip);
         let size = data.len() as u64;
         if self.inner.network.publish(Topic::Digests, data).await.is_ok() {
-            let label = GossipLabel { kind: "digest", direction: "out" };
+            let label = GossipLabel {
+                kind: "digest",
+                direction: "out",
+            };
             self.inner.metrics.gossip_messages.get_or_create(&label).inc();
             self.inner.metrics.gossip_bytes.get_or_create(&label).inc_by(size);
         }
@@ -1041,22 +1198,33 @@ impl Node {
     async fn on_request(&self, peer: PeerId, data: &[u8]) -> Response {
         let request: Request = match wire::decode(data) {
             Ok(request) => request,
-            Err(error) => return Response::Error { message: error.to_string() },
+            Err(error) => {
+                return Response::Error {
+                    message: error.to_string(),
+                }
+            }
         };
         if let Err(error) = wire::validate_request(&request) {
-            return Response::Error { message: error.to_string() };
+            return Response::Error {
+                message: error.to_string(),
+            };
         }
         if self.is_stale() {
-            return Response::Error { message: format!("stale replica: {}", self.stale_message()) };
+            return Response::Error {
+                message: format!("stale replica: {}", self.stale_message()),
+            };
         }
         if self.peer_is_stale(peer) {
             return Response::Error {
-                message: "stale replica: you were out of contact longer than the tombstone horizon; rejoin empty".into(),
+                message: "stale replica: you were out of contact longer than the tombstone horizon; rejoin empty"
+                    .into(),
             };
         }
         match self.answer(peer, request).await {
             Ok(response) => response,
-            Err(error) => Response::Error { message: error.to_string() },
+            Err(error) => Response::Error {
+                message: error.to_string(),
+            },
         }
     }
 
@@ -1064,15 +1232,20 @@ impl Node {
         let store = &self.inner.store;
         match request {
             Request::Reconcile { space, message } => {
-                let incoming = sync::decode(&message.0, &self.inner.limits)
-                    .map_err(|error| NodeError::Peer { peer, reason: error.to_string() })?;
+                let incoming = sync::decode(&message.0, &self.inner.limits).map_err(|error| NodeError::Peer {
+                    peer,
+                    reason: error.to_string(),
+                })?;
                 let (reply, outcome) = match &space {
                     WireSpace::Directory => sync::respond(&store.tree(Space::Directory), &incoming, &self.inner.limits),
                     WireSpace::Mailbox(key) => {
                         sync::respond(&store.tree(Space::Mailbox(key.id())), &incoming, &self.inner.limits)
                     }
                 }
-                .map_err(|error| NodeError::Peer { peer, reason: error.to_string() })?;
+                .map_err(|error| NodeError::Peer {
+                    peer,
+                    reason: error.to_string(),
+                })?;
                 if !self.is_stale() {
                     self.record_contact(); // answering a session is contact with the cluster too
                 }
@@ -1086,21 +1259,33 @@ impl Node {
                         }
                     });
                 }
-                Ok(Response::Reconcile { message: ByteString(sync::encode(&split_you_lack(reply))) })
+                Ok(Response::Reconcile {
+                    message: ByteString(sync::encode(&split_you_lack(reply))),
+                })
             }
             Request::Push { mailbox, record, blob } => {
-                let label = GossipLabel { kind: "operation", direction: "in" };
+                let label = GossipLabel {
+                    kind: "operation",
+                    direction: "in",
+                };
                 self.inner.metrics.gossip_messages.get_or_create(&label).inc();
                 match self.on_operation(peer, mailbox, record, blob).await {
                     Ok(()) => Ok(Response::Ack),
                     Err(NodeError::Peer { peer, reason }) => Err(NodeError::Peer { peer, reason }),
-                    Err(NodeError::Store(error)) if matches!(error, StoreError::Clock(_) | StoreError::Merge(_) | StoreError::BlobMismatch { .. }) => {
+                    Err(NodeError::Store(error))
+                        if matches!(
+                            error,
+                            StoreError::Clock(_) | StoreError::Merge(_) | StoreError::BlobMismatch { .. }
+                        ) =>
+                    {
                         let error = NodeError::Store(error);
                         let message = error.to_string();
                         self.on_peer_failure(peer, "push", error).await;
                         Ok(Response::Error { message })
                     }
-                    Err(error) => Ok(Response::Error { message: error.to_string() }),
+                    Err(error) => Ok(Response::Error {
+                        message: error.to_string(),
+                    }),
                 }
             }
             Request::FetchRecords { mailbox, ids } => {
@@ -1111,15 +1296,31 @@ impl Node {
                     }
                 }
                 let blobs = self.inline_blobs(&records)?;
-                Ok(Response::Records { records, more: false, blobs })
+                Ok(Response::Records {
+                    records,
+                    more: false,
+                    blobs,
+                })
             }
-            Request::FetchRange { mailbox, depth, bits, after, limit } => {
-                let prefix = Prefix::from_packed(depth, &bits.0)
-                    .ok_or_else(|| NodeError::Peer { peer, reason: "bad prefix".into() })?;
+            Request::FetchRange {
+                mailbox,
+                depth,
+                bits,
+                after,
+                limit,
+            } => {
+                let prefix = Prefix::from_packed(depth, &bits.0).ok_or_else(|| NodeError::Peer {
+                    peer,
+                    reason: "bad prefix".into(),
+                })?;
                 let (low, high) = prefix.bounds();
                 let start = match after {
                     Some(after) if after.0 >= high => {
-                        return Ok(Response::Records { records: vec![], more: false, blobs: vec![] })
+                        return Ok(Response::Records {
+                            records: vec![],
+                            more: false,
+                            blobs: vec![],
+                        })
                     }
                     Some(after) => after.0.max(low.saturating_sub(1)) + 1,
                     None => low,
@@ -1136,7 +1337,10 @@ impl Node {
                     let total = bytes.len() as u64;
                     let start = offset.min(total) as usize;
                     let end = (offset.saturating_add(u64::from(length))).min(total) as usize;
-                    Ok(Response::Blob { bytes: Some(ByteString(bytes[start..end].to_vec())), total })
+                    Ok(Response::Blob {
+                        bytes: Some(ByteString(bytes[start..end].to_vec())),
+                        total,
+                    })
                 }
                 None => Ok(Response::Blob { bytes: None, total: 0 }),
             },
@@ -1185,10 +1389,19 @@ impl Node {
 
     /// Disconnects a misbehaving peer and keeps it out for the configured time.
     pub async fn penalise(&self, peer: PeerId, reason: &'static str, detail: &str) {
-        self.inner.metrics.peers_penalised.get_or_create(&crate::metrics::ReasonLabel { reason }).inc();
+        self.inner
+            .metrics
+            .peers_penalised
+            .get_or_create(&crate::metrics::ReasonLabel { reason })
+            .inc();
         let seconds = self.inner.config.block_duration.as_secs();
         tracing::warn!(%peer, reason, seconds, "disconnecting and blocking a misbehaving peer: {detail}");
-        if let Err(error) = self.inner.network.block(peer, self.inner.config.block_duration, format!("{reason}: {detail}")).await {
+        if let Err(error) = self
+            .inner
+            .network
+            .block(peer, self.inner.config.block_duration, format!("{reason}: {detail}"))
+            .await
+        {
             tracing::warn!(%peer, "could not block the peer: {error}");
             let _ = self.inner.network.disconnect(peer).await;
         }
@@ -1199,7 +1412,9 @@ impl Node {
             return;
         }
         {
-            let Ok(mut syncing) = self.inner.syncing.lock() else { return };
+            let Ok(mut syncing) = self.inner.syncing.lock() else {
+                return;
+            };
             if !syncing.insert(peer) {
                 return; // one session per peer at a time
             }
@@ -1211,12 +1426,19 @@ impl Node {
             let _permit = node.inner.session_slots.acquire().await;
             let started = Instant::now();
             let result = node.session(peer).await;
-            node.inner.metrics.reconcile_seconds.observe(started.elapsed().as_secs_f64());
+            node.inner
+                .metrics
+                .reconcile_seconds
+                .observe(started.elapsed().as_secs_f64());
             let outcome = match &result {
                 Ok(_) => "ok",
                 Err(_) => "failed",
             };
-            node.inner.metrics.sessions.get_or_create(&OutcomeLabel { outcome }).inc();
+            node.inner
+                .metrics
+                .sessions
+                .get_or_create(&OutcomeLabel { outcome })
+                .inc();
             match result {
                 Ok(mailboxes) => {
                     node.record_contact();
@@ -1232,15 +1454,26 @@ impl Node {
 
     async fn request(&self, peer: PeerId, request: &Request, stats: &SessionStats) -> Result<Response, NodeError> {
         let data = wire::encode(request);
-        self.inner.metrics.sync_bytes.get_or_create(&DirectionLabel { direction: "out" }).inc_by(data.len() as u64);
+        self.inner
+            .metrics
+            .sync_bytes
+            .get_or_create(&DirectionLabel { direction: "out" })
+            .inc_by(data.len() as u64);
         SessionStats::add(&stats.bytes, data.len() as u64);
         let answer = self.inner.network.request(peer, data).await?;
-        self.inner.metrics.sync_bytes.get_or_create(&DirectionLabel { direction: "in" }).inc_by(answer.len() as u64);
+        self.inner
+            .metrics
+            .sync_bytes
+            .get_or_create(&DirectionLabel { direction: "in" })
+            .inc_by(answer.len() as u64);
         SessionStats::add(&stats.bytes, answer.len() as u64);
         match wire::decode::<Response>(&answer) {
             Ok(Response::Error { message }) => Err(NodeError::Refused { peer, message }),
             Ok(response) => Ok(response),
-            Err(error) => Err(NodeError::Peer { peer, reason: error.to_string() }),
+            Err(error) => Err(NodeError::Peer {
+                peer,
+                reason: error.to_string(),
+            }),
         }
     }
 
@@ -1254,7 +1487,10 @@ impl Node {
         stats: &SessionStats,
     ) -> Result<(Outcome, Outcome), NodeError> {
         let limits = self.inner.limits;
-        let sync_error = |error: sync::SyncError| NodeError::Peer { peer, reason: error.to_string() };
+        let sync_error = |error: sync::SyncError| NodeError::Peer {
+            peer,
+            reason: error.to_string(),
+        };
         let mut outgoing = sync::initial(view, &limits).map_err(sync_error)?;
         let mut mine = Outcome::default();
         let mut told = Outcome::default();
@@ -1273,26 +1509,39 @@ impl Node {
             for chunk in chunk_elements(split_you_lack(outgoing)) {
                 self.inner.metrics.session_rounds.inc();
                 SessionStats::add(&stats.rounds, 1);
-                let request = Request::Reconcile { space: space.clone(), message: ByteString(sync::encode(&chunk)) };
+                let request = Request::Reconcile {
+                    space: space.clone(),
+                    message: ByteString(sync::encode(&chunk)),
+                };
                 match self.request(peer, &request, stats).await? {
                     Response::Reconcile { message } => {
                         incoming.extend(sync::decode(&message.0, &limits).map_err(sync_error)?);
                     }
-                    _ => return Err(NodeError::Peer { peer, reason: "unexpected answer to reconcile".into() }),
+                    _ => {
+                        return Err(NodeError::Peer {
+                            peer,
+                            reason: "unexpected answer to reconcile".into(),
+                        })
+                    }
                 }
             }
             let (reply, outcome) = sync::respond(view, &incoming, &limits).map_err(sync_error)?;
             mine.extend(outcome);
             outgoing = reply;
         }
-        Err(NodeError::Peer { peer, reason: "reconciliation did not end within 80 rounds".into() })
+        Err(NodeError::Peer {
+            peer,
+            reason: "reconciliation did not end within 80 rounds".into(),
+        })
     }
 
     /// Directory first, then each differing mailbox. Returns how many mailboxes differed.
     async fn session(&self, peer: PeerId) -> Result<usize, NodeError> {
         let store = self.inner.store.clone();
         let stats = &SessionStats::default();
-        let (mut mine, mut told) = self.reconcile(peer, WireSpace::Directory, &store.tree(Space::Directory), stats).await?;
+        let (mut mine, mut told) = self
+            .reconcile(peer, WireSpace::Directory, &store.tree(Space::Directory), stats)
+            .await?;
         mine.normalize();
         told.normalize();
         let mut keys: BTreeSet<MailboxKey> = BTreeSet::new();
@@ -1306,14 +1555,21 @@ impl Node {
             }
         }
         for chunk in unknown.chunks(wire::MAX_IDS_PER_REQUEST) {
-            let request = Request::ResolveMailboxes { ids: chunk.to_vec(), depth: 0, bits: ByteString(vec![]) };
+            let request = Request::ResolveMailboxes {
+                ids: chunk.to_vec(),
+                depth: 0,
+                bits: ByteString(vec![]),
+            };
             if let Response::Mailboxes { keys: resolved } = self.request(peer, &request, stats).await? {
                 keys.extend(resolved.into_iter().filter(|key| key.validate().is_ok()));
             }
         }
         for prefix in &mine.need_prefixes {
-            let request =
-                Request::ResolveMailboxes { ids: vec![], depth: prefix.depth(), bits: ByteString(prefix.packed_bits()) };
+            let request = Request::ResolveMailboxes {
+                ids: vec![],
+                depth: prefix.depth(),
+                bits: ByteString(prefix.packed_bits()),
+            };
             if let Response::Mailboxes { keys: resolved } = self.request(peer, &request, stats).await? {
                 keys.extend(resolved.into_iter().filter(|key| key.validate().is_ok()));
             }
@@ -1364,8 +1620,14 @@ impl Node {
         let stats = SessionStats::default();
         let result = async {
             let store = self.inner.store.clone();
-            let (outcome, _) =
-                self.reconcile(peer, WireSpace::Mailbox(key.clone()), &store.tree(Space::Mailbox(key.id())), &stats).await?;
+            let (outcome, _) = self
+                .reconcile(
+                    peer,
+                    WireSpace::Mailbox(key.clone()),
+                    &store.tree(Space::Mailbox(key.id())),
+                    &stats,
+                )
+                .await?;
             self.pull(peer, &key, outcome, &stats).await
         }
         .instrument(span.clone())
@@ -1388,15 +1650,31 @@ impl Node {
     }
 
     /// Pulls the records (and then the blobs) this side lacks from a peer, and merges them.
-    async fn pull(&self, peer: PeerId, mailbox: &MailboxKey, mut outcome: Outcome, stats: &SessionStats) -> Result<(), NodeError> {
+    async fn pull(
+        &self,
+        peer: PeerId,
+        mailbox: &MailboxKey,
+        mut outcome: Outcome,
+        stats: &SessionStats,
+    ) -> Result<(), NodeError> {
         outcome.normalize();
         for chunk in outcome.need_keys.chunks(1000) {
-            let request =
-                Request::FetchRecords { mailbox: mailbox.clone(), ids: chunk.iter().map(|key| MessageId(*key)).collect() };
-            if let Response::Records { records: fetched, blobs, .. } = self.request(peer, &request, stats).await? {
+            let request = Request::FetchRecords {
+                mailbox: mailbox.clone(),
+                ids: chunk.iter().map(|key| MessageId(*key)).collect(),
+            };
+            if let Response::Records {
+                records: fetched,
+                blobs,
+                ..
+            } = self.request(peer, &request, stats).await?
+            {
                 let asked: HashSet<u128> = chunk.iter().copied().collect();
                 if fetched.len() > chunk.len() || fetched.iter().any(|record| !asked.contains(&record.id.0)) {
-                    return Err(NodeError::Peer { peer, reason: "sent records that were not asked for".into() });
+                    return Err(NodeError::Peer {
+                        peer,
+                        reason: "sent records that were not asked for".into(),
+                    });
                 }
                 self.merge_pulled(peer, mailbox, fetched, blobs, stats).await?;
             }
@@ -1411,14 +1689,24 @@ impl Node {
                     after,
                     limit: 1000,
                 };
-                let Response::Records { records: fetched, more, blobs } = self.request(peer, &request, stats).await? else {
-                    return Err(NodeError::Peer { peer, reason: "unexpected answer to a range fetch".into() });
+                let Response::Records {
+                    records: fetched,
+                    more,
+                    blobs,
+                } = self.request(peer, &request, stats).await?
+                else {
+                    return Err(NodeError::Peer {
+                        peer,
+                        reason: "unexpected answer to a range fetch".into(),
+                    });
                 };
                 let last = fetched.last().map(|record| record.id);
                 let sorted = fetched.windows(2).all(|pair| pair[0].id < pair[1].id);
                 if fetched.len() > 1000
                     || !sorted
-                    || fetched.iter().any(|record| !prefix.contains(record.id.0) || Some(record.id) <= after)
+                    || fetched
+                        .iter()
+                        .any(|record| !prefix.contains(record.id.0) || Some(record.id) <= after)
                 {
                     return Err(NodeError::Peer {
                         peer,
@@ -1447,17 +1735,25 @@ impl Node {
         let store = &self.inner.store;
         let mut operations = Vec::new();
         // Inline blobs are keyed by their own hash: one that no record names is simply unused.
-        let mut inline: HashMap<BlobHash, Vec<u8>> =
-            inline.into_iter().map(|bytes| (BlobHash::of(&bytes.0), bytes.0)).collect();
+        let mut inline: HashMap<BlobHash, Vec<u8>> = inline
+            .into_iter()
+            .map(|bytes| (BlobHash::of(&bytes.0), bytes.0))
+            .collect();
         let mut fetched_blobs: HashSet<BlobHash> = HashSet::new();
         let mut blob_fetches = Vec::new();
         let mut merged_count = 0u64;
         for record in &records {
-            wire::validate_record(record).map_err(|error| NodeError::Peer { peer, reason: error.to_string() })?;
+            wire::validate_record(record).map_err(|error| NodeError::Peer {
+                peer,
+                reason: error.to_string(),
+            })?;
             if !store.has_blob(&record.blob)? && fetched_blobs.insert(record.blob) {
                 match inline.remove(&record.blob) {
                     Some(bytes) => {
-                        operations.push(Operation::PutBlob { expected: record.blob, bytes });
+                        operations.push(Operation::PutBlob {
+                            expected: record.blob,
+                            bytes,
+                        });
                         self.inner.metrics.blobs_pulled.inc();
                         SessionStats::add(&stats.blobs, 1);
                     }
@@ -1486,7 +1782,11 @@ impl Node {
         for record in records.into_iter().filter(|record| !unavailable.contains(&record.blob)) {
             self.observe_lag(&record);
             merged_count += 1;
-            operations.push(Operation::Merge { mailbox: mailbox.clone(), record, now_millis: now_millis() });
+            operations.push(Operation::Merge {
+                mailbox: mailbox.clone(),
+                record,
+                now_millis: now_millis(),
+            });
         }
         self.apply_all(operations).await?;
         self.inner.metrics.records_pulled.inc_by(merged_count);
@@ -1513,17 +1813,35 @@ impl Node {
 
     /// Fetches one blob (in chunks when large) and checks its hash; a peer that sends wrong
     /// bytes is disconnected.
-    async fn fetch_blob(&self, peer: PeerId, hash: BlobHash, stats: &SessionStats) -> Result<Option<Vec<u8>>, NodeError> {
+    async fn fetch_blob(
+        &self,
+        peer: PeerId,
+        hash: BlobHash,
+        stats: &SessionStats,
+    ) -> Result<Option<Vec<u8>>, NodeError> {
         let mut bytes: Vec<u8> = Vec::new();
         loop {
-            let request = Request::FetchBlob { hash, offset: bytes.len() as u64, length: wire::MAX_BLOB_CHUNK };
+            let request = Request::FetchBlob {
+                hash,
+                offset: bytes.len() as u64,
+                length: wire::MAX_BLOB_CHUNK,
+            };
             match self.request(peer, &request, stats).await? {
-                Response::Blob { bytes: Some(chunk), total } => {
+                Response::Blob {
+                    bytes: Some(chunk),
+                    total,
+                } => {
                     if total > self.inner.config.max_message_bytes {
-                        return Err(NodeError::Peer { peer, reason: format!("blob {hash} claims {total} bytes, over the limit") });
+                        return Err(NodeError::Peer {
+                            peer,
+                            reason: format!("blob {hash} claims {total} bytes, over the limit"),
+                        });
                     }
                     if chunk.0.is_empty() && (bytes.len() as u64) < total {
-                        return Err(NodeError::Peer { peer, reason: format!("blob {hash} stopped short") });
+                        return Err(NodeError::Peer {
+                            peer,
+                            reason: format!("blob {hash} stopped short"),
+                        });
                     }
                     bytes.extend_from_slice(&chunk.0);
                     if bytes.len() as u64 >= total {
@@ -1531,7 +1849,12 @@ impl Node {
                     }
                 }
                 Response::Blob { bytes: None, .. } => return Ok(None),
-                _ => return Err(NodeError::Peer { peer, reason: "unexpected answer to a blob fetch".into() }),
+                _ => {
+                    return Err(NodeError::Peer {
+                        peer,
+                        reason: "unexpected answer to a blob fetch".into(),
+                    })
+                }
             }
         }
         if BlobHash::of(&bytes) != hash {

@@ -28,7 +28,9 @@ const INDEX_HTML: &str = include_str!("page/index.html");
 
 /// Routes of the status page.
 pub fn routes() -> Router<Node> {
-    Router::new().route("/", get(index)).route("/v1/page-data", get(page_data))
+    Router::new()
+        .route("/", get(index))
+        .route("/v1/page-data", get(page_data))
 }
 
 async fn index() -> impl IntoResponse {
@@ -39,18 +41,42 @@ async fn index() -> impl IntoResponse {
 /// started; the page turns consecutive snapshots into rates.
 async fn page_data(State(node): State<Node>) -> Result<impl IntoResponse, ApiError> {
     let peers = node.peer_statuses().await;
-    let listen: Vec<String> = node.listen_addresses().await.iter().map(|address| address.to_string()).collect();
+    let listen: Vec<String> = node
+        .listen_addresses()
+        .await
+        .iter()
+        .map(|address| address.to_string())
+        .collect();
     let digest = node.store().digest()?;
     let metrics = node.metrics();
     let direction = |direction: &'static str| {
-        metrics.sync_bytes.get(&DirectionLabel { direction }).map(|counter| counter.get()).unwrap_or(0)
+        metrics
+            .sync_bytes
+            .get(&DirectionLabel { direction })
+            .map(|counter| counter.get())
+            .unwrap_or(0)
     };
     let gossip = |kind: &'static str, direction: &'static str| {
-        metrics.gossip_bytes.get(&GossipLabel { kind, direction }).map(|counter| counter.get()).unwrap_or(0)
+        metrics
+            .gossip_bytes
+            .get(&GossipLabel { kind, direction })
+            .map(|counter| counter.get())
+            .unwrap_or(0)
     };
-    let writes = |kind: &'static str| metrics.writes.get(&WriteLabel { kind }).map(|counter| counter.get()).unwrap_or(0);
-    let sessions =
-        |outcome: &'static str| metrics.sessions.get(&OutcomeLabel { outcome }).map(|counter| counter.get()).unwrap_or(0);
+    let writes = |kind: &'static str| {
+        metrics
+            .writes
+            .get(&WriteLabel { kind })
+            .map(|counter| counter.get())
+            .unwrap_or(0)
+    };
+    let sessions = |outcome: &'static str| {
+        metrics
+            .sessions
+            .get(&OutcomeLabel { outcome })
+            .map(|counter| counter.get())
+            .unwrap_or(0)
+    };
     let body = json!({
         "now_ms": now_millis(),
         "node": {
@@ -104,12 +130,17 @@ fn histogram_json(histogram: &Histogram) -> Value {
     let mut bounds: Vec<f64> = Vec::new();
     let mut cumulative: Vec<u64> = Vec::new();
     for line in text.lines().filter(|line| !line.starts_with('#')) {
-        let Some((series, value)) = line.rsplit_once(' ') else { continue };
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
         if series == "h_sum" {
             sum = value.parse().unwrap_or(0.0);
         } else if series == "h_count" {
             count = value.parse().unwrap_or(0);
-        } else if let Some(bound) = series.strip_prefix("h_bucket{le=\"").and_then(|rest| rest.strip_suffix("\"}")) {
+        } else if let Some(bound) = series
+            .strip_prefix("h_bucket{le=\"")
+            .and_then(|rest| rest.strip_suffix("\"}"))
+        {
             let Ok(value) = value.parse::<u64>() else { continue };
             if bound != "+Inf" {
                 let Ok(bound) = bound.parse::<f64>() else { continue };

@@ -89,8 +89,8 @@ impl SearchIndex {
         let from_key = builder.add_text_field("from_key", STRING | FAST);
         let subject_key = builder.add_text_field("subject_key", STRING | FAST);
         let schema = builder.build();
-        let directory = tantivy::directory::MmapDirectory::open(path)
-            .map_err(|error| SearchError::Directory(error.to_string()))?;
+        let directory =
+            tantivy::directory::MmapDirectory::open(path).map_err(|error| SearchError::Directory(error.to_string()))?;
         let index = Index::open_or_create(directory, schema)?;
         let writer = index.writer_with_num_threads(1, 64 * 1024 * 1024)?;
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
@@ -99,13 +99,29 @@ impl SearchIndex {
             index,
             writer: Mutex::new(writer),
             reader,
-            fields: Fields { key, id, mailbox, from, to, subject, body, received, date, size, from_key, subject_key },
+            fields: Fields {
+                key,
+                id,
+                mailbox,
+                from,
+                to,
+                subject,
+                body,
+                received,
+                date,
+                size,
+                from_key,
+                subject_key,
+            },
         })
     }
 
     /// Applies every queued task from the store; returns how many were applied.
     pub fn catch_up(&self, store: &Store) -> Result<usize, SearchError> {
-        let mut writer = self.writer.lock().map_err(|_| SearchError::Directory("index writer poisoned".into()))?;
+        let mut writer = self
+            .writer
+            .lock()
+            .map_err(|_| SearchError::Directory("index writer poisoned".into()))?;
         let mut handled = 0;
         loop {
             let after = self.applied.load(std::sync::atomic::Ordering::Acquire);
@@ -119,11 +135,17 @@ impl SearchIndex {
                         let key = document_key(*mailbox, *id);
                         writer.delete_term(Term::from_field_text(self.fields.key, &key));
                         let mailbox_id = MailboxId(*mailbox);
-                        let Some(record) = store.record(mailbox_id, *id)? else { continue };
-                        let listing = store.local_state(mailbox_id, *id)?.and_then(|state| state.listing).unwrap_or_default();
+                        let Some(record) = store.record(mailbox_id, *id)? else {
+                            continue;
+                        };
+                        let listing = store
+                            .local_state(mailbox_id, *id)?
+                            .and_then(|state| state.listing)
+                            .unwrap_or_default();
                         let raw = store.blob(blob)?.unwrap_or_default();
                         let text = mail::search_text(&raw);
-                        let text_key = |sort: SortKey| String::from_utf8_lossy(&sort.key(&record, &listing)).into_owned();
+                        let text_key =
+                            |sort: SortKey| String::from_utf8_lossy(&sort.key(&record, &listing)).into_owned();
                         writer.add_document(doc!(
                             self.fields.received => record.received_millis,
                             self.fields.date => listing.date_millis.unwrap_or(record.received_millis),
@@ -196,22 +218,35 @@ impl SearchIndex {
                 (found.into_iter().map(|(_, address)| address).collect(), total)
             }
             SortKey::From | SortKey::Subject => {
-                let field = if sort == SortKey::From { "from_key" } else { "subject_key" };
+                let field = if sort == SortKey::From {
+                    "from_key"
+                } else {
+                    "subject_key"
+                };
                 let (found, total) = searcher.search(&query, &(top.order_by_string_fast_field(field, order), Count))?;
                 (found.into_iter().map(|(_, address)| address).collect(), total)
             }
         };
-        let mut hits = SearchHits { ids: Vec::with_capacity(addresses.len()), total };
+        let mut hits = SearchHits {
+            ids: Vec::with_capacity(addresses.len()),
+            total,
+        };
         if limit == 0 {
             return Ok(hits);
         }
         for address in addresses {
             let document: TantivyDocument = searcher.doc(address)?;
-            let Some(id) = document.get_first(self.fields.id).and_then(|value| value.as_str()).and_then(|s| s.parse().ok())
+            let Some(id) = document
+                .get_first(self.fields.id)
+                .and_then(|value| value.as_str())
+                .and_then(|s| s.parse().ok())
             else {
                 continue;
             };
-            if store.local_state(mailbox, id)?.is_some_and(|state| state.listing.is_some()) {
+            if store
+                .local_state(mailbox, id)?
+                .is_some_and(|state| state.listing.is_some())
+            {
                 hits.ids.push(id);
             } else {
                 hits.total = hits.total.saturating_sub(1);
@@ -222,7 +257,10 @@ impl SearchIndex {
 
     /// Deletes every document (before a rebuild from the store's queue).
     pub fn clear(&self) -> Result<(), SearchError> {
-        let mut writer = self.writer.lock().map_err(|_| SearchError::Directory("index writer poisoned".into()))?;
+        let mut writer = self
+            .writer
+            .lock()
+            .map_err(|_| SearchError::Directory("index writer poisoned".into()))?;
         writer.delete_all_documents()?;
         writer.commit()?;
         self.reader.reload()?;

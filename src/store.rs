@@ -42,9 +42,11 @@ use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBat
 use serde::{Deserialize, Serialize};
 
 use crate::crdt::{self, Clock, ClockError, MergeError};
-use crate::merkle::{aggregate_changes, Aggregate, AggregateDelta, Prefix, StoredDepth, TreeView};
 use crate::mail::{self, Listing};
-use crate::model::{BlobHash, Flag, MailboxId, MailboxKey, MessageId, MessageIdGenerator, MessageRecord, NodeId, Stamp};
+use crate::merkle::{aggregate_changes, Aggregate, AggregateDelta, Prefix, StoredDepth, TreeView};
+use crate::model::{
+    BlobHash, Flag, MailboxId, MailboxKey, MessageId, MessageIdGenerator, MessageRecord, NodeId, Stamp,
+};
 
 const RECORDS: &str = "records";
 const BLOBS: &str = "blobs";
@@ -144,24 +146,53 @@ impl Default for StoreOptions {
 #[derive(Clone, Debug)]
 pub enum Operation {
     /// Stores a new message; the store issues its ID and stamps its initial flags.
-    Append { mailbox: MailboxKey, raw: Vec<u8>, flags: Vec<Flag>, now_millis: u64, random: u128 },
+    Append {
+        mailbox: MailboxKey,
+        raw: Vec<u8>,
+        flags: Vec<Flag>,
+        now_millis: u64,
+        random: u128,
+    },
     /// Sets and clears flags of a live message.
-    SetFlags { mailbox: MailboxKey, id: MessageId, add: Vec<Flag>, remove: Vec<Flag>, now_millis: u64 },
+    SetFlags {
+        mailbox: MailboxKey,
+        id: MessageId,
+        add: Vec<Flag>,
+        remove: Vec<Flag>,
+        now_millis: u64,
+    },
     /// Expunges a message (idempotent).
-    Expunge { mailbox: MailboxKey, id: MessageId, now_millis: u64 },
+    Expunge {
+        mailbox: MailboxKey,
+        id: MessageId,
+        now_millis: u64,
+    },
     /// Merges a record received from a peer.
-    Merge { mailbox: MailboxKey, record: MessageRecord, now_millis: u64 },
+    Merge {
+        mailbox: MailboxKey,
+        record: MessageRecord,
+        now_millis: u64,
+    },
     /// Stores a blob received from a peer, after checking its hash.
     PutBlob { expected: BlobHash, bytes: Vec<u8> },
     /// Removes a tombstone older than the horizon (see [`Store::collect_tombstones`]).
-    Purge { mailbox: MailboxId, id: MessageId, now_millis: u64 },
+    Purge {
+        mailbox: MailboxId,
+        id: MessageId,
+        now_millis: u64,
+    },
 }
 
 /// What an operation did.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Applied {
     /// A new message and its ID.
-    Appended { id: MessageId, blob: BlobHash, size: u64, record: MessageRecord },
+    Appended {
+        id: MessageId,
+        blob: BlobHash,
+        size: u64,
+        record: MessageRecord,
+    },
     /// The record as it now stands, and whether this operation changed it.
     Record { record: MessageRecord, changed: bool },
     /// A blob was stored (or was already there).
@@ -210,7 +241,13 @@ pub enum SortKey {
 
 impl SortKey {
     /// Every sort.
-    pub const ALL: [SortKey; 5] = [SortKey::Received, SortKey::Date, SortKey::From, SortKey::Subject, SortKey::Size];
+    pub const ALL: [SortKey; 5] = [
+        SortKey::Received,
+        SortKey::Date,
+        SortKey::From,
+        SortKey::Subject,
+        SortKey::Size,
+    ];
 
     /// The sort named in a query string.
     pub fn parse(name: &str) -> Option<SortKey> {
@@ -228,7 +265,11 @@ impl SortKey {
     pub fn key(self, record: &MessageRecord, listing: &Listing) -> Vec<u8> {
         match self {
             SortKey::Received => record.received_millis.to_be_bytes().to_vec(),
-            SortKey::Date => listing.date_millis.unwrap_or(record.received_millis).to_be_bytes().to_vec(),
+            SortKey::Date => listing
+                .date_millis
+                .unwrap_or(record.received_millis)
+                .to_be_bytes()
+                .to_vec(),
             SortKey::From => mail::text_sort_key(&listing.from),
             SortKey::Subject => mail::subject_sort_key(&listing.subject),
             SortKey::Size => record.size.to_be_bytes().to_vec(),
@@ -264,7 +305,11 @@ fn blob_key(mailbox: MailboxId, blob: &BlobHash, id: MessageId) -> Vec<u8> {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SearchTask {
     /// Index this live record (its blob is in the store).
-    Add { mailbox: u128, id: MessageId, blob: BlobHash },
+    Add {
+        mailbox: u128,
+        id: MessageId,
+        blob: BlobHash,
+    },
     /// Drop this record from the index.
     Remove { id: MessageId },
 }
@@ -354,7 +399,11 @@ pub struct Store {
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        formatter.debug_struct("Store").field("path", &self.db.path()).field("node", &self.node).finish()
+        formatter
+            .debug_struct("Store")
+            .field("path", &self.db.path())
+            .field("node", &self.node)
+            .finish()
     }
 }
 
@@ -398,10 +447,15 @@ impl Store {
             ColumnFamilyDescriptor::new(TOMBSTONES, family_options()),
         ];
         let db = DB::open_cf_descriptors(&db_options, path, families)?;
-        let meta = db.cf_handle(META).ok_or_else(|| StoreError::Corrupt("missing meta family".into()))?;
+        let meta = db
+            .cf_handle(META)
+            .ok_or_else(|| StoreError::Corrupt("missing meta family".into()))?;
         let clock_value = match db.get_cf(&meta, META_CLOCK)? {
             Some(bytes) => u64::from_be_bytes(
-                bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt("clock value".into()))?,
+                bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("clock value".into()))?,
             ),
             None => 0,
         };
@@ -411,7 +465,10 @@ impl Store {
         };
         let search_sequence = match db.get_cf(&meta, META_SEARCH_SEQUENCE)? {
             Some(bytes) => u64::from_be_bytes(
-                bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt("search sequence value".into()))?,
+                bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("search sequence value".into()))?,
             ),
             None => 0,
         };
@@ -420,11 +477,18 @@ impl Store {
             ids: MessageIdGenerator::after(last_id),
             search_sequence,
         };
-        Ok(Store { db, options, node, writer: Mutex::new(writer) })
+        Ok(Store {
+            db,
+            options,
+            node,
+            writer: Mutex::new(writer),
+        })
     }
 
     fn family(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
-        self.db.cf_handle(name).ok_or_else(|| StoreError::Corrupt(format!("missing column family {name}")))
+        self.db
+            .cf_handle(name)
+            .ok_or_else(|| StoreError::Corrupt(format!("missing column family {name}")))
     }
 
     /// The node whose store this is.
@@ -468,16 +532,24 @@ impl Store {
         if let Some(free) = free_bytes(self.db.path()) {
             let needed = self.options.min_free_bytes.saturating_add(incoming);
             if free < needed {
-                return operations.iter().map(|_| Err(StoreError::DiskFull { free, needed })).collect();
+                return operations
+                    .iter()
+                    .map(|_| Err(StoreError::DiskFull { free, needed }))
+                    .collect();
             }
         }
         let mut state = match self.writer.lock() {
             Ok(state) => state,
             Err(poisoned) => poisoned.into_inner(),
         };
-        let mut staging = Staging { listings, ..Staging::default() };
-        let mut results: Vec<Result<Applied, StoreError>> =
-            operations.into_iter().map(|operation| self.stage(&mut state, &mut staging, operation)).collect();
+        let mut staging = Staging {
+            listings,
+            ..Staging::default()
+        };
+        let mut results: Vec<Result<Applied, StoreError>> = operations
+            .into_iter()
+            .map(|operation| self.stage(&mut state, &mut staging, operation))
+            .collect();
         if let Err(error) = self.commit(&mut state, staging) {
             let message = error.to_string();
             for result in &mut results {
@@ -502,18 +574,35 @@ impl Store {
         self.record(mailbox, id)
     }
 
-    fn stage(&self, state: &mut WriterState, staging: &mut Staging, operation: Operation) -> Result<Applied, StoreError> {
+    fn stage(
+        &self,
+        state: &mut WriterState,
+        staging: &mut Staging,
+        operation: Operation,
+    ) -> Result<Applied, StoreError> {
         match operation {
-            Operation::Append { mailbox, raw, flags, now_millis, random } => {
+            Operation::Append {
+                mailbox,
+                raw,
+                flags,
+                now_millis,
+                random,
+            } => {
                 let size = raw.len() as u64;
                 if size > self.options.max_message_bytes {
-                    return Err(StoreError::TooLarge { size, limit: self.options.max_message_bytes });
+                    return Err(StoreError::TooLarge {
+                        size,
+                        limit: self.options.max_message_bytes,
+                    });
                 }
                 let blob = BlobHash::of(&raw);
                 let id = state.ids.next(now_millis, random);
                 let mut record = MessageRecord::new(id, blob, size, now_millis, self.node);
                 if !flags.is_empty() {
-                    let stamp = Stamp { time: state.clock.tick(now_millis), node: self.node };
+                    let stamp = Stamp {
+                        time: state.clock.tick(now_millis),
+                        node: self.node,
+                    };
                     for flag in flags {
                         crdt::apply_flag(&mut record, flag, true, stamp);
                     }
@@ -523,15 +612,27 @@ impl Store {
                 staging.change(mailbox, None, record.clone());
                 Ok(Applied::Appended { id, blob, size, record })
             }
-            Operation::SetFlags { mailbox, id, add, remove, now_millis } => {
+            Operation::SetFlags {
+                mailbox,
+                id,
+                add,
+                remove,
+                now_millis,
+            } => {
                 let mailbox_id = mailbox.id();
                 let old = self
                     .load(staging, mailbox_id, id)?
-                    .ok_or_else(|| StoreError::NotFound { mailbox: mailbox.clone(), id })?;
+                    .ok_or_else(|| StoreError::NotFound {
+                        mailbox: mailbox.clone(),
+                        id,
+                    })?;
                 if !old.is_live() {
                     return Err(StoreError::Expunged(id));
                 }
-                let stamp = Stamp { time: state.clock.tick(now_millis), node: self.node };
+                let stamp = Stamp {
+                    time: state.clock.tick(now_millis),
+                    node: self.node,
+                };
                 let mut record = old.clone();
                 let mut changed = false;
                 for flag in add {
@@ -545,27 +646,45 @@ impl Store {
                 }
                 Ok(Applied::Record { record, changed })
             }
-            Operation::Expunge { mailbox, id, now_millis } => {
+            Operation::Expunge {
+                mailbox,
+                id,
+                now_millis,
+            } => {
                 let mailbox_id = mailbox.id();
                 let old = self
                     .load(staging, mailbox_id, id)?
-                    .ok_or_else(|| StoreError::NotFound { mailbox: mailbox.clone(), id })?;
+                    .ok_or_else(|| StoreError::NotFound {
+                        mailbox: mailbox.clone(),
+                        id,
+                    })?;
                 if !old.is_live() {
-                    return Ok(Applied::Record { record: old, changed: false });
+                    return Ok(Applied::Record {
+                        record: old,
+                        changed: false,
+                    });
                 }
                 let mut record = old.clone();
-                record.expunged = Some(Stamp { time: state.clock.tick(now_millis), node: self.node });
+                record.expunged = Some(Stamp {
+                    time: state.clock.tick(now_millis),
+                    node: self.node,
+                });
                 staging.change(mailbox, Some(old), record.clone());
                 Ok(Applied::Record { record, changed: true })
             }
-            Operation::Merge { mailbox, record, now_millis } => {
+            Operation::Merge {
+                mailbox,
+                record,
+                now_millis,
+            } => {
                 if let Some(latest) = record.latest_stamp() {
                     state.clock.check(latest.time, now_millis)?;
                 }
                 let old = self.load(staging, mailbox.id(), record.id)?;
                 let cutoff = now_millis.saturating_sub(self.options.tombstone_horizon_millis);
-                let expunged_before_horizon =
-                    record.expunged.is_some_and(|stamp| crdt::millis_of(stamp.time) < cutoff);
+                let expunged_before_horizon = record
+                    .expunged
+                    .is_some_and(|stamp| crdt::millis_of(stamp.time) < cutoff);
                 if old.is_none() && expunged_before_horizon {
                     // Collected here already, or never seen: taking it in would only bring it back.
                     return Ok(Applied::Record { record, changed: false });
@@ -581,13 +700,24 @@ impl Store {
                 if changed {
                     staging.change(mailbox, old, merged.clone());
                 }
-                Ok(Applied::Record { record: merged, changed })
+                Ok(Applied::Record {
+                    record: merged,
+                    changed,
+                })
             }
-            Operation::Purge { mailbox, id, now_millis } => {
-                if staging.records.contains_key(&(mailbox, id)) || staging.purges.iter().any(|(m, r)| *m == mailbox && r.id == id) {
+            Operation::Purge {
+                mailbox,
+                id,
+                now_millis,
+            } => {
+                if staging.records.contains_key(&(mailbox, id))
+                    || staging.purges.iter().any(|(m, r)| *m == mailbox && r.id == id)
+                {
                     return Ok(Applied::Purged(false));
                 }
-                let Some(record) = self.record(mailbox, id)? else { return Ok(Applied::Purged(false)) };
+                let Some(record) = self.record(mailbox, id)? else {
+                    return Ok(Applied::Purged(false));
+                };
                 let cutoff = now_millis.saturating_sub(self.options.tombstone_horizon_millis);
                 match record.expunged {
                     Some(stamp) if crdt::millis_of(stamp.time) < cutoff => {
@@ -599,7 +729,10 @@ impl Store {
             }
             Operation::PutBlob { expected, bytes } => {
                 if bytes.len() as u64 > self.options.max_message_bytes {
-                    return Err(StoreError::TooLarge { size: bytes.len() as u64, limit: self.options.max_message_bytes });
+                    return Err(StoreError::TooLarge {
+                        size: bytes.len() as u64,
+                        limit: self.options.max_message_bytes,
+                    });
                 }
                 if BlobHash::of(&bytes) != expected {
                     return Err(StoreError::BlobMismatch { expected });
@@ -644,7 +777,10 @@ impl Store {
             }
             batch.delete_cf(local, record_key(*mailbox_id, record.id));
             if let Some(stamp) = record.expunged {
-                batch.delete_cf(tombstones, tombstone_key(crdt::millis_of(stamp.time), *mailbox_id, record.id));
+                batch.delete_cf(
+                    tombstones,
+                    tombstone_key(crdt::millis_of(stamp.time), *mailbox_id, record.id),
+                );
             }
             let key = self.mailbox_entry(*mailbox_id)?.map(|entry| entry.key);
             if let Some(key) = key {
@@ -672,11 +808,19 @@ impl Store {
             let new_listing = if change.new.is_live() {
                 match &old_listing {
                     Some(listing) => Some(listing.clone()),
-                    None => Some(match (staging.listings.get(&change.new.blob), staging.blobs.get(&change.new.blob)) {
-                        (Some(listing), _) => listing.clone(),
-                        (None, Some(raw)) => mail::listing(raw),
-                        (None, None) => self.blob(&change.new.blob)?.map(|raw| mail::listing(&raw)).unwrap_or_default(),
-                    }),
+                    None => Some(
+                        match (
+                            staging.listings.get(&change.new.blob),
+                            staging.blobs.get(&change.new.blob),
+                        ) {
+                            (Some(listing), _) => listing.clone(),
+                            (None, Some(raw)) => mail::listing(raw),
+                            (None, None) => self
+                                .blob(&change.new.blob)?
+                                .map(|raw| mail::listing(&raw))
+                                .unwrap_or_default(),
+                        },
+                    ),
                 }
             } else {
                 None
@@ -684,16 +828,28 @@ impl Store {
             match (&old_listing, &new_listing) {
                 (None, Some(listing)) => {
                     for sort in SortKey::ALL {
-                        batch.put_cf(index, index_key(*mailbox_id, sort, &sort.key(&change.new, listing), *id), []);
+                        batch.put_cf(
+                            index,
+                            index_key(*mailbox_id, sort, &sort.key(&change.new, listing), *id),
+                            [],
+                        );
                     }
                     batch.put_cf(index, blob_key(*mailbox_id, &change.new.blob, *id), []);
                     state.search_sequence += 1;
-                    let task = SearchTask::Add { mailbox: mailbox_id.0, id: *id, blob: change.new.blob };
+                    let task = SearchTask::Add {
+                        mailbox: mailbox_id.0,
+                        id: *id,
+                        blob: change.new.blob,
+                    };
                     batch.put_cf(search_queue, state.search_sequence.to_be_bytes(), encode_cbor(&task));
                 }
                 (Some(listing), None) => {
                     if let Some(stamp) = change.new.expunged {
-                        batch.put_cf(tombstones, tombstone_key(crdt::millis_of(stamp.time), *mailbox_id, *id), []);
+                        batch.put_cf(
+                            tombstones,
+                            tombstone_key(crdt::millis_of(stamp.time), *mailbox_id, *id),
+                            [],
+                        );
                     }
                     let old_record = change.old.as_ref().unwrap_or(&change.new);
                     for sort in SortKey::ALL {
@@ -701,7 +857,11 @@ impl Store {
                     }
                     batch.delete_cf(index, blob_key(*mailbox_id, &old_record.blob, *id));
                     state.search_sequence += 1;
-                    batch.put_cf(search_queue, state.search_sequence.to_be_bytes(), encode_cbor(&SearchTask::Remove { id: *id }));
+                    batch.put_cf(
+                        search_queue,
+                        state.search_sequence.to_be_bytes(),
+                        encode_cbor(&SearchTask::Remove { id: *id }),
+                    );
                 }
                 _ => {}
             }
@@ -717,7 +877,9 @@ impl Store {
             for (prefix, delta) in aggregate_changes(id.0, old_hash.as_ref(), Some(&new_hash), space.stored_depth()) {
                 deltas.entry((space, prefix)).or_default().add(&delta);
             }
-            let entry = counters.entry(*mailbox_id).or_insert_with(|| (change.mailbox.clone(), 0, 0, 0));
+            let entry = counters
+                .entry(*mailbox_id)
+                .or_insert_with(|| (change.mailbox.clone(), 0, 0, 0));
             let (old_records, old_live, old_unseen) = change.old.as_ref().map(counts).unwrap_or((0, 0, 0));
             let (new_records, new_live, new_unseen) = counts(&change.new);
             entry.1 += new_records - old_records;
@@ -726,14 +888,7 @@ impl Store {
         }
         let mut roots: HashMap<MailboxId, Aggregate> = HashMap::new();
         for ((space, prefix), delta) in &deltas {
-            let key = tree_key(*space, *prefix);
-            let mut aggregate = self.stored_aggregate(&key)?;
-            aggregate.apply(delta);
-            if aggregate.is_empty() {
-                batch.delete_cf(tree, key);
-            } else {
-                batch.put_cf(tree, key, aggregate.to_bytes());
-            }
+            let aggregate = self.fold_aggregate(&mut batch, tree, *space, *prefix, delta)?;
             if let (Space::Mailbox(mailbox), 0) = (space, prefix.depth()) {
                 roots.insert(*mailbox, aggregate);
             }
@@ -764,20 +919,15 @@ impl Store {
             entry.root = crate::model::FixedBytes(root.root_hash());
             let old_leaf = old_root.map(|root| directory_leaf(mailbox_id, &root));
             let new_leaf = directory_leaf(mailbox_id, &entry.root.0);
-            for (prefix, delta) in aggregate_changes(mailbox_id.0, old_leaf.as_ref(), Some(&new_leaf), StoredDepth::DIRECTORY) {
+            for (prefix, delta) in
+                aggregate_changes(mailbox_id.0, old_leaf.as_ref(), Some(&new_leaf), StoredDepth::DIRECTORY)
+            {
                 directory_deltas.entry(prefix).or_default().add(&delta);
             }
             batch.put_cf(mailboxes, mailbox_id.to_bytes(), encode_cbor(&entry));
         }
         for (prefix, delta) in directory_deltas {
-            let key = tree_key(Space::Directory, prefix);
-            let mut aggregate = self.stored_aggregate(&key)?;
-            aggregate.apply(&delta);
-            if aggregate.is_empty() {
-                batch.delete_cf(tree, key);
-            } else {
-                batch.put_cf(tree, key, aggregate.to_bytes());
-            }
+            self.fold_aggregate(&mut batch, tree, Space::Directory, prefix, &delta)?;
         }
         batch.put_cf(meta, META_CLOCK, state.clock.current().to_be_bytes());
         batch.put_cf(meta, META_SEARCH_SEQUENCE, state.search_sequence.to_be_bytes());
@@ -788,6 +938,27 @@ impl Store {
         write_options.set_sync(self.options.sync_writes);
         self.db.write_opt(batch, &write_options)?;
         Ok(())
+    }
+
+    /// Adds a change to a stored aggregate in `batch` (deleting it when it empties); returns the
+    /// new aggregate.
+    fn fold_aggregate(
+        &self,
+        batch: &mut WriteBatch,
+        tree: &rocksdb::ColumnFamily,
+        space: Space,
+        prefix: Prefix,
+        delta: &AggregateDelta,
+    ) -> Result<Aggregate, StoreError> {
+        let key = tree_key(space, prefix);
+        let mut aggregate = self.stored_aggregate(&key)?;
+        aggregate.apply(delta);
+        if aggregate.is_empty() {
+            batch.delete_cf(tree, key);
+        } else {
+            batch.put_cf(tree, key, aggregate.to_bytes());
+        }
+        Ok(aggregate)
     }
 
     fn stored_aggregate(&self, key: &[u8]) -> Result<Aggregate, StoreError> {
@@ -848,7 +1019,10 @@ impl Store {
         let start = record_key(mailbox, low);
         let end = record_key(mailbox, high);
         let mut records = Vec::new();
-        for item in self.db.iterator_cf(self.family(RECORDS)?, IteratorMode::From(&start, Direction::Forward)) {
+        for item in self
+            .db
+            .iterator_cf(self.family(RECORDS)?, IteratorMode::From(&start, Direction::Forward))
+        {
             let (key, value) = item?;
             if key.as_ref() > end.as_slice() || records.len() >= limit {
                 break;
@@ -906,8 +1080,13 @@ impl Store {
         let ids = self.list_ids(mailbox, sort, descending, position, limit)?;
         let mut page = Vec::with_capacity(ids.len());
         for id in ids {
-            let record = self.record(mailbox, id)?.ok_or_else(|| StoreError::Corrupt(format!("index names missing record {id}")))?;
-            let listing = self.local_state(mailbox, id)?.and_then(|state| state.listing).unwrap_or_default();
+            let record = self
+                .record(mailbox, id)?
+                .ok_or_else(|| StoreError::Corrupt(format!("index names missing record {id}")))?;
+            let listing = self
+                .local_state(mailbox, id)?
+                .and_then(|state| state.listing)
+                .unwrap_or_default();
             page.push((record, listing));
         }
         Ok(page)
@@ -929,7 +1108,11 @@ impl Store {
         let mut options = rocksdb::ReadOptions::default();
         options.set_iterate_lower_bound(lower.clone());
         options.set_iterate_upper_bound(upper.clone());
-        let mode = if descending { IteratorMode::End } else { IteratorMode::Start };
+        let mode = if descending {
+            IteratorMode::End
+        } else {
+            IteratorMode::Start
+        };
         let mut ids = Vec::with_capacity(limit.min(1024));
         for (skipped, item) in self.db.iterator_cf_opt(self.family(INDEX)?, options, mode).enumerate() {
             let (key, _) = item?;
@@ -949,7 +1132,9 @@ impl Store {
     pub fn live_message_with_blob(&self, mailbox: MailboxId, blob: &BlobHash) -> Result<Option<MessageId>, StoreError> {
         let start = blob_key(mailbox, blob, MessageId(0));
         let end = blob_key(mailbox, blob, MessageId(u128::MAX));
-        let mut iterator = self.db.iterator_cf(self.family(INDEX)?, IteratorMode::From(&start, Direction::Forward));
+        let mut iterator = self
+            .db
+            .iterator_cf(self.family(INDEX)?, IteratorMode::From(&start, Direction::Forward));
         match iterator.next() {
             Some(item) => {
                 let (key, _) = item?;
@@ -965,7 +1150,10 @@ impl Store {
     /// Records created, updated and expunged in a mailbox since a node-local modseq.
     pub fn changes_since(&self, mailbox: MailboxId, since: u64, limit: usize) -> Result<Changes, StoreError> {
         let current = self.mailbox_entry(mailbox)?.map(|entry| entry.modseq).unwrap_or(0);
-        let mut result = Changes { modseq: current, ..Changes::default() };
+        let mut result = Changes {
+            modseq: current,
+            ..Changes::default()
+        };
         if since > current {
             result.cannot_calculate = true;
             return Ok(result);
@@ -974,7 +1162,11 @@ impl Store {
         options.set_iterate_upper_bound(change_key(mailbox, u64::MAX).to_vec());
         let start = change_key(mailbox, since.saturating_add(1));
         let mut seen = 0;
-        for item in self.db.iterator_cf_opt(self.family(CHANGES)?, options, IteratorMode::From(&start, Direction::Forward)) {
+        for item in self.db.iterator_cf_opt(
+            self.family(CHANGES)?,
+            options,
+            IteratorMode::From(&start, Direction::Forward),
+        ) {
             let (key, value) = item?;
             if !key.starts_with(&mailbox.to_bytes()) {
                 break;
@@ -1002,12 +1194,25 @@ impl Store {
         let mut options = rocksdb::ReadOptions::default();
         options.set_iterate_upper_bound(cutoff.to_be_bytes().to_vec());
         let mut operations = Vec::new();
-        for item in self.db.iterator_cf_opt(self.family(TOMBSTONES)?, options, IteratorMode::Start).take(limit) {
+        for item in self
+            .db
+            .iterator_cf_opt(self.family(TOMBSTONES)?, options, IteratorMode::Start)
+            .take(limit)
+        {
             let (key, _) = item?;
-            let mailbox = key.get(8..24).and_then(|bytes| <[u8; 16]>::try_from(bytes).ok()).map(u128::from_be_bytes);
+            let mailbox = key
+                .get(8..24)
+                .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
+                .map(u128::from_be_bytes);
             let id = key.get(24..40).and_then(MessageId::from_slice);
-            let (Some(mailbox), Some(id)) = (mailbox, id) else { return Err(StoreError::Corrupt("tombstone key".into())) };
-            operations.push(Operation::Purge { mailbox: MailboxId(mailbox), id, now_millis });
+            let (Some(mailbox), Some(id)) = (mailbox, id) else {
+                return Err(StoreError::Corrupt("tombstone key".into()));
+            };
+            operations.push(Operation::Purge {
+                mailbox: MailboxId(mailbox),
+                id,
+                now_millis,
+            });
         }
         let mut purged = 0;
         for result in self.apply(operations) {
@@ -1022,7 +1227,10 @@ impl Store {
     pub fn last_contact(&self) -> Result<u64, StoreError> {
         match self.db.get_cf(self.family(META)?, META_LAST_CONTACT)? {
             Some(bytes) => Ok(u64::from_be_bytes(
-                bytes.as_slice().try_into().map_err(|_| StoreError::Corrupt("last contact value".into()))?,
+                bytes
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("last contact value".into()))?,
             )),
             None => Ok(0),
         }
@@ -1030,7 +1238,8 @@ impl Store {
 
     /// Records a completed reconciliation with a peer.
     pub fn set_last_contact(&self, now_millis: u64) -> Result<(), StoreError> {
-        self.db.put_cf(self.family(META)?, META_LAST_CONTACT, now_millis.to_be_bytes())?;
+        self.db
+            .put_cf(self.family(META)?, META_LAST_CONTACT, now_millis.to_be_bytes())?;
         Ok(())
     }
 
@@ -1040,9 +1249,17 @@ impl Store {
         let mut options = rocksdb::ReadOptions::default();
         // Start past the handled tasks: their deletions would otherwise be skipped one by one.
         options.set_iterate_lower_bound(after.saturating_add(1).to_be_bytes().to_vec());
-        for item in self.db.iterator_cf_opt(self.family(SEARCH_QUEUE)?, options, IteratorMode::Start).take(limit) {
+        for item in self
+            .db
+            .iterator_cf_opt(self.family(SEARCH_QUEUE)?, options, IteratorMode::Start)
+            .take(limit)
+        {
             let (key, value) = item?;
-            let sequence = u64::from_be_bytes(key.as_ref().try_into().map_err(|_| StoreError::Corrupt("queue key".into()))?);
+            let sequence = u64::from_be_bytes(
+                key.as_ref()
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("queue key".into()))?,
+            );
             tasks.push((sequence, decode_cbor(&value, "search task")?));
         }
         Ok(tasks)
@@ -1052,7 +1269,11 @@ impl Store {
     /// with one range deletion.
     pub fn finish_search_tasks(&self, last: u64) -> Result<(), StoreError> {
         let mut batch = WriteBatch::default();
-        batch.delete_range_cf(self.family(SEARCH_QUEUE)?, 0u64.to_be_bytes(), last.saturating_add(1).to_be_bytes());
+        batch.delete_range_cf(
+            self.family(SEARCH_QUEUE)?,
+            0u64.to_be_bytes(),
+            last.saturating_add(1).to_be_bytes(),
+        );
         self.db.write(batch)?;
         Ok(())
     }
@@ -1094,10 +1315,21 @@ impl Store {
                 } else {
                     None
                 };
-                let families = (self.family(LOCAL), self.family(INDEX), self.family(CHANGES), self.family(SEARCH_QUEUE));
-                let (Ok(local), Ok(index), Ok(changes), Ok(queue)) = families else { return false };
+                let families = (
+                    self.family(LOCAL),
+                    self.family(INDEX),
+                    self.family(CHANGES),
+                    self.family(SEARCH_QUEUE),
+                );
+                let (Ok(local), Ok(index), Ok(changes), Ok(queue)) = families else {
+                    return false;
+                };
                 if let (Some(stamp), Ok(tombstones)) = (record.expunged, self.family(TOMBSTONES)) {
-                    batch.put_cf(tombstones, tombstone_key(crdt::millis_of(stamp.time), mailbox_id, id), []);
+                    batch.put_cf(
+                        tombstones,
+                        tombstone_key(crdt::millis_of(stamp.time), mailbox_id, id),
+                        [],
+                    );
                 }
                 if let Some(listing) = &listing {
                     for sort in SortKey::ALL {
@@ -1105,11 +1337,23 @@ impl Store {
                     }
                     batch.put_cf(index, blob_key(mailbox_id, &record.blob, id), []);
                     sequence += 1;
-                    let task = SearchTask::Add { mailbox: mailbox_id.0, id, blob: record.blob };
+                    let task = SearchTask::Add {
+                        mailbox: mailbox_id.0,
+                        id,
+                        blob: record.blob,
+                    };
                     batch.put_cf(queue, sequence.to_be_bytes(), encode_cbor(&task));
                 }
                 batch.put_cf(changes, change_key(mailbox_id, modseq), id.to_bytes());
-                batch.put_cf(local, record_key(mailbox_id, id), encode_cbor(&LocalState { created: modseq, modseq, listing }));
+                batch.put_cf(
+                    local,
+                    record_key(mailbox_id, id),
+                    encode_cbor(&LocalState {
+                        created: modseq,
+                        modseq,
+                        listing,
+                    }),
+                );
                 true
             })?;
             if let Some(error) = failure {
@@ -1132,8 +1376,14 @@ impl Store {
     pub fn local_index_bytes(&self) -> Result<u64, StoreError> {
         let mut total = 0;
         for name in LOCAL_FAMILIES {
-            total += self.db.property_int_value_cf(self.family(name)?, "rocksdb.total-sst-files-size")?.unwrap_or(0);
-            total += self.db.property_int_value_cf(self.family(name)?, "rocksdb.cur-size-all-mem-tables")?.unwrap_or(0);
+            total += self
+                .db
+                .property_int_value_cf(self.family(name)?, "rocksdb.total-sst-files-size")?
+                .unwrap_or(0);
+            total += self
+                .db
+                .property_int_value_cf(self.family(name)?, "rocksdb.cur-size-all-mem-tables")?
+                .unwrap_or(0);
         }
         Ok(total)
     }
@@ -1229,17 +1479,26 @@ impl TreeView for StoreTree<'_> {
         let mut leaves = Vec::new();
         match self.space {
             Space::Mailbox(mailbox) => {
-                for record in self.store.records_in_range(mailbox, MessageId(low), MessageId(high), limit)? {
+                for record in self
+                    .store
+                    .records_in_range(mailbox, MessageId(low), MessageId(high), limit)?
+                {
                     leaves.push((record.id.0, crdt::state_hash(&record)));
                 }
             }
             Space::Directory => {
                 let family = self.store.family(MAILBOXES)?;
                 let start = low.to_be_bytes();
-                for item in self.store.db.iterator_cf(family, IteratorMode::From(&start, Direction::Forward)) {
+                for item in self
+                    .store
+                    .db
+                    .iterator_cf(family, IteratorMode::From(&start, Direction::Forward))
+                {
                     let (key, value) = item?;
                     let id = u128::from_be_bytes(
-                        key.as_ref().try_into().map_err(|_| StoreError::Corrupt("mailbox key".into()))?,
+                        key.as_ref()
+                            .try_into()
+                            .map_err(|_| StoreError::Corrupt("mailbox key".into()))?,
                     );
                     if id > high || leaves.len() >= limit {
                         break;
@@ -1317,7 +1576,9 @@ impl CommitQueue {
     pub async fn submit(&self, operation: Operation) -> Result<Applied, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let prepared = prepare(&operation);
-        self.sender.send((operation, prepared, reply)).map_err(|_| StoreError::Closed)?;
+        self.sender
+            .send((operation, prepared, reply))
+            .map_err(|_| StoreError::Closed)?;
         answer.await.map_err(|_| StoreError::Closed)?
     }
 
@@ -1325,7 +1586,9 @@ impl CommitQueue {
     pub fn submit_blocking(&self, operation: Operation) -> Result<Applied, StoreError> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let prepared = prepare(&operation);
-        self.sender.send((operation, prepared, reply)).map_err(|_| StoreError::Closed)?;
+        self.sender
+            .send((operation, prepared, reply))
+            .map_err(|_| StoreError::Closed)?;
         answer.blocking_recv().map_err(|_| StoreError::Closed)?
     }
 }

@@ -59,7 +59,12 @@ pub struct SyncLimits {
 
 impl Default for SyncLimits {
     fn default() -> Self {
-        SyncLimits { leaf_threshold: 12, exact_threshold: 256, max_elements: 50_000, max_keys_per_element: 65_536 }
+        SyncLimits {
+            leaf_threshold: 12,
+            exact_threshold: 256,
+            max_elements: 50_000,
+            max_keys_per_element: 65_536,
+        }
     }
 }
 
@@ -98,11 +103,23 @@ impl LeafTag {
 /// One statement about the trie. See the module doc.
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Element {
-    Children { prefix: Prefix, children: Vec<(u8, Summary)> },
-    Leaves { prefix: Prefix, leaves: Vec<LeafTag> },
-    ListRequest { prefix: Prefix },
-    YouLack { keys: Vec<u128> },
-    YouLackAll { prefix: Prefix },
+    Children {
+        prefix: Prefix,
+        children: Vec<(u8, Summary)>,
+    },
+    Leaves {
+        prefix: Prefix,
+        leaves: Vec<LeafTag>,
+    },
+    ListRequest {
+        prefix: Prefix,
+    },
+    YouLack {
+        keys: Vec<u128>,
+    },
+    YouLackAll {
+        prefix: Prefix,
+    },
 }
 
 /// What one side learned it must pull from the other.
@@ -133,7 +150,8 @@ impl Outcome {
         let prefixes = self.need_prefixes.clone();
         self.need_keys.sort_unstable();
         self.need_keys.dedup();
-        self.need_keys.retain(|key| !prefixes.iter().any(|prefix| prefix.contains(*key)));
+        self.need_keys
+            .retain(|key| !prefixes.iter().any(|prefix| prefix.contains(*key)));
     }
 }
 
@@ -318,7 +336,10 @@ fn expand<V: TreeView>(view: &V, prefix: Prefix, limits: &SyncLimits, out: &mut 
             }
             _ => None,
         };
-        out.push(Element::Children { prefix: current, children: present });
+        out.push(Element::Children {
+            prefix: current,
+            children: present,
+        });
         match only_child {
             Some(child) => current = child,
             None => return Ok(()),
@@ -388,7 +409,9 @@ fn put_varint(out: &mut Vec<u8>, mut value: u64) {
 fn take_varint(bytes: &[u8], position: &mut usize) -> Result<u64, SyncError> {
     let mut value: u64 = 0;
     for shift in (0..64).step_by(7) {
-        let byte = *bytes.get(*position).ok_or_else(|| SyncError::Malformed("truncated count".into()))?;
+        let byte = *bytes
+            .get(*position)
+            .ok_or_else(|| SyncError::Malformed("truncated count".into()))?;
         *position += 1;
         value |= u64::from(byte & 0x7f) << shift;
         if byte & 0x80 == 0 {
@@ -405,12 +428,20 @@ fn prefix_from_wire(depth: u8, bits: &ByteString) -> Result<Prefix, SyncError> {
 
 fn keys_from_wire(bytes: &[u8], limits: &SyncLimits) -> Result<Vec<u128>, SyncError> {
     if bytes.len() % 16 != 0 {
-        return Err(SyncError::Malformed("key list is not a whole number of 16-byte keys".into()));
+        return Err(SyncError::Malformed(
+            "key list is not a whole number of 16-byte keys".into(),
+        ));
     }
     if bytes.len() / 16 > limits.max_keys_per_element {
-        return Err(SyncError::LimitExceeded(format!("{} keys in one element", bytes.len() / 16)));
+        return Err(SyncError::LimitExceeded(format!(
+            "{} keys in one element",
+            bytes.len() / 16
+        )));
     }
-    Ok(bytes.chunks_exact(16).map(|chunk| u128::from_be_bytes(chunk.try_into().unwrap_or([0; 16]))).collect())
+    Ok(bytes
+        .chunks_exact(16)
+        .map(|chunk| u128::from_be_bytes(chunk.try_into().unwrap_or([0; 16])))
+        .collect())
 }
 
 /// Encodes elements as one CBOR message.
@@ -487,7 +518,13 @@ fn from_wire(element: WireElement, limits: &SyncLimits) -> Result<Element, SyncE
                     .and_then(|slice| slice.try_into().ok())
                     .ok_or_else(|| SyncError::Malformed("truncated fingerprint".into()))?;
                 position += 8;
-                children.push((index, Summary { count, fingerprint: Fingerprint(fingerprint) }));
+                children.push((
+                    index,
+                    Summary {
+                        count,
+                        fingerprint: Fingerprint(fingerprint),
+                    },
+                ));
             }
             if position != bytes.len() {
                 return Err(SyncError::Malformed("trailing bytes after children".into()));
@@ -497,10 +534,15 @@ fn from_wire(element: WireElement, limits: &SyncLimits) -> Result<Element, SyncE
         WireElement::Leaves(depth, bits, packed) => {
             let prefix = prefix_from_wire(depth, &bits)?;
             if packed.0.len() % 24 != 0 {
-                return Err(SyncError::Malformed("leaf list is not a whole number of 24-byte entries".into()));
+                return Err(SyncError::Malformed(
+                    "leaf list is not a whole number of 24-byte entries".into(),
+                ));
             }
             if packed.0.len() / 24 > limits.max_keys_per_element {
-                return Err(SyncError::LimitExceeded(format!("{} leaves in one element", packed.0.len() / 24)));
+                return Err(SyncError::LimitExceeded(format!(
+                    "{} leaves in one element",
+                    packed.0.len() / 24
+                )));
             }
             let mut leaves = Vec::with_capacity(packed.0.len() / 24);
             for chunk in packed.0.chunks_exact(24) {
@@ -516,9 +558,15 @@ fn from_wire(element: WireElement, limits: &SyncLimits) -> Result<Element, SyncE
             }
             Element::Leaves { prefix, leaves }
         }
-        WireElement::ListRequest(depth, bits) => Element::ListRequest { prefix: prefix_from_wire(depth, &bits)? },
-        WireElement::YouLack(packed) => Element::YouLack { keys: keys_from_wire(&packed.0, limits)? },
-        WireElement::YouLackAll(depth, bits) => Element::YouLackAll { prefix: prefix_from_wire(depth, &bits)? },
+        WireElement::ListRequest(depth, bits) => Element::ListRequest {
+            prefix: prefix_from_wire(depth, &bits)?,
+        },
+        WireElement::YouLack(packed) => Element::YouLack {
+            keys: keys_from_wire(&packed.0, limits)?,
+        },
+        WireElement::YouLackAll(depth, bits) => Element::YouLackAll {
+            prefix: prefix_from_wire(depth, &bits)?,
+        },
     })
 }
 
@@ -653,11 +701,51 @@ mod tests {
             cbor4ii::serde::to_vec(Vec::new(), &(2u8, Vec::<u8>::new())).unwrap(),
             // children with a bitmap claiming 16 children and no data
             encode(&[]).into_iter().take(2).collect(),
-            cbor4ii::serde::to_vec(Vec::new(), &SyncMessage(1, vec![WireElement::Children(40, ByteString(vec![0; 20]), ByteString(vec![0xff, 0xff]))])).unwrap(),
-            cbor4ii::serde::to_vec(Vec::new(), &SyncMessage(1, vec![WireElement::Children(1, ByteString(vec![0x10]), ByteString(vec![0xff, 0xff, 0x80, 0x80]))])).unwrap(),
-            cbor4ii::serde::to_vec(Vec::new(), &SyncMessage(1, vec![WireElement::Leaves(1, ByteString(vec![0x10]), ByteString(vec![0; 25]))])).unwrap(),
-            cbor4ii::serde::to_vec(Vec::new(), &SyncMessage(1, vec![WireElement::Leaves(1, ByteString(vec![0x10]), ByteString(vec![0; 24]))])).unwrap(),
-            cbor4ii::serde::to_vec(Vec::new(), &SyncMessage(1, vec![WireElement::YouLack(ByteString(vec![1; 17]))])).unwrap(),
+            cbor4ii::serde::to_vec(
+                Vec::new(),
+                &SyncMessage(
+                    1,
+                    vec![WireElement::Children(
+                        40,
+                        ByteString(vec![0; 20]),
+                        ByteString(vec![0xff, 0xff]),
+                    )],
+                ),
+            )
+            .unwrap(),
+            cbor4ii::serde::to_vec(
+                Vec::new(),
+                &SyncMessage(
+                    1,
+                    vec![WireElement::Children(
+                        1,
+                        ByteString(vec![0x10]),
+                        ByteString(vec![0xff, 0xff, 0x80, 0x80]),
+                    )],
+                ),
+            )
+            .unwrap(),
+            cbor4ii::serde::to_vec(
+                Vec::new(),
+                &SyncMessage(
+                    1,
+                    vec![WireElement::Leaves(1, ByteString(vec![0x10]), ByteString(vec![0; 25]))],
+                ),
+            )
+            .unwrap(),
+            cbor4ii::serde::to_vec(
+                Vec::new(),
+                &SyncMessage(
+                    1,
+                    vec![WireElement::Leaves(1, ByteString(vec![0x10]), ByteString(vec![0; 24]))],
+                ),
+            )
+            .unwrap(),
+            cbor4ii::serde::to_vec(
+                Vec::new(),
+                &SyncMessage(1, vec![WireElement::YouLack(ByteString(vec![1; 17]))]),
+            )
+            .unwrap(),
         ];
         for sample in samples {
             assert!(decode(&sample, &limits).is_err(), "{sample:?} should be refused");

@@ -51,17 +51,31 @@ pub enum Request {
     FetchRecords { mailbox: MailboxKey, ids: Vec<MessageId> },
     /// Records inside a trie prefix, after an ID (paging), at most `limit`.
     #[serde(rename = "range")]
-    FetchRange { mailbox: MailboxKey, depth: u8, bits: ByteString, after: Option<MessageId>, limit: u32 },
+    FetchRange {
+        mailbox: MailboxKey,
+        depth: u8,
+        bits: ByteString,
+        after: Option<MessageId>,
+        limit: u32,
+    },
     /// Part of a blob by hash: `length` bytes from `offset` (blobs larger than a response are paged).
     #[serde(rename = "blob")]
     FetchBlob { hash: BlobHash, offset: u64, length: u32 },
     /// A record just written on the sender, pushed once to each connected peer (small blobs
     /// inline); not forwarded further, anti-entropy reaches peers that are not connected.
     #[serde(rename = "push")]
-    Push { mailbox: MailboxKey, record: MessageRecord, blob: Option<ByteString> },
+    Push {
+        mailbox: MailboxKey,
+        record: MessageRecord,
+        blob: Option<ByteString>,
+    },
     /// Mailbox keys for mailbox IDs (from the directory trie), or all keys in a prefix.
     #[serde(rename = "mailboxes")]
-    ResolveMailboxes { ids: Vec<ByteString>, depth: u8, bits: ByteString },
+    ResolveMailboxes {
+        ids: Vec<ByteString>,
+        depth: u8,
+        bits: ByteString,
+    },
 }
 
 /// The answer to a [`Request`].
@@ -95,7 +109,11 @@ pub enum Response {
 pub enum Gossip {
     /// A record just written on its origin, pushed at once; small blobs travel inline.
     #[serde(rename = "op")]
-    Operation { mailbox: MailboxKey, record: MessageRecord, blob: Option<ByteString> },
+    Operation {
+        mailbox: MailboxKey,
+        record: MessageRecord,
+        blob: Option<ByteString>,
+    },
     /// A node's digest over all its mailboxes. `sequence` makes each announcement unique, so
     /// gossipsub's duplicate cache does not drop an unchanged digest.
     #[serde(rename = "digest")]
@@ -136,7 +154,10 @@ pub fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, WireError
 /// Checks what a decoded record claims before it goes near the store.
 pub fn validate_record(record: &MessageRecord) -> Result<(), WireError> {
     if record.flags.len() > 256 {
-        return Err(WireError::LimitExceeded(format!("{} flags on one record", record.flags.len())));
+        return Err(WireError::LimitExceeded(format!(
+            "{} flags on one record",
+            record.flags.len()
+        )));
     }
     Ok(())
 }
@@ -145,8 +166,14 @@ pub fn validate_record(record: &MessageRecord) -> Result<(), WireError> {
 pub fn validate_request(request: &Request) -> Result<(), WireError> {
     let check_key = |key: &MailboxKey| key.validate().map_err(|error| WireError::Malformed(error.to_string()));
     match request {
-        Request::Reconcile { space: WireSpace::Mailbox(key), .. } => check_key(key),
-        Request::Reconcile { space: WireSpace::Directory, .. } => Ok(()),
+        Request::Reconcile {
+            space: WireSpace::Mailbox(key),
+            ..
+        } => check_key(key),
+        Request::Reconcile {
+            space: WireSpace::Directory,
+            ..
+        } => Ok(()),
         Request::FetchRecords { mailbox, ids } => {
             check_key(mailbox)?;
             if ids.len() > MAX_IDS_PER_REQUEST {
@@ -173,7 +200,9 @@ pub fn validate_request(request: &Request) -> Result<(), WireError> {
         }
         Request::ResolveMailboxes { ids, .. } => {
             if ids.len() > MAX_IDS_PER_REQUEST || ids.iter().any(|id| id.0.len() != 16) {
-                return Err(WireError::Malformed("mailbox ids must be at most 4000 of 16 bytes".into()));
+                return Err(WireError::Malformed(
+                    "mailbox ids must be at most 4000 of 16 bytes".into(),
+                ));
             }
             Ok(())
         }
@@ -190,10 +219,25 @@ mod tests {
     fn frames_round_trip() {
         let mailbox = MailboxKey::new("erin", "INBOX").unwrap();
         let mut record = MessageRecord::new(MessageId(99), BlobHash::of(b"raw"), 3, 4, NodeId(5));
-        crate::crdt::apply_flag(&mut record, crate::model::Flag::Seen, true, Stamp { time: 9, node: NodeId(5) });
-        let gossip = Gossip::Operation { mailbox: mailbox.clone(), record, blob: Some(ByteString(b"raw".to_vec())) };
+        crate::crdt::apply_flag(
+            &mut record,
+            crate::model::Flag::Seen,
+            true,
+            Stamp {
+                time: 9,
+                node: NodeId(5),
+            },
+        );
+        let gossip = Gossip::Operation {
+            mailbox: mailbox.clone(),
+            record,
+            blob: Some(ByteString(b"raw".to_vec())),
+        };
         assert_eq!(decode::<Gossip>(&encode(&gossip)).unwrap(), gossip);
-        let request = Request::FetchRecords { mailbox, ids: vec![MessageId(1), MessageId(2)] };
+        let request = Request::FetchRecords {
+            mailbox,
+            ids: vec![MessageId(1), MessageId(2)],
+        };
         assert_eq!(decode::<Request>(&encode(&request)).unwrap(), request);
     }
 
@@ -208,8 +252,20 @@ mod tests {
         // An invalid flag name inside a record is refused at decoding.
         let mailbox = MailboxKey::new("erin", "INBOX").unwrap();
         let mut record = MessageRecord::new(MessageId(99), BlobHash::of(b"raw"), 3, 4, NodeId(5));
-        crate::crdt::apply_flag(&mut record, crate::model::Flag::Seen, true, Stamp { time: 9, node: NodeId(5) });
-        let mut frame = encode(&Gossip::Operation { mailbox, record, blob: None });
+        crate::crdt::apply_flag(
+            &mut record,
+            crate::model::Flag::Seen,
+            true,
+            Stamp {
+                time: 9,
+                node: NodeId(5),
+            },
+        );
+        let mut frame = encode(&Gossip::Operation {
+            mailbox,
+            record,
+            blob: None,
+        });
         let position = frame.windows(5).position(|window| window == b"\\Seen").unwrap();
         frame[position..position + 5].copy_from_slice(b"\\Junk");
         assert!(matches!(decode::<Gossip>(&frame), Err(WireError::Malformed(_))));

@@ -34,7 +34,10 @@ struct Scratch {
 
 impl Scratch {
     fn new(test: &str) -> Scratch {
-        let dir = tempfile::Builder::new().prefix(&format!("mailmesh-{test}-")).tempdir().expect("temporary directory");
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("mailmesh-{test}-"))
+            .tempdir()
+            .expect("temporary directory");
         let path = dir.path().to_owned();
         Scratch { dir: Some(dir), path }
     }
@@ -56,22 +59,40 @@ impl Drop for Scratch {
 }
 
 fn spawn(scratch: &Scratch, name: &str, cluster: &str, peers: &[String], extra: &[String]) -> LocalNode {
-    LocalNode::spawn(&binary(), name, &scratch.node_dir(name), cluster, peers, GOSSIP_MS, extra)
-        .unwrap_or_else(|error| panic!("starting node {name}: {error}"))
+    LocalNode::spawn(
+        &binary(),
+        name,
+        &scratch.node_dir(name),
+        cluster,
+        peers,
+        GOSSIP_MS,
+        extra,
+    )
+    .unwrap_or_else(|error| panic!("starting node {name}: {error}"))
 }
 
 fn address(node: &LocalNode) -> String {
-    node.listen_address().unwrap_or_else(|error| panic!("listen address of {}: {error}", node.name))
+    node.listen_address()
+        .unwrap_or_else(|error| panic!("listen address of {}: {error}", node.name))
 }
 
 fn peer_count(node: &LocalNode) -> usize {
-    node.status().map(|status| status["peers"].as_array().map(Vec::len).unwrap_or(0)).unwrap_or(0)
+    node.status()
+        .map(|status| status["peers"].as_array().map(Vec::len).unwrap_or(0))
+        .unwrap_or(0)
 }
 
 fn wait_for_peers(nodes: &[&LocalNode], at_least: usize) {
     if wait_until(LIMIT, || nodes.iter().all(|node| peer_count(node) >= at_least)).is_none() {
-        let counts: Vec<String> = nodes.iter().map(|node| format!("{}: {} peers", node.name, peer_count(node))).collect();
-        panic!("the nodes did not each see {at_least} peers within {} s: {}", LIMIT.as_secs(), counts.join(", "));
+        let counts: Vec<String> = nodes
+            .iter()
+            .map(|node| format!("{}: {} peers", node.name, peer_count(node)))
+            .collect();
+        panic!(
+            "the nodes did not each see {at_least} peers within {} s: {}",
+            LIMIT.as_secs(),
+            counts.join(", ")
+        );
     }
 }
 
@@ -84,12 +105,15 @@ fn message_url(account: &str, mailbox: &str, id: &str) -> String {
 }
 
 fn append(node: &LocalNode, account: &str, mailbox: &str, raw: &[u8]) -> String {
-    node.append(account, mailbox, raw).unwrap_or_else(|error| panic!("append on {}: {error}", node.name))
+    node.append(account, mailbox, raw)
+        .unwrap_or_else(|error| panic!("append on {}: {error}", node.name))
 }
 
 fn set_flags(node: &LocalNode, account: &str, mailbox: &str, id: &str, body: &str) {
     let path = format!("{}/flags", message_url(account, mailbox, id));
-    let response = node.send("POST", &path, body.as_bytes()).unwrap_or_else(|error| panic!("flags on {}: {error}", node.name));
+    let response = node
+        .send("POST", &path, body.as_bytes())
+        .unwrap_or_else(|error| panic!("flags on {}: {error}", node.name));
     assert_eq!(
         response.status,
         200,
@@ -104,7 +128,11 @@ fn expunge(node: &LocalNode, account: &str, mailbox: &str, id: &str) {
     let response = node
         .send("DELETE", &message_url(account, mailbox, id), &[])
         .unwrap_or_else(|error| panic!("expunge on {}: {error}", node.name));
-    assert_eq!(response.status, 204, "expunge of {id} on {} answered {}", node.name, response.status);
+    assert_eq!(
+        response.status, 204,
+        "expunge of {id} on {} answered {}",
+        node.name, response.status
+    );
 }
 
 fn raw(node: &LocalNode, account: &str, mailbox: &str, id: &str) -> (u16, Vec<u8>) {
@@ -119,7 +147,9 @@ type MailboxName = (String, String);
 type Snapshot = BTreeMap<MailboxName, BTreeMap<String, Vec<String>>>;
 
 fn mailbox_names(node: &LocalNode) -> Vec<MailboxName> {
-    let Ok(response) = node.get("/v1/mailboxes") else { return Vec::new() };
+    let Ok(response) = node.get("/v1/mailboxes") else {
+        return Vec::new();
+    };
     response.json()["mailboxes"]
         .as_array()
         .map(|list| {
@@ -188,18 +218,22 @@ fn describe(nodes: &[&LocalNode]) -> String {
         ));
     }
     for mailbox in &mailboxes {
-        let union: BTreeMap<&String, BTreeSet<&Vec<String>>> =
-            snapshots.iter().filter_map(|snap| snap.get(mailbox)).flat_map(|messages| messages.iter()).fold(
-                BTreeMap::new(),
-                |mut union, (id, flags)| {
-                    union.entry(id).or_default().insert(flags);
-                    union
-                },
-            );
+        let union: BTreeMap<&String, BTreeSet<&Vec<String>>> = snapshots
+            .iter()
+            .filter_map(|snap| snap.get(mailbox))
+            .flat_map(|messages| messages.iter())
+            .fold(BTreeMap::new(), |mut union, (id, flags)| {
+                union.entry(id).or_default().insert(flags);
+                union
+            });
         for (node, snap) in nodes.iter().zip(&snapshots) {
             let empty = BTreeMap::new();
             let messages = snap.get(mailbox).unwrap_or(&empty);
-            let missing: Vec<&String> = union.keys().filter(|id| !messages.contains_key(**id)).copied().collect();
+            let missing: Vec<&String> = union
+                .keys()
+                .filter(|id| !messages.contains_key(**id))
+                .copied()
+                .collect();
             let flag_conflicts: Vec<String> = messages
                 .iter()
                 .filter(|(id, _)| union.get(id).is_some_and(|variants| variants.len() > 1))
@@ -236,14 +270,22 @@ fn converge(step: &str, nodes: &[&LocalNode], mut extra: impl FnMut() -> bool) -
 }
 
 fn ids_of(node: &LocalNode, account: &str, mailbox: &str) -> BTreeSet<String> {
-    node.messages(account, mailbox).unwrap_or_default().into_iter().map(|(id, _)| id).collect()
+    node.messages(account, mailbox)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect()
 }
 
 fn flags_of(node: &LocalNode, account: &str, mailbox: &str, id: &str) -> Option<Vec<String>> {
-    node.messages(account, mailbox).ok()?.into_iter().find(|(other, _)| other == id).map(|(_, mut flags)| {
-        flags.sort();
-        flags
-    })
+    node.messages(account, mailbox)
+        .ok()?
+        .into_iter()
+        .find(|(other, _)| other == id)
+        .map(|(_, mut flags)| {
+            flags.sort();
+            flags
+        })
 }
 
 fn set_difference(left: &BTreeSet<String>, right: &BTreeSet<String>) -> Vec<String> {
@@ -291,12 +333,17 @@ fn concurrent_appends_on_three_nodes_all_survive() {
                 })
             })
             .collect();
-        handles.into_iter().flat_map(|handle| handle.join().expect("append thread")).collect()
+        handles
+            .into_iter()
+            .flat_map(|handle| handle.join().expect("append thread"))
+            .collect()
     });
     let expected: BTreeSet<String> = appended.iter().map(|(id, _)| id.clone()).collect();
     assert_eq!(expected.len(), 3 * per_node, "the appends returned duplicate IDs");
 
-    converge("75 concurrent appends", &nodes, || nodes.iter().all(|node| ids_of(node, ALICE, INBOX) == expected));
+    converge("75 concurrent appends", &nodes, || {
+        nodes.iter().all(|node| ids_of(node, ALICE, INBOX) == expected)
+    });
     for node in nodes {
         let listed = ids_of(node, ALICE, INBOX);
         assert_eq!(
@@ -311,7 +358,13 @@ fn concurrent_appends_on_three_nodes_all_survive() {
         for (id, bytes) in appended.iter().step_by(appended.len() / 10).take(10) {
             let (status, body) = raw(node, ALICE, INBOX, id);
             assert_eq!(status, 200, "raw {id} on {} answered {status}", node.name);
-            assert!(body == *bytes, "raw {id} on {} differs from the appended bytes ({} vs {} bytes)", node.name, body.len(), bytes.len());
+            assert!(
+                body == *bytes,
+                "raw {id} on {} differs from the appended bytes ({} vs {} bytes)",
+                node.name,
+                body.len(),
+                bytes.len()
+            );
         }
     }
 }
@@ -332,9 +385,18 @@ fn conflicting_flag_changes_end_identical_with_the_higher_stamp_winning() {
     wait_for_peers(&nodes, 2);
 
     let ids: Vec<String> = (0..7)
-        .map(|index| append(&a, ALICE, INBOX, &sample_message(BOB, &format!("Flag me {index}"), "Conflicts ahead.")))
+        .map(|index| {
+            append(
+                &a,
+                ALICE,
+                INBOX,
+                &sample_message(BOB, &format!("Flag me {index}"), "Conflicts ahead."),
+            )
+        })
         .collect();
-    converge("appends for the flag test", &nodes, || nodes.iter().all(|node| ids_of(node, ALICE, INBOX).len() == ids.len()));
+    converge("appends for the flag test", &nodes, || {
+        nodes.iter().all(|node| ids_of(node, ALICE, INBOX).len() == ids.len())
+    });
 
     // Concurrent: a adds \Flagged while b removes it, on 5 messages. For the last two the
     // message is flagged first, so both "remove wins" and "add wins" directions are exercised.
@@ -355,33 +417,52 @@ fn conflicting_flag_changes_end_identical_with_the_higher_stamp_winning() {
             });
         });
     }
-    let snapshots = || nodes.iter().map(|node| node.messages(ALICE, INBOX).unwrap_or_default()).collect::<Vec<_>>();
+    let snapshots = || {
+        nodes
+            .iter()
+            .map(|node| node.messages(ALICE, INBOX).unwrap_or_default())
+            .collect::<Vec<_>>()
+    };
     converge("concurrent add/remove of \\Flagged", &nodes, || {
         let all = snapshots();
         all.iter().all(|list| list == &all[0])
     });
     let all = snapshots();
     for (node, list) in nodes.iter().zip(&all) {
-        assert_eq!(list, &all[0], "after convergence {} shows flags {list:?}, {} shows {:?}", node.name, a.name, all[0]);
+        assert_eq!(
+            list, &all[0],
+            "after convergence {} shows flags {list:?}, {} shows {:?}",
+            node.name, a.name, all[0]
+        );
     }
 
     // Sequential: the strictly later write wins, in both directions between a and b.
     for (setter, clearer, id) in [(&a, &b, &ids[5]), (&b, &a, &ids[6])] {
         set_flags(setter, ALICE, INBOX, id, r#"{"add":["\\Seen"]}"#);
         converge(&format!("{} sets \\Seen on {id}", setter.name), &nodes, || {
-            nodes.iter().all(|node| flags_of(node, ALICE, INBOX, id).is_some_and(|flags| flags.contains(&"\\Seen".to_owned())))
+            nodes
+                .iter()
+                .all(|node| flags_of(node, ALICE, INBOX, id).is_some_and(|flags| flags.contains(&"\\Seen".to_owned())))
         });
         set_flags(clearer, ALICE, INBOX, id, r#"{"remove":["\\Seen"]}"#);
         converge(&format!("{} then clears \\Seen on {id}", clearer.name), &nodes, || {
-            nodes.iter().all(|node| flags_of(node, ALICE, INBOX, id).is_some_and(|flags| !flags.contains(&"\\Seen".to_owned())))
+            nodes
+                .iter()
+                .all(|node| flags_of(node, ALICE, INBOX, id).is_some_and(|flags| !flags.contains(&"\\Seen".to_owned())))
         });
     }
     // The mailbox counters agree too.
-    let entries: Vec<serde_json::Value> =
-        nodes.iter().map(|node| node.get(&mailbox_url(ALICE, INBOX)).expect("mailbox").json()).collect();
+    let entries: Vec<serde_json::Value> = nodes
+        .iter()
+        .map(|node| node.get(&mailbox_url(ALICE, INBOX)).expect("mailbox").json())
+        .collect();
     for (node, entry) in nodes.iter().zip(&entries) {
         assert_eq!(entry["count"], 7, "{} mailbox entry {entry}", node.name);
-        assert_eq!(entry, &entries[0], "{} mailbox entry {entry} differs from {}'s {}", node.name, a.name, entries[0]);
+        assert_eq!(
+            entry, &entries[0],
+            "{} mailbox entry {entry} differs from {}'s {}",
+            node.name, a.name, entries[0]
+        );
     }
 }
 
@@ -400,15 +481,26 @@ fn an_expunged_message_never_comes_back() {
     wait_for_peers(&[&a, &b, &c], 2);
 
     let ids: Vec<String> = (0..5)
-        .map(|index| append(&a, ALICE, INBOX, &sample_message(BOB, &format!("Doomed {index}"), "Will one come back?")))
+        .map(|index| {
+            append(
+                &a,
+                ALICE,
+                INBOX,
+                &sample_message(BOB, &format!("Doomed {index}"), "Will one come back?"),
+            )
+        })
         .collect();
-    converge("5 appends", &[&a, &b, &c], || [&a, &b, &c].iter().all(|node| ids_of(node, ALICE, INBOX).len() == 5));
+    converge("5 appends", &[&a, &b, &c], || {
+        [&a, &b, &c].iter().all(|node| ids_of(node, ALICE, INBOX).len() == 5)
+    });
 
     c.kill();
     expunge(&a, ALICE, INBOX, &ids[0]);
     set_flags(&b, ALICE, INBOX, &ids[1], r#"{"add":["\\Answered"]}"#);
     converge("expunge and flag while c is down", &[&a, &b], || {
-        [&a, &b].iter().all(|node| !ids_of(node, ALICE, INBOX).contains(&ids[0]))
+        [&a, &b]
+            .iter()
+            .all(|node| !ids_of(node, ALICE, INBOX).contains(&ids[0]))
             && flags_of(&a, ALICE, INBOX, &ids[1]).is_some_and(|flags| flags.contains(&"\\Answered".to_owned()))
     });
 
@@ -418,11 +510,24 @@ fn an_expunged_message_never_comes_back() {
     let check_gone = |when: &str| {
         for node in nodes {
             let response = node.get(&message_url(ALICE, INBOX, &ids[0])).expect("get message");
-            assert_eq!(response.status, 404, "{when}: expunged {} answered {} on {}", ids[0], response.status, node.name);
+            assert_eq!(
+                response.status, 404,
+                "{when}: expunged {} answered {} on {}",
+                ids[0], response.status, node.name
+            );
             let (status, _) = raw(node, ALICE, INBOX, &ids[0]);
-            assert_eq!(status, 404, "{when}: raw of expunged {} answered {status} on {}", ids[0], node.name);
+            assert_eq!(
+                status, 404,
+                "{when}: raw of expunged {} answered {status} on {}",
+                ids[0], node.name
+            );
             let listed = ids_of(node, ALICE, INBOX);
-            assert!(!listed.contains(&ids[0]), "{when}: expunged {} is listed on {}", ids[0], node.name);
+            assert!(
+                !listed.contains(&ids[0]),
+                "{when}: expunged {} is listed on {}",
+                ids[0],
+                node.name
+            );
             assert_eq!(listed.len(), 4, "{when}: {} lists {listed:?}", node.name);
             assert!(
                 flags_of(node, ALICE, INBOX, &ids[1]).is_some_and(|flags| flags.contains(&"\\Answered".to_owned())),
@@ -435,7 +540,11 @@ fn an_expunged_message_never_comes_back() {
     };
     check_gone("after convergence");
     std::thread::sleep(Duration::from_secs(2));
-    assert!(digests_agree(&nodes), "digests diverged again 2 s after convergence\n{}", describe(&nodes));
+    assert!(
+        digests_agree(&nodes),
+        "digests diverged again 2 s after convergence\n{}",
+        describe(&nodes)
+    );
     check_gone("2 s later");
 }
 
@@ -453,14 +562,23 @@ fn a_killed_node_keeps_acknowledged_appends_and_catches_up() {
 
     let mut acknowledged: Vec<(String, Vec<u8>)> = Vec::new();
     for index in 0..20 {
-        let raw = sample_message(BOB, &format!("Durable {index}"), &format!("Acknowledged append {index}."));
+        let raw = sample_message(
+            BOB,
+            &format!("Durable {index}"),
+            &format!("Acknowledged append {index}."),
+        );
         acknowledged.push((append(&b, ALICE, INBOX, &raw), raw));
     }
     b.kill(); // SIGKILL right after the last 201
 
     let mut written_on_a: Vec<String> = Vec::new();
     for index in 0..10 {
-        written_on_a.push(append(&a, ALICE, INBOX, &sample_message(BOB, &format!("While b is down {index}"), "Catch up.")));
+        written_on_a.push(append(
+            &a,
+            ALICE,
+            INBOX,
+            &sample_message(BOB, &format!("While b is down {index}"), "Catch up."),
+        ));
     }
 
     // First, b alone (no peers, and a cannot reach it on its new port): what it acknowledged
@@ -468,11 +586,23 @@ fn a_killed_node_keeps_acknowledged_appends_and_catches_up() {
     {
         let alone = spawn(&scratch, "b", cluster, &[], &[]);
         let listed = ids_of(&alone, ALICE, INBOX);
-        let lost: Vec<&String> = acknowledged.iter().map(|(id, _)| id).filter(|id| !listed.contains(*id)).collect();
-        assert!(lost.is_empty(), "b lost {} acknowledged appends across SIGKILL: {lost:?}", lost.len());
+        let lost: Vec<&String> = acknowledged
+            .iter()
+            .map(|(id, _)| id)
+            .filter(|id| !listed.contains(*id))
+            .collect();
+        assert!(
+            lost.is_empty(),
+            "b lost {} acknowledged appends across SIGKILL: {lost:?}",
+            lost.len()
+        );
         for (id, bytes) in &acknowledged {
             let (status, body) = raw(&alone, ALICE, INBOX, id);
-            assert!(status == 200 && body == *bytes, "b's blob of acknowledged {id} after SIGKILL: status {status}, {} bytes", body.len());
+            assert!(
+                status == 200 && body == *bytes,
+                "b's blob of acknowledged {id} after SIGKILL: status {status}, {} bytes",
+                body.len()
+            );
         }
         assert_eq!(peer_count(&alone), 0, "the isolated b has peers");
     } // killed here
@@ -481,13 +611,18 @@ fn a_killed_node_keeps_acknowledged_appends_and_catches_up() {
     let mut expected: BTreeSet<String> = acknowledged.iter().map(|(id, _)| id.clone()).collect();
     expected.extend(written_on_a.iter().cloned());
     let nodes = [&a, &b];
-    converge("b catches up after restart", &nodes, || nodes.iter().all(|node| ids_of(node, ALICE, INBOX) == expected));
+    converge("b catches up after restart", &nodes, || {
+        nodes.iter().all(|node| ids_of(node, ALICE, INBOX) == expected)
+    });
     for node in nodes {
         assert_eq!(ids_of(node, ALICE, INBOX).len(), 30, "{} message count", node.name);
     }
     for id in &written_on_a {
         let (status, _) = raw(&b, ALICE, INBOX, id);
-        assert_eq!(status, 200, "raw {id} (written on a while b was down) on b answered {status}");
+        assert_eq!(
+            status, 200,
+            "raw {id} (written on a while b was down) on b answered {status}"
+        );
     }
 }
 
@@ -503,21 +638,34 @@ fn an_empty_node_joining_later_receives_every_mailbox_and_blob() {
     let two = spawn(&scratch, "two", cluster, &[address(&one)], &[]);
     wait_for_peers(&[&one, &two], 1);
 
-    let mailboxes: [(&str, &str); 5] =
-        [(ALICE, INBOX), (ALICE, "Archive/2026"), (ALICE, "Sent Items"), (BOB, INBOX), (BOB, "Projects/mesh & sync")];
+    let mailboxes: [(&str, &str); 5] = [
+        (ALICE, INBOX),
+        (ALICE, "Archive/2026"),
+        (ALICE, "Sent Items"),
+        (BOB, INBOX),
+        (BOB, "Projects/mesh & sync"),
+    ];
     let mut written: Vec<(usize, String, Vec<u8>)> = Vec::new();
     for index in 0..40 {
         let mailbox = index % mailboxes.len();
         let (account, name) = mailboxes[mailbox];
         // Every 7th message is larger than one RocksDB blob-file threshold (4 KiB).
-        let body = if index % 7 == 0 { "large body line\r\n".repeat(400) } else { format!("Small body {index}.") };
+        let body = if index % 7 == 0 {
+            "large body line\r\n".repeat(400)
+        } else {
+            format!("Small body {index}.")
+        };
         let raw = sample_message(BOB, &format!("Joining {index} in {name}"), &body);
         let node = if index % 2 == 0 { &one } else { &two };
         written.push((mailbox, append(node, account, name, &raw), raw));
     }
     converge("40 appends on two nodes", &[&one, &two], || {
         [&one, &two].iter().all(|node| {
-            mailboxes.iter().map(|(account, name)| ids_of(node, account, name).len()).sum::<usize>() == 40
+            mailboxes
+                .iter()
+                .map(|(account, name)| ids_of(node, account, name).len())
+                .sum::<usize>()
+                == 40
         })
     });
     for (index, (mailbox, id, _)) in written.iter().enumerate() {
@@ -529,7 +677,12 @@ fn an_empty_node_joining_later_receives_every_mailbox_and_blob() {
         }
     }
     let (expunged_mailbox, expunged_id, _) = written[2].clone();
-    expunge(&two, mailboxes[expunged_mailbox].0, mailboxes[expunged_mailbox].1, &expunged_id);
+    expunge(
+        &two,
+        mailboxes[expunged_mailbox].0,
+        mailboxes[expunged_mailbox].1,
+        &expunged_id,
+    );
     converge("flags and an expunge", &[&one, &two], || true);
 
     let three = spawn(&scratch, "three", cluster, &[address(&two)], &[]);
@@ -537,7 +690,10 @@ fn an_empty_node_joining_later_receives_every_mailbox_and_blob() {
     converge("the empty node joins", &nodes, || true);
 
     let list = |node: &LocalNode| -> Vec<serde_json::Value> {
-        let mut entries = node.get("/v1/mailboxes").expect("mailboxes").json()["mailboxes"].as_array().cloned().unwrap_or_default();
+        let mut entries = node.get("/v1/mailboxes").expect("mailboxes").json()["mailboxes"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
         entries.sort_by_key(|entry| (entry["account"].to_string(), entry["mailbox"].to_string()));
         entries
     };
@@ -548,7 +704,10 @@ fn an_empty_node_joining_later_receives_every_mailbox_and_blob() {
     for (account, name) in mailboxes {
         let on_one = node_flags(&one, account, name);
         let on_three = node_flags(&three, account, name);
-        assert_eq!(on_three, on_one, "{account}/{name}: messages and flags differ between one and three");
+        assert_eq!(
+            on_three, on_one,
+            "{account}/{name}: messages and flags differ between one and three"
+        );
     }
     for (mailbox, id, bytes) in &written {
         let (account, name) = mailboxes[*mailbox];
@@ -556,8 +715,16 @@ fn an_empty_node_joining_later_receives_every_mailbox_and_blob() {
         if *id == expunged_id {
             assert_eq!(status, 404, "the expunged {id} is served by the new node");
         } else {
-            assert_eq!(status, 200, "raw {account}/{name}/{id} on the new node answered {status}");
-            assert!(body == *bytes, "raw {account}/{name}/{id} on the new node differs ({} vs {} bytes)", body.len(), bytes.len());
+            assert_eq!(
+                status, 200,
+                "raw {account}/{name}/{id} on the new node answered {status}"
+            );
+            assert!(
+                body == *bytes,
+                "raw {account}/{name}/{id} on the new node differs ({} vs {} bytes)",
+                body.len(),
+                bytes.len()
+            );
         }
     }
 }
@@ -599,15 +766,39 @@ fn two_groups_started_apart_converge_once_introduced() {
     let mut ids_one = Vec::new();
     let mut ids_two = Vec::new();
     for index in 0..6 {
-        ids_one.push(append(group_one[index % 2], ALICE, INBOX, &sample_message(BOB, &format!("Group one {index}"), "One.")));
-        ids_two.push(append(group_two[index % 2], ALICE, INBOX, &sample_message(BOB, &format!("Group two {index}"), "Two.")));
+        ids_one.push(append(
+            group_one[index % 2],
+            ALICE,
+            INBOX,
+            &sample_message(BOB, &format!("Group one {index}"), "One."),
+        ));
+        ids_two.push(append(
+            group_two[index % 2],
+            ALICE,
+            INBOX,
+            &sample_message(BOB, &format!("Group two {index}"), "Two."),
+        ));
     }
     for index in 0..3 {
-        append(&a, ALICE, "Only in group one", &sample_message(BOB, &format!("G1 private {index}"), "One."));
-        append(&d, BOB, "Only in group two", &sample_message(BOB, &format!("G2 private {index}"), "Two."));
+        append(
+            &a,
+            ALICE,
+            "Only in group one",
+            &sample_message(BOB, &format!("G1 private {index}"), "One."),
+        );
+        append(
+            &d,
+            BOB,
+            "Only in group two",
+            &sample_message(BOB, &format!("G2 private {index}"), "Two."),
+        );
     }
-    converge("group one internally", &group_one, || ids_of(&b, ALICE, INBOX).len() == 6);
-    converge("group two internally", &group_two, || ids_of(&c, ALICE, INBOX).len() == 6);
+    converge("group one internally", &group_one, || {
+        ids_of(&b, ALICE, INBOX).len() == 6
+    });
+    converge("group two internally", &group_two, || {
+        ids_of(&c, ALICE, INBOX).len() == 6
+    });
     set_flags(&b, ALICE, INBOX, &ids_one[0], r#"{"add":["\\Flagged"]}"#);
     set_flags(&c, ALICE, INBOX, &ids_two[1], r#"{"add":["\\Seen","$Label"]}"#);
     expunge(&d, ALICE, INBOX, &ids_two[2]);
@@ -618,8 +809,17 @@ fn two_groups_started_apart_converge_once_introduced() {
         flags_of(&d, ALICE, INBOX, &ids_two[1]).is_some_and(|flags| flags.len() == 2)
             && !ids_of(&c, ALICE, INBOX).contains(&ids_two[2])
     });
-    assert_ne!(a.digest().unwrap(), c.digest().unwrap(), "the two groups agree before they were introduced");
-    assert_eq!(peer_count(&a), 1, "group one is already linked to group two\n{}", describe(&[&a, &b, &c, &d]));
+    assert_ne!(
+        a.digest().unwrap(),
+        c.digest().unwrap(),
+        "the two groups agree before they were introduced"
+    );
+    assert_eq!(
+        peer_count(&a),
+        1,
+        "group one is already linked to group two\n{}",
+        describe(&[&a, &b, &c, &d])
+    );
 
     // The union, as each group sees it before the introduction.
     let mut expected: Snapshot = Snapshot::new();
@@ -632,13 +832,30 @@ fn two_groups_started_apart_converge_once_introduced() {
     // Introduce: c restarts (same data dir, so same identity) with a as an extra peer. It keeps
     // its old TCP port, as a deployed node would, so that d's redials reach it again.
     c.kill();
-    let c = spawn(&scratch, "c", cluster, &[], &["--peer".into(), a_address, "--listen".into(), without_peer_id(&c_address)]);
+    let c = spawn(
+        &scratch,
+        "c",
+        cluster,
+        &[],
+        &[
+            "--peer".into(),
+            a_address,
+            "--listen".into(),
+            without_peer_id(&c_address),
+        ],
+    );
     let nodes = [&a, &b, &c, &d];
     let mailboxes: Vec<MailboxName> = expected.keys().cloned().collect();
-    converge("the groups introduced", &nodes, || nodes.iter().all(|node| snapshot(node, &mailboxes) == expected));
+    converge("the groups introduced", &nodes, || {
+        nodes.iter().all(|node| snapshot(node, &mailboxes) == expected)
+    });
     for node in nodes {
         let snap = snapshot(node, &all_mailboxes(&nodes));
-        assert_eq!(snap, expected, "{} does not hold exactly the union of both groups", node.name);
+        assert_eq!(
+            snap, expected,
+            "{} does not hold exactly the union of both groups",
+            node.name
+        );
     }
 }
 
@@ -652,16 +869,31 @@ fn http_api_errors_are_json_with_fitting_status() {
     let max_bytes = 2048;
     let config = scratch.path.join("node.toml");
     std::fs::write(&config, format!("max_message_bytes = {max_bytes}\n")).expect("writing the config file");
-    let node = spawn(&scratch, "solo", "test-http", &[], &["--config".into(), config.display().to_string()]);
+    let node = spawn(
+        &scratch,
+        "solo",
+        "test-http",
+        &[],
+        &["--config".into(), config.display().to_string()],
+    );
     let id = append(&node, ALICE, INBOX, &sample_message(BOB, "Errors", "Here."));
     let inbox = mailbox_url(ALICE, INBOX);
     let unknown_id = "01ARZ3NDEKTSV4RRFFQ69G5FAV";
 
     let check = |method: &str, path: &str, body: &[u8], expected: u16| {
-        let response = node.send(method, path, body).unwrap_or_else(|error| panic!("{method} {path}: {error}"));
+        let response = node
+            .send(method, path, body)
+            .unwrap_or_else(|error| panic!("{method} {path}: {error}"));
         let text = String::from_utf8_lossy(&response.body);
-        assert_eq!(response.status, expected, "{method} {path} answered {} ({text}), expected {expected}", response.status);
-        assert!(is_json_error(&response.body), "{method} {path} answered {expected} without a JSON error body: {text:?}");
+        assert_eq!(
+            response.status, expected,
+            "{method} {path} answered {} ({text}), expected {expected}",
+            response.status
+        );
+        assert!(
+            is_json_error(&response.body),
+            "{method} {path} answered {expected} without a JSON error body: {text:?}"
+        );
     };
     let flags = |message: &str| format!("{inbox}/messages/{message}/flags");
 
@@ -685,7 +917,12 @@ fn http_api_errors_are_json_with_fitting_status() {
     check("DELETE", &format!("{inbox}/messages/{unknown_id}"), &[], 404);
     check("POST", &flags(unknown_id), br#"{"add":["\\Seen"]}"#, 404);
     check("GET", &mailbox_url(ALICE, "No such mailbox"), &[], 404);
-    check("GET", &format!("{}/messages", mailbox_url("nobody@example.org", INBOX)), &[], 404);
+    check(
+        "GET",
+        &format!("{}/messages", mailbox_url("nobody@example.org", INBOX)),
+        &[],
+        404,
+    );
 
     // Expunged messages are gone for every route.
     expunge(&node, ALICE, INBOX, &id);
@@ -696,8 +933,14 @@ fn http_api_errors_are_json_with_fitting_status() {
 
     // 413 above max_message_bytes (set through the config file); exactly the limit is accepted.
     let at_limit = vec![b'x'; max_bytes];
-    let response = node.send("POST", &format!("{inbox}/messages"), &at_limit).expect("append at the limit");
-    assert_eq!(response.status, 201, "an append of exactly {max_bytes} bytes answered {}", response.status);
+    let response = node
+        .send("POST", &format!("{inbox}/messages"), &at_limit)
+        .expect("append at the limit");
+    assert_eq!(
+        response.status, 201,
+        "an append of exactly {max_bytes} bytes answered {}",
+        response.status
+    );
     check("POST", &format!("{inbox}/messages"), &vec![b'x'; max_bytes + 1], 413);
     check("POST", &format!("{inbox}/messages"), &vec![b'x'; 4 * max_bytes], 413);
 }
@@ -713,12 +956,24 @@ fn query_rejections_are_json_too() {
         let path = format!("{}/messages?{query}", mailbox_url(ALICE, INBOX));
         let response = node.get(&path).expect("list");
         assert_eq!(response.status, 400, "GET {path}");
-        assert!(is_json_error(&response.body), "GET {path} answered {}", String::from_utf8_lossy(&response.body));
+        assert!(
+            is_json_error(&response.body),
+            "GET {path} answered {}",
+            String::from_utf8_lossy(&response.body)
+        );
     }
     let response = node.get("/v1/no-such-thing").expect("unknown route");
     assert_eq!(response.status, 404);
-    assert!(is_json_error(&response.body), "unknown route answered {}", String::from_utf8_lossy(&response.body));
+    assert!(
+        is_json_error(&response.body),
+        "unknown route answered {}",
+        String::from_utf8_lossy(&response.body)
+    );
     let response = node.send("PUT", "/v1/status", b"x").expect("wrong method");
     assert_eq!(response.status, 405);
-    assert!(is_json_error(&response.body), "wrong method answered {}", String::from_utf8_lossy(&response.body));
+    assert!(
+        is_json_error(&response.body),
+        "wrong method answered {}",
+        String::from_utf8_lossy(&response.body)
+    );
 }

@@ -35,7 +35,12 @@ fn the_http_api_can_require_a_bearer_token() {
     assert!(refused.json()["error"].is_string());
     node.token = Some("wrong-token-wrong-token".into());
     assert_eq!(node.get("/v1/mailboxes").unwrap().status, 401);
-    assert_eq!(node.send("POST", "/v1/mailboxes/a/INBOX/messages", b"Subject: x\r\n\r\nx").unwrap().status, 401);
+    assert_eq!(
+        node.send("POST", "/v1/mailboxes/a/INBOX/messages", b"Subject: x\r\n\r\nx")
+            .unwrap()
+            .status,
+        401
+    );
     node.token = Some("s3cret-token-for-tests-0123456789".into());
     assert_eq!(node.get("/v1/status").unwrap().status, 200);
     node.append("a", "INBOX", b"Subject: allowed\r\n\r\nyes").unwrap();
@@ -44,12 +49,22 @@ fn the_http_api_can_require_a_bearer_token() {
     let output = std::process::Command::new(binary())
         .args(["node", "--data-dir"])
         .arg(directory.path().join("other"))
-        .args(["--http", "127.0.0.1:0", "--listen", "/ip4/127.0.0.1/tcp/0", "--http-token-file"])
+        .args([
+            "--http",
+            "127.0.0.1:0",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--http-token-file",
+        ])
         .arg(&token_file)
         .output()
         .unwrap();
     assert!(!output.status.success());
-    assert!(String::from_utf8_lossy(&output.stderr).contains("at least 16"), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("at least 16"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
 }
 
 fn flags_of(node: &LocalNode, id: &str) -> Vec<String> {
@@ -76,7 +91,16 @@ fn nodes_an_hour_off_end_flag_and_expunge_changes_the_same_way() {
     )
     .unwrap();
     let seed = ahead.listen_address().unwrap();
-    let exact = LocalNode::spawn(binary(), "exact", &directory.path().join("exact"), "test-skew", &[seed.clone()], 200, &[]).unwrap();
+    let exact = LocalNode::spawn(
+        binary(),
+        "exact",
+        &directory.path().join("exact"),
+        "test-skew",
+        &[seed.clone()],
+        200,
+        &[],
+    )
+    .unwrap();
     let behind = LocalNode::spawn_with_environment(
         binary(),
         "behind",
@@ -93,31 +117,79 @@ fn nodes_an_hour_off_end_flag_and_expunge_changes_the_same_way() {
         assert!(
             wait_until(Duration::from_secs(60), || digests_agree(&nodes)).is_some(),
             "{what}: digests {:?}",
-            nodes.iter().map(|node| node.digest().unwrap_or_default()).collect::<Vec<_>>()
+            nodes
+                .iter()
+                .map(|node| node.digest().unwrap_or_default())
+                .collect::<Vec<_>>()
         );
     };
     let mut ids = Vec::new();
     for (index, node) in nodes.iter().enumerate() {
-        ids.push(node.append("skew@example.org", "INBOX", &sample_message("s@example.org", &format!("skew {index}"), "x")).unwrap());
+        ids.push(
+            node.append(
+                "skew@example.org",
+                "INBOX",
+                &sample_message("s@example.org", &format!("skew {index}"), "x"),
+            )
+            .unwrap(),
+        );
     }
     settle("appends");
-    let flags_path = |id: &str| format!("{}/messages/{id}/flags", LocalNode::mailbox_path("skew@example.org", "INBOX"));
+    let flags_path = |id: &str| {
+        format!(
+            "{}/messages/{id}/flags",
+            LocalNode::mailbox_path("skew@example.org", "INBOX")
+        )
+    };
     // The fast node sets \Seen, then the slow node (an hour behind) clears it after seeing that:
     // the later decision wins everywhere although its wall clock is two hours earlier.
-    assert_eq!(ahead.send("POST", &flags_path(&ids[0]), br#"{"add":["\\Seen"]}"#).unwrap().status, 200);
+    assert_eq!(
+        ahead
+            .send("POST", &flags_path(&ids[0]), br#"{"add":["\\Seen"]}"#)
+            .unwrap()
+            .status,
+        200
+    );
     settle("set on the fast node");
-    assert_eq!(behind.send("POST", &flags_path(&ids[0]), br#"{"remove":["\\Seen"]}"#).unwrap().status, 200);
+    assert_eq!(
+        behind
+            .send("POST", &flags_path(&ids[0]), br#"{"remove":["\\Seen"]}"#)
+            .unwrap()
+            .status,
+        200
+    );
     settle("cleared on the slow node");
     for node in nodes {
-        assert!(!flags_of(node, &ids[0]).contains(&"\\Seen".to_owned()), "{} still shows \\Seen", node.name);
+        assert!(
+            !flags_of(node, &ids[0]).contains(&"\\Seen".to_owned()),
+            "{} still shows \\Seen",
+            node.name
+        );
     }
     // And the other way round.
-    assert_eq!(behind.send("POST", &flags_path(&ids[1]), br#"{"add":["\\Flagged"]}"#).unwrap().status, 200);
+    assert_eq!(
+        behind
+            .send("POST", &flags_path(&ids[1]), br#"{"add":["\\Flagged"]}"#)
+            .unwrap()
+            .status,
+        200
+    );
     settle("set on the slow node");
-    assert_eq!(ahead.send("POST", &flags_path(&ids[1]), br#"{"remove":["\\Flagged"]}"#).unwrap().status, 200);
+    assert_eq!(
+        ahead
+            .send("POST", &flags_path(&ids[1]), br#"{"remove":["\\Flagged"]}"#)
+            .unwrap()
+            .status,
+        200
+    );
     settle("cleared on the fast node");
     for node in nodes {
-        assert!(flags_of(node, &ids[1]).is_empty(), "{} shows {:?}", node.name, flags_of(node, &ids[1]));
+        assert!(
+            flags_of(node, &ids[1]).is_empty(),
+            "{} shows {:?}",
+            node.name,
+            flags_of(node, &ids[1])
+        );
     }
     // Concurrent conflicting changes end identical everywhere.
     std::thread::scope(|scope| {
@@ -128,11 +200,20 @@ fn nodes_an_hour_off_end_flag_and_expunge_changes_the_same_way() {
     let first = flags_of(&ahead, &ids[2]);
     assert!(nodes.iter().all(|node| flags_of(node, &ids[2]) == first));
     // An expunge on the slow node sticks everywhere.
-    let message = format!("{}/messages/{}", LocalNode::mailbox_path("skew@example.org", "INBOX"), ids[2]);
+    let message = format!(
+        "{}/messages/{}",
+        LocalNode::mailbox_path("skew@example.org", "INBOX"),
+        ids[2]
+    );
     assert_eq!(behind.send("DELETE", &message, &[]).unwrap().status, 204);
     settle("expunge on the slow node");
     for node in nodes {
-        assert_eq!(node.get(&message).unwrap().status, 404, "{} still lists the expunged message", node.name);
+        assert_eq!(
+            node.get(&message).unwrap().status,
+            404,
+            "{} still lists the expunged message",
+            node.name
+        );
     }
 }
 
@@ -181,12 +262,23 @@ async fn a_peer_that_answers_out_of_protocol_is_disconnected_and_counted() {
         let _ = hostile.client.publish(Topic::Digests, wire::encode(&digest)).await;
         match tokio::time::timeout(Duration::from_millis(300), hostile.events.recv()).await {
             Ok(Some(NetworkEvent::Request { channel, .. })) => {
-                let garbage = wire::encode(&Response::Records { records: vec![], more: false, blobs: vec![] });
+                let garbage = wire::encode(&Response::Records {
+                    records: vec![],
+                    more: false,
+                    blobs: vec![],
+                });
                 let _ = hostile.client.respond(channel, garbage).await;
             }
             Ok(Some(NetworkEvent::PeerDisconnected(_))) => disconnected = true,
-            Ok(Some(NetworkEvent::Gossip { message_id, propagation_source, .. })) => {
-                let _ = hostile.client.report_validation(message_id, propagation_source, true).await;
+            Ok(Some(NetworkEvent::Gossip {
+                message_id,
+                propagation_source,
+                ..
+            })) => {
+                let _ = hostile
+                    .client
+                    .report_validation(message_id, propagation_source, true)
+                    .await;
             }
             _ => {}
         }
@@ -195,7 +287,10 @@ async fn a_peer_that_answers_out_of_protocol_is_disconnected_and_counted() {
     let penalised = node.metric_sum("mailmesh_peers_penalised_total").unwrap();
     assert!(penalised >= 1.0, "mailmesh_peers_penalised_total is {penalised}");
     let log = std::fs::read_to_string(directory.path().join("node").join("node.log")).unwrap();
-    assert!(log.contains("misbehaving peer"), "the log does not say why the peer was dropped");
+    assert!(
+        log.contains("misbehaving peer"),
+        "the log does not say why the peer was dropped"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -211,8 +306,22 @@ async fn gossip_with_a_stamp_far_in_the_future_is_refused() {
     let mut hostile = hostile_peer(&address, "test-future").await;
     let mailbox = MailboxKey::new("victim@example.org", "INBOX").unwrap();
     let raw = b"Subject: from the future\r\n\r\nhello".to_vec();
-    let mut record = MessageRecord::new(MessageId::from_parts(1_767_225_600_000, 77), BlobHash::of(&raw), raw.len() as u64, 1_767_225_600_000, NodeId(66));
-    mailmesh::crdt::apply_flag(&mut record, Flag::Seen, true, Stamp { time: u64::MAX, node: NodeId(66) });
+    let mut record = MessageRecord::new(
+        MessageId::from_parts(1_767_225_600_000, 77),
+        BlobHash::of(&raw),
+        raw.len() as u64,
+        1_767_225_600_000,
+        NodeId(66),
+    );
+    mailmesh::crdt::apply_flag(
+        &mut record,
+        Flag::Seen,
+        true,
+        Stamp {
+            time: u64::MAX,
+            node: NodeId(66),
+        },
+    );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut sequence = 0u64;
     while tokio::time::Instant::now() < deadline {
@@ -220,7 +329,9 @@ async fn gossip_with_a_stamp_far_in_the_future_is_refused() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         while let Ok(event) = hostile.events.try_recv() {
             if let NetworkEvent::Request { channel, .. } = event {
-                let empty = wire::encode(&Response::Reconcile { message: ByteString(mailmesh::sync::encode(&[])) });
+                let empty = wire::encode(&Response::Reconcile {
+                    message: ByteString(mailmesh::sync::encode(&[])),
+                });
                 let _ = hostile.client.respond(channel, empty).await;
             }
         }
@@ -228,7 +339,11 @@ async fn gossip_with_a_stamp_far_in_the_future_is_refused() {
         let mut message = record.clone();
         message.received_millis += sequence % 2; // distinct content each time, as gossip IDs are content hashes
         message.id = MessageId::from_parts(1_767_225_600_000, 77 + u128::from(sequence));
-        let gossip = Gossip::Operation { mailbox: mailbox.clone(), record: message, blob: Some(ByteString(raw.clone())) };
+        let gossip = Gossip::Operation {
+            mailbox: mailbox.clone(),
+            record: message,
+            blob: Some(ByteString(raw.clone())),
+        };
         let _ = hostile.client.publish(Topic::Operations, wire::encode(&gossip)).await;
         let log = std::fs::read_to_string(directory.path().join("node").join("node.log")).unwrap_or_default();
         if log.contains("refused an operation") && sequence > 5 {
@@ -238,25 +353,55 @@ async fn gossip_with_a_stamp_far_in_the_future_is_refused() {
     let received = node.get("/metrics").unwrap();
     let text = String::from_utf8_lossy(&received.body);
     assert!(
-        text.lines().any(|line| line.starts_with("mailmesh_gossip_messages_total{kind=\"operation\",direction=\"in\"}")),
+        text.lines()
+            .any(|line| line.starts_with("mailmesh_gossip_messages_total{kind=\"operation\",direction=\"in\"}")),
         "the node never received the hostile gossip"
     );
     assert_eq!(
-        node.get(&LocalNode::mailbox_path("victim@example.org", "INBOX")).unwrap().status,
+        node.get(&LocalNode::mailbox_path("victim@example.org", "INBOX"))
+            .unwrap()
+            .status,
         404,
         "a record stamped u64::MAX was stored"
     );
     let log = std::fs::read_to_string(directory.path().join("node").join("node.log")).unwrap();
-    assert!(log.contains("refused an operation") && log.contains("ahead"), "the log does not say why the gossip was refused");
+    assert!(
+        log.contains("refused an operation") && log.contains("ahead"),
+        "the log does not say why the gossip was refused"
+    );
 }
 
 #[test]
 fn a_replica_away_longer_than_the_tombstone_horizon_is_refused_resynchronisation() {
     let directory = tempfile::tempdir().unwrap();
-    let first = LocalNode::spawn(binary(), "steady", &directory.path().join("steady"), "test-stale", &[], 200, &[]).unwrap();
+    let first = LocalNode::spawn(
+        binary(),
+        "steady",
+        &directory.path().join("steady"),
+        "test-stale",
+        &[],
+        200,
+        &[],
+    )
+    .unwrap();
     let seed = first.listen_address().unwrap();
-    let mut away = LocalNode::spawn(binary(), "away", &directory.path().join("away"), "test-stale", &[seed.clone()], 200, &[]).unwrap();
-    first.append("stale@example.org", "INBOX", &sample_message("a@example.org", "before", "x")).unwrap();
+    let mut away = LocalNode::spawn(
+        binary(),
+        "away",
+        &directory.path().join("away"),
+        "test-stale",
+        &[seed.clone()],
+        200,
+        &[],
+    )
+    .unwrap();
+    first
+        .append(
+            "stale@example.org",
+            "INBOX",
+            &sample_message("a@example.org", "before", "x"),
+        )
+        .unwrap();
     assert!(wait_until(Duration::from_secs(60), || digests_agree(&[&first, &away])).is_some());
     std::thread::sleep(Duration::from_millis(500)); // let the contact time be written
     away.kill();
@@ -276,9 +421,18 @@ fn a_replica_away_longer_than_the_tombstone_horizon_is_refused_resynchronisation
     assert_eq!(status["stale"], true, "{status}");
     assert_eq!(returning.get("/readyz").unwrap().status, 503);
     let log = std::fs::read_to_string(directory.path().join("away").join("node.log")).unwrap();
-    assert!(log.contains("tombstone horizon") && log.contains("rejoin empty"), "the log does not tell the operator what to do");
+    assert!(
+        log.contains("tombstone horizon") && log.contains("rejoin empty"),
+        "the log does not tell the operator what to do"
+    );
     // It takes nothing in and gives nothing out, and the healthy node does not treat it as hostile.
-    first.append("stale@example.org", "INBOX", &sample_message("a@example.org", "after", "y")).unwrap();
+    first
+        .append(
+            "stale@example.org",
+            "INBOX",
+            &sample_message("a@example.org", "after", "y"),
+        )
+        .unwrap();
     std::thread::sleep(Duration::from_secs(2));
     assert_eq!(returning.messages("stale@example.org", "INBOX").unwrap().len(), 1);
     assert_eq!(first.metric_sum("mailmesh_peers_penalised_total").unwrap(), 0.0);
@@ -288,7 +442,11 @@ fn a_replica_away_longer_than_the_tombstone_horizon_is_refused_resynchronisation
     std::fs::remove_dir_all(directory.path().join("away").join("search")).unwrap();
     returning.restart().unwrap();
     assert_eq!(returning.status().unwrap()["stale"], false);
-    assert!(wait_until(Duration::from_secs(60), || returning.messages("stale@example.org", "INBOX").map(|list| list.len() == 2).unwrap_or(false)).is_some());
+    assert!(wait_until(Duration::from_secs(60), || returning
+        .messages("stale@example.org", "INBOX")
+        .map(|list| list.len() == 2)
+        .unwrap_or(false))
+    .is_some());
 }
 
 #[test]
@@ -300,13 +458,40 @@ fn only_listed_peers_and_holders_of_the_cluster_key_get_in() {
     let other_key = path("other.key");
     std::fs::write(&other_key, "cd".repeat(32)).unwrap();
     let with_key = |file: &std::path::Path| vec!["--cluster-key".to_owned(), file.display().to_string()];
-    let friend = LocalNode::spawn(binary(), "friend", &path("friend"), "test-access", &[], 200, &with_key(&key)).unwrap();
-    let outsider = LocalNode::spawn(binary(), "outsider", &path("outsider"), "test-access", &[], 200, &with_key(&other_key)).unwrap();
+    let friend = LocalNode::spawn(
+        binary(),
+        "friend",
+        &path("friend"),
+        "test-access",
+        &[],
+        200,
+        &with_key(&key),
+    )
+    .unwrap();
+    let outsider = LocalNode::spawn(
+        binary(),
+        "outsider",
+        &path("outsider"),
+        "test-access",
+        &[],
+        200,
+        &with_key(&other_key),
+    )
+    .unwrap();
     let friend_id = friend.status().unwrap()["peer_id"].as_str().unwrap().to_owned();
     let mut arguments = with_key(&key);
     arguments.extend(["--allow-peer".to_owned(), friend_id.clone()]);
     let peers = [friend.listen_address().unwrap(), outsider.listen_address().unwrap()];
-    let guarded = LocalNode::spawn(binary(), "guarded", &path("guarded"), "test-access", &peers, 200, &arguments).unwrap();
+    let guarded = LocalNode::spawn(
+        binary(),
+        "guarded",
+        &path("guarded"),
+        "test-access",
+        &peers,
+        200,
+        &arguments,
+    )
+    .unwrap();
     // A node with the right key but not on the list knocks.
     let stranger = LocalNode::spawn(
         binary(),
@@ -319,18 +504,47 @@ fn only_listed_peers_and_holders_of_the_cluster_key_get_in() {
     )
     .unwrap();
     let connected = |node: &LocalNode| -> Vec<String> {
-        node.status().unwrap()["peers"].as_array().unwrap().iter().map(|peer| peer["peer_id"].as_str().unwrap().to_owned()).collect()
+        node.status().unwrap()["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|peer| peer["peer_id"].as_str().unwrap().to_owned())
+            .collect()
     };
-    assert!(wait_until(Duration::from_secs(30), || connected(&guarded) == vec![friend_id.clone()]).is_some(), "{:?}", connected(&guarded));
     assert!(
-        wait_until(Duration::from_secs(30), || guarded.metric_sum("mailmesh_net_peers_refused_total").unwrap_or(0.0) >= 1.0).is_some(),
+        wait_until(Duration::from_secs(30), || connected(&guarded)
+            == vec![friend_id.clone()])
+        .is_some(),
+        "{:?}",
+        connected(&guarded)
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || guarded
+            .metric_sum("mailmesh_net_peers_refused_total")
+            .unwrap_or(0.0)
+            >= 1.0)
+        .is_some(),
         "the refusal of the unlisted peer was not counted"
     );
     std::thread::sleep(Duration::from_secs(2));
-    assert_eq!(connected(&guarded), vec![friend_id], "only the listed peer holding the key is connected");
-    assert!(connected(&outsider).is_empty(), "a node with another cluster key got in: {:?}", connected(&outsider));
+    assert_eq!(
+        connected(&guarded),
+        vec![friend_id],
+        "only the listed peer holding the key is connected"
+    );
+    assert!(
+        connected(&outsider).is_empty(),
+        "a node with another cluster key got in: {:?}",
+        connected(&outsider)
+    );
     // Data flows between the admitted pair.
-    guarded.append("access@example.org", "INBOX", &sample_message("g@example.org", "hello", "x")).unwrap();
+    guarded
+        .append(
+            "access@example.org",
+            "INBOX",
+            &sample_message("g@example.org", "hello", "x"),
+        )
+        .unwrap();
     assert!(wait_until(Duration::from_secs(30), || digests_agree(&[&guarded, &friend])).is_some());
     assert_ne!(stranger.digest().unwrap(), guarded.digest().unwrap());
     let log = std::fs::read_to_string(path("guarded").join("node.log")).unwrap();
@@ -344,15 +558,35 @@ fn a_full_disk_answers_507_writes_nothing_and_writes_resume_once_space_returns()
     // Demand more free space than any disk has: every write meets a "full" disk.
     std::fs::write(&config, "min_free_bytes = 4611686018427387904\n").unwrap();
     let data = directory.path().join("node");
-    let mut node = LocalNode::spawn(binary(), "full", &data, "test-full", &[], 200, &["--config".into(), config.display().to_string()]).unwrap();
-    let response = node.send("POST", "/v1/mailboxes/full%40example.org/INBOX/messages", b"Subject: no room\r\n\r\nx").unwrap();
+    let mut node = LocalNode::spawn(
+        binary(),
+        "full",
+        &data,
+        "test-full",
+        &[],
+        200,
+        &["--config".into(), config.display().to_string()],
+    )
+    .unwrap();
+    let response = node
+        .send(
+            "POST",
+            "/v1/mailboxes/full%40example.org/INBOX/messages",
+            b"Subject: no room\r\n\r\nx",
+        )
+        .unwrap();
     assert_eq!(response.status, 507, "{}", String::from_utf8_lossy(&response.body));
     assert!(response.json()["error"].as_str().unwrap().contains("disk space"));
-    assert_eq!(node.get("/v1/mailboxes/full%40example.org/INBOX").unwrap().status, 404, "something was half-written");
+    assert_eq!(
+        node.get("/v1/mailboxes/full%40example.org/INBOX").unwrap().status,
+        404,
+        "something was half-written"
+    );
     // Space returns (here: the reserve is lowered) and the same node takes writes again.
     node.kill();
     std::fs::write(&config, "min_free_bytes = 1024\n").unwrap();
     node.restart().unwrap();
-    node.append("full@example.org", "INBOX", b"Subject: room again\r\n\r\nx").unwrap();
+    node.append("full@example.org", "INBOX", b"Subject: room again\r\n\r\nx")
+        .unwrap();
     assert_eq!(node.messages("full@example.org", "INBOX").unwrap().len(), 1);
 }

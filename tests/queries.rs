@@ -21,11 +21,31 @@ struct Sample {
 /// Realistic messages with varied names, subjects with reply prefixes, dates (some missing or
 /// broken), 8-bit and encoded headers, and sizes.
 fn samples(count: usize, seed: u64) -> Vec<Sample> {
-    let names = ["Zoë Adams", "bob@example.org", "Carol Diaz", "\u{e9}mile Zola", "dave", "Eve O'Neil", "", "FRANK"];
-    let subjects = ["Invoice 2026-11", "Re: Lunch", "Fwd: Re: Budget", "AW: Termin", "quarterly report", "", "Re[3]: lunch", "Über alles"];
+    let names = [
+        "Zoë Adams",
+        "bob@example.org",
+        "Carol Diaz",
+        "\u{e9}mile Zola",
+        "dave",
+        "Eve O'Neil",
+        "",
+        "FRANK",
+    ];
+    let subjects = [
+        "Invoice 2026-11",
+        "Re: Lunch",
+        "Fwd: Re: Budget",
+        "AW: Termin",
+        "quarterly report",
+        "",
+        "Re[3]: lunch",
+        "Über alles",
+    ];
     let mut state = seed;
     let mut next = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         state >> 33
     };
     (0..count)
@@ -103,10 +123,19 @@ fn check_every_sort(store: &Store, mailbox: &MailboxKey, context: &str) {
     for sort in SortKey::ALL {
         for descending in [false, true] {
             let expected = naive_order(store, mailbox, sort, descending);
-            for (position, limit) in [(0, 100), (0, 7), (13, 25), (expected.len().saturating_sub(5), 100), (expected.len() + 3, 10)] {
+            for (position, limit) in [
+                (0, 100),
+                (0, 7),
+                (13, 25),
+                (expected.len().saturating_sub(5), 100),
+                (expected.len() + 3, 10),
+            ] {
                 let page = store.list_ids(mailbox.id(), sort, descending, position, limit).unwrap();
                 let want: Vec<MessageId> = expected.iter().skip(position).take(limit).copied().collect();
-                assert_eq!(page, want, "{context}: sort {sort:?} descending {descending} position {position} limit {limit}");
+                assert_eq!(
+                    page, want,
+                    "{context}: sort {sort:?} descending {descending} position {position} limit {limit}"
+                );
             }
         }
     }
@@ -135,8 +164,15 @@ fn every_sort_and_page_matches_a_naive_sort_through_merges_expunges_and_rebuild(
     for id in ids.iter().rev() {
         let record = origin.record(mailbox.id(), *id).unwrap().unwrap();
         let bytes = origin.blob(&record.blob).unwrap().unwrap();
-        operations.push(Operation::PutBlob { expected: record.blob, bytes });
-        operations.push(Operation::Merge { mailbox: mailbox.clone(), record, now_millis: NOW });
+        operations.push(Operation::PutBlob {
+            expected: record.blob,
+            bytes,
+        });
+        operations.push(Operation::Merge {
+            mailbox: mailbox.clone(),
+            record,
+            now_millis: NOW,
+        });
     }
     for chunk in operations.chunks(50) {
         for result in replica.apply(chunk.to_vec()) {
@@ -149,7 +185,13 @@ fn every_sort_and_page_matches_a_naive_sort_through_merges_expunges_and_rebuild(
 
     // Expunges drop out of every index and counter at once.
     for id in ids.iter().step_by(4) {
-        replica.apply_one(Operation::Expunge { mailbox: mailbox.clone(), id: *id, now_millis: NOW + 1 }).unwrap();
+        replica
+            .apply_one(Operation::Expunge {
+                mailbox: mailbox.clone(),
+                id: *id,
+                now_millis: NOW + 1,
+            })
+            .unwrap();
     }
     check_every_sort(&replica, &mailbox, "after expunges");
     let entry = replica.mailbox_entry(mailbox.id()).unwrap().unwrap();
@@ -172,17 +214,38 @@ fn the_change_log_names_created_updated_and_expunged_messages() {
     assert_eq!(state.created.len(), 10);
     let since = state.modseq;
     store
-        .apply_one(Operation::SetFlags { mailbox: mailbox.clone(), id: ids[1], add: vec![Flag::Flagged], remove: vec![], now_millis: NOW })
+        .apply_one(Operation::SetFlags {
+            mailbox: mailbox.clone(),
+            id: ids[1],
+            add: vec![Flag::Flagged],
+            remove: vec![],
+            now_millis: NOW,
+        })
         .unwrap();
-    store.apply_one(Operation::Expunge { mailbox: mailbox.clone(), id: ids[2], now_millis: NOW }).unwrap();
+    store
+        .apply_one(Operation::Expunge {
+            mailbox: mailbox.clone(),
+            id: ids[2],
+            now_millis: NOW,
+        })
+        .unwrap();
     let fresh = append_all(&store, &mailbox, &samples(1, 99));
     let changes = store.changes_since(mailbox.id(), since, 1000).unwrap();
     assert_eq!(changes.updated, vec![ids[1]]);
     assert_eq!(changes.expunged, vec![ids[2]]);
     assert_eq!(changes.created, fresh);
     assert!(!changes.cannot_calculate);
-    assert!(store.changes_since(mailbox.id(), changes.modseq + 5, 1000).unwrap().cannot_calculate);
-    assert!(store.changes_since(mailbox.id(), changes.modseq, 1000).unwrap().created.is_empty());
+    assert!(
+        store
+            .changes_since(mailbox.id(), changes.modseq + 5, 1000)
+            .unwrap()
+            .cannot_calculate
+    );
+    assert!(store
+        .changes_since(mailbox.id(), changes.modseq, 1000)
+        .unwrap()
+        .created
+        .is_empty());
 }
 
 #[test]
@@ -193,10 +256,17 @@ fn search_finds_words_in_headers_and_bodies_of_one_mailbox_only() {
     let inbox = MailboxKey::new("dave", "INBOX").unwrap();
     let other = MailboxKey::new("dave", "Other").unwrap();
     let mail_with = |subject: &str, body: &str| {
-        format!("From: Dave <dave@example.org>\r\nTo: erin@example.org\r\nSubject: {subject}\r\n\r\n{body}\r\n").into_bytes()
+        format!("From: Dave <dave@example.org>\r\nTo: erin@example.org\r\nSubject: {subject}\r\n\r\n{body}\r\n")
+            .into_bytes()
     };
     let append = |mailbox: &MailboxKey, raw: Vec<u8>| match store
-        .apply_one(Operation::Append { mailbox: mailbox.clone(), raw, flags: vec![], now_millis: NOW, random: 1 })
+        .apply_one(Operation::Append {
+            mailbox: mailbox.clone(),
+            raw,
+            flags: vec![],
+            now_millis: NOW,
+            random: 1,
+        })
         .unwrap()
     {
         Applied::Appended { id, .. } => id,
@@ -206,16 +276,40 @@ fn search_finds_words_in_headers_and_bodies_of_one_mailbox_only() {
     let body_hit = append(&inbox, mail_with("Hello", "the invoice is attached"));
     append(&inbox, mail_with("Lunch", "pizza?"));
     append(&other, mail_with("Invoice elsewhere", "not in the inbox"));
-    let hits = index.search(&store, inbox.id(), "invoice", SortKey::Received, false, 0, 100).unwrap();
+    let hits = index
+        .search(&store, inbox.id(), "invoice", SortKey::Received, false, 0, 100)
+        .unwrap();
     let mut found = hits.ids.clone();
     found.sort();
     let mut expected = vec![invoice, body_hit];
     expected.sort();
-    assert_eq!(found, expected, "search must be fresh right after the write and limited to the mailbox");
+    assert_eq!(
+        found, expected,
+        "search must be fresh right after the write and limited to the mailbox"
+    );
     assert_eq!(hits.total, 2);
-    assert_eq!(index.search(&store, inbox.id(), "erin@example.org", SortKey::Subject, true, 0, 100).unwrap().ids.len(), 3);
-    store.apply_one(Operation::Expunge { mailbox: inbox.clone(), id: invoice, now_millis: NOW }).unwrap();
-    assert_eq!(index.search(&store, inbox.id(), "invoice", SortKey::Received, false, 0, 100).unwrap().ids, vec![body_hit]);
+    assert_eq!(
+        index
+            .search(&store, inbox.id(), "erin@example.org", SortKey::Subject, true, 0, 100)
+            .unwrap()
+            .ids
+            .len(),
+        3
+    );
+    store
+        .apply_one(Operation::Expunge {
+            mailbox: inbox.clone(),
+            id: invoice,
+            now_millis: NOW,
+        })
+        .unwrap();
+    assert_eq!(
+        index
+            .search(&store, inbox.id(), "invoice", SortKey::Received, false, 0, 100)
+            .unwrap()
+            .ids,
+        vec![body_hit]
+    );
     // Sorted and paged inside the index: the same order as a naive sort of the hits.
     let many = samples(60, 21);
     for sample in &many {
@@ -223,7 +317,9 @@ fn search_finds_words_in_headers_and_bodies_of_one_mailbox_only() {
     }
     for sort in SortKey::ALL {
         for descending in [false, true] {
-            let everything = index.search(&store, inbox.id(), "number", sort, descending, 0, 1000).unwrap();
+            let everything = index
+                .search(&store, inbox.id(), "number", sort, descending, 0, 1000)
+                .unwrap();
             assert_eq!(everything.total, 60);
             let mut keyed: Vec<(Vec<u8>, MessageId)> = everything
                 .ids
@@ -241,7 +337,9 @@ fn search_finds_words_in_headers_and_bodies_of_one_mailbox_only() {
             }
             let expected: Vec<Vec<u8>> = keyed.iter().map(|(key, _)| key.clone()).collect();
             assert_eq!(keys, expected, "search sorted by {sort:?} descending {descending}");
-            let page = index.search(&store, inbox.id(), "number", sort, descending, 10, 5).unwrap();
+            let page = index
+                .search(&store, inbox.id(), "number", sort, descending, 10, 5)
+                .unwrap();
             let page_keys: Vec<Vec<u8>> = page
                 .ids
                 .iter()
@@ -255,7 +353,9 @@ fn search_finds_words_in_headers_and_bodies_of_one_mailbox_only() {
         }
     }
     // A query that is not valid syntax is read leniently rather than refused.
-    let _ = index.search(&store, inbox.id(), "AND (( \"unclosed", SortKey::From, false, 0, 10).unwrap();
+    let _ = index
+        .search(&store, inbox.id(), "AND (( \"unclosed", SortKey::From, false, 0, 10)
+        .unwrap();
 }
 
 fn write_samples_to_mbox(path: &std::path::Path, samples: &[Vec<u8>]) {
@@ -278,7 +378,16 @@ fn write_samples_to_mbox(path: &std::path::Path, samples: &[Vec<u8>]) {
 fn import_of_mbox_and_maildir_with_broken_mail_adds_nothing_twice() {
     let directory = tempfile::tempdir().unwrap();
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mailmesh"));
-    let node = LocalNode::spawn(binary, "importer", &directory.path().join("node"), "test-import", &[], 200, &[]).unwrap();
+    let node = LocalNode::spawn(
+        binary,
+        "importer",
+        &directory.path().join("node"),
+        "test-import",
+        &[],
+        200,
+        &[],
+    )
+    .unwrap();
     let mut messages: Vec<Vec<u8>> = samples(40, 11).into_iter().map(|sample| sample.raw).collect();
     // Malformed, 8-bit headers, non-UTF-8 charsets.
     messages.push(b"this is not a mail at all, no headers\r\n".to_vec());
@@ -292,7 +401,11 @@ fn import_of_mbox_and_maildir_with_broken_mail_adds_nothing_twice() {
     let distinct: std::collections::BTreeSet<&Vec<u8>> = messages.iter().collect();
     assert_eq!(first.imported, distinct.len() as u64);
     let again = mailmesh::import::import(&node.http, "importer@example.org", "Imported", &mbox, false).unwrap();
-    assert_eq!((again.imported, again.duplicates), (0, messages.len() as u64), "a re-run adds no duplicates");
+    assert_eq!(
+        (again.imported, again.duplicates),
+        (0, messages.len() as u64),
+        "a re-run adds no duplicates"
+    );
 
     // Maildir: cur/ and new/ with a few files, one of them broken.
     let maildir = directory.path().join("Maildir");
@@ -303,13 +416,17 @@ fn import_of_mbox_and_maildir_with_broken_mail_adds_nothing_twice() {
         let folder = if index % 2 == 0 { "cur" } else { "new" };
         std::fs::write(maildir.join(folder).join(format!("17000000{index}.M1P1.host:2,S")), raw).unwrap();
     }
-    let from_maildir = mailmesh::import::import(&node.http, "importer@example.org", "FromMaildir", &maildir, false).unwrap();
+    let from_maildir =
+        mailmesh::import::import(&node.http, "importer@example.org", "FromMaildir", &maildir, false).unwrap();
     assert_eq!((from_maildir.imported, from_maildir.failed), (6, 0));
     let again = mailmesh::import::import(&node.http, "importer@example.org", "FromMaildir", &maildir, false).unwrap();
     assert_eq!(again.imported, 0);
 
     // The HTTP listing reads the parsed headers, sorted by subject, and counts match.
-    let path = format!("{}/messages?sort=subject&order=asc&limit=1000", LocalNode::mailbox_path("importer@example.org", "Imported"));
+    let path = format!(
+        "{}/messages?sort=subject&order=asc&limit=1000",
+        LocalNode::mailbox_path("importer@example.org", "Imported")
+    );
     let listing = node.get(&path).unwrap().json();
     assert_eq!(listing["total"].as_u64(), Some(first.imported));
     let subjects: Vec<Vec<u8>> = listing["items"]
@@ -321,18 +438,42 @@ fn import_of_mbox_and_maildir_with_broken_mail_adds_nothing_twice() {
     let mut sorted = subjects.clone();
     sorted.sort();
     assert_eq!(subjects, sorted);
-    assert!(listing["items"].as_array().unwrap().iter().any(|item| item["subject"] == "Gr\u{fc}\u{df}e"));
+    assert!(listing["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|item| item["subject"] == "Gr\u{fc}\u{df}e"));
     // Search over HTTP sees the imported text.
-    let search = format!("{}/messages?search=number&limit=5", LocalNode::mailbox_path("importer@example.org", "Imported"));
-    let found = wait_until(Duration::from_secs(10), || node.get(&search).map(|r| r.json()["total"].as_u64() == Some(40)).unwrap_or(false));
-    assert!(found.is_some(), "search over HTTP: {}", node.get(&search).unwrap().json());
+    let search = format!(
+        "{}/messages?search=number&limit=5",
+        LocalNode::mailbox_path("importer@example.org", "Imported")
+    );
+    let found = wait_until(Duration::from_secs(10), || {
+        node.get(&search)
+            .map(|r| r.json()["total"].as_u64() == Some(40))
+            .unwrap_or(false)
+    });
+    assert!(
+        found.is_some(),
+        "search over HTTP: {}",
+        node.get(&search).unwrap().json()
+    );
 }
 
 #[test]
 fn heavy_clients_resync_with_the_fingerprints_peers_use() {
     let directory = tempfile::tempdir().unwrap();
     let binary = std::path::Path::new(env!("CARGO_BIN_EXE_mailmesh"));
-    let node = LocalNode::spawn(binary, "resync", &directory.path().join("node"), "test-resync", &[], 200, &[]).unwrap();
+    let node = LocalNode::spawn(
+        binary,
+        "resync",
+        &directory.path().join("node"),
+        "test-resync",
+        &[],
+        200,
+        &[],
+    )
+    .unwrap();
     let account = "heavy@example.org";
     let mut ids = Vec::new();
     for sample in samples(120, 5) {
@@ -343,7 +484,10 @@ fn heavy_clients_resync_with_the_fingerprints_peers_use() {
     let mut client: BTreeMap<String, String> = BTreeMap::new();
     let all = node.get(&format!("{base}/sync/ids?limit=10000")).unwrap().json();
     for entry in all["ids"].as_array().unwrap() {
-        client.insert(entry["id"].as_str().unwrap().to_owned(), entry["state"].as_str().unwrap().to_owned());
+        client.insert(
+            entry["id"].as_str().unwrap().to_owned(),
+            entry["state"].as_str().unwrap().to_owned(),
+        );
     }
     assert_eq!(client.len(), 120);
     // The client also remembers the range fingerprints it last saw, the whole tree.
@@ -357,16 +501,31 @@ fn heavy_clients_resync_with_the_fingerprints_peers_use() {
             };
             let answer = node.get(&query).unwrap().json();
             seen.insert(
-                (answer["lo"].as_str().unwrap().to_owned(), answer["hi"].as_str().unwrap().to_owned()),
-                (answer["fingerprint"].as_str().unwrap().to_owned(), answer["count"].as_u64().unwrap()),
+                (
+                    answer["lo"].as_str().unwrap().to_owned(),
+                    answer["hi"].as_str().unwrap().to_owned(),
+                ),
+                (
+                    answer["fingerprint"].as_str().unwrap().to_owned(),
+                    answer["count"].as_u64().unwrap(),
+                ),
             );
             for range in answer["ranges"].as_array().unwrap() {
                 seen.insert(
-                    (range["lo"].as_str().unwrap().to_owned(), range["hi"].as_str().unwrap().to_owned()),
-                    (range["fingerprint"].as_str().unwrap().to_owned(), range["count"].as_u64().unwrap()),
+                    (
+                        range["lo"].as_str().unwrap().to_owned(),
+                        range["hi"].as_str().unwrap().to_owned(),
+                    ),
+                    (
+                        range["fingerprint"].as_str().unwrap().to_owned(),
+                        range["count"].as_u64().unwrap(),
+                    ),
                 );
                 if range["count"].as_u64().unwrap() > 4 {
-                    pending.push(Some((range["lo"].as_str().unwrap().to_owned(), range["hi"].as_str().unwrap().to_owned())));
+                    pending.push(Some((
+                        range["lo"].as_str().unwrap().to_owned(),
+                        range["hi"].as_str().unwrap().to_owned(),
+                    )));
                 }
             }
         }
@@ -378,7 +537,13 @@ fn heavy_clients_resync_with_the_fingerprints_peers_use() {
     let before_root = root["fingerprint"].as_str().unwrap().to_owned();
     // One message changes. The client descends only where fingerprints moved and finds it.
     let changed = ids[57].clone();
-    let response = node.send("POST", &format!("{base}/messages/{changed}/flags"), br#"{"add":["\\Answered"]}"#).unwrap();
+    let response = node
+        .send(
+            "POST",
+            &format!("{base}/messages/{changed}/flags"),
+            br#"{"add":["\\Answered"]}"#,
+        )
+        .unwrap();
     assert_eq!(response.status, 200, "{}", String::from_utf8_lossy(&response.body));
     let mut found = Vec::new();
     let mut requests = 0;
@@ -391,14 +556,23 @@ fn heavy_clients_resync_with_the_fingerprints_peers_use() {
         requests += 1;
         let answer = node.get(&query).unwrap().json();
         for range in answer["ranges"].as_array().unwrap() {
-            let key = (range["lo"].as_str().unwrap().to_owned(), range["hi"].as_str().unwrap().to_owned());
-            let now = (range["fingerprint"].as_str().unwrap().to_owned(), range["count"].as_u64().unwrap());
+            let key = (
+                range["lo"].as_str().unwrap().to_owned(),
+                range["hi"].as_str().unwrap().to_owned(),
+            );
+            let now = (
+                range["fingerprint"].as_str().unwrap().to_owned(),
+                range["count"].as_u64().unwrap(),
+            );
             if remembered.get(&key) == Some(&now) {
                 continue;
             }
             if now.1 <= 4 {
                 requests += 1;
-                let listed = node.get(&format!("{base}/sync/ids?lo={}&hi={}", key.0, key.1)).unwrap().json();
+                let listed = node
+                    .get(&format!("{base}/sync/ids?lo={}&hi={}", key.0, key.1))
+                    .unwrap()
+                    .json();
                 for entry in listed["ids"].as_array().unwrap() {
                     let id = entry["id"].as_str().unwrap().to_owned();
                     if client.get(&id).map(String::as_str) != entry["state"].as_str() {
@@ -412,7 +586,12 @@ fn heavy_clients_resync_with_the_fingerprints_peers_use() {
     }
     assert_eq!(found, vec![changed]);
     assert!(requests <= 8, "finding one change among 120 took {requests} requests");
-    assert_ne!(node.get(&format!("{base}/sync")).unwrap().json()["fingerprint"].as_str().unwrap(), before_root);
+    assert_ne!(
+        node.get(&format!("{base}/sync")).unwrap().json()["fingerprint"]
+            .as_str()
+            .unwrap(),
+        before_root
+    );
     let bad = node.get(&format!("{base}/sync?lo={}&hi={}", ids[0], ids[1])).unwrap();
     assert_eq!(bad.status, 400);
 }

@@ -48,10 +48,23 @@ impl Replica {
 
 #[derive(Clone, Debug)]
 enum Action {
-    Append { replica: usize, random: u128 },
-    Flag { replica: usize, pick: usize, flag: u8, set: bool },
-    Expunge { replica: usize, pick: usize },
-    Tick { millis: u64 },
+    Append {
+        replica: usize,
+        random: u128,
+    },
+    Flag {
+        replica: usize,
+        pick: usize,
+        flag: u8,
+        set: bool,
+    },
+    Expunge {
+        replica: usize,
+        pick: usize,
+    },
+    Tick {
+        millis: u64,
+    },
 }
 
 fn action_strategy(replicas: usize) -> impl Strategy<Value = Action> {
@@ -84,13 +97,21 @@ fn play(replicas: &mut [Replica], actions: &[Action]) {
                 let record = MessageRecord::new(id, blob, 100, now, replica.node);
                 replica.put(record);
             }
-            Action::Flag { replica, pick, flag: index, set } => {
+            Action::Flag {
+                replica,
+                pick,
+                flag: index,
+                set,
+            } => {
                 let replica = &mut replicas[*replica];
                 if replica.records.is_empty() {
                     continue;
                 }
                 let id = *replica.records.keys().nth(pick % replica.records.len()).unwrap();
-                let stamp = Stamp { time: replica.clock.tick(now), node: replica.node };
+                let stamp = Stamp {
+                    time: replica.clock.tick(now),
+                    node: replica.node,
+                };
                 let mut record = replica.records[&id].clone();
                 crdt::apply_flag(&mut record, flag(*index), *set, stamp);
                 replica.put(record);
@@ -101,7 +122,10 @@ fn play(replicas: &mut [Replica], actions: &[Action]) {
                     continue;
                 }
                 let id = *replica.records.keys().nth(pick % replica.records.len()).unwrap();
-                let stamp = Stamp { time: replica.clock.tick(now), node: replica.node };
+                let stamp = Stamp {
+                    time: replica.clock.tick(now),
+                    node: replica.node,
+                };
                 let mut record = replica.records[&id].clone();
                 record.expunged = record.expunged.max(Some(stamp));
                 replica.put(record);
@@ -122,7 +146,11 @@ fn reconcile(replicas: &mut [Replica], a: usize, b: usize, limits: &SyncLimits) 
         messages += 1;
         assert!(messages <= 70, "session between {a} and {b} did not end");
         let incoming = sync::decode(&sync::encode(&outgoing), limits).unwrap();
-        let (view, needs) = if a_turn { (&replicas[a].tree, &mut a_needs) } else { (&replicas[b].tree, &mut b_needs) };
+        let (view, needs) = if a_turn {
+            (&replicas[a].tree, &mut a_needs)
+        } else {
+            (&replicas[b].tree, &mut b_needs)
+        };
         let (reply, outcome) = sync::respond(view, &incoming, limits).unwrap();
         needs.extend(outcome);
         outgoing = reply;
@@ -131,8 +159,11 @@ fn reconcile(replicas: &mut [Replica], a: usize, b: usize, limits: &SyncLimits) 
     let now = 1_767_225_700_000;
     for (needer, source, needs) in [(a, b, &mut a_needs), (b, a, &mut b_needs)] {
         needs.normalize();
-        let mut pulled: Vec<MessageRecord> =
-            needs.need_keys.iter().filter_map(|key| replicas[source].records.get(&MessageId(*key)).cloned()).collect();
+        let mut pulled: Vec<MessageRecord> = needs
+            .need_keys
+            .iter()
+            .filter_map(|key| replicas[source].records.get(&MessageId(*key)).cloned())
+            .collect();
         for prefix in &needs.need_prefixes {
             for (key, _) in replicas[source].tree.leaves(*prefix, usize::MAX).unwrap() {
                 pulled.push(replicas[source].records[&MessageId(key)].clone());
@@ -161,10 +192,21 @@ fn expected_union(replicas: &[Replica]) -> BTreeMap<MessageId, MessageRecord> {
 
 fn check_converged(replicas: &[Replica], expected: &BTreeMap<MessageId, MessageRecord>) -> Result<(), TestCaseError> {
     for (index, replica) in replicas.iter().enumerate() {
-        prop_assert_eq!(replica.records.len(), expected.len(), "replica {} holds a different number of records", index);
+        prop_assert_eq!(
+            replica.records.len(),
+            expected.len(),
+            "replica {} holds a different number of records",
+            index
+        );
         for (id, record) in expected {
             // Compare values, not only roots: LWW can converge to the same wrong value.
-            prop_assert_eq!(replica.records.get(id), Some(record), "replica {} differs at {}", index, id);
+            prop_assert_eq!(
+                replica.records.get(id),
+                Some(record),
+                "replica {} differs at {}",
+                index,
+                id
+            );
         }
         prop_assert_eq!(replica.tree.root(), replicas[0].tree.root());
     }
@@ -204,7 +246,13 @@ proptest! {
 fn concurrent_appends_on_two_sites_both_survive() {
     let mut replicas = vec![Replica::new(1), Replica::new(2)];
     // Same millisecond, same mailbox, both sites.
-    play(&mut replicas, &[Action::Append { replica: 0, random: 1 }, Action::Append { replica: 1, random: 2 }]);
+    play(
+        &mut replicas,
+        &[
+            Action::Append { replica: 0, random: 1 },
+            Action::Append { replica: 1, random: 2 },
+        ],
+    );
     reconcile(&mut replicas, 0, 1, &SyncLimits::default());
     assert_eq!(replicas[0].records.len(), 2);
     assert_eq!(replicas[1].records.len(), 2);
@@ -218,8 +266,18 @@ fn conflicting_flag_changes_resolve_the_same_way_everywhere() {
     play(
         &mut replicas,
         &[
-            Action::Flag { replica: 0, pick: 0, flag: 0, set: true },
-            Action::Flag { replica: 1, pick: 0, flag: 0, set: false },
+            Action::Flag {
+                replica: 0,
+                pick: 0,
+                flag: 0,
+                set: true,
+            },
+            Action::Flag {
+                replica: 1,
+                pick: 0,
+                flag: 0,
+                set: false,
+            },
         ],
     );
     reconcile(&mut replicas, 1, 0, &SyncLimits::default());

@@ -61,7 +61,11 @@ fn assert_tree_matches_records(store: &Store, mailbox: &MailboxKey) {
     for (key, _) in model.iter().take(20) {
         for depth in [1, 6, 12, 13, 20, 32] {
             let prefix = Prefix::of(*key, depth);
-            assert_eq!(tree.aggregate(prefix).unwrap(), model.aggregate(prefix).unwrap(), "at {prefix:?}");
+            assert_eq!(
+                tree.aggregate(prefix).unwrap(),
+                model.aggregate(prefix).unwrap(),
+                "at {prefix:?}"
+            );
         }
     }
     let entry = store.mailbox_entry(mailbox.id()).unwrap().unwrap();
@@ -89,7 +93,13 @@ fn appends_flags_and_expunges_keep_the_tree_and_counters_in_step() {
             .unwrap();
     }
     for id in ids.iter().step_by(7) {
-        store.apply_one(Operation::Expunge { mailbox: mailbox.clone(), id: *id, now_millis: NOW + 2000 }).unwrap();
+        store
+            .apply_one(Operation::Expunge {
+                mailbox: mailbox.clone(),
+                id: *id,
+                now_millis: NOW + 2000,
+            })
+            .unwrap();
     }
     assert_tree_matches_records(&store, &mailbox);
     // An expunged message refuses flag changes, and an unknown one is reported as such.
@@ -101,7 +111,11 @@ fn appends_flags_and_expunges_keep_the_tree_and_counters_in_step() {
         now_millis: NOW + 3000,
     });
     assert!(matches!(refused, Err(StoreError::Expunged(_))), "{refused:?}");
-    let unknown = store.apply_one(Operation::Expunge { mailbox: mailbox.clone(), id: MessageId(5), now_millis: NOW });
+    let unknown = store.apply_one(Operation::Expunge {
+        mailbox: mailbox.clone(),
+        id: MessageId(5),
+        now_millis: NOW,
+    });
     assert!(matches!(unknown, Err(StoreError::NotFound { .. })), "{unknown:?}");
 }
 
@@ -110,8 +124,9 @@ fn digests_and_roots_are_independent_of_arrival_order() {
     let first_directory = tempfile::tempdir().unwrap();
     let second_directory = tempfile::tempdir().unwrap();
     let source = open(first_directory.path(), 1);
-    let mailboxes: Vec<MailboxKey> =
-        (0..5).map(|index| MailboxKey::new("carol", &format!("Folder {index}")).unwrap()).collect();
+    let mailboxes: Vec<MailboxKey> = (0..5)
+        .map(|index| MailboxKey::new("carol", &format!("Folder {index}")).unwrap())
+        .collect();
     let mut records = Vec::new();
     for index in 0..300 {
         let mailbox = &mailboxes[index % mailboxes.len()];
@@ -147,7 +162,10 @@ fn digests_and_roots_are_independent_of_arrival_order() {
     }
     assert_eq!(copy.digest().unwrap(), source.digest().unwrap());
     for mailbox in &mailboxes {
-        assert_eq!(copy.mailbox_root(mailbox.id()).unwrap(), source.mailbox_root(mailbox.id()).unwrap());
+        assert_eq!(
+            copy.mailbox_root(mailbox.id()).unwrap(),
+            source.mailbox_root(mailbox.id()).unwrap()
+        );
         assert_tree_matches_records(&copy, mailbox);
     }
 }
@@ -161,19 +179,38 @@ fn records_from_peers_with_far_future_stamps_are_refused_and_leave_the_store_unc
     let digest_before = store.digest().unwrap();
     let clock_before = store.clock();
     let mut hostile = store.record(mailbox.id(), id).unwrap().unwrap();
-    crdt::apply_flag(&mut hostile, Flag::Seen, true, Stamp { time: u64::MAX, node: NodeId(66) });
-    let result = store.apply_one(Operation::Merge { mailbox: mailbox.clone(), record: hostile, now_millis: NOW });
+    crdt::apply_flag(
+        &mut hostile,
+        Flag::Seen,
+        true,
+        Stamp {
+            time: u64::MAX,
+            node: NodeId(66),
+        },
+    );
+    let result = store.apply_one(Operation::Merge {
+        mailbox: mailbox.clone(),
+        record: hostile,
+        now_millis: NOW,
+    });
     assert!(matches!(result, Err(StoreError::Clock(_))), "{result:?}");
     assert_eq!(store.digest().unwrap(), digest_before);
     assert_eq!(store.clock(), clock_before);
     // A record whose immutable part conflicts is refused too.
     let mut forged = store.record(mailbox.id(), id).unwrap().unwrap();
     forged.size += 1;
-    let result = store.apply_one(Operation::Merge { mailbox, record: forged, now_millis: NOW });
+    let result = store.apply_one(Operation::Merge {
+        mailbox,
+        record: forged,
+        now_millis: NOW,
+    });
     assert!(matches!(result, Err(StoreError::Merge(_))), "{result:?}");
     assert_eq!(store.digest().unwrap(), digest_before);
     // A blob whose bytes do not match its hash is refused.
-    let result = store.apply_one(Operation::PutBlob { expected: BlobHash::of(b"one"), bytes: b"two".to_vec() });
+    let result = store.apply_one(Operation::PutBlob {
+        expected: BlobHash::of(b"one"),
+        bytes: b"two".to_vec(),
+    });
     assert!(matches!(result, Err(StoreError::BlobMismatch { .. })), "{result:?}");
     assert!(!store.has_blob(&BlobHash::of(b"one")).unwrap());
 }
@@ -195,7 +232,11 @@ fn reconcile_stores(a: &Store, b: &Store, space: Space) -> (Outcome, Outcome) {
         } else {
             sync::respond(&b_tree, &incoming, &limits).unwrap()
         };
-        if a_turn { a_needs.extend(outcome) } else { b_needs.extend(outcome) }
+        if a_turn {
+            a_needs.extend(outcome)
+        } else {
+            b_needs.extend(outcome)
+        }
         outgoing = reply;
         a_turn = !a_turn;
     }
@@ -212,15 +253,26 @@ fn pull_into(needer: &Store, source: &Store, mailbox: &MailboxKey, needs: &Outco
         .collect();
     for prefix in &needs.need_prefixes {
         let (low, high) = prefix.bounds();
-        records.extend(source.records_in_range(mailbox.id(), MessageId(low), MessageId(high), usize::MAX).unwrap());
+        records.extend(
+            source
+                .records_in_range(mailbox.id(), MessageId(low), MessageId(high), usize::MAX)
+                .unwrap(),
+        );
     }
     let mut operations = Vec::new();
     for record in records {
         if !needer.has_blob(&record.blob).unwrap() {
             let bytes = source.blob(&record.blob).unwrap().unwrap();
-            operations.push(Operation::PutBlob { expected: record.blob, bytes });
+            operations.push(Operation::PutBlob {
+                expected: record.blob,
+                bytes,
+            });
         }
-        operations.push(Operation::Merge { mailbox: mailbox.clone(), record, now_millis: NOW + 10_000 });
+        operations.push(Operation::Merge {
+            mailbox: mailbox.clone(),
+            record,
+            now_millis: NOW + 10_000,
+        });
     }
     for result in needer.apply(operations) {
         result.unwrap();
@@ -233,21 +285,35 @@ fn two_stores_find_differing_mailboxes_then_differing_messages() {
     let second_directory = tempfile::tempdir().unwrap();
     let a = open(first_directory.path(), 1);
     let b = open(second_directory.path(), 2);
-    let mailboxes: Vec<MailboxKey> = (0..40).map(|index| MailboxKey::new("dave", &format!("Box {index}")).unwrap()).collect();
+    let mailboxes: Vec<MailboxKey> = (0..40)
+        .map(|index| MailboxKey::new("dave", &format!("Box {index}")).unwrap())
+        .collect();
     // Shared history: both hold the same records.
     for index in 0..400 {
         let mailbox = &mailboxes[index % mailboxes.len()];
         let id = append(&a, mailbox, index);
         let record = a.record(mailbox.id(), id).unwrap().unwrap();
-        b.apply_one(Operation::PutBlob { expected: record.blob, bytes: mail(index) }).unwrap();
-        b.apply_one(Operation::Merge { mailbox: mailbox.clone(), record, now_millis: NOW }).unwrap();
+        b.apply_one(Operation::PutBlob {
+            expected: record.blob,
+            bytes: mail(index),
+        })
+        .unwrap();
+        b.apply_one(Operation::Merge {
+            mailbox: mailbox.clone(),
+            record,
+            now_millis: NOW,
+        })
+        .unwrap();
     }
     assert_eq!(a.digest().unwrap(), b.digest().unwrap());
     // Divergence: each side appends to a few mailboxes, and b changes a flag in another.
     append(&a, &mailboxes[3], 1000);
     append(&b, &mailboxes[3], 1001);
     append(&b, &mailboxes[17], 1002);
-    let flagged = b.records_in_range(mailboxes[25].id(), MessageId(0), MessageId(u128::MAX), 1).unwrap()[0].id;
+    let flagged = b
+        .records_in_range(mailboxes[25].id(), MessageId(0), MessageId(u128::MAX), 1)
+        .unwrap()[0]
+        .id;
     b.apply_one(Operation::SetFlags {
         mailbox: mailboxes[25].clone(),
         id: flagged,
@@ -264,7 +330,10 @@ fn two_stores_find_differing_mailboxes_then_differing_messages() {
     differing.dedup();
     let mut expected: Vec<u128> = [3, 17, 25].iter().map(|index| mailboxes[*index].id().0).collect();
     expected.sort();
-    assert_eq!(differing, expected, "the directory session must name exactly the differing mailboxes");
+    assert_eq!(
+        differing, expected,
+        "the directory session must name exactly the differing mailboxes"
+    );
 
     for mailbox in [&mailboxes[3], &mailboxes[17], &mailboxes[25]] {
         let (a_needs, b_needs) = reconcile_stores(&a, &b, Space::Mailbox(mailbox.id()));
@@ -272,7 +341,11 @@ fn two_stores_find_differing_mailboxes_then_differing_messages() {
         pull_into(&b, &a, mailbox, &b_needs);
     }
     assert_eq!(a.digest().unwrap(), b.digest().unwrap());
-    assert!(a.record(mailboxes[25].id(), flagged).unwrap().unwrap().has_flag(&Flag::Flagged));
+    assert!(a
+        .record(mailboxes[25].id(), flagged)
+        .unwrap()
+        .unwrap()
+        .has_flag(&Flag::Flagged));
     assert_eq!(a.mailbox_entry(mailboxes[3].id()).unwrap().unwrap().live, 12);
 }
 
@@ -316,7 +389,9 @@ fn group_commit_serves_many_concurrent_writers() {
 #[test]
 #[ignore = "run by acknowledged_appends_survive_kill_9 as a child process"]
 fn child_appends_until_killed() {
-    let Ok(path) = std::env::var("MAILMESH_KILL_TEST_DIR") else { return };
+    let Ok(path) = std::env::var("MAILMESH_KILL_TEST_DIR") else {
+        return;
+    };
     let store = open(std::path::Path::new(&path), 1);
     let mailbox = inbox();
     let mut stdout = std::io::stdout();
@@ -333,7 +408,13 @@ fn acknowledged_appends_survive_kill_9() {
     let mut acknowledged: Vec<MessageId> = Vec::new();
     for round in 0..3 {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "child_appends_until_killed", "--ignored", "--nocapture", "--test-threads=1"])
+            .args([
+                "--exact",
+                "child_appends_until_killed",
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
             .env("MAILMESH_KILL_TEST_DIR", directory.path())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -360,7 +441,10 @@ fn acknowledged_appends_survive_kill_9() {
         for id in &acknowledged {
             let record = store.record(inbox().id(), *id).unwrap();
             let record = record.unwrap_or_else(|| panic!("acknowledged {id} lost after kill -9 in round {round}"));
-            let blob = store.blob(&record.blob).unwrap().expect("blob of an acknowledged append");
+            let blob = store
+                .blob(&record.blob)
+                .unwrap()
+                .expect("blob of an acknowledged append");
             assert_eq!(BlobHash::of(&blob), record.blob);
         }
         assert_tree_matches_records(&store, &inbox());
@@ -378,13 +462,32 @@ fn tombstones_past_the_horizon_are_collected_and_not_taken_back() {
     let ids: Vec<MessageId> = (0..20).map(|index| append(&a, &mailbox, index)).collect();
     for id in &ids {
         let record = a.record(mailbox.id(), *id).unwrap().unwrap();
-        b.apply_one(Operation::PutBlob { expected: record.blob, bytes: a.blob(&record.blob).unwrap().unwrap() }).unwrap();
-        b.apply_one(Operation::Merge { mailbox: mailbox.clone(), record, now_millis: NOW }).unwrap();
+        b.apply_one(Operation::PutBlob {
+            expected: record.blob,
+            bytes: a.blob(&record.blob).unwrap().unwrap(),
+        })
+        .unwrap();
+        b.apply_one(Operation::Merge {
+            mailbox: mailbox.clone(),
+            record,
+            now_millis: NOW,
+        })
+        .unwrap();
     }
     for id in &ids[..5] {
-        a.apply_one(Operation::Expunge { mailbox: mailbox.clone(), id: *id, now_millis: NOW }).unwrap();
+        a.apply_one(Operation::Expunge {
+            mailbox: mailbox.clone(),
+            id: *id,
+            now_millis: NOW,
+        })
+        .unwrap();
         let tombstone = a.record(mailbox.id(), *id).unwrap().unwrap();
-        b.apply_one(Operation::Merge { mailbox: mailbox.clone(), record: tombstone, now_millis: NOW }).unwrap();
+        b.apply_one(Operation::Merge {
+            mailbox: mailbox.clone(),
+            record: tombstone,
+            now_millis: NOW,
+        })
+        .unwrap();
     }
     // Not yet past the horizon: nothing is collected.
     assert_eq!(a.collect_tombstones(NOW + 29 * day, 100).unwrap(), 0);
@@ -400,15 +503,31 @@ fn tombstones_past_the_horizon_are_collected_and_not_taken_back() {
     assert_eq!((entry.records, entry.live), (15, 15));
     // A peer offering an old tombstone for a message this node no longer has: ignored.
     let mut old_tombstone = MessageRecord::new(ids[0], BlobHash::of(&mail(0)), mail(0).len() as u64, NOW, NodeId(1));
-    old_tombstone.expunged = Some(Stamp { time: mailmesh::crdt::physical_time(NOW), node: NodeId(1) });
+    old_tombstone.expunged = Some(Stamp {
+        time: mailmesh::crdt::physical_time(NOW),
+        node: NodeId(1),
+    });
     let digest = a.digest().unwrap();
-    a.apply_one(Operation::Merge { mailbox: mailbox.clone(), record: old_tombstone, now_millis: later }).unwrap();
+    a.apply_one(Operation::Merge {
+        mailbox: mailbox.clone(),
+        record: old_tombstone,
+        now_millis: later,
+    })
+    .unwrap();
     assert_eq!(a.digest().unwrap(), digest, "a collected tombstone came back");
     // But an old expunge still kills a live copy this node holds.
     let live = a.record(mailbox.id(), ids[10]).unwrap().unwrap();
     let mut killed = live.clone();
-    killed.expunged = Some(Stamp { time: mailmesh::crdt::physical_time(NOW), node: NodeId(2) });
-    a.apply_one(Operation::Merge { mailbox: mailbox.clone(), record: killed, now_millis: later }).unwrap();
+    killed.expunged = Some(Stamp {
+        time: mailmesh::crdt::physical_time(NOW),
+        node: NodeId(2),
+    });
+    a.apply_one(Operation::Merge {
+        mailbox: mailbox.clone(),
+        record: killed,
+        now_millis: later,
+    })
+    .unwrap();
     assert!(!a.record(mailbox.id(), ids[10]).unwrap().unwrap().is_live());
     assert_eq!(a.collect_tombstones(later, 100).unwrap(), 1);
     assert_tree_matches_records(&a, &mailbox);

@@ -70,7 +70,10 @@ fn to_negentropy_id(id: &[u8; 16]) -> Id {
 fn from_negentropy_id(id: &Id) -> Result<[u8; 16], String> {
     let bytes = id.as_bytes();
     if bytes[16..].iter().any(|&b| b != 0) {
-        return Err(format!("negentropy returned an id with non-zero padding: {:02x?}", bytes));
+        return Err(format!(
+            "negentropy returned an id with non-zero padding: {:02x?}",
+            bytes
+        ));
     }
     let mut narrow = [0u8; 16];
     narrow.copy_from_slice(&bytes[..16]);
@@ -90,7 +93,10 @@ fn build_storage(items: &[[u8; 16]]) -> Result<NegentropyStorageVector, String> 
 
 fn check_strictly_sorted(name: &str, items: &[[u8; 16]]) -> Result<(), String> {
     match items.windows(2).position(|w| w[0] >= w[1]) {
-        Some(i) => Err(format!("{name} items are not sorted and deduplicated at index {}", i + 1)),
+        Some(i) => Err(format!(
+            "{name} items are not sorted and deduplicated at index {}",
+            i + 1
+        )),
         None => Ok(()),
     }
 }
@@ -106,10 +112,7 @@ fn check_strictly_sorted(name: &str, items: &[[u8; 16]]) -> Result<(), String> {
 /// symmetric difference of the two sets, and additionally each list must hold
 /// only IDs from the correct side (have ⊆ client \ server,
 /// need ⊆ server \ client) with no duplicates; otherwise `Err`.
-pub fn reconcile(
-    client_items: &[[u8; 16]],
-    server_items: &[[u8; 16]],
-) -> Result<NegentropyFigures, String> {
+pub fn reconcile(client_items: &[[u8; 16]], server_items: &[[u8; 16]]) -> Result<NegentropyFigures, String> {
     check_strictly_sorted("client", client_items)?;
     check_strictly_sorted("server", server_items)?;
 
@@ -117,19 +120,15 @@ pub fn reconcile(
 
     let client_storage = build_storage(client_items)?;
     let server_storage = build_storage(server_items)?;
-    let mut client = Negentropy::owned(client_storage, 0)
-        .map_err(|e| format!("negentropy client: {e}"))?;
-    let mut server = Negentropy::owned(server_storage, 0)
-        .map_err(|e| format!("negentropy server: {e}"))?;
+    let mut client = Negentropy::owned(client_storage, 0).map_err(|e| format!("negentropy client: {e}"))?;
+    let mut server = Negentropy::owned(server_storage, 0).map_err(|e| format!("negentropy server: {e}"))?;
 
     let mut have_ids: Vec<Id> = Vec::new();
     let mut need_ids: Vec<Id> = Vec::new();
     let mut bytes: u64 = 0;
     let mut round_trips: u64 = 0;
 
-    let mut outgoing: Vec<u8> = client
-        .initiate()
-        .map_err(|e| format!("negentropy initiate: {e}"))?;
+    let mut outgoing: Vec<u8> = client.initiate().map_err(|e| format!("negentropy initiate: {e}"))?;
     loop {
         bytes += outgoing.len() as u64;
         let reply = server
