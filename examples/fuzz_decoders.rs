@@ -4,10 +4,13 @@
 //!
 //! `cargo run --release --example fuzz_decoders -- --seconds 600 [--target NAME] --json`
 //!
-//! cargo-fuzz needs a nightly toolchain, which this project's machines do not have; this driver
-//! mutates a seed corpus of valid inputs (bit flips, byte edits, insertions, deletions, splices,
-//! length-field tampering) and runs each input under `catch_unwind`. A panicking input is saved
-//! under `fuzz/crashes/` and named in the output; it should become a regression test.
+//! The coverage-guided targets are under fuzz/ (cargo-fuzz, nightly; `scripts/fuzz.sh`). This
+//! driver needs only stable Rust: it mutates a seed corpus of valid inputs (bit flips, byte edits,
+//! insertions, deletions, splices, length-field tampering) and runs each input under
+//! `catch_unwind`. A panicking input is saved under `fuzz/crashes/` and named in the output; it
+//! should become a regression test.
+//!
+//! `--write-seeds DIR` writes the seed corpus as DIR/<cargo-fuzz target>/seed-N and exits.
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::{Duration, Instant};
@@ -116,6 +119,8 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
             mailboxes: 1,
             addresses: vec!["/ip4/127.0.0.1/tcp/1".into()],
             stale: false,
+            clock: 1 << 20,
+            acknowledged_before: 1_767_225_600_000,
         }),
     ];
     let mail_seeds = vec![
@@ -221,21 +226,53 @@ fn mutate(random: &mut Random, corpus: &[Vec<u8>], input: &[u8]) -> Vec<u8> {
     output
 }
 
+/// The cargo-fuzz targets under fuzz/ that each seed group feeds.
+fn fuzz_targets_for(group: &str) -> &'static [&'static str] {
+    match group {
+        "sync" => &["sync_message"],
+        "frames" => &["request_frame", "response_frame", "gossip_frame"],
+        "mail" => &["appended_mail"],
+        _ => &["text_parsers"],
+    }
+}
+
+fn write_seed_corpus(directory: &str) -> std::io::Result<()> {
+    for (group, inputs) in seeds() {
+        for target in fuzz_targets_for(group) {
+            let folder = std::path::Path::new(directory).join(target);
+            std::fs::create_dir_all(&folder)?;
+            for (index, input) in inputs.iter().enumerate() {
+                std::fs::write(folder.join(format!("seed-{index}")), input)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 fn main() {
     let mut seconds = 60u64;
     let mut only: Option<String> = None;
     let mut json = false;
+    let mut write_seeds: Option<String> = None;
     let mut arguments = std::env::args().skip(1);
     while let Some(flag) = arguments.next() {
         match flag.as_str() {
             "--seconds" => seconds = arguments.next().and_then(|v| v.parse().ok()).unwrap_or(60),
             "--target" => only = arguments.next(),
             "--json" => json = true,
+            "--write-seeds" => write_seeds = arguments.next(),
             other => {
                 eprintln!("fuzz_decoders: unknown argument {other}");
                 std::process::exit(2);
             }
         }
+    }
+    if let Some(directory) = write_seeds {
+        if let Err(error) = write_seed_corpus(&directory) {
+            eprintln!("fuzz_decoders: cannot write seeds under {directory}: {error}");
+            std::process::exit(1);
+        }
+        return;
     }
     std::panic::set_hook(Box::new(|_| {})); // panics are reported below, with their inputs
     let mut report = serde_json::Map::new();

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Coverage-guided fuzzing of every decoder that reads bytes from outside (issue 5), with
+# cargo-fuzz and libFuzzer under AddressSanitizer.
+#
+#   scripts/fuzz.sh [--seconds N] [TARGET ...]      (default: 600 s for each of the six targets)
+#
+# Needs a nightly toolchain (`rustup toolchain install nightly`); installs cargo-fuzz when
+# missing. Seeds come from examples/fuzz_decoders.rs. A crashing input lands in
+# fuzz/artifacts/TARGET/; copy it to fuzz/regressions/TARGET/ so tests/fuzz_regressions.rs
+# replays it on every test run. Prints one JSON line per target, and a summary line last.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+seconds=600
+targets=()
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --seconds) seconds="$2"; shift 2 ;;
+        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        *) targets+=("$1"); shift ;;
+    esac
+done
+if [ ${#targets[@]} -eq 0 ]; then
+    targets=(sync_message request_frame response_frame gossip_frame appended_mail text_parsers)
+fi
+
+if ! rustup run nightly rustc --version >/dev/null 2>&1; then
+    echo "fuzz.sh: cargo-fuzz needs a nightly toolchain: rustup toolchain install nightly" >&2
+    exit 2
+fi
+bash scripts/setup.sh >/dev/null
+command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz
+export CARGO_TARGET_DIR="${MAILMESH_FUZZ_TARGET_DIR:-/var/tmp/mailmesh-fuzz-target}"
+
+# Seed corpus: valid inputs of every kind, written by the stable fuzz driver.
+CARGO_TARGET_DIR="${MAILMESH_TARGET_DIR:-/var/tmp/mailmesh-target}" \
+    cargo run --quiet --release --example fuzz_decoders -- --write-seeds fuzz/corpus
+
+cargo +nightly fuzz build --release
+crashed=0
+for target in "${targets[@]}"; do
+    mkdir -p "fuzz/corpus/$target" "fuzz/artifacts/$target"
+    log="fuzz/artifacts/$target/last-run.log"
+    status=0
+    cargo +nightly fuzz run --release "$target" "fuzz/corpus/$target" -- \
+        -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
+        >"$log" 2>&1 || status=$?
+    runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
+    coverage=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | grep -o '[0-9]*' || true)
+    crashes=$(find "fuzz/artifacts/$target" -name 'crash-*' -o -name 'oom-*' -o -name 'timeout-*' | wc -l)
+    [ "$status" -ne 0 ] && crashed=1
+    echo "{\"target\":\"$target\",\"seconds\":$seconds,\"executions\":${runs:-0},\"coverage\":${coverage:-0},\"crash_files\":$crashes,\"exit\":$status}"
+done
+echo "{\"summary\":\"fuzz\",\"targets\":${#targets[@]},\"seconds_each\":$seconds,\"failed\":$crashed}"
+exit $crashed
