@@ -5,9 +5,10 @@
 //!
 //! Prints one JSON object: p50 and p99 latency (ms) of a top-100 page for each sort (newest or
 //! first 100, reading the records and listings as the API does), of the unread count, of searches
-//! (rare word, common word, sender), and the size of the local indexes on disk. The mailbox is
-//! filled through the store's normal append path in batches of 1,000 with WAL sync turned off
-//! for the fill only (the fill is not what is measured).
+//! (rare word, common word, sender), of pages at positions spread over the whole mailbox, and the
+//! size of the local indexes on disk. The mailbox is filled through the store's normal append
+//! path in batches of 1,000 with WAL sync turned off for the fill only (the fill is not what is
+//! measured).
 
 use std::time::Instant;
 
@@ -224,6 +225,25 @@ fn main() {
             store.list(id, SortKey::Received, true, 1000, 100).expect("list");
         }),
     );
+    // Deep pages: the first one counts the index into the position cache, later ones find
+    // their block in O(log n) and step over at most two blocks of keys.
+    let messages = arguments.messages;
+    let deep_started = Instant::now();
+    store.list(id, SortKey::From, false, messages / 2, 100).expect("list");
+    let first_deep_ms = deep_started.elapsed().as_secs_f64() * 1000.0;
+    for (name, sort, descending) in [
+        ("page100_from_asc_anywhere", SortKey::From, false),
+        ("page100_received_desc_anywhere", SortKey::Received, true),
+    ] {
+        sorts.insert(
+            name.into(),
+            measure(repeats, |round| {
+                let position = (round * 7_919_993 + 12_345) % messages.saturating_sub(100).max(1);
+                let page = store.list(id, sort, descending, position, 100).expect("list");
+                assert_eq!(page.len(), 100.min(messages - position));
+            }),
+        );
+    }
     let count = measure(repeats * 5, |_| {
         let entry = store.mailbox_entry(id).expect("entry").expect("mailbox");
         assert!(entry.unseen <= entry.live);
@@ -260,6 +280,7 @@ fn main() {
         "messages": arguments.messages,
         "fill_seconds": (fill_seconds * 10.0).round() / 10.0,
         "sorts": sorts,
+        "first_deep_page_ms_building_the_position_cache": (first_deep_ms * 100.0).round() / 100.0,
         "count_unseen": count,
         "search_rare_word": rare,
         "search_common_word": common,

@@ -232,6 +232,7 @@ async fn status(State(node): State<Node>) -> Result<Json<Value>, ApiError> {
         "digest": node.digest_hex()?,
         "mailboxes": node.store().digest()?.count,
         "stale": node.is_stale(),
+        "tombstones_acknowledged_before": node.store().acknowledged_before(),
         "blocked": blocked,
         "divergent": node
             .divergent_mailboxes()
@@ -276,6 +277,7 @@ async fn get_mailbox(
         "mailbox": entry.key.mailbox(),
         "count": entry.live,
         "unseen": entry.unseen,
+        "tombstones": entry.records.saturating_sub(entry.live),
         "root": format!("{:?}", entry.root),
     })))
 }

@@ -47,6 +47,10 @@ pub struct ConfigFile {
     pub max_response_bytes: Option<usize>,
     pub max_gossip_bytes: Option<usize>,
     pub max_sync_elements: Option<usize>,
+    pub max_records_per_response: Option<usize>,
+    pub max_ids_per_request: Option<usize>,
+    pub blob_chunk_bytes: Option<u32>,
+    pub max_requests_in_flight_per_peer: Option<usize>,
 }
 
 impl ConfigFile {
@@ -134,6 +138,18 @@ impl ConfigFile {
         }
         if let Some(count) = self.max_sync_elements {
             config.max_sync_elements = count.max(64);
+        }
+        if let Some(count) = self.max_records_per_response {
+            config.max_records_per_response = count.clamp(1, crate::wire::MAX_RECORDS_PER_RESPONSE);
+        }
+        if let Some(count) = self.max_ids_per_request {
+            config.max_ids_per_request = count.clamp(1, crate::wire::MAX_IDS_PER_REQUEST);
+        }
+        if let Some(bytes) = self.blob_chunk_bytes {
+            config.blob_chunk_bytes = bytes.clamp(4096, crate::wire::MAX_BLOB_CHUNK);
+        }
+        if let Some(count) = self.max_requests_in_flight_per_peer {
+            config.max_requests_in_flight_per_peer = count.max(1);
         }
         if let Some(seconds) = self.block_seconds {
             config.block_duration = Duration::from_secs(seconds.max(1));

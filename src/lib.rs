@@ -8,7 +8,8 @@
 //! - [`model`]: message IDs, mailbox keys, flags, stamps and records;
 //! - [`crdt`]: the merge laws, the record state hash, the hybrid logical clock;
 //! - [`merkle`]: the 16-way trie with additive aggregates, per mailbox and over the directory;
-//! - [`sync`]: the range-reconciliation state machine and its CBOR wire form.
+//! - [`sync`]: the range-reconciliation state machine and its CBOR wire form;
+//! - [`position`]: counted blocks that find deep pages of a sort index in O(log n).
 //!
 //! The IO layers drive it:
 //! - [`store`]: RocksDB column families, atomic write batches, durable group commit;
@@ -33,6 +34,7 @@ pub mod model;
 pub mod net;
 pub mod node;
 pub mod page;
+pub mod position;
 pub mod search;
 pub mod store;
 pub mod sync;

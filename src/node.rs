@@ -72,6 +72,17 @@ pub struct NodeConfig {
     pub max_gossip_bytes: usize,
     /// The most elements one reconciliation message may carry.
     pub max_sync_elements: usize,
+    /// The most records this node sends in one answer (at most the protocol's 2,000); a peer
+    /// asking for more gets them in pages.
+    pub max_records_per_response: usize,
+    /// The most message IDs this node accepts in one fetch (at most the protocol's 4,000), and
+    /// the most it asks for at once.
+    pub max_ids_per_request: usize,
+    /// The largest blob chunk this node sends or asks for (at most the protocol's 4 MiB).
+    pub blob_chunk_bytes: u32,
+    /// Requests from one peer being answered at once (pulls they cause included); more are
+    /// declined until some finish.
+    pub max_requests_in_flight_per_peer: usize,
 }
 
 impl Default for NodeConfig {
@@ -101,6 +112,10 @@ impl Default for NodeConfig {
             max_response_bytes: 8 * 1024 * 1024,
             max_gossip_bytes: 256 * 1024,
             max_sync_elements: 50_000,
+            max_records_per_response: wire::MAX_RECORDS_PER_RESPONSE,
+            max_ids_per_request: wire::MAX_IDS_PER_REQUEST,
+            blob_chunk_bytes: wire::MAX_BLOB_CHUNK,
+            max_requests_in_flight_per_peer: 256,
         }
     }
 }
@@ -166,12 +181,16 @@ struct NodeInner {
     listen: Mutex<Vec<Multiaddr>>,
     dial_attempts: Mutex<HashMap<PeerId, Instant>>,
     buckets: Mutex<HashMap<PeerId, TokenBucket>>,
+    /// Requests (and the pulls they caused) being answered, per peer.
+    in_flight: Arc<Mutex<HashMap<PeerId, usize>>>,
     ticks: AtomicU64,
     session_slots: tokio::sync::Semaphore,
     /// Mailboxes found to differ from a peer and not yet reconciled, with the peer and since when.
     divergent: Mutex<HashMap<MailboxKey, (PeerId, SystemTime)>>,
     announce: std::sync::atomic::AtomicBool,
     last_published: Mutex<Option<[u8; 32]>>,
+    /// The last digest and clock each member of a closed cluster reported.
+    member_reports: Mutex<HashMap<PeerId, ([u8; 32], u64)>>,
     /// This replica was out of contact longer than the tombstone horizon: it must not sync.
     stale: std::sync::atomic::AtomicBool,
     last_contact_written: Mutex<Option<Instant>>,
@@ -218,6 +237,30 @@ impl SessionStats {
 
     fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
+    }
+}
+
+/// How a node declines a request for load; askers retry these after a pause.
+const BUSY_PREFIX: &str = "busy:";
+const BUSY_MESSAGE: &str = "busy: too many of your requests in flight; retry later";
+const RATE_LIMITED_PREFIX: &str = "rate limited:";
+const RATE_LIMITED_MESSAGE: &str = "rate limited: slow down";
+
+/// One request of a peer in flight; the count drops when this does.
+struct InFlightSlot {
+    peer: PeerId,
+    counts: Arc<Mutex<HashMap<PeerId, usize>>>,
+}
+
+impl Drop for InFlightSlot {
+    fn drop(&mut self) {
+        let mut counts = self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = counts.get_mut(&self.peer) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                counts.remove(&self.peer);
+            }
+        }
     }
 }
 
@@ -298,6 +341,7 @@ impl Node {
                 sync_writes: true,
                 tombstone_horizon_millis: config.tombstone_horizon_millis,
                 min_free_bytes: config.min_free_bytes,
+                ..StoreOptions::default()
             },
         )?);
         let queue = CommitQueue::start(store.clone(), 512);
@@ -339,11 +383,13 @@ impl Node {
                 listen: Mutex::new(Vec::new()),
                 dial_attempts: Mutex::new(HashMap::new()),
                 buckets: Mutex::new(HashMap::new()),
+                in_flight: Arc::new(Mutex::new(HashMap::new())),
                 ticks: AtomicU64::new(0),
                 session_slots: tokio::sync::Semaphore::new(2),
                 divergent: Mutex::new(HashMap::new()),
                 announce: std::sync::atomic::AtomicBool::new(true),
                 last_published: Mutex::new(None),
+                member_reports: Mutex::new(HashMap::new()),
                 stale: std::sync::atomic::AtomicBool::new(false),
                 last_contact_written: Mutex::new(None),
             }),
@@ -389,19 +435,10 @@ impl Node {
                 tokio::select! {
                     _ = interval.tick() => {
                         let store = collector.inner.store.clone();
-                        let purged = tokio::task::spawn_blocking(move || {
-                            let mut total = 0;
-                            loop {
-                                match store.collect_tombstones(now_millis(), 10_000) {
-                                    Ok(0) => return Ok(total),
-                                    Ok(count) => total += count,
-                                    Err(error) => return Err(error),
-                                }
-                            }
-                        }).await;
+                        let purged = tokio::task::spawn_blocking(move || collect_all_tombstones(&store)).await;
                         match purged {
                             Ok(Ok(0)) | Err(_) => {}
-                            Ok(Ok(count)) => tracing::info!(count, "collected tombstones older than the horizon"),
+                            Ok(Ok(count)) => tracing::info!(count, "collected tombstones past the horizon or the acknowledged cut"),
                             Ok(Err(error)) => tracing::warn!("tombstone collection failed: {error}"),
                         }
                     }
@@ -766,18 +803,27 @@ impl Node {
                 });
             }
             NetworkEvent::Request { peer, data, channel } => {
-                if !self.admit_request(peer) {
-                    let node = self.clone();
-                    tokio::spawn(async move {
-                        let refusal = Response::Error {
-                            message: "rate limited: slow down".into(),
-                        };
-                        let _ = node.inner.network.respond(channel, wire::encode(&refusal)).await;
-                    });
-                    return;
-                }
+                let slot = if self.admit_request(peer) {
+                    self.take_in_flight_slot(peer).ok_or(BUSY_MESSAGE)
+                } else {
+                    Err(RATE_LIMITED_MESSAGE)
+                };
+                let slot = match slot {
+                    Ok(slot) => slot,
+                    Err(message) => {
+                        let node = self.clone();
+                        tokio::spawn(async move {
+                            let refusal = Response::Error {
+                                message: message.into(),
+                            };
+                            let _ = node.inner.network.respond(channel, wire::encode(&refusal)).await;
+                        });
+                        return;
+                    }
+                };
                 let node = self.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     node.inner
                         .metrics
                         .sync_bytes
@@ -852,16 +898,40 @@ impl Node {
             Err(_) => true,
         };
         if !admitted {
-            self.inner
-                .metrics
-                .limits_hit
-                .get_or_create(&crate::metrics::LimitLabel {
-                    limit: "peer_request_rate",
-                })
-                .inc();
+            self.limit_hit("peer_request_rate");
             tracing::debug!(%peer, "request refused: the peer exceeds its request rate");
         }
         admitted
+    }
+
+    /// Counts one more request of the peer in flight, or None (counted) when it has too many.
+    fn take_in_flight_slot(&self, peer: PeerId) -> Option<InFlightSlot> {
+        let limit = self.inner.config.max_requests_in_flight_per_peer;
+        let mut in_flight = self
+            .inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let count = in_flight.entry(peer).or_insert(0);
+        if *count >= limit {
+            drop(in_flight);
+            self.limit_hit("peer_requests_in_flight");
+            tracing::debug!(%peer, "request declined: the peer has {limit} requests in flight");
+            return None;
+        }
+        *count += 1;
+        Some(InFlightSlot {
+            peer,
+            counts: self.inner.in_flight.clone(),
+        })
+    }
+
+    fn limit_hit(&self, limit: &'static str) {
+        self.inner
+            .metrics
+            .limits_hit
+            .get_or_create(&crate::metrics::LimitLabel { limit })
+            .inc();
     }
 
     async fn on_gossip(&self, topic: Topic, source: PeerId, data: &[u8]) -> bool {
@@ -911,6 +981,8 @@ impl Node {
                     digest,
                     addresses,
                     stale,
+                    clock,
+                    acknowledged_before,
                     ..
                 },
             ) => {
@@ -920,6 +992,28 @@ impl Node {
                 };
                 if addresses.len() > 16 || name.len() > 255 {
                     return false;
+                }
+                let member = self
+                    .inner
+                    .config
+                    .allowed_peers
+                    .as_ref()
+                    .is_some_and(|members| members.contains(&peer) && peer != self.inner.peer_id);
+                if member && clock > 0 {
+                    self.inner
+                        .member_reports
+                        .lock()
+                        .unwrap_or_else(|poisoned| poisoned.into_inner())
+                        .insert(peer, (digest, clock));
+                    // A member's cut is valid for every member: it is at most every member's
+                    // clock, ours included, so one past our clock is refused.
+                    if acknowledged_before > self.inner.store.acknowledged_before() {
+                        if acknowledged_before <= crdt::millis_of(self.inner.store.clock()) {
+                            self.move_acknowledged_cut(acknowledged_before, "a member moved its cut");
+                        } else {
+                            tracing::warn!(%peer, acknowledged_before, "ignored a tombstone cut ahead of this node's clock");
+                        }
+                    }
                 }
                 if let Ok(mut peers) = self.inner.peers.lock() {
                     if let Some(state) = peers.get_mut(&peer) {
@@ -1123,6 +1217,19 @@ impl Node {
             self.refresh_agreement(root);
             return;
         }
+        // Members of a closed cluster report a clock value taken before the digest is read, so
+        // every stamp below it is in the digest they send (see `advance_acknowledged_cut`).
+        let (clock, digest) = match self.inner.config.allowed_peers {
+            Some(_) => match self.inner.store.clock_report(now_millis()) {
+                Ok(clock) => match self.inner.store.digest() {
+                    Ok(digest) => (clock, digest),
+                    Err(_) => return,
+                },
+                Err(_) => (0, digest),
+            },
+            None => (0, digest),
+        };
+        let root = digest.root_hash();
         if let Ok(mut last) = self.inner.last_published.lock() {
             *last = Some(root);
         }
@@ -1143,6 +1250,8 @@ impl Node {
                 Vec::new()
             },
             stale: self.is_stale(),
+            clock,
+            acknowledged_before: self.inner.store.acknowledged_before(),
         };
         if self.is_stale() && self.inner.sequence.load(Ordering::Relaxed) % 30 == 1 {
             tracing::error!("{}", self.stale_message());
@@ -1158,6 +1267,67 @@ impl Node {
             self.inner.metrics.gossip_bytes.get_or_create(&label).inc_by(size);
         }
         self.refresh_agreement(root);
+        self.advance_acknowledged_cut(root);
+    }
+
+    /// In a closed cluster (an allow list), once every member has reported the digest this node
+    /// holds, every tombstone expunged before the smallest clock among those reports and this
+    /// node's own is held by every member: no member can still make a stamp below that. The cut
+    /// moves there and those tombstones are collected without waiting for the horizon.
+    fn advance_acknowledged_cut(&self, mine: [u8; 32]) {
+        let Some(members) = &self.inner.config.allowed_peers else {
+            return;
+        };
+        let mut cut = u64::MAX;
+        {
+            let reports = self
+                .inner
+                .member_reports
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            for member in members.iter().filter(|member| **member != self.inner.peer_id) {
+                match reports.get(member) {
+                    Some((digest, clock)) if *digest == mine => cut = cut.min(*clock),
+                    _ => return,
+                }
+            }
+        }
+        if cut == u64::MAX || crdt::millis_of(cut) <= self.inner.store.acknowledged_before() {
+            return; // no other member, or nothing new to acknowledge
+        }
+        // This node's own report: a clock value no later stamp of ours can go below, taken
+        // before the digest is read again, so every stamp below it is in that digest.
+        let Ok(own) = self.inner.store.clock_report(now_millis()) else {
+            return;
+        };
+        if self.inner.store.digest().map(|digest| digest.root_hash()).ok() != Some(mine) {
+            return; // something changed meanwhile; try again next tick
+        }
+        let cut = cut.min(own);
+        self.move_acknowledged_cut(crdt::millis_of(cut), "every member reported the same digest");
+    }
+
+    /// Moves the acknowledged cut forward and collects what it covers, in the background.
+    fn move_acknowledged_cut(&self, millis: u64, why: &'static str) {
+        let store = self.inner.store.clone();
+        if millis <= store.acknowledged_before() {
+            return;
+        }
+        tokio::task::spawn_blocking(move || {
+            match store.acknowledge_tombstones_before(millis) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(error) => {
+                    tracing::warn!("could not record the acknowledged tombstone cut: {error}");
+                    return;
+                }
+            }
+            match collect_all_tombstones(&store) {
+                Ok(0) => tracing::debug!(millis, why, "acknowledged tombstone cut moved"),
+                Ok(count) => tracing::info!(count, millis, why, "collected tombstones every member holds"),
+                Err(error) => tracing::warn!("tombstone collection failed: {error}"),
+            }
+        });
     }
 
     /// Keeps agreement figures fresh, and retries peers that stayed divergent.
@@ -1250,10 +1420,17 @@ impl Node {
                     self.record_contact(); // answering a session is contact with the cluster too
                 }
                 if let (WireSpace::Mailbox(key), false) = (&space, outcome.is_empty()) {
-                    // The requester has things we lack: pull them.
+                    // The requester has things we lack: pull them, within the peer's in-flight
+                    // allowance (a pull skipped now is found again by the next session).
+                    let Some(slot) = self.take_in_flight_slot(peer) else {
+                        return Ok(Response::Reconcile {
+                            message: ByteString(sync::encode(&split_you_lack(reply))),
+                        });
+                    };
                     let node = self.clone();
                     let key = key.clone();
                     tokio::spawn(async move {
+                        let _slot = slot;
                         if let Err(error) = node.pull(peer, &key, outcome, &SessionStats::default()).await {
                             node.on_peer_failure(peer, "pull", error).await;
                         }
@@ -1289,18 +1466,31 @@ impl Node {
                 }
             }
             Request::FetchRecords { mailbox, ids } => {
-                let mut records = Vec::with_capacity(ids.len());
+                let config = &self.inner.config;
+                if ids.len() > config.max_ids_per_request {
+                    self.limit_hit("ids_per_request");
+                    return Ok(Response::Error {
+                        message: format!(
+                            "too many ids: {} in one fetch, this node takes at most {}",
+                            ids.len(),
+                            config.max_ids_per_request
+                        ),
+                    });
+                }
+                let mut records = Vec::with_capacity(ids.len().min(config.max_records_per_response));
+                let mut more = false;
                 for id in ids {
+                    if records.len() >= config.max_records_per_response {
+                        self.limit_hit("records_per_response");
+                        more = true;
+                        break;
+                    }
                     if let Some(record) = store.record(mailbox.id(), id)? {
                         records.push(record);
                     }
                 }
                 let blobs = self.inline_blobs(&records)?;
-                Ok(Response::Records {
-                    records,
-                    more: false,
-                    blobs,
-                })
+                Ok(Response::Records { records, more, blobs })
             }
             Request::FetchRange {
                 mailbox,
@@ -1325,7 +1515,11 @@ impl Node {
                     Some(after) => after.0.max(low.saturating_sub(1)) + 1,
                     None => low,
                 };
-                let limit = limit as usize;
+                let mut limit = limit as usize;
+                if limit > self.inner.config.max_records_per_response {
+                    self.limit_hit("records_per_response");
+                    limit = self.inner.config.max_records_per_response;
+                }
                 let mut records = store.records_in_range(mailbox.id(), MessageId(start), MessageId(high), limit + 1)?;
                 let more = records.len() > limit;
                 records.truncate(limit);
@@ -1335,6 +1529,7 @@ impl Node {
             Request::FetchBlob { hash, offset, length } => match store.blob(&hash)? {
                 Some(bytes) => {
                     let total = bytes.len() as u64;
+                    let length = length.min(self.inner.config.blob_chunk_bytes);
                     let start = offset.min(total) as usize;
                     let end = (offset.saturating_add(u64::from(length))).min(total) as usize;
                     Ok(Response::Blob {
@@ -1452,7 +1647,25 @@ impl Node {
         });
     }
 
+    /// Sends a request; an answer declining for load (busy, rate limited) is retried a few
+    /// times with growing pauses, so a peer with tighter limits slows a session but never stalls it.
     async fn request(&self, peer: PeerId, request: &Request, stats: &SessionStats) -> Result<Response, NodeError> {
+        let mut pause = Duration::from_millis(20);
+        for _ in 0..8 {
+            match self.request_once(peer, request, stats).await {
+                Err(NodeError::Refused { message, .. })
+                    if message.starts_with(BUSY_PREFIX) || message.starts_with(RATE_LIMITED_PREFIX) =>
+                {
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+                other => return other,
+            }
+        }
+        self.request_once(peer, request, stats).await
+    }
+
+    async fn request_once(&self, peer: PeerId, request: &Request, stats: &SessionStats) -> Result<Response, NodeError> {
         let data = wire::encode(request);
         self.inner
             .metrics
@@ -1658,25 +1871,42 @@ impl Node {
         stats: &SessionStats,
     ) -> Result<(), NodeError> {
         outcome.normalize();
-        for chunk in outcome.need_keys.chunks(1000) {
-            let request = Request::FetchRecords {
-                mailbox: mailbox.clone(),
-                ids: chunk.iter().map(|key| MessageId(*key)).collect(),
-            };
-            if let Response::Records {
-                records: fetched,
-                blobs,
-                ..
-            } = self.request(peer, &request, stats).await?
-            {
-                let asked: HashSet<u128> = chunk.iter().copied().collect();
-                if fetched.len() > chunk.len() || fetched.iter().any(|record| !asked.contains(&record.id.0)) {
+        let per_fetch = self.inner.config.max_ids_per_request.min(1000);
+        for chunk in outcome.need_keys.chunks(per_fetch) {
+            let mut wanted: Vec<u128> = chunk.to_vec();
+            while !wanted.is_empty() {
+                let request = Request::FetchRecords {
+                    mailbox: mailbox.clone(),
+                    ids: wanted.iter().map(|key| MessageId(*key)).collect(),
+                };
+                let Response::Records {
+                    records: fetched,
+                    blobs,
+                    more,
+                } = self.request(peer, &request, stats).await?
+                else {
+                    break;
+                };
+                let asked: HashSet<u128> = wanted.iter().copied().collect();
+                if fetched.len() > wanted.len() || fetched.iter().any(|record| !asked.contains(&record.id.0)) {
                     return Err(NodeError::Peer {
                         peer,
                         reason: "sent records that were not asked for".into(),
                     });
                 }
+                if more && fetched.is_empty() {
+                    return Err(NodeError::Peer {
+                        peer,
+                        reason: "said more records follow but sent none".into(),
+                    });
+                }
+                // A peer capping its answers says `more`: ask again for what it has not sent.
+                let sent: HashSet<u128> = fetched.iter().map(|record| record.id.0).collect();
+                wanted.retain(|key| !sent.contains(key));
                 self.merge_pulled(peer, mailbox, fetched, blobs, stats).await?;
+                if !more {
+                    break;
+                }
             }
         }
         for prefix in &outcome.need_prefixes {
@@ -1824,7 +2054,7 @@ impl Node {
             let request = Request::FetchBlob {
                 hash,
                 offset: bytes.len() as u64,
-                length: wire::MAX_BLOB_CHUNK,
+                length: self.inner.config.blob_chunk_bytes,
             };
             match self.request(peer, &request, stats).await? {
                 Response::Blob {
@@ -1862,6 +2092,17 @@ impl Node {
             return Err(NodeError::Store(StoreError::BlobMismatch { expected: hash }));
         }
         Ok(Some(bytes))
+    }
+}
+
+/// Purges every tombstone before the store's cutoff (horizon or acknowledged cut), in batches.
+fn collect_all_tombstones(store: &Store) -> Result<usize, StoreError> {
+    let mut total = 0;
+    loop {
+        match store.collect_tombstones(now_millis(), 10_000)? {
+            0 => return Ok(total),
+            count => total += count,
+        }
     }
 }
 

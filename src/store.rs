@@ -25,6 +25,11 @@
 //! longer than the horizon could resurrect purged mail, so the node refuses to resynchronise it
 //! (see [`Store::last_contact`] and the node).
 //!
+//! Tombstones can also go sooner, once every member holds them: the node sets an acknowledged
+//! cut (see [`Store::acknowledge_tombstones_before`]) when every member of a closed cluster has
+//! reported the same digest, and tombstones expunged before the cut are then treated exactly like
+//! those past the horizon.
+//!
 //! Every operation — append, flag change, expunge, merge of a peer's record, blob put — is applied
 //! together with the trie aggregates, the mailbox counters, the directory trie and the clock in one
 //! `WriteBatch`, written with a synced WAL before anyone is told it succeeded. Concurrent writers
@@ -34,7 +39,7 @@
 //! The store owns the node's clock and ID generator (both restored from `meta` on open), so a
 //! stamp or an ID is never issued twice, even after a crash.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
@@ -47,6 +52,7 @@ use crate::merkle::{aggregate_changes, Aggregate, AggregateDelta, Prefix, Stored
 use crate::model::{
     BlobHash, Flag, MailboxId, MailboxKey, MessageId, MessageIdGenerator, MessageRecord, NodeId, Stamp,
 };
+use crate::position::CountedBlocks;
 
 const RECORDS: &str = "records";
 const BLOBS: &str = "blobs";
@@ -60,6 +66,7 @@ const SEARCH_QUEUE: &str = "search_queue";
 const TOMBSTONES: &str = "tombstones";
 const LOCAL_FAMILIES: [&str; 5] = [LOCAL, INDEX, CHANGES, SEARCH_QUEUE, TOMBSTONES];
 const META_LAST_CONTACT: &[u8] = b"last_contact";
+const META_ACKNOWLEDGED: &[u8] = b"tombstones_acknowledged_before";
 const META_SEARCH_SEQUENCE: &[u8] = b"search_sequence";
 
 const META_CLOCK: &[u8] = b"clock";
@@ -125,6 +132,9 @@ pub struct StoreOptions {
     pub tombstone_horizon_millis: u64,
     /// Writes are refused (nothing written) while fewer bytes than this would stay free.
     pub min_free_bytes: u64,
+    /// Keys per block of the in-memory position cache that finds deep pages in O(log n); pages
+    /// closer to either end than twice this are found by skipping keys.
+    pub position_block: usize,
 }
 
 /// Thirty days.
@@ -138,6 +148,7 @@ impl Default for StoreOptions {
             sync_writes: true,
             tombstone_horizon_millis: DEFAULT_TOMBSTONE_HORIZON_MILLIS,
             min_free_bytes: 256 * 1024 * 1024,
+            position_block: 1024,
         }
     }
 }
@@ -277,6 +288,32 @@ impl SortKey {
     }
 }
 
+/// The bounds of one sort index of one mailbox.
+fn index_bounds(mailbox: MailboxId, sort: SortKey) -> (Vec<u8>, Vec<u8>) {
+    let mut lower = mailbox.to_bytes().to_vec();
+    lower.push(sort as u8);
+    let mut upper = mailbox.to_bytes().to_vec();
+    upper.push(sort as u8 + 1);
+    (lower, upper)
+}
+
+/// A big-endian u64 kept in the meta family (0 when absent).
+fn meta_u64(db: &DB, meta: &rocksdb::ColumnFamily, key: &[u8], what: &str) -> Result<u64, StoreError> {
+    match db.get_cf(meta, key)? {
+        Some(bytes) => {
+            Ok(u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
+                StoreError::Corrupt(format!("{what} in the meta family"))
+            })?))
+        }
+        None => Ok(0),
+    }
+}
+
+/// Locks a mutex, taking the data of a poisoned one (every holder leaves it consistent).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 fn index_key(mailbox: MailboxId, sort: SortKey, key: &[u8], id: MessageId) -> Vec<u8> {
     let mut bytes = Vec::with_capacity(16 + 1 + key.len() + 1 + 16);
     bytes.extend_from_slice(&mailbox.to_bytes());
@@ -395,6 +432,43 @@ pub struct Store {
     options: StoreOptions,
     node: NodeId,
     writer: Mutex<WriterState>,
+    /// Counted blocks over the sort indexes that deep pages were asked of (a cache; see
+    /// [`crate::position`]). Lock order: `writer`, then `positions`.
+    positions: Mutex<PositionCache>,
+    /// Tombstones expunged before this millisecond are held by every member (0: none known).
+    acknowledged_before: std::sync::atomic::AtomicU64,
+}
+
+/// The position cache: at most [`POSITION_CACHE_ENTRIES`] (mailbox, sort) pairs, least recently
+/// used dropped first.
+#[derive(Default)]
+struct PositionCache {
+    entries: HashMap<(MailboxId, u8), PositionEntry>,
+    uses: u64,
+}
+
+const POSITION_CACHE_ENTRIES: usize = 64;
+
+enum PositionEntry {
+    /// A reader is counting the index from a snapshot; index changes written after the snapshot
+    /// wait here (key suffix, inserted) until it is done.
+    Building(Vec<(Vec<u8>, bool)>),
+    Ready {
+        blocks: CountedBlocks,
+        last_use: u64,
+    },
+}
+
+/// An index key added (true) or removed (false) by a commit, for the position cache.
+type IndexEvent = (MailboxId, u8, Vec<u8>, bool);
+
+/// Length of the (mailbox, sort) prefix of an index key.
+const INDEX_PREFIX: usize = 17;
+
+/// Where a deep page starts: seek to `first` (an index key suffix), step over `offset` keys.
+enum PageStart {
+    At { first: Vec<u8>, offset: u64 },
+    PastTheEnd,
 }
 
 impl std::fmt::Debug for Store {
@@ -450,28 +524,13 @@ impl Store {
         let meta = db
             .cf_handle(META)
             .ok_or_else(|| StoreError::Corrupt("missing meta family".into()))?;
-        let clock_value = match db.get_cf(&meta, META_CLOCK)? {
-            Some(bytes) => u64::from_be_bytes(
-                bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("clock value".into()))?,
-            ),
-            None => 0,
-        };
+        let clock_value = meta_u64(&db, &meta, META_CLOCK, "clock value")?;
         let last_id = match db.get_cf(&meta, META_LAST_ID)? {
             Some(bytes) => MessageId::from_slice(&bytes).ok_or_else(|| StoreError::Corrupt("last id value".into()))?,
             None => MessageId::default(),
         };
-        let search_sequence = match db.get_cf(&meta, META_SEARCH_SEQUENCE)? {
-            Some(bytes) => u64::from_be_bytes(
-                bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("search sequence value".into()))?,
-            ),
-            None => 0,
-        };
+        let search_sequence = meta_u64(&db, &meta, META_SEARCH_SEQUENCE, "search sequence value")?;
+        let acknowledged_before = meta_u64(&db, &meta, META_ACKNOWLEDGED, "acknowledged tombstone cut")?;
         let writer = WriterState {
             clock: Clock::resume(clock_value, options.clock_bound_millis),
             ids: MessageIdGenerator::after(last_id),
@@ -482,6 +541,8 @@ impl Store {
             options,
             node,
             writer: Mutex::new(writer),
+            positions: Mutex::new(PositionCache::default()),
+            acknowledged_before: std::sync::atomic::AtomicU64::new(acknowledged_before),
         })
     }
 
@@ -681,7 +742,7 @@ impl Store {
                     state.clock.check(latest.time, now_millis)?;
                 }
                 let old = self.load(staging, mailbox.id(), record.id)?;
-                let cutoff = now_millis.saturating_sub(self.options.tombstone_horizon_millis);
+                let cutoff = self.tombstone_cutoff(now_millis);
                 let expunged_before_horizon = record
                     .expunged
                     .is_some_and(|stamp| crdt::millis_of(stamp.time) < cutoff);
@@ -718,7 +779,7 @@ impl Store {
                 let Some(record) = self.record(mailbox, id)? else {
                     return Ok(Applied::Purged(false));
                 };
-                let cutoff = now_millis.saturating_sub(self.options.tombstone_horizon_millis);
+                let cutoff = self.tombstone_cutoff(now_millis);
                 match record.expunged {
                     Some(stamp) if crdt::millis_of(stamp.time) < cutoff => {
                         staging.purges.push((mailbox, record));
@@ -765,6 +826,13 @@ impl Store {
         let changes = self.family(CHANGES)?;
         let search_queue = self.family(SEARCH_QUEUE)?;
         let tombstones = self.family(TOMBSTONES)?;
+        // Index changes of mailboxes whose positions are cached, applied once the batch is written.
+        let tracked: HashSet<MailboxId> = lock(&self.positions)
+            .entries
+            .keys()
+            .map(|(mailbox, _)| *mailbox)
+            .collect();
+        let mut index_events: Vec<IndexEvent> = Vec::new();
         for (mailbox_id, record) in &staging.purges {
             batch.delete_cf(records, record_key(*mailbox_id, record.id));
             let old_hash = crdt::state_hash(record);
@@ -828,11 +896,11 @@ impl Store {
             match (&old_listing, &new_listing) {
                 (None, Some(listing)) => {
                     for sort in SortKey::ALL {
-                        batch.put_cf(
-                            index,
-                            index_key(*mailbox_id, sort, &sort.key(&change.new, listing), *id),
-                            [],
-                        );
+                        let key = index_key(*mailbox_id, sort, &sort.key(&change.new, listing), *id);
+                        if tracked.contains(mailbox_id) {
+                            index_events.push((*mailbox_id, sort as u8, key[INDEX_PREFIX..].to_vec(), true));
+                        }
+                        batch.put_cf(index, key, []);
                     }
                     batch.put_cf(index, blob_key(*mailbox_id, &change.new.blob, *id), []);
                     state.search_sequence += 1;
@@ -853,7 +921,11 @@ impl Store {
                     }
                     let old_record = change.old.as_ref().unwrap_or(&change.new);
                     for sort in SortKey::ALL {
-                        batch.delete_cf(index, index_key(*mailbox_id, sort, &sort.key(old_record, listing), *id));
+                        let key = index_key(*mailbox_id, sort, &sort.key(old_record, listing), *id);
+                        if tracked.contains(mailbox_id) {
+                            index_events.push((*mailbox_id, sort as u8, key[INDEX_PREFIX..].to_vec(), false));
+                        }
+                        batch.delete_cf(index, key);
                     }
                     batch.delete_cf(index, blob_key(*mailbox_id, &old_record.blob, *id));
                     state.search_sequence += 1;
@@ -937,6 +1009,28 @@ impl Store {
         let mut write_options = WriteOptions::default();
         write_options.set_sync(self.options.sync_writes);
         self.db.write_opt(batch, &write_options)?;
+        if !index_events.is_empty() {
+            let mut positions = lock(&self.positions);
+            for (mailbox, sort, suffix, inserted) in index_events {
+                let Some(entry) = positions.entries.get_mut(&(mailbox, sort)) else {
+                    continue;
+                };
+                match entry {
+                    PositionEntry::Building(pending) => pending.push((suffix, inserted)),
+                    PositionEntry::Ready { blocks, .. } => {
+                        let consistent = if inserted {
+                            blocks.insert(&suffix);
+                            true
+                        } else {
+                            blocks.remove(&suffix)
+                        };
+                        if !consistent {
+                            positions.entries.remove(&(mailbox, sort));
+                        }
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
@@ -1093,6 +1187,10 @@ impl Store {
     }
 
     /// The IDs of a page of live messages in a sort order.
+    ///
+    /// Pages within two blocks of the start of the order, and pages of small mailboxes, skip
+    /// keys; deeper pages start from the position cache, which finds the block holding the
+    /// page's first key in O(log n) and steps over at most two blocks of keys.
     pub fn list_ids(
         &self,
         mailbox: MailboxId,
@@ -1101,13 +1199,215 @@ impl Store {
         position: usize,
         limit: usize,
     ) -> Result<Vec<MessageId>, StoreError> {
-        let mut lower = mailbox.to_bytes().to_vec();
-        lower.push(sort as u8);
-        let mut upper = mailbox.to_bytes().to_vec();
-        upper.push(sort as u8 + 1);
+        let near_start = position <= 2 * self.options.position_block;
+        let live = self.mailbox_entry(mailbox)?.map(|entry| entry.live).unwrap_or(0) as usize;
+        if limit == 0 || near_start || live <= 4 * self.options.position_block {
+            return self.list_ids_by_skipping(mailbox, sort, descending, position, limit);
+        }
+        let start = match self.page_start(mailbox, sort, descending, position as u64)? {
+            Some(PageStart::At { first, offset }) => (first, offset),
+            Some(PageStart::PastTheEnd) => return Ok(Vec::new()),
+            None => return self.list_ids_by_skipping(mailbox, sort, descending, position, limit),
+        };
+        let (lower, upper) = index_bounds(mailbox, sort);
         let mut options = rocksdb::ReadOptions::default();
         options.set_iterate_lower_bound(lower.clone());
-        options.set_iterate_upper_bound(upper.clone());
+        options.set_iterate_upper_bound(upper);
+        let mut iterator = self.db.raw_iterator_cf_opt(self.family(INDEX)?, options);
+        let mut seek = lower;
+        seek.extend_from_slice(&start.0);
+        iterator.seek(&seek);
+        for _ in 0..start.1 {
+            if !iterator.valid() {
+                break;
+            }
+            iterator.next();
+        }
+        let mut ids = Vec::with_capacity(limit.min(1024));
+        while ids.len() < limit {
+            let Some(key) = iterator.key() else {
+                break;
+            };
+            let id = key.get(key.len().saturating_sub(16)..).and_then(MessageId::from_slice);
+            ids.push(id.ok_or_else(|| StoreError::Corrupt("index key".into()))?);
+            if descending {
+                iterator.prev();
+            } else {
+                iterator.next();
+            }
+        }
+        iterator.status()?;
+        Ok(ids)
+    }
+
+    /// Where the page at `position` starts, from the position cache (built or split first when
+    /// needed). None when another reader is building the cache for this index.
+    fn page_start(
+        &self,
+        mailbox: MailboxId,
+        sort: SortKey,
+        descending: bool,
+        position: u64,
+    ) -> Result<Option<PageStart>, StoreError> {
+        for _ in 0..4 {
+            let split = {
+                let mut positions = lock(&self.positions);
+                positions.uses += 1;
+                let now = positions.uses;
+                match positions.entries.get_mut(&(mailbox, sort as u8)) {
+                    None => None,
+                    Some(PositionEntry::Building(_)) => return Ok(None),
+                    Some(PositionEntry::Ready { blocks, last_use }) => {
+                        *last_use = now;
+                        let total = blocks.total();
+                        if position >= total {
+                            return Ok(Some(PageStart::PastTheEnd));
+                        }
+                        let rank = if descending { total - 1 - position } else { position };
+                        let Some(located) = blocks.locate(rank) else {
+                            return Ok(Some(PageStart::PastTheEnd));
+                        };
+                        if !blocks.needs_split(located.block) {
+                            return Ok(Some(PageStart::At {
+                                first: located.first,
+                                offset: located.offset,
+                            }));
+                        }
+                        Some(located.block)
+                    }
+                }
+            };
+            match split {
+                None => self.build_positions(mailbox, sort)?,
+                Some(block) => self.split_position_block(mailbox, sort, block)?,
+            }
+        }
+        Ok(None)
+    }
+
+    /// Counts a sort index into the position cache, from a snapshot taken while no commit runs;
+    /// commits made meanwhile are queued in the entry and applied at the end.
+    fn build_positions(&self, mailbox: MailboxId, sort: SortKey) -> Result<(), StoreError> {
+        let snapshot = {
+            let _writer = lock(&self.writer);
+            let mut positions = lock(&self.positions);
+            if positions.entries.contains_key(&(mailbox, sort as u8)) {
+                return Ok(());
+            }
+            while positions.entries.len() >= POSITION_CACHE_ENTRIES {
+                let oldest = positions
+                    .entries
+                    .iter()
+                    .min_by_key(|(_, entry)| match entry {
+                        PositionEntry::Building(_) => u64::MAX,
+                        PositionEntry::Ready { last_use, .. } => *last_use,
+                    })
+                    .map(|(key, _)| *key);
+                match oldest {
+                    Some(key) => positions.entries.remove(&key),
+                    None => break,
+                };
+            }
+            positions
+                .entries
+                .insert((mailbox, sort as u8), PositionEntry::Building(Vec::new()));
+            self.db.snapshot()
+        };
+        let (lower, upper) = index_bounds(mailbox, sort);
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_snapshot(&snapshot);
+        options.set_iterate_lower_bound(lower);
+        options.set_iterate_upper_bound(upper);
+        let mut failure = None;
+        let keys = self
+            .db
+            .iterator_cf_opt(self.family(INDEX)?, options, IteratorMode::Start)
+            .map_while(|item| match item {
+                Ok((key, _)) => Some(key.get(INDEX_PREFIX..).unwrap_or_default().to_vec()),
+                Err(error) => {
+                    failure = Some(error);
+                    None
+                }
+            });
+        let mut blocks = CountedBlocks::from_sorted(keys, self.options.position_block);
+        let mut positions = lock(&self.positions);
+        if let Some(error) = failure {
+            positions.entries.remove(&(mailbox, sort as u8));
+            return Err(error.into());
+        }
+        positions.uses += 1;
+        let now = positions.uses;
+        if let Some(entry) = positions.entries.get_mut(&(mailbox, sort as u8)) {
+            if let PositionEntry::Building(pending) = entry {
+                let mut consistent = true;
+                for (suffix, inserted) in pending.drain(..) {
+                    if inserted {
+                        blocks.insert(&suffix);
+                    } else {
+                        consistent &= blocks.remove(&suffix);
+                    }
+                }
+                if consistent {
+                    *entry = PositionEntry::Ready { blocks, last_use: now };
+                } else {
+                    positions.entries.remove(&(mailbox, sort as u8));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Splits an oversized block of the position cache by reading its keys, with commits held
+    /// off so the counts stay exact.
+    fn split_position_block(&self, mailbox: MailboxId, sort: SortKey, block: usize) -> Result<(), StoreError> {
+        let _writer = lock(&self.writer);
+        let mut positions = lock(&self.positions);
+        let Some(PositionEntry::Ready { blocks, .. }) = positions.entries.get_mut(&(mailbox, sort as u8)) else {
+            return Ok(());
+        };
+        if !blocks.needs_split(block) {
+            return Ok(());
+        }
+        let (lower, upper) = index_bounds(mailbox, sort);
+        let mut start = lower.clone();
+        start.extend_from_slice(blocks.first_of(block).unwrap_or_default());
+        let end = match blocks.end_of(block) {
+            Some(end) => {
+                let mut key = lower;
+                key.extend_from_slice(end);
+                key
+            }
+            None => upper,
+        };
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_lower_bound(start);
+        options.set_iterate_upper_bound(end);
+        let mut keys = Vec::new();
+        for item in self
+            .db
+            .iterator_cf_opt(self.family(INDEX)?, options, IteratorMode::Start)
+        {
+            let (key, _) = item?;
+            keys.push(key.get(INDEX_PREFIX..).unwrap_or_default().to_vec());
+        }
+        let parts = blocks.parts_of(keys);
+        blocks.split(block, parts);
+        Ok(())
+    }
+
+    /// The IDs of a page found by skipping `position` index keys.
+    fn list_ids_by_skipping(
+        &self,
+        mailbox: MailboxId,
+        sort: SortKey,
+        descending: bool,
+        position: usize,
+        limit: usize,
+    ) -> Result<Vec<MessageId>, StoreError> {
+        let (lower, upper) = index_bounds(mailbox, sort);
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_lower_bound(lower);
+        options.set_iterate_upper_bound(upper);
         let mode = if descending {
             IteratorMode::End
         } else {
@@ -1188,9 +1488,54 @@ impl Store {
         Ok(result)
     }
 
-    /// Purges up to `limit` tombstones expunged before the horizon; returns how many.
+    /// Takes one value from the clock and persists it: every stamp this store makes afterwards,
+    /// even after a restart or a wall clock stepping back, is greater. Members report it with
+    /// their digest so that a cut below every report is final.
+    pub fn clock_report(&self, now_millis: u64) -> Result<u64, StoreError> {
+        let mut state = lock(&self.writer);
+        let value = state.clock.tick(now_millis);
+        let mut options = WriteOptions::default();
+        options.set_sync(self.options.sync_writes);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.family(META)?, META_CLOCK, value.to_be_bytes());
+        self.db.write_opt(batch, &options)?;
+        Ok(value)
+    }
+
+    /// Tombstones expunged before this millisecond are collected, and a peer's record expunged
+    /// before it is not taken in unless held live: the later of the horizon and the acknowledged cut.
+    pub fn tombstone_cutoff(&self, now_millis: u64) -> u64 {
+        now_millis
+            .saturating_sub(self.options.tombstone_horizon_millis)
+            .max(self.acknowledged_before())
+    }
+
+    /// The acknowledged cut: every member holds every tombstone expunged before this millisecond.
+    pub fn acknowledged_before(&self) -> u64 {
+        self.acknowledged_before.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Moves the acknowledged cut forward (never back) and persists it; returns whether it moved.
+    /// Run [`Store::collect_tombstones`] afterwards to purge what it covers.
+    pub fn acknowledge_tombstones_before(&self, millis: u64) -> Result<bool, StoreError> {
+        let _writer = lock(&self.writer);
+        if millis <= self.acknowledged_before() {
+            return Ok(false);
+        }
+        let mut options = WriteOptions::default();
+        options.set_sync(self.options.sync_writes);
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.family(META)?, META_ACKNOWLEDGED, millis.to_be_bytes());
+        self.db.write_opt(batch, &options)?;
+        self.acknowledged_before
+            .store(millis, std::sync::atomic::Ordering::Release);
+        Ok(true)
+    }
+
+    /// Purges up to `limit` tombstones expunged before the cutoff (the horizon or the
+    /// acknowledged cut, whichever is later); returns how many.
     pub fn collect_tombstones(&self, now_millis: u64, limit: usize) -> Result<usize, StoreError> {
-        let cutoff = now_millis.saturating_sub(self.options.tombstone_horizon_millis);
+        let cutoff = self.tombstone_cutoff(now_millis);
         let mut options = rocksdb::ReadOptions::default();
         options.set_iterate_upper_bound(cutoff.to_be_bytes().to_vec());
         let mut operations = Vec::new();
@@ -1225,15 +1570,7 @@ impl Store {
 
     /// When this replica last completed a reconciliation with a peer (0: never).
     pub fn last_contact(&self) -> Result<u64, StoreError> {
-        match self.db.get_cf(self.family(META)?, META_LAST_CONTACT)? {
-            Some(bytes) => Ok(u64::from_be_bytes(
-                bytes
-                    .as_slice()
-                    .try_into()
-                    .map_err(|_| StoreError::Corrupt("last contact value".into()))?,
-            )),
-            None => Ok(0),
-        }
+        meta_u64(&self.db, self.family(META)?, META_LAST_CONTACT, "last contact")
     }
 
     /// Records a completed reconciliation with a peer.
@@ -1283,6 +1620,7 @@ impl Store {
     /// Run with the node stopped; the full-text index is then refilled from the queue.
     pub fn rebuild_local_indexes(&self) -> Result<u64, StoreError> {
         let _writer = self.writer.lock().map_err(|_| StoreError::Closed)?;
+        lock(&self.positions).entries.clear();
         for name in LOCAL_FAMILIES {
             let family = self.family(name)?;
             let mut batch = WriteBatch::default();

@@ -127,6 +127,12 @@ pub enum Gossip {
         /// The sender was away longer than the tombstone horizon and does not sync.
         #[serde(default)]
         stale: bool,
+        /// The sender's hybrid clock when it sent this: every stamp it makes later is greater.
+        #[serde(default)]
+        clock: u64,
+        /// The sender's acknowledged tombstone cut (milliseconds; 0: none).
+        #[serde(default)]
+        acknowledged_before: u64,
     },
 }
 

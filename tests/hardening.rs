@@ -258,6 +258,8 @@ async fn a_peer_that_answers_out_of_protocol_is_disconnected_and_counted() {
             mailboxes: 1,
             addresses: vec![],
             stale: false,
+            clock: 0,
+            acknowledged_before: 0,
         };
         let _ = hostile.client.publish(Topic::Digests, wire::encode(&digest)).await;
         match tokio::time::timeout(Duration::from_millis(300), hostile.events.recv()).await {
@@ -589,4 +591,186 @@ fn a_full_disk_answers_507_writes_nothing_and_writes_resume_once_space_returns()
     node.append("full@example.org", "INBOX", b"Subject: room again\r\n\r\nx")
         .unwrap();
     assert_eq!(node.messages("full@example.org", "INBOX").unwrap().len(), 1);
+}
+
+#[test]
+fn small_answer_limits_page_every_record_and_blob_across_and_are_counted() {
+    let directory = tempfile::tempdir().unwrap();
+    let config = directory.path().join("node.toml");
+    // Tiny answers: 7 records per answer, 9 IDs per fetch, 4 KiB blob chunks, nothing inline,
+    // and two requests of a peer at a time. Everything must still arrive, in pages.
+    std::fs::write(
+        &config,
+        "max_records_per_response = 7\nmax_ids_per_request = 9\nblob_chunk_bytes = 4096\n\
+         inline_blob_bytes = 0\nmax_requests_in_flight_per_peer = 2\n",
+    )
+    .unwrap();
+    let extra = ["--config".to_string(), config.display().to_string()];
+    let origin = LocalNode::spawn(
+        binary(),
+        "origin",
+        &directory.path().join("origin"),
+        "test-limits",
+        &[],
+        200,
+        &extra,
+    )
+    .unwrap();
+    for index in 0..40 {
+        let body = format!("{index} {}", "paged body text ".repeat(300 + index * 37));
+        origin
+            .append(
+                "limits@example.org",
+                if index % 2 == 0 { "INBOX" } else { "Archive" },
+                &sample_message("p@example.org", &format!("message {index}"), &body),
+            )
+            .unwrap();
+    }
+    let late = LocalNode::spawn(
+        binary(),
+        "late",
+        &directory.path().join("late"),
+        "test-limits",
+        &[origin.listen_address().unwrap()],
+        200,
+        &extra,
+    )
+    .unwrap();
+    assert!(
+        wait_until(Duration::from_secs(60), || digests_agree(&[&origin, &late])).is_some(),
+        "the late node did not catch up through small pages"
+    );
+    for mailbox in ["INBOX", "Archive"] {
+        let mut want = origin.messages("limits@example.org", mailbox).unwrap();
+        let mut got = late.messages("limits@example.org", mailbox).unwrap();
+        want.sort();
+        got.sort();
+        assert_eq!(got.len(), 20);
+        assert_eq!(got, want, "{mailbox} differs");
+    }
+    // Every blob arrived whole (each is over 4 KiB, so in several chunks) and verified.
+    for mailbox in ["INBOX", "Archive"] {
+        for (id, _) in late.messages("limits@example.org", mailbox).unwrap() {
+            let path = format!(
+                "{}/messages/{id}/raw",
+                LocalNode::mailbox_path("limits@example.org", mailbox)
+            );
+            let (mine, theirs) = (late.get(&path).unwrap(), origin.get(&path).unwrap());
+            assert_eq!(mine.status, 200);
+            assert!(mine.body.len() > 4096);
+            assert_eq!(mine.body, theirs.body, "message {id} differs");
+        }
+    }
+    let cut = origin
+        .metric_sum(r#"mailmesh_limits_hit_total{limit="records_per_response"}"#)
+        .unwrap()
+        + late
+            .metric_sum(r#"mailmesh_limits_hit_total{limit="records_per_response"}"#)
+            .unwrap();
+    assert!(cut >= 1.0, "no answer was cut at max_records_per_response");
+    // Blob fetches run 16 at a time, over the limit of 2: some were declined, retried, and arrived.
+    let declined = origin
+        .metric_sum(r#"mailmesh_limits_hit_total{limit="peer_requests_in_flight"}"#)
+        .unwrap()
+        + late
+            .metric_sum(r#"mailmesh_limits_hit_total{limit="peer_requests_in_flight"}"#)
+            .unwrap();
+    assert!(
+        declined >= 1.0,
+        "no request was declined at max_requests_in_flight_per_peer"
+    );
+    assert_eq!(late.metric_sum("mailmesh_peers_penalised_total").unwrap(), 0.0);
+    assert_eq!(origin.metric_sum("mailmesh_peers_penalised_total").unwrap(), 0.0);
+}
+
+#[test]
+fn a_closed_cluster_collects_tombstones_once_every_member_holds_them() {
+    let directory = tempfile::tempdir().unwrap();
+    let names = ["left", "middle", "right"];
+    let keys: Vec<Keypair> = names.iter().map(|_| Keypair::generate_ed25519()).collect();
+    let ids: Vec<String> = keys.iter().map(|key| key.public().to_peer_id().to_string()).collect();
+    for (name, key) in names.iter().zip(&keys) {
+        let data = directory.path().join(name);
+        std::fs::create_dir_all(&data).unwrap();
+        std::fs::write(data.join("identity.key"), key.to_protobuf_encoding().unwrap()).unwrap();
+    }
+    // Each node lists the other two: the membership is closed.
+    let allow = |index: usize| -> Vec<String> {
+        ids.iter()
+            .enumerate()
+            .filter(|(other, _)| *other != index)
+            .flat_map(|(_, id)| ["--allow-peer".to_owned(), id.clone()])
+            .collect()
+    };
+    let spawn = |index: usize, peers: &[String]| {
+        LocalNode::spawn(
+            binary(),
+            names[index],
+            &directory.path().join(names[index]),
+            "test-acknowledged",
+            peers,
+            100,
+            &allow(index),
+        )
+        .unwrap()
+    };
+    let left = spawn(0, &[]);
+    let middle = spawn(1, &[left.listen_address().unwrap()]);
+    let right = spawn(2, &[left.listen_address().unwrap(), middle.listen_address().unwrap()]);
+    let nodes = [&left, &middle, &right];
+    let mut messages = Vec::new();
+    for index in 0..12 {
+        let node = nodes[index % 3];
+        let raw = sample_message("t@example.org", &format!("note {index}"), "body");
+        messages.push(node.append("gc@example.org", "INBOX", &raw).unwrap());
+    }
+    assert!(wait_until(Duration::from_secs(30), || digests_agree(&nodes)).is_some());
+    let mailbox = LocalNode::mailbox_path("gc@example.org", "INBOX");
+    let tombstones = |node: &LocalNode| node.get(&mailbox).unwrap().json()["tombstones"].as_u64().unwrap();
+    // Expunges made on different members.
+    for (index, id) in messages.iter().take(4).enumerate() {
+        let response = nodes[index % 3]
+            .send("DELETE", &format!("{mailbox}/messages/{id}"), b"")
+            .unwrap();
+        assert_eq!(response.status, 204, "{}", String::from_utf8_lossy(&response.body));
+    }
+    // Every member takes the expunges, reports the same digest, and then collects the tombstones,
+    // thirty days before the horizon would.
+    let collected = wait_until(Duration::from_secs(60), || {
+        digests_agree(&nodes) && nodes.iter().all(|node| tombstones(node) == 0)
+    });
+    assert!(
+        collected.is_some(),
+        "tombstones left: {:?}",
+        nodes.iter().map(|node| tombstones(node)).collect::<Vec<_>>()
+    );
+    for node in nodes {
+        let listed: Vec<String> = node
+            .messages("gc@example.org", "INBOX")
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert_eq!(listed.len(), 8);
+        assert!(
+            messages.iter().take(4).all(|id| !listed.contains(id)),
+            "an expunged message came back"
+        );
+        assert!(
+            node.status().unwrap()["tombstones_acknowledged_before"]
+                .as_u64()
+                .unwrap()
+                > 0
+        );
+    }
+    // The cut keeps moving: a later expunge is collected too, and the members still agree.
+    let response = middle
+        .send("DELETE", &format!("{mailbox}/messages/{}", messages[7]), b"")
+        .unwrap();
+    assert_eq!(response.status, 204);
+    assert!(wait_until(Duration::from_secs(60), || {
+        digests_agree(&nodes) && nodes.iter().all(|node| tombstones(node) == 0)
+    })
+    .is_some());
+    assert_eq!(left.messages("gc@example.org", "INBOX").unwrap().len(), 7);
 }

@@ -127,6 +127,8 @@ fn check_every_sort(store: &Store, mailbox: &MailboxKey, context: &str) {
                 (0, 100),
                 (0, 7),
                 (13, 25),
+                (expected.len() / 3, 1),
+                (expected.len() / 2, 50),
                 (expected.len().saturating_sub(5), 100),
                 (expected.len() + 3, 10),
             ] {
@@ -141,8 +143,59 @@ fn check_every_sort(store: &Store, mailbox: &MailboxKey, context: &str) {
     }
 }
 
+/// Stores with tiny position blocks, so pages deeper than 8 come from the position cache and
+/// its splits happen within a few hundred messages.
 fn open(directory: &std::path::Path, node: u64) -> Store {
-    Store::open(directory, NodeId(node), StoreOptions::default()).unwrap()
+    let options = StoreOptions {
+        position_block: 4,
+        ..StoreOptions::default()
+    };
+    Store::open(directory, NodeId(node), options).unwrap()
+}
+
+#[test]
+fn deep_pages_stay_exact_while_the_mailbox_grows_and_shrinks() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = open(directory.path(), 1);
+    let mailbox = MailboxKey::new("deep@example.org", "INBOX").unwrap();
+    let mut ids = append_all(&store, &mailbox, &samples(200, 11));
+    check_every_sort(&store, &mailbox, "first fill");
+    // The position cache now exists for every sort; writes must keep it exact, in batches and
+    // one at a time, and blocks that grow must split.
+    for round in 0..3u64 {
+        let more: Vec<Sample> = samples(150, 100 + round);
+        let operations: Vec<Operation> = more
+            .iter()
+            .enumerate()
+            .map(|(index, sample)| Operation::Append {
+                mailbox: mailbox.clone(),
+                raw: sample.raw.clone(),
+                flags: vec![],
+                now_millis: NOW + 200_000 * (round + 1) + index as u64,
+                random: (round as u128 + 1) << 64 | index as u128,
+            })
+            .collect();
+        for chunk in operations.chunks(1 + round as usize * 20) {
+            for result in store.apply(chunk.to_vec()) {
+                match result.unwrap() {
+                    Applied::Appended { id, .. } => ids.push(id),
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+        check_every_sort(&store, &mailbox, &format!("after growth round {round}"));
+        for id in ids.iter().skip(round as usize).step_by(5) {
+            let _ = store.apply_one(Operation::Expunge {
+                mailbox: mailbox.clone(),
+                id: *id,
+                now_millis: NOW + 900_000,
+            });
+        }
+        check_every_sort(&store, &mailbox, &format!("after expunges round {round}"));
+    }
+    let live = store.mailbox_entry(mailbox.id()).unwrap().unwrap().live as usize;
+    assert_eq!(naive_order(&store, &mailbox, SortKey::Received, false).len(), live);
+    assert!(live > 300, "the mailbox should still be large, holds {live}");
 }
 
 #[test]

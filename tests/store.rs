@@ -39,6 +39,23 @@ fn append(store: &Store, mailbox: &MailboxKey, index: usize) -> MessageId {
     }
 }
 
+/// Gives `to` a record of `from` the way a pull does: its blob (when `from` has it), then the record.
+fn copy_record(from: &Store, to: &Store, mailbox: &MailboxKey, record: MessageRecord) {
+    if let Some(bytes) = from.blob(&record.blob).unwrap() {
+        to.apply_one(Operation::PutBlob {
+            expected: record.blob,
+            bytes,
+        })
+        .unwrap();
+    }
+    to.apply_one(Operation::Merge {
+        mailbox: mailbox.clone(),
+        record,
+        now_millis: NOW,
+    })
+    .unwrap();
+}
+
 /// The store's trie must equal a memory trie built from its records.
 fn assert_tree_matches_records(store: &Store, mailbox: &MailboxKey) {
     let mut model = MemoryTree::new(StoredDepth::MAILBOX);
@@ -292,18 +309,7 @@ fn two_stores_find_differing_mailboxes_then_differing_messages() {
     for index in 0..400 {
         let mailbox = &mailboxes[index % mailboxes.len()];
         let id = append(&a, mailbox, index);
-        let record = a.record(mailbox.id(), id).unwrap().unwrap();
-        b.apply_one(Operation::PutBlob {
-            expected: record.blob,
-            bytes: mail(index),
-        })
-        .unwrap();
-        b.apply_one(Operation::Merge {
-            mailbox: mailbox.clone(),
-            record,
-            now_millis: NOW,
-        })
-        .unwrap();
+        copy_record(&a, &b, mailbox, a.record(mailbox.id(), id).unwrap().unwrap());
     }
     assert_eq!(a.digest().unwrap(), b.digest().unwrap());
     // Divergence: each side appends to a few mailboxes, and b changes a flag in another.
@@ -461,18 +467,7 @@ fn tombstones_past_the_horizon_are_collected_and_not_taken_back() {
     let mailbox = inbox();
     let ids: Vec<MessageId> = (0..20).map(|index| append(&a, &mailbox, index)).collect();
     for id in &ids {
-        let record = a.record(mailbox.id(), *id).unwrap().unwrap();
-        b.apply_one(Operation::PutBlob {
-            expected: record.blob,
-            bytes: a.blob(&record.blob).unwrap().unwrap(),
-        })
-        .unwrap();
-        b.apply_one(Operation::Merge {
-            mailbox: mailbox.clone(),
-            record,
-            now_millis: NOW,
-        })
-        .unwrap();
+        copy_record(&a, &b, &mailbox, a.record(mailbox.id(), *id).unwrap().unwrap());
     }
     for id in &ids[..5] {
         a.apply_one(Operation::Expunge {
@@ -531,4 +526,70 @@ fn tombstones_past_the_horizon_are_collected_and_not_taken_back() {
     assert!(!a.record(mailbox.id(), ids[10]).unwrap().unwrap().is_live());
     assert_eq!(a.collect_tombstones(later, 100).unwrap(), 1);
     assert_tree_matches_records(&a, &mailbox);
+}
+
+#[test]
+fn tombstones_every_member_acknowledged_are_collected_before_the_horizon() {
+    let first_directory = tempfile::tempdir().unwrap();
+    let second_directory = tempfile::tempdir().unwrap();
+    let a = open(first_directory.path(), 1);
+    let b = open(second_directory.path(), 2);
+    let mailbox = inbox();
+    let ids: Vec<MessageId> = (0..12).map(|index| append(&a, &mailbox, index)).collect();
+    let copy = |record: MessageRecord| copy_record(&a, &b, &mailbox, record);
+    for id in &ids {
+        copy(a.record(mailbox.id(), *id).unwrap().unwrap());
+    }
+    for id in &ids[..4] {
+        a.apply_one(Operation::Expunge {
+            mailbox: mailbox.clone(),
+            id: *id,
+            now_millis: NOW,
+        })
+        .unwrap();
+        copy(a.record(mailbox.id(), *id).unwrap().unwrap());
+    }
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+    // Without a cut, a day later nothing goes (the horizon is 30 days).
+    let day_later = NOW + 86_400_000;
+    assert_eq!(a.collect_tombstones(day_later, 100).unwrap(), 0);
+    // Both members acknowledged everything expunged before NOW + 1 s: both collect the same four.
+    let cut = NOW + 1_000;
+    assert!(a.acknowledge_tombstones_before(cut).unwrap());
+    assert!(b.acknowledge_tombstones_before(cut).unwrap());
+    assert!(!a.acknowledge_tombstones_before(cut - 1).unwrap(), "the cut moved back");
+    assert_eq!(a.collect_tombstones(day_later, 100).unwrap(), 4);
+    assert_eq!(b.collect_tombstones(day_later, 100).unwrap(), 4);
+    assert_eq!(a.digest().unwrap(), b.digest().unwrap());
+    assert_tree_matches_records(&a, &mailbox);
+    assert_eq!(a.mailbox_entry(mailbox.id()).unwrap().unwrap().records, 8);
+    // The cut survives a restart, and a collected tombstone offered again is not taken back.
+    let tombstone = {
+        let mut record = MessageRecord::new(ids[0], BlobHash::of(&mail(0)), mail(0).len() as u64, NOW, NodeId(1));
+        record.expunged = Some(Stamp {
+            time: mailmesh::crdt::physical_time(NOW + 10),
+            node: NodeId(1),
+        });
+        record
+    };
+    drop(a);
+    let a = open(first_directory.path(), 1);
+    assert_eq!(a.acknowledged_before(), cut);
+    let digest = a.digest().unwrap();
+    a.apply_one(Operation::Merge {
+        mailbox: mailbox.clone(),
+        record: tombstone,
+        now_millis: day_later,
+    })
+    .unwrap();
+    assert_eq!(a.digest().unwrap(), digest, "a collected tombstone came back");
+    // A later expunge is not covered by the cut and stays until the next one.
+    a.apply_one(Operation::Expunge {
+        mailbox: mailbox.clone(),
+        id: ids[5],
+        now_millis: NOW + 5_000,
+    })
+    .unwrap();
+    assert_eq!(a.collect_tombstones(day_later, 100).unwrap(), 0);
+    assert!(a.record(mailbox.id(), ids[5]).unwrap().is_some());
 }
