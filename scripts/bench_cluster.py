@@ -34,7 +34,9 @@ What it does, in order, and what it measures (all in one JSON object, printed as
      published minus the inline message bytes).
 5. Idle: after agreement, waits until no reconciliation round is started for 2 s (sessions begun
    during the load go on walking the mailboxes that differed), then samples the same counters
-   over --idle-seconds: bytes per second per node.
+   over --idle-seconds (60 by default): bytes per second per node. Nodes started together send
+   their digest heartbeat (every 30 gossip intervals) at about the same moment, so a window
+   shorter than 30 s reads either nothing or a whole burst.
 6. Partition (--partition kill, the default): SIGKILLs the second half of the nodes, appends 10% of
    K to the first half, restarts them and times until every digest agrees (`heal_seconds`, from
    the restarted nodes answering /healthz; `restart_to_agreement_seconds` includes process start).
@@ -1115,7 +1117,9 @@ def main():
                         help="--partition relay: how long the cut lasts before the writes start")
     parser.add_argument("--settle-timeout", type=float, default=60.0,
                         help="longest wait for reconciliation rounds to stop before the idle sample")
-    parser.add_argument("--idle-seconds", type=float, default=10.0)
+    parser.add_argument("--idle-seconds", type=float, default=60.0,
+                        help="idle sample length; nodes started together send their digest heartbeats (every 30 "
+                        "gossip intervals) at about the same moment, so a window shorter than 30 s reads 0 or a burst")
     parser.add_argument("--converge-timeout", type=float, default=120.0)
     parser.add_argument("--visibility-timeout", type=float, default=60.0)
     parser.add_argument("--seed", type=int, default=1)

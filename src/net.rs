@@ -81,10 +81,13 @@ const GOSSIP_HEARTBEAT_INITIAL_DELAY: Duration = Duration::from_millis(200);
 const GOSSIP_HISTORY_LENGTH: usize = 10;
 const GOSSIP_HISTORY_GOSSIP: usize = 3;
 
+/// Redials start after 1 s and grow by half each time up to 10 s: a healed link is used within
+/// seconds (one connection attempt per lost peer every 10 s costs little), where doubling to 30 s
+/// had added up to half a minute to every partition heal.
 const INITIAL_REDIAL_DELAY: Duration = Duration::from_secs(1);
-const MAX_REDIAL_DELAY: Duration = Duration::from_secs(30);
+const MAX_REDIAL_DELAY: Duration = Duration::from_secs(10);
 /// A connection that lived at least this long resets the redial backoff when it drops; a
-/// connection that flaps faster keeps doubling the delay instead of redialing every second.
+/// connection that flaps faster keeps growing the delay instead of redialing every second.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 const REDIAL_TICK: Duration = Duration::from_millis(250);
 const MAX_ADDRESSES_PER_PEER: usize = 16;
@@ -140,6 +143,9 @@ pub struct NetworkConfig {
     pub max_connections: u32,
     /// Established connections to one peer (at least 1).
     pub max_connections_per_peer: u32,
+    /// Request streams open at once on one connection, each way; more inbound ones are dropped
+    /// by libp2p ("at capacity"), so this must cover what a peer may have in flight.
+    pub max_concurrent_streams: usize,
 }
 
 impl fmt::Debug for NetworkConfig {
@@ -158,6 +164,7 @@ impl fmt::Debug for NetworkConfig {
             .field("max_gossip_bytes", &self.max_gossip_bytes)
             .field("request_timeout", &self.request_timeout)
             .field("idle_connection_timeout", &self.idle_connection_timeout)
+            .field("max_concurrent_streams", &self.max_concurrent_streams)
             .field("allowed_peers", &self.allowed_peers)
             .field("pre_shared_key_fingerprint", &key_fingerprint)
             .field("max_connections", &self.max_connections)
@@ -234,6 +241,7 @@ impl NetworkConfig {
             pre_shared_key: None,
             max_connections: 256,
             max_connections_per_peer: 2,
+            max_concurrent_streams: 512,
         }
     }
 }
@@ -1052,7 +1060,9 @@ pub fn new(
             frames_rejected: metrics.frames_rejected.clone(),
         },
         [(StreamProtocol::new(SYNC_PROTOCOL), ProtocolSupport::Full)],
-        request_response::Config::default().with_request_timeout(config.request_timeout),
+        request_response::Config::default()
+            .with_request_timeout(config.request_timeout)
+            .with_max_concurrent_streams(config.max_concurrent_streams.max(1)),
     );
     let identify = identify::Behaviour::new(
         identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_string(), config.keypair.public())
@@ -1154,7 +1164,7 @@ pub fn new(
 // Redial bookkeeping
 // ---------------------------------------------------------------------------------------------
 
-/// Exponential redial delay: 1 s, doubling up to 30 s.
+/// Exponential redial delay: 1 s, growing by half up to 10 s.
 #[derive(Debug)]
 struct Backoff {
     delay: Duration,
@@ -1173,12 +1183,12 @@ impl Backoff {
         self.next_attempt = Some(Instant::now());
     }
 
-    /// Schedules the next attempt after the current delay, doubles the delay, and returns the
+    /// Schedules the next attempt after the current delay, grows the delay, and returns the
     /// wait that was scheduled.
     fn schedule(&mut self, now: Instant) -> Duration {
         let wait = self.delay;
         self.next_attempt = Some(now + wait);
-        self.delay = (self.delay * 2).min(MAX_REDIAL_DELAY);
+        self.delay = (self.delay * 3 / 2).min(MAX_REDIAL_DELAY);
         wait
     }
 
@@ -3023,13 +3033,13 @@ mod tests {
     }
 
     #[test]
-    fn backoff_doubles_up_to_thirty_seconds() {
+    fn backoff_grows_by_half_up_to_ten_seconds() {
         let mut backoff = Backoff::new();
         let now = Instant::now();
-        let waits: Vec<u64> = (0..8).map(|_| backoff.schedule(now).as_secs()).collect();
-        assert_eq!(waits, vec![1, 2, 4, 8, 16, 30, 30, 30]);
+        let waits: Vec<u128> = (0..9).map(|_| backoff.schedule(now).as_millis()).collect();
+        assert_eq!(waits, vec![1000, 1500, 2250, 3375, 5062, 7593, 10000, 10000, 10000]);
         assert!(!backoff.is_due(now));
-        assert!(backoff.is_due(now + Duration::from_secs(30)));
+        assert!(backoff.is_due(now + Duration::from_secs(10)));
         backoff.reset();
         assert_eq!(backoff.schedule(now), Duration::from_secs(1));
     }

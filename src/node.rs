@@ -240,6 +240,9 @@ impl SessionStats {
     }
 }
 
+/// Mailboxes one session reconciles concurrently.
+const MAILBOXES_AT_ONCE: usize = 128;
+
 /// How a node declines a request for load; askers retry these after a pause.
 const BUSY_PREFIX: &str = "busy:";
 const BUSY_MESSAGE: &str = "busy: too many of your requests in flight; retry later";
@@ -354,6 +357,8 @@ impl Node {
         network_config.max_gossip_bytes = config.max_gossip_bytes.max(config.inline_blob_bytes + 64 * 1024);
         network_config.max_request_bytes = config.max_request_bytes.max(config.inline_blob_bytes + 64 * 1024);
         network_config.max_response_bytes = config.max_response_bytes.max(wire::MAX_BLOB_CHUNK as usize + 64 * 1024);
+        // libp2p drops inbound streams past this; our own in-flight limit answers "busy" instead.
+        network_config.max_concurrent_streams = config.max_requests_in_flight_per_peer.max(100) * 2;
         network_config.allowed_peers = config.allowed_peers.clone();
         network_config.pre_shared_key = config.cluster_key;
         network_config.max_connections = config.max_connections;
@@ -1752,9 +1757,17 @@ impl Node {
     async fn session(&self, peer: PeerId) -> Result<usize, NodeError> {
         let store = self.inner.store.clone();
         let stats = &SessionStats::default();
+        let started = Instant::now();
         let (mut mine, mut told) = self
             .reconcile(peer, WireSpace::Directory, &store.tree(Space::Directory), stats)
             .await?;
+        tracing::debug!(
+            %peer,
+            ms = started.elapsed().as_millis() as u64,
+            rounds = SessionStats::get(&stats.rounds),
+            bytes = SessionStats::get(&stats.bytes),
+            "directory reconciled"
+        );
         mine.normalize();
         told.normalize();
         let mut keys: BTreeSet<MailboxKey> = BTreeSet::new();
@@ -1767,24 +1780,34 @@ impl Node {
                 None => unknown.push(ByteString(id.to_be_bytes().to_vec())),
             }
         }
-        for chunk in unknown.chunks(wire::MAX_IDS_PER_REQUEST) {
-            let request = Request::ResolveMailboxes {
+        // The peer names the mailboxes this side does not know: listed IDs, and whole subtrees
+        // this side lacks, 64 requests at a time. One after the other they cost a round trip
+        // each, which came to 15 s over a 100 ms link after a partition.
+        use futures::stream::StreamExt;
+        let by_id = unknown
+            .chunks(wire::MAX_IDS_PER_REQUEST)
+            .map(|chunk| Request::ResolveMailboxes {
                 ids: chunk.to_vec(),
                 depth: 0,
                 bits: ByteString(vec![]),
-            };
-            if let Response::Mailboxes { keys: resolved } = self.request(peer, &request, stats).await? {
+            });
+        let by_prefix = mine.need_prefixes.iter().map(|prefix| Request::ResolveMailboxes {
+            ids: vec![],
+            depth: prefix.depth(),
+            bits: ByteString(prefix.packed_bits()),
+        });
+        let requests: Vec<Request> = by_id.chain(by_prefix).collect();
+        let mut queue = requests.iter();
+        let mut resolutions = futures::stream::FuturesUnordered::new();
+        for request in queue.by_ref().take(64) {
+            resolutions.push(self.request(peer, request, stats));
+        }
+        while let Some(answer) = resolutions.next().await {
+            if let Response::Mailboxes { keys: resolved } = answer? {
                 keys.extend(resolved.into_iter().filter(|key| key.validate().is_ok()));
             }
-        }
-        for prefix in &mine.need_prefixes {
-            let request = Request::ResolveMailboxes {
-                ids: vec![],
-                depth: prefix.depth(),
-                bits: ByteString(prefix.packed_bits()),
-            };
-            if let Response::Mailboxes { keys: resolved } = self.request(peer, &request, stats).await? {
-                keys.extend(resolved.into_iter().filter(|key| key.validate().is_ok()));
+            if let Some(request) = queue.next() {
+                resolutions.push(self.request(peer, request, stats));
             }
         }
         for prefix in &told.need_prefixes {
@@ -1794,18 +1817,18 @@ impl Node {
                 }
             }
         }
+        tracing::debug!(%peer, ms = started.elapsed().as_millis() as u64, mailboxes = keys.len(), "differing mailboxes named");
         self.inner.metrics.mailboxes_divergent.inc_by(keys.len() as u64);
         if let Ok(mut divergent) = self.inner.divergent.lock() {
             for key in &keys {
                 divergent.entry(key.clone()).or_insert((peer, SystemTime::now()));
             }
         }
-        // Mailboxes are reconciled 64 at a time: each takes a few round trips, and after a
-        // partition thousands may differ.
-        use futures::stream::StreamExt;
+        // Mailboxes are reconciled 128 at a time: each takes a few round trips (four over a
+        // 100 ms link), and after a partition hundreds or thousands may differ.
         let mut pending = futures::stream::FuturesUnordered::new();
         let mut remaining = keys.iter().cloned();
-        for key in remaining.by_ref().take(64) {
+        for key in remaining.by_ref().take(MAILBOXES_AT_ONCE) {
             pending.push(self.sync_mailbox(peer, key));
         }
         while let Some(result) = pending.next().await {
