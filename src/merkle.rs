@@ -233,6 +233,14 @@ impl Aggregate {
         self.sum = self.sum.wrapping_add(other.sum);
     }
 
+    /// A signed change in aggregate form (the count wrapping), so that adding it applies it.
+    pub fn from_delta(delta: &AggregateDelta) -> Aggregate {
+        Aggregate {
+            count: delta.count as u64,
+            sum: delta.sum,
+        }
+    }
+
     /// Applies a signed change.
     pub fn apply(&mut self, delta: &AggregateDelta) {
         self.count = self.count.wrapping_add_signed(delta.count);
