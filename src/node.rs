@@ -176,6 +176,8 @@ struct NodeInner {
     registry: Mutex<Registry>,
     peers: Mutex<HashMap<PeerId, PeerState>>,
     syncing: Mutex<HashSet<PeerId>>,
+    /// Mailboxes being reconciled or pulled right now, with any peer.
+    mailboxes_in_sync: Arc<Mutex<HashSet<MailboxId>>>,
     sequence: AtomicU64,
     limits: SyncLimits,
     listen: Mutex<Vec<Multiaddr>>,
@@ -248,6 +250,21 @@ const BUSY_PREFIX: &str = "busy:";
 const BUSY_MESSAGE: &str = "busy: too many of your requests in flight; retry later";
 const RATE_LIMITED_PREFIX: &str = "rate limited:";
 const RATE_LIMITED_MESSAGE: &str = "rate limited: slow down";
+
+/// A mailbox being reconciled; released when this drops.
+struct MailboxClaim {
+    mailbox: MailboxId,
+    claimed: Arc<Mutex<HashSet<MailboxId>>>,
+}
+
+impl Drop for MailboxClaim {
+    fn drop(&mut self) {
+        self.claimed
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .remove(&self.mailbox);
+    }
+}
 
 /// One request of a peer in flight; the count drops when this does.
 struct InFlightSlot {
@@ -380,6 +397,7 @@ impl Node {
                 registry: Mutex::new(registry),
                 peers: Mutex::new(HashMap::new()),
                 syncing: Mutex::new(HashSet::new()),
+                mailboxes_in_sync: Arc::new(Mutex::new(HashSet::new())),
                 sequence: AtomicU64::new(0),
                 limits: SyncLimits {
                     max_elements: config.max_sync_elements,
@@ -931,6 +949,19 @@ impl Node {
         })
     }
 
+    /// Marks a mailbox as being reconciled; None when another session already is.
+    fn claim_mailbox(&self, mailbox: MailboxId) -> Option<MailboxClaim> {
+        let mut claimed = self
+            .inner
+            .mailboxes_in_sync
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        claimed.insert(mailbox).then(|| MailboxClaim {
+            mailbox,
+            claimed: self.inner.mailboxes_in_sync.clone(),
+        })
+    }
+
     fn limit_hit(&self, limit: &'static str) {
         self.inner
             .metrics
@@ -1426,8 +1457,10 @@ impl Node {
                 }
                 if let (WireSpace::Mailbox(key), false) = (&space, outcome.is_empty()) {
                     // The requester has things we lack: pull them, within the peer's in-flight
-                    // allowance (a pull skipped now is found again by the next session).
-                    let Some(slot) = self.take_in_flight_slot(peer) else {
+                    // allowance and unless another session is on this mailbox (a pull skipped
+                    // now is found again by the next session).
+                    let (Some(slot), Some(claim)) = (self.take_in_flight_slot(peer), self.claim_mailbox(key.id()))
+                    else {
                         return Ok(Response::Reconcile {
                             message: ByteString(sync::encode(&split_you_lack(reply))),
                         });
@@ -1436,6 +1469,7 @@ impl Node {
                     let key = key.clone();
                     tokio::spawn(async move {
                         let _slot = slot;
+                        let _claim = claim;
                         if let Err(error) = node.pull(peer, &key, outcome, &SessionStats::default()).await {
                             node.on_peer_failure(peer, "pull", error).await;
                         }
@@ -1842,6 +1876,14 @@ impl Node {
 
     /// Reconciles one mailbox with a peer and pulls what this side lacks.
     async fn sync_mailbox(&self, peer: PeerId, key: MailboxKey) -> Result<(), NodeError> {
+        // A node back from a partition is in sessions with several peers at once, each naming
+        // the same differing mailboxes; one at a time per mailbox, or they all pull the same
+        // records. A skipped mailbox still differs afterwards if the other peer lacked something,
+        // and the next session takes it.
+        let Some(_claim) = self.claim_mailbox(key.id()) else {
+            tracing::debug!(%peer, mailbox = key.mailbox(), "skipped: another session is reconciling this mailbox");
+            return Ok(());
+        };
         let span = tracing::info_span!(
             "reconcile",
             %peer,

@@ -92,7 +92,8 @@ impl SearchIndex {
         let directory =
             tantivy::directory::MmapDirectory::open(path).map_err(|error| SearchError::Directory(error.to_string()))?;
         let index = Index::open_or_create(directory, schema)?;
-        let writer = index.writer_with_num_threads(1, 64 * 1024 * 1024)?;
+        // One indexing thread with a 32 MiB arena: segments flush sooner, memory stays bounded.
+        let writer = index.writer_with_num_threads(1, 32 * 1024 * 1024)?;
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
         Ok(SearchIndex {
             applied: std::sync::atomic::AtomicU64::new(0),
