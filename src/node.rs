@@ -1,17 +1,22 @@
 //! The node: where the store, the network and the reconciliation core meet.
 //!
 //! - Local writes go through the store's group commit; once durable, the new record state is
-//!   gossiped at once on the operations topic (small blobs inline), so peers see it within about
-//!   one network round trip.
-//! - Every gossip interval the node publishes its digest (the directory trie's root). A peer whose
-//!   digest differs from ours gets a reconciliation session: first over the directory trie to find
-//!   the differing mailboxes, then over each of those mailboxes' tries to find the differing
-//!   messages. Both sides learn what they lack; each pulls its own records, then the blobs, and
-//!   checks every blob against its blake3 hash before storing it.
-//! - A newly connected peer gets a session at once, so an empty node joining later fills up.
+//!   pushed once to every connected peer (small blobs inline), so peers see it within about one
+//!   network round trip. Pushes are not forwarded.
+//! - The node publishes its digest (the directory trie's root) on gossipsub when it changes, and
+//!   as a heartbeat every 30 gossip intervals. A peer whose digest has differed for two intervals
+//!   gets a reconciliation session: first over the directory trie to find the differing
+//!   mailboxes, then over each of those mailboxes' tries (128 at a time, each mailbox in one
+//!   session at a time) to find the differing messages. Both sides learn what they lack; each
+//!   pulls its own records, then the blobs, and checks every blob against its blake3 hash.
+//! - A newly connected peer gets a session at once (started by the lower peer ID), so an empty
+//!   node joining later fills up.
+//! - In a closed cluster the members' digest reports also move the acknowledged tombstone cut
+//!   (see `advance_acknowledged_cut`).
 //!
 //! Responding is stateless (see [`crate::sync`]); what a responder learns it lacks starts a pull
-//! task toward the requester.
+//! task toward the requester. Requests of one peer are bounded by a token bucket and an in-flight
+//! limit; a peer that breaks the protocol is blocked.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
