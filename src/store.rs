@@ -535,9 +535,6 @@ impl Store {
         // writer never reads them back: that saved a dozen point reads per append.
         let mut tree_options = family_options();
         tree_options.set_merge_operator_associative("mailmesh.aggregate_add", add_aggregates);
-        // Hot nodes (the directory's top levels change in almost every batch) would otherwise
-        // pile up operands in the memtable that every read must fold; past 16, a write folds them.
-        tree_options.set_max_successive_merges(16);
         let families = vec![
             ColumnFamilyDescriptor::new(RECORDS, family_options()),
             ColumnFamilyDescriptor::new(BLOBS, blob_options),
