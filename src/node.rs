@@ -36,7 +36,7 @@ use crate::metrics::{DirectionLabel, GossipLabel, NodeMetrics, OutcomeLabel, Wri
 use crate::model::{BlobHash, Flag, MailboxId, MailboxKey, MessageId, MessageRecord, NodeId};
 use crate::net::{self, NetworkClient, NetworkConfig, NetworkEvent, Topic};
 use crate::search::SearchIndex;
-use crate::store::{Applied, CommitQueue, Operation, Space, Store, StoreError, StoreOptions};
+use crate::store::{lock, Applied, CommitQueue, Operation, Space, Store, StoreError, StoreOptions};
 use crate::sync::{self, ByteString, Element, Outcome, SyncLimits};
 use crate::wire::{self, Gossip, Request, Response, WireSpace};
 
@@ -264,10 +264,7 @@ struct MailboxClaim {
 
 impl Drop for MailboxClaim {
     fn drop(&mut self) {
-        self.claimed
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .remove(&self.mailbox);
+        lock(&self.claimed).remove(&self.mailbox);
     }
 }
 
@@ -279,7 +276,7 @@ struct InFlightSlot {
 
 impl Drop for InFlightSlot {
     fn drop(&mut self) {
-        let mut counts = self.counts.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut counts = lock(&self.counts);
         if let Some(count) = counts.get_mut(&self.peer) {
             *count = count.saturating_sub(1);
             if *count == 0 {
@@ -935,11 +932,7 @@ impl Node {
     /// Counts one more request of the peer in flight, or None (counted) when it has too many.
     fn take_in_flight_slot(&self, peer: PeerId) -> Option<InFlightSlot> {
         let limit = self.inner.config.max_requests_in_flight_per_peer;
-        let mut in_flight = self
-            .inner
-            .in_flight
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut in_flight = lock(&self.inner.in_flight);
         let count = in_flight.entry(peer).or_insert(0);
         if *count >= limit {
             drop(in_flight);
@@ -956,11 +949,7 @@ impl Node {
 
     /// Marks a mailbox as being reconciled; None when another session already is.
     fn claim_mailbox(&self, mailbox: MailboxId) -> Option<MailboxClaim> {
-        let mut claimed = self
-            .inner
-            .mailboxes_in_sync
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut claimed = lock(&self.inner.mailboxes_in_sync);
         claimed.insert(mailbox).then(|| MailboxClaim {
             mailbox,
             claimed: self.inner.mailboxes_in_sync.clone(),
@@ -1041,11 +1030,7 @@ impl Node {
                     .as_ref()
                     .is_some_and(|members| members.contains(&peer) && peer != self.inner.peer_id);
                 if member && clock > 0 {
-                    self.inner
-                        .member_reports
-                        .lock()
-                        .unwrap_or_else(|poisoned| poisoned.into_inner())
-                        .insert(peer, (digest, clock));
+                    lock(&self.inner.member_reports).insert(peer, (digest, clock));
                     // A member's cut is valid for every member: it is at most every member's
                     // clock, ours included, so one past our clock is refused.
                     if acknowledged_before > self.inner.store.acknowledged_before() {
@@ -1321,11 +1306,7 @@ impl Node {
         };
         let mut cut = u64::MAX;
         {
-            let reports = self
-                .inner
-                .member_reports
-                .lock()
-                .unwrap_or_else(|poisoned| poisoned.into_inner());
+            let reports = lock(&self.inner.member_reports);
             for member in members.iter().filter(|member| **member != self.inner.peer_id) {
                 match reports.get(member) {
                     Some((digest, clock)) if *digest == mine => cut = cut.min(*clock),

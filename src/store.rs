@@ -323,7 +323,7 @@ fn add_aggregates(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::Merg
 }
 
 /// Locks a mutex, taking the data of a poisoned one (every holder leaves it consistent).
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -1236,8 +1236,11 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<MessageId>, StoreError> {
         let near_start = position <= 2 * self.options.position_block;
+        if limit == 0 || near_start {
+            return self.list_ids_by_skipping(mailbox, sort, descending, position, limit);
+        }
         let live = self.mailbox_entry(mailbox)?.map(|entry| entry.live).unwrap_or(0) as usize;
-        if limit == 0 || near_start || live <= 4 * self.options.position_block {
+        if live <= 4 * self.options.position_block {
             return self.list_ids_by_skipping(mailbox, sort, descending, position, limit);
         }
         let start = match self.page_start(mailbox, sort, descending, position as u64)? {
