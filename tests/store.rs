@@ -85,6 +85,30 @@ fn assert_tree_matches_records(store: &Store, mailbox: &MailboxKey) {
             );
         }
     }
+    // The store reads a node's children in one scan; they must equal the model's, in the stored
+    // levels, across the stored depth and below it.
+    for (key, _) in model.iter().step_by(7).take(12) {
+        for depth in (0..=14).chain([20, 31, 32]) {
+            let prefix = Prefix::of(*key, depth);
+            assert_eq!(
+                tree.child_aggregates(prefix).unwrap(),
+                model.child_aggregates(prefix).unwrap(),
+                "children of {prefix:?}"
+            );
+        }
+    }
+    let directory = store.tree(Space::Directory);
+    for depth in 0..=7 {
+        let prefix = Prefix::of(mailbox.id().0, depth);
+        let one_by_one: Vec<_> = (0..16)
+            .map(|index| directory.aggregate(prefix.child(index).unwrap()).unwrap())
+            .collect();
+        assert_eq!(
+            directory.child_aggregates(prefix).unwrap().to_vec(),
+            one_by_one,
+            "directory {prefix:?}"
+        );
+    }
     let entry = store.mailbox_entry(mailbox.id()).unwrap().unwrap();
     assert_eq!((entry.live, entry.unseen), (live, unseen));
     assert_eq!(entry.root.0, model.root().root_hash());
