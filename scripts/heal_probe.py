@@ -5,17 +5,19 @@
 DIR is an 8-node directory kept by `scripts/bench-cluster.sh --nodes 8 ... --keep --workdir DIR`
 (node0 ... node7). The probe starts nodes 0-3 on it, appends N messages to them from 16 threads
 (random accounts user0..user9999, INBOX), starts nodes 4-7, and prints one JSON line with the
-seconds until every digest agrees. The nodes log at debug level to DIR/nodeI/diverge.log, which
+seconds until every digest agrees. MAILMESH_PROBE_CONFIG names a TOML config file the nodes get.
+The nodes log at debug level to DIR/nodeI/diverge.log, which
 shows each session's phases. The data is changed: copy DIR first to compare two builds.
 """
 import json, os, random, subprocess, sys, threading, time, urllib.request
 
 binary, root, count = sys.argv[1], sys.argv[2], int(sys.argv[3])
-base_listen, base_http = 47300, 47400
+# Below the kernel's ephemeral range (32768 and up here), so no outgoing connection holds them.
+base_listen, base_http = 23300, 23400
 procs = []
 
 def start(i):
-    peers = []
+    peers = ["--config", os.environ["MAILMESH_PROBE_CONFIG"]] if os.environ.get("MAILMESH_PROBE_CONFIG") else []
     for j in range(8):
         if j != i and (j < 4 or j < i):
             peers += ["--peer", f"/ip4/127.0.0.1/tcp/{base_listen + j}"]

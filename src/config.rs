@@ -51,6 +51,7 @@ pub struct ConfigFile {
     pub max_ids_per_request: Option<usize>,
     pub blob_chunk_bytes: Option<u32>,
     pub max_requests_in_flight_per_peer: Option<usize>,
+    pub search_commit_interval_ms: Option<u64>,
 }
 
 impl ConfigFile {
@@ -150,6 +151,9 @@ impl ConfigFile {
         }
         if let Some(count) = self.max_requests_in_flight_per_peer {
             config.max_requests_in_flight_per_peer = count.max(1);
+        }
+        if let Some(millis) = self.search_commit_interval_ms {
+            config.search_commit_interval = Duration::from_millis(millis);
         }
         if let Some(seconds) = self.block_seconds {
             config.block_duration = Duration::from_secs(seconds.max(1));

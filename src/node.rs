@@ -88,6 +88,8 @@ pub struct NodeConfig {
     /// Requests from one peer being answered at once (pulls they cause included); more are
     /// declined until some finish.
     pub max_requests_in_flight_per_peer: usize,
+    /// How often the full-text index commits what it was fed (searches commit first anyway).
+    pub search_commit_interval: Duration,
 }
 
 impl Default for NodeConfig {
@@ -121,6 +123,7 @@ impl Default for NodeConfig {
             max_ids_per_request: wire::MAX_IDS_PER_REQUEST,
             blob_chunk_bytes: wire::MAX_BLOB_CHUNK,
             max_requests_in_flight_per_peer: 256,
+            search_commit_interval: Duration::from_secs(5),
         }
     }
 }
@@ -476,6 +479,7 @@ impl Node {
         // up before they run).
         let indexer = node.clone();
         let mut indexer_stop = stop.clone();
+        let commit = crate::search::Commit::After(indexer.inner.config.search_commit_interval);
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_millis(500));
             loop {
@@ -483,7 +487,7 @@ impl Node {
                     _ = interval.tick() => {
                         let worker = indexer.clone();
                         let caught_up = tokio::task::spawn_blocking(move || {
-                            worker.inner.search.catch_up(&worker.inner.store)
+                            worker.inner.search.update(&worker.inner.store, commit)
                         }).await;
                         if let Ok(Err(error)) = caught_up {
                             tracing::warn!("full-text index update failed: {error}");

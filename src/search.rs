@@ -6,9 +6,14 @@
 //! record twice (adds first delete by key, so twice is once). Every search first catches up, so
 //! results are never older than the last acknowledged write, and results are checked against the
 //! store so an expunged message drops out at once.
+//!
+//! The background updater feeds the writer as tasks arrive but commits only every few seconds
+//! (or when a search asks): each commit makes a segment that tantivy later merges, and committing
+//! twice a second on a busy node spent about half of its CPU in indexing and merges.
 
 use std::path::Path;
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use tantivy::collector::{Count, TopDocs};
 use tantivy::query::{BooleanQuery, Occur, Query, TermQuery};
@@ -45,12 +50,29 @@ struct Fields {
     subject_key: Field,
 }
 
+/// The writer and what it holds that is not committed yet.
+struct Writer {
+    writer: IndexWriter<TantivyDocument>,
+    /// The highest queue sequence handed to the writer (scans start after it).
+    fed: u64,
+    /// The highest queue sequence committed and removed from the queue.
+    committed: u64,
+    last_commit: Instant,
+}
+
+/// When [`SearchIndex::update`] commits what it fed to the writer.
+#[derive(Debug, Clone, Copy)]
+pub enum Commit {
+    /// Before returning (searches, and callers that need the index current).
+    Now,
+    /// Once this long has passed since the last commit.
+    After(Duration),
+}
+
 /// The node's full-text index.
 pub struct SearchIndex {
-    /// The highest queue sequence applied and removed (scans start after it).
-    applied: std::sync::atomic::AtomicU64,
     index: Index,
-    writer: Mutex<IndexWriter<TantivyDocument>>,
+    writer: Mutex<Writer>,
     reader: IndexReader,
     fields: Fields,
 }
@@ -96,9 +118,13 @@ impl SearchIndex {
         let writer = index.writer_with_num_threads(1, 32 * 1024 * 1024)?;
         let reader = index.reader_builder().reload_policy(ReloadPolicy::Manual).try_into()?;
         Ok(SearchIndex {
-            applied: std::sync::atomic::AtomicU64::new(0),
             index,
-            writer: Mutex::new(writer),
+            writer: Mutex::new(Writer {
+                writer,
+                fed: 0,
+                committed: 0,
+                last_commit: Instant::now(),
+            }),
             reader,
             fields: Fields {
                 key,
@@ -117,68 +143,89 @@ impl SearchIndex {
         })
     }
 
-    /// Applies every queued task from the store; returns how many were applied.
+    /// Applies every queued task from the store and commits; returns how many were applied.
     pub fn catch_up(&self, store: &Store) -> Result<usize, SearchError> {
-        let mut writer = self
+        self.update(store, Commit::Now)
+    }
+
+    /// Feeds every queued task from the store to the writer, and commits as `commit` says
+    /// (only then are the tasks removed from the queue); returns how many were fed.
+    pub fn update(&self, store: &Store, commit: Commit) -> Result<usize, SearchError> {
+        let mut state = self
             .writer
             .lock()
             .map_err(|_| SearchError::Directory("index writer poisoned".into()))?;
+        let state = &mut *state;
         let mut handled = 0;
         loop {
-            let after = self.applied.load(std::sync::atomic::Ordering::Acquire);
-            let tasks = store.search_tasks(after, 2000)?;
+            let tasks = store.search_tasks(state.fed, 2000)?;
             if tasks.is_empty() {
                 break;
             }
             for (_, task) in &tasks {
-                match task {
-                    SearchTask::Add { mailbox, id, blob } => {
-                        let key = document_key(*mailbox, *id);
-                        writer.delete_term(Term::from_field_text(self.fields.key, &key));
-                        let mailbox_id = MailboxId(*mailbox);
-                        let Some(record) = store.record(mailbox_id, *id)? else {
-                            continue;
-                        };
-                        let listing = store
-                            .local_state(mailbox_id, *id)?
-                            .and_then(|state| state.listing)
-                            .unwrap_or_default();
-                        let raw = store.blob(blob)?.unwrap_or_default();
-                        let text = mail::search_text(&raw);
-                        let text_key =
-                            |sort: SortKey| String::from_utf8_lossy(&sort.key(&record, &listing)).into_owned();
-                        writer.add_document(doc!(
-                            self.fields.received => record.received_millis,
-                            self.fields.date => listing.date_millis.unwrap_or(record.received_millis),
-                            self.fields.size => record.size,
-                            self.fields.from_key => text_key(SortKey::From),
-                            self.fields.subject_key => text_key(SortKey::Subject),
-                            self.fields.key => key,
-                            self.fields.id => id.to_string(),
-                            self.fields.mailbox => mailbox_term(*mailbox),
-                            self.fields.from => text.from,
-                            self.fields.to => text.to,
-                            self.fields.subject => text.subject,
-                            self.fields.body => text.body,
-                        ))?;
-                    }
-                    SearchTask::Remove { id } => {
-                        // The key needs the mailbox; the id alone is unique on this node's
-                        // records, so drop by id.
-                        writer.delete_term(Term::from_field_text(self.fields.id, &id.to_string()));
-                    }
-                }
+                self.apply(store, &mut state.writer, task)?;
             }
-            writer.commit()?;
-            let last = tasks.iter().map(|(sequence, _)| *sequence).max().unwrap_or(after);
-            store.finish_search_tasks(last)?;
-            self.applied.store(last, std::sync::atomic::Ordering::Release);
+            state.fed = tasks.iter().map(|(sequence, _)| *sequence).max().unwrap_or(state.fed);
             handled += tasks.len();
         }
-        if handled > 0 {
+        let due = match commit {
+            Commit::Now => true,
+            Commit::After(interval) => state.last_commit.elapsed() >= interval,
+        };
+        if due && state.fed > state.committed {
+            state.writer.commit()?;
+            store.finish_search_tasks(state.fed)?;
+            state.committed = state.fed;
+            state.last_commit = Instant::now();
             self.reader.reload()?;
         }
         Ok(handled)
+    }
+
+    /// Hands one queued task to the writer.
+    fn apply(
+        &self,
+        store: &Store,
+        writer: &mut IndexWriter<TantivyDocument>,
+        task: &SearchTask,
+    ) -> Result<(), SearchError> {
+        match task {
+            SearchTask::Add { mailbox, id, blob } => {
+                let key = document_key(*mailbox, *id);
+                writer.delete_term(Term::from_field_text(self.fields.key, &key));
+                let mailbox_id = MailboxId(*mailbox);
+                let Some(record) = store.record(mailbox_id, *id)? else {
+                    return Ok(());
+                };
+                let listing = store
+                    .local_state(mailbox_id, *id)?
+                    .and_then(|state| state.listing)
+                    .unwrap_or_default();
+                let raw = store.blob(blob)?.unwrap_or_default();
+                let text = mail::search_text(&raw);
+                let text_key = |sort: SortKey| String::from_utf8_lossy(&sort.key(&record, &listing)).into_owned();
+                writer.add_document(doc!(
+                    self.fields.received => record.received_millis,
+                    self.fields.date => listing.date_millis.unwrap_or(record.received_millis),
+                    self.fields.size => record.size,
+                    self.fields.from_key => text_key(SortKey::From),
+                    self.fields.subject_key => text_key(SortKey::Subject),
+                    self.fields.key => key,
+                    self.fields.id => id.to_string(),
+                    self.fields.mailbox => mailbox_term(*mailbox),
+                    self.fields.from => text.from,
+                    self.fields.to => text.to,
+                    self.fields.subject => text.subject,
+                    self.fields.body => text.body,
+                ))?;
+            }
+            SearchTask::Remove { id } => {
+                // The key needs the mailbox; the id alone is unique on this node's records, so
+                // drop by id.
+                writer.delete_term(Term::from_field_text(self.fields.id, &id.to_string()));
+            }
+        }
+        Ok(())
     }
 
     /// Messages of one mailbox matching `text` (tantivy query syntax, read leniently), in a sort
@@ -258,12 +305,15 @@ impl SearchIndex {
 
     /// Deletes every document (before a rebuild from the store's queue).
     pub fn clear(&self) -> Result<(), SearchError> {
-        let mut writer = self
+        let mut state = self
             .writer
             .lock()
             .map_err(|_| SearchError::Directory("index writer poisoned".into()))?;
-        writer.delete_all_documents()?;
-        writer.commit()?;
+        state.writer.delete_all_documents()?;
+        state.writer.commit()?;
+        state.last_commit = Instant::now();
+        // Tasks fed but not committed were dropped with the rest; they are still queued.
+        state.fed = state.committed;
         self.reader.reload()?;
         Ok(())
     }

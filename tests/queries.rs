@@ -8,7 +8,7 @@ use std::time::Duration;
 use mailmesh::harness::{wait_until, LocalNode};
 use mailmesh::mail;
 use mailmesh::model::{Flag, MailboxKey, MessageId, MessageRecord, NodeId};
-use mailmesh::search::SearchIndex;
+use mailmesh::search::{Commit, SearchIndex};
 use mailmesh::store::{Applied, Operation, SortKey, Store, StoreOptions};
 
 const NOW: u64 = 1_767_225_600_000;
@@ -409,6 +409,53 @@ fn search_finds_words_in_headers_and_bodies_of_one_mailbox_only() {
     let _ = index
         .search(&store, inbox.id(), "AND (( \"unclosed", SortKey::From, false, 0, 10)
         .unwrap();
+}
+
+#[test]
+fn fed_but_uncommitted_search_updates_are_found_by_searches_and_replayed_after_a_crash() {
+    let directory = tempfile::tempdir().unwrap();
+    let store = open(&directory.path().join("store"), 1);
+    let inbox = MailboxKey::new("frank", "INBOX").unwrap();
+    let ids = append_all(&store, &inbox, &samples(30, 5));
+    let index = SearchIndex::open(&directory.path().join("search")).unwrap();
+    let later = Commit::After(std::time::Duration::from_secs(3600));
+    assert_eq!(index.update(&store, later).unwrap(), 30, "every queued task is fed");
+    assert_eq!(
+        store.search_tasks(0, 100).unwrap().len(),
+        30,
+        "fed but not committed: the tasks stay queued"
+    );
+    // A crash now (the index dropped without a commit) loses nothing: reopened, the queue is fed
+    // again, and each message is indexed once.
+    drop(index);
+    let index = SearchIndex::open(&directory.path().join("search")).unwrap();
+    index.update(&store, later).unwrap();
+    let hits = index
+        .search(&store, inbox.id(), "number", SortKey::Received, false, 0, 1000)
+        .unwrap();
+    assert_eq!(hits.total, 30, "a search commits what was fed first");
+    let mut found = hits.ids.clone();
+    found.sort();
+    let mut expected = ids.clone();
+    expected.sort();
+    assert_eq!(found, expected);
+    assert!(
+        store.search_tasks(0, 100).unwrap().is_empty(),
+        "committed tasks leave the queue"
+    );
+    // Replayed after a commit too: the tasks are fed once, however often update runs.
+    append_all(&store, &inbox, &samples(5, 6));
+    assert_eq!(index.update(&store, later).unwrap(), 5);
+    assert_eq!(index.update(&store, later).unwrap(), 0);
+    assert_eq!(index.update(&store, Commit::Now).unwrap(), 0);
+    assert!(store.search_tasks(0, 100).unwrap().is_empty());
+    assert_eq!(
+        index
+            .search(&store, inbox.id(), "number", SortKey::Received, false, 0, 1000)
+            .unwrap()
+            .total,
+        35
+    );
 }
 
 fn write_samples_to_mbox(path: &std::path::Path, samples: &[Vec<u8>]) {
