@@ -1445,15 +1445,24 @@ impl Node {
                 if !self.is_stale() {
                     self.record_contact(); // answering a session is contact with the cluster too
                 }
+                let reply = split_you_lack(reply);
+                let message = sync::encode(&reply);
+                let (records, blobs) = match &space {
+                    WireSpace::Mailbox(key) => self.records_they_lack(key, &reply, &message)?,
+                    WireSpace::Directory => (Vec::new(), Vec::new()),
+                };
+                let response = Response::Reconcile {
+                    message: ByteString(message),
+                    records,
+                    blobs,
+                };
                 if let (WireSpace::Mailbox(key), false) = (&space, outcome.is_empty()) {
                     // The requester has things we lack: pull them, within the peer's in-flight
                     // allowance and unless another session is on this mailbox (a pull skipped
                     // now is found again by the next session).
                     let (Some(slot), Some(claim)) = (self.take_in_flight_slot(peer), self.claim_mailbox(key.id()))
                     else {
-                        return Ok(Response::Reconcile {
-                            message: ByteString(sync::encode(&split_you_lack(reply))),
-                        });
+                        return Ok(response);
                     };
                     let node = self.clone();
                     let key = key.clone();
@@ -1465,9 +1474,7 @@ impl Node {
                         }
                     });
                 }
-                Ok(Response::Reconcile {
-                    message: ByteString(sync::encode(&split_you_lack(reply))),
-                })
+                Ok(response)
             }
             Request::Push { mailbox, record, blob } => {
                 let label = GossipLabel {
@@ -1518,7 +1525,7 @@ impl Node {
                         records.push(record);
                     }
                 }
-                let blobs = self.inline_blobs(&records)?;
+                let blobs = self.inline_blobs(&records, self.inline_budget())?;
                 Ok(Response::Records { records, more, blobs })
             }
             Request::FetchRange {
@@ -1552,7 +1559,7 @@ impl Node {
                 let mut records = store.records_in_range(mailbox.id(), MessageId(start), MessageId(high), limit + 1)?;
                 let more = records.len() > limit;
                 records.truncate(limit);
-                let blobs = self.inline_blobs(&records)?;
+                let blobs = self.inline_blobs(&records, self.inline_budget())?;
                 Ok(Response::Records { records, more, blobs })
             }
             Request::FetchBlob { hash, offset, length } => match store.blob(&hash)? {
@@ -1727,23 +1734,22 @@ impl Node {
         space: WireSpace,
         view: &V,
         stats: &SessionStats,
-    ) -> Result<(Outcome, Outcome), NodeError> {
+    ) -> Result<Reconciled, NodeError> {
         let limits = self.inner.limits;
         let sync_error = |error: sync::SyncError| NodeError::Peer {
             peer,
             reason: error.to_string(),
         };
         let mut outgoing = sync::initial(view, &limits).map_err(sync_error)?;
-        let mut mine = Outcome::default();
-        let mut told = Outcome::default();
+        let mut done = Reconciled::default();
         for _round in 0..80 {
             if outgoing.is_empty() {
-                return Ok((mine, told));
+                return Ok(done);
             }
             for element in &outgoing {
                 match element {
-                    Element::YouLack { keys } => told.need_keys.extend(keys.iter().copied()),
-                    Element::YouLackAll { prefix } => told.need_prefixes.push(*prefix),
+                    Element::YouLack { keys } => done.told.need_keys.extend(keys.iter().copied()),
+                    Element::YouLackAll { prefix } => done.told.need_prefixes.push(*prefix),
                     _ => {}
                 }
             }
@@ -1756,8 +1762,33 @@ impl Node {
                     message: ByteString(sync::encode(&chunk)),
                 };
                 match self.request(peer, &request, stats).await? {
-                    Response::Reconcile { message } => {
-                        incoming.extend(sync::decode(&message.0, &limits).map_err(sync_error)?);
+                    Response::Reconcile {
+                        message,
+                        records,
+                        blobs,
+                    } => {
+                        let elements = sync::decode(&message.0, &limits).map_err(sync_error)?;
+                        if !records.is_empty() {
+                            // Only records the same reply says this side lacks, in a mailbox.
+                            let lacked: HashSet<u128> = elements
+                                .iter()
+                                .flat_map(|element| match element {
+                                    Element::YouLack { keys } => keys.as_slice(),
+                                    _ => &[],
+                                })
+                                .copied()
+                                .collect();
+                            let named = records.iter().all(|record| lacked.contains(&record.id.0));
+                            if !named || !matches!(space, WireSpace::Mailbox(_)) {
+                                return Err(NodeError::Peer {
+                                    peer,
+                                    reason: "sent records with a reconciliation reply that were not lacking".into(),
+                                });
+                            }
+                            done.delivered.extend(records);
+                            done.delivered_blobs.extend(blobs);
+                        }
+                        incoming.extend(elements);
                     }
                     _ => {
                         return Err(NodeError::Peer {
@@ -1768,7 +1799,7 @@ impl Node {
                 }
             }
             let (reply, outcome) = sync::respond(view, &incoming, &limits).map_err(sync_error)?;
-            mine.extend(outcome);
+            done.mine.extend(outcome);
             outgoing = reply;
         }
         Err(NodeError::Peer {
@@ -1782,7 +1813,7 @@ impl Node {
         let store = self.inner.store.clone();
         let stats = &SessionStats::default();
         let started = Instant::now();
-        let (mut mine, mut told) = self
+        let Reconciled { mut mine, mut told, .. } = self
             .reconcile(peer, WireSpace::Directory, &store.tree(Space::Directory), stats)
             .await?;
         tracing::debug!(
@@ -1888,7 +1919,12 @@ impl Node {
         let stats = SessionStats::default();
         let result = async {
             let store = self.inner.store.clone();
-            let (outcome, _) = self
+            let Reconciled {
+                mine: mut outcome,
+                delivered,
+                delivered_blobs,
+                ..
+            } = self
                 .reconcile(
                     peer,
                     WireSpace::Mailbox(key.clone()),
@@ -1896,6 +1932,12 @@ impl Node {
                     &stats,
                 )
                 .await?;
+            if !delivered.is_empty() {
+                let sent: HashSet<u128> = delivered.iter().map(|record| record.id.0).collect();
+                outcome.need_keys.retain(|key| !sent.contains(key));
+                self.merge_pulled(peer, &key, delivered, delivered_blobs, &stats)
+                    .await?;
+            }
             self.pull(peer, &key, outcome, &stats).await
         }
         .instrument(span.clone())
@@ -2079,10 +2121,42 @@ impl Node {
         Ok(())
     }
 
-    /// The blobs of small live records, up to 4 MiB in all, to travel with them.
-    fn inline_blobs(&self, records: &[MessageRecord]) -> Result<Vec<ByteString>, NodeError> {
+    /// The records a reconciliation reply says the asker lacks (at most 256), with their small
+    /// blobs: most differing mailboxes then need no fetch after the reply. `message` is the
+    /// encoded reply, which shares the answer's size limit.
+    fn records_they_lack(
+        &self,
+        mailbox: &MailboxKey,
+        reply: &[Element],
+        message: &[u8],
+    ) -> Result<(Vec<MessageRecord>, Vec<ByteString>), NodeError> {
+        let limit = self.inner.config.max_records_per_response.min(256);
+        let budget = self.inline_budget().saturating_sub(message.len() as u64);
+        let mut records = Vec::new();
+        if budget < 64 * 1024 {
+            return Ok((records, Vec::new()));
+        }
+        let keys = reply.iter().flat_map(|element| match element {
+            Element::YouLack { keys } => keys.as_slice(),
+            _ => &[],
+        });
+        for key in keys.take(limit) {
+            if let Some(record) = self.inner.store.record(mailbox.id(), MessageId(*key))? {
+                records.push(record);
+            }
+        }
+        let blobs = self.inline_blobs(&records, budget)?;
+        Ok((records, blobs))
+    }
+
+    /// Bytes of blobs one answer may carry inline: 4 MiB, or half the answer limit if smaller.
+    fn inline_budget(&self) -> u64 {
+        (self.inner.config.max_response_bytes as u64 / 2).min(4 * 1024 * 1024)
+    }
+
+    /// The blobs of small live records, up to `budget` bytes in all, to travel with them.
+    fn inline_blobs(&self, records: &[MessageRecord], mut budget: u64) -> Result<Vec<ByteString>, NodeError> {
         let mut blobs = Vec::new();
-        let mut budget: u64 = 4 * 1024 * 1024;
         let limit = self.inner.config.inline_blob_bytes as u64;
         for record in records {
             if !record.is_live() || record.size > limit || record.size > budget {
@@ -2164,6 +2238,18 @@ fn collect_all_tombstones(store: &Store) -> Result<usize, StoreError> {
 /// Resolves once the stop flag is set (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// What one reconciliation with a peer found.
+#[derive(Default)]
+struct Reconciled {
+    /// What this side lacks.
+    mine: Outcome,
+    /// What this side told the peer it lacks.
+    told: Outcome,
+    /// Records the peer sent with its replies (some of `mine`), and their small blobs.
+    delivered: Vec<MessageRecord>,
+    delivered_blobs: Vec<ByteString>,
 }
 
 /// Splits long `YouLack` lists so no element exceeds the wire limit.

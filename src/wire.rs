@@ -82,7 +82,16 @@ pub enum Request {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
     #[serde(rename = "reconcile")]
-    Reconcile { message: ByteString },
+    Reconcile {
+        message: ByteString,
+        /// In a mailbox, the records the reply says the asker lacks (some or all of its `YouLack`
+        /// keys), with their small blobs inline: one round trip saved per differing mailbox.
+        /// Keys not sent here are pulled as usual.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        records: Vec<MessageRecord>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        blobs: Vec<ByteString>,
+    },
     #[serde(rename = "records")]
     Records {
         records: Vec<MessageRecord>,

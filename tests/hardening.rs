@@ -5,9 +5,10 @@ use std::time::Duration;
 
 use libp2p::identity::Keypair;
 use mailmesh::harness::{digests_agree, sample_message, wait_until, LocalNode};
+use mailmesh::merkle::{MemoryTree, StoredDepth};
 use mailmesh::model::{BlobHash, Flag, MailboxKey, MessageId, MessageRecord, NodeId, Stamp};
 use mailmesh::net::{self, NetworkConfig, NetworkEvent, Topic};
-use mailmesh::sync::ByteString;
+use mailmesh::sync::{self, ByteString, Element, SyncLimits};
 use mailmesh::wire::{self, Gossip, Response};
 
 fn binary() -> &'static std::path::Path {
@@ -232,17 +233,19 @@ async fn hostile_peer(bootstrap: &str, cluster: &str) -> Hostile {
     Hostile { client, events }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_peer_that_answers_out_of_protocol_is_disconnected_and_counted() {
+/// Runs a node, makes it open a session with a hand-made peer, answers every request of that
+/// session with `garbage`, and checks the node drops, blocks and counts the peer.
+async fn assert_dropped_for_answering(garbage: Vec<u8>, cluster: &str, why: &str) {
     let directory = tempfile::tempdir().unwrap();
     let node = tokio::task::spawn_blocking({
         let path = directory.path().join("node");
-        move || LocalNode::spawn(binary(), "target", &path, "test-hostile", &[], 200, &[]).unwrap()
+        let cluster = cluster.to_string();
+        move || LocalNode::spawn(binary(), "target", &path, &cluster, &[], 200, &[]).unwrap()
     })
     .await
     .unwrap();
     let address = node.listen_address().unwrap();
-    let mut hostile = hostile_peer(&address, "test-hostile").await;
+    let mut hostile = hostile_peer(&address, cluster).await;
     // Announce a digest that differs from the node's, so it opens a session with us (or it does
     // so on connect, when its peer ID is the lower); answer with the wrong kind of frame.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
@@ -264,12 +267,7 @@ async fn a_peer_that_answers_out_of_protocol_is_disconnected_and_counted() {
         let _ = hostile.client.publish(Topic::Digests, wire::encode(&digest)).await;
         match tokio::time::timeout(Duration::from_millis(300), hostile.events.recv()).await {
             Ok(Some(NetworkEvent::Request { channel, .. })) => {
-                let garbage = wire::encode(&Response::Records {
-                    records: vec![],
-                    more: false,
-                    blobs: vec![],
-                });
-                let _ = hostile.client.respond(channel, garbage).await;
+                let _ = hostile.client.respond(channel, garbage.clone()).await;
             }
             Ok(Some(NetworkEvent::PeerDisconnected(_))) => disconnected = true,
             Ok(Some(NetworkEvent::Gossip {
@@ -290,9 +288,129 @@ async fn a_peer_that_answers_out_of_protocol_is_disconnected_and_counted() {
     assert!(penalised >= 1.0, "mailmesh_peers_penalised_total is {penalised}");
     let log = std::fs::read_to_string(directory.path().join("node").join("node.log")).unwrap();
     assert!(
-        log.contains("misbehaving peer"),
-        "the log does not say why the peer was dropped"
+        log.lines()
+            .any(|line| line.contains("misbehaving peer") && line.contains(why)),
+        "the log does not say the peer was dropped for {why:?}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_answers_out_of_protocol_is_disconnected_and_counted() {
+    let wrong_kind = wire::encode(&Response::Records {
+        records: vec![],
+        more: false,
+        blobs: vec![],
+    });
+    assert_dropped_for_answering(wrong_kind, "test-hostile", "unexpected answer").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_sends_records_nobody_lacked_with_a_reply_is_disconnected() {
+    let raw = b"Subject: unasked\r\n\r\nhello".to_vec();
+    let record = MessageRecord::new(
+        MessageId::from_parts(1_767_225_600_000, 5),
+        BlobHash::of(&raw),
+        raw.len() as u64,
+        1_767_225_600_000,
+        NodeId(66),
+    );
+    // A reply that says nothing is lacking, yet carries a record.
+    let unasked = wire::encode(&Response::Reconcile {
+        message: ByteString(sync::encode(&[])),
+        records: vec![record],
+        blobs: vec![ByteString(raw)],
+    });
+    assert_dropped_for_answering(unasked, "test-unasked", "not lacking").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciliation_reply_carries_the_records_and_blobs_the_asker_lacks() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = tokio::task::spawn_blocking({
+        let path = directory.path().join("node");
+        move || LocalNode::spawn(binary(), "target", &path, "test-carry", &[], 200, &[]).unwrap()
+    })
+    .await
+    .unwrap();
+    let mut written = Vec::new();
+    for index in 0..5 {
+        let raw = sample_message("carol@example.org", &format!("carried {index}"), "in the reply");
+        // Blocking HTTP, before any peer runs on this runtime.
+        written.push((node.append("dora@example.org", "INBOX", &raw).unwrap(), raw));
+    }
+    let address = node.listen_address().unwrap();
+    let mut hostile = hostile_peer(&address, "test-carry").await;
+    let peer = loop {
+        match tokio::time::timeout(Duration::from_secs(20), hostile.events.recv()).await {
+            Ok(Some(NetworkEvent::PeerConnected(peer))) => break peer,
+            Ok(Some(_)) => {}
+            _ => panic!("the node never connected"),
+        }
+    };
+    // Keep the hand-made peer's events flowing, and answer the node's own session politely.
+    let client = hostile.client.clone();
+    tokio::spawn(async move {
+        while let Some(event) = hostile.events.recv().await {
+            match event {
+                NetworkEvent::Request { channel, .. } => {
+                    let empty = wire::encode(&Response::Reconcile {
+                        message: ByteString(sync::encode(&[])),
+                        records: vec![],
+                        blobs: vec![],
+                    });
+                    let _ = client.respond(channel, empty).await;
+                }
+                NetworkEvent::Gossip {
+                    message_id,
+                    propagation_source,
+                    ..
+                } => {
+                    let _ = client.report_validation(message_id, propagation_source, true).await;
+                }
+                _ => {}
+            }
+        }
+    });
+    // Ask as a replica holding nothing of the mailbox would.
+    let mailbox = MailboxKey::new("dora@example.org", "INBOX").unwrap();
+    let empty = MemoryTree::new(StoredDepth::MAILBOX);
+    let limits = SyncLimits::default();
+    let request = wire::Request::Reconcile {
+        space: wire::WireSpace::Mailbox(mailbox),
+        message: ByteString(sync::encode(&sync::initial(&empty, &limits).unwrap())),
+    };
+    let answer = hostile.client.request(peer, wire::encode(&request)).await.unwrap();
+    let Response::Reconcile {
+        message,
+        records,
+        blobs,
+    } = wire::decode::<Response>(&answer).unwrap()
+    else {
+        panic!("not a reconciliation reply");
+    };
+    let mut lacked: Vec<u128> = sync::decode(&message.0, &limits)
+        .unwrap()
+        .into_iter()
+        .flat_map(|element| match element {
+            Element::YouLack { keys } => keys,
+            _ => vec![],
+        })
+        .collect();
+    lacked.sort();
+    let mut expected: Vec<u128> = written
+        .iter()
+        .map(|(id, _)| id.parse::<MessageId>().unwrap().0)
+        .collect();
+    expected.sort();
+    assert_eq!(lacked, expected, "the reply names every message as lacking");
+    let mut carried: Vec<u128> = records.iter().map(|record| record.id.0).collect();
+    carried.sort();
+    assert_eq!(carried, expected, "and carries each of their records");
+    let mut carried_blobs: Vec<BlobHash> = blobs.iter().map(|bytes| BlobHash::of(&bytes.0)).collect();
+    carried_blobs.sort();
+    let mut expected_blobs: Vec<BlobHash> = written.iter().map(|(_, raw)| BlobHash::of(raw)).collect();
+    expected_blobs.sort();
+    assert_eq!(carried_blobs, expected_blobs, "with the bytes of each message");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -332,7 +450,9 @@ async fn gossip_with_a_stamp_far_in_the_future_is_refused() {
         while let Ok(event) = hostile.events.try_recv() {
             if let NetworkEvent::Request { channel, .. } = event {
                 let empty = wire::encode(&Response::Reconcile {
-                    message: ByteString(mailmesh::sync::encode(&[])),
+                    message: ByteString(sync::encode(&[])),
+                    records: vec![],
+                    blobs: vec![],
                 });
                 let _ = hostile.client.respond(channel, empty).await;
             }
