@@ -106,6 +106,19 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
             bytes: Some(ByteString(b"hello".to_vec())),
             total: 5,
         }),
+        wire::encode(&Request::ReconcileMailboxes {
+            mailboxes: vec![wire::MailboxMessage {
+                mailbox: mailbox.clone(),
+                message: ByteString(sync::encode(&first)),
+            }],
+        }),
+        wire::encode(&Response::ReconciledMailboxes {
+            replies: vec![wire::MailboxReply {
+                message: ByteString(sync::encode(&first)),
+                records: vec![record.clone()],
+                blobs: vec![ByteString(b"raw".to_vec())],
+            }],
+        }),
         wire::encode(&Gossip::Operation {
             mailbox: mailbox.clone(),
             record,

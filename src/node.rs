@@ -38,7 +38,7 @@ use crate::net::{self, NetworkClient, NetworkConfig, NetworkEvent, Topic};
 use crate::search::SearchIndex;
 use crate::store::{lock, Applied, CommitQueue, Operation, Space, Store, StoreError, StoreOptions};
 use crate::sync::{self, ByteString, Element, Outcome, SyncLimits};
-use crate::wire::{self, Gossip, Request, Response, WireSpace};
+use crate::wire::{self, Gossip, MailboxReply, Request, Response, WireSpace};
 
 /// Everything a node needs to start.
 #[derive(Clone, Debug)]
@@ -252,6 +252,10 @@ impl SessionStats {
 
 /// Mailboxes one session reconciles concurrently.
 const MAILBOXES_AT_ONCE: usize = 128;
+/// Mailboxes whose first reconciliation round shares one request.
+const MAILBOXES_PER_BATCH: usize = 32;
+/// A first message longer than this goes alone (it is a large mailbox's top levels).
+const BATCHED_MESSAGE_BYTES: usize = 4096;
 
 /// How a node declines a request for load; askers retry these after a pause.
 const BUSY_PREFIX: &str = "busy:";
@@ -1427,54 +1431,50 @@ impl Node {
     async fn answer(&self, peer: PeerId, request: Request) -> Result<Response, NodeError> {
         let store = &self.inner.store;
         match request {
-            Request::Reconcile { space, message } => {
+            Request::Reconcile {
+                space: WireSpace::Directory,
+                message,
+            } => {
                 let incoming = sync::decode(&message.0, &self.inner.limits).map_err(|error| NodeError::Peer {
                     peer,
                     reason: error.to_string(),
                 })?;
-                let (reply, outcome) = match &space {
-                    WireSpace::Directory => sync::respond(&store.tree(Space::Directory), &incoming, &self.inner.limits),
-                    WireSpace::Mailbox(key) => {
-                        sync::respond(&store.tree(Space::Mailbox(key.id())), &incoming, &self.inner.limits)
-                    }
-                }
-                .map_err(|error| NodeError::Peer {
-                    peer,
-                    reason: error.to_string(),
-                })?;
+                let (reply, _) =
+                    sync::respond(&store.tree(Space::Directory), &incoming, &self.inner.limits).map_err(|error| {
+                        NodeError::Peer {
+                            peer,
+                            reason: error.to_string(),
+                        }
+                    })?;
                 if !self.is_stale() {
                     self.record_contact(); // answering a session is contact with the cluster too
                 }
-                let reply = split_you_lack(reply);
-                let message = sync::encode(&reply);
-                let (records, blobs) = match &space {
-                    WireSpace::Mailbox(key) => self.records_they_lack(key, &reply, &message)?,
-                    WireSpace::Directory => (Vec::new(), Vec::new()),
-                };
-                let response = Response::Reconcile {
-                    message: ByteString(message),
-                    records,
-                    blobs,
-                };
-                if let (WireSpace::Mailbox(key), false) = (&space, outcome.is_empty()) {
-                    // The requester has things we lack: pull them, within the peer's in-flight
-                    // allowance and unless another session is on this mailbox (a pull skipped
-                    // now is found again by the next session).
-                    let (Some(slot), Some(claim)) = (self.take_in_flight_slot(peer), self.claim_mailbox(key.id()))
-                    else {
-                        return Ok(response);
-                    };
-                    let node = self.clone();
-                    let key = key.clone();
-                    tokio::spawn(async move {
-                        let _slot = slot;
-                        let _claim = claim;
-                        if let Err(error) = node.pull(peer, &key, outcome, &SessionStats::default()).await {
-                            node.on_peer_failure(peer, "pull", error).await;
-                        }
-                    });
+                Ok(Response::Reconcile {
+                    message: ByteString(sync::encode(&split_you_lack(reply))),
+                    records: Vec::new(),
+                    blobs: Vec::new(),
+                })
+            }
+            Request::Reconcile {
+                space: WireSpace::Mailbox(key),
+                message,
+            } => {
+                let mut budget = self.inline_budget();
+                let reply = self.answer_mailbox(peer, &key, &message.0, &mut budget)?;
+                Ok(Response::Reconcile {
+                    message: reply.message,
+                    records: reply.records,
+                    blobs: reply.blobs,
+                })
+            }
+            Request::ReconcileMailboxes { mailboxes } => {
+                // One inline budget for the whole answer.
+                let mut budget = self.inline_budget();
+                let mut replies = Vec::with_capacity(mailboxes.len());
+                for entry in mailboxes {
+                    replies.push(self.answer_mailbox(peer, &entry.mailbox, &entry.message.0, &mut budget)?);
                 }
-                Ok(response)
+                Ok(Response::ReconciledMailboxes { replies })
             }
             Request::Push { mailbox, record, blob } => {
                 let label = GossipLabel {
@@ -1735,13 +1735,29 @@ impl Node {
         view: &V,
         stats: &SessionStats,
     ) -> Result<Reconciled, NodeError> {
+        let outgoing = sync::initial(view, &self.inner.limits).map_err(|error| NodeError::Peer {
+            peer,
+            reason: error.to_string(),
+        })?;
+        self.reconcile_from(peer, space, view, outgoing, Reconciled::default(), stats)
+            .await
+    }
+
+    /// Goes on with a reconciliation from this side's next message `outgoing`.
+    async fn reconcile_from<V: TreeView>(
+        &self,
+        peer: PeerId,
+        space: WireSpace,
+        view: &V,
+        mut outgoing: Vec<Element>,
+        mut done: Reconciled,
+        stats: &SessionStats,
+    ) -> Result<Reconciled, NodeError> {
         let limits = self.inner.limits;
         let sync_error = |error: sync::SyncError| NodeError::Peer {
             peer,
             reason: error.to_string(),
         };
-        let mut outgoing = sync::initial(view, &limits).map_err(sync_error)?;
-        let mut done = Reconciled::default();
         for _round in 0..80 {
             if outgoing.is_empty() {
                 return Ok(done);
@@ -1768,26 +1784,7 @@ impl Node {
                         blobs,
                     } => {
                         let elements = sync::decode(&message.0, &limits).map_err(sync_error)?;
-                        if !records.is_empty() {
-                            // Only records the same reply says this side lacks, in a mailbox.
-                            let lacked: HashSet<u128> = elements
-                                .iter()
-                                .flat_map(|element| match element {
-                                    Element::YouLack { keys } => keys.as_slice(),
-                                    _ => &[],
-                                })
-                                .copied()
-                                .collect();
-                            let named = records.iter().all(|record| lacked.contains(&record.id.0));
-                            if !named || !matches!(space, WireSpace::Mailbox(_)) {
-                                return Err(NodeError::Peer {
-                                    peer,
-                                    reason: "sent records with a reconciliation reply that were not lacking".into(),
-                                });
-                            }
-                            done.delivered.extend(records);
-                            done.delivered_blobs.extend(blobs);
-                        }
+                        accept_delivered(peer, &space, &elements, records, blobs, &mut done)?;
                         incoming.extend(elements);
                     }
                     _ => {
@@ -1881,15 +1878,23 @@ impl Node {
         }
         // Mailboxes are reconciled 128 at a time: each takes a few round trips (four over a
         // 100 ms link), and after a partition hundreds or thousands may differ.
+        // Their first rounds go in batches.
+        let batches: Vec<Vec<MailboxKey>> = keys
+            .iter()
+            .cloned()
+            .collect::<Vec<_>>()
+            .chunks(wire::MAX_MAILBOXES_PER_BATCH.min(MAILBOXES_PER_BATCH))
+            .map(|chunk| chunk.to_vec())
+            .collect();
         let mut pending = futures::stream::FuturesUnordered::new();
-        let mut remaining = keys.iter().cloned();
-        for key in remaining.by_ref().take(MAILBOXES_AT_ONCE) {
-            pending.push(self.sync_mailbox(peer, key));
+        let mut remaining = batches.into_iter();
+        for batch in remaining.by_ref().take(MAILBOXES_AT_ONCE / MAILBOXES_PER_BATCH) {
+            pending.push(self.sync_mailboxes(peer, batch));
         }
         while let Some(result) = pending.next().await {
             result?;
-            if let Some(key) = remaining.next() {
-                pending.push(self.sync_mailbox(peer, key));
+            if let Some(batch) = remaining.next() {
+                pending.push(self.sync_mailboxes(peer, batch));
             }
         }
         Ok(keys.len())
@@ -1905,6 +1910,90 @@ impl Node {
             tracing::debug!(%peer, mailbox = key.mailbox(), "skipped: another session is reconciling this mailbox");
             return Ok(());
         };
+        self.reconcile_mailbox(peer, &key, None).await
+    }
+
+    /// Reconciles small mailboxes with a peer, their first round in one request: after a
+    /// partition thousands differ, most settled by that one reply. Larger first messages go
+    /// one mailbox at a time.
+    async fn sync_mailboxes(&self, peer: PeerId, keys: Vec<MailboxKey>) -> Result<(), NodeError> {
+        let store = &self.inner.store;
+        let limits = self.inner.limits;
+        let mut batch = Vec::new();
+        let mut alone = Vec::new();
+        for key in keys {
+            let first =
+                sync::initial(&store.tree(Space::Mailbox(key.id())), &limits).map_err(|error| NodeError::Peer {
+                    peer,
+                    reason: error.to_string(),
+                })?;
+            let message = sync::encode(&first);
+            if message.len() > BATCHED_MESSAGE_BYTES {
+                alone.push(key);
+                continue;
+            }
+            let Some(claim) = self.claim_mailbox(key.id()) else {
+                tracing::debug!(%peer, mailbox = key.mailbox(), "skipped: another session is reconciling this mailbox");
+                continue;
+            };
+            batch.push((key, claim, message));
+        }
+        let stats = SessionStats::default();
+        let replies = if batch.is_empty() {
+            Vec::new()
+        } else {
+            self.inner.metrics.session_rounds.inc();
+            let request = Request::ReconcileMailboxes {
+                mailboxes: batch
+                    .iter()
+                    .map(|(key, _, message)| wire::MailboxMessage {
+                        mailbox: key.clone(),
+                        message: ByteString(message.clone()),
+                    })
+                    .collect(),
+            };
+            match self.request(peer, &request, &stats).await? {
+                Response::ReconciledMailboxes { replies } if replies.len() == batch.len() => replies,
+                _ => {
+                    return Err(NodeError::Peer {
+                        peer,
+                        reason: "unexpected answer to a batch of mailboxes".into(),
+                    })
+                }
+            }
+        };
+        let mut answered = Vec::with_capacity(batch.len());
+        for ((key, claim, _), reply) in batch.into_iter().zip(replies) {
+            let elements = sync::decode(&reply.message.0, &limits).map_err(|error| NodeError::Peer {
+                peer,
+                reason: error.to_string(),
+            })?;
+            let mut done = Reconciled::default();
+            let space = WireSpace::Mailbox(key.clone());
+            accept_delivered(peer, &space, &elements, reply.records, reply.blobs, &mut done)?;
+            answered.push((key, claim, elements, done));
+        }
+        let finishing = answered.into_iter().map(|(key, claim, elements, done)| async move {
+            let _claim = claim;
+            self.reconcile_mailbox(peer, &key, Some((elements, done))).await
+        });
+        for result in futures::future::join_all(finishing).await {
+            result?;
+        }
+        for key in alone {
+            self.sync_mailbox(peer, key).await?;
+        }
+        Ok(())
+    }
+
+    /// Reconciles a claimed mailbox (from its peer's first reply, when a batch brought it),
+    /// then merges what came with the replies and pulls the rest.
+    async fn reconcile_mailbox(
+        &self,
+        peer: PeerId,
+        key: &MailboxKey,
+        first_reply: Option<(Vec<Element>, Reconciled)>,
+    ) -> Result<(), NodeError> {
         let span = tracing::info_span!(
             "reconcile",
             %peer,
@@ -1918,27 +2007,21 @@ impl Node {
         let started = Instant::now();
         let stats = SessionStats::default();
         let result = async {
-            let store = self.inner.store.clone();
-            let Reconciled {
-                mine: mut outcome,
-                delivered,
-                delivered_blobs,
-                ..
-            } = self
-                .reconcile(
-                    peer,
-                    WireSpace::Mailbox(key.clone()),
-                    &store.tree(Space::Mailbox(key.id())),
-                    &stats,
-                )
-                .await?;
-            if !delivered.is_empty() {
-                let sent: HashSet<u128> = delivered.iter().map(|record| record.id.0).collect();
-                outcome.need_keys.retain(|key| !sent.contains(key));
-                self.merge_pulled(peer, &key, delivered, delivered_blobs, &stats)
-                    .await?;
-            }
-            self.pull(peer, &key, outcome, &stats).await
+            let view = self.inner.store.tree(Space::Mailbox(key.id()));
+            let space = WireSpace::Mailbox(key.clone());
+            let done = match first_reply {
+                None => self.reconcile(peer, space, &view, &stats).await?,
+                Some((incoming, mut done)) => {
+                    let (reply, outcome) =
+                        sync::respond(&view, &incoming, &self.inner.limits).map_err(|error| NodeError::Peer {
+                            peer,
+                            reason: error.to_string(),
+                        })?;
+                    done.mine.extend(outcome);
+                    self.reconcile_from(peer, space, &view, reply, done, &stats).await?
+                }
+            };
+            self.finish_mailbox(peer, key, done, &stats).await
         }
         .instrument(span.clone())
         .await;
@@ -1950,13 +2033,31 @@ impl Node {
         match &result {
             Ok(()) => {
                 if let Ok(mut divergent) = self.inner.divergent.lock() {
-                    divergent.remove(&key);
+                    divergent.remove(key);
                 }
                 tracing::debug!(ms = started.elapsed().as_millis() as u64, "mailbox reconciled")
             }
             Err(error) => tracing::info!("mailbox reconciliation failed: {error}"),
         }
         result
+    }
+
+    /// Merges the records that came with the replies, then pulls what is still lacking.
+    async fn finish_mailbox(
+        &self,
+        peer: PeerId,
+        key: &MailboxKey,
+        done: Reconciled,
+        stats: &SessionStats,
+    ) -> Result<(), NodeError> {
+        let mut outcome = done.mine;
+        if !done.delivered.is_empty() {
+            let sent: HashSet<u128> = done.delivered.iter().map(|record| record.id.0).collect();
+            outcome.need_keys.retain(|id| !sent.contains(id));
+            self.merge_pulled(peer, key, done.delivered, done.delivered_blobs, stats)
+                .await?;
+        }
+        self.pull(peer, key, outcome, stats).await
     }
 
     /// Pulls the records (and then the blobs) this side lacks from a peer, and merges them.
@@ -2121,32 +2222,68 @@ impl Node {
         Ok(())
     }
 
-    /// The records a reconciliation reply says the asker lacks (at most 256), with their small
-    /// blobs: most differing mailboxes then need no fetch after the reply. `message` is the
-    /// encoded reply, which shares the answer's size limit.
-    fn records_they_lack(
+    /// Answers one mailbox's reconciliation message. The reply carries the records it says the
+    /// asker lacks (at most 256, their small blobs within `budget`, which it reduces), so most
+    /// differing mailboxes need no fetch after it; what the asker holds and this side lacks is
+    /// pulled in the background.
+    fn answer_mailbox(
         &self,
-        mailbox: &MailboxKey,
-        reply: &[Element],
+        peer: PeerId,
+        key: &MailboxKey,
         message: &[u8],
-    ) -> Result<(Vec<MessageRecord>, Vec<ByteString>), NodeError> {
-        let limit = self.inner.config.max_records_per_response.min(256);
-        let budget = self.inline_budget().saturating_sub(message.len() as u64);
-        let mut records = Vec::new();
-        if budget < 64 * 1024 {
-            return Ok((records, Vec::new()));
+        budget: &mut u64,
+    ) -> Result<MailboxReply, NodeError> {
+        let store = &self.inner.store;
+        let peer_error = |error: sync::SyncError| NodeError::Peer {
+            peer,
+            reason: error.to_string(),
+        };
+        let incoming = sync::decode(message, &self.inner.limits).map_err(peer_error)?;
+        let (reply, outcome) =
+            sync::respond(&store.tree(Space::Mailbox(key.id())), &incoming, &self.inner.limits).map_err(peer_error)?;
+        if !self.is_stale() {
+            self.record_contact(); // answering a session is contact with the cluster too
         }
-        let keys = reply.iter().flat_map(|element| match element {
-            Element::YouLack { keys } => keys.as_slice(),
-            _ => &[],
-        });
-        for key in keys.take(limit) {
-            if let Some(record) = self.inner.store.record(mailbox.id(), MessageId(*key))? {
-                records.push(record);
+        let reply = split_you_lack(reply);
+        let message = sync::encode(&reply);
+        *budget = budget.saturating_sub(message.len() as u64);
+        let mut records = Vec::new();
+        let mut blobs = Vec::new();
+        if *budget >= 64 * 1024 {
+            let limit = self.inner.config.max_records_per_response.min(256);
+            let keys = reply.iter().flat_map(|element| match element {
+                Element::YouLack { keys } => keys.as_slice(),
+                _ => &[],
+            });
+            for id in keys.take(limit) {
+                if let Some(record) = store.record(key.id(), MessageId(*id))? {
+                    records.push(record);
+                }
+            }
+            blobs = self.inline_blobs(&records, *budget)?;
+            *budget = budget.saturating_sub(blobs.iter().map(|blob| blob.0.len() as u64).sum::<u64>());
+        }
+        if !outcome.is_empty() {
+            // The asker has things we lack: pull them, within the peer's in-flight allowance and
+            // unless another session is on this mailbox (a pull skipped now is found again by
+            // the next session).
+            if let (Some(slot), Some(claim)) = (self.take_in_flight_slot(peer), self.claim_mailbox(key.id())) {
+                let node = self.clone();
+                let key = key.clone();
+                tokio::spawn(async move {
+                    let _slot = slot;
+                    let _claim = claim;
+                    if let Err(error) = node.pull(peer, &key, outcome, &SessionStats::default()).await {
+                        node.on_peer_failure(peer, "pull", error).await;
+                    }
+                });
             }
         }
-        let blobs = self.inline_blobs(&records, budget)?;
-        Ok((records, blobs))
+        Ok(MailboxReply {
+            message: ByteString(message),
+            records,
+            blobs,
+        })
     }
 
     /// Bytes of blobs one answer may carry inline: 4 MiB, or half the answer limit if smaller.
@@ -2238,6 +2375,39 @@ fn collect_all_tombstones(store: &Store) -> Result<usize, StoreError> {
 /// Resolves once the stop flag is set (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// Takes the records a peer sent with a reconciliation reply into `done`, after checking they
+/// are in a mailbox and among the keys that reply names as lacking here.
+fn accept_delivered(
+    peer: PeerId,
+    space: &WireSpace,
+    elements: &[Element],
+    records: Vec<MessageRecord>,
+    blobs: Vec<ByteString>,
+    done: &mut Reconciled,
+) -> Result<(), NodeError> {
+    if records.is_empty() {
+        return Ok(());
+    }
+    let lacked: HashSet<u128> = elements
+        .iter()
+        .flat_map(|element| match element {
+            Element::YouLack { keys } => keys.as_slice(),
+            _ => &[],
+        })
+        .copied()
+        .collect();
+    let named = records.iter().all(|record| lacked.contains(&record.id.0));
+    if !named || !matches!(space, WireSpace::Mailbox(_)) {
+        return Err(NodeError::Peer {
+            peer,
+            reason: "sent records with a reconciliation reply that were not lacking".into(),
+        });
+    }
+    done.delivered.extend(records);
+    done.delivered_blobs.extend(blobs);
+    Ok(())
 }
 
 /// What one reconciliation with a peer found.

@@ -19,6 +19,8 @@ pub const MAX_RECORDS_PER_RESPONSE: usize = 2_000;
 pub const MAX_IDS_PER_REQUEST: usize = 4_000;
 /// The most blob bytes one response carries.
 pub const MAX_BLOB_CHUNK: u32 = 4 * 1024 * 1024;
+/// The most mailboxes one [`Request::ReconcileMailboxes`] may open.
+pub const MAX_MAILBOXES_PER_BATCH: usize = 64;
 
 /// Why a frame was refused.
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +48,12 @@ pub enum Request {
     /// One reconciliation message ([`crate::sync::encode`]).
     #[serde(rename = "reconcile")]
     Reconcile { space: WireSpace, message: ByteString },
+    /// The first reconciliation message of several small mailboxes at once: after a partition
+    /// thousands of them differ, and a request each was most of the cost of healing. Answered by
+    /// [`Response::ReconciledMailboxes`], one reply per mailbox in the same order; later rounds,
+    /// if any, go by [`Request::Reconcile`].
+    #[serde(rename = "reconcile_many")]
+    ReconcileMailboxes { mailboxes: Vec<MailboxMessage> },
     /// Records by ID.
     #[serde(rename = "records")]
     FetchRecords { mailbox: MailboxKey, ids: Vec<MessageId> },
@@ -81,6 +89,8 @@ pub enum Request {
 /// The answer to a [`Request`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Response {
+    #[serde(rename = "reconciled_many")]
+    ReconciledMailboxes { replies: Vec<MailboxReply> },
     #[serde(rename = "reconcile")]
     Reconcile {
         message: ByteString,
@@ -111,6 +121,23 @@ pub enum Response {
     Ack,
     #[serde(rename = "error")]
     Error { message: String },
+}
+
+/// One mailbox's reconciliation message inside a batch.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MailboxMessage {
+    pub mailbox: MailboxKey,
+    pub message: ByteString,
+}
+
+/// One mailbox's reply inside a batch: as [`Response::Reconcile`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct MailboxReply {
+    pub message: ByteString,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub records: Vec<MessageRecord>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blobs: Vec<ByteString>,
 }
 
 /// What nodes gossip.
@@ -189,6 +216,15 @@ pub fn validate_request(request: &Request) -> Result<(), WireError> {
             space: WireSpace::Directory,
             ..
         } => Ok(()),
+        Request::ReconcileMailboxes { mailboxes } => {
+            if mailboxes.len() > MAX_MAILBOXES_PER_BATCH {
+                return Err(WireError::LimitExceeded(format!(
+                    "{} mailboxes in one batch",
+                    mailboxes.len()
+                )));
+            }
+            mailboxes.iter().try_for_each(|entry| check_key(&entry.mailbox))
+        }
         Request::FetchRecords { mailbox, ids } => {
             check_key(mailbox)?;
             if ids.len() > MAX_IDS_PER_REQUEST {

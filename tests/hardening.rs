@@ -411,6 +411,32 @@ async fn a_reconciliation_reply_carries_the_records_and_blobs_the_asker_lacks() 
     let mut expected_blobs: Vec<BlobHash> = written.iter().map(|(_, raw)| BlobHash::of(raw)).collect();
     expected_blobs.sort();
     assert_eq!(carried_blobs, expected_blobs, "with the bytes of each message");
+    // The same in a batch, beside a mailbox the node does not know: one reply each, in order.
+    let first = ByteString(sync::encode(&sync::initial(&empty, &limits).unwrap()));
+    let unknown = MailboxKey::new("nobody@example.org", "INBOX").unwrap();
+    let batch = wire::Request::ReconcileMailboxes {
+        mailboxes: vec![
+            wire::MailboxMessage {
+                mailbox: unknown,
+                message: first.clone(),
+            },
+            wire::MailboxMessage {
+                mailbox: MailboxKey::new("dora@example.org", "INBOX").unwrap(),
+                message: first,
+            },
+        ],
+    };
+    let answer = hostile.client.request(peer, wire::encode(&batch)).await.unwrap();
+    let Response::ReconciledMailboxes { replies } = wire::decode::<Response>(&answer).unwrap() else {
+        panic!("not a batch reply");
+    };
+    assert_eq!(replies.len(), 2);
+    assert!(replies[0].records.is_empty() && replies[0].blobs.is_empty());
+    assert!(sync::decode(&replies[0].message.0, &limits).unwrap().is_empty());
+    let mut carried: Vec<u128> = replies[1].records.iter().map(|record| record.id.0).collect();
+    carried.sort();
+    assert_eq!(carried, expected, "the batch reply carries the same records");
+    assert_eq!(replies[1].blobs.len(), expected.len());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
