@@ -21,7 +21,9 @@
 //! - `YouLack(keys)` and `YouLackAll(P)`: what the receiver should pull from the sender.
 //!
 //! A side expanding a node whose leaves all sit in one child expands that child too in the same
-//! message, so the constant high nibbles of time-ordered IDs cost bytes, not round trips.
+//! message, so the constant high nibbles of time-ordered IDs cost bytes, not round trips. A trie
+//! of at most `initial_list_threshold` leaves opens with its whole list instead: a small mailbox
+//! settles in one round trip and one range read.
 //! Each exchange descends at least one level, so a session ends within about 2 x 32 messages; in
 //! practice log16(n) + 2 round trips. An empty reply ends the session.
 //!
@@ -51,6 +53,10 @@ pub struct SyncLimits {
     /// A received leaf list is compared directly when this side holds at most this many leaves
     /// in the same prefix; above it, this side splits the prefix instead.
     pub exact_threshold: u64,
+    /// A session's first message lists every leaf when the whole trie holds at most this many
+    /// (at most `exact_threshold`): one range read and one round trip for a small mailbox,
+    /// instead of a walk down the levels its time-ordered IDs share.
+    pub initial_list_threshold: u64,
     /// The most elements a received message may carry.
     pub max_elements: usize,
     /// The most keys one received element may carry.
@@ -62,6 +68,7 @@ impl Default for SyncLimits {
         SyncLimits {
             leaf_threshold: 12,
             exact_threshold: 256,
+            initial_list_threshold: 48,
             max_elements: 50_000,
             max_keys_per_element: 65_536,
         }
@@ -159,8 +166,12 @@ impl Outcome {
 pub fn initial<V: TreeView>(view: &V, limits: &SyncLimits) -> Result<Vec<Element>, SyncError> {
     let root = view.aggregate(Prefix::ROOT).map_err(store_error)?;
     let mut out = Vec::new();
-    if root.count <= limits.leaf_threshold {
-        out.push(leaves_element(view, Prefix::ROOT, limits.leaf_threshold)?);
+    let list_threshold = limits
+        .initial_list_threshold
+        .min(limits.exact_threshold)
+        .max(limits.leaf_threshold);
+    if root.count <= list_threshold {
+        out.push(leaves_element(view, Prefix::ROOT, list_threshold)?);
     } else {
         expand(view, Prefix::ROOT, limits, &mut out)?;
     }
@@ -676,6 +687,37 @@ mod tests {
         let (a_needs, b_needs, messages) = run(&a, &a.clone(), &SyncLimits::default());
         assert!(a_needs.is_empty() && b_needs.is_empty());
         assert_eq!(messages, 1);
+    }
+
+    #[test]
+    fn a_small_mailbox_opens_with_its_whole_leaf_list_and_settles_in_one_reply() {
+        let limits = SyncLimits::default();
+        // Time-ordered IDs a few seconds apart share their top nibbles.
+        let key = |value: u128| ((1_767_225_600_000u128 + value * 3_000) << 80) | value;
+        let mut a = MemoryTree::new(StoredDepth::MAILBOX);
+        for value in 0..limits.initial_list_threshold as u128 {
+            a.insert(key(value), leaf(value, 0));
+        }
+        let first = initial(&a, &limits).unwrap();
+        assert!(
+            matches!(first.as_slice(), [Element::Leaves { prefix, leaves }] if *prefix == Prefix::ROOT && leaves.len() == 48),
+            "{first:?}"
+        );
+        // b lacks three of them and holds another state of a fourth: one reply says it all.
+        let mut b = MemoryTree::new(StoredDepth::MAILBOX);
+        for value in 3..limits.initial_list_threshold as u128 {
+            b.insert(key(value), leaf(value, u8::from(value == 10)));
+        }
+        let (b_needs, a_needs, messages) = run(&b, &a, &limits);
+        assert_eq!(messages, 2, "b's list, then a's reply");
+        assert_eq!(b_needs.need_keys, vec![key(0), key(1), key(2), key(10)]);
+        assert_eq!(a_needs.need_keys, vec![key(10)]);
+        // One more leaf and the first message walks the trie instead.
+        a.insert(key(1000), leaf(1000, 0));
+        assert!(!matches!(
+            initial(&a, &limits).unwrap().as_slice(),
+            [Element::Leaves { .. }]
+        ));
     }
 
     #[test]
