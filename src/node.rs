@@ -250,6 +250,9 @@ impl SessionStats {
     }
 }
 
+/// The longest the background full-text indexer waits for reconciliation to finish.
+const INDEX_WAIT_LIMIT: Duration = Duration::from_secs(30);
+
 /// Mailboxes one session reconciles concurrently.
 const MAILBOXES_AT_ONCE: usize = 128;
 /// Mailboxes whose first reconciliation round shares one request.
@@ -480,15 +483,22 @@ impl Node {
         });
 
         // The full-text index follows the store's queue in the background (searches also catch
-        // up before they run).
+        // up before they run). While this node reconciles it waits, up to 30 s: a node back from
+        // a partition heals sooner, and the index gets the burst in one go.
         let indexer = node.clone();
         let mut indexer_stop = stop.clone();
         let commit = crate::search::Commit::After(indexer.inner.config.search_commit_interval);
         tokio::spawn(async move {
             let mut interval = tokio::time::interval(Duration::from_millis(500));
+            let mut waiting_since: Option<Instant> = None;
             loop {
                 tokio::select! {
                     _ = interval.tick() => {
+                        let reconciling = !lock(&indexer.inner.syncing).is_empty();
+                        if reconciling && waiting_since.get_or_insert_with(Instant::now).elapsed() < INDEX_WAIT_LIMIT {
+                            continue;
+                        }
+                        waiting_since = None;
                         let worker = indexer.clone();
                         let caught_up = tokio::task::spawn_blocking(move || {
                             worker.inner.search.update(&worker.inner.store, commit)
@@ -1922,6 +1932,16 @@ impl Node {
         let mut batch = Vec::new();
         let mut alone = Vec::new();
         for key in keys {
+            // Named as differing by this session, and reconciled by another one since: after a
+            // partition the peers of one side hold the same, so once is enough. If this peer
+            // holds more, the digests still differ and a later session takes the mailbox.
+            if !lock(&self.inner.divergent).contains_key(&key) {
+                continue;
+            }
+            let Some(claim) = self.claim_mailbox(key.id()) else {
+                tracing::debug!(%peer, mailbox = key.mailbox(), "skipped: another session is reconciling this mailbox");
+                continue;
+            };
             let first =
                 sync::initial(&store.tree(Space::Mailbox(key.id())), &limits).map_err(|error| NodeError::Peer {
                     peer,
@@ -1929,13 +1949,10 @@ impl Node {
                 })?;
             let message = sync::encode(&first);
             if message.len() > BATCHED_MESSAGE_BYTES {
+                drop(claim);
                 alone.push(key);
                 continue;
             }
-            let Some(claim) = self.claim_mailbox(key.id()) else {
-                tracing::debug!(%peer, mailbox = key.mailbox(), "skipped: another session is reconciling this mailbox");
-                continue;
-            };
             batch.push((key, claim, message));
         }
         let stats = SessionStats::default();
