@@ -251,7 +251,7 @@ impl SessionStats {
 }
 
 /// The longest the background full-text indexer waits for reconciliation to finish.
-const INDEX_WAIT_LIMIT: Duration = Duration::from_secs(30);
+const INDEX_WAIT_LIMIT: Duration = Duration::from_secs(10);
 
 /// Mailboxes one session reconciles concurrently.
 const MAILBOXES_AT_ONCE: usize = 128;
@@ -483,8 +483,8 @@ impl Node {
         });
 
         // The full-text index follows the store's queue in the background (searches also catch
-        // up before they run). While this node reconciles it waits, up to 30 s: a node back from
-        // a partition heals sooner, and the index gets the burst in one go.
+        // up before they run), 400 tasks a tick at most (800/s). While this node reconciles it
+        // waits, up to 10 s: a node back from a partition heals sooner.
         let indexer = node.clone();
         let mut indexer_stop = stop.clone();
         let commit = crate::search::Commit::After(indexer.inner.config.search_commit_interval);
@@ -501,7 +501,7 @@ impl Node {
                         waiting_since = None;
                         let worker = indexer.clone();
                         let caught_up = tokio::task::spawn_blocking(move || {
-                            worker.inner.search.update(&worker.inner.store, commit)
+                            worker.inner.search.update(&worker.inner.store, commit, 400)
                         }).await;
                         if let Ok(Err(error)) = caught_up {
                             tracing::warn!("full-text index update failed: {error}");

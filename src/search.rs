@@ -145,20 +145,22 @@ impl SearchIndex {
 
     /// Applies every queued task from the store and commits; returns how many were applied.
     pub fn catch_up(&self, store: &Store) -> Result<usize, SearchError> {
-        self.update(store, Commit::Now)
+        self.update(store, Commit::Now, usize::MAX)
     }
 
-    /// Feeds every queued task from the store to the writer, and commits as `commit` says
-    /// (only then are the tasks removed from the queue); returns how many were fed.
-    pub fn update(&self, store: &Store, commit: Commit) -> Result<usize, SearchError> {
+    /// Feeds queued tasks from the store to the writer, at most `most` of them, and commits as
+    /// `commit` says (only then are the tasks removed from the queue); returns how many were fed.
+    /// Tantivy queues up to 10,000 fed documents for its indexing thread, bodies included: the
+    /// background updater feeds a few hundred at a time so a backlog never sits there whole.
+    pub fn update(&self, store: &Store, commit: Commit, most: usize) -> Result<usize, SearchError> {
         let mut state = self
             .writer
             .lock()
             .map_err(|_| SearchError::Directory("index writer poisoned".into()))?;
         let state = &mut *state;
         let mut handled = 0;
-        loop {
-            let tasks = store.search_tasks(state.fed, 2000)?;
+        while handled < most {
+            let tasks = store.search_tasks(state.fed, 2000.min(most - handled))?;
             if tasks.is_empty() {
                 break;
             }

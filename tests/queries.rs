@@ -419,7 +419,8 @@ fn fed_but_uncommitted_search_updates_are_found_by_searches_and_replayed_after_a
     let ids = append_all(&store, &inbox, &samples(30, 5));
     let index = SearchIndex::open(&directory.path().join("search")).unwrap();
     let later = Commit::After(std::time::Duration::from_secs(3600));
-    assert_eq!(index.update(&store, later).unwrap(), 30, "every queued task is fed");
+    assert_eq!(index.update(&store, later, 10).unwrap(), 10, "at most as many as asked");
+    assert_eq!(index.update(&store, later, usize::MAX).unwrap(), 20, "then the rest");
     assert_eq!(
         store.search_tasks(0, 100).unwrap().len(),
         30,
@@ -429,7 +430,7 @@ fn fed_but_uncommitted_search_updates_are_found_by_searches_and_replayed_after_a
     // again, and each message is indexed once.
     drop(index);
     let index = SearchIndex::open(&directory.path().join("search")).unwrap();
-    index.update(&store, later).unwrap();
+    index.update(&store, later, usize::MAX).unwrap();
     let hits = index
         .search(&store, inbox.id(), "number", SortKey::Received, false, 0, 1000)
         .unwrap();
@@ -445,9 +446,9 @@ fn fed_but_uncommitted_search_updates_are_found_by_searches_and_replayed_after_a
     );
     // Replayed after a commit too: the tasks are fed once, however often update runs.
     append_all(&store, &inbox, &samples(5, 6));
-    assert_eq!(index.update(&store, later).unwrap(), 5);
-    assert_eq!(index.update(&store, later).unwrap(), 0);
-    assert_eq!(index.update(&store, Commit::Now).unwrap(), 0);
+    assert_eq!(index.update(&store, later, usize::MAX).unwrap(), 5);
+    assert_eq!(index.update(&store, later, usize::MAX).unwrap(), 0);
+    assert_eq!(index.update(&store, Commit::Now, usize::MAX).unwrap(), 0);
     assert!(store.search_tasks(0, 100).unwrap().is_empty());
     assert_eq!(
         index
