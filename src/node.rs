@@ -483,8 +483,8 @@ impl Node {
         });
 
         // The full-text index follows the store's queue in the background (searches also catch
-        // up before they run), 400 tasks a tick at most (800/s). While this node reconciles it
-        // waits, up to 10 s: a node back from a partition heals sooner.
+        // up before they run). While this node reconciles it waits, up to 10 s: a node back from
+        // a partition heals sooner.
         let indexer = node.clone();
         let mut indexer_stop = stop.clone();
         let commit = crate::search::Commit::After(indexer.inner.config.search_commit_interval);
@@ -501,7 +501,7 @@ impl Node {
                         waiting_since = None;
                         let worker = indexer.clone();
                         let caught_up = tokio::task::spawn_blocking(move || {
-                            worker.inner.search.update(&worker.inner.store, commit, 400)
+                            worker.inner.search.update(&worker.inner.store, commit, usize::MAX)
                         }).await;
                         if let Ok(Err(error)) = caught_up {
                             tracing::warn!("full-text index update failed: {error}");
