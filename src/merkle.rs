@@ -88,6 +88,16 @@ impl Prefix {
         key & Self::mask(self.depth) == self.bits
     }
 
+    /// The nibble of `key` just below this prefix: the index of the child holding it (when the
+    /// prefix contains it); `None` at full depth.
+    pub fn child_index(&self, key: u128) -> Option<usize> {
+        if self.depth >= KEY_NIBBLES {
+            return None;
+        }
+        let shift = 128 - 4 * (u32::from(self.depth) + 1);
+        Some(((key >> shift) & 0xf) as usize)
+    }
+
     /// The child with nibble `index` (0..16) next; `None` at full depth.
     pub fn child(&self, index: u8) -> Option<Prefix> {
         if self.depth >= KEY_NIBBLES || index >= 16 {
@@ -483,6 +493,8 @@ mod tests {
             "bits below the depth are refused"
         );
         assert_eq!(prefix.child(3).unwrap(), Prefix::of(key, 4));
+        assert_eq!(prefix.child_index(key), Some(3));
+        assert_eq!(Prefix::of(key, 32).child_index(key), None);
         assert_eq!(Prefix::of(key, 4).parent(), Some(prefix));
         assert_eq!(Prefix::of(key, 32).child(0), None);
         assert_eq!(Prefix::ROOT.bounds(), (0, u128::MAX));

@@ -1090,14 +1090,8 @@ impl Node {
                 message: "stale replica".into(),
             });
         }
-        mailbox.validate().map_err(|error| NodeError::Peer {
-            peer: source,
-            reason: error.to_string(),
-        })?;
-        wire::validate_record(&record).map_err(|error| NodeError::Peer {
-            peer: source,
-            reason: error.to_string(),
-        })?;
+        mailbox.validate().map_err(peer_fault(source))?;
+        wire::validate_record(&record).map_err(peer_fault(source))?;
         if let Some(existing) = self.inner.store.record(mailbox.id(), record.id)? {
             if crdt::merge(&existing, &record)
                 .map(|merged| merged == existing)
@@ -1445,17 +1439,9 @@ impl Node {
                 space: WireSpace::Directory,
                 message,
             } => {
-                let incoming = sync::decode(&message.0, &self.inner.limits).map_err(|error| NodeError::Peer {
-                    peer,
-                    reason: error.to_string(),
-                })?;
-                let (reply, _) =
-                    sync::respond(&store.tree(Space::Directory), &incoming, &self.inner.limits).map_err(|error| {
-                        NodeError::Peer {
-                            peer,
-                            reason: error.to_string(),
-                        }
-                    })?;
+                let incoming = sync::decode(&message.0, &self.inner.limits).map_err(peer_fault(peer))?;
+                let (reply, _) = sync::respond(&store.tree(Space::Directory), &incoming, &self.inner.limits)
+                    .map_err(peer_fault(peer))?;
                 if !self.is_stale() {
                     self.record_contact(); // answering a session is contact with the cluster too
                 }
@@ -1745,10 +1731,7 @@ impl Node {
         view: &V,
         stats: &SessionStats,
     ) -> Result<Reconciled, NodeError> {
-        let outgoing = sync::initial(view, &self.inner.limits).map_err(|error| NodeError::Peer {
-            peer,
-            reason: error.to_string(),
-        })?;
+        let outgoing = sync::initial(view, &self.inner.limits).map_err(peer_fault(peer))?;
         self.reconcile_from(peer, space, view, outgoing, Reconciled::default(), stats)
             .await
     }
@@ -1764,10 +1747,7 @@ impl Node {
         stats: &SessionStats,
     ) -> Result<Reconciled, NodeError> {
         let limits = self.inner.limits;
-        let sync_error = |error: sync::SyncError| NodeError::Peer {
-            peer,
-            reason: error.to_string(),
-        };
+        let sync_error = peer_fault::<sync::SyncError>(peer);
         for _round in 0..80 {
             if outgoing.is_empty() {
                 return Ok(done);
@@ -1942,11 +1922,7 @@ impl Node {
                 tracing::debug!(%peer, mailbox = key.mailbox(), "skipped: another session is reconciling this mailbox");
                 continue;
             };
-            let first =
-                sync::initial(&store.tree(Space::Mailbox(key.id())), &limits).map_err(|error| NodeError::Peer {
-                    peer,
-                    reason: error.to_string(),
-                })?;
+            let first = sync::initial(&store.tree(Space::Mailbox(key.id())), &limits).map_err(peer_fault(peer))?;
             let message = sync::encode(&first);
             if message.len() > BATCHED_MESSAGE_BYTES {
                 drop(claim);
@@ -1981,10 +1957,7 @@ impl Node {
         };
         let mut answered = Vec::with_capacity(batch.len());
         for ((key, claim, _), reply) in batch.into_iter().zip(replies) {
-            let elements = sync::decode(&reply.message.0, &limits).map_err(|error| NodeError::Peer {
-                peer,
-                reason: error.to_string(),
-            })?;
+            let elements = sync::decode(&reply.message.0, &limits).map_err(peer_fault(peer))?;
             let mut done = Reconciled::default();
             let space = WireSpace::Mailbox(key.clone());
             accept_delivered(peer, &space, &elements, reply.records, reply.blobs, &mut done)?;
@@ -2030,10 +2003,7 @@ impl Node {
                 None => self.reconcile(peer, space, &view, &stats).await?,
                 Some((incoming, mut done)) => {
                     let (reply, outcome) =
-                        sync::respond(&view, &incoming, &self.inner.limits).map_err(|error| NodeError::Peer {
-                            peer,
-                            reason: error.to_string(),
-                        })?;
+                        sync::respond(&view, &incoming, &self.inner.limits).map_err(peer_fault(peer))?;
                     done.mine.extend(outcome);
                     self.reconcile_from(peer, space, &view, reply, done, &stats).await?
                 }
@@ -2188,10 +2158,7 @@ impl Node {
         let mut blob_fetches = Vec::new();
         let mut merged_count = 0u64;
         for record in &records {
-            wire::validate_record(record).map_err(|error| NodeError::Peer {
-                peer,
-                reason: error.to_string(),
-            })?;
+            wire::validate_record(record).map_err(peer_fault(peer))?;
             if !store.has_blob(&record.blob)? && fetched_blobs.insert(record.blob) {
                 match inline.remove(&record.blob) {
                     Some(bytes) => {
@@ -2251,10 +2218,7 @@ impl Node {
         budget: &mut u64,
     ) -> Result<MailboxReply, NodeError> {
         let store = &self.inner.store;
-        let peer_error = |error: sync::SyncError| NodeError::Peer {
-            peer,
-            reason: error.to_string(),
-        };
+        let peer_error = peer_fault::<sync::SyncError>(peer);
         let incoming = sync::decode(message, &self.inner.limits).map_err(peer_error)?;
         let (reply, outcome) =
             sync::respond(&store.tree(Space::Mailbox(key.id())), &incoming, &self.inner.limits).map_err(peer_error)?;
@@ -2392,6 +2356,14 @@ fn collect_all_tombstones(store: &Store) -> Result<usize, StoreError> {
 /// Resolves once the stop flag is set (or its sender is gone).
 async fn stopped(stop: &mut watch::Receiver<bool>) {
     let _ = stop.wait_for(|stopped| *stopped).await;
+}
+
+/// Turns an error in what `peer` sent into a failure blamed on it.
+fn peer_fault<E: std::fmt::Display>(peer: PeerId) -> impl Fn(E) -> NodeError + Copy {
+    move |error| NodeError::Peer {
+        peer,
+        reason: error.to_string(),
+    }
 }
 
 /// Takes the records a peer sent with a reconciliation reply into `done`, after checking they

@@ -322,6 +322,11 @@ fn add_aggregates(_key: &[u8], existing: Option<&[u8]>, operands: &rocksdb::Merg
     Some(total.to_bytes().to_vec())
 }
 
+/// A stored trie aggregate.
+fn decode_aggregate(bytes: &[u8]) -> Result<Aggregate, StoreError> {
+    Aggregate::from_bytes(bytes).ok_or_else(|| StoreError::Corrupt("aggregate value".into()))
+}
+
 /// Locks a mutex, taking the data of a poisoned one (every holder leaves it consistent).
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -1093,7 +1098,7 @@ impl Store {
     /// A stored aggregate; absent and emptied nodes (merges can leave a zero value) read as empty.
     fn stored_aggregate(&self, key: &[u8]) -> Result<Aggregate, StoreError> {
         match self.db.get_pinned_cf(self.family(TREE)?, key)? {
-            Some(bytes) => Aggregate::from_bytes(&bytes).ok_or_else(|| StoreError::Corrupt("aggregate value".into())),
+            Some(bytes) => decode_aggregate(&bytes),
             None => Ok(Aggregate::default()),
         }
     }
@@ -1860,10 +1865,10 @@ impl TreeView for StoreTree<'_> {
         let (Some(first), Some(last)) = (prefix.child(0), prefix.child(15)) else {
             return Ok(children);
         };
-        let nibble = |key: u128| ((key >> (128 - 4 * u32::from(first.depth()))) & 0xf) as usize;
+        let child_of = |key: u128| prefix.child_index(key).unwrap_or(0);
         if first.depth() > self.space.stored_depth().0 {
             for (key, hash) in self.leaves(prefix, usize::MAX)? {
-                children[nibble(key)].add(&Aggregate::leaf(&hash));
+                children[child_of(key)].add(&Aggregate::leaf(&hash));
             }
             return Ok(children);
         }
@@ -1885,9 +1890,7 @@ impl TreeView for StoreTree<'_> {
                 .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
                 .map(u128::from_be_bytes)
                 .ok_or_else(|| StoreError::Corrupt("tree key".into()))?;
-            let aggregate =
-                Aggregate::from_bytes(&value).ok_or_else(|| StoreError::Corrupt("aggregate value".into()))?;
-            children[nibble(bits)] = aggregate;
+            children[child_of(bits)] = decode_aggregate(&value)?;
         }
         Ok(children)
     }
