@@ -22,20 +22,18 @@
 
 pub mod api;
 pub mod config;
-pub mod crdt;
 pub mod demo;
 pub mod harness;
 pub mod http_client;
 pub mod import;
 pub mod mail;
-pub mod merkle;
 pub mod metrics;
-pub mod model;
 pub mod net;
 pub mod node;
 pub mod page;
-pub mod position;
 pub mod search;
 pub mod store;
-pub mod sync;
 pub mod wire;
+
+// The pure core lives in its own crate (core/); these keep `crate::model` and friends working.
+pub use mailmesh_core::{crdt, merkle, model, position, sync};

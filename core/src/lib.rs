@@ -1,0 +1,16 @@
+//! mailmesh's pure core. Nothing here does IO, reads the clock or draws randomness: callers pass
+//! time and randomness in, so the same inputs always give the same outputs and the tests can
+//! simulate whole clusters. It is its own crate so that importing tokio, RocksDB or libp2p here is
+//! a compile error rather than a convention.
+//!
+//! - [`model`]: message IDs, mailbox keys, flags, stamps and records;
+//! - [`crdt`]: the merge laws, the record state hash, the hybrid logical clock;
+//! - [`merkle`]: the 16-way trie with additive aggregates, per mailbox and over the directory;
+//! - [`sync`]: the range-reconciliation state machine and its CBOR wire form;
+//! - [`position`]: counted blocks that find deep pages of a sort index in O(log n).
+
+pub mod crdt;
+pub mod merkle;
+pub mod model;
+pub mod position;
+pub mod sync;
