@@ -296,6 +296,39 @@ impl MailboxId {
     pub fn to_bytes(self) -> [u8; 16] {
         self.0.to_be_bytes()
     }
+
+    /// A new mailbox's ID, laid out like a message ID: the creating node's millisecond, then 80
+    /// random bits, so two sites never make the same one.
+    pub fn from_parts(millis: u64, random: u128) -> Self {
+        MailboxId(MessageId::from_parts(millis, random).0)
+    }
+}
+
+/// Printed like a message ID: 26 Crockford base32 characters (JMAP and URL safe).
+impl fmt::Display for MailboxId {
+    fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&MessageId(self.0), formatter)
+    }
+}
+
+impl FromStr for MailboxId {
+    type Err = ModelError;
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        text.parse::<MessageId>().map(|id| MailboxId(id.0))
+    }
+}
+
+impl Serialize for MailboxId {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(&self.to_bytes())
+    }
+}
+
+impl<'de> Deserialize<'de> for MailboxId {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let bytes: FixedBytes<16> = Deserialize::deserialize(deserializer)?;
+        Ok(MailboxId(u128::from_be_bytes(bytes.0)))
+    }
 }
 
 fn validate_name(field: &'static str, value: &str) -> Result<(), ModelError> {
