@@ -33,13 +33,24 @@ fn directory_with(files: &[&str]) -> tempfile::TempDir {
 
 #[test]
 fn libclang_cpp_alone_is_not_libclang() {
-    let directory = directory_with(&["libclang-cpp.so.14", "libclang-cpp.so", "libLLVM-14.so.1", "libclangBasic.a"]);
+    let directory = directory_with(&[
+        "libclang-cpp.so.14",
+        "libclang-cpp.so",
+        "libLLVM-14.so.1",
+        "libclangBasic.a",
+    ]);
     assert_eq!(detect(directory.path()), None);
 }
 
 #[test]
 fn each_libclang_spelling_debian_ships_is_found() {
-    for name in ["libclang.so", "libclang.so.1", "libclang-14.so.1", "libclang-14.0.6.so", "libclang-16.so"] {
+    for name in [
+        "libclang.so",
+        "libclang.so.1",
+        "libclang-14.so.1",
+        "libclang-14.0.6.so",
+        "libclang-16.so",
+    ] {
         let directory = directory_with(&["libclang-cpp.so.14", name]);
         let found = detect(directory.path()).unwrap_or_else(|| panic!("{name} was not found"));
         assert!(found.ends_with(name), "{name}: found {found}");

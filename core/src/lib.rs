@@ -4,12 +4,14 @@
 //! a compile error rather than a convention.
 //!
 //! - [`model`]: message IDs, mailbox keys, flags, stamps and records;
+//! - [`changes`]: the per-account change feed whose state tokens every node accepts;
 //! - [`crdt`]: the merge laws, the record state hash, the hybrid logical clock;
 //! - [`mailbox`]: mailboxes as replicated objects, email locations, and the tree every replica shows;
 //! - [`merkle`]: the 16-way trie with additive aggregates, per mailbox and over the directory;
 //! - [`sync`]: the range-reconciliation state machine and its CBOR wire form;
 //! - [`position`]: counted blocks that find deep pages of a sort index in O(log n).
 
+pub mod changes;
 pub mod crdt;
 pub mod mailbox;
 pub mod merkle;

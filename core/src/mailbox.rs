@@ -305,7 +305,10 @@ pub fn inbox_id(account: &str) -> MailboxId {
 /// Checks one level of a mailbox name: non-empty, at most 255 bytes, no separator, no control
 /// characters, no leading or trailing white space.
 pub fn validate_name(name: &str) -> Result<(), ModelError> {
-    let invalid = |reason| ModelError::InvalidMailboxKey { field: "mailbox", reason };
+    let invalid = |reason| ModelError::InvalidMailboxKey {
+        field: "mailbox",
+        reason,
+    };
     if name.is_empty() {
         return Err(invalid("must not be empty"));
     }
@@ -424,13 +427,19 @@ impl MailboxTree {
         if path.eq_ignore_ascii_case(INBOX_NAME) {
             return Some(self.inbox);
         }
-        self.mailboxes.values().find(|mailbox| mailbox.path == path).map(|mailbox| mailbox.id)
+        self.mailboxes
+            .values()
+            .find(|mailbox| mailbox.path == path)
+            .map(|mailbox| mailbox.id)
     }
 
     /// The visible children of a mailbox (or of the top level), sorted by sort order then name.
     pub fn children(&self, parent: Option<MailboxId>) -> Vec<&ResolvedMailbox> {
-        let mut children: Vec<&ResolvedMailbox> =
-            self.mailboxes.values().filter(|mailbox| mailbox.parent == parent).collect();
+        let mut children: Vec<&ResolvedMailbox> = self
+            .mailboxes
+            .values()
+            .filter(|mailbox| mailbox.parent == parent)
+            .collect();
         children.sort_by(|a, b| (a.sort_order, &a.name, a.id).cmp(&(b.sort_order, &b.name, b.id)));
         children
     }
@@ -474,13 +483,18 @@ pub fn resolve<'a>(account: &str, records: impl IntoIterator<Item = &'a MailboxR
             deleted.insert(record.id);
         }
     }
-    live.entry(inbox).or_insert_with(|| MailboxRecord::default_inbox(account));
+    live.entry(inbox)
+        .or_insert_with(|| MailboxRecord::default_inbox(account));
 
     // Rules 2 and 3: each live record's parent, with orphans and cycle cuts at the top level.
     let mut parent: BTreeMap<MailboxId, Option<MailboxId>> = live
         .values()
         .map(|record| {
-            let wanted = record.placement.value.parent.filter(|parent| live.contains_key(parent) && *parent != record.id);
+            let wanted = record
+                .placement
+                .value
+                .parent
+                .filter(|parent| live.contains_key(parent) && *parent != record.id);
             (record.id, if record.id == inbox { None } else { wanted })
         })
         .collect();
@@ -551,7 +565,13 @@ pub fn resolve<'a>(account: &str, records: impl IntoIterator<Item = &'a MailboxR
             continue;
         };
         let claim = if record.id == inbox {
-            (Stamp { time: u64::MAX, node: crate::model::NodeId(u64::MAX) }, shown)
+            (
+                Stamp {
+                    time: u64::MAX,
+                    node: crate::model::NodeId(u64::MAX),
+                },
+                shown,
+            )
         } else {
             (record.role.stamp, shown)
         };
@@ -628,7 +648,10 @@ mod tests {
     const ACCOUNT: &str = "alice@example.org";
 
     fn stamp(time: u64, node: u64) -> Stamp {
-        Stamp { time, node: NodeId(node) }
+        Stamp {
+            time,
+            node: NodeId(node),
+        }
     }
 
     fn mailbox(id: u128, parent: Option<u128>, name: &str, created: u64) -> MailboxRecord {
@@ -667,7 +690,11 @@ mod tests {
         let child_of_b = mailbox(22, Some(21), "Plans", 6);
         let tree = resolve(ACCOUNT, [&site_b, &child_of_b, &site_a]);
         let work = tree.find("Work").unwrap();
-        assert_eq!(work, MailboxId(20), "the earlier create (node 1 breaks the tie) is canonical");
+        assert_eq!(
+            work,
+            MailboxId(20),
+            "the earlier create (node 1 breaks the tie) is canonical"
+        );
         assert_eq!(tree.canonical(MailboxId(21)), Some(work));
         assert_eq!(tree.place(MailboxId(21)), Some(Placement::In(work)));
         assert_eq!(tree.get(MailboxId(22)).unwrap().path, "Work/Plans");
@@ -687,10 +714,26 @@ mod tests {
     fn crossed_renames_end_without_a_loop_and_the_later_move_goes_to_the_top() {
         let mut a = mailbox(40, None, "A", 1);
         let mut b = mailbox(41, None, "B", 1);
-        a.placement.propose(Position { parent: Some(MailboxId(41)), name: "A".into() }, stamp(5, 1));
-        b.placement.propose(Position { parent: Some(MailboxId(40)), name: "B".into() }, stamp(6, 2));
+        a.placement.propose(
+            Position {
+                parent: Some(MailboxId(41)),
+                name: "A".into(),
+            },
+            stamp(5, 1),
+        );
+        b.placement.propose(
+            Position {
+                parent: Some(MailboxId(40)),
+                name: "B".into(),
+            },
+            stamp(6, 2),
+        );
         let tree = resolve(ACCOUNT, [&a, &b]);
-        assert_eq!(tree.get(MailboxId(41)).unwrap().path, "B", "B moved last: cut to the top");
+        assert_eq!(
+            tree.get(MailboxId(41)).unwrap().path,
+            "B",
+            "B moved last: cut to the top"
+        );
         assert_eq!(tree.get(MailboxId(40)).unwrap().path, "B/A");
     }
 
@@ -703,14 +746,24 @@ mod tests {
         assert_eq!(tree.get(MailboxId(51)).unwrap().path, "Late");
         assert!(tree.get(MailboxId(50)).is_none());
         assert_eq!(tree.place(MailboxId(50)), Some(Placement::Rescued(inbox_id(ACCOUNT))));
-        assert_eq!(tree.place(MailboxId(99)), None, "an unknown mailbox holds its email back");
+        assert_eq!(
+            tree.place(MailboxId(99)),
+            None,
+            "an unknown mailbox holds its email back"
+        );
     }
 
     #[test]
     fn the_inbox_cannot_be_deleted_or_moved() {
         let mut inbox = MailboxRecord::default_inbox(ACCOUNT);
         inbox.deleted = Some(stamp(9, 1));
-        inbox.placement.propose(Position { parent: Some(MailboxId(1)), name: "Elsewhere".into() }, stamp(9, 1));
+        inbox.placement.propose(
+            Position {
+                parent: Some(MailboxId(1)),
+                name: "Elsewhere".into(),
+            },
+            stamp(9, 1),
+        );
         inbox.subscribed.propose(false, stamp(9, 1));
         let tree = resolve(ACCOUNT, [&inbox, &mailbox(1, None, "Other", 1)]);
         let shown = tree.get(inbox_id(ACCOUNT)).unwrap();
@@ -730,8 +783,14 @@ mod tests {
 
     #[test]
     fn moves_converge_to_the_higher_stamp() {
-        let to_archive = Location { mailbox: MailboxId(1), stamp: stamp(10, 1) };
-        let to_trash = Location { mailbox: MailboxId(2), stamp: stamp(10, 2) };
+        let to_archive = Location {
+            mailbox: MailboxId(1),
+            stamp: stamp(10, 1),
+        };
+        let to_trash = Location {
+            mailbox: MailboxId(2),
+            stamp: stamp(10, 2),
+        };
         assert_eq!(join_location(to_archive, to_trash), to_trash);
         assert_eq!(join_location(to_trash, to_archive), to_trash);
     }

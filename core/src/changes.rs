@@ -1,0 +1,714 @@
+//! A change feed per account whose state token any node accepts, so a client that fails over from
+//! one site to another carries on from where it was instead of starting again.
+//!
+//! # Why not a modseq
+//! Every other server's JMAP state or IMAP modseq is a counter local to one node (or to one
+//! consensus store). Here replicas take writes on their own and receive each other's records in
+//! any order, so no counter means the same thing on two nodes.
+//!
+//! # What a token says
+//! Every change carries the stamp `(time, origin)` of the node that made it. A node's **frontier**
+//! `G` maps each origin to a time up to which the node is known to hold *every* change of that
+//! origin: its own clock for itself, and for a peer what it adopted from that peer when a
+//! reconciliation ended with equal roots (then it holds all the peer held, so it may take the
+//! pointwise maximum of the two frontiers, see [`Frontier::adopt`]).
+//!
+//! A [`ChangeState`] handed to a client holds two vectors:
+//! - `complete` (`F`): the client has seen every change of origin `o` with time ≤ `F[o]`;
+//! - `shown` (`S`): the highest time of each origin the client may have seen, which only decides
+//!   whether an item is reported as created or as updated.
+//!
+//! # Listing changes since a token on any node
+//! A node with frontier `G` lists, for each origin `o`, the entries of its change log with time
+//! above `F[o]`, and returns the new token `F' = G`, `S' = max(S, F, latest)`.
+//! - Every change the client lacks is listed, on this call or a later one: a change of `o` the
+//!   client lacks has time above `F[o]`; if this node holds it, it is listed now; if not, its time is
+//!   above `G[o]`, and `F' = G` keeps it above the bound until a node that holds it lists it.
+//! - `F'` must not be `max(F, G)`: a client that fetched an item from a node lacking one of its
+//!   changes (the item was listed for another origin's change) would then never be told when that
+//!   change arrives. The node-hopping property test fails on exactly that mistake.
+//! - The price is duplicates: changes in the window between two nodes' frontiers may be listed
+//!   again, always as "updated" (RFC 8620 allows an id in `updated` the client already knows).
+//! - An item whose creation the client may have seen (creation time ≤ `max(F, S)` of its origin)
+//!   is reported as updated, never as created twice. An item created and destroyed since the token
+//!   is left out.
+//!
+//! The change log holds one entry per item per origin: the highest time that origin contributed
+//! to the item ([`log_entries`]). A change by one origin cannot hide another origin's change to the
+//! same item, and the log stays O(items × origins that touched them). Listing costs
+//! O(changes + origins × log n) through a log ordered by `(origin, time)`.
+//!
+//! # Forgetting
+//! Tombstones are purged after the tombstone horizon. A token whose bound for some origin is below
+//! the newest purged tombstone of that origin might have missed that destroy, so it gets
+//! [`ChangesError::CannotCalculate`] and the client resyncs.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use base64::Engine as _;
+
+use crate::model::{NodeId, Stamp};
+
+/// The most origins a token may name; a token from outside with more is refused.
+pub const MAX_TOKEN_ORIGINS: usize = 1024;
+/// The most bytes of a token's text form, checked before decoding.
+pub const MAX_TOKEN_TEXT_BYTES: usize = 64 * 1024;
+const TOKEN_PREFIX: &str = "m1";
+
+/// Why changes could not be listed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ChangesError {
+    #[error("the state token is malformed: {0}; get a fresh state and resync")]
+    InvalidToken(&'static str),
+    #[error("this state is older than the tombstone horizon (origin {origin} was purged through {purged}, the state covers {covered}); resync from a fresh state")]
+    CannotCalculate { origin: NodeId, purged: u64, covered: u64 },
+    #[error("the change log could not be read: {0}")]
+    Log(String),
+}
+
+/// A node's frontier: per origin, a time up to which the node holds every change of that origin.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Frontier(pub BTreeMap<NodeId, u64>);
+
+impl Frontier {
+    /// The bound for one origin (zero: nothing is known complete).
+    pub fn get(&self, origin: NodeId) -> u64 {
+        self.0.get(&origin).copied().unwrap_or(0)
+    }
+
+    /// Raises one origin's bound, e.g. the node's own after its writes up to `time` committed.
+    pub fn advance(&mut self, origin: NodeId, time: u64) {
+        let entry = self.0.entry(origin).or_insert(0);
+        *entry = (*entry).max(time);
+    }
+
+    /// Takes in a peer's frontier after a reconciliation ended with equal roots: this node now
+    /// holds everything the peer held when it sent that frontier. Only sound with equal roots.
+    pub fn adopt(&mut self, peer: &Frontier) {
+        for (origin, time) in &peer.0 {
+            self.advance(*origin, *time);
+        }
+    }
+}
+
+/// A client's position in an account's change feed; see the module doc.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ChangeState {
+    /// Per origin: every change up to this time has been seen.
+    pub complete: BTreeMap<NodeId, u64>,
+    /// Per origin: the highest time that may have been seen.
+    pub shown: BTreeMap<NodeId, u64>,
+    /// Where a listing cut short by its limit goes on, on the node that cut it.
+    pub cursor: Option<Cursor>,
+}
+
+/// The place a paged listing stopped: on node `node`, origins before `origin` are listed, and
+/// `origin` is listed up to the entry at `position`. Other nodes ignore it (their logs differ).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cursor {
+    pub node: NodeId,
+    pub origin: NodeId,
+    pub position: LogPosition,
+}
+
+/// A place in one origin's log: entries are ordered by `(time, item)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct LogPosition {
+    pub time: u64,
+    pub item: u128,
+}
+
+impl LogPosition {
+    /// After every entry at `time`.
+    pub fn after_time(time: u64) -> Self {
+        LogPosition { time, item: u128::MAX }
+    }
+}
+
+impl ChangeState {
+    /// The state of a client that has seen everything a node with this frontier holds, given the
+    /// latest time per origin in its log (what a fresh `get` returns).
+    pub fn current(frontier: &Frontier, latest: &BTreeMap<NodeId, u64>) -> Self {
+        let mut shown = latest.clone();
+        for (origin, time) in &frontier.0 {
+            let entry = shown.entry(*origin).or_insert(0);
+            *entry = (*entry).max(*time);
+        }
+        ChangeState {
+            complete: frontier.0.clone(),
+            shown,
+            cursor: None,
+        }
+    }
+
+    fn complete_for(&self, origin: NodeId) -> u64 {
+        self.complete.get(&origin).copied().unwrap_or(0)
+    }
+
+    fn shown_for(&self, origin: NodeId) -> u64 {
+        self.shown
+            .get(&origin)
+            .copied()
+            .unwrap_or(0)
+            .max(self.complete_for(origin))
+    }
+
+    /// The token's text form: `m1` and URL-safe base64 of varint-coded entries. Opaque to clients.
+    pub fn encode(&self) -> String {
+        let origins: BTreeSet<NodeId> = self.complete.keys().chain(self.shown.keys()).copied().collect();
+        let mut bytes = Vec::with_capacity(4 + origins.len() * 16);
+        put_varint(&mut bytes, origins.len() as u64);
+        for origin in origins {
+            bytes.extend_from_slice(&origin.0.to_be_bytes());
+            let complete = self.complete_for(origin);
+            put_varint(&mut bytes, complete);
+            // `shown` as a distance above `complete`: usually small.
+            put_varint(&mut bytes, self.shown_for(origin) - complete);
+        }
+        if let Some(cursor) = self.cursor {
+            bytes.extend_from_slice(&cursor.node.0.to_be_bytes());
+            bytes.extend_from_slice(&cursor.origin.0.to_be_bytes());
+            put_varint(&mut bytes, cursor.position.time);
+            bytes.extend_from_slice(&cursor.position.item.to_be_bytes());
+        }
+        format!(
+            "{TOKEN_PREFIX}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+        )
+    }
+
+    /// Reads a token from outside. Bounded: at most [`MAX_TOKEN_TEXT_BYTES`] of text and
+    /// [`MAX_TOKEN_ORIGINS`] origins, strictly ascending, nothing left over.
+    pub fn decode(text: &str) -> Result<Self, ChangesError> {
+        if text.len() > MAX_TOKEN_TEXT_BYTES {
+            return Err(ChangesError::InvalidToken("too long"));
+        }
+        let body = text
+            .strip_prefix(TOKEN_PREFIX)
+            .ok_or(ChangesError::InvalidToken("unknown version"))?;
+        let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(body)
+            .map_err(|_| ChangesError::InvalidToken("not base64url"))?;
+        let mut reader = &bytes[..];
+        let count = take_varint(&mut reader)?;
+        if count > MAX_TOKEN_ORIGINS as u64 {
+            return Err(ChangesError::InvalidToken("too many origins"));
+        }
+        let mut state = ChangeState::default();
+        let mut previous: Option<NodeId> = None;
+        for _ in 0..count {
+            let origin = NodeId(take_u64(&mut reader)?);
+            if previous.is_some_and(|previous| previous >= origin) {
+                return Err(ChangesError::InvalidToken("origins out of order"));
+            }
+            previous = Some(origin);
+            let complete = take_varint(&mut reader)?;
+            let above = take_varint(&mut reader)?;
+            let shown = complete
+                .checked_add(above)
+                .ok_or(ChangesError::InvalidToken("time out of range"))?;
+            state.complete.insert(origin, complete);
+            state.shown.insert(origin, shown);
+        }
+        if !reader.is_empty() {
+            let node = take_u64(&mut reader)?;
+            let origin = take_u64(&mut reader)?;
+            let time = take_varint(&mut reader)?;
+            let item = ((take_u64(&mut reader)? as u128) << 64) | take_u64(&mut reader)? as u128;
+            state.cursor = Some(Cursor {
+                node: NodeId(node),
+                origin: NodeId(origin),
+                position: LogPosition { time, item },
+            });
+        }
+        if !reader.is_empty() {
+            return Err(ChangesError::InvalidToken("trailing bytes"));
+        }
+        Ok(state)
+    }
+}
+
+fn put_varint(bytes: &mut Vec<u8>, mut value: u64) {
+    // LEB128 by hand: ten lines, bounded below, and no crate's error type to map.
+    while value >= 0x80 {
+        bytes.push((value as u8) | 0x80);
+        value >>= 7;
+    }
+    bytes.push(value as u8);
+}
+
+fn take_u64(reader: &mut &[u8]) -> Result<u64, ChangesError> {
+    let (head, rest) = reader
+        .split_first_chunk::<8>()
+        .ok_or(ChangesError::InvalidToken("truncated"))?;
+    *reader = rest;
+    Ok(u64::from_be_bytes(*head))
+}
+
+fn take_varint(reader: &mut &[u8]) -> Result<u64, ChangesError> {
+    let mut value: u64 = 0;
+    for index in 0..10 {
+        let (&byte, rest) = reader.split_first().ok_or(ChangesError::InvalidToken("truncated"))?;
+        *reader = rest;
+        let bits = u64::from(byte & 0x7f);
+        if index == 9 && bits > 1 {
+            return Err(ChangesError::InvalidToken("number out of range"));
+        }
+        value |= bits << (7 * index);
+        if byte & 0x80 == 0 {
+            return Ok(value);
+        }
+    }
+    Err(ChangesError::InvalidToken("number out of range"))
+}
+
+/// One entry of a change log: the latest time one origin touched one item.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ChangeEntry {
+    pub time: u64,
+    /// The email or mailbox ID.
+    pub item: u128,
+    /// The stamp of the item's creation.
+    pub created: Stamp,
+    /// Whether the item is destroyed (expunged email, deleted mailbox) in the node's current state.
+    pub destroyed: bool,
+}
+
+/// The log entries an item's state calls for: one per origin, at the highest time that origin
+/// contributed. A store diffs these between an item's old and new state on every commit.
+pub fn log_entries(stamps_by_origin: &BTreeMap<NodeId, u64>) -> Vec<(NodeId, u64)> {
+    stamps_by_origin.iter().map(|(origin, time)| (*origin, *time)).collect()
+}
+
+/// Read access to one account's change log for one kind of item, ordered by `(origin, time)`.
+pub trait ChangeLog {
+    /// The entries of `origin` after `after`, ascending by `(time, item)`, at most `limit`.
+    fn entries_after(&self, origin: NodeId, after: LogPosition, limit: usize)
+        -> Result<Vec<ChangeEntry>, ChangesError>;
+    /// The highest entry time of each origin in the log.
+    fn latest_by_origin(&self) -> Result<BTreeMap<NodeId, u64>, ChangesError>;
+}
+
+/// What changed since a state.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    pub created: Vec<u128>,
+    pub updated: Vec<u128>,
+    pub destroyed: Vec<u128>,
+    /// The state to ask from next.
+    pub new_state: ChangeState,
+    /// Whether `limit` cut the listing short: ask again from `new_state`.
+    pub has_more: bool,
+}
+
+/// Lists the changes since `since` on the node `this_node` with this frontier and log; `purged`
+/// is, per origin, the newest tombstone time this node has purged. A listing takes about `limit`
+/// items at most and then returns a state with a cursor to go on from. See the module doc for why
+/// this is complete on any node.
+pub fn changes_since(
+    since: &ChangeState,
+    this_node: NodeId,
+    frontier: &Frontier,
+    purged: &BTreeMap<NodeId, u64>,
+    log: &impl ChangeLog,
+    limit: usize,
+) -> Result<Changes, ChangesError> {
+    let latest = log.latest_by_origin()?;
+    let origins: BTreeSet<NodeId> = latest
+        .keys()
+        .chain(frontier.0.keys())
+        .chain(since.complete.keys())
+        .copied()
+        .collect();
+    let bound = |origin: NodeId| since.complete_for(origin);
+    for (origin, purged) in purged {
+        if bound(*origin) < *purged {
+            return Err(ChangesError::CannotCalculate {
+                origin: *origin,
+                purged: *purged,
+                covered: bound(*origin),
+            });
+        }
+    }
+    // A cursor from this node: the origins before it are listed in this pass already.
+    let cursor = since.cursor.filter(|cursor| cursor.node == this_node);
+    let raise = |map: &mut BTreeMap<NodeId, u64>, origin: NodeId, time: u64| {
+        let entry = map.entry(origin).or_insert(0);
+        *entry = (*entry).max(time);
+    };
+    let mut shown = since.shown.clone();
+    for (origin, time) in &since.complete {
+        raise(&mut shown, *origin, *time);
+    }
+    let mut complete = BTreeMap::new();
+    // Per item, what the listing found: destroyed, and whether its creation may have been seen.
+    let mut found: BTreeMap<u128, (bool, bool)> = BTreeMap::new();
+    let mut next_cursor = None;
+    for origin in origins {
+        if next_cursor.is_some() {
+            // Not reached on this page: the client's own bound stands.
+            complete.insert(origin, bound(origin));
+            continue;
+        }
+        if cursor.is_some_and(|cursor| origin < cursor.origin) {
+            complete.insert(origin, since.complete_for(origin));
+            continue;
+        }
+        let mut start = LogPosition::after_time(bound(origin));
+        if let Some(cursor) = cursor.filter(|cursor| cursor.origin == origin) {
+            start = start.max(cursor.position);
+        }
+        let newest = latest.get(&origin).copied().unwrap_or(0);
+        if newest <= start.time && (newest < start.time || start.item == u128::MAX) {
+            complete.insert(origin, frontier.get(origin));
+            continue;
+        }
+        let room = limit.saturating_sub(found.len()).max(1);
+        let entries = log.entries_after(origin, start, room + 1)?;
+        for entry in entries.iter().take(room) {
+            let seen = entry.created.time <= since.shown_for(entry.created.node);
+            let slot = found.entry(entry.item).or_insert((entry.destroyed, seen));
+            slot.0 |= entry.destroyed;
+            slot.1 |= seen;
+            raise(&mut shown, entry.created.node, entry.created.time);
+            raise(&mut shown, origin, entry.time);
+        }
+        if entries.len() > room {
+            let last = entries[room - 1];
+            complete.insert(origin, bound(origin));
+            next_cursor = Some(Cursor {
+                node: this_node,
+                origin,
+                position: LogPosition {
+                    time: last.time,
+                    item: last.item,
+                },
+            });
+        } else {
+            complete.insert(origin, frontier.get(origin));
+            raise(&mut shown, origin, newest);
+        }
+    }
+    for (origin, time) in &complete {
+        raise(&mut shown, *origin, *time);
+    }
+    let mut changes = Changes {
+        has_more: next_cursor.is_some(),
+        ..Changes::default()
+    };
+    for (item, (destroyed, seen)) in found {
+        match (destroyed, seen) {
+            (true, true) => changes.destroyed.push(item),
+            (true, false) => {} // created and destroyed since: the client never needs to know
+            (false, true) => changes.updated.push(item),
+            (false, false) => changes.created.push(item),
+        }
+    }
+    changes.new_state = ChangeState {
+        complete,
+        shown,
+        cursor: next_cursor,
+    };
+    Ok(changes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    /// An in-memory change log over items, exactly what a store's derived index holds.
+    #[derive(Clone, Default)]
+    struct MemoryLog {
+        items: BTreeMap<u128, Item>,
+    }
+
+    /// A toy item: per origin its highest stamp, its creation stamp, and a tombstone.
+    #[derive(Clone, Debug, PartialEq, Eq)]
+    struct Item {
+        created: Stamp,
+        stamps: BTreeMap<NodeId, u64>,
+        destroyed: bool,
+    }
+
+    impl Item {
+        fn merge(&mut self, other: &Item) {
+            for (origin, time) in &other.stamps {
+                let entry = self.stamps.entry(*origin).or_insert(0);
+                *entry = (*entry).max(*time);
+            }
+            self.destroyed |= other.destroyed;
+        }
+    }
+
+    impl ChangeLog for MemoryLog {
+        fn entries_after(
+            &self,
+            origin: NodeId,
+            after: LogPosition,
+            limit: usize,
+        ) -> Result<Vec<ChangeEntry>, ChangesError> {
+            let mut entries: Vec<ChangeEntry> = self
+                .items
+                .iter()
+                .filter_map(|(id, item)| {
+                    let time = *item.stamps.get(&origin)?;
+                    (LogPosition { time, item: *id } > after).then_some(ChangeEntry {
+                        time,
+                        item: *id,
+                        created: item.created,
+                        destroyed: item.destroyed,
+                    })
+                })
+                .collect();
+            entries.sort_by_key(|entry| (entry.time, entry.item));
+            entries.truncate(limit);
+            Ok(entries)
+        }
+
+        fn latest_by_origin(&self) -> Result<BTreeMap<NodeId, u64>, ChangesError> {
+            let mut latest = BTreeMap::new();
+            for item in self.items.values() {
+                for (origin, time) in &item.stamps {
+                    let entry = latest.entry(*origin).or_insert(0);
+                    *entry = (*entry).max(*time);
+                }
+            }
+            Ok(latest)
+        }
+    }
+
+    /// One simulated node: its items and its frontier.
+    #[derive(Clone, Default)]
+    struct SimulatedNode {
+        log: MemoryLog,
+        frontier: Frontier,
+    }
+
+    impl SimulatedNode {
+        fn receive(&mut self, id: u128, item: &Item) {
+            match self.log.items.get_mut(&id) {
+                Some(held) => held.merge(item),
+                None => {
+                    self.log.items.insert(id, item.clone());
+                }
+            }
+        }
+    }
+
+    /// A client that keeps its own copy of the items it was told about.
+    #[derive(Default)]
+    struct Client {
+        state: ChangeState,
+        view: HashMap<u128, Item>,
+    }
+
+    impl Client {
+        /// Lists changes on `node` until done, fetching what is created or updated. Returns an
+        /// error text when the node reported "created" for an item the client already held.
+        fn sync_from(&mut self, node: &SimulatedNode, name: usize, limit: usize) -> Result<(), String> {
+            for _page in 0..10_000 {
+                let changes = changes_since(
+                    &self.state,
+                    NodeId(name as u64),
+                    &node.frontier,
+                    &BTreeMap::new(),
+                    &node.log,
+                    limit,
+                )
+                .map_err(|error| error.to_string())?;
+                for id in &changes.created {
+                    if self.view.contains_key(id) {
+                        return Err(format!("item {id} reported created twice"));
+                    }
+                    self.view.insert(*id, node.log.items[id].clone());
+                }
+                for id in &changes.updated {
+                    self.view.insert(*id, node.log.items[id].clone());
+                }
+                for id in &changes.destroyed {
+                    self.view.remove(id);
+                }
+                self.state = changes.new_state;
+                if !changes.has_more {
+                    return Ok(());
+                }
+            }
+            Err("a paged listing never ended".into())
+        }
+    }
+
+    #[derive(Clone, Debug)]
+    enum Step {
+        /// Node `node` creates a new item.
+        Create { node: usize },
+        /// Node `node` changes (or destroys) the item with this index among those it holds.
+        Change { node: usize, item: usize, destroy: bool },
+        /// `from` sends some of its items to `to`, as a reconciliation still under way would.
+        Partial { from: usize, to: usize, every: usize },
+        /// Two nodes reconcile fully: they hold the same items and adopt each other's frontier.
+        Full { left: usize, right: usize },
+        /// The hopping client reads from a node.
+        Read { node: usize, limit: usize },
+    }
+
+    fn step_strategy(nodes: usize) -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => (0..nodes).prop_map(|node| Step::Create { node }),
+            3 => (0..nodes, 0usize..8, proptest::bool::weighted(0.15))
+                .prop_map(|(node, item, destroy)| Step::Change { node, item, destroy }),
+            2 => (0..nodes, 0..nodes, 1usize..4).prop_map(|(from, to, every)| Step::Partial { from, to, every }),
+            1 => (0..nodes, 0..nodes).prop_map(|(left, right)| Step::Full { left, right }),
+            3 => (0..nodes, 1usize..6).prop_map(|(node, limit)| Step::Read { node, limit }),
+        ]
+    }
+
+    fn full_sync(nodes: &mut [SimulatedNode], left: usize, right: usize) {
+        if left == right {
+            return;
+        }
+        let left_items = nodes[left].log.items.clone();
+        let right_items = nodes[right].log.items.clone();
+        for (id, item) in &left_items {
+            nodes[right].receive(*id, item);
+        }
+        for (id, item) in &right_items {
+            nodes[left].receive(*id, item);
+        }
+        let left_frontier = nodes[left].frontier.clone();
+        let right_frontier = nodes[right].frontier.clone();
+        nodes[left].frontier.adopt(&right_frontier);
+        nodes[right].frontier.adopt(&left_frontier);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// The node-hopping law: a client reading from random nodes, with pages, while nodes write
+        /// and reconcile partially, ends (after the cluster converges and it reads once more) with
+        /// exactly the live items and their final states, just like a client that stayed on one
+        /// node; and no node ever reports an item as created twice.
+        #[test]
+        fn a_client_hopping_between_nodes_sees_every_change(
+            steps in proptest::collection::vec(step_strategy(3), 1..60),
+            final_node in 0usize..3,
+        ) {
+            let count = 3;
+            let mut nodes: Vec<SimulatedNode> = vec![SimulatedNode::default(); count];
+            let mut clocks = [0u64; 3];
+            let mut next_id = 1u128;
+            let mut hopper = Client::default();
+            let mut stayer = Client::default();
+            for step in steps {
+                match step {
+                    Step::Create { node } => {
+                        clocks[node] = clocks[node].max(nodes[node].frontier.0.values().copied().max().unwrap_or(0)) + 1;
+                        let stamp = Stamp { time: clocks[node], node: NodeId(node as u64) };
+                        let item = Item { created: stamp, stamps: BTreeMap::from([(stamp.node, stamp.time)]), destroyed: false };
+                        nodes[node].receive(next_id, &item);
+                        nodes[node].frontier.advance(stamp.node, stamp.time);
+                        next_id += 1;
+                    }
+                    Step::Change { node, item, destroy } => {
+                        let Some(id) = nodes[node].log.items.keys().nth(item).copied() else { continue };
+                        clocks[node] += 1;
+                        let time = clocks[node];
+                        let held = nodes[node].log.items.get_mut(&id).unwrap();
+                        held.stamps.insert(NodeId(node as u64), time);
+                        held.destroyed |= destroy;
+                        nodes[node].frontier.advance(NodeId(node as u64), time);
+                    }
+                    Step::Partial { from, to, every } => {
+                        if from != to {
+                            let items: Vec<(u128, Item)> = nodes[from].log.items.iter().step_by(every).map(|(id, item)| (*id, item.clone())).collect();
+                            for (id, item) in items {
+                                nodes[to].receive(id, &item);
+                            }
+                        }
+                    }
+                    Step::Full { left, right } => full_sync(&mut nodes, left, right),
+                    Step::Read { node, limit } => {
+                        hopper.sync_from(&nodes[node], node, limit).map_err(TestCaseError::fail)?;
+                        stayer.sync_from(&nodes[0], 0, limit).map_err(TestCaseError::fail)?;
+                    }
+                }
+            }
+            // Converge: everyone reconciles with everyone, twice round.
+            for _ in 0..2 {
+                for left in 0..count {
+                    for right in 0..count {
+                        full_sync(&mut nodes, left, right);
+                    }
+                }
+            }
+            hopper.sync_from(&nodes[final_node], final_node, 3).map_err(TestCaseError::fail)?;
+            stayer.sync_from(&nodes[0], 0, 3).map_err(TestCaseError::fail)?;
+            let truth: HashMap<u128, Item> = nodes[0].log.items.iter().filter(|(_, item)| !item.destroyed).map(|(id, item)| (*id, item.clone())).collect();
+            prop_assert_eq!(&hopper.view, &truth);
+            prop_assert_eq!(&stayer.view, &truth);
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_tokens_never_panic_and_what_decodes_round_trips(body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let text = format!("m1{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&body));
+            if let Ok(state) = ChangeState::decode(&text) {
+                let again = ChangeState::decode(&state.encode()).unwrap();
+                prop_assert_eq!(again.encode(), state.encode());
+            }
+        }
+    }
+
+    #[test]
+    fn tokens_round_trip_and_bad_tokens_are_refused() {
+        let state = ChangeState {
+            complete: BTreeMap::from([(NodeId(1), 5), (NodeId(u64::MAX), u64::MAX - 3)]),
+            shown: BTreeMap::from([(NodeId(1), 9), (NodeId(u64::MAX), u64::MAX), (NodeId(7), 2)]),
+            cursor: Some(Cursor {
+                node: NodeId(3),
+                origin: NodeId(1),
+                position: LogPosition {
+                    time: 4,
+                    item: u128::MAX - 1,
+                },
+            }),
+        };
+        let text = state.encode();
+        let back = ChangeState::decode(&text).unwrap();
+        assert_eq!(back.cursor, state.cursor);
+        assert_eq!(back.encode(), text);
+        assert_eq!(back.complete_for(NodeId(7)), 0);
+        assert_eq!(back.shown_for(NodeId(1)), 9);
+        for bad in ["", "m2AA", "m1!!", "m1", "m1AQ", &format!("{text}A")] {
+            assert!(ChangeState::decode(bad).is_err(), "{bad:?} should be refused");
+        }
+        // An origin count far beyond the bytes present is refused before any allocation by it.
+        let mut claim = Vec::new();
+        put_varint(&mut claim, 1000);
+        let text = format!("m1{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(claim));
+        assert_eq!(ChangeState::decode(&text), Err(ChangesError::InvalidToken("truncated")));
+    }
+
+    #[test]
+    fn a_token_older_than_the_purged_tombstones_cannot_be_calculated() {
+        let log = MemoryLog::default();
+        let frontier = Frontier(BTreeMap::from([(NodeId(1), 100)]));
+        let old = ChangeState {
+            complete: BTreeMap::from([(NodeId(1), 10)]),
+            ..ChangeState::default()
+        };
+        let purged = BTreeMap::from([(NodeId(1), 50)]);
+        assert!(matches!(
+            changes_since(&old, NodeId(1), &frontier, &purged, &log, 10),
+            Err(ChangesError::CannotCalculate {
+                purged: 50,
+                covered: 10,
+                ..
+            })
+        ));
+        let fresh = ChangeState::current(&frontier, &BTreeMap::new());
+        assert!(changes_since(&fresh, NodeId(1), &frontier, &purged, &log, 10).is_ok());
+    }
+}
