@@ -174,6 +174,23 @@ impl LocalNode {
         }
     }
 
+    /// Freezes the process with SIGSTOP: its sockets stay open but it answers nothing, as a
+    /// node stalled by the kernel or a debugger would.
+    pub fn pause(&self) {
+        self.signal("-STOP");
+    }
+
+    /// Lets a paused process run again (SIGCONT).
+    pub fn resume(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        if let Some(child) = self.child.as_ref() {
+            let _ = Command::new("kill").arg(signal).arg(child.id().to_string()).status();
+        }
+    }
+
     /// Starts the same node again (same data dir, same identity).
     pub fn restart(&mut self) -> Result<(), HarnessError> {
         self.kill();

@@ -377,7 +377,19 @@ fn concurrent_appends_on_three_nodes_all_survive() {
 fn conflicting_flag_changes_end_identical_with_the_higher_stamp_winning() {
     let scratch = Scratch::new("flags");
     let cluster = "test-flags";
-    let a = spawn(&scratch, "a", cluster, &[], &[]);
+    // a's clock runs 30 s ahead, so every stamp a issues for a concurrent change is higher than
+    // b's (b's clock only catches up on what it has already seen from a): a's change must win.
+    let a = LocalNode::spawn_with_environment(
+        &binary(),
+        "a",
+        &scratch.node_dir("a"),
+        cluster,
+        &[],
+        GOSSIP_MS,
+        &[],
+        &[("MAILMESH_CLOCK_OFFSET_MS", "30000")],
+    )
+    .unwrap_or_else(|error| panic!("starting node a: {error}"));
     let seed = address(&a);
     let b = spawn(&scratch, "b", cluster, &[seed.clone()], &[]);
     let c = spawn(&scratch, "c", cluster, &[seed], &[]);
@@ -398,32 +410,50 @@ fn conflicting_flag_changes_end_identical_with_the_higher_stamp_winning() {
         nodes.iter().all(|node| ids_of(node, ALICE, INBOX).len() == ids.len())
     });
 
-    // Concurrent: a adds \Flagged while b removes it, on 5 messages. For the last two the
-    // message is flagged first, so both "remove wins" and "add wins" directions are exercised.
+    // Concurrent and decided by stamps, not by arrival. b and c go down; a (clock 30 s ahead)
+    // adds \Flagged to ids 0-2 and removes it from ids 3-4, which b had flagged. Then a is frozen
+    // and b comes back alone and does the opposite, later in real time but with lower stamps (b's
+    // clock has only caught up with what it saw from a before). After the heal a's changes must
+    // win on every node: last-writer-wins by stamp, not by which write arrived last.
     for id in &ids[3..5] {
         set_flags(&b, ALICE, INBOX, id, r#"{"add":["\\Flagged"]}"#);
     }
-    converge("pre-flagging", &nodes, || true);
-    for id in &ids[..5] {
-        let barrier = std::sync::Barrier::new(2);
-        std::thread::scope(|scope| {
-            scope.spawn(|| {
-                barrier.wait();
-                set_flags(&a, ALICE, INBOX, id, r#"{"add":["\\Flagged"]}"#);
-            });
-            scope.spawn(|| {
-                barrier.wait();
-                set_flags(&b, ALICE, INBOX, id, r#"{"remove":["\\Flagged"]}"#);
-            });
-        });
+    converge("pre-flagging", &nodes, || {
+        ids[3..5].iter().all(|id| {
+            nodes.iter().all(|node| {
+                flags_of(node, ALICE, INBOX, id).is_some_and(|flags| flags.contains(&"\\Flagged".to_owned()))
+            })
+        })
+    });
+    let mut b = b;
+    let mut c = c;
+    b.kill();
+    c.kill();
+    for id in &ids[..3] {
+        set_flags(&a, ALICE, INBOX, id, r#"{"add":["\\Flagged"]}"#);
     }
+    for id in &ids[3..5] {
+        set_flags(&a, ALICE, INBOX, id, r#"{"remove":["\\Flagged"]}"#);
+    }
+    a.pause();
+    b.restart().expect("restarting b alone");
+    for id in &ids[..3] {
+        set_flags(&b, ALICE, INBOX, id, r#"{"remove":["\\Flagged"]}"#);
+    }
+    for id in &ids[3..5] {
+        set_flags(&b, ALICE, INBOX, id, r#"{"add":["\\Flagged"]}"#);
+    }
+    a.resume();
+    c.restart().expect("restarting c");
+    let nodes = [&a, &b, &c];
+    wait_for_peers(&nodes, 2);
     let snapshots = || {
         nodes
             .iter()
             .map(|node| node.messages(ALICE, INBOX).unwrap_or_default())
             .collect::<Vec<_>>()
     };
-    converge("concurrent add/remove of \\Flagged", &nodes, || {
+    converge("the heal after concurrent flag changes", &nodes, || {
         let all = snapshots();
         all.iter().all(|list| list == &all[0])
     });
@@ -434,6 +464,19 @@ fn conflicting_flag_changes_end_identical_with_the_higher_stamp_winning() {
             "after convergence {} shows flags {list:?}, {} shows {:?}",
             node.name, a.name, all[0]
         );
+    }
+    // Agreement is not enough (LWW can converge to the wrong value): check the winner.
+    for (index, id) in ids[..5].iter().enumerate() {
+        let want = index < 3;
+        for node in nodes {
+            let flags = flags_of(node, ALICE, INBOX, id).unwrap_or_default();
+            assert_eq!(
+                flags.contains(&"\\Flagged".to_owned()),
+                want,
+                "{} shows {id} with flags {flags:?}; a's change had the higher stamp and should win",
+                node.name
+            );
+        }
     }
 
     // Sequential: the strictly later write wins, in both directions between a and b.

@@ -264,6 +264,29 @@ mod tests {
             let issued = clock.tick(now);
             prop_assert!(issued > before);
         }
+
+        /// Stamps near the bound, where a clock that refused everything (or nothing) would differ:
+        /// `offset` milliseconds ahead of the local clock, from well inside to just past the bound.
+        #[test]
+        fn stamps_within_the_bound_are_taken_and_stamps_past_it_are_refused(
+            now in 1_000_000u64..2_000_000_000_000,
+            bound in 1u64..3_600_000,
+            offset in -5i64..5,
+            counter in 0u64..(1 << COUNTER_BITS),
+        ) {
+            let mut clock = Clock::resume(physical_time(now), bound);
+            let before = clock.current();
+            let millis = (now + bound).checked_add_signed(offset).unwrap();
+            let seen = physical_time(millis) | if offset == 0 { 0 } else { counter };
+            let result = clock.observe(seen, now);
+            if offset <= 0 {
+                prop_assert!(result.is_ok(), "{} ms ahead with a bound of {} ms was refused", bound as i64 + offset, bound);
+                prop_assert_eq!(clock.current(), seen + 1);
+            } else {
+                prop_assert!(result.is_err(), "{} ms ahead with a bound of {} ms was taken", bound as i64 + offset, bound);
+                prop_assert_eq!(clock.current(), before);
+            }
+        }
     }
 
     #[test]
