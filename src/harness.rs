@@ -174,6 +174,11 @@ impl LocalNode {
         }
     }
 
+    /// The node's process ID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(std::process::Child::id)
+    }
+
     /// Freezes the process with SIGSTOP: its sockets stay open but it answers nothing, as a
     /// node stalled by the kernel or a debugger would.
     pub fn pause(&self) {
