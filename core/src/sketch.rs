@@ -546,26 +546,23 @@ impl Decoder {
 
     /// An estimate of how many elements of the difference are not recovered yet: at least the
     /// exact count left in cell 0, and otherwise read from the spread of the counts left in the
-    /// upper half of the cells (a cell `i` holds each element with probability `rho(i)`, so its
-    /// count left has variance `rho (1 - rho)` per element around `rho` times the net count).
+    /// upper half of the cells. Cell `i` holds each element left with probability `rho(i)`, so its
+    /// count is `rho` times the net count (cell 0's) plus a deviation of variance `rho (1 - rho)`
+    /// per element; the deviations are small enough to read from the 8 bits a cell carries.
     pub fn estimate_remaining(&self) -> u64 {
         let Some(first) = self.cells.first() else { return 0 };
         let net = first.count as f64;
         let length = self.cells.len();
-        let (mut squares, mut weight, mut correction) = (0.0, 0.0, 0.0);
+        let (mut squares, mut weight) = (0.0, 0.0);
         for (index, cell) in self.cells.iter().enumerate().skip((length / 2).max(1)) {
             let rho = mapping_probability(index as u64);
-            let count = (cell.count as u8) as i8 as f64;
-            squares += count * count;
+            let expected = (rho * net).round() as i64;
+            let deviation = f64::from(cell.count.wrapping_sub(expected) as u8 as i8);
+            squares += deviation * deviation;
             weight += rho * (1.0 - rho);
-            correction += rho * rho * net * net;
         }
-        let spread = if weight > 0.0 {
-            ((squares - correction) / weight).max(0.0)
-        } else {
-            0.0
-        };
-        (net.abs().max(spread)).ceil() as u64
+        let spread = if weight > 0.0 { squares / weight } else { 0.0 };
+        net.abs().max(spread).ceil() as u64
     }
 }
 

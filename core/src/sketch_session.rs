@@ -49,7 +49,7 @@ use crate::sketch::{self, Cell, Decoder, DecoderLimits, Element, Side, SketchCel
 use crate::sync::{self, ByteString, Outcome, SyncError, SyncLimits};
 
 /// The session protocol version this build speaks.
-pub const SESSION_VERSION: u8 = 1;
+pub const SESSION_VERSION: u8 = 2;
 
 /// Tuning and safety limits for one side of a session.
 #[derive(Clone, Copy, Debug)]
@@ -58,7 +58,8 @@ pub struct SessionLimits {
     pub sync: SyncLimits,
     /// Bounds on the asker's decoder (and on the cells a message may carry).
     pub decoder: DecoderLimits,
-    /// Cells in the opening message: one decodes a single difference, two usually decode two.
+    /// Cells in the opening message: one decodes a single difference (each more costs 25 bytes
+    /// and settles two differences in one round trip about half the time).
     pub opening_cells: u64,
     /// The fewest cells a responder sends in its first batch when it cannot tell the size of
     /// the difference (equal counts on both sides).
@@ -77,7 +78,7 @@ impl Default for SessionLimits {
         SessionLimits {
             sync: SyncLimits::default(),
             decoder: DecoderLimits::default(),
-            opening_cells: 2,
+            opening_cells: 1,
             first_batch_minimum: 24,
             max_batch: 16_384,
             clustered_sixteenths: 4,
@@ -111,11 +112,13 @@ pub enum SessionError {
 #[derive(Clone, PartialEq, Eq, Debug)]
 pub enum Message {
     Open {
-        summary: Summary,
         /// How many cells the asker keeps.
         length: u64,
         cells: Vec<Cell>,
-        trie: Vec<sync::Element>,
+        /// The last element of the asker's first trie message ([`sync::initial`]): the children of
+        /// the first node where its keys branch, or its whole leaf list. The single-child nodes
+        /// above it are implied (see [`opening_chain`]).
+        trie: sync::Element,
     },
     Settled {
         you_lack: Vec<u128>,
@@ -215,12 +218,15 @@ impl Asker {
         limits: &SessionLimits,
         now_millis: u64,
     ) -> Result<(Asker, Message), SessionError> {
-        let root = view.aggregate(Prefix::ROOT).map_err(store_error)?;
+        let initial = sync::initial(view, &limits.sync)?;
+        let trie = initial.last().cloned().unwrap_or(sync::Element::Leaves {
+            prefix: Prefix::ROOT,
+            leaves: Vec::new(),
+        });
         let message = Message::Open {
-            summary: root.summary(),
             length: sketch.length(),
             cells: wire_cells(sketch, 0, limits.opening_cells),
-            trie: sync::initial(view, &limits.sync)?,
+            trie,
         };
         let asker = Asker {
             limits: *limits,
@@ -307,7 +313,7 @@ impl Asker {
             return self.descend(view);
         }
         let next = wanted
-            .max(received + (received / 8).max(8))
+            .max(received + (received / 4).max(8))
             .min(received + self.limits.max_batch)
             .min(kept);
         Ok(Step::Send(Message::More {
@@ -337,12 +343,7 @@ pub fn respond<V: TreeView>(
     limits: &SessionLimits,
 ) -> Result<(Option<Message>, Outcome), SessionError> {
     match incoming {
-        Message::Open {
-            summary,
-            length,
-            cells,
-            trie,
-        } => on_open(view, sketch, summary, *length, cells, trie, limits),
+        Message::Open { length, cells, trie } => on_open(view, sketch, *length, cells, trie, limits),
         Message::More { start, end } => {
             let end = (*end).min(start.saturating_add(limits.max_batch));
             let cells = wire_cells(sketch, *start, end);
@@ -368,22 +369,65 @@ pub fn respond<V: TreeView>(
     }
 }
 
+/// The asker's whole first trie message, from its last element: [`sync::initial`] walks down
+/// single-child nodes before the node it lists, and the receiver never compares the summaries of
+/// children the same message describes, so the nodes above are fully known from the prefix and
+/// the count below it.
+pub fn opening_chain(last: &sync::Element) -> Vec<sync::Element> {
+    let sync::Element::Children { prefix, children } = last else {
+        return vec![last.clone()];
+    };
+    let count = children
+        .iter()
+        .fold(0u64, |total, (_, summary)| total.saturating_add(summary.count));
+    let mut chain: Vec<sync::Element> = (0..prefix.depth())
+        .filter_map(|depth| {
+            let ancestor = Prefix::of(prefix.bits(), depth);
+            let index = ancestor.child_index(prefix.bits())? as u8;
+            Some(sync::Element::Children {
+                prefix: ancestor,
+                children: vec![(
+                    index,
+                    Summary {
+                        count,
+                        fingerprint: Fingerprint::default(),
+                    },
+                )],
+            })
+        })
+        .collect();
+    chain.push(last.clone());
+    chain
+}
+
 fn on_open<V: TreeView>(
     view: &V,
     sketch: &SketchCells,
-    their_summary: &Summary,
     their_length: u64,
     their_cells: &[Cell],
-    trie: &[sync::Element],
+    last: &sync::Element,
     limits: &SessionLimits,
 ) -> Result<(Option<Message>, Outcome), SessionError> {
-    let root = view.aggregate(Prefix::ROOT).map_err(store_error)?;
-    if root.summary() == *their_summary {
+    // The trie's answer first: it says whether the replicas are equal, and it is the reply
+    // whenever trie descent is the cheaper way on.
+    let trie = opening_chain(last);
+    let (trie_reply, trie_outcome) = sync::respond(view, &trie, &limits.sync)?;
+    if trie_reply.is_empty() && trie_outcome.is_empty() {
         return Ok((None, Outcome::default()));
     }
-    let descend = || -> Result<(Option<Message>, Outcome), SessionError> {
-        let (reply, outcome) = sync::respond(view, trie, &limits.sync)?;
-        Ok(((!reply.is_empty()).then_some(Message::Trie(reply)), outcome))
+    let descend = || {
+        Ok((
+            (!trie_reply.is_empty()).then(|| Message::Trie(trie_reply.clone())),
+            trie_outcome.clone(),
+        ))
+    };
+    let root = view.aggregate(Prefix::ROOT).map_err(store_error)?;
+    let their_count = match last {
+        sync::Element::Children { children, .. } => children
+            .iter()
+            .fold(0u64, |total, (_, summary)| total.saturating_add(summary.count)),
+        sync::Element::Leaves { leaves, .. } => leaves.len() as u64,
+        _ => 0,
     };
     let opening = (their_cells.len() as u64).min(sketch.length());
     let mut decoder = Decoder::new(*sketch.key(), limits.decoder);
@@ -403,11 +447,15 @@ fn on_open<V: TreeView>(
         return Ok((Some(reply), outcome));
     }
     let kept = sketch.length().min(their_length).min(limits.decoder.max_cells);
-    let counted = root.count.abs_diff(their_summary.count);
-    let estimate = counted.max(decoder.estimate_remaining().min(kept));
+    let probe = probe(view, last, limits)?;
+    let estimate = root
+        .count
+        .abs_diff(their_count)
+        .max(probe.count_gap)
+        .max(decoder.estimate_remaining().min(kept));
     let wanted = sketch::cells_for(estimate);
-    let small = matches!(trie, [sync::Element::Leaves { .. }]);
-    if small || wanted > kept || clustered(view, trie, limits)? {
+    let small = !matches!(last, sync::Element::Children { .. });
+    if small || wanted > kept || probe.clustered {
         return descend();
     }
     let batch = wanted.max(limits.first_batch_minimum).min(limits.max_batch).min(kept);
@@ -430,20 +478,32 @@ fn wire_cells(sketch: &SketchCells, start: u64, end: u64) -> Vec<Cell> {
         .collect()
 }
 
-/// Whether few of the children of the asker's first branching node differ from this side's.
-fn clustered<V: TreeView>(view: &V, trie: &[sync::Element], limits: &SessionLimits) -> Result<bool, SessionError> {
-    let Some((prefix, theirs)) = trie.iter().rev().find_map(|element| match element {
-        sync::Element::Children { prefix, children } if children.len() > 1 => Some((*prefix, children)),
-        _ => None,
-    }) else {
-        return Ok(false);
+/// What the children of the asker's first branching trie node tell about the difference.
+struct Probe {
+    /// Few of them differ: the difference sits together, trie descent finds it cheaply.
+    clustered: bool,
+    /// The sum over the children of the differences of their counts: at least the size of the
+    /// difference (all of it when one side lacks what the other holds).
+    count_gap: u64,
+}
+
+fn probe<V: TreeView>(view: &V, last: &sync::Element, limits: &SessionLimits) -> Result<Probe, SessionError> {
+    let sync::Element::Children {
+        prefix,
+        children: theirs,
+    } = last
+    else {
+        return Ok(Probe {
+            clustered: false,
+            count_gap: 0,
+        });
     };
-    let mine = view.child_aggregates(prefix).map_err(store_error)?;
+    let mine = view.child_aggregates(*prefix).map_err(store_error)?;
     let mut their_children: [Option<Summary>; 16] = [None; 16];
     for (index, summary) in theirs {
         their_children[usize::from(*index & 15)] = Some(*summary);
     }
-    let (mut present, mut differing) = (0u64, 0u64);
+    let (mut present, mut differing, mut count_gap) = (0u64, 0u64, 0u64);
     for index in 0..16 {
         let my_summary = (!mine[index].is_empty()).then(|| mine[index].summary());
         if my_summary.is_none() && their_children[index].is_none() {
@@ -453,8 +513,13 @@ fn clustered<V: TreeView>(view: &V, trie: &[sync::Element], limits: &SessionLimi
         if my_summary != their_children[index] {
             differing += 1;
         }
+        let their_count = their_children[index].map_or(0, |summary| summary.count);
+        count_gap = count_gap.saturating_add(mine[index].count.abs_diff(their_count));
     }
-    Ok(present >= 4 && differing * 16 <= present * limits.clustered_sixteenths)
+    Ok(Probe {
+        clustered: present >= 4 && differing * 16 <= present * limits.clustered_sixteenths,
+        count_gap,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -464,15 +529,13 @@ fn clustered<V: TreeView>(view: &V, trie: &[sync::Element], limits: &SessionLimi
 #[derive(Serialize, Deserialize)]
 enum WireMessage {
     #[serde(rename = "o")]
-    Open(u64, ByteString, u64, ByteString, ByteString),
+    Open(u64, ByteString, ByteString),
     #[serde(rename = "s")]
     Settled(ByteString),
     #[serde(rename = "c")]
     Cells(u64, ByteString),
     #[serde(rename = "m")]
     More(u64, u64),
-    #[serde(rename = "t")]
-    Trie(ByteString),
     #[serde(rename = "y")]
     YouLack(ByteString),
 }
@@ -499,27 +562,21 @@ fn keys_from_wire(bytes: &[u8], limits: &SessionLimits) -> Result<Vec<u128>, Ses
         .collect())
 }
 
-/// Encodes one message.
+/// Encodes one message. A trie message travels as the bytes of [`sync::encode`] unchanged (they
+/// start with the trie protocol's version, 1); every other message is `[2, message]`.
 pub fn encode(message: &Message) -> Vec<u8> {
     let wire = match message {
-        Message::Open {
-            summary,
-            length,
-            cells,
-            trie,
-        } => WireMessage::Open(
-            summary.count,
-            ByteString(summary.fingerprint.0.to_vec()),
+        Message::Trie(elements) => return sync::encode(elements),
+        Message::Open { length, cells, trie } => WireMessage::Open(
             *length,
             ByteString(sketch::encode_cells(0, cells)),
-            ByteString(sync::encode(trie)),
+            ByteString(sync::encode(std::slice::from_ref(trie))),
         ),
         Message::Settled { you_lack } => WireMessage::Settled(keys_to_wire(you_lack)),
         Message::Cells { length, start, cells } => {
             WireMessage::Cells(*length, ByteString(sketch::encode_cells(*start, cells)))
         }
         Message::More { start, end } => WireMessage::More(*start, *end),
-        Message::Trie(elements) => WireMessage::Trie(ByteString(sync::encode(elements))),
         Message::YouLack(keys) => WireMessage::YouLack(keys_to_wire(keys)),
     };
     cbor4ii::serde::to_vec(Vec::new(), &SessionWire(SESSION_VERSION, wire)).unwrap_or_default()
@@ -527,6 +584,10 @@ pub fn encode(message: &Message) -> Vec<u8> {
 
 /// Decodes and validates one message.
 pub fn decode(bytes: &[u8], limits: &SessionLimits) -> Result<Message, SessionError> {
+    // A CBOR array of two whose first item is the trie protocol's version.
+    if bytes.starts_with(&[0x82, sync::SYNC_VERSION]) {
+        return Ok(Message::Trie(sync::decode(bytes, &limits.sync)?));
+    }
     let SessionWire(version, wire) =
         cbor4ii::serde::from_slice(bytes).map_err(|error| SessionError::Malformed(error.to_string()))?;
     if version != SESSION_VERSION {
@@ -534,25 +595,20 @@ pub fn decode(bytes: &[u8], limits: &SessionLimits) -> Result<Message, SessionEr
     }
     let max_cells = limits.decoder.max_cells;
     Ok(match wire {
-        WireMessage::Open(count, fingerprint, length, cells, trie) => {
-            let fingerprint: [u8; 8] = fingerprint
-                .0
-                .as_slice()
-                .try_into()
-                .map_err(|_| SessionError::Malformed("fingerprint is not 8 bytes".into()))?;
+        WireMessage::Open(length, cells, trie) => {
             let (start, cells) = sketch::decode_cells(&cells.0, limits.opening_cells.min(max_cells))?;
             if start != 0 {
                 return Err(SessionError::Malformed("opening cells must start at cell 0".into()));
             }
-            Message::Open {
-                summary: Summary {
-                    count,
-                    fingerprint: Fingerprint(fingerprint),
-                },
-                length,
-                cells,
-                trie: sync::decode(&trie.0, &limits.sync)?,
-            }
+            let trie = match <[sync::Element; 1]>::try_from(sync::decode(&trie.0, &limits.sync)?) {
+                Ok([element @ (sync::Element::Children { .. } | sync::Element::Leaves { .. })]) => element,
+                _ => {
+                    return Err(SessionError::Malformed(
+                        "an opening carries one trie element, children or leaves".into(),
+                    ))
+                }
+            };
+            Message::Open { length, cells, trie }
         }
         WireMessage::Settled(keys) => Message::Settled {
             you_lack: keys_from_wire(&keys.0, limits)?,
@@ -573,7 +629,6 @@ pub fn decode(bytes: &[u8], limits: &SessionLimits) -> Result<Message, SessionEr
             }
             Message::More { start, end }
         }
-        WireMessage::Trie(elements) => Message::Trie(sync::decode(&elements.0, &limits.sync)?),
         WireMessage::YouLack(keys) => Message::YouLack(keys_from_wire(&keys.0, limits)?),
     })
 }
@@ -997,28 +1052,24 @@ mod tests {
         .unwrap();
         assert!(matches!(reply, Some(Message::Cells { cells, .. }) if cells.len() as u64 <= limits.max_batch));
         // Wire: bad versions, lengths and ranges.
+        let wire = |version: u8, message: WireMessage| {
+            cbor4ii::serde::to_vec(Vec::new(), &SessionWire(version, message)).unwrap()
+        };
         let samples = [
-            cbor4ii::serde::to_vec(Vec::new(), &SessionWire(2, WireMessage::More(0, 1))).unwrap(),
-            cbor4ii::serde::to_vec(Vec::new(), &SessionWire(1, WireMessage::More(5, 5))).unwrap(),
-            cbor4ii::serde::to_vec(Vec::new(), &SessionWire(1, WireMessage::More(0, u64::MAX))).unwrap(),
-            cbor4ii::serde::to_vec(
-                Vec::new(),
-                &SessionWire(1, WireMessage::YouLack(ByteString(vec![0; 17]))),
-            )
-            .unwrap(),
-            cbor4ii::serde::to_vec(
-                Vec::new(),
-                &SessionWire(1, WireMessage::Cells(1, ByteString(vec![1, 0, 0]))),
-            )
-            .unwrap(),
-            cbor4ii::serde::to_vec(
-                Vec::new(),
-                &SessionWire(
-                    1,
-                    WireMessage::Open(1, ByteString(vec![0; 7]), 1, ByteString(vec![0]), ByteString(vec![])),
-                ),
-            )
-            .unwrap(),
+            wire(3, WireMessage::More(0, 1)),
+            wire(2, WireMessage::More(5, 5)),
+            wire(2, WireMessage::More(0, u64::MAX)),
+            wire(2, WireMessage::YouLack(ByteString(vec![0; 17]))),
+            wire(2, WireMessage::Cells(1, ByteString(vec![1, 0, 0]))),
+            wire(
+                2,
+                WireMessage::Open(1, ByteString(vec![0]), ByteString(sync::encode(&[]))),
+            ),
+            wire(
+                2,
+                WireMessage::Open(1, ByteString(vec![0; 2]), ByteString(sync::encode(&[]))),
+            ),
+            vec![0x82, 0x01, 0xff],
             vec![0xff; 40],
             vec![],
         ];
