@@ -225,7 +225,10 @@ fn run_target(target: &str, input: &[u8]) {
             if let Ok((start, theirs)) = sketch::decode_cells(input, 64) {
                 let mut decoder = Decoder::new(key, DecoderLimits { max_cells: 64 });
                 let end = start.saturating_add(theirs.len() as u64);
-                if decoder.add_cells(start, &theirs, partial_cells.cells(start, end)).is_ok() {
+                if decoder
+                    .add_cells(start, &theirs, partial_cells.cells(start, end))
+                    .is_ok()
+                {
                     decoder.peel(|_, _| true);
                     assert!(decoder.recovered().count() as u64 <= decoder.received());
                     let _ = decoder.estimate_remaining();

@@ -195,8 +195,7 @@ fn sketch_session_figures(
     let mut outgoing = open;
     loop {
         let incoming = travel(&outgoing, &mut figures);
-        let (reply, outcome) =
-            sketch_session::respond(server, server_sketch, &incoming, limits).expect("respond");
+        let (reply, outcome) = sketch_session::respond(server, server_sketch, &incoming, limits).expect("respond");
         figures.server_needs.extend(outcome);
         let reply = reply.map(|reply| travel(&reply, &mut figures));
         match asker.on_reply(client, client_sketch, reply, now).expect("asker") {
@@ -296,7 +295,13 @@ fn main() {
     let client_learned = learned(&mut client_needs, &server, &mut bytes);
     let server_learned = learned(&mut server_needs, &client, &mut bytes);
     let milliseconds = started.elapsed().as_secs_f64() * 1000.0;
-    check("trie", &client_learned, &missing_on_client, &server_learned, &missing_on_server);
+    check(
+        "trie",
+        &client_learned,
+        &missing_on_client,
+        &server_learned,
+        &missing_on_server,
+    );
 
     let sketch = (!arguments.skip_sketch).then(|| {
         let key = SketchKey::derive(b"reconcile bench", b"one mailbox");
@@ -312,7 +317,13 @@ fn main() {
         figures.build_ms = build_ms;
         let client_learned = learned(&mut figures.client_needs, &server, &mut figures.bytes);
         let server_learned = learned(&mut figures.server_needs, &client, &mut figures.bytes);
-        check("sketch", &client_learned, &missing_on_client, &server_learned, &missing_on_server);
+        check(
+            "sketch",
+            &client_learned,
+            &missing_on_client,
+            &server_learned,
+            &missing_on_server,
+        );
         figures
     });
 

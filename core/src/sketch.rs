@@ -643,7 +643,7 @@ pub fn decode_cells(bytes: &[u8], max_cells: u64) -> Result<(u64, Vec<Cell>), Sk
         });
     }
     let rest = &bytes[position..];
-    if rest.len() % CELL_WIRE_BYTES != 0 {
+    if !rest.len().is_multiple_of(CELL_WIRE_BYTES) {
         return Err(SketchError::Malformed(format!(
             "{} bytes of cells is not a whole number of {CELL_WIRE_BYTES}-byte cells",
             rest.len()

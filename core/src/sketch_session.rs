@@ -7,30 +7,35 @@
 //! first message carries enough for the responder to see which case it is in.
 //!
 //! # Protocol
-//! The asker (the side that starts) sends [`Message::Open`]: its root [`Summary`], its first
-//! `opening_cells` sketch cells and its first trie message ([`crate::sync::initial`]). The
-//! responder, which keeps no state between messages:
-//! 1. answers nothing if the summaries are equal;
-//! 2. subtracts its own cells and peels: a small difference (one record, usually two) decodes
-//!    here, and it replies [`Message::Settled`] with the IDs the asker lacks, keeping what it
-//!    lacks itself in its [`Outcome`] — one round trip;
-//! 3. otherwise looks at the children of the first trie node where the asker's keys branch: if
-//!    few of them differ, the difference is clustered and it answers the trie message as
-//!    [`crate::sync::respond`] would ([`Message::Trie`]), and the session goes on as trie
-//!    descent; it does the same when the difference (at least the difference of the counts) is
-//!    too large for the cells either side keeps;
+//! The asker (the side that starts) sends [`Message::Open`]: its first `opening_cells` sketch
+//! cells (one by default), how many cells it keeps, and the last element of its first trie
+//! message ([`crate::sync::initial`]) — the children of the first node where its keys branch; the
+//! single-child nodes above it follow from its prefix ([`opening_chain`]). That costs less than
+//! the trie's own first message. The responder, which keeps no state between messages:
+//! 1. answers the trie message as [`crate::sync::respond`] would; if that answer is empty the
+//!    replicas are equal and it answers nothing (the trie stays the judge of equality);
+//! 2. subtracts its own cells and peels: a single difference (a missing record, or a state on one
+//!    side only) decodes from cell 0, and it replies [`Message::Settled`] with the IDs the asker
+//!    lacks, keeping what it lacks itself in its [`Outcome`] — one round trip;
+//! 3. otherwise looks at the children of the asker's branching node: if at most
+//!    `clustered_sixteenths` sixteenths of them differ, the difference is clustered and its trie
+//!    answer is the reply ([`Message::Trie`]): the session goes on as trie descent. It does the
+//!    same when the asker's set is small enough to have been listed, and when the difference
+//!    (at least the difference of the counts) is too large for the cells either side keeps;
 //! 4. otherwise sends its own cells `0..k` ([`Message::Cells`]), `k` from the estimated
-//!    difference ([`crate::sketch::cells_for`]).
+//!    difference ([`crate::sketch::cells_for`]: enough nine times in ten).
 //!
 //! The asker decodes the responder's cells against its own. When it is done it knows both
 //! directions: it pulls what it lacks and tells the responder what the responder lacks in a last
-//! [`Message::YouLack`] that needs no answer. When it is not, it estimates what is left and asks
-//! for more cells ([`Message::More`]); when the cells either side keeps would not be enough, it
-//! starts trie descent instead. Trie descent is also where a session goes when a decoded
-//! difference is empty although the summaries differ (two states whose 32-bit tags collide).
+//! [`Message::YouLack`] that needs no answer. When it is not, it estimates what is left
+//! ([`Decoder::estimate_remaining`]) and asks for more cells ([`Message::More`]), at least a
+//! quarter more each time; when the cells either side keeps would not be enough, it starts trie
+//! descent instead. Trie descent is also where a session goes when a decoded difference is empty
+//! although the trie says the replicas differ (two states whose 32-bit tags collide).
 //!
-//! Round trips: one for one or two differences; one or two for a scattered difference (the first
-//! batch is sized to decode nine times in ten); trie descent's count for a clustered one.
+//! Round trips: one for a single difference; one, sometimes two, for a scattered difference
+//! whose size the counts give away (one side lacks what the other holds); two or three when they
+//! do not (equal counts); as many as trie descent alone for a clustered one.
 //!
 //! # State and limits
 //! The responder is stateless: every message says which cells it wants. The asker holds one
@@ -39,8 +44,9 @@
 //! side reads the clock, allocates by a count the peer claims, or loops on what a peer sends.
 //!
 //! # Wire form
-//! CBOR, `[version, message]`; cells are one packed byte string ([`crate::sketch::encode_cells`]),
-//! key lists 16 bytes per key, trie messages the bytes of [`crate::sync::encode`].
+//! CBOR, `[2, message]`; cells are one packed byte string ([`crate::sketch::encode_cells`]), key
+//! lists 16 bytes per key. Trie messages are the bytes of [`crate::sync::encode`] unchanged,
+//! told apart by their version (1).
 
 use serde::{Deserialize, Serialize};
 
@@ -548,7 +554,7 @@ fn keys_to_wire(keys: &[u128]) -> ByteString {
 }
 
 fn keys_from_wire(bytes: &[u8], limits: &SessionLimits) -> Result<Vec<u128>, SessionError> {
-    if bytes.len() % 16 != 0 {
+    if !bytes.len().is_multiple_of(16) {
         return Err(SessionError::Malformed(
             "key list is not a whole number of 16-byte keys".into(),
         ));
@@ -1079,6 +1085,74 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+        /// A responder that answers every request with cells of its choosing (random sums and
+        /// counts, or forged pure cells of elements the asker does not hold): the asker stays
+        /// within its caps and ends the sketch part of the session in a bounded number of steps.
+        #[test]
+        fn hostile_cell_streams_end_within_the_caps(
+            seed in any::<u64>(),
+            forged in any::<bool>(),
+            claimed_length in any::<u64>(),
+            max_cells in 64u64..4096,
+        ) {
+            let (a, _) = big_pair(3_000, 0, false);
+            let limits = SessionLimits {
+                decoder: DecoderLimits { max_cells },
+                ..SessionLimits::default()
+            };
+            let (mut session, _) = Asker::open(&a.tree, &a.sketch, &limits, 0).unwrap();
+            let mut random = seed | 1;
+            let mut next = move || {
+                random ^= random << 13;
+                random ^= random >> 7;
+                random ^= random << 17;
+                random
+            };
+            let key = *a.sketch.key();
+            let mut reply = Message::Cells { length: claimed_length, start: 0, cells: Vec::new() };
+            let mut ended = false;
+            for step in 0..64 {
+                if let Message::Cells { start, .. } = reply {
+                    let count = 1 + next() % 300;
+                    let cells = (start..start + count)
+                        .map(|index| {
+                            let mut cell = a.sketch.cells(index, index + 1).first().copied().unwrap_or_default();
+                            if forged {
+                                let element = Element { id: u128::from(next()), tag: next() as u32 };
+                                let mut lone = SketchCells::new(key, index + 1);
+                                lone.insert(element.id, &[index as u8; 32]);
+                                let added = lone.cells(index, index + 1)[0];
+                                cell.id_sum ^= added.id_sum;
+                                cell.tag_sum ^= added.tag_sum;
+                                cell.checksum_sum ^= added.checksum_sum;
+                                cell.count += added.count;
+                            } else {
+                                cell.id_sum ^= u128::from(next());
+                                cell.count = cell.count.wrapping_add((next() % 5) as i64 - 2);
+                                cell.checksum_sum ^= next();
+                            }
+                            cell.truncated(index)
+                        })
+                        .collect();
+                    reply = Message::Cells { length: claimed_length, start, cells };
+                }
+                match session.on_reply(&a.tree, &a.sketch, Some(reply.clone()), 0) {
+                    Ok(Step::Send(Message::More { start, end })) => {
+                        prop_assert!(end <= max_cells.min(a.sketch.length()));
+                        prop_assert!(start < end);
+                        reply = Message::Cells { length: claimed_length, start, cells: Vec::new() };
+                    }
+                    Ok(Step::Send(Message::Trie(_))) | Ok(Step::Finished { .. }) | Err(_) => {
+                        ended = true;
+                        break;
+                    }
+                    Ok(other) => prop_assert!(false, "step {}: {:?}", step, other),
+                }
+            }
+            prop_assert!(ended, "the asker kept asking for cells");
+        }
+
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..700)) {
             let limits = SessionLimits::default();
