@@ -250,8 +250,8 @@ pub struct SketchCells {
 }
 
 impl SketchCells {
-    /// No elements, `length` cells (capped at [`MAXIMUM_LENGTH`] times four, the most a decoder
-    /// would ever read).
+    /// No elements, `length` cells (at most four times [`MAXIMUM_LENGTH`], so that a mistaken
+    /// length cannot allocate without bound).
     pub fn new(key: SketchKey, length: u64) -> Self {
         let length = length.min(4 * MAXIMUM_LENGTH) as usize;
         SketchCells {

@@ -1,7 +1,7 @@
 //! Reconciliation that chooses, per session, between rateless sketches ([`crate::sketch`]) and
 //! trie descent ([`crate::sync`]), by what the first exchange shows to be cheaper.
 //!
-//! Sketches cost about 36 bytes per difference wherever the differences are; trie descent costs
+//! Sketches cost 35 to 40 bytes per difference wherever the differences are; trie descent costs
 //! little more than the floor when the differences sit together (the newest messages, a subtree
 //! one side lacks entirely) and a few hundred bytes per difference when they are scattered. The
 //! first message carries enough for the responder to see which case it is in.
@@ -302,7 +302,7 @@ impl Asker {
         peel(&mut self.decoder, view, sketch)?;
         if self.decoder.is_complete() {
             if self.decoder.recovered().next().is_none() {
-                return self.descend(view); // summaries differ, sketch sees nothing: tags collided
+                return self.descend(view); // the trie saw a difference the cells do not: tags collided
             }
             self.outcome
                 .need_keys
