@@ -1,6 +1,7 @@
 //! A mutation fuzzer on stable Rust for every decoder that reads bytes from outside: the sync
-//! message decoder, the request, response and gossip frame decoders, the mail header reader used
-//! on appended mail, and the text parsers for IDs, flags and mailbox names.
+//! message decoder, the sketch session decoder (with a peeling decoder on the cells), the
+//! request, response and gossip frame decoders, the mail header reader used on appended mail, and
+//! the text parsers for IDs, flags and mailbox names.
 //!
 //! `cargo run --release --example fuzz_decoders -- --seconds 600 [--target NAME] --json`
 //!
@@ -19,6 +20,8 @@ use mailmesh::merkle::{MemoryTree, StoredDepth};
 use mailmesh::model::{BlobHash, Flag, MailboxKey, MessageId, MessageRecord, NodeId, Stamp};
 use mailmesh::sync::{self, ByteString, SyncLimits};
 use mailmesh::wire::{self, Gossip, Request, Response, WireSpace};
+use mailmesh_core::sketch::{self, Decoder, DecoderLimits, SketchCells, SketchKey};
+use mailmesh_core::sketch_session::{self, Asker, Message, SessionLimits};
 
 struct Random(u64);
 
@@ -55,6 +58,7 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     let (reply, _) = sync::respond(&empty, &first, &limits).unwrap_or_default();
     let small = sync::initial(&empty, &limits).unwrap_or_default();
     let sync_seeds = vec![sync::encode(&first), sync::encode(&reply), sync::encode(&small)];
+    let sketch_seeds = sketch_seeds(&limits);
 
     let mailbox = MailboxKey::new("fuzz@example.org", "Archive/2026").expect("valid");
     let mut record = MessageRecord::new(MessageId(12345), BlobHash::of(b"x"), 1, 2, NodeId(3));
@@ -148,14 +152,89 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     ];
     vec![
         ("sync", sync_seeds),
+        ("sketch", sketch_seeds),
         ("frames", frame_seeds),
         ("mail", mail_seeds),
         ("text", text_seeds),
     ]
 }
 
+/// The key and the two replicas (a 200-record tree and one lacking every third record) the sketch
+/// target works with.
+fn sketch_replicas() -> (SketchKey, [(MemoryTree, SketchCells); 2]) {
+    let key = SketchKey::from_bytes([7; 16]);
+    let mut full = (MemoryTree::new(StoredDepth::MAILBOX), SketchCells::new(key, 64));
+    let mut partial = full.clone();
+    for value in 0..200u128 {
+        let id = (1_767_225_600_000u128 + value * 1000) << 80 | value;
+        let hash = *blake3::hash(&value.to_be_bytes()).as_bytes();
+        full.0.insert(id, hash);
+        full.1.insert(id, &hash);
+        if value % 3 != 0 {
+            partial.0.insert(id, hash);
+            partial.1.insert(id, &hash);
+        }
+    }
+    (key, [full, partial])
+}
+
+fn sketch_seeds(limits: &SyncLimits) -> Vec<Vec<u8>> {
+    let session_limits = SessionLimits {
+        sync: *limits,
+        ..SessionLimits::default()
+    };
+    let (_, [(full, full_cells), (partial, partial_cells)]) = sketch_replicas();
+    let mut seeds = Vec::new();
+    if let Ok((_, open)) = Asker::open(&partial, &partial_cells, &session_limits, 0) {
+        seeds.push(sketch_session::encode(&open));
+        if let Ok((Some(reply), _)) = sketch_session::respond(&full, &full_cells, &open, &session_limits) {
+            seeds.push(sketch_session::encode(&reply));
+        }
+    }
+    for message in [
+        Message::More { start: 24, end: 60 },
+        Message::Settled {
+            you_lack: vec![1, 2 << 100],
+        },
+        Message::YouLack(vec![3]),
+        Message::Cells {
+            length: 64,
+            start: 3,
+            cells: full_cells.cells(3, 9).to_vec(),
+        },
+    ] {
+        seeds.push(sketch_session::encode(&message));
+    }
+    seeds.push(sketch::encode_cells(0, full_cells.cells(0, 12)));
+    seeds
+}
+
 fn run_target(target: &str, input: &[u8]) {
     match target {
+        "sketch" => {
+            let limits = SessionLimits::default();
+            let (key, [(full, full_cells), (partial, partial_cells)]) = sketch_replicas();
+            if let Ok(message) = sketch_session::decode(input, &limits) {
+                // Whatever decodes must be safe to answer, on either side of a session.
+                let _ = sketch_session::respond(&full, &full_cells, &message, &limits);
+                if let Ok((mut asker, _)) = Asker::open(&partial, &partial_cells, &limits, 0) {
+                    let _ = asker.on_reply(&partial, &partial_cells, Some(message.clone()), 0);
+                }
+                let _ = sketch_session::encode(&message);
+            }
+            if let Ok((start, theirs)) = sketch::decode_cells(input, 64) {
+                let mut decoder = Decoder::new(key, DecoderLimits { max_cells: 64 });
+                let end = start.saturating_add(theirs.len() as u64);
+                if decoder
+                    .add_cells(start, &theirs, partial_cells.cells(start, end))
+                    .is_ok()
+                {
+                    decoder.peel(|_, _| true);
+                    assert!(decoder.recovered().count() as u64 <= decoder.received());
+                    let _ = decoder.estimate_remaining();
+                }
+            }
+        }
         "sync" => {
             if let Ok(elements) = sync::decode(input, &SyncLimits::default()) {
                 // Whatever decodes must also be safe to answer.
@@ -243,6 +322,7 @@ fn mutate(random: &mut Random, corpus: &[Vec<u8>], input: &[u8]) -> Vec<u8> {
 fn fuzz_targets_for(group: &str) -> &'static [&'static str] {
     match group {
         "sync" => &["sync_message"],
+        "sketch" => &["sketch_symbols"],
         "frames" => &["request_frame", "response_frame", "gossip_frame"],
         "mail" => &["appended_mail"],
         _ => &["text_parsers"],

@@ -1,4 +1,5 @@
-//! Set-reconciliation benchmark: mailmesh's trie protocol against negentropy on the same two sets.
+//! Set-reconciliation benchmark: mailmesh's trie protocol and its sketch session against
+//! negentropy on the same two sets.
 //!
 //! `cargo run --release --example reconcile_bench -- --n 1000000 --diff 100 --layout random --json`
 //!
@@ -13,6 +14,12 @@
 //! subtree the other side lacks entirely is pulled whole instead of listed). `round_trips` counts
 //! initiator messages (each gets a reply). `ms` is both sides' processing time for the exchange;
 //! the tries themselves are maintained incrementally by the store, so building them is not counted.
+//! `sketch_*` run the session of `mailmesh_core::sketch_session` (rateless sketches, or trie
+//! descent where that is cheaper) between the same two replicas, counted the same way; the
+//! sketch cells are maintained by the store like the tries, so building them is not in
+//! `sketch_ms` (`sketch_build_ms` shows what building both from scratch costs).
+//! `sketch_path` says how the session went: `settled` (decoded from the opening cells),
+//! `sketch` (streamed cells) or `trie` (trie descent).
 //! `negentropy_*` run the negentropy crate (client = the same initiating side) on the same sets;
 //! `negentropy_ms` includes sealing its storage, as its API requires. Each side's result is checked
 //! against the true difference before anything is printed.
@@ -22,6 +29,8 @@ use std::time::Instant;
 
 use mailmesh::merkle::{MemoryTree, StoredDepth, TreeView};
 use mailmesh::sync::{self, Outcome, SyncLimits};
+use mailmesh_core::sketch::{SketchCells, SketchKey};
+use mailmesh_core::sketch_session::{self, Asker, Message, SessionLimits, Step};
 
 #[path = "common/negentropy_reference.rs"]
 mod negentropy_reference;
@@ -34,6 +43,7 @@ struct Arguments {
     seed: u64,
     leaf_threshold: u64,
     skip_negentropy: bool,
+    skip_sketch: bool,
 }
 
 fn parse_arguments() -> Result<Arguments, String> {
@@ -45,6 +55,7 @@ fn parse_arguments() -> Result<Arguments, String> {
         seed: 1,
         leaf_threshold: SyncLimits::default().leaf_threshold,
         skip_negentropy: false,
+        skip_sketch: false,
     };
     let mut iterator = std::env::args().skip(1);
     while let Some(flag) = iterator.next() {
@@ -59,6 +70,7 @@ fn parse_arguments() -> Result<Arguments, String> {
             }
             "--json" => arguments.json = true,
             "--skip-negentropy" => arguments.skip_negentropy = true,
+            "--skip-sketch" => arguments.skip_sketch = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -98,6 +110,110 @@ fn make_ids(n: usize, random: &mut SplitMix) -> Vec<u128> {
 
 fn leaf_hash(key: u128) -> [u8; 32] {
     *blake3::hash(&key.to_be_bytes()).as_bytes()
+}
+
+/// The IDs a side learned; IDs learned only through whole-prefix pulls travel with the pulled
+/// records, so they are counted into `bytes` at 16 each.
+fn learned(needs: &mut Outcome, source: &MemoryTree, bytes: &mut u64) -> BTreeSet<u128> {
+    needs.normalize();
+    let mut keys: BTreeSet<u128> = needs.need_keys.iter().copied().collect();
+    for prefix in &needs.need_prefixes {
+        let pulled = source.leaves(*prefix, usize::MAX).unwrap_or_default();
+        *bytes += 16 * pulled.len() as u64;
+        keys.extend(pulled.into_iter().map(|(key, _)| key));
+    }
+    keys
+}
+
+/// Exits when a protocol's result is not the true difference.
+fn check(
+    protocol: &str,
+    client_learned: &BTreeSet<u128>,
+    missing_on_client: &BTreeSet<u128>,
+    server_learned: &BTreeSet<u128>,
+    missing_on_server: &BTreeSet<u128>,
+) {
+    if client_learned != missing_on_client || server_learned != missing_on_server {
+        eprintln!(
+            "reconcile_bench: WRONG RESULT ({protocol}): client learned {} of {} missing, server {} of {}",
+            client_learned.len(),
+            missing_on_client.len(),
+            server_learned.len(),
+            missing_on_server.len()
+        );
+        std::process::exit(1);
+    }
+}
+
+struct SketchFigures {
+    bytes: u64,
+    messages: u64,
+    milliseconds: f64,
+    build_ms: f64,
+    path: &'static str,
+    cells: u64,
+    client_needs: Outcome,
+    server_needs: Outcome,
+}
+
+/// One sketch session, client asking, every message encoded and decoded as on the wire.
+fn sketch_session_figures(
+    client: &MemoryTree,
+    client_sketch: &SketchCells,
+    server: &MemoryTree,
+    server_sketch: &SketchCells,
+    limits: &SessionLimits,
+) -> SketchFigures {
+    let started = Instant::now();
+    let mut figures = SketchFigures {
+        bytes: 0,
+        messages: 0,
+        milliseconds: 0.0,
+        build_ms: 0.0,
+        path: "settled",
+        cells: 0,
+        client_needs: Outcome::default(),
+        server_needs: Outcome::default(),
+    };
+    let travel = |message: &Message, figures: &mut SketchFigures| -> Message {
+        let encoded = sketch_session::encode(message);
+        figures.bytes += encoded.len() as u64;
+        figures.messages += 1;
+        let decoded = sketch_session::decode(&encoded, limits).expect("own messages decode");
+        match &decoded {
+            Message::Cells { cells, .. } => {
+                figures.cells += cells.len() as u64;
+                figures.path = "sketch";
+            }
+            Message::Trie(_) => figures.path = "trie",
+            _ => {}
+        }
+        decoded
+    };
+    let now = 0;
+    let (mut asker, open) = Asker::open(client, client_sketch, limits, now).expect("open");
+    let mut outgoing = open;
+    loop {
+        let incoming = travel(&outgoing, &mut figures);
+        let (reply, outcome) = sketch_session::respond(server, server_sketch, &incoming, limits).expect("respond");
+        figures.server_needs.extend(outcome);
+        let reply = reply.map(|reply| travel(&reply, &mut figures));
+        match asker.on_reply(client, client_sketch, reply, now).expect("asker") {
+            Step::Send(message) => outgoing = message,
+            Step::Finished { last } => {
+                if let Some(last) = last {
+                    let incoming = travel(&last, &mut figures);
+                    let (_, outcome) =
+                        sketch_session::respond(server, server_sketch, &incoming, limits).expect("respond");
+                    figures.server_needs.extend(outcome);
+                }
+                break;
+            }
+        }
+    }
+    figures.client_needs = asker.outcome();
+    figures.milliseconds = started.elapsed().as_secs_f64() * 1000.0;
+    figures
 }
 
 fn main() {
@@ -176,30 +292,40 @@ fn main() {
         client_turn = !client_turn;
     }
     let round_trips = messages.div_ceil(2);
-    // IDs learned only through whole-prefix pulls travel with the pulled records: count them.
-    let mut learned = |needs: &mut Outcome, source: &MemoryTree| -> BTreeSet<u128> {
-        needs.normalize();
-        let mut keys: BTreeSet<u128> = needs.need_keys.iter().copied().collect();
-        for prefix in &needs.need_prefixes {
-            let pulled = source.leaves(*prefix, usize::MAX).unwrap_or_default();
-            bytes += 16 * pulled.len() as u64;
-            keys.extend(pulled.into_iter().map(|(key, _)| key));
-        }
-        keys
-    };
-    let client_learned = learned(&mut client_needs, &server);
-    let server_learned = learned(&mut server_needs, &client);
+    let client_learned = learned(&mut client_needs, &server, &mut bytes);
+    let server_learned = learned(&mut server_needs, &client, &mut bytes);
     let milliseconds = started.elapsed().as_secs_f64() * 1000.0;
-    if client_learned != missing_on_client || server_learned != missing_on_server {
-        eprintln!(
-            "reconcile_bench: WRONG RESULT: client learned {} of {} missing, server {} of {}",
-            client_learned.len(),
-            missing_on_client.len(),
-            server_learned.len(),
-            missing_on_server.len()
+    check(
+        "trie",
+        &client_learned,
+        &missing_on_client,
+        &server_learned,
+        &missing_on_server,
+    );
+
+    let sketch = (!arguments.skip_sketch).then(|| {
+        let key = SketchKey::derive(b"reconcile bench", b"one mailbox");
+        let built = Instant::now();
+        let client_sketch = SketchCells::from_leaves(key, SketchCells::length_for(client.len() as u64), client.iter());
+        let server_sketch = SketchCells::from_leaves(key, SketchCells::length_for(server.len() as u64), server.iter());
+        let build_ms = built.elapsed().as_secs_f64() * 1000.0;
+        let session_limits = SessionLimits {
+            sync: limits,
+            ..SessionLimits::default()
+        };
+        let mut figures = sketch_session_figures(&client, &client_sketch, &server, &server_sketch, &session_limits);
+        figures.build_ms = build_ms;
+        let client_learned = learned(&mut figures.client_needs, &server, &mut figures.bytes);
+        let server_learned = learned(&mut figures.server_needs, &client, &mut figures.bytes);
+        check(
+            "sketch",
+            &client_learned,
+            &missing_on_client,
+            &server_learned,
+            &missing_on_server,
         );
-        std::process::exit(1);
-    }
+        figures
+    });
 
     let (negentropy_bytes, negentropy_round_trips, negentropy_ms) = if arguments.skip_negentropy {
         (None, None, None)
@@ -226,6 +352,12 @@ fn main() {
         "bytes": bytes,
         "round_trips": round_trips,
         "ms": (milliseconds * 10.0).round() / 10.0,
+        "sketch_bytes": sketch.as_ref().map(|figures| figures.bytes),
+        "sketch_round_trips": sketch.as_ref().map(|figures| figures.messages.div_ceil(2)),
+        "sketch_ms": sketch.as_ref().map(|figures| (figures.milliseconds * 10.0).round() / 10.0),
+        "sketch_path": sketch.as_ref().map(|figures| figures.path),
+        "sketch_cells": sketch.as_ref().map(|figures| figures.cells),
+        "sketch_build_ms": sketch.as_ref().map(|figures| figures.build_ms.round()),
         "negentropy_bytes": negentropy_bytes,
         "negentropy_round_trips": negentropy_round_trips,
         "negentropy_ms": negentropy_ms.map(|ms| (ms * 10.0).round() / 10.0),

@@ -36,4 +36,4 @@ pub mod store;
 pub mod wire;
 
 // The pure core lives in its own crate (core/); these keep `crate::model` and friends working.
-pub use mailmesh_core::{changes, crdt, mailbox, merkle, model, position, sync};
+pub use mailmesh_core::{changes, crdt, mailbox, merkle, model, position, sketch, sketch_session, sync};

@@ -9,6 +9,8 @@
 //! - [`mailbox`]: mailboxes as replicated objects, email locations, and the tree every replica shows;
 //! - [`merkle`]: the 16-way trie with additive aggregates, per mailbox and over the directory;
 //! - [`sync`]: the range-reconciliation state machine and its CBOR wire form;
+//! - [`sketch`]: rateless set sketches (coded cells of (ID, state) elements) and their decoder;
+//! - [`sketch_session`]: reconciliation that picks sketches or trie descent, as a pure state machine;
 //! - [`position`]: counted blocks that find deep pages of a sort index in O(log n).
 
 pub mod changes;
@@ -17,4 +19,6 @@ pub mod mailbox;
 pub mod merkle;
 pub mod model;
 pub mod position;
+pub mod sketch;
+pub mod sketch_session;
 pub mod sync;
