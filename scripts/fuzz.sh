@@ -2,12 +2,14 @@
 # Coverage-guided fuzzing of every decoder that reads bytes from outside (issue 5), with
 # cargo-fuzz and libFuzzer under AddressSanitizer.
 #
-#   scripts/fuzz.sh [--seconds N] [TARGET ...]      (default: 600 s for each of the six targets)
+#   scripts/fuzz.sh [--seconds N] [TARGET ...]      (default: 600 s for each of the eight targets)
 #
 # Needs a nightly toolchain (`rustup toolchain install nightly`); installs cargo-fuzz when
-# missing. Seeds come from examples/fuzz_decoders.rs. A crashing input lands in
-# fuzz/artifacts/TARGET/; copy it to fuzz/regressions/TARGET/ so tests/fuzz_regressions.rs
-# replays it on every test run. Prints one JSON line per target, and a summary line last.
+# missing. Seeds come from examples/fuzz_decoders.rs (all targets but change_state) and from
+# fuzz/regressions/TARGET/, which holds each target's seed corpus and every saved crash. A
+# crashing input lands in fuzz/artifacts/TARGET/; once fixed, copy it to fuzz/regressions/TARGET/:
+# tests/fuzz_regressions.rs replays every file there through the target's body in `cargo test`.
+# Prints one JSON line per target, and a summary line last.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,7 +18,7 @@ targets=()
 while [ $# -gt 0 ]; do
     case "$1" in
         --seconds) seconds="$2"; shift 2 ;;
-        -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
         *) targets+=("$1"); shift ;;
     esac
 done
@@ -42,7 +44,10 @@ for target in "${targets[@]}"; do
     mkdir -p "fuzz/corpus/$target" "fuzz/artifacts/$target"
     log="fuzz/artifacts/$target/last-run.log"
     status=0
-    cargo +nightly fuzz run --release "$target" "fuzz/corpus/$target" -- \
+    # The saved regressions join the corpus (read-only: new inputs go to fuzz/corpus/).
+    regressions=()
+    [ -d "fuzz/regressions/$target" ] && regressions=("fuzz/regressions/$target")
+    cargo +nightly fuzz run --release "$target" "fuzz/corpus/$target" "${regressions[@]}" -- \
         -max_total_time="$seconds" -rss_limit_mb=2048 -max_len=65536 -print_final_stats=1 \
         >"$log" 2>&1 || status=$?
     runs=$(grep -o 'stat::number_of_executed_units: *[0-9]*' "$log" | grep -o '[0-9]*$' | tail -1)
