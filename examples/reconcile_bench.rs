@@ -1,7 +1,7 @@
 //! Set-reconciliation benchmark: mailmesh's trie protocol and its sketch session against
 //! negentropy on the same two sets.
 //!
-//! `cargo run --release --example reconcile_bench -- --n 1000000 --diff 100 --layout random --json`
+//! `cargo run --release --example reconcile_bench -- --n 1000000 --diff 100 --layout random --json [--store]`
 //!
 //! Two replicas of one mailbox hold `n` time-ordered IDs (spread over a year, as a busy mailbox's
 //! would be) and differ by `diff`:
@@ -12,22 +12,36 @@
 //! `bytes` counts every reconciliation message both sides send, CBOR-encoded exactly as on the
 //! wire, plus 16 bytes for each ID a side learns only from the records it pulls by prefix (a
 //! subtree the other side lacks entirely is pulled whole instead of listed). `round_trips` counts
-//! initiator messages (each gets a reply). `ms` is both sides' processing time for the exchange;
-//! the tries themselves are maintained incrementally by the store, so building them is not counted.
-//! `sketch_*` run the session of `mailmesh_core::sketch_session` (rateless sketches, or trie
-//! descent where that is cheaper) between the same two replicas, counted the same way; the
-//! sketch cells are maintained by the store like the tries, so building them is not in
-//! `sketch_ms` (`sketch_build_ms` shows what building both from scratch costs).
+//! initiator messages (each gets a reply).
+//!
+//! Every protocol is timed the same way, in two parts reported apart (issue 18: the trie's time
+//! once left out building while negentropy's included it):
+//! - `*_build_ms`: building both sides' structures from the sorted IDs, in memory: the two tries
+//!   (`trie_build_ms`); the two tries and the two sketch cell arrays the sketch session reads
+//!   (`sketch_build_ms`, of which `sketch_cells_build_ms` is the cells; the store does not keep
+//!   sketch cells, so a node would build them too);
+//!   negentropy's two storages, inserted and sealed, and its two protocol instances
+//!   (`negentropy_build_ms`).
+//! - `*_exchange_ms`: both sides' processing of the exchange, encoding and decoding every message
+//!   and resolving whole-prefix pulls to IDs. The correctness check is in neither.
+//!
+//! `--store` adds the trie protocol over two real RocksDB stores (`mailmesh::store`, WAL syncs
+//! off, in a temporary directory): `store_build_ms` is merging every record into both stores
+//! through `Store::apply`, which writes the records, their local indexes and the trie aggregates
+//! (so it bounds the trie's share from above); `store_exchange_ms` is the same exchange read
+//! straight from RocksDB. Loading a million records into two stores takes minutes on a small
+//! machine, so the store path is usually run with a smaller `--n` (the JSON's `n` says which).
+//!
 //! `sketch_path` says how the session went: `settled` (decoded from the opening cells),
-//! `sketch` (streamed cells) or `trie` (trie descent).
-//! `negentropy_*` run the negentropy crate (client = the same initiating side) on the same sets;
-//! `negentropy_ms` includes sealing its storage, as its API requires. Each side's result is checked
-//! against the true difference before anything is printed.
+//! `sketch` (streamed cells) or `trie` (trie descent). Each side's result is checked against the
+//! true difference before anything is printed.
 
 use std::collections::BTreeSet;
-use std::time::Instant;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use mailmesh::merkle::{MemoryTree, StoredDepth, TreeView};
+use mailmesh::model::{BlobHash, MailboxKey, MessageId, MessageRecord, NodeId};
+use mailmesh::store::{Operation, Space, Store, StoreOptions};
 use mailmesh::sync::{self, Outcome, SyncLimits};
 use mailmesh_core::sketch::{SketchCells, SketchKey};
 use mailmesh_core::sketch_session::{self, Asker, Message, SessionLimits, Step};
@@ -44,6 +58,7 @@ struct Arguments {
     leaf_threshold: u64,
     skip_negentropy: bool,
     skip_sketch: bool,
+    store: bool,
 }
 
 fn parse_arguments() -> Result<Arguments, String> {
@@ -56,6 +71,7 @@ fn parse_arguments() -> Result<Arguments, String> {
         leaf_threshold: SyncLimits::default().leaf_threshold,
         skip_negentropy: false,
         skip_sketch: false,
+        store: false,
     };
     let mut iterator = std::env::args().skip(1);
     while let Some(flag) = iterator.next() {
@@ -71,6 +87,7 @@ fn parse_arguments() -> Result<Arguments, String> {
             "--json" => arguments.json = true,
             "--skip-negentropy" => arguments.skip_negentropy = true,
             "--skip-sketch" => arguments.skip_sketch = true,
+            "--store" => arguments.store = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -114,11 +131,13 @@ fn leaf_hash(key: u128) -> [u8; 32] {
 
 /// The IDs a side learned; IDs learned only through whole-prefix pulls travel with the pulled
 /// records, so they are counted into `bytes` at 16 each.
-fn learned(needs: &mut Outcome, source: &MemoryTree, bytes: &mut u64) -> BTreeSet<u128> {
+fn learned<V: TreeView>(needs: &mut Outcome, source: &V, bytes: &mut u64) -> BTreeSet<u128> {
     needs.normalize();
     let mut keys: BTreeSet<u128> = needs.need_keys.iter().copied().collect();
     for prefix in &needs.need_prefixes {
-        let pulled = source.leaves(*prefix, usize::MAX).unwrap_or_default();
+        let pulled = source
+            .leaves(*prefix, usize::MAX)
+            .expect("the source's leaves are readable");
         *bytes += 16 * pulled.len() as u64;
         keys.extend(pulled.into_iter().map(|(key, _)| key));
     }
@@ -145,11 +164,56 @@ fn check(
     }
 }
 
+/// What one trie exchange cost, and what each side learned.
+struct TrieFigures {
+    bytes: u64,
+    round_trips: u64,
+    exchange_ms: f64,
+    client_learned: BTreeSet<u128>,
+    server_learned: BTreeSet<u128>,
+}
+
+/// One trie exchange, client first, every message encoded and decoded as on the wire, over any
+/// tree (in memory or in a store); whole-prefix pulls are resolved to IDs inside the timing.
+fn trie_exchange<V: TreeView>(client: &V, server: &V, limits: &SyncLimits) -> TrieFigures {
+    let started = Instant::now();
+    let mut bytes: u64 = 0;
+    let mut messages = 0u64;
+    let (mut client_needs, mut server_needs) = (Outcome::default(), Outcome::default());
+    let mut outgoing = sync::initial(client, limits).expect("initial message");
+    let mut client_turn = false;
+    while !outgoing.is_empty() {
+        let encoded = sync::encode(&outgoing);
+        bytes += encoded.len() as u64;
+        messages += 1;
+        let incoming = sync::decode(&encoded, limits).expect("own messages decode");
+        let (view, needs) = if client_turn {
+            (client, &mut client_needs)
+        } else {
+            (server, &mut server_needs)
+        };
+        let (reply, outcome) = sync::respond(view, &incoming, limits).expect("respond");
+        needs.extend(outcome);
+        outgoing = reply;
+        client_turn = !client_turn;
+    }
+    let client_learned = learned(&mut client_needs, server, &mut bytes);
+    let server_learned = learned(&mut server_needs, client, &mut bytes);
+    TrieFigures {
+        bytes,
+        round_trips: messages.div_ceil(2),
+        exchange_ms: started.elapsed().as_secs_f64() * 1000.0,
+        client_learned,
+        server_learned,
+    }
+}
+
 struct SketchFigures {
     bytes: u64,
     messages: u64,
-    milliseconds: f64,
+    exchange_ms: f64,
     build_ms: f64,
+    cells_build_ms: f64,
     path: &'static str,
     cells: u64,
     client_needs: Outcome,
@@ -168,8 +232,9 @@ fn sketch_session_figures(
     let mut figures = SketchFigures {
         bytes: 0,
         messages: 0,
-        milliseconds: 0.0,
+        exchange_ms: 0.0,
         build_ms: 0.0,
+        cells_build_ms: 0.0,
         path: "settled",
         cells: 0,
         client_needs: Outcome::default(),
@@ -212,8 +277,88 @@ fn sketch_session_figures(
         }
     }
     figures.client_needs = asker.outcome();
-    figures.milliseconds = started.elapsed().as_secs_f64() * 1000.0;
+    figures.exchange_ms = started.elapsed().as_secs_f64() * 1000.0;
     figures
+}
+
+fn tree_of(keys: &[u128]) -> MemoryTree {
+    let mut tree = MemoryTree::new(StoredDepth::MAILBOX);
+    for key in keys {
+        tree.insert(*key, leaf_hash(*key));
+    }
+    tree
+}
+
+struct StoreFigures {
+    build_ms: f64,
+    trie: TrieFigures,
+}
+
+/// A record for an ID: its timestamp is the ID's, its blob a hash of the ID (blobs are not
+/// reconciled here, so none is stored).
+fn record_of(key: u128) -> MessageRecord {
+    let millis = (key >> 80) as u64;
+    MessageRecord::new(
+        MessageId(key),
+        BlobHash::of(&key.to_be_bytes()),
+        4096,
+        millis,
+        NodeId(1),
+    )
+}
+
+/// Removes the benchmark's store directories however the run ends.
+struct TemporaryDirectory(std::path::PathBuf);
+
+impl Drop for TemporaryDirectory {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Loads both sides into their own RocksDB store (one mailbox each), then runs the trie exchange
+/// on the stores' tries.
+fn store_figures(client_keys: &[u128], server_keys: &[u128], limits: &SyncLimits) -> Result<StoreFigures, String> {
+    let directory = TemporaryDirectory(std::env::temp_dir().join(format!(
+        "mailmesh-reconcile-bench-{}-{}",
+        std::process::id(),
+        SystemTime::now().duration_since(UNIX_EPOCH).map(|elapsed| elapsed.as_nanos()).unwrap_or(0)
+    )));
+    let mailbox = MailboxKey::new("bench@example.org", "INBOX").map_err(|error| error.to_string())?;
+    let options = StoreOptions {
+        sync_writes: false,
+        min_free_bytes: 0,
+        ..StoreOptions::default()
+    };
+    let now_millis = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_millis() as u64)
+        .unwrap_or(0);
+    let open = |name: &str, node: u64| {
+        Store::open(&directory.0.join(name), NodeId(node), options.clone())
+            .map_err(|error| format!("opening {name}: {error}"))
+    };
+    let (client_store, server_store) = (open("client", 11)?, open("server", 12)?);
+    let built = Instant::now();
+    for (store, keys) in [(&client_store, client_keys), (&server_store, server_keys)] {
+        for chunk in keys.chunks(512) {
+            let operations = chunk
+                .iter()
+                .map(|key| Operation::Merge {
+                    mailbox: mailbox.clone(),
+                    record: record_of(*key),
+                    now_millis,
+                })
+                .collect();
+            for result in store.apply(operations) {
+                result.map_err(|error| format!("merging a record: {error}"))?;
+            }
+        }
+    }
+    let build_ms = built.elapsed().as_secs_f64() * 1000.0;
+    let space = Space::Mailbox(mailbox.id());
+    let trie = trie_exchange(&client_store.tree(space), &server_store.tree(space), limits);
+    Ok(StoreFigures { build_ms, trie })
 }
 
 fn main() {
@@ -257,66 +402,46 @@ fn main() {
         .filter(|key| !missing_on_server.contains(key))
         .collect();
 
-    let mut client = MemoryTree::new(StoredDepth::MAILBOX);
-    for key in &client_keys {
-        client.insert(*key, leaf_hash(*key));
-    }
-    let mut server = MemoryTree::new(StoredDepth::MAILBOX);
-    for key in &server_keys {
-        server.insert(*key, leaf_hash(*key));
-    }
+    let built = Instant::now();
+    let client = tree_of(&client_keys);
+    let server = tree_of(&server_keys);
+    let trie_build_ms = built.elapsed().as_secs_f64() * 1000.0;
 
     let limits = SyncLimits {
         leaf_threshold: arguments.leaf_threshold,
         ..SyncLimits::default()
     };
-    let started = Instant::now();
-    let mut bytes: u64 = 0;
-    let mut messages = 0u64;
-    let (mut client_needs, mut server_needs) = (Outcome::default(), Outcome::default());
-    let mut outgoing = sync::initial(&client, &limits).expect("initial message");
-    let mut client_turn = false;
-    while !outgoing.is_empty() {
-        let encoded = sync::encode(&outgoing);
-        bytes += encoded.len() as u64;
-        messages += 1;
-        let incoming = sync::decode(&encoded, &limits).expect("own messages decode");
-        let (view, needs) = if client_turn {
-            (&client, &mut client_needs)
-        } else {
-            (&server, &mut server_needs)
-        };
-        let (reply, outcome) = sync::respond(view, &incoming, &limits).expect("respond");
-        needs.extend(outcome);
-        outgoing = reply;
-        client_turn = !client_turn;
-    }
-    let round_trips = messages.div_ceil(2);
-    let client_learned = learned(&mut client_needs, &server, &mut bytes);
-    let server_learned = learned(&mut server_needs, &client, &mut bytes);
-    let milliseconds = started.elapsed().as_secs_f64() * 1000.0;
+    let trie = trie_exchange(&client, &server, &limits);
     check(
         "trie",
-        &client_learned,
+        &trie.client_learned,
         &missing_on_client,
-        &server_learned,
+        &trie.server_learned,
         &missing_on_server,
     );
 
     let sketch = (!arguments.skip_sketch).then(|| {
         let key = SketchKey::derive(b"reconcile bench", b"one mailbox");
+        // The session reads both the tries and the cells: build both, as the trie path does.
         let built = Instant::now();
+        let client = tree_of(&client_keys);
+        let server = tree_of(&server_keys);
+        let cells_built = Instant::now();
         let client_sketch = SketchCells::from_leaves(key, SketchCells::length_for(client.len() as u64), client.iter());
         let server_sketch = SketchCells::from_leaves(key, SketchCells::length_for(server.len() as u64), server.iter());
         let build_ms = built.elapsed().as_secs_f64() * 1000.0;
+        let cells_build_ms = cells_built.elapsed().as_secs_f64() * 1000.0;
         let session_limits = SessionLimits {
             sync: limits,
             ..SessionLimits::default()
         };
         let mut figures = sketch_session_figures(&client, &client_sketch, &server, &server_sketch, &session_limits);
         figures.build_ms = build_ms;
+        figures.cells_build_ms = cells_build_ms;
+        let resolving = Instant::now();
         let client_learned = learned(&mut figures.client_needs, &server, &mut figures.bytes);
         let server_learned = learned(&mut figures.server_needs, &client, &mut figures.bytes);
+        figures.exchange_ms += resolving.elapsed().as_secs_f64() * 1000.0;
         check(
             "sketch",
             &client_learned,
@@ -327,40 +452,61 @@ fn main() {
         figures
     });
 
-    let (negentropy_bytes, negentropy_round_trips, negentropy_ms) = if arguments.skip_negentropy {
-        (None, None, None)
+    let negentropy = if arguments.skip_negentropy {
+        None
     } else {
         let to_bytes = |keys: &[u128]| keys.iter().map(|key| key.to_be_bytes()).collect::<Vec<[u8; 16]>>();
         match negentropy_reference::reconcile(&to_bytes(&client_keys), &to_bytes(&server_keys)) {
-            Ok(figures) => (
-                Some(figures.bytes),
-                Some(figures.round_trips),
-                Some(figures.milliseconds),
-            ),
+            Ok(figures) => Some(figures),
             Err(message) => {
                 eprintln!("reconcile_bench: negentropy failed: {message}");
                 std::process::exit(1);
             }
         }
     };
+    let store = arguments.store.then(|| {
+        store_figures(&client_keys, &server_keys, &limits).unwrap_or_else(|message| {
+            eprintln!("reconcile_bench: store path failed: {message}");
+            std::process::exit(1);
+        })
+    });
+    if let Some(store) = &store {
+        check(
+            "store trie",
+            &store.trie.client_learned,
+            &missing_on_client,
+            &store.trie.server_learned,
+            &missing_on_server,
+        );
+    }
+
+    let round = |ms: f64| (ms * 10.0).round() / 10.0;
     let naive_bytes = 16 * arguments.n as u64;
     let minimum_bytes = 16 * arguments.diff as u64;
     let json = serde_json::json!({
         "n": arguments.n,
         "diff": arguments.diff,
         "layout": arguments.layout,
-        "bytes": bytes,
-        "round_trips": round_trips,
-        "ms": (milliseconds * 10.0).round() / 10.0,
+        "bytes": trie.bytes,
+        "round_trips": trie.round_trips,
+        "trie_build_ms": round(trie_build_ms),
+        "trie_exchange_ms": round(trie.exchange_ms),
         "sketch_bytes": sketch.as_ref().map(|figures| figures.bytes),
         "sketch_round_trips": sketch.as_ref().map(|figures| figures.messages.div_ceil(2)),
-        "sketch_ms": sketch.as_ref().map(|figures| (figures.milliseconds * 10.0).round() / 10.0),
+        "sketch_build_ms": sketch.as_ref().map(|figures| round(figures.build_ms)),
+        "sketch_cells_build_ms": sketch.as_ref().map(|figures| round(figures.cells_build_ms)),
+        "sketch_exchange_ms": sketch.as_ref().map(|figures| round(figures.exchange_ms)),
         "sketch_path": sketch.as_ref().map(|figures| figures.path),
         "sketch_cells": sketch.as_ref().map(|figures| figures.cells),
-        "sketch_build_ms": sketch.as_ref().map(|figures| figures.build_ms.round()),
-        "negentropy_bytes": negentropy_bytes,
-        "negentropy_round_trips": negentropy_round_trips,
-        "negentropy_ms": negentropy_ms.map(|ms| (ms * 10.0).round() / 10.0),
+        "negentropy_bytes": negentropy.map(|figures| figures.bytes),
+        "negentropy_round_trips": negentropy.map(|figures| figures.round_trips),
+        "negentropy_build_ms": negentropy.map(|figures| round(figures.build_ms)),
+        "negentropy_exchange_ms": negentropy.map(|figures| round(figures.exchange_ms)),
+        "store_bytes": store.as_ref().map(|figures| figures.trie.bytes),
+        "store_round_trips": store.as_ref().map(|figures| figures.trie.round_trips),
+        "store_build_ms": store.as_ref().map(|figures| round(figures.build_ms)),
+        "store_exchange_ms": store.as_ref().map(|figures| round(figures.trie.exchange_ms)),
+        "store_sync_writes": store.as_ref().map(|_| false),
         "naive_bytes": naive_bytes,
         "minimum_bytes": minimum_bytes,
         "leaf_threshold": arguments.leaf_threshold,
