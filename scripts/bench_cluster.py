@@ -5,16 +5,22 @@
 
 What it does, in order, and what it measures (all in one JSON object, printed as the last line):
 
-1. Starts N nodes (fixed libp2p ports on 127.0.0.1, HTTP on port 0 read from data_dir/http.addr, as
-   src/harness.rs does); every node is told to --peer every other node, or, with --latency-ms or
-   --relay, the relay in front of that node (scripts/latency_relay.py, one relay process per
-   destination node, L ms one-way delay per direction). Waits until each node has N-1 peers.
+1. Starts N nodes on 127.0.0.1, HTTP on port 0 read from data_dir/http.addr as src/harness.rs
+   does. Without relays, libp2p listens on port 0 too: the nodes start one after another, each
+   reading its listen address from /v1/status (the `listen` list) and told to --peer every node
+   started before it, so no port is chosen by binding and releasing. With --latency-ms or --relay,
+   each node is told to --peer the relay in front of every other node (scripts/latency_relay.py,
+   one relay process per destination node, L ms one-way delay per direction); relays need their
+   ports before the nodes start, so there the ports are still probed free (bind and release).
+   Waits until each node has N-1 peers.
 2. Appends K messages (RFC 5322 text, log-normal sizes, median 4 KiB) to M mailboxes at random
    nodes from --clients threads. `appends.per_second` = acknowledged appends / wall time.
-3. Visibility: about every (K / --samples)-th acknowledged append (at most
-   --max-in-flight-samples at a time) is handed to a separate poller process, where one thread
-   per node GETs .../messages/{id} in a tight loop; the time from the
-   acknowledgement to the last node answering 200 is the append's visibility time (p50, p99).
+3. Visibility: every (K / --samples)-th append by index, once acknowledged and however many are
+   being polled, is handed to a separate poller process, where one thread per node GETs
+   .../messages/{id} in a tight loop; the time from the acknowledgement to the last node
+   answering 200 is the append's visibility time. p50, p99 and max are over every sample: one
+   not visible on all nodes within --visibility-timeout counts as that timeout (a lower bound of
+   its true time), so slow periods are neither skipped nor left out.
    `poll_sweep_ms` is the poller's mean sweep time, the resolution of these figures. The nodes' own
    `mailmesh_replication_lag_seconds` histogram (origin stamp to arrival) is reported next to it.
    Under `traffic`, `records_pulled_by_reconciliation`, `reconcile_rounds` and
@@ -22,7 +28,10 @@ What it does, in order, and what it measures (all in one JSON object, printed as
 4. Waits until every node's digest agrees (`drain_seconds` after the last acknowledgement), then
    counts traffic over steps 2-4:
    - `wire_bytes`: TCP payload bytes every node process sent on its peer sockets (kernel tcp_info
-     bytes_acked, read with `ss -tinp`; HTTP sockets excluded). This is everything: gossipsub data
+     bytes_acked, read with `ss -tinp` every --socket-poll-seconds during the load and drain; HTTP
+     sockets excluded). A socket that closed between polls counts with the last bytes_acked seen
+     (`wire_sockets_closed` says how many; what one sent after its last poll is missed, so with
+     closed sockets the figure is a lower bound). This is everything: gossipsub data
      and control (IHAVE/IWANT/GRAFT/IDONTWANT), forwards, request-response, identify, ping, and the
      noise and yamux framing;
    - `app_bytes`: what the node counts itself: mailmesh_net_request_bytes_total and
@@ -30,8 +39,11 @@ What it does, in order, and what it measures (all in one JSON object, printed as
      gossipsub_topic_msg_sent_bytes_total (every message copy sent to every peer, forwards included,
      protobuf envelope included; gossipsub control messages are not in it);
    - `floor_bytes`: each operation delivered once to each other node: (N-1) x (sum of message sizes
-     + appends x the record's encoded size, estimated from the operation gossip the origins
-     published minus the inline message bytes).
+     + appends x the record's information content). The record's information content is defined
+     here, not read from the node's own encoding: the message ID (16 bytes, its first 6 the
+     receive time), the blob hash (32), the size (8), the origin node (8) and the mailbox's name
+     (account and mailbox as UTF-8). New messages carry no flags. `record_bytes_encoded_estimate`
+     still shows what the node's push payload spends per record, for comparison.
 5. Idle: after agreement, waits until no reconciliation round is started for 2 s (sessions begun
    during the load go on walking the mailboxes that differed), then samples the same counters
    over --idle-seconds (60 by default): bytes per second per node. Nodes started together send
@@ -83,11 +95,20 @@ def percentile(values, fraction):
     return ordered[rank - 1]
 
 
+def record_information_bytes(account, mailbox):
+    """What a new message's record must tell another node, beyond the message itself: its ID (16
+    bytes; the first 6 are the receive time), blob hash (32), size (8), origin node (8) and the
+    mailbox it is in (account and name, UTF-8). A new message has no flags yet."""
+    return 16 + 32 + 8 + 8 + len(account.encode()) + len(mailbox.encode())
+
+
 def rounded(value, digits=3):
     return None if value is None else round(value, digits)
 
 
 def free_port():
+    """A port that was free a moment ago (bind and release; racy). Only the relays use it: they
+    need their ports before the nodes that dial them start."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -187,7 +208,9 @@ class Node:
         self.data_dir = os.path.join(root, self.name)
         self.cluster = cluster
         self.gossip_interval_ms = gossip_interval_ms
-        self.listen_port = free_port()
+        # None: listen on port 0 and learn the port from /v1/status; a restart reuses that port.
+        self.listen_port = None
+        self.listen_address = None  # /ip4/127.0.0.1/tcp/PORT/p2p/ID, as the node reports it
         self.peers = []
         self.process = None
         self.http = None
@@ -197,7 +220,7 @@ class Node:
     def arguments(self):
         arguments = [
             self.binary, "node", "--name", self.name, "--data-dir", self.data_dir,
-            "--listen", f"/ip4/127.0.0.1/tcp/{self.listen_port}", "--http", "127.0.0.1:0",
+            "--listen", f"/ip4/127.0.0.1/tcp/{self.listen_port or 0}", "--http", "127.0.0.1:0",
             "--cluster", self.cluster, "--gossip-interval-ms", str(self.gossip_interval_ms),
         ]
         for peer in self.peers:
@@ -228,11 +251,26 @@ class Node:
                     address = handle.read().strip()
                 if address and http_client.request(address, "GET", "/healthz")[0] == 200:
                     self.http = address
+                    self.read_listen_address(http_client)
                     return
             except (OSError, http.client.HTTPException):
                 pass
             time.sleep(0.02)
         raise RuntimeError(f"{self.name} did not start within {timeout} s")
+
+    def read_listen_address(self, http_client):
+        """The libp2p address the node reports listening on (port 0 resolved by the kernel)."""
+        deadline = time.monotonic() + 30.0
+        while time.monotonic() < deadline:
+            listen = http_client.json(self.http, "/v1/status").get("listen") or []
+            for address in listen:
+                match = re.match(r"^/ip4/127\.0\.0\.1/tcp/(\d+)", address)
+                if match and int(match.group(1)) != 0:
+                    self.listen_address = address
+                    self.listen_port = int(match.group(1))
+                    return
+            time.sleep(0.02)
+        raise RuntimeError(f"{self.name} reported no 127.0.0.1 listen address")
 
     @property
     def pid(self):
@@ -367,19 +405,58 @@ def peer_sockets(snapshot, nodes):
     return result
 
 
-def sent_between(before, after, nodes):
-    """Bytes each node sent on its peer sockets between two snapshots, and sockets that vanished."""
-    if before is None or after is None:
-        return None, None
-    first, second = peer_sockets(before, nodes), peer_sockets(after, nodes)
-    sent, vanished = {}, 0
-    for node in nodes:
-        total = 0
-        for key, acked in second[node.index].items():
-            total += acked - first[node.index].get(key, 0)
-        vanished += sum(1 for key in first[node.index] if key not in second[node.index])
-        sent[node.index] = total
-    return sent, vanished
+class SocketWatch:
+    """Bytes each node sent on its peer sockets over a window, sockets that closed included: the
+    sockets' counters are read every `interval` seconds, and a socket that is gone at the end
+    counts with the last bytes_acked seen (what it sent after that read is missed)."""
+
+    def __init__(self, nodes, interval):
+        self.nodes = nodes
+        self.interval = interval
+        snapshot = socket_snapshot()
+        self.available = snapshot is not None
+        self.before = peer_sockets(snapshot, nodes) if self.available else None
+        self.last = {index: dict(sockets) for index, sockets in (self.before or {}).items()}
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.watch, daemon=True)
+        if self.available:
+            self.thread.start()
+
+    def read(self):
+        snapshot = socket_snapshot()
+        if snapshot is None:
+            return None
+        current = peer_sockets(snapshot, self.nodes)
+        with self.lock:
+            for index, sockets in current.items():
+                seen = self.last.setdefault(index, {})
+                for key, acked in sockets.items():
+                    seen[key] = max(seen.get(key, 0), acked)
+        return current
+
+    def watch(self):
+        while not self.stopping.wait(self.interval):
+            self.read()
+
+    def finish(self):
+        """({node index: bytes sent}, sockets closed during the window), or (None, None) without ss."""
+        if not self.available:
+            return None, None
+        self.stopping.set()
+        self.thread.join(timeout=60)
+        final = self.read() or {}
+        sent, closed = {}, 0
+        with self.lock:
+            for node in self.nodes:
+                before = self.before.get(node.index, {})
+                still_open = final.get(node.index, {})
+                total = 0
+                for key, acked in self.last.get(node.index, {}).items():
+                    total += acked - before.get(key, 0)
+                    closed += key not in still_open
+                sent[node.index] = total
+        return sent, closed
 
 
 def direct_links(snapshot, nodes):
@@ -531,6 +608,7 @@ class VisibilityResults:
         self.results = results
         self.lock = threading.Lock()
         self.in_flight = 0
+        self.peak_in_flight = 0
         self.visible = []
         self.timed_out = 0
         self.summary = None
@@ -574,7 +652,11 @@ class Cluster:
 
     def start(self):
         nodes = self.nodes
+        started = time.monotonic()
         if self.relayed:
+            # The relays need their destinations' ports before anything starts: probe them.
+            for node in nodes:
+                node.listen_port = free_port()
             script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "latency_relay.py")
             for destination in nodes:
                 links = []
@@ -589,14 +671,17 @@ class Cluster:
                 relay = Relay(script, self.options.latency_ms or 0, links, self.root, f"relay{destination.index}")
                 self.relays.append(relay)
                 self.relay_of[destination.index] = relay
-        else:
             for node in nodes:
-                node.peers = [f"/ip4/127.0.0.1/tcp/{other.listen_port}" for other in nodes if other is not node]
-        started = time.monotonic()
-        for node in nodes:
-            node.start()
-        for node in nodes:
-            node.wait_healthy(self.http)
+                node.start()
+            for node in nodes:
+                node.wait_healthy(self.http)
+        else:
+            # One after another: each node dials the reported addresses of those before it, so
+            # every pair is dialled once and no port is guessed.
+            for index, node in enumerate(nodes):
+                node.peers = [other.listen_address for other in nodes[:index]]
+                node.start()
+                node.wait_healthy(self.http)
         self.wait_mesh(nodes, timeout=90)
         self.wait_gossip_peers(nodes, timeout=60)
         return time.monotonic() - started
@@ -707,7 +792,7 @@ class Load:
     """Appends `count` messages at random nodes among `targets` from several threads."""
 
     def __init__(self, cluster, maker, count, targets, threads, seed, sample_every=None, sample_queue=None,
-                 index_offset=0, visibility=None, max_in_flight=4):
+                 index_offset=0, visibility=None):
         self.cluster = cluster
         self.maker = maker
         self.count = count
@@ -718,8 +803,6 @@ class Load:
         self.sample_queue = sample_queue
         self.index_offset = index_offset
         self.visibility = visibility
-        self.max_in_flight = max_in_flight
-        self.next_sample = 0
         self.next = 0
         self.lock = threading.Lock()
         self.acked = 0
@@ -728,6 +811,7 @@ class Load:
         self.latencies = []
         self.sizes = []
         self.inline_bytes = 0
+        self.record_information_bytes = 0
         self.mailboxes_written = set()
         self.last_ack = None
 
@@ -739,22 +823,20 @@ class Load:
             return self.next - 1
 
     def want_sample(self, index):
-        """Samples about every `sample_every`-th append, with at most `max_in_flight` samples being
-        polled at once so that the poller's sweeps stay short."""
-        with self.lock:
-            if index < self.next_sample:
-                return False
-            with self.visibility.lock:
-                if self.visibility.in_flight >= self.max_in_flight:
-                    return False
-                self.visibility.in_flight += 1
-            self.next_sample = index + self.sample_every
-            return True
+        """Samples every `sample_every`-th append (by its index, so the sample is uniform over the
+        load), whatever is being polled: skipping samples while the poller is busy, or spacing them
+        from the last one taken, would under-sample exactly the slow periods."""
+        if index % self.sample_every != 0:
+            return False
+        with self.visibility.lock:
+            self.visibility.in_flight += 1
+            self.visibility.peak_in_flight = max(self.visibility.peak_in_flight, self.visibility.in_flight)
+        return True
 
     def worker(self, thread_index):
         rng = random.Random(self.seed * 1000 + thread_index)
         http_client = self.cluster.http
-        latencies, sizes, inline, acked, failed = [], [], 0, 0, 0
+        latencies, sizes, inline, acked, failed, information = [], [], 0, 0, 0, 0
         written = set()
         mailboxes = self.cluster.options.mailboxes
         while True:
@@ -781,6 +863,7 @@ class Load:
                 sizes.append(len(body))
                 if len(body) <= INLINE_BLOB_BYTES:
                     inline += len(body)
+                information += record_information_bytes(f"user{mailbox}", "INBOX")
                 if self.sample_queue is not None and self.want_sample(index):
                     ident = json.loads(answer)["id"]
                     targets = [(other.index, other.http) for other in self.cluster.nodes
@@ -795,6 +878,7 @@ class Load:
             self.latencies += latencies
             self.sizes += sizes
             self.inline_bytes += inline
+            self.record_information_bytes += information
             self.mailboxes_written |= written
             self.acked += acked
             self.failed += failed
@@ -855,18 +939,17 @@ def run(options):
 
         maker = MessageMaker(options.seed, options.median_bytes, options.sigma, options.max_bytes)
         metrics_before = cluster.metrics()
-        sockets_before = socket_snapshot()
+        sockets = SocketWatch(nodes, options.socket_poll_seconds)
         cpu_before = {node.index: node.cpu_seconds() for node in nodes}
         sample_every = max(1, options.messages // max(1, options.samples))
         log(f"appending {options.messages} messages to {options.mailboxes} mailboxes from {options.clients} clients")
         load = Load(cluster, maker, options.messages, nodes, options.clients, options.seed,
-                    sample_every=sample_every, sample_queue=sample_queue, visibility=visibility,
-                    max_in_flight=options.max_in_flight_samples).run()
+                    sample_every=sample_every, sample_queue=sample_queue, visibility=visibility).run()
         drain = cluster.wait_agreement(options.converge_timeout)
         drain_from_last_ack = None
         if drain is not None and load.last_ack is not None:
             drain_from_last_ack = time.monotonic() - load.last_ack
-        sockets_after = socket_snapshot()
+        wire, closed = sockets.finish()
         metrics_after = cluster.metrics()
         cpu_after = {node.index: node.cpu_seconds() for node in nodes}
         sample_queue.put(None)
@@ -892,13 +975,17 @@ def run(options):
             "node_cpu_seconds": rounded(sum(cpu_after[i] - cpu_before[i] for i in cpu_after), 2),
         }
         lag = [sample for index in metrics_after for sample in metrics_after[index]]
+        # A sample that timed out took at least the timeout: it stays in the percentiles as that.
+        every_sample = visible + [options.visibility_timeout] * timed_out
         report["visibility"] = {
-            "samples": len(visible) + timed_out,
+            "samples": len(every_sample),
             "visible_on_all": len(visible),
             "timed_out": timed_out,
-            "p50_ms": rounded(1000 * percentile(visible, 0.5)) if visible else None,
-            "p99_ms": rounded(1000 * percentile(visible, 0.99)) if visible else None,
-            "max_ms": rounded(1000 * max(visible)) if visible else None,
+            "timeout_counted_as_ms": rounded(1000 * options.visibility_timeout),
+            "p50_ms": rounded(1000 * percentile(every_sample, 0.5)) if every_sample else None,
+            "p99_ms": rounded(1000 * percentile(every_sample, 0.99)) if every_sample else None,
+            "max_ms": rounded(1000 * max(every_sample)) if every_sample else None,
+            "peak_samples_in_flight": visibility.peak_in_flight,
             "poll_sweep_ms": rounded(poll_summary.get("sweep_ms")),
             "node_replication_lag_histogram_s": {
                 "p50_le": histogram_quantile(lag, "mailmesh_replication_lag_seconds", 0.5),
@@ -927,17 +1014,18 @@ def run(options):
         rounds = delta("mailmesh_reconcile_rounds_total")
         sessions = delta("mailmesh_reconcile_sessions_total")
         digest_payload = delta("mailmesh_gossip_bytes_total", kind="digest", direction="out")
-        wire, vanished = sent_between(sockets_before, sockets_after, nodes)
         appends = max(1, load.acked)
-        # Each operation is pushed once to each of the other N-1 nodes; its payload is the record
-        # plus, for small messages, the message bytes inline.
-        record_bytes = max(0.0, (sum(operation_payload.values()) / max(1, options.nodes - 1) - load.inline_bytes) / appends)
-        floor = (options.nodes - 1) * (sum(load.sizes) + load.acked * record_bytes)
+        # For comparison only: what the node's own push payload spends per record (the origins'
+        # operation gossip, each pushed once to each of the other N-1 nodes, minus inline bytes).
+        record_bytes_encoded = max(0.0, (sum(operation_payload.values()) / max(1, options.nodes - 1) - load.inline_bytes) / appends)
+        # The floor: every message and its record's information content, once to each other node.
+        floor = (options.nodes - 1) * (sum(load.sizes) + load.record_information_bytes)
         app_total = sum(request_out.values()) + sum(response_out.values()) + sum(gossipsub_sent.values())
         wire_total = sum(wire.values()) if wire is not None else None
         report["traffic"] = {
             "wire_bytes": wire_total,
-            "wire_sockets_vanished": vanished,
+            "wire_sockets_closed": closed,
+            "wire_is_lower_bound": bool(closed),
             "app_bytes": app_total,
             "app_breakdown": {
                 "request_outbound": sum(request_out.values()),
@@ -951,7 +1039,8 @@ def run(options):
             "reconcile_sessions": sum(sessions.values()),
             "reconcile_rounds": sum(rounds.values()),
             "mailboxes_found_divergent": sum(divergent.values()),
-            "record_bytes_estimate": rounded(record_bytes, 1),
+            "record_information_bytes_mean": rounded(load.record_information_bytes / appends, 1),
+            "record_bytes_encoded_estimate": rounded(record_bytes_encoded, 1),
             "floor_bytes": round(floor),
             "wire_ratio": rounded(wire_total / floor) if wire_total is not None and floor else None,
             "app_ratio": rounded(app_total / floor) if floor else None,
@@ -970,12 +1059,12 @@ def run(options):
             last_rounds = rounds
             time.sleep(2.0)
         report["sessions_settled_seconds"] = rounded(time.monotonic() - settle_started, 1)
-        metrics_before, sockets_before = cluster.metrics(), socket_snapshot()
+        metrics_before, sockets = cluster.metrics(), SocketWatch(nodes, options.socket_poll_seconds)
         idle_started = time.monotonic()
         time.sleep(options.idle_seconds)
-        metrics_after, sockets_after = cluster.metrics(), socket_snapshot()
+        wire, idle_closed = sockets.finish()
+        metrics_after = cluster.metrics()
         idle = time.monotonic() - idle_started
-        wire, _ = sent_between(sockets_before, sockets_after, nodes)
         gossipsub_sent = delta("gossipsub_topic_msg_sent_bytes_total")
         sync_out = {index: request_out_value + response_out_value for index, request_out_value, response_out_value in
                     zip(metrics_after, delta("mailmesh_net_request_bytes_total", direction="outbound").values(),
@@ -987,6 +1076,7 @@ def run(options):
             "gossipsub_sent_bytes_per_second_per_node": per_node(gossipsub_sent),
             "sync_bytes_per_second_per_node": per_node(sync_out),
             "wire_max_node_bytes_per_second": rounded(max(wire.values()) / idle, 1) if wire else None,
+            "wire_sockets_closed": idle_closed,
         }
         for node in nodes:
             node.read_rss()
@@ -1105,8 +1195,9 @@ def main():
     parser.add_argument("--partition", choices=["kill", "relay", "none"], default="kill")
     parser.add_argument("--clients", type=int, default=16, help="load threads")
     parser.add_argument("--samples", type=int, default=200, help="appends whose visibility is polled")
-    parser.add_argument("--max-in-flight-samples", type=int, default=4,
-                        help="samples polled at once; more are skipped to keep the poll resolution")
+    parser.add_argument("--socket-poll-seconds", type=float, default=1.0,
+                        help="how often the peer sockets' counters are read during the load, so that "
+                        "sockets closing mid-run are still counted")
     parser.add_argument("--gossip-interval-ms", type=int, default=1000)
     parser.add_argument("--median-bytes", type=float, default=4096)
     parser.add_argument("--sigma", type=float, default=1.0)
