@@ -1,5 +1,5 @@
 //! A mutation fuzzer on stable Rust for every decoder that reads bytes from outside: the sync
-//! message decoder, the request, response and gossip frame decoders, the mail header reader used
+//! message decoder, the record states that travel with it, the request, response and gossip frame decoders, the mail header reader used
 //! on appended mail, and the text parsers for IDs, flags and mailbox names.
 //!
 //! `cargo run --release --example fuzz_decoders -- --seconds 600 [--target NAME] --json`
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use mailmesh::merkle::{MemoryTree, StoredDepth};
 use mailmesh::model::{BlobHash, Flag, MailboxKey, MessageId, MessageRecord, NodeId, Stamp};
-use mailmesh::sync::{self, ByteString, SyncLimits};
+use mailmesh::sync::{self, ByteString, RecordState, SyncLimits};
 use mailmesh::wire::{self, Gossip, Request, Response, WireSpace};
 
 struct Random(u64);
@@ -80,10 +80,13 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         wire::encode(&Request::Reconcile {
             space: WireSpace::Mailbox(mailbox.clone()),
             message: ByteString(sync::encode(&first)),
+            states: ByteString(sync::encode_states(&[RecordState::of(&record)])),
+            returned: ByteString(sync::encode_keyed_states(&[(7, RecordState::of(&record))])),
         }),
         wire::encode(&Request::FetchRecords {
             mailbox: mailbox.clone(),
             ids: vec![MessageId(1), MessageId(2)],
+            held: vec![MessageId(3)],
         }),
         wire::encode(&Request::FetchRange {
             mailbox: mailbox.clone(),
@@ -117,11 +120,13 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
                 message: ByteString(sync::encode(&first)),
                 records: vec![record.clone()],
                 blobs: vec![ByteString(b"raw".to_vec())],
+                states: ByteString(sync::encode_states(&[RecordState::of(&record)])),
+                returned: ByteString::default(),
             }],
         }),
         wire::encode(&Gossip::Operation {
             mailbox: mailbox.clone(),
-            record,
+            record: record.clone(),
             blob: Some(ByteString(b"raw".to_vec())),
         }),
         wire::encode(&Gossip::Digest {
@@ -146,8 +151,19 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         b"$Forwarded".to_vec(),
         b"Archive/2026".to_vec(),
     ];
+    let mut expunged = RecordState::of(&record);
+    expunged.expunged = Some(Stamp {
+        time: 11,
+        node: NodeId(5),
+    });
+    let state_seeds = vec![
+        sync::encode_states(&[RecordState::of(&record), RecordState::default(), expunged.clone()]),
+        sync::encode_keyed_states(&[(1, RecordState::of(&record)), (2, expunged.clone())]),
+        sync::encode_indexed_states(&[(0, RecordState::of(&record)), (3, expunged)]),
+    ];
     vec![
         ("sync", sync_seeds),
+        ("states", state_seeds),
         ("frames", frame_seeds),
         ("mail", mail_seeds),
         ("text", text_seeds),
@@ -162,6 +178,18 @@ fn run_target(target: &str, input: &[u8]) {
                 let tree = MemoryTree::new(StoredDepth::MAILBOX);
                 let _ = sync::respond(&tree, &elements, &SyncLimits::default());
                 let _ = sync::encode(&elements);
+            }
+        }
+        "states" => {
+            let limits = SyncLimits::default();
+            if let Ok(states) = sync::decode_states(input, &limits) {
+                let _ = sync::encode_states(&states);
+            }
+            if let Ok(states) = sync::decode_keyed_states(input, &limits) {
+                let _ = sync::encode_keyed_states(&states);
+            }
+            if let Ok(states) = sync::decode_indexed_states(input, &limits) {
+                let _ = sync::encode_indexed_states(&states);
             }
         }
         "frames" => {
@@ -243,6 +271,7 @@ fn mutate(random: &mut Random, corpus: &[Vec<u8>], input: &[u8]) -> Vec<u8> {
 fn fuzz_targets_for(group: &str) -> &'static [&'static str] {
     match group {
         "sync" => &["sync_message"],
+        "states" => &["record_states"],
         "frames" => &["request_frame", "response_frame", "gossip_frame"],
         "mail" => &["appended_mail"],
         _ => &["text_parsers"],
