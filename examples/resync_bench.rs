@@ -2,7 +2,7 @@
 //! 127.0.0.1, one mailbox of `--messages` messages (2-8 KB each), every byte between them counted.
 //!
 //! `cargo run --release --example resync_bench -- [--messages 100000] [--changes 100] [--binary PATH]
-//! [--workdir DIR] [--keep]` prints one JSON object.
+//! [--workdir DIR] [--keep] [--only CASE]` prints one JSON object.
 //!
 //! Loading: the first node's store is written directly through a [`CommitQueue`] (the fastest
 //! path; no network), and copied to the second node's data directory while no node runs, so both
@@ -50,6 +50,7 @@ struct Arguments {
     workdir: Option<PathBuf>,
     keep: bool,
     seed: u64,
+    only: Option<String>,
 }
 
 fn parse_arguments() -> Result<Arguments, String> {
@@ -64,6 +65,7 @@ fn parse_arguments() -> Result<Arguments, String> {
         workdir: None,
         keep: false,
         seed: 7,
+        only: None,
     };
     let mut iterator = std::env::args().skip(1);
     while let Some(flag) = iterator.next() {
@@ -79,6 +81,7 @@ fn parse_arguments() -> Result<Arguments, String> {
             "--workdir" => arguments.workdir = Some(PathBuf::from(value()?)),
             "--seed" => arguments.seed = number(value()?)? as u64,
             "--keep" => arguments.keep = true,
+            "--only" => arguments.only = Some(value()?),
             "--json" => {}
             other => return Err(format!("unknown argument {other}")),
         }
@@ -580,6 +583,9 @@ fn main() {
     ];
     let mut cases = Vec::new();
     for (change, stop_first) in plan {
+        if arguments.only.as_deref().is_some_and(|only| only != change.name()) {
+            continue;
+        }
         match run_case(&template, &work, &arguments, &ids, change, stop_first, &mut random) {
             Ok(result) => {
                 eprintln!("{result}");

@@ -756,31 +756,103 @@ pub fn merge_state(mine: &MessageRecord, theirs: &RecordState) -> (MessageRecord
 
 /// The most flags one state may carry (as for a whole record on the wire).
 pub const MAX_FLAGS_PER_STATE: usize = 256;
+/// The most distinct nodes the stamps of one block of states may name.
+const MAX_NODES_PER_BLOCK: u64 = 4096;
 
 const FLAG_SET: u8 = 0x80;
 const FLAG_KEYWORD: u8 = 5;
 
-fn put_stamp(out: &mut Vec<u8>, stamp: &Stamp) {
-    out.extend_from_slice(&stamp.time.to_be_bytes());
-    out.extend_from_slice(&stamp.node.0.to_be_bytes());
+/// How the states of one block name their records.
+enum BlockKeys<'a> {
+    /// In the order of the `Differ` bits they answer.
+    Implied,
+    /// By key, each stored as the count of leading bytes it shares with the previous key and
+    /// the rest.
+    Keys(&'a [u128]),
+    /// By position among the states the request brought.
+    Positions(&'a [u64]),
 }
 
-fn take_stamp(bytes: &[u8], position: &mut usize) -> Result<Stamp, SyncError> {
-    let slice = bytes
-        .get(*position..*position + 16)
-        .ok_or_else(|| SyncError::Malformed("truncated stamp".into()))?;
-    *position += 16;
-    let (time, node) = slice.split_at(8);
-    Ok(Stamp {
-        time: u64::from_be_bytes(time.try_into().unwrap_or([0; 8])),
-        node: NodeId(u64::from_be_bytes(node.try_into().unwrap_or([0; 8]))),
-    })
+/// The stamps of one block of states: the nodes that made them, 8 bytes each and once, and the
+/// earliest time; a stamp is then a node position and a time offset (varints, about 5 bytes
+/// instead of 16, as a block's stamps come from few nodes within a short span).
+struct StampTable {
+    nodes: Vec<NodeId>,
+    base: u64,
 }
 
-fn put_state(out: &mut Vec<u8>, state: &RecordState) {
+impl StampTable {
+    fn of<'a>(states: impl Iterator<Item = &'a RecordState>) -> Self {
+        let mut nodes = Vec::new();
+        let mut base = u64::MAX;
+        for state in states {
+            for stamp in state
+                .expunged
+                .iter()
+                .chain(state.flags.values().map(|register| &register.stamp))
+            {
+                nodes.push(stamp.node);
+                base = base.min(stamp.time);
+            }
+        }
+        nodes.sort_unstable();
+        nodes.dedup();
+        StampTable {
+            nodes,
+            base: if base == u64::MAX { 0 } else { base },
+        }
+    }
+
+    fn put(&self, out: &mut Vec<u8>) {
+        put_varint(out, self.nodes.len() as u64);
+        for node in &self.nodes {
+            out.extend_from_slice(&node.0.to_be_bytes());
+        }
+        put_varint(out, self.base);
+    }
+
+    fn take(bytes: &[u8], position: &mut usize) -> Result<Self, SyncError> {
+        let count = take_varint(bytes, position)?;
+        if count > MAX_NODES_PER_BLOCK || count * 8 > bytes.len() as u64 {
+            return Err(SyncError::LimitExceeded(format!(
+                "{count} nodes in one block of states"
+            )));
+        }
+        let mut nodes = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let slice = bytes
+                .get(*position..*position + 8)
+                .ok_or_else(|| SyncError::Malformed("truncated node of a state block".into()))?;
+            *position += 8;
+            nodes.push(NodeId(u64::from_be_bytes(slice.try_into().unwrap_or([0; 8]))));
+        }
+        let base = take_varint(bytes, position)?;
+        Ok(StampTable { nodes, base })
+    }
+
+    fn put_stamp(&self, out: &mut Vec<u8>, stamp: &Stamp) {
+        put_varint(out, self.nodes.binary_search(&stamp.node).unwrap_or(0) as u64);
+        put_varint(out, stamp.time.saturating_sub(self.base));
+    }
+
+    fn take_stamp(&self, bytes: &[u8], position: &mut usize) -> Result<Stamp, SyncError> {
+        let index = take_varint(bytes, position)?;
+        let node = usize::try_from(index)
+            .ok()
+            .and_then(|index| self.nodes.get(index))
+            .ok_or_else(|| SyncError::Malformed(format!("stamp names node {index} of {}", self.nodes.len())))?;
+        let time = self
+            .base
+            .checked_add(take_varint(bytes, position)?)
+            .ok_or_else(|| SyncError::Malformed("stamp time overflows".into()))?;
+        Ok(Stamp { time, node: *node })
+    }
+}
+
+fn put_state(out: &mut Vec<u8>, table: &StampTable, state: &RecordState) {
     out.push(u8::from(state.expunged.is_some()));
     if let Some(stamp) = &state.expunged {
-        put_stamp(out, stamp);
+        table.put_stamp(out, stamp);
     }
     put_varint(out, state.flags.len() as u64);
     for (flag, register) in &state.flags {
@@ -797,17 +869,17 @@ fn put_state(out: &mut Vec<u8>, state: &RecordState) {
                 out.extend_from_slice(keyword.as_bytes());
             }
         }
-        put_stamp(out, &register.stamp);
+        table.put_stamp(out, &register.stamp);
     }
 }
 
-fn take_state(bytes: &[u8], position: &mut usize) -> Result<RecordState, SyncError> {
+fn take_state(bytes: &[u8], position: &mut usize, table: &StampTable) -> Result<RecordState, SyncError> {
     let malformed = |what: &str| SyncError::Malformed(format!("record state: {what}"));
     let header = *bytes.get(*position).ok_or_else(|| malformed("truncated"))?;
     *position += 1;
     let expunged = match header {
         0 => None,
-        1 => Some(take_stamp(bytes, position)?),
+        1 => Some(table.take_stamp(bytes, position)?),
         _ => return Err(malformed("unknown header")),
     };
     let count = take_varint(bytes, position)?;
@@ -838,7 +910,7 @@ fn take_state(bytes: &[u8], position: &mut usize) -> Result<RecordState, SyncErr
             }
             _ => return Err(malformed("unknown flag code")),
         };
-        let stamp = take_stamp(bytes, position)?;
+        let stamp = table.take_stamp(bytes, position)?;
         let register = FlagRegister {
             set: code & FLAG_SET != 0,
             stamp,
@@ -850,104 +922,130 @@ fn take_state(bytes: &[u8], position: &mut usize) -> Result<RecordState, SyncErr
     Ok(RecordState { expunged, flags })
 }
 
-/// Packs states that go with a `Differ`, in bit order (their keys are implied): a count, then
-/// each state (about 18 bytes per flag).
-pub fn encode_states(states: &[RecordState]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + states.len() * 20);
+/// One block: the count, the stamp table, then each state after its key (if any).
+fn encode_block(states: &[&RecordState], keys: BlockKeys) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + states.len() * 12);
     put_varint(&mut out, states.len() as u64);
-    for state in states {
-        put_state(&mut out, state);
+    let table = StampTable::of(states.iter().copied());
+    table.put(&mut out);
+    let mut previous = [0u8; 16];
+    for (index, state) in states.iter().enumerate() {
+        match &keys {
+            BlockKeys::Implied => {}
+            BlockKeys::Keys(keys) => {
+                let key = keys.get(index).copied().unwrap_or_default().to_be_bytes();
+                let shared = key
+                    .iter()
+                    .zip(&previous)
+                    .take_while(|(one, other)| one == other)
+                    .count()
+                    .min(15);
+                out.push(shared as u8);
+                out.extend_from_slice(&key[shared..]);
+                previous = key;
+            }
+            BlockKeys::Positions(positions) => put_varint(&mut out, positions.get(index).copied().unwrap_or_default()),
+        }
+        put_state(&mut out, &table, state);
     }
     out
+}
+
+/// Unpacks one block: the states and, per `keyed`, their keys or positions (as u128).
+fn decode_block(bytes: &[u8], limits: &SyncLimits, keyed: u8) -> Result<Vec<(u128, RecordState)>, SyncError> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut position = 0;
+    let count = take_varint(bytes, &mut position)?;
+    if count > limits.max_keys_per_element as u64 || count > bytes.len() as u64 {
+        return Err(SyncError::LimitExceeded(format!("{count} record states")));
+    }
+    let table = StampTable::take(bytes, &mut position)?;
+    let mut states = Vec::with_capacity(count as usize);
+    let mut previous = [0u8; 16];
+    for _ in 0..count {
+        let key = match keyed {
+            KEYS => {
+                let shared = usize::from(
+                    *bytes
+                        .get(position)
+                        .ok_or_else(|| SyncError::Malformed("truncated key".into()))?,
+                );
+                if shared > 15 {
+                    return Err(SyncError::Malformed("a key sharing more than 15 bytes".into()));
+                }
+                let rest = bytes
+                    .get(position + 1..position + 1 + 16 - shared)
+                    .ok_or_else(|| SyncError::Malformed("truncated key of a record state".into()))?;
+                position += 1 + 16 - shared;
+                previous[shared..].copy_from_slice(rest);
+                u128::from_be_bytes(previous)
+            }
+            POSITIONS => u128::from(take_varint(bytes, &mut position)?),
+            _ => 0,
+        };
+        states.push((key, take_state(bytes, &mut position, &table)?));
+    }
+    if position != bytes.len() {
+        return Err(SyncError::Malformed("trailing bytes after record states".into()));
+    }
+    Ok(states)
+}
+
+const IMPLIED: u8 = 0;
+const KEYS: u8 = 1;
+const POSITIONS: u8 = 2;
+
+/// Packs states that go with a `Differ`, in bit order (their keys are implied): a count, the
+/// block's stamp table, then each state (about 7 bytes for one flag).
+pub fn encode_states(states: &[RecordState]) -> Vec<u8> {
+    encode_block(&states.iter().collect::<Vec<_>>(), BlockKeys::Implied)
 }
 
 /// Unpacks [`encode_states`], refusing more than `limits.max_keys_per_element` states.
 pub fn decode_states(bytes: &[u8], limits: &SyncLimits) -> Result<Vec<RecordState>, SyncError> {
-    if bytes.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut position = 0;
-    let count = take_varint(bytes, &mut position)?;
-    if count > limits.max_keys_per_element as u64 || count > bytes.len() as u64 {
-        return Err(SyncError::LimitExceeded(format!("{count} record states")));
-    }
-    let mut states = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        states.push(take_state(bytes, &mut position)?);
-    }
-    if position != bytes.len() {
-        return Err(SyncError::Malformed("trailing bytes after record states".into()));
-    }
-    Ok(states)
+    Ok(decode_block(bytes, limits, IMPLIED)?
+        .into_iter()
+        .map(|(_, state)| state)
+        .collect())
 }
 
-/// Packs merged states sent back, each after its 16-byte key.
+/// Packs merged states sent back in a request, each after its key (the leading bytes it shares
+/// with the previous key are counted, not repeated).
 pub fn encode_keyed_states(states: &[(u128, RecordState)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + states.len() * 36);
-    put_varint(&mut out, states.len() as u64);
-    for (key, state) in states {
-        out.extend_from_slice(&key.to_be_bytes());
-        put_state(&mut out, state);
-    }
-    out
+    let keys: Vec<u128> = states.iter().map(|(key, _)| *key).collect();
+    encode_block(
+        &states.iter().map(|(_, state)| state).collect::<Vec<_>>(),
+        BlockKeys::Keys(&keys),
+    )
 }
 
 /// Unpacks [`encode_keyed_states`], refusing more than `limits.max_keys_per_element` states.
 pub fn decode_keyed_states(bytes: &[u8], limits: &SyncLimits) -> Result<Vec<(u128, RecordState)>, SyncError> {
-    if bytes.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut position = 0;
-    let count = take_varint(bytes, &mut position)?;
-    if count > limits.max_keys_per_element as u64 || count > bytes.len() as u64 {
-        return Err(SyncError::LimitExceeded(format!("{count} record states")));
-    }
-    let mut states = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        let key = bytes
-            .get(position..position + 16)
-            .ok_or_else(|| SyncError::Malformed("truncated key of a record state".into()))?;
-        position += 16;
-        let key = u128::from_be_bytes(key.try_into().unwrap_or([0; 16]));
-        states.push((key, take_state(bytes, &mut position)?));
-    }
-    if position != bytes.len() {
-        return Err(SyncError::Malformed("trailing bytes after record states".into()));
-    }
-    Ok(states)
+    decode_block(bytes, limits, KEYS)
 }
 
-/// Packs merged states sent back in a reply, each after the position (a varint) of the state
-/// it answers among those the request brought: the asker knows which keys those were.
+/// Packs merged states sent back in a reply, each after the position of the state it answers
+/// among those the request brought: the asker knows which keys those were.
 pub fn encode_indexed_states(states: &[(u64, RecordState)]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + states.len() * 21);
-    put_varint(&mut out, states.len() as u64);
-    for (index, state) in states {
-        put_varint(&mut out, *index);
-        put_state(&mut out, state);
-    }
-    out
+    let positions: Vec<u64> = states.iter().map(|(position, _)| *position).collect();
+    encode_block(
+        &states.iter().map(|(_, state)| state).collect::<Vec<_>>(),
+        BlockKeys::Positions(&positions),
+    )
 }
 
 /// Unpacks [`encode_indexed_states`], refusing more than `limits.max_keys_per_element` states.
 pub fn decode_indexed_states(bytes: &[u8], limits: &SyncLimits) -> Result<Vec<(u64, RecordState)>, SyncError> {
-    if bytes.is_empty() {
-        return Ok(Vec::new());
-    }
-    let mut position = 0;
-    let count = take_varint(bytes, &mut position)?;
-    if count > limits.max_keys_per_element as u64 || count > bytes.len() as u64 {
-        return Err(SyncError::LimitExceeded(format!("{count} record states")));
-    }
-    let mut states = Vec::with_capacity(count as usize);
-    for _ in 0..count {
-        let index = take_varint(bytes, &mut position)?;
-        states.push((index, take_state(bytes, &mut position)?));
-    }
-    if position != bytes.len() {
-        return Err(SyncError::Malformed("trailing bytes after record states".into()));
-    }
-    Ok(states)
+    decode_block(bytes, limits, POSITIONS)?
+        .into_iter()
+        .map(|(position, state)| {
+            u64::try_from(position)
+                .map(|position| (position, state))
+                .map_err(|_| SyncError::Malformed("position out of range".into()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -1288,17 +1386,25 @@ mod tests {
     fn hostile_record_states_are_refused() {
         let limits = SyncLimits::default();
         let one = encode_states(&[RecordState::default()]);
+        // One state, a stamp table of one node (0) and base time 0, then the state.
+        let table = |rest: &[u8]| [vec![1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0], rest.to_vec()].concat();
         let samples: Vec<Vec<u8>> = vec![
-            vec![5],                    // five states announced, none there
-            vec![1, 2],                 // unknown header
-            vec![1, 1, 0],              // truncated tombstone stamp
-            vec![1, 0, 1, 9],           // unknown flag code
-            vec![1, 0, 1, 5, 200, 1],   // keyword longer than the bytes
-            vec![1, 0, 1, 5, 1, b'\\'], // a system flag's spelling as a keyword
-            vec![
-                1, 0, 2, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x80, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                0, 0, 0, 0, 0,
-            ],
+            vec![5],                                // five states announced, none there
+            vec![1, 200, 1],                        // 200 nodes announced, none there
+            table(&[2]),                            // unknown header
+            table(&[1]),                            // truncated tombstone stamp
+            table(&[1, 5, 0, 0]),                   // a stamp naming node 5 of 1
+            table(&[0, 1, 9]),                      // unknown flag code
+            table(&[0, 1, 5, 200, 1]),              // keyword longer than the bytes
+            table(&[0, 1, 5, 1, b'\\']),            // a system flag's spelling as a keyword
+            table(&[0, 2, 0x80, 0, 0, 0x80, 0, 0]), // a flag twice
+            // base time u64::MAX, then a stamp one past it
+            [
+                vec![1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+                vec![0xff; 9],
+                vec![0x01, 0, 1, 0x80, 0, 1],
+            ]
+            .concat(),
             [one.clone(), vec![0]].concat(), // trailing bytes
         ];
         for sample in samples {
