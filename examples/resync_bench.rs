@@ -208,8 +208,24 @@ fn load(template: &Path, arguments: &Arguments) -> Result<Vec<MessageId>, String
             });
         }
     });
+    // The store must be closed (no background compaction deleting files) before it is copied:
+    // wait for the commit thread to let go of it.
     drop(queue);
-    drop(store);
+    let mut store = store;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match Arc::try_unwrap(store) {
+            Ok(store) => {
+                drop(store);
+                break;
+            }
+            Err(shared) if Instant::now() < deadline => {
+                store = shared;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(_) => return Err("the commit thread kept the store open".into()),
+        }
+    }
     let mut ids = ids.into_inner().map_err(|error| error.to_string())?;
     if ids.len() != arguments.messages {
         return Err(format!("loaded {} of {} messages", ids.len(), arguments.messages));
