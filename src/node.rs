@@ -1896,7 +1896,7 @@ impl Node {
                     }
                 }
             }
-            let (reply, outcome) = sync::respond(view, &incoming, &limits).map_err(sync_error)?;
+            let (reply, outcome) = sync::respond(view, &incoming, &self.asking_limits()).map_err(sync_error)?;
             next = self
                 .after_reply(peer, &space, reply, &outcome, incoming_states, &mut done, stats)
                 .await?;
@@ -1943,6 +1943,15 @@ impl Node {
             state_keys: outcome.differing.clone(),
             returned: returned.into_iter().map(|(_, id, state)| (id, state)).collect(),
         })
+    }
+
+    /// The limits for this side's own session, where it asks: it finds the differing states
+    /// itself where it can, so merged states come back to it by position.
+    fn asking_limits(&self) -> SyncLimits {
+        SyncLimits {
+            asks: true,
+            ..self.inner.limits
+        }
     }
 
     /// This side's states of records, for `Differ` bits (a record gone since counts as empty).
@@ -2257,7 +2266,7 @@ impl Node {
                     mut done,
                 }) => {
                     let (reply, outcome) =
-                        sync::respond(&view, &elements, &self.inner.limits).map_err(peer_fault(peer))?;
+                        sync::respond(&view, &elements, &self.asking_limits()).map_err(peer_fault(peer))?;
                     let next = self
                         .after_reply(peer, &space, reply, &outcome, states, &mut done, &stats)
                         .await?;

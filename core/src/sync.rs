@@ -71,6 +71,12 @@ pub struct SyncLimits {
     pub max_elements: usize,
     /// The most keys one received element may carry.
     pub max_keys_per_element: usize,
+    /// This side asks the questions (it sends requests, the other side only answers): where both
+    /// could list a small differing child, it asks for the other side's list instead of sending
+    /// its own, so it is the one that finds differing states. The answering side keeps nothing
+    /// between messages; the asking side remembers the states it sent, so merged states can come
+    /// back by position instead of by key.
+    pub asks: bool,
 }
 
 impl Default for SyncLimits {
@@ -81,6 +87,7 @@ impl Default for SyncLimits {
             initial_list_threshold: 48,
             max_elements: 50_000,
             max_keys_per_element: 65_536,
+            asks: false,
         }
     }
 }
@@ -283,9 +290,10 @@ fn on_children<V: TreeView>(
             Some(summary) if summary == my_aggregate.summary() => {}
             Some(_) if my_aggregate.is_empty() => outcome.need_prefixes.push(child),
             Some(summary) => {
-                if my_aggregate.count <= limits.leaf_threshold {
+                let they_list = summary.count <= limits.leaf_threshold && my_aggregate.count <= limits.exact_threshold;
+                if my_aggregate.count <= limits.leaf_threshold && !(limits.asks && they_list) {
                     reply.push(leaves_element(view, child, limits.leaf_threshold)?);
-                } else if summary.count <= limits.leaf_threshold && my_aggregate.count <= limits.exact_threshold {
+                } else if they_list {
                     reply.push(Element::ListRequest { prefix: child });
                 } else {
                     expand(view, child, limits, reply)?;
@@ -1080,7 +1088,12 @@ mod tests {
             let decoded = decode(&encode(&outgoing), limits).unwrap();
             assert_eq!(decoded, outgoing);
             let (view, needs) = if a_turn { (a, &mut a_needs) } else { (b, &mut b_needs) };
-            let (reply, outcome) = respond(view, &decoded, limits).unwrap();
+            // Only `a` may ask (it sent the first message); `b` answers.
+            let side_limits = SyncLimits {
+                asks: limits.asks && a_turn,
+                ..*limits
+            };
+            let (reply, outcome) = respond(view, &decoded, &side_limits).unwrap();
             for element in &reply {
                 if let Element::YouLack { keys } = element {
                     told[usize::from(!a_turn)].extend(keys.iter().copied());
@@ -1118,6 +1131,7 @@ mod tests {
             only_b in proptest::collection::btree_set(any::<u64>(), 0..60),
             changed in proptest::collection::btree_set(any::<u64>(), 0..20),
             time_ordered in any::<bool>(),
+            a_asks in any::<bool>(),
         ) {
             let key_of = |value: u64| if time_ordered {
                 (u128::from(1_767_000_000_000u64 + value % 10_000_000) << 80) | u128::from(value)
@@ -1133,7 +1147,7 @@ mod tests {
             }
             for value in &only_a { a.insert(key_of(*value), leaf(key_of(*value), 0)); }
             for value in &only_b { b.insert(key_of(*value), leaf(key_of(*value), 0)); }
-            let limits = SyncLimits { leaf_threshold: 4, exact_threshold: 16, ..SyncLimits::default() };
+            let limits = SyncLimits { leaf_threshold: 4, exact_threshold: 16, asks: a_asks, ..SyncLimits::default() };
             let (a_needs, b_needs, messages, told) = run_telling(&a, &b, &limits);
             prop_assert!(messages <= 2 * 33);
             let mut a_synced = a.clone();
