@@ -1,7 +1,7 @@
 //! A mutation fuzzer on stable Rust for every decoder that reads bytes from outside: the sync
-//! message decoder, the sketch session decoder (with a peeling decoder on the cells), the
-//! request, response and gossip frame decoders, the mail header reader used on appended mail, and
-//! the text parsers for IDs, flags and mailbox names.
+//! message decoder and the record states that travel with it, the sketch session decoder (with a
+//! peeling decoder on the cells), the request, response and gossip frame decoders, the mail header
+//! reader used on appended mail, and the text parsers for IDs, flags and mailbox names.
 //!
 //! `cargo run --release --example fuzz_decoders -- --seconds 600 [--target NAME] --json`
 //!
@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use mailmesh::merkle::{MemoryTree, StoredDepth};
 use mailmesh::model::{BlobHash, Flag, MailboxKey, MessageId, MessageRecord, NodeId, Stamp};
-use mailmesh::sync::{self, ByteString, SyncLimits};
+use mailmesh::sync::{self, ByteString, RecordState, SyncLimits};
 use mailmesh::wire::{self, Gossip, Request, Response, WireSpace};
 use mailmesh_core::sketch::{self, Decoder, DecoderLimits, SketchCells, SketchKey};
 use mailmesh_core::sketch_session::{self, Asker, Message, SessionLimits};
@@ -84,10 +84,13 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         wire::encode(&Request::Reconcile {
             space: WireSpace::Mailbox(mailbox.clone()),
             message: ByteString(sync::encode(&first)),
+            states: ByteString(sync::encode_states(&[RecordState::of(&record)])),
+            returned: ByteString(sync::encode_keyed_states(&[(7, RecordState::of(&record))])),
         }),
         wire::encode(&Request::FetchRecords {
             mailbox: mailbox.clone(),
             ids: vec![MessageId(1), MessageId(2)],
+            held: vec![MessageId(3)],
         }),
         wire::encode(&Request::FetchRange {
             mailbox: mailbox.clone(),
@@ -121,11 +124,13 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
                 message: ByteString(sync::encode(&first)),
                 records: vec![record.clone()],
                 blobs: vec![ByteString(b"raw".to_vec())],
+                states: ByteString(sync::encode_states(&[RecordState::of(&record)])),
+                returned: ByteString::default(),
             }],
         }),
         wire::encode(&Gossip::Operation {
             mailbox: mailbox.clone(),
-            record,
+            record: record.clone(),
             blob: Some(ByteString(b"raw".to_vec())),
         }),
         wire::encode(&Gossip::Digest {
@@ -150,9 +155,20 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         b"$Forwarded".to_vec(),
         b"Archive/2026".to_vec(),
     ];
+    let mut expunged = RecordState::of(&record);
+    expunged.expunged = Some(Stamp {
+        time: 11,
+        node: NodeId(5),
+    });
+    let state_seeds = vec![
+        sync::encode_states(&[RecordState::of(&record), RecordState::default(), expunged.clone()]),
+        sync::encode_keyed_states(&[(1, RecordState::of(&record)), (2, expunged.clone())]),
+        sync::encode_indexed_states(&[(0, RecordState::of(&record)), (3, expunged)]),
+    ];
     vec![
         ("sync", sync_seeds),
         ("sketch", sketch_seeds),
+        ("states", state_seeds),
         ("frames", frame_seeds),
         ("mail", mail_seeds),
         ("text", text_seeds),
@@ -243,6 +259,18 @@ fn run_target(target: &str, input: &[u8]) {
                 let _ = sync::encode(&elements);
             }
         }
+        "states" => {
+            let limits = SyncLimits::default();
+            if let Ok(states) = sync::decode_states(input, &limits) {
+                let _ = sync::encode_states(&states);
+            }
+            if let Ok(states) = sync::decode_keyed_states(input, &limits) {
+                let _ = sync::encode_keyed_states(&states);
+            }
+            if let Ok(states) = sync::decode_indexed_states(input, &limits) {
+                let _ = sync::encode_indexed_states(&states);
+            }
+        }
         "frames" => {
             if let Ok(request) = wire::decode::<Request>(input) {
                 let _ = wire::validate_request(&request);
@@ -323,6 +351,7 @@ fn fuzz_targets_for(group: &str) -> &'static [&'static str] {
     match group {
         "sync" => &["sync_message"],
         "sketch" => &["sketch_symbols"],
+        "states" => &["record_states"],
         "frames" => &["request_frame", "response_frame", "gossip_frame"],
         "mail" => &["appended_mail"],
         _ => &["text_parsers"],

@@ -65,6 +65,7 @@ pub struct NodeMetrics {
     pub replication_lag_seconds: Histogram,
     pub limits_hit: Family<LimitLabel, Counter>,
     pub peers_penalised: Family<ReasonLabel, Counter>,
+    pub peers_refused: Family<ReasonLabel, Counter>,
     pub http_unauthorized: Counter,
 }
 
@@ -87,6 +88,7 @@ impl NodeMetrics {
             replication_lag_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             limits_hit: Family::default(),
             peers_penalised: Family::default(),
+            peers_refused: Family::default(),
             http_unauthorized: Counter::default(),
         };
         let registry = registry.sub_registry_with_prefix("mailmesh");
@@ -164,6 +166,12 @@ impl NodeMetrics {
             "peers_penalised",
             "Peers disconnected and blocked for misbehaving, by reason",
             metrics.peers_penalised.clone(),
+        );
+        registry.register(
+            "peers_refused",
+            "Peers this node does not sync with although they behave, by reason (protocol_version: the peer \
+             speaks another version of the node-to-node protocol)",
+            metrics.peers_refused.clone(),
         );
         registry.register(
             "http_unauthorized",
