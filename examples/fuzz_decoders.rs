@@ -1,6 +1,7 @@
 //! A mutation fuzzer on stable Rust for every decoder that reads bytes from outside: the sync
 //! message decoder, the request, response and gossip frame decoders, the mail header reader used
-//! on appended mail, and the text parsers for IDs, flags and mailbox names.
+//! on appended mail, the text parsers for IDs, flags and mailbox names, and the accounts file
+//! and HTTP Basic readers.
 //!
 //! `cargo run --release --example fuzz_decoders -- --seconds 600 [--target NAME] --json`
 //!
@@ -146,11 +147,17 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         b"$Forwarded".to_vec(),
         b"Archive/2026".to_vec(),
     ];
+    let accounts_seeds = vec![
+        b"# site accounts\nalice@example.org:{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$8/nB/C6xTlzhbXYpjtjUCw$SYo5NzTjmnJOqCTWgcKvD1CFqtQ2VLIdSvQOhZcyjb4\n\nbob:{SHA512-CRYPT}$6$3d1jxbtsSUvkdMJd$BaSpHPEbL9a6Kr7aotyzcanEM22vEvv6JW1FUXXS9/OoWz/Q.Tvq/MR1BhXbNBe2D5X7YGGGLka2prNYroVB8.:1000:1000::/home/bob::\r\n".to_vec(),
+        b"carol:{SHA256-CRYPT}$5$rounds=1000$8hIR1oBj/m/MYdrH$7L6jQjXclmNVH17BY0mLxTFX1zbCkEyMGqFfifIl/m0\ndave:{BLF-CRYPT}$2y$05$bbVqlDDdAJcBv65/ORmOt.wwpd44hT4XhF29D1.ApMZkkl39iaCrS\n".to_vec(),
+        b"YWxpY2VAZXhhbXBsZS5vcmc6cGE6c3Mgd29yZA==".to_vec(),
+    ];
     vec![
         ("sync", sync_seeds),
         ("frames", frame_seeds),
         ("mail", mail_seeds),
         ("text", text_seeds),
+        ("accounts", accounts_seeds),
     ]
 }
 
@@ -173,6 +180,11 @@ fn run_target(target: &str, input: &[u8]) {
                 let _ = wire::validate_record(&record);
                 let _ = mailmesh::crdt::state_hash(&record);
             }
+        }
+        "accounts" => {
+            let text = String::from_utf8_lossy(input);
+            let _ = mailmesh::accounts::Accounts::check_text(&text);
+            let _ = mailmesh::api::decode_basic(&text);
         }
         "mail" => {
             let _ = mailmesh::mail::listing(input);
@@ -245,6 +257,7 @@ fn fuzz_targets_for(group: &str) -> &'static [&'static str] {
         "sync" => &["sync_message"],
         "frames" => &["request_frame", "response_frame", "gossip_frame"],
         "mail" => &["appended_mail"],
+        "accounts" => &["accounts_file"],
         _ => &["text_parsers"],
     }
 }

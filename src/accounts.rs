@@ -738,6 +738,12 @@ impl Accounts {
         self
     }
 
+    /// Checks the text of an accounts file as a load would, computing no hash: how many
+    /// accounts it holds, or the first bad line (1-based) and what is wrong with it.
+    pub fn check_text(text: &str) -> Result<usize, (usize, LineProblem)> {
+        Ok(AccountTable::parse(text)?.hashes.len())
+    }
+
     /// Checks a file the way a reload would; returns how many accounts it holds.
     pub fn check_file(path: &Path) -> Result<usize, AccountsError> {
         Ok(Self::read(path)?.hashes.len())
