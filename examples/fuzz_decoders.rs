@@ -1,7 +1,8 @@
 //! A mutation fuzzer on stable Rust for every decoder that reads bytes from outside: the sync
 //! message decoder and the record states that travel with it, the sketch session decoder (with a
 //! peeling decoder on the cells), the request, response and gossip frame decoders, the mail header
-//! reader used on appended mail, and the text parsers for IDs, flags and mailbox names.
+//! reader used on appended mail, the text parsers for IDs, flags and mailbox names, and the
+//! accounts file and HTTP Basic readers.
 //!
 //! `cargo run --release --example fuzz_decoders -- --seconds 600 [--target NAME] --json`
 //!
@@ -164,6 +165,10 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         sync::encode_states(&[RecordState::of(&record), RecordState::default(), expunged.clone()]),
         sync::encode_keyed_states(&[(1, RecordState::of(&record)), (2, expunged.clone())]),
         sync::encode_indexed_states(&[(0, RecordState::of(&record)), (3, expunged)]),
+    let accounts_seeds = vec![
+        b"# site accounts\nalice@example.org:{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$8/nB/C6xTlzhbXYpjtjUCw$SYo5NzTjmnJOqCTWgcKvD1CFqtQ2VLIdSvQOhZcyjb4\n\nbob:{SHA512-CRYPT}$6$3d1jxbtsSUvkdMJd$BaSpHPEbL9a6Kr7aotyzcanEM22vEvv6JW1FUXXS9/OoWz/Q.Tvq/MR1BhXbNBe2D5X7YGGGLka2prNYroVB8.:1000:1000::/home/bob::\r\n".to_vec(),
+        b"carol:{SHA256-CRYPT}$5$rounds=1000$8hIR1oBj/m/MYdrH$7L6jQjXclmNVH17BY0mLxTFX1zbCkEyMGqFfifIl/m0\ndave:{BLF-CRYPT}$2y$05$bbVqlDDdAJcBv65/ORmOt.wwpd44hT4XhF29D1.ApMZkkl39iaCrS\n".to_vec(),
+        b"YWxpY2VAZXhhbXBsZS5vcmc6cGE6c3Mgd29yZA==".to_vec(),
     ];
     vec![
         ("sync", sync_seeds),
@@ -172,6 +177,7 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         ("frames", frame_seeds),
         ("mail", mail_seeds),
         ("text", text_seeds),
+        ("accounts", accounts_seeds),
     ]
 }
 
@@ -281,6 +287,11 @@ fn run_target(target: &str, input: &[u8]) {
                 let _ = mailmesh::crdt::state_hash(&record);
             }
         }
+        "accounts" => {
+            let text = String::from_utf8_lossy(input);
+            let _ = mailmesh::accounts::Accounts::check_text(&text);
+            let _ = mailmesh::api::decode_basic(&text);
+        }
         "mail" => {
             let _ = mailmesh::mail::listing(input);
             let text = mailmesh::mail::search_text(input);
@@ -354,6 +365,7 @@ fn fuzz_targets_for(group: &str) -> &'static [&'static str] {
         "states" => &["record_states"],
         "frames" => &["request_frame", "response_frame", "gossip_frame"],
         "mail" => &["appended_mail"],
+        "accounts" => &["accounts_file"],
         _ => &["text_parsers"],
     }
 }

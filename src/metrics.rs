@@ -67,6 +67,9 @@ pub struct NodeMetrics {
     pub peers_penalised: Family<ReasonLabel, Counter>,
     pub peers_refused: Family<ReasonLabel, Counter>,
     pub http_unauthorized: Counter,
+    pub login_failures: Counter,
+    pub login_throttled: Counter,
+    pub accounts_reloads: Family<OutcomeLabel, Counter>,
 }
 
 impl NodeMetrics {
@@ -90,6 +93,9 @@ impl NodeMetrics {
             peers_penalised: Family::default(),
             peers_refused: Family::default(),
             http_unauthorized: Counter::default(),
+            login_failures: Counter::default(),
+            login_throttled: Counter::default(),
+            accounts_reloads: Family::default(),
         };
         let registry = registry.sub_registry_with_prefix("mailmesh");
         registry.register(
@@ -177,6 +183,21 @@ impl NodeMetrics {
             "http_unauthorized",
             "HTTP requests refused for a missing or wrong bearer token",
             metrics.http_unauthorized.clone(),
+        );
+        registry.register(
+            "login_failures",
+            "Logins refused for an unknown account or a wrong password",
+            metrics.login_failures.clone(),
+        );
+        registry.register(
+            "login_throttled",
+            "Logins refused unchecked after too many failures for the account or the address",
+            metrics.login_throttled.clone(),
+        );
+        registry.register(
+            "accounts_reloads",
+            "Reads of the accounts file, by outcome (loaded, failed)",
+            metrics.accounts_reloads.clone(),
         );
         metrics
     }

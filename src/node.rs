@@ -59,6 +59,9 @@ pub struct NodeConfig {
     pub peer_request_burst: f64,
     /// When set, every HTTP request except /healthz and /readyz needs `Authorization: Bearer <token>`.
     pub http_token: Option<String>,
+    /// When set, the routes under `/v1/mailboxes/{account}/` take HTTP Basic against this
+    /// accounts file (see `accounts`).
+    pub accounts_file: Option<PathBuf>,
     /// Tombstones older than this are collected; a replica out of contact longer is refused.
     pub tombstone_horizon_millis: u64,
     /// Writes are refused with 507 while fewer bytes than this would stay free on the data disk.
@@ -108,6 +111,7 @@ impl Default for NodeConfig {
             peer_requests_per_second: 2000.0,
             peer_request_burst: 10000.0,
             http_token: None,
+            accounts_file: None,
             tombstone_horizon_millis: crate::store::DEFAULT_TOMBSTONE_HORIZON_MILLIS,
             min_free_bytes: 256 * 1024 * 1024,
             allowed_peers: None,
@@ -528,7 +532,7 @@ impl Node {
         let router = crate::api::router(node.clone());
         let mut http_stop = stop.clone();
         tokio::spawn(async move {
-            let served = axum::serve(listener, router)
+            let served = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
                 .with_graceful_shutdown(async move {
                     stopped(&mut http_stop).await;
                 })
