@@ -1,7 +1,8 @@
 //! A mutation fuzzer on stable Rust for every decoder that reads bytes from outside: the sync
-//! message decoder, the sketch session decoder (with a peeling decoder on the cells), the
-//! request, response and gossip frame decoders, the mail header reader used on appended mail, and
-//! the text parsers for IDs, flags and mailbox names.
+//! message decoder and the record states that travel with it, the sketch session decoder (with a
+//! peeling decoder on the cells), the request, response and gossip frame decoders, the mail header
+//! reader used on appended mail, the text parsers for IDs, flags and mailbox names, and the
+//! accounts file and HTTP Basic readers.
 //!
 //! `cargo run --release --example fuzz_decoders -- --seconds 600 [--target NAME] --json`
 //!
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use mailmesh::merkle::{MemoryTree, StoredDepth};
 use mailmesh::model::{BlobHash, Flag, MailboxKey, MessageId, MessageRecord, NodeId, Stamp};
-use mailmesh::sync::{self, ByteString, SyncLimits};
+use mailmesh::sync::{self, ByteString, RecordState, SyncLimits};
 use mailmesh::wire::{self, Gossip, Request, Response, WireSpace};
 use mailmesh_core::sketch::{self, Decoder, DecoderLimits, SketchCells, SketchKey};
 use mailmesh_core::sketch_session::{self, Asker, Message, SessionLimits};
@@ -84,10 +85,13 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         wire::encode(&Request::Reconcile {
             space: WireSpace::Mailbox(mailbox.clone()),
             message: ByteString(sync::encode(&first)),
+            states: ByteString(sync::encode_states(&[RecordState::of(&record)])),
+            returned: ByteString(sync::encode_keyed_states(&[(7, RecordState::of(&record))])),
         }),
         wire::encode(&Request::FetchRecords {
             mailbox: mailbox.clone(),
             ids: vec![MessageId(1), MessageId(2)],
+            held: vec![MessageId(3)],
         }),
         wire::encode(&Request::FetchRange {
             mailbox: mailbox.clone(),
@@ -121,11 +125,13 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
                 message: ByteString(sync::encode(&first)),
                 records: vec![record.clone()],
                 blobs: vec![ByteString(b"raw".to_vec())],
+                states: ByteString(sync::encode_states(&[RecordState::of(&record)])),
+                returned: ByteString::default(),
             }],
         }),
         wire::encode(&Gossip::Operation {
             mailbox: mailbox.clone(),
-            record,
+            record: record.clone(),
             blob: Some(ByteString(b"raw".to_vec())),
         }),
         wire::encode(&Gossip::Digest {
@@ -150,12 +156,29 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         b"$Forwarded".to_vec(),
         b"Archive/2026".to_vec(),
     ];
+    let mut expunged = RecordState::of(&record);
+    expunged.expunged = Some(Stamp {
+        time: 11,
+        node: NodeId(5),
+    });
+    let state_seeds = vec![
+        sync::encode_states(&[RecordState::of(&record), RecordState::default(), expunged.clone()]),
+        sync::encode_keyed_states(&[(1, RecordState::of(&record)), (2, expunged.clone())]),
+        sync::encode_indexed_states(&[(0, RecordState::of(&record)), (3, expunged)]),
+    ];
+    let accounts_seeds = vec![
+        b"# site accounts\nalice@example.org:{ARGON2ID}$argon2id$v=19$m=65536,t=3,p=1$8/nB/C6xTlzhbXYpjtjUCw$SYo5NzTjmnJOqCTWgcKvD1CFqtQ2VLIdSvQOhZcyjb4\n\nbob:{SHA512-CRYPT}$6$3d1jxbtsSUvkdMJd$BaSpHPEbL9a6Kr7aotyzcanEM22vEvv6JW1FUXXS9/OoWz/Q.Tvq/MR1BhXbNBe2D5X7YGGGLka2prNYroVB8.:1000:1000::/home/bob::\r\n".to_vec(),
+        b"carol:{SHA256-CRYPT}$5$rounds=1000$8hIR1oBj/m/MYdrH$7L6jQjXclmNVH17BY0mLxTFX1zbCkEyMGqFfifIl/m0\ndave:{BLF-CRYPT}$2y$05$bbVqlDDdAJcBv65/ORmOt.wwpd44hT4XhF29D1.ApMZkkl39iaCrS\n".to_vec(),
+        b"YWxpY2VAZXhhbXBsZS5vcmc6cGE6c3Mgd29yZA==".to_vec(),
+    ];
     vec![
         ("sync", sync_seeds),
         ("sketch", sketch_seeds),
+        ("states", state_seeds),
         ("frames", frame_seeds),
         ("mail", mail_seeds),
         ("text", text_seeds),
+        ("accounts", accounts_seeds),
     ]
 }
 
@@ -243,6 +266,18 @@ fn run_target(target: &str, input: &[u8]) {
                 let _ = sync::encode(&elements);
             }
         }
+        "states" => {
+            let limits = SyncLimits::default();
+            if let Ok(states) = sync::decode_states(input, &limits) {
+                let _ = sync::encode_states(&states);
+            }
+            if let Ok(states) = sync::decode_keyed_states(input, &limits) {
+                let _ = sync::encode_keyed_states(&states);
+            }
+            if let Ok(states) = sync::decode_indexed_states(input, &limits) {
+                let _ = sync::encode_indexed_states(&states);
+            }
+        }
         "frames" => {
             if let Ok(request) = wire::decode::<Request>(input) {
                 let _ = wire::validate_request(&request);
@@ -252,6 +287,11 @@ fn run_target(target: &str, input: &[u8]) {
                 let _ = wire::validate_record(&record);
                 let _ = mailmesh::crdt::state_hash(&record);
             }
+        }
+        "accounts" => {
+            let text = String::from_utf8_lossy(input);
+            let _ = mailmesh::accounts::Accounts::check_text(&text);
+            let _ = mailmesh::api::decode_basic(&text);
         }
         "mail" => {
             let _ = mailmesh::mail::listing(input);
@@ -323,8 +363,10 @@ fn fuzz_targets_for(group: &str) -> &'static [&'static str] {
     match group {
         "sync" => &["sync_message"],
         "sketch" => &["sketch_symbols"],
+        "states" => &["record_states"],
         "frames" => &["request_frame", "response_frame", "gossip_frame"],
         "mail" => &["appended_mail"],
+        "accounts" => &["accounts_file"],
         _ => &["text_parsers"],
     }
 }

@@ -2,7 +2,7 @@
 # Coverage-guided fuzzing of every decoder that reads bytes from outside (issue 5), with
 # cargo-fuzz and libFuzzer under AddressSanitizer.
 #
-#   scripts/fuzz.sh [--seconds N] [TARGET ...]      (default: 600 s for each of the eight targets)
+#   scripts/fuzz.sh [--seconds N] [TARGET ...]      (default: 600 s for each target listed below)
 #
 # Needs a nightly toolchain (`rustup toolchain install nightly`); installs cargo-fuzz when
 # missing. Seeds come from examples/fuzz_decoders.rs (all targets but change_state) and from
@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(sync_message request_frame response_frame gossip_frame appended_mail text_parsers change_state sketch_symbols)
+    targets=(sync_message record_states request_frame response_frame gossip_frame appended_mail text_parsers change_state sketch_symbols accounts_file)
 fi
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then

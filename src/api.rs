@@ -2,6 +2,12 @@
 //!
 //! Errors are `{"error": "..."}` with a status that says what to do: 400 for bad input, 404 for
 //! unknown mailboxes or messages, 413 for oversized messages, 500 when the store fails.
+//! Authentication (bearer token, HTTP Basic against the accounts file) is described at
+//! [`router`].
+
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -12,6 +18,7 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
+use crate::accounts::{AccountName, Accounts, AuthenticationError, Password, RateLimits};
 use crate::mail::Listing;
 use crate::merkle::{Prefix, TreeView};
 use crate::model::{Flag, MailboxKey, MessageId, MessageRecord};
@@ -51,10 +58,19 @@ fn not_found(message: impl Into<String>) -> ApiError {
 }
 
 /// The routes, bound to a node.
+///
+/// Who reaches what, once a bearer token (`http_token_file`) or an accounts file
+/// (`accounts_file`) is configured (with neither, everything stays open as before):
+/// - `/healthz` and `/readyz` stay open;
+/// - the routes under `/v1/mailboxes/{account}/` take HTTP Basic for that account only (403 for
+///   another account's), or the operator's bearer token;
+/// - every other route takes only the bearer token (403 for an account's Basic credentials).
+///
+/// Missing or wrong credentials get 401 with a `WWW-Authenticate` challenge, too many failed
+/// logins 429 with `Retry-After`.
 pub fn router(node: Node) -> Router {
-    Router::new()
-        .route("/v1/status", get(status))
-        .route("/v1/mailboxes", get(list_mailboxes))
+    let guard = Guard::new(node.clone());
+    let account_routes = Router::new()
         .route("/v1/mailboxes/{account}/{mailbox}", get(get_mailbox))
         .route(
             "/v1/mailboxes/{account}/{mailbox}/messages",
@@ -69,53 +85,217 @@ pub fn router(node: Node) -> Router {
         .route("/v1/mailboxes/{account}/{mailbox}/sync", get(sync_ranges))
         .route("/v1/mailboxes/{account}/{mailbox}/sync/ids", get(sync_ids))
         .route("/v1/mailboxes/{account}/{mailbox}/changes", get(changes))
+        .route_layer(axum::middleware::from_fn_with_state(guard.clone(), require_account));
+    let operator_routes = Router::new()
+        .route("/v1/status", get(status))
+        .route("/v1/mailboxes", get(list_mailboxes))
         .route("/metrics", get(metrics))
+        .merge(crate::page::routes())
+        .route_layer(axum::middleware::from_fn_with_state(guard, require_operator));
+    Router::new()
+        .merge(account_routes)
+        .merge(operator_routes)
         .route("/healthz", get(|| async { Json(json!({ "status": "alive" })) }))
         .route("/readyz", get(ready))
-        .merge(crate::page::routes())
         .fallback(|| async { not_found("no such route") })
-        .layer(axum::middleware::from_fn_with_state(node.clone(), require_token))
         .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::disable())
         .with_state(node)
 }
 
-/// With a configured token, every route but the health checks needs `Authorization: Bearer
-/// <token>` (or `?token=` for the status page in a browser); others get 401.
-async fn require_token(
-    State(node): State<Node>,
+/// What the routes' guards check credentials against.
+#[derive(Clone)]
+struct Guard {
+    node: Node,
+    accounts: Option<Arc<Accounts>>,
+}
+
+impl Guard {
+    fn new(node: Node) -> Guard {
+        let accounts = node.config().accounts_file.as_ref().map(|path| {
+            // The file was checked at start; if it went bad since, the node still serves the
+            // operator and answers 503 to logins until the file reads well again.
+            let accounts = Accounts::open(path, RateLimits::default()).unwrap_or_else(|error| {
+                tracing::error!("{error}; logins are refused until it is fixed");
+                Accounts::new(path, RateLimits::default())
+            });
+            Arc::new(accounts.with_metrics(node.metrics().clone()))
+        });
+        Guard { node, accounts }
+    }
+
+    /// With neither a token nor an accounts file, the API is open (loopback by default).
+    fn is_open(&self) -> bool {
+        self.node.config().http_token.is_none() && self.accounts.is_none()
+    }
+
+    fn token_matches(&self, presented: &str) -> bool {
+        self.node
+            .config()
+            .http_token
+            .as_deref()
+            .is_some_and(|expected| constant_time_equal(presented.as_bytes(), expected.as_bytes()))
+    }
+
+    /// 401 with the challenges this node accepts on the route.
+    fn unauthorized(&self, basic: bool, message: &str) -> Response {
+        self.node.metrics().http_unauthorized.inc();
+        let mut response = ApiError(StatusCode::UNAUTHORIZED, message.to_owned()).into_response();
+        let headers = response.headers_mut();
+        if basic && self.accounts.is_some() {
+            headers.append(
+                header::WWW_AUTHENTICATE,
+                header::HeaderValue::from_static("Basic realm=\"mailmesh\""),
+            );
+        }
+        if self.node.config().http_token.is_some() || !basic || self.accounts.is_none() {
+            headers.append(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+        }
+        response
+    }
+
+    /// Checks Basic credentials; the error is the response to send.
+    async fn login(
+        &self,
+        login: String,
+        password: Password,
+        source: IpAddr,
+        basic: bool,
+    ) -> Result<AccountName, Response> {
+        let Some(accounts) = &self.accounts else {
+            return Err(self.unauthorized(basic, "this node has no accounts file: use the bearer token"));
+        };
+        match accounts.authenticate_blocking(login, password, source).await {
+            Ok(name) => Ok(name),
+            Err(AuthenticationError::Refused) => Err(self.unauthorized(basic, "unknown account or wrong password")),
+            Err(error @ AuthenticationError::Throttled { retry_after }) => {
+                let mut response = ApiError(StatusCode::TOO_MANY_REQUESTS, error.to_string()).into_response();
+                let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+                if let Ok(value) = header::HeaderValue::from_str(&seconds.to_string()) {
+                    response.headers_mut().insert(header::RETRY_AFTER, value);
+                }
+                Err(response)
+            }
+            Err(error @ AuthenticationError::Unavailable) => {
+                Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, error.to_string()).into_response())
+            }
+        }
+    }
+}
+
+/// Credentials a request carries.
+enum Presented {
+    Nothing,
+    Token(String),
+    Basic {
+        login: String,
+        password: Password,
+    },
+    /// An `Authorization` header this API cannot read.
+    Unreadable,
+}
+
+fn presented(request: &axum::extract::Request) -> Presented {
+    let from_query = || {
+        request.uri().query().and_then(|query| {
+            query
+                .split('&')
+                .find_map(|pair| pair.strip_prefix("token="))
+                .map(str::to_owned)
+        })
+    };
+    let Some(value) = request.headers().get(header::AUTHORIZATION) else {
+        return from_query().map_or(Presented::Nothing, Presented::Token);
+    };
+    let Ok(value) = value.to_str() else {
+        return Presented::Unreadable;
+    };
+    let (scheme, rest) = value.trim().split_once(' ').unwrap_or((value, ""));
+    if scheme.eq_ignore_ascii_case("bearer") {
+        return Presented::Token(rest.trim().to_owned());
+    }
+    if scheme.eq_ignore_ascii_case("basic") {
+        return match decode_basic(rest.trim()) {
+            Some((login, password)) => Presented::Basic { login, password },
+            None => Presented::Unreadable,
+        };
+    }
+    Presented::Unreadable
+}
+
+/// Decodes RFC 7617 `base64(user-id ":" password)`, UTF-8 only.
+pub fn decode_basic(encoded: &str) -> Option<(String, Password)> {
+    use base64::Engine;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).ok()?;
+    let text = String::from_utf8(bytes).ok()?;
+    let (login, password) = text.split_once(':')?;
+    Some((login.to_owned(), Password::new(password)))
+}
+
+fn source_of(request: &axum::extract::Request) -> IpAddr {
+    request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
+        .map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), |info| info.0.ip())
+}
+
+/// The guard of the routes under `/v1/mailboxes/{account}/`: Basic for that account, or the
+/// bearer token.
+async fn require_account(
+    State(guard): State<Guard>,
+    Path(parameters): Path<HashMap<String, String>>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let Some(expected) = node.config().http_token.as_deref() else {
+    if guard.is_open() {
         return next.run(request).await;
+    }
+    let account = parameters.get("account").map(String::as_str).unwrap_or_default();
+    match presented(&request) {
+        Presented::Token(token) if guard.token_matches(&token) => next.run(request).await,
+        Presented::Token(_) => guard.unauthorized(true, "wrong bearer token"),
+        Presented::Basic { login, password } => match guard.login(login, password, source_of(&request), true).await {
+            Ok(name) if name.as_str() == account => next.run(request).await,
+            Ok(name) => ApiError(
+                StatusCode::FORBIDDEN,
+                format!("{name} may reach only its own mailboxes"),
+            )
+            .into_response(),
+            Err(response) => response,
+        },
+        Presented::Nothing | Presented::Unreadable => guard.unauthorized(
+            true,
+            "log in with HTTP Basic (account and password) or the bearer token",
+        ),
+    }
+}
+
+/// The guard of the operator's routes: the bearer token only.
+async fn require_operator(
+    State(guard): State<Guard>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if guard.is_open() {
+        return next.run(request).await;
+    }
+    let needs_token = if guard.node.config().http_token.is_some() {
+        "missing or wrong bearer token"
+    } else {
+        "this route needs the operator's bearer token, and this node has none: set http_token_file"
     };
-    let path = request.uri().path();
-    if path == "/healthz" || path == "/readyz" {
-        return next.run(request).await;
+    match presented(&request) {
+        Presented::Token(token) if guard.token_matches(&token) => next.run(request).await,
+        Presented::Basic { login, password } => match guard.login(login, password, source_of(&request), false).await {
+            Ok(name) => ApiError(
+                StatusCode::FORBIDDEN,
+                format!("{name} may reach only its own mailboxes; this route needs the operator's bearer token"),
+            )
+            .into_response(),
+            Err(response) => response,
+        },
+        _ => guard.unauthorized(false, needs_token),
     }
-    let from_header = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::to_owned);
-    let from_query = request.uri().query().and_then(|query| {
-        query
-            .split('&')
-            .find_map(|pair| pair.strip_prefix("token="))
-            .map(str::to_owned)
-    });
-    let presented = from_header.or(from_query).unwrap_or_default();
-    if constant_time_equal(presented.as_bytes(), expected.as_bytes()) {
-        return next.run(request).await;
-    }
-    node.metrics().http_unauthorized.inc();
-    let mut response = ApiError(StatusCode::UNAUTHORIZED, "missing or wrong bearer token".into()).into_response();
-    response
-        .headers_mut()
-        .insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
-    response
 }
 
 fn constant_time_equal(left: &[u8], right: &[u8]) -> bool {
@@ -642,7 +822,19 @@ async fn metrics(State(node): State<Node>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::rfc3339;
+    use super::{decode_basic, rfc3339};
+
+    #[test]
+    fn decodes_basic_credentials() {
+        // base64("alice@example.org:pa:ss word")
+        let (login, password) = decode_basic("YWxpY2VAZXhhbXBsZS5vcmc6cGE6c3Mgd29yZA==").unwrap();
+        assert_eq!((login.as_str(), password.expose()), ("alice@example.org", "pa:ss word"));
+        assert!(format!("{password:?}").find("pa:ss").is_none());
+        assert!(decode_basic("not base64!").is_none());
+        assert!(decode_basic("YWxpY2U=").is_none(), "no colon");
+        assert!(decode_basic("/w==").is_none(), "not UTF-8");
+        assert!(decode_basic("").is_none());
+    }
 
     #[test]
     fn formats_rfc3339() {

@@ -35,6 +35,8 @@ pub struct ConfigFile {
     pub peer_requests_per_second: Option<f64>,
     pub peer_request_burst: Option<f64>,
     pub http_token_file: Option<PathBuf>,
+    /// A Dovecot passwd-file of accounts that may log in (see `accounts`).
+    pub accounts_file: Option<PathBuf>,
     pub tombstone_horizon_days: Option<u64>,
     pub min_free_bytes: Option<u64>,
     pub allow_peers: Option<Vec<String>>,
@@ -167,6 +169,9 @@ impl ConfigFile {
         if let Some(path) = self.http_token_file {
             config.http_token = Some(read_token(&path)?);
         }
+        if let Some(path) = self.accounts_file {
+            config.accounts_file = Some(check_accounts_file(&path)?);
+        }
         validate(&config)?;
         Ok(config)
     }
@@ -224,6 +229,15 @@ pub fn read_token(path: &Path) -> Result<String, ConfigError> {
         });
     }
     Ok(token)
+}
+
+/// Checks an accounts file at start, so that a bad one stops the node with the line to fix.
+pub fn check_accounts_file(path: &Path) -> Result<PathBuf, ConfigError> {
+    crate::accounts::Accounts::check_file(path).map_err(|error| ConfigError::Invalid {
+        key: "accounts_file",
+        reason: error.to_string(),
+    })?;
+    Ok(path.to_owned())
 }
 
 /// Parses multiaddrs, naming the key on error.

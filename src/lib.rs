@@ -17,9 +17,11 @@
 //! - [`net`]: the libp2p swarm (TCP, noise, yamux, gossipsub, request-response) as byte frames;
 //! - [`node`]: the only place store, network and reconciliation meet;
 //! - [`api`]: the HTTP API over a node handle; [`metrics`]: the node's Prometheus metrics;
+//! - [`accounts`]: the accounts file (Dovecot passwd-file), logins and their rate limits;
 //! - [`config`]: TOML configuration; [`harness`], [`http_client`], [`demo`]: local clusters of
 //!   real node processes for the demo and the integration tests.
 
+pub mod accounts;
 pub mod api;
 pub mod config;
 pub mod demo;

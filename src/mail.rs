@@ -90,15 +90,54 @@ pub fn search_text(raw: &[u8]) -> SearchText {
                 .collect()
         })
         .unwrap_or_default();
-    let body = message
-        .body_text(0)
-        .map(|text| truncate(&text, SEARCH_BODY_BYTES))
-        .unwrap_or_default();
+    let mut body = String::new();
+    collect_text(&message, 0, &mut body);
+    if body.trim().is_empty() {
+        // A header block with no blank line after it leaves the body inside the "headers": search
+        // the raw text rather than lose its words.
+        body = String::from_utf8_lossy(raw).into_owned();
+    }
+    let body = truncate(&body, SEARCH_BODY_BYTES);
     SearchText {
         from: format!("{from_name} {from_address}"),
         to: to.join(" "),
         subject: message.subject().unwrap_or_default().to_owned(),
         body,
+    }
+}
+
+/// The most levels of attached messages (message/rfc822, digest parts) read for search.
+const SEARCH_NESTING: usize = 8;
+
+/// Appends the text of every part at any depth: text of any subtype (RFC 2045 reads a bare
+/// `text` as text/plain), HTML turned into text, attached messages with their From and Subject,
+/// and attachment file names. Stops once the search limit is reached.
+fn collect_text(message: &mail_parser::Message<'_>, depth: usize, out: &mut String) {
+    use mail_parser::{MimeHeaders, PartType};
+    let push = |out: &mut String, text: &str| {
+        if out.len() < SEARCH_BODY_BYTES && !text.trim().is_empty() {
+            out.push_str(text);
+            out.push('\n');
+        }
+    };
+    for part in &message.parts {
+        if out.len() >= SEARCH_BODY_BYTES {
+            return;
+        }
+        match &part.body {
+            PartType::Text(text) => push(out, text),
+            PartType::Html(html) => push(out, &mail_parser::decoders::html::html_to_text(html)),
+            PartType::Message(attached) if depth < SEARCH_NESTING => {
+                let (name, address) = address_text(attached.from());
+                push(out, &format!("{name} {address}"));
+                push(out, attached.subject().unwrap_or_default());
+                collect_text(attached, depth + 1, out);
+            }
+            _ => {}
+        }
+        if let Some(name) = part.attachment_name() {
+            push(out, name);
+        }
     }
 }
 
@@ -186,6 +225,52 @@ mod tests {
         assert_eq!(listing.subject, "Gr\u{fc}\u{df}e");
         let eight_bit = b"From: Ren\xc3\xa9 <r@example.fr>\r\nSubject: caf\xc3\xa9\r\n\r\nx";
         assert_eq!(super::listing(eight_bit).subject, "caf\u{e9}");
+    }
+
+    fn body_of(raw: &str) -> String {
+        search_text(raw.as_bytes()).body.to_lowercase()
+    }
+
+    #[test]
+    fn search_reads_a_forwarded_message_and_its_headers() {
+        let raw = "From: a@example.org\r\nSubject: Fwd\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n--b\r\nContent-Type: text/plain\r\n\r\nsee below\r\n--b\r\nContent-Type: message/rfc822\r\n\r\nFrom: Quentin <q@example.org>\r\nSubject: zeppelin schedule\r\n\r\nthe airship leaves at noon\r\n--b--\r\n";
+        let body = body_of(raw);
+        for word in ["see below", "airship", "zeppelin", "quentin"] {
+            assert!(body.contains(word), "{word:?} missing from {body:?}");
+        }
+    }
+
+    #[test]
+    fn search_reads_every_part_of_a_digest() {
+        let raw = "From: list@example.org\r\nSubject: Digest\r\nMIME-Version: 1.0\r\nContent-Type: multipart/digest; boundary=d\r\n\r\n--d\r\n\r\nSubject: first\r\n\r\nmarmalade recipe\r\n--d\r\n\r\nSubject: second\r\n\r\nquince harvest\r\n--d--\r\n";
+        let body = body_of(raw);
+        assert!(body.contains("marmalade") && body.contains("quince"), "{body:?}");
+    }
+
+    #[test]
+    fn search_reads_text_without_a_subtype_html_and_attachment_names() {
+        let bare = "From: a@example.org\r\nSubject: bare\r\nContent-Type: text\r\n\r\nplatypus sighting\r\n";
+        assert!(body_of(bare).contains("platypus"));
+        let html = "From: a@example.org\r\nSubject: html\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=h\r\n\r\n--h\r\nContent-Type: text/html\r\n\r\n<p>wombat <b>census</b></p>\r\n--h\r\nContent-Type: application/pdf\r\nContent-Disposition: attachment; filename=\"budget-2027.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0=\r\n--h--\r\n";
+        let body = body_of(html);
+        assert!(body.contains("wombat") && body.contains("census"), "{body:?}");
+        assert!(!body.contains("<b>"), "HTML tags were indexed: {body:?}");
+        assert!(body.contains("budget-2027.pdf"), "{body:?}");
+    }
+
+    #[test]
+    fn search_makes_a_best_effort_on_a_header_block_without_a_blank_line() {
+        let raw = "From: a@example.org\r\nSubject: broken\r\nthis line has narwhal words\r\n";
+        assert!(body_of(raw).contains("narwhal"));
+    }
+
+    #[test]
+    fn attached_messages_nested_beyond_the_limit_do_not_recurse_forever() {
+        let mut raw = "Subject: innermost\r\n\r\ndeepest words\r\n".to_owned();
+        for _ in 0..50 {
+            raw = format!("Subject: layer\r\nContent-Type: message/rfc822\r\n\r\n{raw}");
+        }
+        let _ = search_text(raw.as_bytes());
     }
 
     #[test]

@@ -46,6 +46,13 @@ enum CommandLine {
         #[arg(long, default_value = "data")]
         data_dir: PathBuf,
     },
+    /// Read a password on stdin (one line) and print it hashed for the accounts file, as
+    /// `doveadm pw -s ARGON2ID` does.
+    Passwd {
+        /// Print a whole accounts-file line, `NAME:{ARGON2ID}...`.
+        #[arg(long)]
+        user: Option<String>,
+    },
     /// Start three nodes on 127.0.0.1, exercise them, print how fast they converge.
     Demo {
         /// Keep the demo's data directories instead of deleting them.
@@ -79,6 +86,10 @@ struct NodeArguments {
     /// A file whose first line is the bearer token every HTTP client must send.
     #[arg(long)]
     http_token_file: Option<PathBuf>,
+    /// A Dovecot passwd-file (`user:{SCHEME}hash`) of accounts that may log in with HTTP Basic;
+    /// reloaded when it changes.
+    #[arg(long)]
+    accounts_file: Option<PathBuf>,
     /// Admit only this peer ID (repeatable); other peers are refused after authentication.
     #[arg(long)]
     allow_peer: Vec<String>,
@@ -142,6 +153,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         CommandLine::Reindex { data_dir } => reindex(&data_dir),
+        CommandLine::Passwd { user } => passwd(user.as_deref()),
         CommandLine::Demo { keep } => {
             let binary = std::env::current_exe().context("locating the mailmesh binary")?;
             mailmesh::demo::run(&binary, keep)
@@ -254,6 +266,29 @@ fn status(http: &str, json: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn passwd(user: Option<&str>) -> anyhow::Result<()> {
+    if let Some(user) = user {
+        if user.is_empty() || user.contains(':') || user.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            anyhow::bail!("--user must be non-empty, without ':', whitespace or control characters");
+        }
+    }
+    let mut line = String::new();
+    std::io::stdin()
+        .read_line(&mut line)
+        .context("reading the password from stdin")?;
+    let password = line.strip_suffix('\n').unwrap_or(&line);
+    let password = password.strip_suffix('\r').unwrap_or(password);
+    if password.is_empty() {
+        anyhow::bail!("empty password: give it on stdin, e.g. `read -rs p; printf '%s\\n' \"$p\" | mailmesh passwd`");
+    }
+    let hash = mailmesh::accounts::hash_password(password).map_err(anyhow::Error::msg)?;
+    match user {
+        Some(user) => println!("{user}:{hash}"),
+        None => println!("{hash}"),
+    }
+    Ok(())
+}
+
 fn reindex(data_dir: &std::path::Path) -> anyhow::Result<()> {
     let identity = mailmesh::node::load_or_create_identity(&data_dir.join("identity.key"))?;
     let node = mailmesh::model::NodeId::from_identity(&identity.public().to_peer_id().to_bytes());
@@ -306,6 +341,9 @@ fn run_node(arguments: NodeArguments) -> anyhow::Result<()> {
     }
     if let Some(path) = arguments.http_token_file {
         node_config.http_token = Some(config::read_token(&path)?);
+    }
+    if let Some(path) = arguments.accounts_file {
+        node_config.accounts_file = Some(config::check_accounts_file(&path)?);
     }
     if !arguments.allow_peer.is_empty() {
         config::add_allowed_peers(&mut node_config, &arguments.allow_peer)?;

@@ -65,7 +65,11 @@ pub struct NodeMetrics {
     pub replication_lag_seconds: Histogram,
     pub limits_hit: Family<LimitLabel, Counter>,
     pub peers_penalised: Family<ReasonLabel, Counter>,
+    pub peers_refused: Family<ReasonLabel, Counter>,
     pub http_unauthorized: Counter,
+    pub login_failures: Counter,
+    pub login_throttled: Counter,
+    pub accounts_reloads: Family<OutcomeLabel, Counter>,
 }
 
 impl NodeMetrics {
@@ -87,7 +91,11 @@ impl NodeMetrics {
             replication_lag_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             limits_hit: Family::default(),
             peers_penalised: Family::default(),
+            peers_refused: Family::default(),
             http_unauthorized: Counter::default(),
+            login_failures: Counter::default(),
+            login_throttled: Counter::default(),
+            accounts_reloads: Family::default(),
         };
         let registry = registry.sub_registry_with_prefix("mailmesh");
         registry.register(
@@ -166,9 +174,30 @@ impl NodeMetrics {
             metrics.peers_penalised.clone(),
         );
         registry.register(
+            "peers_refused",
+            "Peers this node does not sync with although they behave, by reason (protocol_version: the peer \
+             speaks another version of the node-to-node protocol)",
+            metrics.peers_refused.clone(),
+        );
+        registry.register(
             "http_unauthorized",
             "HTTP requests refused for a missing or wrong bearer token",
             metrics.http_unauthorized.clone(),
+        );
+        registry.register(
+            "login_failures",
+            "Logins refused for an unknown account or a wrong password",
+            metrics.login_failures.clone(),
+        );
+        registry.register(
+            "login_throttled",
+            "Logins refused unchecked after too many failures for the account or the address",
+            metrics.login_throttled.clone(),
+        );
+        registry.register(
+            "accounts_reloads",
+            "Reads of the accounts file, by outcome (loaded, failed)",
+            metrics.accounts_reloads.clone(),
         );
         metrics
     }

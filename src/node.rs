@@ -37,8 +37,8 @@ use crate::model::{BlobHash, Flag, MailboxId, MailboxKey, MessageId, MessageReco
 use crate::net::{self, NetworkClient, NetworkConfig, NetworkEvent, Topic};
 use crate::search::SearchIndex;
 use crate::store::{lock, Applied, CommitQueue, Operation, Space, Store, StoreError, StoreOptions};
-use crate::sync::{self, ByteString, Element, Outcome, SyncLimits};
-use crate::wire::{self, Gossip, MailboxReply, Request, Response, WireSpace};
+use crate::sync::{self, ByteString, Element, Outcome, RecordState, SyncLimits};
+use crate::wire::{self, Gossip, MailboxReply, Request, Response, WireError, WireSpace};
 
 /// Everything a node needs to start.
 #[derive(Clone, Debug)]
@@ -59,6 +59,9 @@ pub struct NodeConfig {
     pub peer_request_burst: f64,
     /// When set, every HTTP request except /healthz and /readyz needs `Authorization: Bearer <token>`.
     pub http_token: Option<String>,
+    /// When set, the routes under `/v1/mailboxes/{account}/` take HTTP Basic against this
+    /// accounts file (see `accounts`).
+    pub accounts_file: Option<PathBuf>,
     /// Tombstones older than this are collected; a replica out of contact longer is refused.
     pub tombstone_horizon_millis: u64,
     /// Writes are refused with 507 while fewer bytes than this would stay free on the data disk.
@@ -108,6 +111,7 @@ impl Default for NodeConfig {
             peer_requests_per_second: 2000.0,
             peer_request_burst: 10000.0,
             http_token: None,
+            accounts_file: None,
             tombstone_horizon_millis: crate::store::DEFAULT_TOMBSTONE_HORIZON_MILLIS,
             min_free_bytes: 256 * 1024 * 1024,
             allowed_peers: None,
@@ -140,6 +144,12 @@ pub enum NodeError {
     /// The peer answered within the protocol but declined (rate limit, its own failure, stale).
     #[error("peer {peer} declined: {message}")]
     Refused { peer: PeerId, message: String },
+    /// The peer speaks another version of the node-to-node protocol: not its fault, but no sync.
+    #[error(
+        "peer {peer} speaks protocol version {theirs}, this node speaks {}: run the same mailmesh release on both",
+        wire::WIRE_VERSION
+    )]
+    ProtocolVersion { peer: PeerId, theirs: u8 },
     #[error("identity file {path}: {reason}")]
     Identity { path: PathBuf, reason: String },
     #[error("io: {0}")]
@@ -159,6 +169,8 @@ pub struct PeerState {
     pub differs_since: Option<SystemTime>,
     /// The peer says it was away longer than the tombstone horizon.
     pub stale: bool,
+    /// The other protocol version the peer was found speaking: refused until it reconnects.
+    pub protocol_version: Option<u8>,
 }
 
 /// A snapshot of one peer for status pages.
@@ -520,7 +532,7 @@ impl Node {
         let router = crate::api::router(node.clone());
         let mut http_stop = stop.clone();
         tokio::spawn(async move {
-            let served = axum::serve(listener, router)
+            let served = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
                 .with_graceful_shutdown(async move {
                     stopped(&mut http_stop).await;
                 })
@@ -894,6 +906,7 @@ impl Node {
                         last_digest_seen: None,
                         differs_since: None,
                         stale: false,
+                        protocol_version: None,
                     });
                 }
                 // A session is two-way (the responder pulls what it learns it lacks), so one side
@@ -912,6 +925,38 @@ impl Node {
                     listen.push(address);
                 }
             }
+        }
+    }
+
+    /// Whether the peer was found speaking another protocol version (on this connection).
+    fn peer_is_incompatible(&self, peer: PeerId) -> bool {
+        lock(&self.inner.peers)
+            .get(&peer)
+            .is_some_and(|state| state.protocol_version.is_some())
+    }
+
+    /// Refuses a peer that speaks another protocol version: logged and counted once per
+    /// connection, never blamed (it is an operator's upgrade in progress, not an attack), and
+    /// not synced with until it reconnects, presumably upgraded.
+    fn refuse_protocol_version(&self, peer: PeerId, theirs: u8) {
+        let first = match lock(&self.inner.peers).get_mut(&peer) {
+            Some(state) => state.protocol_version.replace(theirs) != Some(theirs),
+            None => true,
+        };
+        if first {
+            self.inner
+                .metrics
+                .peers_refused
+                .get_or_create(&crate::metrics::ReasonLabel {
+                    reason: "protocol_version",
+                })
+                .inc();
+            tracing::warn!(
+                %peer,
+                theirs,
+                ours = wire::WIRE_VERSION,
+                "refusing to sync with a peer that speaks another protocol version; run the same mailmesh release on both"
+            );
         }
     }
 
@@ -985,6 +1030,10 @@ impl Node {
     async fn on_gossip(&self, topic: Topic, source: PeerId, data: &[u8]) -> bool {
         let gossip: Gossip = match wire::decode(data) {
             Ok(gossip) => gossip,
+            Err(WireError::UnsupportedVersion(theirs)) => {
+                self.refuse_protocol_version(source, theirs);
+                return false;
+            }
             Err(error) => {
                 tracing::warn!(%source, "refused a gossip message: {error}");
                 return false;
@@ -1402,6 +1451,12 @@ impl Node {
     async fn on_request(&self, peer: PeerId, data: &[u8]) -> Response {
         let request: Request = match wire::decode(data) {
             Ok(request) => request,
+            Err(WireError::UnsupportedVersion(theirs)) => {
+                self.refuse_protocol_version(peer, theirs);
+                return Response::Error {
+                    message: NodeError::ProtocolVersion { peer, theirs }.to_string(),
+                };
+            }
             Err(error) => {
                 return Response::Error {
                     message: error.to_string(),
@@ -1438,6 +1493,7 @@ impl Node {
             Request::Reconcile {
                 space: WireSpace::Directory,
                 message,
+                ..
             } => {
                 let incoming = sync::decode(&message.0, &self.inner.limits).map_err(peer_fault(peer))?;
                 let (reply, _) = sync::respond(&store.tree(Space::Directory), &incoming, &self.inner.limits)
@@ -1449,18 +1505,26 @@ impl Node {
                     message: ByteString(sync::encode(&split_you_lack(reply))),
                     records: Vec::new(),
                     blobs: Vec::new(),
+                    states: ByteString::default(),
+                    returned: ByteString::default(),
                 })
             }
             Request::Reconcile {
                 space: WireSpace::Mailbox(key),
                 message,
+                states,
+                returned,
             } => {
                 let mut budget = self.inline_budget();
-                let reply = self.answer_mailbox(peer, &key, &message.0, &mut budget)?;
+                let reply = self
+                    .answer_mailbox(peer, &key, &message.0, &states.0, &returned.0, &mut budget)
+                    .await?;
                 Ok(Response::Reconcile {
                     message: reply.message,
                     records: reply.records,
                     blobs: reply.blobs,
+                    states: reply.states,
+                    returned: reply.returned,
                 })
             }
             Request::ReconcileMailboxes { mailboxes } => {
@@ -1468,7 +1532,10 @@ impl Node {
                 let mut budget = self.inline_budget();
                 let mut replies = Vec::with_capacity(mailboxes.len());
                 for entry in mailboxes {
-                    replies.push(self.answer_mailbox(peer, &entry.mailbox, &entry.message.0, &mut budget)?);
+                    replies.push(
+                        self.answer_mailbox(peer, &entry.mailbox, &entry.message.0, &[], &[], &mut budget)
+                            .await?,
+                    );
                 }
                 Ok(Response::ReconciledMailboxes { replies })
             }
@@ -1497,21 +1564,28 @@ impl Node {
                     }),
                 }
             }
-            Request::FetchRecords { mailbox, ids } => {
+            Request::FetchRecords { mailbox, ids, held } => {
                 let config = &self.inner.config;
-                if ids.len() > config.max_ids_per_request {
+                let asked = ids.len() + held.len();
+                if asked > config.max_ids_per_request {
                     self.limit_hit("ids_per_request");
                     return Ok(Response::Error {
                         message: format!(
-                            "too many ids: {} in one fetch, this node takes at most {}",
-                            ids.len(),
+                            "too many ids: {asked} in one fetch, this node takes at most {}",
                             config.max_ids_per_request
                         ),
                     });
                 }
-                let mut records = Vec::with_capacity(ids.len().min(config.max_records_per_response));
+                let mut records = Vec::with_capacity(asked.min(config.max_records_per_response));
                 let mut more = false;
-                for id in ids {
+                // First the records the asker lacks entirely, which bring their blobs; then those
+                // it holds in another state, which do not.
+                let mut with_blobs = 0;
+                let wanted = ids
+                    .iter()
+                    .map(|id| (*id, true))
+                    .chain(held.iter().map(|id| (*id, false)));
+                for (id, lacking) in wanted {
                     if records.len() >= config.max_records_per_response {
                         self.limit_hit("records_per_response");
                         more = true;
@@ -1519,9 +1593,10 @@ impl Node {
                     }
                     if let Some(record) = store.record(mailbox.id(), id)? {
                         records.push(record);
+                        with_blobs += usize::from(lacking);
                     }
                 }
-                let blobs = self.inline_blobs(&records, self.inline_budget())?;
+                let blobs = self.inline_blobs(&records[..with_blobs], self.inline_budget())?;
                 Ok(Response::Records { records, more, blobs })
             }
             Request::FetchRange {
@@ -1635,7 +1710,7 @@ impl Node {
     }
 
     fn spawn_session(&self, peer: PeerId) {
-        if self.is_stale() || self.peer_is_stale(peer) {
+        if self.is_stale() || self.peer_is_stale(peer) || self.peer_is_incompatible(peer) {
             return;
         }
         {
@@ -1715,6 +1790,10 @@ impl Node {
         match wire::decode::<Response>(&answer) {
             Ok(Response::Error { message }) => Err(NodeError::Refused { peer, message }),
             Ok(response) => Ok(response),
+            Err(WireError::UnsupportedVersion(theirs)) => {
+                self.refuse_protocol_version(peer, theirs);
+                Err(NodeError::ProtocolVersion { peer, theirs })
+            }
             Err(error) => Err(NodeError::Peer {
                 peer,
                 reason: error.to_string(),
@@ -1732,49 +1811,85 @@ impl Node {
         stats: &SessionStats,
     ) -> Result<Reconciled, NodeError> {
         let outgoing = sync::initial(view, &self.inner.limits).map_err(peer_fault(peer))?;
-        self.reconcile_from(peer, space, view, outgoing, Reconciled::default(), stats)
+        let next = NextMessage {
+            elements: outgoing,
+            ..NextMessage::default()
+        };
+        self.reconcile_from(peer, space, view, next, Reconciled::default(), stats)
             .await
     }
 
-    /// Goes on with a reconciliation from this side's next message `outgoing`.
+    /// Goes on with a reconciliation from this side's next message.
     async fn reconcile_from<V: TreeView>(
         &self,
         peer: PeerId,
         space: WireSpace,
         view: &V,
-        mut outgoing: Vec<Element>,
+        mut next: NextMessage,
         mut done: Reconciled,
         stats: &SessionStats,
     ) -> Result<Reconciled, NodeError> {
         let limits = self.inner.limits;
         let sync_error = peer_fault::<sync::SyncError>(peer);
         for _round in 0..80 {
-            if outgoing.is_empty() {
+            if next.elements.is_empty() && next.returned.is_empty() {
                 return Ok(done);
             }
-            for element in &outgoing {
+            for element in &next.elements {
                 match element {
                     Element::YouLack { keys } => done.told.need_keys.extend(keys.iter().copied()),
                     Element::YouLackAll { prefix } => done.told.need_prefixes.push(*prefix),
                     _ => {}
                 }
             }
+            let mut chunks = chunk_elements(split_you_lack(std::mem::take(&mut next.elements)));
+            if chunks.is_empty() {
+                chunks.push(Vec::new()); // only merged states to send back
+            }
+            let mut states = std::mem::take(&mut next.states).into_iter();
+            let mut state_keys = std::mem::take(&mut next.state_keys).into_iter();
+            let mut returned = std::mem::take(&mut next.returned);
             let mut incoming = Vec::new();
-            for chunk in chunk_elements(split_you_lack(outgoing)) {
+            let mut incoming_states = Vec::new();
+            for chunk in chunks {
                 self.inner.metrics.session_rounds.inc();
                 SessionStats::add(&stats.rounds, 1);
+                let bits = differ_bits(&chunk);
+                let chunk_states: Vec<RecordState> = states.by_ref().take(bits).collect();
+                let chunk_keys: Vec<u128> = state_keys.by_ref().take(bits).collect();
                 let request = Request::Reconcile {
                     space: space.clone(),
                     message: ByteString(sync::encode(&chunk)),
+                    states: packed_states(&chunk_states),
+                    returned: packed_keyed_states(&std::mem::take(&mut returned)),
                 };
                 match self.request(peer, &request, stats).await? {
                     Response::Reconcile {
                         message,
                         records,
                         blobs,
+                        states,
+                        returned,
                     } => {
                         let elements = sync::decode(&message.0, &limits).map_err(sync_error)?;
                         accept_delivered(peer, &space, &elements, records, blobs, &mut done)?;
+                        if let WireSpace::Mailbox(key) = &space {
+                            incoming_states.extend(sync::decode_states(&states.0, &limits).map_err(sync_error)?);
+                            // Merged states for ours, by their position among those we sent.
+                            let returned = sync::decode_indexed_states(&returned.0, &limits).map_err(sync_error)?;
+                            let mut keyed = Vec::with_capacity(returned.len());
+                            for (index, state) in returned {
+                                let id = usize::try_from(index).ok().and_then(|index| chunk_keys.get(index));
+                                let Some(id) = id else {
+                                    return Err(NodeError::Peer {
+                                        peer,
+                                        reason: format!("sent back state {index} of {} sent", chunk_keys.len()),
+                                    });
+                                };
+                                keyed.push((*id, state));
+                            }
+                            self.merge_states(key, self.returned_states(key, keyed)?, stats).await?;
+                        }
                         incoming.extend(elements);
                     }
                     _ => {
@@ -1785,14 +1900,161 @@ impl Node {
                     }
                 }
             }
-            let (reply, outcome) = sync::respond(view, &incoming, &limits).map_err(sync_error)?;
+            let (reply, outcome) = sync::respond(view, &incoming, &self.asking_limits()).map_err(sync_error)?;
+            next = self
+                .after_reply(peer, &space, reply, &outcome, incoming_states, &mut done, stats)
+                .await?;
             done.mine.extend(outcome);
-            outgoing = reply;
         }
         Err(NodeError::Peer {
             peer,
             reason: "reconciliation did not end within 80 rounds".into(),
         })
+    }
+
+    /// What follows this side's answer to a message: merges the states that came with it (for its
+    /// `Differ` bits), and makes the next message: the reply, this side's states for the reply's
+    /// own `Differ` bits, and the merged states that hold more than what came.
+    #[allow(clippy::too_many_arguments)]
+    async fn after_reply(
+        &self,
+        peer: PeerId,
+        space: &WireSpace,
+        reply: Vec<Element>,
+        outcome: &Outcome,
+        incoming_states: Vec<RecordState>,
+        done: &mut Reconciled,
+        stats: &SessionStats,
+    ) -> Result<NextMessage, NodeError> {
+        let WireSpace::Mailbox(key) = space else {
+            return Ok(NextMessage {
+                elements: reply,
+                ..NextMessage::default()
+            });
+        };
+        let (merges, returned) = self.differing_states(peer, key, &outcome.told_differing, incoming_states)?;
+        self.merge_states(key, merges, stats).await?;
+        done.by_state.extend(
+            outcome
+                .differing
+                .iter()
+                .copied()
+                .chain(outcome.told_differing.iter().flatten().copied()),
+        );
+        Ok(NextMessage {
+            elements: reply,
+            states: self.own_states(key, &outcome.differing)?,
+            state_keys: outcome.differing.clone(),
+            returned: returned.into_iter().map(|(_, id, state)| (id, state)).collect(),
+        })
+    }
+
+    /// The limits for this side's own session, where it asks: it finds the differing states
+    /// itself where it can, so merged states come back to it by position.
+    fn asking_limits(&self) -> SyncLimits {
+        SyncLimits {
+            asks: true,
+            ..self.inner.limits
+        }
+    }
+
+    /// This side's states of records, for `Differ` bits (a record gone since counts as empty).
+    fn own_states(&self, key: &MailboxKey, ids: &[u128]) -> Result<Vec<RecordState>, NodeError> {
+        let store = &self.inner.store;
+        ids.iter()
+            .map(|id| {
+                Ok(store
+                    .record(key.id(), MessageId(*id))?
+                    .map(|record| RecordState::of(&record))
+                    .unwrap_or_default())
+            })
+            .collect()
+    }
+
+    /// Pairs the peer's states with the records its `Differ` bits named (`told`, one per bit):
+    /// returns the records to merge and, with their positions and IDs, the merged states that hold
+    /// more than the peer sent (to send back). A bit whose key is unknown here is skipped; a count that does not
+    /// match the bits is the peer's fault.
+    #[allow(clippy::type_complexity)]
+    fn differing_states(
+        &self,
+        peer: PeerId,
+        key: &MailboxKey,
+        told: &[Option<u128>],
+        states: Vec<RecordState>,
+    ) -> Result<(Vec<MessageRecord>, Vec<(u64, u128, RecordState)>), NodeError> {
+        if told.len() != states.len() {
+            return Err(NodeError::Peer {
+                peer,
+                reason: format!(
+                    "sent {} record states for {} differing leaves",
+                    states.len(),
+                    told.len()
+                ),
+            });
+        }
+        let mut merges = Vec::new();
+        let mut returned = Vec::new();
+        for (index, (id, state)) in told.iter().zip(states).enumerate() {
+            let Some(id) = id else { continue };
+            let Some(mine) = self.inner.store.record(key.id(), MessageId(*id))? else {
+                continue;
+            };
+            let (merged, back) = sync::merge_state(&mine, &state);
+            if merged != mine {
+                merges.push(state.applied_to(&mine));
+            }
+            if let Some(back) = back {
+                returned.push((index as u64, *id, back));
+            }
+        }
+        Ok((merges, returned))
+    }
+
+    /// The records to merge for states a peer sent back (states of records this side does not
+    /// hold are ignored: they name nothing it sent).
+    fn returned_states(
+        &self,
+        key: &MailboxKey,
+        returned: Vec<(u128, RecordState)>,
+    ) -> Result<Vec<MessageRecord>, NodeError> {
+        let mut merges = Vec::new();
+        for (id, state) in returned {
+            if let Some(mine) = self.inner.store.record(key.id(), MessageId(id))? {
+                if sync::merge_state(&mine, &state).0 != mine {
+                    merges.push(state.applied_to(&mine));
+                }
+            }
+        }
+        Ok(merges)
+    }
+
+    /// Merges records built from a peer's states (their messages' bytes are already here).
+    async fn merge_states(
+        &self,
+        key: &MailboxKey,
+        records: Vec<MessageRecord>,
+        stats: &SessionStats,
+    ) -> Result<(), NodeError> {
+        if records.is_empty() {
+            return Ok(());
+        }
+        let count = records.len() as u64;
+        let operations = records
+            .into_iter()
+            .map(|record| {
+                self.observe_lag(&record);
+                Operation::Merge {
+                    mailbox: key.clone(),
+                    record,
+                    now_millis: now_millis(),
+                }
+            })
+            .collect();
+        self.apply_all(operations).await?;
+        self.inner.metrics.records_pulled.inc_by(count);
+        SessionStats::add(&stats.records, count);
+        Ok(())
     }
 
     /// Directory first, then each differing mailbox. Returns how many mailboxes differed.
@@ -1958,14 +2220,15 @@ impl Node {
         let mut answered = Vec::with_capacity(batch.len());
         for ((key, claim, _), reply) in batch.into_iter().zip(replies) {
             let elements = sync::decode(&reply.message.0, &limits).map_err(peer_fault(peer))?;
+            let states = sync::decode_states(&reply.states.0, &limits).map_err(peer_fault(peer))?;
             let mut done = Reconciled::default();
             let space = WireSpace::Mailbox(key.clone());
             accept_delivered(peer, &space, &elements, reply.records, reply.blobs, &mut done)?;
-            answered.push((key, claim, elements, done));
+            answered.push((key, claim, FirstReply { elements, states, done }));
         }
-        let finishing = answered.into_iter().map(|(key, claim, elements, done)| async move {
+        let finishing = answered.into_iter().map(|(key, claim, first)| async move {
             let _claim = claim;
-            self.reconcile_mailbox(peer, &key, Some((elements, done))).await
+            self.reconcile_mailbox(peer, &key, Some(first)).await
         });
         for result in futures::future::join_all(finishing).await {
             result?;
@@ -1982,7 +2245,7 @@ impl Node {
         &self,
         peer: PeerId,
         key: &MailboxKey,
-        first_reply: Option<(Vec<Element>, Reconciled)>,
+        first_reply: Option<FirstReply>,
     ) -> Result<(), NodeError> {
         let span = tracing::info_span!(
             "reconcile",
@@ -2001,11 +2264,18 @@ impl Node {
             let space = WireSpace::Mailbox(key.clone());
             let done = match first_reply {
                 None => self.reconcile(peer, space, &view, &stats).await?,
-                Some((incoming, mut done)) => {
+                Some(FirstReply {
+                    elements,
+                    states,
+                    mut done,
+                }) => {
                     let (reply, outcome) =
-                        sync::respond(&view, &incoming, &self.inner.limits).map_err(peer_fault(peer))?;
+                        sync::respond(&view, &elements, &self.asking_limits()).map_err(peer_fault(peer))?;
+                    let next = self
+                        .after_reply(peer, &space, reply, &outcome, states, &mut done, &stats)
+                        .await?;
                     done.mine.extend(outcome);
-                    self.reconcile_from(peer, space, &view, reply, done, &stats).await?
+                    self.reconcile_from(peer, space, &view, next, done, &stats).await?
                 }
             };
             self.finish_mailbox(peer, key, done, &stats).await
@@ -2038,6 +2308,8 @@ impl Node {
         stats: &SessionStats,
     ) -> Result<(), NodeError> {
         let mut outcome = done.mine;
+        // Records held on both sides in different states were settled by their states.
+        outcome.need_keys.retain(|id| !done.by_state.contains(id));
         if !done.delivered.is_empty() {
             let sent: HashSet<u128> = done.delivered.iter().map(|record| record.id.0).collect();
             outcome.need_keys.retain(|id| !sent.contains(id));
@@ -2060,9 +2332,16 @@ impl Node {
         for chunk in outcome.need_keys.chunks(per_fetch) {
             let mut wanted: Vec<u128> = chunk.to_vec();
             while !wanted.is_empty() {
+                // Records this side holds in another state come without their blobs.
+                let (mut ids, mut held) = (Vec::new(), Vec::new());
+                for key in &wanted {
+                    let holds = self.inner.store.record(mailbox.id(), MessageId(*key))?.is_some();
+                    if holds { &mut held } else { &mut ids }.push(MessageId(*key));
+                }
                 let request = Request::FetchRecords {
                     mailbox: mailbox.clone(),
-                    ids: wanted.iter().map(|key| MessageId(*key)).collect(),
+                    ids,
+                    held,
                 };
                 let Response::Records {
                     records: fetched,
@@ -2208,23 +2487,42 @@ impl Node {
 
     /// Answers one mailbox's reconciliation message. The reply carries the records it says the
     /// asker lacks (at most 256, their small blobs within `budget`, which it reduces), so most
-    /// differing mailboxes need no fetch after it; what the asker holds and this side lacks is
-    /// pulled in the background.
-    fn answer_mailbox(
+    /// differing mailboxes need no fetch after it; records both sides hold in different states go
+    /// as states only, both ways (the asker's came with the message and are merged here first);
+    /// what the asker holds and this side lacks is pulled in the background.
+    async fn answer_mailbox(
         &self,
         peer: PeerId,
         key: &MailboxKey,
         message: &[u8],
+        states: &[u8],
+        returned: &[u8],
         budget: &mut u64,
     ) -> Result<MailboxReply, NodeError> {
         let store = &self.inner.store;
+        let limits = &self.inner.limits;
         let peer_error = peer_fault::<sync::SyncError>(peer);
-        let incoming = sync::decode(message, &self.inner.limits).map_err(peer_error)?;
-        let (reply, outcome) =
-            sync::respond(&store.tree(Space::Mailbox(key.id())), &incoming, &self.inner.limits).map_err(peer_error)?;
+        let incoming = sync::decode(message, limits).map_err(peer_error)?;
+        let incoming_states = sync::decode_states(states, limits).map_err(peer_error)?;
+        let returned = sync::decode_keyed_states(returned, limits).map_err(peer_error)?;
+        let (reply, mut outcome) =
+            sync::respond(&store.tree(Space::Mailbox(key.id())), &incoming, limits).map_err(peer_error)?;
         if !self.is_stale() {
             self.record_contact(); // answering a session is contact with the cluster too
         }
+        let stats = SessionStats::default();
+        let mut merges = self.returned_states(key, returned)?;
+        let (differing, back) = self.differing_states(peer, key, &outcome.told_differing, incoming_states)?;
+        merges.extend(differing);
+        self.merge_states(key, merges, &stats).await?;
+        let reply_states = self.own_states(key, &outcome.differing)?;
+        let by_state: HashSet<u128> = outcome
+            .differing
+            .iter()
+            .copied()
+            .chain(outcome.told_differing.iter().flatten().copied())
+            .collect();
+        outcome.need_keys.retain(|id| !by_state.contains(id));
         let reply = split_you_lack(reply);
         let message = sync::encode(&reply);
         *budget = budget.saturating_sub(message.len() as u64);
@@ -2232,6 +2530,7 @@ impl Node {
         let mut blobs = Vec::new();
         if *budget >= 64 * 1024 {
             let limit = self.inner.config.max_records_per_response.min(256);
+            // `YouLack` names only records the asker does not hold at all: they bring their bytes.
             let keys = reply.iter().flat_map(|element| match element {
                 Element::YouLack { keys } => keys.as_slice(),
                 _ => &[],
@@ -2264,6 +2563,8 @@ impl Node {
             message: ByteString(message),
             records,
             blobs,
+            states: packed_states(&reply_states),
+            returned: packed_indexed_states(&back),
         })
     }
 
@@ -2272,8 +2573,13 @@ impl Node {
         (self.inner.config.max_response_bytes as u64 / 2).min(4 * 1024 * 1024)
     }
 
-    /// The blobs of small live records, up to `budget` bytes in all, to travel with them.
-    fn inline_blobs(&self, records: &[MessageRecord], mut budget: u64) -> Result<Vec<ByteString>, NodeError> {
+    /// The blobs of small live records, up to `budget` bytes in all, to travel with them. Only
+    /// for records the asker lacks entirely: one it holds in another state needs no bytes.
+    fn inline_blobs<'a>(
+        &self,
+        records: impl IntoIterator<Item = &'a MessageRecord>,
+        mut budget: u64,
+    ) -> Result<Vec<ByteString>, NodeError> {
         let mut blobs = Vec::new();
         let limit = self.inner.config.inline_blob_bytes as u64;
         for record in records {
@@ -2409,6 +2715,62 @@ struct Reconciled {
     /// Records the peer sent with its replies (some of `mine`), and their small blobs.
     delivered: Vec<MessageRecord>,
     delivered_blobs: Vec<ByteString>,
+    /// Records both sides hold in different states, settled by exchanging states: not pulled.
+    by_state: HashSet<u128>,
+}
+
+/// This side's next reconciliation message: elements, its record states for the elements'
+/// `Differ` bits, and merged states to send back.
+#[derive(Default)]
+struct NextMessage {
+    elements: Vec<Element>,
+    states: Vec<RecordState>,
+    /// The keys of `states`, in order (a reply sends merged states back by position).
+    state_keys: Vec<u128>,
+    returned: Vec<(u128, RecordState)>,
+}
+
+/// A peer's first reply to a batched mailbox, with the states for its `Differ` bits.
+struct FirstReply {
+    elements: Vec<Element>,
+    states: Vec<RecordState>,
+    done: Reconciled,
+}
+
+/// How many `Differ` bits (states to go with them) some elements carry.
+fn differ_bits(elements: &[Element]) -> usize {
+    elements
+        .iter()
+        .map(|element| match element {
+            Element::Differ { bits, .. } => sync::set_bits(bits).count(),
+            _ => 0,
+        })
+        .sum()
+}
+
+fn packed_states(states: &[RecordState]) -> ByteString {
+    ByteString(if states.is_empty() {
+        Vec::new()
+    } else {
+        sync::encode_states(states)
+    })
+}
+
+fn packed_indexed_states(states: &[(u64, u128, RecordState)]) -> ByteString {
+    let indexed: Vec<(u64, RecordState)> = states.iter().map(|(index, _, state)| (*index, state.clone())).collect();
+    ByteString(if indexed.is_empty() {
+        Vec::new()
+    } else {
+        sync::encode_indexed_states(&indexed)
+    })
+}
+
+fn packed_keyed_states(states: &[(u128, RecordState)]) -> ByteString {
+    ByteString(if states.is_empty() {
+        Vec::new()
+    } else {
+        sync::encode_keyed_states(states)
+    })
 }
 
 /// Splits long `YouLack` lists so no element exceeds the wire limit.
@@ -2434,6 +2796,8 @@ fn chunk_elements(elements: Vec<Element>) -> Vec<Vec<Element>> {
         Element::Children { children, .. } => 24 + children.len() * 19,
         Element::Leaves { leaves, .. } => 24 + leaves.len() * 24,
         Element::YouLack { keys } => 8 + keys.len() * 16,
+        // With the states that travel with it, about 40 bytes each.
+        Element::Differ { bits, .. } => 32 + sync::set_bits(bits).count() * 40,
         _ => 24,
     };
     let mut chunks = Vec::new();

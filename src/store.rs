@@ -6,7 +6,13 @@
 //! - `tree`: `space (17) | depth (1) | prefix bits (16)` -> [`Aggregate`] (40 bytes), for the trie of
 //!   every mailbox and for the directory trie over all mailboxes;
 //! - `mailboxes`: `mailbox id (16)` -> CBOR [`MailboxEntry`] (key, counters, root);
-//! - `meta`: the clock, the last message ID issued, the search queue's sequence.
+//! - `meta`: the store format, the clock, the last message ID issued, the search queue's sequence.
+//!
+//! # Format
+//! `meta` holds the store's format ([`STORE_FORMAT`]), written when the store is created and
+//! checked at every open: a store of another format is refused with [`StoreError::Format`], which
+//! says what to do, instead of being misread. Format 1 is every store written before the marker
+//! existed (it holds data and no marker).
 //!
 //! Node-local caches, never replicated and rebuildable from the records and blobs at any time
 //! ([`Store::rebuild_local_indexes`]), written in the same batch as the records they describe so
@@ -70,6 +76,10 @@ const META_ACKNOWLEDGED: &[u8] = b"tombstones_acknowledged_before";
 const META_SEARCH_SEQUENCE: &[u8] = b"search_sequence";
 
 const META_CLOCK: &[u8] = b"clock";
+const META_FORMAT: &[u8] = b"format";
+
+/// The format of the stores this build writes and reads.
+pub const STORE_FORMAT: u64 = 2;
 const META_LAST_ID: &[u8] = b"last_id";
 
 /// Why a store operation failed. Each variant says what the caller can do about it.
@@ -95,6 +105,19 @@ pub enum StoreError {
     Closed,
     #[error("not enough disk space: {free} bytes free, {needed} needed (including the reserve of min_free_bytes); nothing was written, and writes resume once space is freed")]
     DiskFull { free: u64, needed: u64 },
+    /// The store on disk was written by a build with another format.
+    #[error("store at {path} has format {found}, this build reads format {expected}: {advice}", advice = format_advice(*found, *expected))]
+    Format { path: String, found: u64, expected: u64 },
+}
+
+/// What an operator can do about a store of another format.
+fn format_advice(found: u64, expected: u64) -> &'static str {
+    if found < expected {
+        "it was written by an older mailmesh; run that release to read it, or move the directory away and start \
+         this node with an empty one (keep identity.key): it refills from its peers"
+    } else {
+        "it was written by a newer mailmesh; run that release (or a newer one) on this directory"
+    }
 }
 
 impl StoreError {
@@ -295,6 +318,43 @@ fn index_bounds(mailbox: MailboxId, sort: SortKey) -> (Vec<u8>, Vec<u8>) {
     let mut upper = mailbox.to_bytes().to_vec();
     upper.push(sort as u8 + 1);
     (lower, upper)
+}
+
+/// Checks the store's format marker, writing it into a store that holds nothing yet. A store with
+/// data and no marker is format 1, from before the marker.
+fn check_format(db: &DB, path: &Path) -> Result<(), StoreError> {
+    let meta = db
+        .cf_handle(META)
+        .ok_or_else(|| StoreError::Corrupt("missing meta family".into()))?;
+    let found = match db.get_cf(&meta, META_FORMAT)? {
+        Some(bytes) => u64::from_be_bytes(
+            bytes
+                .as_slice()
+                .try_into()
+                .map_err(|_| StoreError::Corrupt("format marker in the meta family".into()))?,
+        ),
+        None => {
+            let holds_data = [META, RECORDS, MAILBOXES, BLOBS].iter().any(|name| {
+                db.cf_handle(name)
+                    .is_some_and(|family| db.iterator_cf(&family, IteratorMode::Start).next().is_some())
+            });
+            if holds_data {
+                1
+            } else {
+                db.put_cf(&meta, META_FORMAT, STORE_FORMAT.to_be_bytes())?;
+                db.flush_cf(&meta)?;
+                STORE_FORMAT
+            }
+        }
+    };
+    if found != STORE_FORMAT {
+        return Err(StoreError::Format {
+            path: path.display().to_string(),
+            found,
+            expected: STORE_FORMAT,
+        });
+    }
+    Ok(())
 }
 
 /// A big-endian u64 kept in the meta family (0 when absent).
@@ -556,6 +616,7 @@ impl Store {
         let meta = db
             .cf_handle(META)
             .ok_or_else(|| StoreError::Corrupt("missing meta family".into()))?;
+        check_format(&db, path)?;
         let clock_value = meta_u64(&db, &meta, META_CLOCK, "clock value")?;
         let last_id = match db.get_cf(&meta, META_LAST_ID)? {
             Some(bytes) => MessageId::from_slice(&bytes).ok_or_else(|| StoreError::Corrupt("last id value".into()))?,

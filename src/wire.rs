@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use crate::model::{BlobHash, MailboxKey, MessageId, MessageRecord};
 use crate::sync::ByteString;
 
-/// The version of these frames.
-pub const WIRE_VERSION: u8 = 1;
+/// The version of these frames. Version 2: [`Request::FetchRecords`] names the records the asker
+/// already holds, and reconciliation replies send no blob of a record the asker holds. A peer
+/// speaking another version is refused (not synced with, not blamed).
+pub const WIRE_VERSION: u8 = 2;
 /// The most records one response carries.
 pub const MAX_RECORDS_PER_RESPONSE: usize = 2_000;
 /// The most IDs one fetch names.
@@ -45,18 +47,34 @@ pub enum WireSpace {
 /// A request from one node to another.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// One reconciliation message ([`crate::sync::encode`]).
+    /// One reconciliation message ([`crate::sync::encode`]), in a mailbox with the asker's record
+    /// states for the message's `Differ` bits ([`crate::sync::encode_states`]) and, with their
+    /// IDs, merged states that hold more than the states the previous reply brought
+    /// ([`crate::sync::encode_keyed_states`]).
     #[serde(rename = "reconcile")]
-    Reconcile { space: WireSpace, message: ByteString },
+    Reconcile {
+        space: WireSpace,
+        message: ByteString,
+        #[serde(default, skip_serializing_if = "is_empty")]
+        states: ByteString,
+        #[serde(default, skip_serializing_if = "is_empty")]
+        returned: ByteString,
+    },
     /// The first reconciliation message of several small mailboxes at once: after a partition
     /// thousands of them differ, and a request each was most of the cost of healing. Answered by
     /// [`Response::ReconciledMailboxes`], one reply per mailbox in the same order; later rounds,
     /// if any, go by [`Request::Reconcile`].
     #[serde(rename = "reconcile_many")]
     ReconcileMailboxes { mailboxes: Vec<MailboxMessage> },
-    /// Records by ID.
+    /// Records by ID: `ids` the asker lacks entirely (their small blobs come inline) and `held`
+    /// the asker holds in another state (records only: it has their bytes).
     #[serde(rename = "records")]
-    FetchRecords { mailbox: MailboxKey, ids: Vec<MessageId> },
+    FetchRecords {
+        mailbox: MailboxKey,
+        ids: Vec<MessageId>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        held: Vec<MessageId>,
+    },
     /// Records inside a trie prefix, after an ID (paging), at most `limit`.
     #[serde(rename = "range")]
     FetchRange {
@@ -101,6 +119,14 @@ pub enum Response {
         records: Vec<MessageRecord>,
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         blobs: Vec<ByteString>,
+        /// This side's record states for the reply's `Differ` bits, in order: both sides hold
+        /// those messages, so neither records nor blobs travel for them.
+        #[serde(default, skip_serializing_if = "is_empty")]
+        states: ByteString,
+        /// Merged states that hold more than the states the request brought, each after its
+        /// position among them ([`crate::sync::encode_indexed_states`]).
+        #[serde(default, skip_serializing_if = "is_empty")]
+        returned: ByteString,
     },
     #[serde(rename = "records")]
     Records {
@@ -138,6 +164,14 @@ pub struct MailboxReply {
     pub records: Vec<MessageRecord>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub blobs: Vec<ByteString>,
+    #[serde(default, skip_serializing_if = "is_empty")]
+    pub states: ByteString,
+    #[serde(default, skip_serializing_if = "is_empty")]
+    pub returned: ByteString,
+}
+
+fn is_empty(bytes: &ByteString) -> bool {
+    bytes.0.is_empty()
 }
 
 /// What nodes gossip.
@@ -225,10 +259,13 @@ pub fn validate_request(request: &Request) -> Result<(), WireError> {
             }
             mailboxes.iter().try_for_each(|entry| check_key(&entry.mailbox))
         }
-        Request::FetchRecords { mailbox, ids } => {
+        Request::FetchRecords { mailbox, ids, held } => {
             check_key(mailbox)?;
-            if ids.len() > MAX_IDS_PER_REQUEST {
-                return Err(WireError::LimitExceeded(format!("{} ids in one fetch", ids.len())));
+            if ids.len() + held.len() > MAX_IDS_PER_REQUEST {
+                return Err(WireError::LimitExceeded(format!(
+                    "{} ids in one fetch",
+                    ids.len() + held.len()
+                )));
             }
             Ok(())
         }
@@ -288,6 +325,7 @@ mod tests {
         let request = Request::FetchRecords {
             mailbox,
             ids: vec![MessageId(1), MessageId(2)],
+            held: vec![MessageId(3)],
         };
         assert_eq!(decode::<Request>(&encode(&request)).unwrap(), request);
     }
@@ -299,7 +337,9 @@ mod tests {
             decode::<Request>(&cbor4ii::serde::to_vec(Vec::new(), &Envelope(9u8, 0u8)).unwrap()),
             Err(WireError::UnsupportedVersion(9))
         ));
-        assert!(decode::<Gossip>(&cbor4ii::serde::to_vec(Vec::new(), &Envelope(1u8, ("x", 1))).unwrap()).is_err());
+        assert!(
+            decode::<Gossip>(&cbor4ii::serde::to_vec(Vec::new(), &Envelope(WIRE_VERSION, ("x", 1))).unwrap()).is_err()
+        );
         // An invalid flag name inside a record is refused at decoding.
         let mailbox = MailboxKey::new("erin", "INBOX").unwrap();
         let mut record = MessageRecord::new(MessageId(99), BlobHash::of(b"raw"), 3, 4, NodeId(5));

@@ -582,13 +582,26 @@ fn an_expunged_message_never_comes_back() {
         }
     };
     check_gone("after convergence");
-    std::thread::sleep(Duration::from_secs(2));
+    // Not a sleep: wait until every node has taken in at least five more gossip messages (digest
+    // rounds from its peers), so a tombstone that was about to be resurrected by anti-entropy
+    // would have been.
+    let gossip = |node: &LocalNode| node.metric_sum("mailmesh_gossip_messages_total").unwrap_or(0.0);
+    let before: Vec<f64> = nodes.iter().map(|node| gossip(node)).collect();
     assert!(
-        digests_agree(&nodes),
-        "digests diverged again 2 s after convergence\n{}",
+        wait_until(LIMIT, || nodes
+            .iter()
+            .zip(&before)
+            .all(|(node, seen)| gossip(node) >= seen + 5.0))
+        .is_some(),
+        "gossip stopped after convergence\n{}",
         describe(&nodes)
     );
-    check_gone("2 s later");
+    assert!(
+        digests_agree(&nodes),
+        "digests diverged again after five more gossip rounds\n{}",
+        describe(&nodes)
+    );
+    check_gone("five gossip rounds later");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 
 use mailmesh::changes::ChangeState;
 use mailmesh::merkle::{MemoryTree, StoredDepth};
-use mailmesh::model::{BlobHash, Flag, MailboxKey, MessageId};
+use mailmesh::model::{BlobHash, Flag, MailboxKey, MessageId, MessageRecord, NodeId};
 use mailmesh::sync::{self, SyncLimits};
 use mailmesh::wire::{self, Gossip, Request, Response};
 use mailmesh_core::sketch::{self, Decoder, DecoderLimits, SketchCells, SketchKey};
@@ -35,6 +35,39 @@ fn sync_message(input: &[u8]) {
         let _ = sync::respond(&MemoryTree::new(StoredDepth::MAILBOX), &elements, &limits);
         let _ = sync::encode(&elements);
     }
+}
+
+/// The body of `fuzz/fuzz_targets/record_states.rs`.
+fn record_states(input: &[u8]) {
+    let limits = SyncLimits::default();
+    let record = MessageRecord::new(MessageId(1), BlobHash::of(b"x"), 1, 2, NodeId(3));
+    if let Ok(states) = sync::decode_states(input, &limits) {
+        assert_eq!(
+            sync::decode_states(&sync::encode_states(&states), &limits).ok(),
+            Some(states.clone())
+        );
+        for state in &states {
+            let _ = sync::merge_state(&record, state);
+        }
+    }
+    if let Ok(states) = sync::decode_keyed_states(input, &limits) {
+        let _ = sync::encode_keyed_states(&states);
+    }
+    if let Ok(states) = sync::decode_indexed_states(input, &limits) {
+        let _ = sync::encode_indexed_states(&states);
+    }
+}
+
+/// The body of `fuzz/fuzz_targets/accounts_file.rs`.
+fn accounts_file(input: &[u8]) {
+    let text = String::from_utf8_lossy(input);
+    if let Err((line, problem)) = mailmesh::accounts::Accounts::check_text(&text) {
+        assert!(
+            line >= 1 && line <= text.lines().count().max(1),
+            "line {line} for {problem}"
+        );
+    }
+    let _ = mailmesh::api::decode_basic(&text);
 }
 
 /// The body of `fuzz/fuzz_targets/request_frame.rs`.
@@ -126,6 +159,7 @@ fn sketch_symbols(input: &[u8]) {
 /// Every cargo-fuzz target and the replayer of its body.
 const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("sync_message", sync_message),
+    ("record_states", record_states),
     ("request_frame", request_frame),
     ("response_frame", response_frame),
     ("gossip_frame", gossip_frame),
@@ -133,6 +167,7 @@ const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("text_parsers", text_parsers),
     ("change_state", change_state),
     ("sketch_symbols", sketch_symbols),
+    ("accounts_file", accounts_file),
 ];
 
 fn regressions_folder() -> PathBuf {

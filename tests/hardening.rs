@@ -319,8 +319,105 @@ async fn a_peer_that_sends_records_nobody_lacked_with_a_reply_is_disconnected() 
         message: ByteString(sync::encode(&[])),
         records: vec![record],
         blobs: vec![ByteString(raw)],
+        states: ByteString::default(),
+        returned: ByteString::default(),
     });
     assert_dropped_for_answering(unasked, "test-unasked", "not lacking").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_speaking_another_protocol_version_is_refused_and_counted_but_not_blamed() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = tokio::task::spawn_blocking({
+        let path = directory.path().join("node");
+        move || LocalNode::spawn(binary(), "target", &path, "test-version", &[], 200, &[]).unwrap()
+    })
+    .await
+    .unwrap();
+    let address = node.listen_address().unwrap();
+    let mut peer = hostile_peer(&address, "test-version").await;
+    let node_peer = loop {
+        match tokio::time::timeout(Duration::from_secs(20), peer.events.recv()).await {
+            Ok(Some(NetworkEvent::PeerConnected(connected))) => break connected,
+            Ok(Some(_)) => {}
+            _ => panic!("the node never connected"),
+        }
+    };
+    // A frame of the next protocol version, as a newer build would send it.
+    let newer = wire::WIRE_VERSION + 1;
+    let frame = cbor4ii::serde::to_vec(Vec::new(), &(newer, "records")).unwrap();
+    let answer = peer.client.request(node_peer, frame.clone()).await.unwrap();
+    match wire::decode::<Response>(&answer).unwrap() {
+        Response::Error { message } => assert!(
+            message.contains(&format!(
+                "speaks protocol version {newer}, this node speaks {}",
+                wire::WIRE_VERSION
+            )),
+            "{message}"
+        ),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // The node's own session requests get frames of that version back; digests that differ keep
+    // inviting sessions. The node must stay connected, count the refusal once and blame no one.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(6);
+    let mut sequence = 0u64;
+    while tokio::time::Instant::now() < deadline {
+        sequence += 1;
+        let digest = Gossip::Digest {
+            peer: peer.client.local_peer_id().to_string(),
+            name: "newer".into(),
+            sequence,
+            digest: ByteString(vec![7; 32]),
+            mailboxes: 1,
+            addresses: vec![],
+            stale: false,
+            clock: 0,
+            acknowledged_before: 0,
+        };
+        let _ = peer.client.publish(Topic::Digests, wire::encode(&digest)).await;
+        match tokio::time::timeout(Duration::from_millis(300), peer.events.recv()).await {
+            Ok(Some(NetworkEvent::Request { channel, .. })) => {
+                let _ = peer.client.respond(channel, frame.clone()).await;
+            }
+            Ok(Some(NetworkEvent::PeerDisconnected(_))) => panic!("the node dropped a peer of another version"),
+            Ok(Some(NetworkEvent::Gossip {
+                message_id,
+                propagation_source,
+                ..
+            })) => {
+                let _ = peer
+                    .client
+                    .report_validation(message_id, propagation_source, true)
+                    .await;
+            }
+            _ => {}
+        }
+    }
+    let metrics = String::from_utf8_lossy(&node.get("/metrics").unwrap().body).into_owned();
+    let refused: f64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("mailmesh_peers_refused_total{reason=\"protocol_version\"} "))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0);
+    // Counted when found, not for every frame after (at most twice if the first frame raced the
+    // node's own notice of the connection).
+    assert!(
+        (1.0..=2.0).contains(&refused),
+        "mailmesh_peers_refused_total is {refused}"
+    );
+    assert_eq!(
+        node.metric_sum("mailmesh_peers_penalised_total").unwrap(),
+        0.0,
+        "not blamed"
+    );
+    let log = std::fs::read_to_string(directory.path().join("node").join("node.log")).unwrap();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("another protocol version") && line.contains(&format!("theirs={newer}"))),
+        "the log does not give the reason"
+    );
+    // It is still connected and still answers, but opens no session with that peer.
+    assert!(peer.client.request(node_peer, frame).await.is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -357,6 +454,8 @@ async fn a_reconciliation_reply_carries_the_records_and_blobs_the_asker_lacks() 
                         message: ByteString(sync::encode(&[])),
                         records: vec![],
                         blobs: vec![],
+                        states: ByteString::default(),
+                        returned: ByteString::default(),
                     });
                     let _ = client.respond(channel, empty).await;
                 }
@@ -378,12 +477,15 @@ async fn a_reconciliation_reply_carries_the_records_and_blobs_the_asker_lacks() 
     let request = wire::Request::Reconcile {
         space: wire::WireSpace::Mailbox(mailbox),
         message: ByteString(sync::encode(&sync::initial(&empty, &limits).unwrap())),
+        states: ByteString::default(),
+        returned: ByteString::default(),
     };
     let answer = hostile.client.request(peer, wire::encode(&request)).await.unwrap();
     let Response::Reconcile {
         message,
         records,
         blobs,
+        ..
     } = wire::decode::<Response>(&answer).unwrap()
     else {
         panic!("not a reconciliation reply");
@@ -479,6 +581,8 @@ async fn gossip_with_a_stamp_far_in_the_future_is_refused() {
                     message: ByteString(sync::encode(&[])),
                     records: vec![],
                     blobs: vec![],
+                    states: ByteString::default(),
+                    returned: ByteString::default(),
                 });
                 let _ = hostile.client.respond(channel, empty).await;
             }

@@ -617,3 +617,70 @@ fn tombstones_every_member_acknowledged_are_collected_before_the_horizon() {
     assert_eq!(a.collect_tombstones(day_later, 100).unwrap(), 0);
     assert!(a.record(mailbox.id(), ids[5]).unwrap().is_some());
 }
+
+/// Rewrites the format marker of a closed store, as another build would have left it; `None`
+/// removes it, as every build before the marker did.
+fn set_format_marker(path: &std::path::Path, format: Option<u64>) {
+    let families = rocksdb::DB::list_cf(&rocksdb::Options::default(), path).unwrap();
+    let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), path, &families).unwrap();
+    let meta = db.cf_handle("meta").unwrap();
+    match format {
+        Some(format) => db.put_cf(&meta, b"format", format.to_be_bytes()).unwrap(),
+        None => db.delete_cf(&meta, b"format").unwrap(),
+    }
+}
+
+#[test]
+fn a_store_of_another_format_is_refused_at_open_with_what_to_do() {
+    let directory = tempfile::tempdir().unwrap();
+    let path = directory.path().join("store");
+    // A new store takes this build's format, and opens again.
+    {
+        let store = open(&path, 1);
+        append(&store, &inbox(), 0);
+    }
+    drop(open(&path, 1));
+    // A store written before the marker existed (data, no marker) is format 1.
+    set_format_marker(&path, None);
+    let refusal = Store::open(&path, NodeId(1), StoreOptions::default())
+        .err()
+        .expect("refused");
+    assert!(
+        matches!(
+            refusal,
+            StoreError::Format {
+                found: 1,
+                expected: mailmesh::store::STORE_FORMAT,
+                ..
+            }
+        ),
+        "{refusal:?}"
+    );
+    let message = refusal.to_string();
+    assert!(
+        message.contains(&format!(
+            "store at {} has format 1, this build reads format 2",
+            path.display()
+        )),
+        "{message}"
+    );
+    assert!(
+        message.contains("older mailmesh") && message.contains("empty"),
+        "{message}"
+    );
+    // An older marker says the same; a newer one says to run a newer build. Nothing is changed.
+    set_format_marker(&path, Some(1));
+    assert!(matches!(
+        Store::open(&path, NodeId(1), StoreOptions::default()),
+        Err(StoreError::Format { found: 1, .. })
+    ));
+    set_format_marker(&path, Some(3));
+    let newer = Store::open(&path, NodeId(1), StoreOptions::default())
+        .err()
+        .expect("refused");
+    assert!(newer.to_string().contains("newer mailmesh"), "{newer}");
+    // With its own format back, the store opens with its message intact.
+    set_format_marker(&path, Some(mailmesh::store::STORE_FORMAT));
+    let store = open(&path, 1);
+    assert_eq!(store.digest().unwrap().count, 1);
+}

@@ -44,9 +44,9 @@
 //! side reads the clock, allocates by a count the peer claims, or loops on what a peer sends.
 //!
 //! # Wire form
-//! CBOR, `[2, message]`; cells are one packed byte string ([`crate::sketch::encode_cells`]), key
+//! CBOR, `[SESSION_VERSION, message]` (3); cells are one packed byte string ([`crate::sketch::encode_cells`]), key
 //! lists 16 bytes per key. Trie messages are the bytes of [`crate::sync::encode`] unchanged,
-//! told apart by their version (1).
+//! told apart by their version ([`crate::sync::SYNC_VERSION`], 2).
 
 use serde::{Deserialize, Serialize};
 
@@ -55,7 +55,8 @@ use crate::sketch::{self, Cell, Decoder, DecoderLimits, Element, Side, SketchCel
 use crate::sync::{self, ByteString, Outcome, SyncError, SyncLimits};
 
 /// The session protocol version this build speaks.
-pub const SESSION_VERSION: u8 = 2;
+/// Above the trie protocol's [`sync::SYNC_VERSION`], which its messages start with.
+pub const SESSION_VERSION: u8 = 3;
 
 /// Tuning and safety limits for one side of a session.
 #[derive(Clone, Copy, Debug)]
@@ -368,7 +369,7 @@ pub fn respond<V: TreeView>(
             None,
             Outcome {
                 need_keys: keys.clone(),
-                need_prefixes: Vec::new(),
+                ..Outcome::default()
             },
         )),
         other => Err(SessionError::Unexpected(other.kind())),
@@ -445,7 +446,7 @@ fn on_open<V: TreeView>(
         }
         let outcome = Outcome {
             need_keys: recovered_ids(&decoder, Side::Theirs),
-            need_prefixes: Vec::new(),
+            ..Outcome::default()
         };
         let reply = Message::Settled {
             you_lack: recovered_ids(&decoder, Side::Mine),
@@ -569,7 +570,7 @@ fn keys_from_wire(bytes: &[u8], limits: &SessionLimits) -> Result<Vec<u128>, Ses
 }
 
 /// Encodes one message. A trie message travels as the bytes of [`sync::encode`] unchanged (they
-/// start with the trie protocol's version, 1); every other message is `[2, message]`.
+/// start with the trie protocol's version, `sync::SYNC_VERSION`); every other message is `[3, message]`.
 pub fn encode(message: &Message) -> Vec<u8> {
     let wire = match message {
         Message::Trie(elements) => return sync::encode(elements),
@@ -1062,20 +1063,20 @@ mod tests {
             cbor4ii::serde::to_vec(Vec::new(), &SessionWire(version, message)).unwrap()
         };
         let samples = [
-            wire(3, WireMessage::More(0, 1)),
-            wire(2, WireMessage::More(5, 5)),
-            wire(2, WireMessage::More(0, u64::MAX)),
-            wire(2, WireMessage::YouLack(ByteString(vec![0; 17]))),
-            wire(2, WireMessage::Cells(1, ByteString(vec![1, 0, 0]))),
+            wire(SESSION_VERSION + 1, WireMessage::More(0, 1)),
+            wire(SESSION_VERSION, WireMessage::More(5, 5)),
+            wire(SESSION_VERSION, WireMessage::More(0, u64::MAX)),
+            wire(SESSION_VERSION, WireMessage::YouLack(ByteString(vec![0; 17]))),
+            wire(SESSION_VERSION, WireMessage::Cells(1, ByteString(vec![1, 0, 0]))),
             wire(
-                2,
+                SESSION_VERSION,
                 WireMessage::Open(1, ByteString(vec![0]), ByteString(sync::encode(&[]))),
             ),
             wire(
-                2,
+                SESSION_VERSION,
                 WireMessage::Open(1, ByteString(vec![0; 2]), ByteString(sync::encode(&[]))),
             ),
-            vec![0x82, 0x01, 0xff],
+            vec![0x82, sync::SYNC_VERSION, 0xff],
             vec![0xff; 40],
             vec![],
         ];

@@ -18,7 +18,14 @@
 //!   the exact difference (keys it lacks or holds in another state become `need_keys`; keys the
 //!   sender lacks go back in one `YouLack`).
 //! - `ListRequest(P)`: "send me your leaves in P".
-//! - `YouLack(keys)` and `YouLackAll(P)`: what the receiver should pull from the sender.
+//! - `YouLack(keys)` and `YouLackAll(P)`: what the receiver should pull from the sender: keys and
+//!   prefixes it does not hold at all (so their records travel with their message bytes).
+//! - `Differ(P, check, bits)`: "of the leaves you listed in P, those whose bit is set are held here
+//!   in another state". Both sides hold those messages, so only their [`RecordState`]s travel: the
+//!   sender of `Differ` sends its states with the same message (in bit order), the receiver merges
+//!   them and sends back only the merged states that hold more than what it got ([`merge_state`]):
+//!   by position when it answers the message that brought them, with their IDs otherwise. `check` (8 bytes of a hash of the listed keys) lets the receiver refuse to
+//!   map the bits onto a list that has changed since it sent it.
 //!
 //! A side expanding a node whose leaves all sit in one child expands that child too in the same
 //! message, so the constant high nibbles of time-ordered IDs cost bytes, not round trips. A trie
@@ -36,14 +43,17 @@
 //! bulk (summaries, leaves, keys) is a packed byte string. Decoding checks every length before
 //! using it and refuses unknown versions, unsorted or out-of-prefix keys, and oversized lists.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 
 use serde::{Deserialize, Serialize};
 
+use crate::crdt;
 use crate::merkle::{Fingerprint, Prefix, Summary, TreeView, KEY_NIBBLES};
+use crate::model::{Flag, FlagRegister, MessageRecord, NodeId, Stamp};
 
-/// The protocol version this build speaks.
-pub const SYNC_VERSION: u8 = 1;
+/// The protocol version this build speaks. Version 2: `Differ` elements, and leaf lists that
+/// leave out the key bytes their prefix fixes.
+pub const SYNC_VERSION: u8 = 2;
 
 /// Tuning and safety limits for one side of reconciliation.
 #[derive(Clone, Copy, Debug)]
@@ -61,6 +71,12 @@ pub struct SyncLimits {
     pub max_elements: usize,
     /// The most keys one received element may carry.
     pub max_keys_per_element: usize,
+    /// This side asks the questions (it sends requests, the other side only answers): where both
+    /// could list a small differing child, it asks for the other side's list instead of sending
+    /// its own, so it is the one that finds differing states. The answering side keeps nothing
+    /// between messages; the asking side remembers the states it sent, so merged states can come
+    /// back by position instead of by key.
+    pub asks: bool,
 }
 
 impl Default for SyncLimits {
@@ -71,6 +87,7 @@ impl Default for SyncLimits {
             initial_list_threshold: 48,
             max_elements: 50_000,
             max_keys_per_element: 65_536,
+            asks: false,
         }
     }
 }
@@ -127,6 +144,13 @@ pub enum Element {
     YouLackAll {
         prefix: Prefix,
     },
+    Differ {
+        prefix: Prefix,
+        /// [`list_check`] of the keys of the list the bits refer to.
+        check: [u8; 8],
+        /// Bit `i` (byte `i / 8`, least significant bit first) marks the `i`-th listed leaf.
+        bits: Vec<u8>,
+    },
 }
 
 /// What one side learned it must pull from the other.
@@ -136,6 +160,14 @@ pub struct Outcome {
     pub need_keys: Vec<u128>,
     /// Prefixes in which this side holds nothing and the other side holds something.
     pub need_prefixes: Vec<Prefix>,
+    /// Keys both sides hold in different states, found here in the other side's leaf list and
+    /// named by a `Differ` of this side's reply, in bit order: this side's [`RecordState`]s of them
+    /// go with that reply, in this order. Also in `need_keys`.
+    pub differing: Vec<u128>,
+    /// One entry per bit set in the other side's `Differ` elements, in order: the key, or `None`
+    /// when this side's leaves in that prefix are no longer the list the bits refer to. The other
+    /// side's states came with its message in this order. Known keys are also in `need_keys`.
+    pub told_differing: Vec<Option<u128>>,
 }
 
 impl Outcome {
@@ -143,6 +175,8 @@ impl Outcome {
     pub fn extend(&mut self, other: Outcome) {
         self.need_keys.extend(other.need_keys);
         self.need_prefixes.extend(other.need_prefixes);
+        self.differing.extend(other.differing);
+        self.told_differing.extend(other.told_differing);
     }
 
     /// Whether nothing needs pulling.
@@ -220,6 +254,7 @@ pub fn respond<V: TreeView>(
             }
             Element::YouLack { keys } => outcome.need_keys.extend(keys.iter().copied()),
             Element::YouLackAll { prefix } => outcome.need_prefixes.push(*prefix),
+            Element::Differ { prefix, check, bits } => on_differ(view, *prefix, check, bits, limits, &mut outcome)?,
         }
     }
     if !you_lack.is_empty() {
@@ -255,9 +290,10 @@ fn on_children<V: TreeView>(
             Some(summary) if summary == my_aggregate.summary() => {}
             Some(_) if my_aggregate.is_empty() => outcome.need_prefixes.push(child),
             Some(summary) => {
-                if my_aggregate.count <= limits.leaf_threshold {
+                let they_list = summary.count <= limits.leaf_threshold && my_aggregate.count <= limits.exact_threshold;
+                if my_aggregate.count <= limits.leaf_threshold && !(limits.asks && they_list) {
                     reply.push(leaves_element(view, child, limits.leaf_threshold)?);
-                } else if summary.count <= limits.leaf_threshold && my_aggregate.count <= limits.exact_threshold {
+                } else if they_list {
                     reply.push(Element::ListRequest { prefix: child });
                 } else {
                     expand(view, child, limits, reply)?;
@@ -290,12 +326,17 @@ fn on_leaves<V: TreeView>(
         .map(|(key, hash)| LeafTag::of(*key, hash))
         .collect();
     let (mut mine_index, mut their_index) = (0, 0);
+    let mut differ_bits: Vec<u8> = Vec::new();
     while mine_index < mine.len() || their_index < theirs.len() {
         match (mine.get(mine_index), theirs.get(their_index)) {
             (Some(my_leaf), Some(their_leaf)) if my_leaf.key == their_leaf.key => {
                 if my_leaf.tag != their_leaf.tag {
                     outcome.need_keys.push(my_leaf.key);
-                    you_lack.push(my_leaf.key);
+                    outcome.differing.push(my_leaf.key);
+                    if differ_bits.is_empty() {
+                        differ_bits = vec![0u8; theirs.len().div_ceil(8)];
+                    }
+                    differ_bits[their_index / 8] |= 1 << (their_index % 8);
                 }
                 mine_index += 1;
                 their_index += 1;
@@ -314,6 +355,65 @@ fn on_leaves<V: TreeView>(
             }
             (None, None) => break,
         }
+    }
+    if !differ_bits.is_empty() {
+        reply.push(Element::Differ {
+            prefix,
+            check: list_check(theirs.iter().map(|leaf| leaf.key)),
+            bits: differ_bits,
+        });
+    }
+    Ok(())
+}
+
+/// 8 bytes of a hash of a list of keys: what a `Differ` element's bits refer to.
+pub fn list_check(keys: impl IntoIterator<Item = u128>) -> [u8; 8] {
+    let mut hasher = blake3::Hasher::new();
+    for key in keys {
+        hasher.update(&key.to_be_bytes());
+    }
+    let mut check = [0u8; 8];
+    check.copy_from_slice(&hasher.finalize().as_bytes()[..8]);
+    check
+}
+
+/// The positions of the set bits of a `Differ` bitmap, in order.
+pub fn set_bits(bits: &[u8]) -> impl Iterator<Item = usize> + '_ {
+    bits.iter().enumerate().flat_map(|(byte_index, byte)| {
+        (0..8)
+            .filter(move |bit| byte & (1 << bit) != 0)
+            .map(move |bit| byte_index * 8 + bit)
+    })
+}
+
+/// Maps a received `Differ` onto this side's own leaves of `prefix` (the list it sent).
+fn on_differ<V: TreeView>(
+    view: &V,
+    prefix: Prefix,
+    check: &[u8; 8],
+    bits: &[u8],
+    limits: &SyncLimits,
+    outcome: &mut Outcome,
+) -> Result<(), SyncError> {
+    // This side lists at most this many leaves; a longer list was never sent.
+    let longest = limits
+        .exact_threshold
+        .max(limits.leaf_threshold)
+        .max(limits.initial_list_threshold);
+    let longest = usize::try_from(longest).unwrap_or(usize::MAX);
+    let keys: Vec<u128> = view
+        .leaves(prefix, longest.saturating_add(1))
+        .map_err(store_error)?
+        .iter()
+        .map(|(key, _)| *key)
+        .collect();
+    let usable = keys.len() <= longest && list_check(keys.iter().copied()) == *check;
+    for position in set_bits(bits) {
+        let key = if usable { keys.get(position).copied() } else { None };
+        if let Some(key) = key {
+            outcome.need_keys.push(key);
+        }
+        outcome.told_differing.push(key);
     }
     Ok(())
 }
@@ -403,6 +503,9 @@ enum WireElement {
     YouLack(ByteString),
     #[serde(rename = "a")]
     YouLackAll(u8, ByteString),
+    /// Prefix, then 8 check bytes followed by the bitmap.
+    #[serde(rename = "d")]
+    Differ(u8, ByteString, ByteString),
 }
 
 /// A reconciliation message as it travels: version and elements.
@@ -430,6 +533,12 @@ fn take_varint(bytes: &[u8], position: &mut usize) -> Result<u64, SyncError> {
         }
     }
     Err(SyncError::Malformed("count longer than 64 bits".into()))
+}
+
+/// The leading key bytes every key in `prefix` shares (whole bytes of its nibbles), which a leaf
+/// list leaves out.
+fn shared_key_bytes(prefix: Prefix) -> usize {
+    (usize::from(prefix.depth()) / 2).min(16)
 }
 
 fn prefix_from_wire(depth: u8, bits: &ByteString) -> Result<Prefix, SyncError> {
@@ -477,9 +586,10 @@ fn to_wire(element: &Element) -> WireElement {
             WireElement::Children(prefix.depth(), ByteString(prefix.packed_bits()), ByteString(packed))
         }
         Element::Leaves { prefix, leaves } => {
-            let mut packed = Vec::with_capacity(leaves.len() * 24);
+            let shared = shared_key_bytes(*prefix);
+            let mut packed = Vec::with_capacity(leaves.len() * (24 - shared));
             for leaf in leaves {
-                packed.extend_from_slice(&leaf.key.to_be_bytes());
+                packed.extend_from_slice(&leaf.key.to_be_bytes()[shared..]);
                 packed.extend_from_slice(&leaf.tag);
             }
             WireElement::Leaves(prefix.depth(), ByteString(prefix.packed_bits()), ByteString(packed))
@@ -489,6 +599,12 @@ fn to_wire(element: &Element) -> WireElement {
             WireElement::YouLack(ByteString(keys.iter().flat_map(|key| key.to_be_bytes()).collect()))
         }
         Element::YouLackAll { prefix } => WireElement::YouLackAll(prefix.depth(), ByteString(prefix.packed_bits())),
+        Element::Differ { prefix, check, bits } => {
+            let mut packed = Vec::with_capacity(8 + bits.len());
+            packed.extend_from_slice(check);
+            packed.extend_from_slice(bits);
+            WireElement::Differ(prefix.depth(), ByteString(prefix.packed_bits()), ByteString(packed))
+        }
     }
 }
 
@@ -544,21 +660,26 @@ fn from_wire(element: WireElement, limits: &SyncLimits) -> Result<Element, SyncE
         }
         WireElement::Leaves(depth, bits, packed) => {
             let prefix = prefix_from_wire(depth, &bits)?;
-            if packed.0.len() % 24 != 0 {
-                return Err(SyncError::Malformed(
-                    "leaf list is not a whole number of 24-byte entries".into(),
-                ));
-            }
-            if packed.0.len() / 24 > limits.max_keys_per_element {
-                return Err(SyncError::LimitExceeded(format!(
-                    "{} leaves in one element",
-                    packed.0.len() / 24
+            let shared = shared_key_bytes(prefix);
+            let entry = 24 - shared;
+            if packed.0.len() % entry != 0 {
+                return Err(SyncError::Malformed(format!(
+                    "leaf list is not a whole number of {entry}-byte entries"
                 )));
             }
-            let mut leaves = Vec::with_capacity(packed.0.len() / 24);
-            for chunk in packed.0.chunks_exact(24) {
-                let key = u128::from_be_bytes(chunk[..16].try_into().unwrap_or([0; 16]));
-                let tag: [u8; 8] = chunk[16..].try_into().unwrap_or([0; 8]);
+            if packed.0.len() / entry > limits.max_keys_per_element {
+                return Err(SyncError::LimitExceeded(format!(
+                    "{} leaves in one element",
+                    packed.0.len() / entry
+                )));
+            }
+            let fixed = prefix.bounds().0.to_be_bytes();
+            let mut leaves = Vec::with_capacity(packed.0.len() / entry);
+            for chunk in packed.0.chunks_exact(entry) {
+                let mut key_bytes = fixed;
+                key_bytes[shared..].copy_from_slice(&chunk[..16 - shared]);
+                let key = u128::from_be_bytes(key_bytes);
+                let tag: [u8; 8] = chunk[16 - shared..].try_into().unwrap_or([0; 8]);
                 if !prefix.contains(key) {
                     return Err(SyncError::Malformed("leaf outside its prefix".into()));
                 }
@@ -578,7 +699,361 @@ fn from_wire(element: WireElement, limits: &SyncLimits) -> Result<Element, SyncE
         WireElement::YouLackAll(depth, bits) => Element::YouLackAll {
             prefix: prefix_from_wire(depth, &bits)?,
         },
+        WireElement::Differ(depth, prefix_bits, packed) => {
+            let prefix = prefix_from_wire(depth, &prefix_bits)?;
+            let (check, bits) = packed
+                .0
+                .split_first_chunk::<8>()
+                .ok_or_else(|| SyncError::Malformed("differ without its check".into()))?;
+            if bits.len() * 8 > limits.max_keys_per_element {
+                return Err(SyncError::LimitExceeded(format!(
+                    "a differ bitmap of {} bytes",
+                    bits.len()
+                )));
+            }
+            Element::Differ {
+                prefix,
+                check: *check,
+                bits: bits.to_vec(),
+            }
+        }
     })
+}
+
+// ---------------------------------------------------------------------------------------------
+// Record states
+// ---------------------------------------------------------------------------------------------
+
+/// The mutable part of a record: all two replicas that both hold a message can differ in. What a
+/// `Differ` sends instead of the record and its bytes.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct RecordState {
+    pub expunged: Option<Stamp>,
+    pub flags: BTreeMap<Flag, FlagRegister>,
+}
+
+impl RecordState {
+    /// The state of a record.
+    pub fn of(record: &MessageRecord) -> Self {
+        RecordState {
+            expunged: record.expunged,
+            flags: record.flags.clone(),
+        }
+    }
+
+    /// `record`'s immutable part with this state.
+    pub fn applied_to(&self, record: &MessageRecord) -> MessageRecord {
+        MessageRecord {
+            expunged: self.expunged,
+            flags: self.flags.clone(),
+            ..record.clone()
+        }
+    }
+}
+
+/// Merges a peer's state of a record this side holds: returns the merged record (what this side
+/// stores) and, when the merge holds more than the peer sent (this side knew something the peer
+/// did not), the merged state to send back. Once the peer merges that in, both hold the same.
+pub fn merge_state(mine: &MessageRecord, theirs: &RecordState) -> (MessageRecord, Option<RecordState>) {
+    // Same immutable part on both sides of the merge, so it cannot conflict.
+    let merged = crdt::merge(mine, &theirs.applied_to(mine)).unwrap_or_else(|_| mine.clone());
+    let state = RecordState::of(&merged);
+    let back = (state != *theirs).then_some(state);
+    (merged, back)
+}
+
+/// The most flags one state may carry (as for a whole record on the wire).
+pub const MAX_FLAGS_PER_STATE: usize = 256;
+/// The most distinct nodes the stamps of one block of states may name.
+const MAX_NODES_PER_BLOCK: u64 = 4096;
+
+const FLAG_SET: u8 = 0x80;
+const FLAG_KEYWORD: u8 = 5;
+
+/// How the states of one block name their records.
+enum BlockKeys<'a> {
+    /// In the order of the `Differ` bits they answer.
+    Implied,
+    /// By key, each stored as the count of leading bytes it shares with the previous key and
+    /// the rest.
+    Keys(&'a [u128]),
+    /// By position among the states the request brought.
+    Positions(&'a [u64]),
+}
+
+/// The stamps of one block of states: the nodes that made them, 8 bytes each and once, and the
+/// earliest time; a stamp is then a node position and a time offset (varints, about 5 bytes
+/// instead of 16, as a block's stamps come from few nodes within a short span).
+struct StampTable {
+    nodes: Vec<NodeId>,
+    base: u64,
+}
+
+impl StampTable {
+    fn of<'a>(states: impl Iterator<Item = &'a RecordState>) -> Self {
+        let mut nodes = Vec::new();
+        let mut base = u64::MAX;
+        for state in states {
+            for stamp in state
+                .expunged
+                .iter()
+                .chain(state.flags.values().map(|register| &register.stamp))
+            {
+                nodes.push(stamp.node);
+                base = base.min(stamp.time);
+            }
+        }
+        nodes.sort_unstable();
+        nodes.dedup();
+        StampTable {
+            nodes,
+            base: if base == u64::MAX { 0 } else { base },
+        }
+    }
+
+    fn put(&self, out: &mut Vec<u8>) {
+        put_varint(out, self.nodes.len() as u64);
+        for node in &self.nodes {
+            out.extend_from_slice(&node.0.to_be_bytes());
+        }
+        put_varint(out, self.base);
+    }
+
+    fn take(bytes: &[u8], position: &mut usize) -> Result<Self, SyncError> {
+        let count = take_varint(bytes, position)?;
+        if count > MAX_NODES_PER_BLOCK || count * 8 > bytes.len() as u64 {
+            return Err(SyncError::LimitExceeded(format!(
+                "{count} nodes in one block of states"
+            )));
+        }
+        let mut nodes = Vec::with_capacity(count as usize);
+        for _ in 0..count {
+            let slice = bytes
+                .get(*position..*position + 8)
+                .ok_or_else(|| SyncError::Malformed("truncated node of a state block".into()))?;
+            *position += 8;
+            nodes.push(NodeId(u64::from_be_bytes(slice.try_into().unwrap_or([0; 8]))));
+        }
+        let base = take_varint(bytes, position)?;
+        Ok(StampTable { nodes, base })
+    }
+
+    fn put_stamp(&self, out: &mut Vec<u8>, stamp: &Stamp) {
+        put_varint(out, self.nodes.binary_search(&stamp.node).unwrap_or(0) as u64);
+        put_varint(out, stamp.time.saturating_sub(self.base));
+    }
+
+    fn take_stamp(&self, bytes: &[u8], position: &mut usize) -> Result<Stamp, SyncError> {
+        let index = take_varint(bytes, position)?;
+        let node = usize::try_from(index)
+            .ok()
+            .and_then(|index| self.nodes.get(index))
+            .ok_or_else(|| SyncError::Malformed(format!("stamp names node {index} of {}", self.nodes.len())))?;
+        let time = self
+            .base
+            .checked_add(take_varint(bytes, position)?)
+            .ok_or_else(|| SyncError::Malformed("stamp time overflows".into()))?;
+        Ok(Stamp { time, node: *node })
+    }
+}
+
+fn put_state(out: &mut Vec<u8>, table: &StampTable, state: &RecordState) {
+    out.push(u8::from(state.expunged.is_some()));
+    if let Some(stamp) = &state.expunged {
+        table.put_stamp(out, stamp);
+    }
+    put_varint(out, state.flags.len() as u64);
+    for (flag, register) in &state.flags {
+        let set = if register.set { FLAG_SET } else { 0 };
+        match flag {
+            Flag::Seen => out.push(set),
+            Flag::Answered => out.push(set | 1),
+            Flag::Flagged => out.push(set | 2),
+            Flag::Deleted => out.push(set | 3),
+            Flag::Draft => out.push(set | 4),
+            Flag::Keyword(keyword) => {
+                out.push(set | FLAG_KEYWORD);
+                put_varint(out, keyword.len() as u64);
+                out.extend_from_slice(keyword.as_bytes());
+            }
+        }
+        table.put_stamp(out, &register.stamp);
+    }
+}
+
+fn take_state(bytes: &[u8], position: &mut usize, table: &StampTable) -> Result<RecordState, SyncError> {
+    let malformed = |what: &str| SyncError::Malformed(format!("record state: {what}"));
+    let header = *bytes.get(*position).ok_or_else(|| malformed("truncated"))?;
+    *position += 1;
+    let expunged = match header {
+        0 => None,
+        1 => Some(table.take_stamp(bytes, position)?),
+        _ => return Err(malformed("unknown header")),
+    };
+    let count = take_varint(bytes, position)?;
+    if count > MAX_FLAGS_PER_STATE as u64 {
+        return Err(SyncError::LimitExceeded(format!("{count} flags in one record state")));
+    }
+    let mut flags = BTreeMap::new();
+    for _ in 0..count {
+        let code = *bytes.get(*position).ok_or_else(|| malformed("truncated flag"))?;
+        *position += 1;
+        let flag = match code & !FLAG_SET {
+            0 => Flag::Seen,
+            1 => Flag::Answered,
+            2 => Flag::Flagged,
+            3 => Flag::Deleted,
+            4 => Flag::Draft,
+            FLAG_KEYWORD => {
+                let length = usize::try_from(take_varint(bytes, position)?).map_err(|_| malformed("keyword length"))?;
+                let text = bytes
+                    .get(*position..position.saturating_add(length))
+                    .ok_or_else(|| malformed("truncated keyword"))?;
+                *position += length;
+                let text = std::str::from_utf8(text).map_err(|_| malformed("keyword is not UTF-8"))?;
+                match text.parse::<Flag>() {
+                    Ok(keyword @ Flag::Keyword(_)) => keyword,
+                    _ => return Err(malformed("invalid keyword")),
+                }
+            }
+            _ => return Err(malformed("unknown flag code")),
+        };
+        let stamp = table.take_stamp(bytes, position)?;
+        let register = FlagRegister {
+            set: code & FLAG_SET != 0,
+            stamp,
+        };
+        if flags.insert(flag, register).is_some() {
+            return Err(malformed("a flag twice"));
+        }
+    }
+    Ok(RecordState { expunged, flags })
+}
+
+/// One block: the count, the stamp table, then each state after its key (if any).
+fn encode_block(states: &[&RecordState], keys: BlockKeys) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + states.len() * 12);
+    put_varint(&mut out, states.len() as u64);
+    let table = StampTable::of(states.iter().copied());
+    table.put(&mut out);
+    let mut previous = [0u8; 16];
+    for (index, state) in states.iter().enumerate() {
+        match &keys {
+            BlockKeys::Implied => {}
+            BlockKeys::Keys(keys) => {
+                let key = keys.get(index).copied().unwrap_or_default().to_be_bytes();
+                let shared = key
+                    .iter()
+                    .zip(&previous)
+                    .take_while(|(one, other)| one == other)
+                    .count()
+                    .min(15);
+                out.push(shared as u8);
+                out.extend_from_slice(&key[shared..]);
+                previous = key;
+            }
+            BlockKeys::Positions(positions) => put_varint(&mut out, positions.get(index).copied().unwrap_or_default()),
+        }
+        put_state(&mut out, &table, state);
+    }
+    out
+}
+
+/// Unpacks one block: the states and, per `keyed`, their keys or positions (as u128).
+fn decode_block(bytes: &[u8], limits: &SyncLimits, keyed: u8) -> Result<Vec<(u128, RecordState)>, SyncError> {
+    if bytes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut position = 0;
+    let count = take_varint(bytes, &mut position)?;
+    if count > limits.max_keys_per_element as u64 || count > bytes.len() as u64 {
+        return Err(SyncError::LimitExceeded(format!("{count} record states")));
+    }
+    let table = StampTable::take(bytes, &mut position)?;
+    let mut states = Vec::with_capacity(count as usize);
+    let mut previous = [0u8; 16];
+    for _ in 0..count {
+        let key = match keyed {
+            KEYS => {
+                let shared = usize::from(
+                    *bytes
+                        .get(position)
+                        .ok_or_else(|| SyncError::Malformed("truncated key".into()))?,
+                );
+                if shared > 15 {
+                    return Err(SyncError::Malformed("a key sharing more than 15 bytes".into()));
+                }
+                let rest = bytes
+                    .get(position + 1..position + 1 + 16 - shared)
+                    .ok_or_else(|| SyncError::Malformed("truncated key of a record state".into()))?;
+                position += 1 + 16 - shared;
+                previous[shared..].copy_from_slice(rest);
+                u128::from_be_bytes(previous)
+            }
+            POSITIONS => u128::from(take_varint(bytes, &mut position)?),
+            _ => 0,
+        };
+        states.push((key, take_state(bytes, &mut position, &table)?));
+    }
+    if position != bytes.len() {
+        return Err(SyncError::Malformed("trailing bytes after record states".into()));
+    }
+    Ok(states)
+}
+
+const IMPLIED: u8 = 0;
+const KEYS: u8 = 1;
+const POSITIONS: u8 = 2;
+
+/// Packs states that go with a `Differ`, in bit order (their keys are implied): a count, the
+/// block's stamp table, then each state (about 7 bytes for one flag).
+pub fn encode_states(states: &[RecordState]) -> Vec<u8> {
+    encode_block(&states.iter().collect::<Vec<_>>(), BlockKeys::Implied)
+}
+
+/// Unpacks [`encode_states`], refusing more than `limits.max_keys_per_element` states.
+pub fn decode_states(bytes: &[u8], limits: &SyncLimits) -> Result<Vec<RecordState>, SyncError> {
+    Ok(decode_block(bytes, limits, IMPLIED)?
+        .into_iter()
+        .map(|(_, state)| state)
+        .collect())
+}
+
+/// Packs merged states sent back in a request, each after its key (the leading bytes it shares
+/// with the previous key are counted, not repeated).
+pub fn encode_keyed_states(states: &[(u128, RecordState)]) -> Vec<u8> {
+    let keys: Vec<u128> = states.iter().map(|(key, _)| *key).collect();
+    encode_block(
+        &states.iter().map(|(_, state)| state).collect::<Vec<_>>(),
+        BlockKeys::Keys(&keys),
+    )
+}
+
+/// Unpacks [`encode_keyed_states`], refusing more than `limits.max_keys_per_element` states.
+pub fn decode_keyed_states(bytes: &[u8], limits: &SyncLimits) -> Result<Vec<(u128, RecordState)>, SyncError> {
+    decode_block(bytes, limits, KEYS)
+}
+
+/// Packs merged states sent back in a reply, each after the position of the state it answers
+/// among those the request brought: the asker knows which keys those were.
+pub fn encode_indexed_states(states: &[(u64, RecordState)]) -> Vec<u8> {
+    let positions: Vec<u64> = states.iter().map(|(position, _)| *position).collect();
+    encode_block(
+        &states.iter().map(|(_, state)| state).collect::<Vec<_>>(),
+        BlockKeys::Positions(&positions),
+    )
+}
+
+/// Unpacks [`encode_indexed_states`], refusing more than `limits.max_keys_per_element` states.
+pub fn decode_indexed_states(bytes: &[u8], limits: &SyncLimits) -> Result<Vec<(u64, RecordState)>, SyncError> {
+    decode_block(bytes, limits, POSITIONS)?
+        .into_iter()
+        .map(|(position, state)| {
+            u64::try_from(position)
+                .map(|position| (position, state))
+                .map_err(|_| SyncError::Malformed("position out of range".into()))
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -596,8 +1071,15 @@ mod tests {
     /// Runs a whole session between two trees, through the wire encoding, and returns
     /// (what a needs, what b needs, messages).
     fn run(a: &MemoryTree, b: &MemoryTree, limits: &SyncLimits) -> (Outcome, Outcome, usize) {
+        let (a_needs, b_needs, messages, _) = run_telling(a, b, limits);
+        (a_needs, b_needs, messages)
+    }
+
+    /// As [`run`], and also the `YouLack` keys each side sent: (a's, b's).
+    fn run_telling(a: &MemoryTree, b: &MemoryTree, limits: &SyncLimits) -> (Outcome, Outcome, usize, [Vec<u128>; 2]) {
         let mut outgoing = initial(a, limits).unwrap();
         let (mut a_needs, mut b_needs) = (Outcome::default(), Outcome::default());
+        let mut told: [Vec<u128>; 2] = [Vec::new(), Vec::new()];
         let mut messages = 0;
         let mut a_turn = false;
         while !outgoing.is_empty() {
@@ -606,14 +1088,24 @@ mod tests {
             let decoded = decode(&encode(&outgoing), limits).unwrap();
             assert_eq!(decoded, outgoing);
             let (view, needs) = if a_turn { (a, &mut a_needs) } else { (b, &mut b_needs) };
-            let (reply, outcome) = respond(view, &decoded, limits).unwrap();
+            // Only `a` may ask (it sent the first message); `b` answers.
+            let side_limits = SyncLimits {
+                asks: limits.asks && a_turn,
+                ..*limits
+            };
+            let (reply, outcome) = respond(view, &decoded, &side_limits).unwrap();
+            for element in &reply {
+                if let Element::YouLack { keys } = element {
+                    told[usize::from(!a_turn)].extend(keys.iter().copied());
+                }
+            }
             needs.extend(outcome);
             outgoing = reply;
             a_turn = !a_turn;
         }
         a_needs.normalize();
         b_needs.normalize();
-        (a_needs, b_needs, messages)
+        (a_needs, b_needs, messages, told)
     }
 
     /// Applies what `needer` learned by copying from `source`.
@@ -639,6 +1131,7 @@ mod tests {
             only_b in proptest::collection::btree_set(any::<u64>(), 0..60),
             changed in proptest::collection::btree_set(any::<u64>(), 0..20),
             time_ordered in any::<bool>(),
+            a_asks in any::<bool>(),
         ) {
             let key_of = |value: u64| if time_ordered {
                 (u128::from(1_767_000_000_000u64 + value % 10_000_000) << 80) | u128::from(value)
@@ -654,8 +1147,8 @@ mod tests {
             }
             for value in &only_a { a.insert(key_of(*value), leaf(key_of(*value), 0)); }
             for value in &only_b { b.insert(key_of(*value), leaf(key_of(*value), 0)); }
-            let limits = SyncLimits { leaf_threshold: 4, exact_threshold: 16, ..SyncLimits::default() };
-            let (a_needs, b_needs, messages) = run(&a, &b, &limits);
+            let limits = SyncLimits { leaf_threshold: 4, exact_threshold: 16, asks: a_asks, ..SyncLimits::default() };
+            let (a_needs, b_needs, messages, told) = run_telling(&a, &b, &limits);
             prop_assert!(messages <= 2 * 33);
             let mut a_synced = a.clone();
             let mut b_synced = b.clone();
@@ -675,6 +1168,25 @@ mod tests {
             for key in &a_needs.need_keys {
                 prop_assert!(a.get(*key) != b.get(*key));
             }
+            // `YouLack` names only keys the other side does not hold; keys both hold in
+            // different states go by `Differ`, and the receiver maps every bit back to its key.
+            for (sender, receiver, told) in [(&a, &b, &told[0]), (&b, &a, &told[1])] {
+                for key in told {
+                    prop_assert!(sender.get(*key).is_some() && receiver.get(*key).is_none(), "key {:x}", key);
+                }
+            }
+            for (needs, other) in [(&a_needs, &b_needs), (&b_needs, &a_needs)] {
+                for key in &needs.differing {
+                    prop_assert!(a.get(*key).is_some() && b.get(*key).is_some() && a.get(*key) != b.get(*key));
+                }
+                let told: Vec<u128> = other.told_differing.iter().map(|key| key.expect("lists unchanged")).collect();
+                prop_assert_eq!(&told, &needs.differing, "told in the order found");
+            }
+            let mut found: Vec<u128> = a_needs.differing.iter().chain(&b_needs.differing).copied().collect();
+            found.sort_unstable();
+            let mut expected: Vec<u128> = changed.intersection(&shared).map(|value| key_of(*value)).collect();
+            expected.sort_unstable();
+            prop_assert_eq!(found, expected, "every differing state is found once");
         }
     }
 
@@ -740,13 +1252,13 @@ mod tests {
         let samples: Vec<Vec<u8>> = vec![
             vec![],
             vec![0xff; 64],
-            cbor4ii::serde::to_vec(Vec::new(), &(2u8, Vec::<u8>::new())).unwrap(),
+            cbor4ii::serde::to_vec(Vec::new(), &(SYNC_VERSION + 1, Vec::<u8>::new())).unwrap(),
             // children with a bitmap claiming 16 children and no data
             encode(&[]).into_iter().take(2).collect(),
             cbor4ii::serde::to_vec(
                 Vec::new(),
                 &SyncMessage(
-                    1,
+                    SYNC_VERSION,
                     vec![WireElement::Children(
                         40,
                         ByteString(vec![0; 20]),
@@ -758,7 +1270,7 @@ mod tests {
             cbor4ii::serde::to_vec(
                 Vec::new(),
                 &SyncMessage(
-                    1,
+                    SYNC_VERSION,
                     vec![WireElement::Children(
                         1,
                         ByteString(vec![0x10]),
@@ -770,7 +1282,7 @@ mod tests {
             cbor4ii::serde::to_vec(
                 Vec::new(),
                 &SyncMessage(
-                    1,
+                    SYNC_VERSION,
                     vec![WireElement::Leaves(1, ByteString(vec![0x10]), ByteString(vec![0; 25]))],
                 ),
             )
@@ -778,14 +1290,14 @@ mod tests {
             cbor4ii::serde::to_vec(
                 Vec::new(),
                 &SyncMessage(
-                    1,
+                    SYNC_VERSION,
                     vec![WireElement::Leaves(1, ByteString(vec![0x10]), ByteString(vec![0; 24]))],
                 ),
             )
             .unwrap(),
             cbor4ii::serde::to_vec(
                 Vec::new(),
-                &SyncMessage(1, vec![WireElement::YouLack(ByteString(vec![1; 17]))]),
+                &SyncMessage(SYNC_VERSION, vec![WireElement::YouLack(ByteString(vec![1; 17]))]),
             )
             .unwrap(),
         ];
@@ -798,6 +1310,120 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode(&bytes, &SyncLimits::default());
+            let _ = decode_states(&bytes, &SyncLimits::default());
+            let _ = decode_keyed_states(&bytes, &SyncLimits::default());
+            let _ = decode_indexed_states(&bytes, &SyncLimits::default());
         }
+    }
+
+    fn arbitrary_state() -> impl Strategy<Value = RecordState> {
+        let stamp = (0u64..1 << 60, 0u64..4).prop_map(|(time, node)| Stamp {
+            time,
+            node: NodeId(node),
+        });
+        let flag = prop_oneof![
+            Just(Flag::Seen),
+            Just(Flag::Answered),
+            Just(Flag::Flagged),
+            Just(Flag::Deleted),
+            Just(Flag::Draft),
+            "[a-z$]{1,12}".prop_map(|text| text.parse::<Flag>().unwrap()),
+        ];
+        (
+            proptest::option::of(stamp.clone()),
+            proptest::collection::btree_map(
+                flag,
+                (any::<bool>(), stamp).prop_map(|(set, stamp)| FlagRegister { set, stamp }),
+                0..6,
+            ),
+        )
+            .prop_map(|(expunged, flags)| RecordState { expunged, flags })
+    }
+
+    proptest! {
+        #[test]
+        fn record_states_round_trip_through_their_packing(states in proptest::collection::vec(arbitrary_state(), 0..20)) {
+            let limits = SyncLimits::default();
+            prop_assert_eq!(&decode_states(&encode_states(&states), &limits).unwrap(), &states);
+            let keyed: Vec<(u128, RecordState)> = states.iter().cloned().enumerate().map(|(index, state)| (index as u128 * 0x1234_5678_9abc, state)).collect();
+            prop_assert_eq!(decode_keyed_states(&encode_keyed_states(&keyed), &limits).unwrap(), keyed);
+            let indexed: Vec<(u64, RecordState)> = states.iter().cloned().enumerate().map(|(index, state)| (index as u64 * 300, state)).collect();
+            prop_assert_eq!(decode_indexed_states(&encode_indexed_states(&indexed), &limits).unwrap(), indexed);
+        }
+
+        /// Two replicas of one message in any states: one sends its state, the other merges and
+        /// sends back only what the first lacked; then both hold the merge of the two, and
+        /// nothing goes back when the first already held everything.
+        #[test]
+        fn one_state_each_way_at_most_makes_both_replicas_equal(first in arbitrary_state(), second in arbitrary_state()) {
+            let base = MessageRecord::new(crate::model::MessageId(7), crate::model::BlobHash::of(b"raw"), 3, 4, NodeId(1));
+            let (mine, theirs) = (first.applied_to(&base), second.applied_to(&base));
+            let expected = crdt::merge(&mine, &theirs).unwrap();
+            // `mine` found the difference and sends its state; `theirs` merges it.
+            let (theirs_merged, back) = merge_state(&theirs, &RecordState::of(&mine));
+            prop_assert_eq!(&theirs_merged, &expected);
+            let mine_merged = match &back {
+                Some(state) => merge_state(&mine, state).0,
+                None => mine.clone(),
+            };
+            prop_assert_eq!(&mine_merged, &expected);
+            prop_assert_eq!(back.is_none(), RecordState::of(&expected) == first);
+        }
+    }
+
+    #[test]
+    fn a_differ_onto_a_list_that_changed_since_is_not_mapped() {
+        let limits = SyncLimits::default();
+        let mut a = MemoryTree::new(StoredDepth::MAILBOX);
+        let mut b = MemoryTree::new(StoredDepth::MAILBOX);
+        for value in 0..10u128 {
+            a.insert(value << 100, leaf(value, 0));
+            b.insert(value << 100, leaf(value, u8::from(value % 3 == 0)));
+        }
+        let first = initial(&a, &limits).unwrap();
+        let (reply, b_outcome) = respond(&b, &first, &limits).unwrap();
+        assert_eq!(b_outcome.differing, vec![0, 3 << 100, 6 << 100, 9 << 100]);
+        assert!(matches!(reply.as_slice(), [Element::Differ { .. }]), "{reply:?}");
+        let (_, a_outcome) = respond(&a, &reply, &limits).unwrap();
+        assert_eq!(
+            a_outcome.told_differing,
+            b_outcome.differing.iter().map(|key| Some(*key)).collect::<Vec<_>>()
+        );
+        // A new message in that prefix since a's list went out: the bits no longer say which.
+        a.insert(11 << 100, leaf(11, 0));
+        let (_, a_outcome) = respond(&a, &reply, &limits).unwrap();
+        assert_eq!(a_outcome.told_differing, vec![None; 4]);
+        assert!(a_outcome.need_keys.is_empty());
+    }
+
+    #[test]
+    fn hostile_record_states_are_refused() {
+        let limits = SyncLimits::default();
+        let one = encode_states(&[RecordState::default()]);
+        // One state, a stamp table of one node (0) and base time 0, then the state.
+        let table = |rest: &[u8]| [vec![1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0], rest.to_vec()].concat();
+        let samples: Vec<Vec<u8>> = vec![
+            vec![5],                                // five states announced, none there
+            vec![1, 200, 1],                        // 200 nodes announced, none there
+            table(&[2]),                            // unknown header
+            table(&[1]),                            // truncated tombstone stamp
+            table(&[1, 5, 0, 0]),                   // a stamp naming node 5 of 1
+            table(&[0, 1, 9]),                      // unknown flag code
+            table(&[0, 1, 5, 200, 1]),              // keyword longer than the bytes
+            table(&[0, 1, 5, 1, b'\\']),            // a system flag's spelling as a keyword
+            table(&[0, 2, 0x80, 0, 0, 0x80, 0, 0]), // a flag twice
+            // base time u64::MAX, then a stamp one past it
+            [
+                vec![1, 1, 0, 0, 0, 0, 0, 0, 0, 0],
+                vec![0xff; 9],
+                vec![0x01, 0, 1, 0x80, 0, 1],
+            ]
+            .concat(),
+            [one.clone(), vec![0]].concat(), // trailing bytes
+        ];
+        for sample in samples {
+            assert!(decode_states(&sample, &limits).is_err(), "{sample:?} should be refused");
+        }
+        assert_eq!(decode_states(&one, &limits).unwrap(), vec![RecordState::default()]);
     }
 }
