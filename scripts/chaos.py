@@ -24,10 +24,14 @@ the halves do not see each other). Healing moves the ports back, removes `eth1` 
 node's ARP cache.
 
 Other faults: SIGSTOP then SIGCONT; kill -9 then restart (same store); kill -9 and restart with a
-new `MAILMESH_CLOCK_OFFSET_MS` (up to an hour either way); a node drained (its clients stop, the
-cluster converges), killed, its data dir removed and restarted: a new member with a new identity.
-One fault is active at a time; the schedule is drawn from --seed before the run and written to the
-history, so `--seed S --duration D` replays the same faults (thread timing still varies).
+new `MAILMESH_CLOCK_OFFSET_MS` (up to an hour either way); a node drained (every client rests until
+the cluster agrees, so that the wipe loses nothing only it held), killed, its data dir removed and
+restarted: a new member with a new identity and an empty store.
+One fault is active at a time, except that about a third of the partitions also crash a node as
+they begin and restart it (perhaps with another clock offset) halfway through. The last fault lasts
+until the load stops, so the final heal heals something real. The schedule is drawn from --seed
+alone before the run and written to the history, so `--seed S --duration D` replays the same faults
+(thread timing still varies).
 
 Clients: one per node, each appending, changing one flag, or expunging, with a 3 s timeout. Every
 request is a line of history.jsonl with its outcome: ok (acknowledged), fail (refused before it
@@ -649,43 +653,61 @@ def all_same_digest(nodes, timeout=2.0):
 # The schedule
 # ------------------------------------------------------------------------------------------------
 
-FAULT_WEIGHTS = {"isolate": 3, "halves": 3, "bridge": 3, "pause": 3, "kill": 3, "clock": 2, "wipe": 1}
+FAULT_WEIGHTS = {"isolate": 3, "halves": 3, "bridge": 3, "pause": 3, "kill": 3, "clock": 2, "wipe": 2}
 
 
 def draw_offset(rng):
     return rng.choice([0, rng.randint(-HOUR_MS, HOUR_MS), rng.choice([-HOUR_MS, HOUR_MS])])
 
 
+def draw_fault(rng, kind, count, length):
+    """Parameters of one fault of `kind` over `count` nodes: (parameters, length)."""
+    order = list(range(count))
+    rng.shuffle(order)
+    parameters = {}
+    if kind in ("isolate", "pause", "kill", "clock", "wipe"):
+        parameters["node"] = order[0]
+    if kind in ("kill", "clock", "wipe"):
+        length = rng.uniform(0.3, 5)
+        parameters["offset_ms"] = draw_offset(rng) if kind in ("clock", "wipe") or rng.random() < 0.3 else None
+    if kind == "pause":
+        length = rng.uniform(1, 8)
+    if kind in ("halves", "bridge"):
+        half = count // 2
+        parameters["other_half"] = sorted(order[:half])
+        if kind == "bridge":
+            parameters["middle"] = order[half]
+    if kind in ("isolate", "halves", "bridge") and rng.random() < 0.35:
+        # A crash inside the partition: killed as it starts, restarted halfway through it.
+        parameters["crash"] = order[-1]
+        parameters["crash_offset_ms"] = draw_offset(rng) if rng.random() < 0.5 else None
+    return parameters, length
+
+
 def make_schedule(seed, duration, count):
-    """The faults of a run, drawn from the seed alone: [(start, kind, parameters, length)]."""
+    """The faults of a run, drawn from the seed alone: [(start, kind, parameters, length)]. The
+    last one lasts until the load stops, so that the final heal heals a real fault."""
     rng = random.Random(seed)
     schedule = []
     moment = rng.uniform(2, 5)
     wipes = 0
-    while moment < duration - 6:
+    final_start = max(moment, duration - 8)
+    while moment < final_start - 4:
         kind = rng.choices(list(FAULT_WEIGHTS), list(FAULT_WEIGHTS.values()))[0]
         if kind == "wipe" and wipes >= 2:
             kind = "kill"
-        order = list(range(count))
-        rng.shuffle(order)
-        length = rng.uniform(3, 12)
-        parameters = {}
-        if kind in ("isolate", "pause", "kill", "clock", "wipe"):
-            parameters["node"] = order[0]
-        if kind in ("kill", "clock", "wipe"):
-            length = rng.uniform(0.3, 5)
-            parameters["offset_ms"] = draw_offset(rng) if kind in ("clock", "wipe") or rng.random() < 0.3 else None
-        if kind == "pause":
-            length = rng.uniform(1, 8)
-        if kind in ("halves", "bridge"):
-            half = count // 2
-            parameters["other_half"] = sorted(order[:half])
-            if kind == "bridge":
-                parameters["middle"] = order[half]
         wipes += kind == "wipe"
-        length = min(length, max(1.0, duration - 3 - moment))
+        parameters, length = draw_fault(rng, kind, count, rng.uniform(3, 12))
+        length = min(length, max(1.0, final_start - 2 - moment))
         schedule.append((round(moment, 3), kind, parameters, round(length, 3)))
         moment += length + rng.uniform(1, 5)
+    kind = rng.choice(["isolate", "halves", "bridge", "pause", "kill"])
+    parameters, _ = draw_fault(rng, kind, count, 0)
+    parameters.pop("crash", None)
+    parameters.pop("crash_offset_ms", None)
+    parameters.pop("offset_ms", None)
+    parameters["until_end"] = True
+    schedule.append((round(max(moment, final_start), 3), kind, parameters, round(duration - max(moment, final_start), 3)))
     return schedule
 
 
@@ -711,6 +733,15 @@ class Nemesis:
             node.paused = True
         elif kind in ("kill", "clock"):
             node.kill()
+        crash = self.nodes[parameters["crash"]] if "crash" in parameters else None
+        if crash is not None:
+            crash.kill()
+            stop.wait(length / 2)
+            if parameters.get("crash_offset_ms") is not None:
+                crash.offset_ms = parameters["crash_offset_ms"]
+            crash.start(history)
+            crash.wait_healthy()
+            length /= 2
         elif kind == "wipe":
             # A wipe loses what only this node held; to test rejoining, not that loss, every client
             # rests until the cluster agrees (or 20 s pass: then the node is only killed).
@@ -724,6 +755,8 @@ class Nemesis:
                 node.wipe()
             for other in self.nodes:
                 other.accepting = other is not node
+        if parameters.get("until_end"):
+            return  # healed by heal_all when the load stops
         stop.wait(length)
         self.heal_one(kind, parameters)
 
