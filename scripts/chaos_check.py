@@ -26,7 +26,7 @@ or the record's state hash read on Y's node just before Y equals one read just a
 change known to follow X); or a barrier (every node reporting one digest) fell between X's end and
 Y's start with Y's node the same member as at the barrier. When one acknowledged change follows
 every other change of the register that may have applied, its value must win on every node; when
-all such changes set the same value, that value must win; otherwise (concurrent, or unknown
+all such changes set the same value and one of them was acknowledged, that value must win; otherwise (concurrent, or unknown
 changes) the checker only requires agreement, and the summary counts both kinds.
 
 Elements, as in Jepsen's set checker: every append is `stable` (acknowledged and present on every
@@ -295,7 +295,9 @@ def rule_flag_winners(run):
             expected = None
             if not candidates:
                 expected = False
-            elif len({op["set"] for op in candidates}) == 1:
+            elif len({op["set"] for op in candidates}) == 1 and any(op["outcome"] == "ok" for op in candidates):
+                # One value, applied at least once: whichever stamp wins carries it. (With only
+                # unknown changes the register may still be unset.)
                 expected = candidates[0]["set"]
             else:
                 contested += 1
