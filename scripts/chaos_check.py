@@ -1,0 +1,415 @@
+#!/usr/bin/env python3
+"""The checker of scripts/chaos.py: reads a run's history.jsonl and final.json and prints one JSON
+summary line; `--totals FILE` sums summary lines (one per run) into the totals of many runs.
+
+    scripts/chaos_check.py WORKDIR          # re-check a kept run
+    scripts/chaos_check.py --totals runs.jsonl
+
+Rules (each is a function in RULES; a new operation kind adds its own):
+- lost: an acknowledged append absent from the final listing of some node (or present with other
+  bytes: `corrupt`), unless an expunge of it was acknowledged or has an unknown outcome;
+- resurrected: a message whose expunge was acknowledged, listed by some node at the end; or listed
+  by a node again after that node's complete listing had stopped showing it; or listed by the node
+  that acknowledged its expunge, after the acknowledgement;
+- divergent: a message listed on some nodes and not others, or with other flags or mailbox;
+  plus every flag whose final value differs from the value the stamps must make win (below);
+- duplicates: one ID listed twice by a node, or one append (its unique subject) listed under two IDs;
+- stale reads: a node's complete listing without a message that node had acknowledged appending
+  (same member, no expunge of it begun before);
+- unexpected: a listed message that no append of this run sent.
+
+Flag winners. The API does not expose flag stamps, so the expected winner of a (message, flag)
+register comes from the history where it is unambiguous. A change Y is known to come after X when
+Y's node held X's effect when Y was stamped (the node's clock is then past X's stamp): X and Y on
+the same node member with X acknowledged (or X's process dead, for an unknown X) before Y began;
+or the record's state hash read on Y's node just before Y equals one read just after X (or after a
+change known to follow X); or a barrier (every node reporting one digest) fell between X's end and
+Y's start with Y's node the same member as at the barrier. When one acknowledged change follows
+every other change of the register that may have applied, its value must win on every node; when
+all such changes set the same value and one of them was acknowledged, that value must win; otherwise (concurrent, or unknown
+changes) the checker only requires agreement, and the summary counts both kinds.
+
+Elements, as in Jepsen's set checker: every append is `stable` (acknowledged and present on every
+node, or legitimately expunged), `lost`, `unknown_applied` / `never_read` (outcome unknown, then
+present / absent everywhere).
+"""
+
+import collections
+import json
+import os
+import sys
+
+FLAGS = ["\\Seen", "\\Flagged", "\\Answered", "$Work"]
+
+
+class Run:
+    """A run's history and final state, indexed for the rules."""
+
+    def __init__(self, directory):
+        self.directory = directory
+        self.header = None
+        self.ops, self.reads, self.barriers, self.events = [], [], [], []
+        with open(os.path.join(directory, "history.jsonl")) as handle:
+            for line in handle:
+                if not line.strip():
+                    continue
+                record = json.loads(line)
+                kind = record.get("type")
+                if kind == "run":
+                    self.header = record
+                elif kind == "op":
+                    self.ops.append(record)
+                elif kind == "read":
+                    self.reads.append(record)
+                elif kind == "barrier":
+                    self.barriers.append(record)
+                elif kind == "event":
+                    self.events.append(record)
+        with open(os.path.join(directory, "final.json")) as handle:
+            self.final = json.load(handle)
+        self.node_keys = sorted(key for key in self.final if key.isdigit())
+        # Final listings: node -> id -> (mailbox, flags, sha256, subject), and duplicates found.
+        self.listed = {}
+        self.duplicate_ids = []
+        for node in self.node_keys:
+            by_id = {}
+            for mailbox, content in self.final[node]["mailboxes"].items():
+                for message in content["messages"]:
+                    if message["id"] in by_id:
+                        self.duplicate_ids.append((node, message["id"]))
+                    by_id[message["id"]] = (mailbox, tuple(message["flags"]), message["sha256"], message["subject"])
+            self.listed[node] = by_id
+        self.appends = [op for op in self.ops if op["kind"] == "append"]
+        self.append_by_id = {op["id"]: op for op in self.appends if op["outcome"] == "ok" and "id" in op}
+        self.append_by_subject = {op["subject"]: op for op in self.appends if "subject" in op}
+        self.expunges = collections.defaultdict(list)
+        for op in self.ops:
+            if op["kind"] == "expunge":
+                self.expunges[op["id"]].append(op)
+        # When each life of each node ended (its next start), to bound unknown operations.
+        starts = collections.defaultdict(dict)
+        for event in self.events:
+            if event["event"] == "start":
+                starts[event["node"]][event["life"]] = event["time"]
+        self.life_ended = {(node, life - 1): moment for node, lives in starts.items() for life, moment in lives.items()}
+
+    def expunge_may_have_applied(self, message_id):
+        return any(op["outcome"] in ("ok", "unknown") for op in self.expunges.get(message_id, []))
+
+    def expunge_acknowledged(self, message_id):
+        return [op for op in self.expunges.get(message_id, []) if op["outcome"] == "ok"]
+
+
+def mailbox_of(op):
+    return f"{op['account']}/{op['mailbox']}"
+
+
+# ------------------------------------------------------------------------------------------------
+# Rules: each returns a dict of counts (and `details`, a few examples kept for the report)
+# ------------------------------------------------------------------------------------------------
+
+def rule_appends(run):
+    lost, corrupt, details = set(), set(), []
+    elements = collections.Counter()
+    for op in run.appends:
+        message_id = op.get("id")
+        if op["outcome"] == "fail":
+            continue
+        if op["outcome"] == "unknown":
+            present = [node for node in run.node_keys
+                       if any(entry[3] == op["subject"] for entry in run.listed[node].values())]
+            if len(present) == len(run.node_keys):
+                elements["unknown_applied"] += 1
+            elif not present:
+                elements["never_read"] += 1
+            else:
+                elements["unknown_partial"] += 1  # counted as divergent by rule_divergence
+            continue
+        expunged = run.expunge_may_have_applied(message_id)
+        missing = []
+        for node in run.node_keys:
+            entry = run.listed[node].get(message_id)
+            if entry is None:
+                if not expunged:
+                    missing.append(node)
+                continue
+            if entry[0] != mailbox_of(op) or entry[2] != op["sha256"]:
+                corrupt.add(message_id)
+                details.append({"corrupt": message_id, "node": node, "listed": entry[:3:2], "op": op["index"]})
+        if missing:
+            lost.add(message_id)
+            details.append({"lost": message_id, "missing_on": missing, "op": op["index"], "node": op["node"]})
+            elements["lost"] += 1
+        else:
+            elements["stable"] += 1
+    return {"lost": len(lost), "corrupt": len(corrupt), "elements": dict(elements), "details": details[:20]}
+
+
+def replay_reads(run):
+    """Yields (read, listed ids after it) per (node, member, mailbox), in history order."""
+    state = {}
+    for read in run.reads:
+        key = (read["node"], read["member"], read["account"], read["mailbox"])
+        ids = state.setdefault(key, set())
+        ids.difference_update(read["removed"])
+        ids.update(read["added"])
+        yield read, ids
+
+
+def rule_resurrection(run):
+    resurrected, details = set(), []
+    for node in run.node_keys:
+        for message_id in run.listed[node]:
+            acknowledged = run.expunge_acknowledged(message_id)
+            if acknowledged:
+                resurrected.add(message_id)
+                details.append({"resurrected": message_id, "listed_at_end_on": node,
+                                "expunge_ops": [op["index"] for op in acknowledged]})
+    gone = collections.defaultdict(set)
+    expunged_here = collections.defaultdict(dict)  # (node, member) -> id -> completion time
+    for op in run.ops:
+        if op["kind"] == "expunge" and op["outcome"] == "ok":
+            expunged_here[(op["node"], op["member"])][op["id"]] = op["completed"]
+    for read, ids in replay_reads(run):
+        key = (read["node"], read["member"], read["account"], read["mailbox"])
+        back = set(read["added"]) & gone[key]
+        for message_id in back:
+            resurrected.add(message_id)
+            details.append({"resurrected": message_id, "listed_again_by_read": read["index"]})
+        gone[key].update(read["removed"])
+        for message_id, completed in expunged_here[(read["node"], read["member"])].items():
+            if message_id in ids and completed < read["invoked"]:
+                resurrected.add(message_id)
+                details.append({"resurrected": message_id, "listed_after_local_expunge_by_read": read["index"]})
+    return {"resurrected": len(resurrected), "details": details[:20]}
+
+
+def rule_stale_reads(run):
+    stale, details = 0, []
+    acknowledged = collections.defaultdict(list)
+    for op in run.appends:
+        if op["outcome"] == "ok":
+            acknowledged[(op["node"], op["member"], op["account"], op["mailbox"])].append(op)
+    for read, ids in replay_reads(run):
+        key = (read["node"], read["member"], read["account"], read["mailbox"])
+        for op in acknowledged[key]:
+            if op["completed"] >= read["invoked"] or op["id"] in ids:
+                continue
+            if any(other["invoked"] < read["completed"] and other["outcome"] != "fail"
+                   for other in run.expunges.get(op["id"], [])):
+                continue
+            stale += 1
+            if len(details) < 10:
+                details.append({"stale_read": read["index"], "missing": op["id"], "append_op": op["index"]})
+    return {"stale_reads": stale, "details": details}
+
+
+def rule_duplicates(run):
+    duplicates, details = len(run.duplicate_ids), [{"duplicate_id": pair} for pair in run.duplicate_ids[:10]]
+    unexpected = 0
+    for node in run.node_keys:
+        subjects = collections.Counter(entry[3] for entry in run.listed[node].values())
+        for subject, count in subjects.items():
+            if subject not in run.append_by_subject:
+                unexpected += count
+                details.append({"unexpected": subject, "node": node})
+            elif count > 1:
+                duplicates += count - 1
+                details.append({"duplicate_subject": subject, "node": node, "count": count})
+    return {"duplicates": duplicates, "unexpected": unexpected, "details": details[:20]}
+
+
+def rule_divergence(run):
+    divergent, details = set(), []
+    everything = set()
+    for node in run.node_keys:
+        everything.update(run.listed[node])
+    for message_id in sorted(everything):
+        views = {node: run.listed[node].get(message_id, (None, None))[:2] for node in run.node_keys}
+        if len(set(views.values())) > 1:
+            divergent.add(message_id)
+            details.append({"divergent": message_id, "views": {node: list(view) if view[0] else None
+                                                               for node, view in views.items()}})
+    digests = {run.final[node]["digest"] for node in run.node_keys}
+    return {"divergent": len(divergent), "digests_differ": len(digests) > 1, "details": details[:20]}
+
+
+def flag_order(run, message_id):
+    """Flag changes of one message (that may have applied) and `before(x, y)`: x known to precede y."""
+    changes = [op for op in run.ops if op["kind"] == "flags" and op.get("id") == message_id
+               and op["outcome"] in ("ok", "unknown")]
+    changes.sort(key=lambda op: op["invoked"])
+
+    def done_by(op):
+        """When op's effect, if any, was certainly on its node: its acknowledgement, or the death
+        of the process that held it unanswered."""
+        if op["outcome"] == "ok":
+            return op["completed"]
+        return run.life_ended.get((op["node"], op["life"]))
+
+    direct = {}
+    for x in changes:
+        x_end = done_by(x)
+        for y in changes:
+            if x is y or x_end is None or y["invoked"] <= x_end:
+                continue
+            same_node = x["node"] == y["node"] and x["member"] == y["member"]
+            barrier = any(x_end < barrier["start"] and barrier["end"] < y["invoked"]
+                          and barrier["members"][y["node"]] == y["member"] for barrier in run.barriers)
+            if same_node or barrier:
+                direct.setdefault(x["index"], set()).add(y["index"])
+    # State hashes known to include each change, closed under "read before a later change".
+    includes = {op["index"]: ({op["post_state"]} if op.get("post_state") else set()) for op in changes}
+    follows = {op["index"]: set(direct.get(op["index"], ())) for op in changes}
+    changed = True
+    while changed:
+        changed = False
+        for x in changes:
+            for y in changes:
+                if x is y or y["index"] in follows[x["index"]]:
+                    continue
+                if y.get("pre_state") and y["pre_state"] in includes[x["index"]] and y["invoked"] > x["invoked"]:
+                    follows[x["index"]].add(y["index"])
+                    changed = True
+            for y_index in list(follows[x["index"]]):
+                extra = includes[y_index] - includes[x["index"]]
+                further = follows.get(y_index, set()) - follows[x["index"]]
+                if extra or further:
+                    includes[x["index"]] |= extra
+                    follows[x["index"]] |= further
+                    changed = True
+    return changes, lambda x, y: y["index"] in follows[x["index"]]
+
+
+def rule_flag_winners(run):
+    checked, agreement_only, wrong, contested, details = 0, 0, 0, 0, []
+    live = set()
+    for node in run.node_keys:
+        live.update(run.listed[node])
+    for message_id in sorted(live):
+        if message_id not in run.append_by_id:
+            continue
+        changes, before = flag_order(run, message_id)
+        for flag in FLAGS:
+            candidates = [op for op in changes if op["flag"] == flag]
+            expected = None
+            if not candidates:
+                expected = False
+            elif len({op["set"] for op in candidates}) == 1 and any(op["outcome"] == "ok" for op in candidates):
+                # One value, applied at least once: whichever stamp wins carries it. (With only
+                # unknown changes the register may still be unset.)
+                expected = candidates[0]["set"]
+            else:
+                contested += 1
+                for last in candidates:
+                    if last["outcome"] == "ok" and all(other is last or before(other, last) for other in candidates):
+                        expected = last["set"]
+                        break
+            if expected is None:
+                agreement_only += 1
+                continue
+            checked += 1
+            for node in run.node_keys:
+                entry = run.listed[node].get(message_id)
+                if entry is not None and (flag in entry[1]) != expected:
+                    wrong += 1
+                    details.append({"wrong_flag_winner": message_id, "flag": flag, "node": node,
+                                    "expected": expected, "changes": [op["index"] for op in candidates]})
+                    break
+    return {"flags_checked_against_order": checked, "flags_contested": contested, "flags_agreement_only": agreement_only,
+            "wrong_flag_winner": wrong, "details": details[:20]}
+
+
+RULES = [rule_appends, rule_resurrection, rule_stale_reads, rule_duplicates, rule_divergence, rule_flag_winners]
+
+
+def check(directory):
+    run = Run(directory)
+    operations = collections.defaultdict(lambda: collections.Counter())
+    for op in run.ops:
+        operations[op["kind"]][op["outcome"]] += 1
+    results = {}
+    details = []
+    for rule in RULES:
+        result = rule(run)
+        details.extend(result.pop("details", []))
+        results.update(result)
+    faults = collections.Counter(event["fault"] for event in run.events if event["event"] == "fault")
+    converged = run.final.get("converged_seconds")
+    summary = {
+        "seed": run.header["seed"],
+        "nodes": run.header["nodes"],
+        "duration": run.header["duration"],
+        "operations": {kind: dict(counts) for kind, counts in sorted(operations.items())},
+        "acknowledged": sum(counts["ok"] for counts in operations.values()),
+        "lost": results["lost"],
+        "resurrected": results["resurrected"],
+        "divergent": results["divergent"] + results["wrong_flag_winner"],
+        "duplicates": results["duplicates"],
+        "corrupt": results["corrupt"],
+        "unexpected": results["unexpected"],
+        "stale_reads": results["stale_reads"],
+        "wrong_flag_winner": results["wrong_flag_winner"],
+        "flags": {"checked_against_causal_order": results["flags_checked_against_order"],
+                  "agreement_only": results["flags_agreement_only"],
+                  "contested": results["flags_contested"],
+                  "note": "the API exposes no flag stamps: winners come from the history's causal order"},
+        "elements": results["elements"],
+        "reads": len(run.reads),
+        "barriers": len(run.barriers),
+        "faults": dict(faults),
+        "converged": converged is not None,
+        "heal_to_convergence_seconds": converged,
+        "client_errors": run.final.get("client_errors", []),
+    }
+    problems = [name for name in ("lost", "resurrected", "divergent", "duplicates", "corrupt", "unexpected",
+                                  "stale_reads") if summary[name]]
+    if not summary["converged"]:
+        problems.append("not_converged")
+    if results["digests_differ"] or run.final.get("digest_after_reading") is None:
+        problems.append("digests_differ")
+    if summary["client_errors"]:
+        problems.append("client_errors")
+    summary["problems"] = problems
+    summary["workdir"] = directory
+    if problems:
+        with open(os.path.join(directory, "findings.json"), "w") as handle:
+            json.dump(details, handle, indent=1)
+    return summary
+
+
+def totals(path):
+    runs = [json.loads(line) for line in open(path) if line.strip().startswith("{")]
+    total = {"runs": len(runs), "operations": 0, "acknowledged": 0, "lost": 0, "resurrected": 0, "divergent": 0,
+             "duplicates": 0, "corrupt": 0, "stale_reads": 0, "not_converged": 0, "max_heal_seconds": 0.0,
+             "runs_with_problems": [], "faults": collections.Counter(), "outcomes": collections.Counter()}
+    for run in runs:
+        for counts in run["operations"].values():
+            total["operations"] += sum(counts.values())
+            total["outcomes"].update(counts)
+        for key in ("acknowledged", "lost", "resurrected", "divergent", "duplicates", "corrupt", "stale_reads"):
+            total[key] += run[key]
+        total["not_converged"] += not run["converged"]
+        if run["heal_to_convergence_seconds"] is not None:
+            total["max_heal_seconds"] = max(total["max_heal_seconds"], run["heal_to_convergence_seconds"])
+        total["faults"].update(run["faults"])
+        if run["problems"]:
+            total["runs_with_problems"].append({"seed": run["seed"], "problems": run["problems"],
+                                                "workdir": run.get("workdir")})
+    total["faults"], total["outcomes"] = dict(total["faults"]), dict(total["outcomes"])
+    return total
+
+
+def main():
+    if len(sys.argv) == 3 and sys.argv[1] == "--totals":
+        print(json.dumps(totals(sys.argv[2]), separators=(",", ":")))
+        return 0
+    if len(sys.argv) != 2:
+        raise SystemExit(__doc__.split("\n\n")[1])
+    summary = check(sys.argv[1])
+    print(json.dumps(summary, separators=(",", ":")))
+    return 1 if summary["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
