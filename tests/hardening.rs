@@ -193,10 +193,19 @@ fn nodes_an_hour_off_end_flag_and_expunge_changes_the_same_way() {
         );
     }
     // Concurrent conflicting changes end identical everywhere.
-    std::thread::scope(|scope| {
-        scope.spawn(|| ahead.send("POST", &flags_path(&ids[2]), br#"{"add":["$Work"]}"#));
-        scope.spawn(|| behind.send("POST", &flags_path(&ids[2]), br#"{"remove":["$Work"]}"#));
+    let statuses = std::thread::scope(|scope| {
+        let add = scope.spawn(|| ahead.send("POST", &flags_path(&ids[2]), br#"{"add":["$Work"]}"#));
+        let remove = scope.spawn(|| behind.send("POST", &flags_path(&ids[2]), br#"{"remove":["$Work"]}"#));
+        [
+            add.join().unwrap().unwrap().status,
+            remove.join().unwrap().unwrap().status,
+        ]
     });
+    assert_eq!(
+        statuses,
+        [200, 200],
+        "the concurrent add and remove were not both taken"
+    );
     settle("concurrent changes");
     let first = flags_of(&ahead, &ids[2]);
     assert!(nodes.iter().all(|node| flags_of(node, &ids[2]) == first));
@@ -284,6 +293,15 @@ async fn assert_dropped_for_answering(garbage: Vec<u8>, cluster: &str, why: &str
         }
     }
     assert!(disconnected, "the node kept talking to a peer that broke the protocol");
+    // Blocked, not only disconnected: the status lists the hostile peer with time left.
+    let hostile_id = hostile.client.local_peer_id().to_string();
+    let status = node.status().unwrap();
+    let blocked = status["blocked"].as_array().cloned().unwrap_or_default();
+    assert!(
+        blocked.iter().any(|entry| entry["peer_id"] == hostile_id.as_str()
+            && entry["seconds_left"].as_u64().is_some_and(|left| left > 0)),
+        "the status does not list the hostile peer {hostile_id} as blocked: {blocked:?}"
+    );
     let penalised = node.metric_sum("mailmesh_peers_penalised_total").unwrap();
     assert!(penalised >= 1.0, "mailmesh_peers_penalised_total is {penalised}");
     let log = std::fs::read_to_string(directory.path().join("node").join("node.log")).unwrap();
