@@ -2877,10 +2877,9 @@ mod tests {
         let blocked = a.client.blocked_peers().await.expect("blocked peers");
         assert_eq!(blocked.len(), 1, "{blocked:?}");
         assert_eq!(blocked[0].0, b_peer);
-        assert!(
-            blocked[0].1 <= block && blocked[0].1 > Duration::from_secs(1),
-            "{blocked:?}"
-        );
+        // Time left, never more than the block (no lower bound: a slow machine may take a while
+        // between the block and this question, and a duration threshold would make it flaky).
+        assert!(blocked[0].1 <= block && blocked[0].1 > Duration::ZERO, "{blocked:?}");
         assert!(matches!(
             a.client.block(a_peer, block, "self".into()).await,
             Err(NetworkError::InvalidArgument(_))
