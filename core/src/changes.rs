@@ -228,13 +228,8 @@ impl ChangeState {
     }
 }
 
-fn put_varint(bytes: &mut Vec<u8>, mut value: u64) {
-    // LEB128 by hand: ten lines, bounded below, and no crate's error type to map.
-    while value >= 0x80 {
-        bytes.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    bytes.push(value as u8);
+fn put_varint(bytes: &mut Vec<u8>, value: u64) {
+    crate::varint::put(bytes, value);
 }
 
 fn take_u64(reader: &mut &[u8]) -> Result<u64, ChangesError> {
@@ -246,20 +241,13 @@ fn take_u64(reader: &mut &[u8]) -> Result<u64, ChangesError> {
 }
 
 fn take_varint(reader: &mut &[u8]) -> Result<u64, ChangesError> {
-    let mut value: u64 = 0;
-    for index in 0..10 {
-        let (&byte, rest) = reader.split_first().ok_or(ChangesError::InvalidToken("truncated"))?;
-        *reader = rest;
-        let bits = u64::from(byte & 0x7f);
-        if index == 9 && bits > 1 {
-            return Err(ChangesError::InvalidToken("number out of range"));
-        }
-        value |= bits << (7 * index);
-        if byte & 0x80 == 0 {
-            return Ok(value);
-        }
-    }
-    Err(ChangesError::InvalidToken("number out of range"))
+    let mut position = 0;
+    let value = crate::varint::take(reader, &mut position).map_err(|error| match error {
+        crate::varint::VarintError::Truncated => ChangesError::InvalidToken("truncated"),
+        crate::varint::VarintError::TooLong => ChangesError::InvalidToken("number out of range"),
+    })?;
+    *reader = &reader[position..];
+    Ok(value)
 }
 
 /// One entry of a change log: the latest time one origin touched one item.

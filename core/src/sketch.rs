@@ -668,27 +668,15 @@ pub fn decode_cells(bytes: &[u8], max_cells: u64) -> Result<(u64, Vec<Cell>), Sk
     Ok((start, cells))
 }
 
-pub(crate) fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
+pub(crate) fn put_varint(out: &mut Vec<u8>, value: u64) {
+    crate::varint::put(out, value);
 }
 
 pub(crate) fn take_varint(bytes: &[u8], position: &mut usize) -> Result<u64, SketchError> {
-    let mut value: u64 = 0;
-    for shift in (0..64).step_by(7) {
-        let byte = *bytes
-            .get(*position)
-            .ok_or_else(|| SketchError::Malformed("truncated varint".into()))?;
-        *position += 1;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Ok(value);
-        }
-    }
-    Err(SketchError::Malformed("varint longer than 64 bits".into()))
+    crate::varint::take(bytes, position).map_err(|error| match error {
+        crate::varint::VarintError::Truncated => SketchError::Malformed("truncated varint".into()),
+        crate::varint::VarintError::TooLong => SketchError::Malformed("varint longer than 64 bits".into()),
+    })
 }
 
 #[cfg(test)]

@@ -512,27 +512,15 @@ enum WireElement {
 #[derive(Serialize, Deserialize)]
 pub struct SyncMessage(u8, Vec<WireElement>);
 
-fn put_varint(out: &mut Vec<u8>, mut value: u64) {
-    while value >= 0x80 {
-        out.push((value as u8) | 0x80);
-        value >>= 7;
-    }
-    out.push(value as u8);
+fn put_varint(out: &mut Vec<u8>, value: u64) {
+    crate::varint::put(out, value);
 }
 
 fn take_varint(bytes: &[u8], position: &mut usize) -> Result<u64, SyncError> {
-    let mut value: u64 = 0;
-    for shift in (0..64).step_by(7) {
-        let byte = *bytes
-            .get(*position)
-            .ok_or_else(|| SyncError::Malformed("truncated count".into()))?;
-        *position += 1;
-        value |= u64::from(byte & 0x7f) << shift;
-        if byte & 0x80 == 0 {
-            return Ok(value);
-        }
-    }
-    Err(SyncError::Malformed("count longer than 64 bits".into()))
+    crate::varint::take(bytes, position).map_err(|error| match error {
+        crate::varint::VarintError::Truncated => SyncError::Malformed("truncated count".into()),
+        crate::varint::VarintError::TooLong => SyncError::Malformed("count longer than 64 bits".into()),
+    })
 }
 
 /// The leading key bytes every key in `prefix` shares (whole bytes of its nibbles), which a leaf
