@@ -250,6 +250,10 @@ pub struct MailboxEntry {
     /// The node-local modification sequence: bumped by every change to a record of the mailbox.
     #[serde(default)]
     pub modseq: u64,
+    /// The modseq at which the local indexes were last rebuilt (`mailmesh reindex`): the rebuild
+    /// renumbers every record above it, so a client state issued before it cannot be calculated.
+    #[serde(default)]
+    pub rebuilt_at: u64,
 }
 
 /// What the node keeps locally about one record: its listing while live, and its modseqs.
@@ -1074,6 +1078,7 @@ impl Store {
                 unseen: 0,
                 root: crate::model::FixedBytes([0; 32]),
                 modseq: 0,
+                rebuilt_at: 0,
             });
             if let Some(modseq) = modseqs.get(&mailbox_id) {
                 entry.modseq = *modseq;
@@ -1559,7 +1564,10 @@ impl Store {
             modseq: current,
             ..Changes::default()
         };
-        if since > current {
+        let rebuilt_at = self.mailbox_entry(mailbox)?.map(|entry| entry.rebuilt_at).unwrap_or(0);
+        if since > current || (since > 0 && since <= rebuilt_at) {
+            // Not issued here, or issued before a rebuild renumbered the log: listing from it
+            // would silently miss changes, so the client must resync.
             result.cannot_calculate = true;
             return Ok(result);
         }
@@ -1737,7 +1745,10 @@ impl Store {
         for entry in self.mailboxes()? {
             let mailbox_id = entry.key.id();
             let mut batch = WriteBatch::default();
-            let (mut live, mut unseen, mut modseq) = (0u64, 0u64, 0u64);
+            // Number the rebuilt log above every modseq issued before, so no old client state
+            // can be mistaken for a position in the new one (see `changes_since`).
+            let rebuilt_at = entry.modseq;
+            let (mut live, mut unseen, mut modseq) = (0u64, 0u64, rebuilt_at);
             let mut failure = None;
             self.records_ordered(mailbox_id, false, |record| {
                 visited += 1;
@@ -1806,6 +1817,7 @@ impl Store {
             entry.live = live;
             entry.unseen = unseen;
             entry.modseq = modseq;
+            entry.rebuilt_at = rebuilt_at;
             batch.put_cf(self.family(MAILBOXES)?, mailbox_id.to_bytes(), encode_cbor(&entry));
             self.db.write(batch)?;
         }
