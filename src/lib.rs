@@ -18,6 +18,7 @@
 //! - [`node`]: the only place store, network and reconciliation meet;
 //! - [`api`]: the HTTP API over a node handle; [`metrics`]: the node's Prometheus metrics;
 //! - [`accounts`]: the accounts file (Dovecot passwd-file), logins and their rate limits;
+//! - [`fuzzing`]: the body of each cargo-fuzz target, shared with the replay of saved inputs;
 //! - [`config`]: TOML configuration; [`harness`], [`http_client`], [`demo`]: local clusters of
 //!   real node processes for the demo and the integration tests.
 
@@ -25,6 +26,7 @@ pub mod accounts;
 pub mod api;
 pub mod config;
 pub mod demo;
+pub mod fuzzing;
 pub mod harness;
 pub mod http_client;
 pub mod import;

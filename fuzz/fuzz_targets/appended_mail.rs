@@ -1,11 +1,7 @@
-//! The path an appended message takes before it is stored and indexed: the lenient header
-//! reader, the search text extractor and the subject sort key.
+//! cargo-fuzz target `appended_mail`: its body is `mailmesh::fuzzing::appended_mail`, which
+//! `tests/fuzz_regressions.rs` also runs over the saved inputs.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
 
-fuzz_target!(|input: &[u8]| {
-    let _ = mailmesh::mail::listing(input);
-    let text = mailmesh::mail::search_text(input);
-    let _ = mailmesh::mail::subject_sort_key(&text.subject);
-});
+fuzz_target!(|input: &[u8]| mailmesh::fuzzing::appended_mail(input));

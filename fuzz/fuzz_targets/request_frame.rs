@@ -1,11 +1,7 @@
-//! A request frame from a peer: decode, then the validation every request passes before use.
+//! cargo-fuzz target `request_frame`: its body is `mailmesh::fuzzing::request_frame`, which
+//! `tests/fuzz_regressions.rs` also runs over the saved inputs.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mailmesh::wire::{self, Request};
 
-fuzz_target!(|input: &[u8]| {
-    if let Ok(request) = wire::decode::<Request>(input) {
-        let _ = wire::validate_request(&request);
-    }
-});
+fuzz_target!(|input: &[u8]| mailmesh::fuzzing::request_frame(input));

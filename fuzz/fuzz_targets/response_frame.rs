@@ -1,15 +1,7 @@
-//! A response frame from a peer: decode, then the checks applied to every record it carries.
+//! cargo-fuzz target `response_frame`: its body is `mailmesh::fuzzing::response_frame`, which
+//! `tests/fuzz_regressions.rs` also runs over the saved inputs.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mailmesh::wire::{self, Response};
 
-fuzz_target!(|input: &[u8]| {
-    if let Ok(Response::Records { records, .. }) = wire::decode::<Response>(input) {
-        for record in &records {
-            if wire::validate_record(record).is_ok() {
-                let _ = mailmesh::crdt::state_hash(record);
-            }
-        }
-    }
-});
+fuzz_target!(|input: &[u8]| mailmesh::fuzzing::response_frame(input));

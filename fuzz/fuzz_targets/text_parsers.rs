@@ -1,18 +1,7 @@
-//! Text that arrives in HTTP paths, queries and bodies: message IDs, flags, blob hashes and
-//! mailbox names.
+//! cargo-fuzz target `text_parsers`: its body is `mailmesh::fuzzing::text_parsers`, which
+//! `tests/fuzz_regressions.rs` also runs over the saved inputs.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use mailmesh::model::{BlobHash, Flag, MailboxKey, MessageId};
 
-fuzz_target!(|input: &[u8]| {
-    let text = String::from_utf8_lossy(input);
-    let _ = text.parse::<MessageId>();
-    let _ = text.parse::<Flag>();
-    let _ = text.parse::<BlobHash>();
-    if let Some((account, mailbox)) = text.split_once('\n') {
-        let _ = MailboxKey::new(account, mailbox);
-    } else {
-        let _ = MailboxKey::new(&text, &text);
-    }
-});
+fuzz_target!(|input: &[u8]| mailmesh::fuzzing::text_parsers(input));

@@ -1,0 +1,163 @@
+//! The bodies of the cargo-fuzz targets, one function per target, so that the nightly-only fuzz
+//! crate (fuzz/fuzz_targets/*.rs, each a one-line call into here) and the stable replay of saved
+//! inputs in `tests/fuzz_regressions.rs` run the same code instead of two copies that drift.
+//! Nothing here is used by the node itself.
+
+use crate::changes::ChangeState;
+use crate::merkle::{MemoryTree, StoredDepth};
+use crate::model::{BlobHash, Flag, MailboxKey, MessageId, MessageRecord, NodeId};
+use crate::sketch::{self, Decoder, DecoderLimits, SketchCells, SketchKey};
+use crate::sketch_session::{self, Asker, SessionLimits};
+use crate::sync::{self, SyncLimits};
+use crate::wire::{self, Gossip, Request, Response};
+
+/// What the cargo-fuzz target `sync_message` runs on one input.
+pub fn sync_message(input: &[u8]) {
+    let limits = SyncLimits::default();
+    if let Ok(elements) = sync::decode(input, &limits) {
+        let mut tree = MemoryTree::new(StoredDepth::MAILBOX);
+        for value in 0..64u128 {
+            tree.insert(
+                (1_767_225_600_000u128 + value * 977) << 80 | value,
+                *blake3::hash(&value.to_le_bytes()).as_bytes(),
+            );
+        }
+        let _ = sync::respond(&tree, &elements, &limits);
+        let _ = sync::respond(&MemoryTree::new(StoredDepth::MAILBOX), &elements, &limits);
+        let _ = sync::encode(&elements);
+    }
+}
+
+/// What the cargo-fuzz target `record_states` runs on one input.
+pub fn record_states(input: &[u8]) {
+    let limits = SyncLimits::default();
+    let record = MessageRecord::new(MessageId(1), BlobHash::of(b"x"), 1, 2, NodeId(3));
+    if let Ok(states) = sync::decode_states(input, &limits) {
+        assert_eq!(
+            sync::decode_states(&sync::encode_states(&states), &limits).ok(),
+            Some(states.clone())
+        );
+        for state in &states {
+            let _ = sync::merge_state(&record, state);
+        }
+    }
+    if let Ok(states) = sync::decode_keyed_states(input, &limits) {
+        let _ = sync::encode_keyed_states(&states);
+    }
+    if let Ok(states) = sync::decode_indexed_states(input, &limits) {
+        let _ = sync::encode_indexed_states(&states);
+    }
+}
+
+/// What the cargo-fuzz target `accounts_file` runs on one input.
+pub fn accounts_file(input: &[u8]) {
+    let text = String::from_utf8_lossy(input);
+    if let Err((line, problem)) = crate::accounts::Accounts::check_text(&text) {
+        assert!(
+            line >= 1 && line <= text.lines().count().max(1),
+            "line {line} for {problem}"
+        );
+    }
+    let _ = crate::api::decode_basic(&text);
+}
+
+/// What the cargo-fuzz target `request_frame` runs on one input.
+pub fn request_frame(input: &[u8]) {
+    if let Ok(request) = wire::decode::<Request>(input) {
+        let _ = wire::validate_request(&request);
+    }
+}
+
+/// What the cargo-fuzz target `response_frame` runs on one input.
+pub fn response_frame(input: &[u8]) {
+    if let Ok(Response::Records { records, .. }) = wire::decode::<Response>(input) {
+        for record in &records {
+            if wire::validate_record(record).is_ok() {
+                let _ = crate::crdt::state_hash(record);
+            }
+        }
+    }
+}
+
+/// What the cargo-fuzz target `gossip_frame` runs on one input.
+pub fn gossip_frame(input: &[u8]) {
+    if let Ok(Gossip::Operation { record, .. }) = wire::decode::<Gossip>(input) {
+        if wire::validate_record(&record).is_ok() {
+            let _ = crate::crdt::state_hash(&record);
+        }
+    }
+}
+
+/// What the cargo-fuzz target `appended_mail` runs on one input.
+pub fn appended_mail(input: &[u8]) {
+    let _ = crate::mail::listing(input);
+    let text = crate::mail::search_text(input);
+    let _ = crate::mail::subject_sort_key(&text.subject);
+}
+
+/// What the cargo-fuzz target `text_parsers` runs on one input.
+pub fn text_parsers(input: &[u8]) {
+    let text = String::from_utf8_lossy(input);
+    let _ = text.parse::<MessageId>();
+    let _ = text.parse::<Flag>();
+    let _ = text.parse::<BlobHash>();
+    if let Some((account, mailbox)) = text.split_once('\n') {
+        let _ = MailboxKey::new(account, mailbox);
+    } else {
+        let _ = MailboxKey::new(&text, &text);
+    }
+}
+
+/// What the cargo-fuzz target `change_state` runs on one input.
+pub fn change_state(input: &[u8]) {
+    let Ok(text) = std::str::from_utf8(input) else { return };
+    if let Ok(state) = ChangeState::decode(text) {
+        let again = ChangeState::decode(&state.encode()).expect("a re-encoded token decodes");
+        assert_eq!(again.encode(), state.encode());
+    }
+}
+
+/// What the cargo-fuzz target `sketch_symbols` runs on one input.
+pub fn sketch_symbols(input: &[u8]) {
+    let limits = SessionLimits::default();
+    let key = SketchKey::from_bytes([7; 16]);
+    let mut tree = MemoryTree::new(StoredDepth::MAILBOX);
+    let mut cells = SketchCells::new(key, 64);
+    for value in 0..64u128 {
+        let id = (1_767_225_600_000u128 + value * 977) << 80 | value;
+        let hash = *blake3::hash(&value.to_le_bytes()).as_bytes();
+        tree.insert(id, hash);
+        cells.insert(id, &hash);
+    }
+    if let Ok(message) = sketch_session::decode(input, &limits) {
+        let _ = sketch_session::respond(&tree, &cells, &message, &limits);
+        if let Ok((mut asker, _)) = Asker::open(&tree, &cells, &limits, 0) {
+            let _ = asker.on_reply(&tree, &cells, Some(message.clone()), 0);
+        }
+        let _ = sketch_session::encode(&message);
+    }
+    if let Ok((start, theirs)) = sketch::decode_cells(input, 64) {
+        let mut decoder = Decoder::new(key, DecoderLimits { max_cells: 64 });
+        let end = start.saturating_add(theirs.len() as u64);
+        if decoder.add_cells(start, &theirs, cells.cells(start, end)).is_ok() {
+            decoder.peel(|_, _| true);
+            assert!(decoder.recovered().count() as u64 <= decoder.received());
+            let _ = decoder.estimate_remaining();
+        }
+    }
+}
+
+/// Every cargo-fuzz target and the replayer of its body.
+/// Every cargo-fuzz target by name, with the function it runs.
+pub const TARGETS: &[(&str, fn(&[u8]))] = &[
+    ("sync_message", sync_message),
+    ("record_states", record_states),
+    ("request_frame", request_frame),
+    ("response_frame", response_frame),
+    ("gossip_frame", gossip_frame),
+    ("appended_mail", appended_mail),
+    ("text_parsers", text_parsers),
+    ("change_state", change_state),
+    ("sketch_symbols", sketch_symbols),
+    ("accounts_file", accounts_file),
+];
