@@ -232,6 +232,21 @@ struct Hostile {
     events: tokio::sync::mpsc::Receiver<NetworkEvent>,
 }
 
+/// A digest gossip from `peer` that differs from any real node's, so the node opens a session.
+fn differing_digest(peer: &Hostile, name: &str, sequence: u64) -> Vec<u8> {
+    wire::encode(&Gossip::Digest {
+        peer: peer.client.local_peer_id().to_string(),
+        name: name.into(),
+        sequence,
+        digest: ByteString(vec![7; 32]),
+        mailboxes: 1,
+        addresses: vec![],
+        stale: false,
+        clock: 0,
+        acknowledged_before: 0,
+    })
+}
+
 async fn hostile_peer(bootstrap: &str, cluster: &str) -> Hostile {
     let mut config = NetworkConfig::new(Keypair::generate_ed25519(), cluster);
     config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
@@ -262,18 +277,10 @@ async fn assert_dropped_for_answering(garbage: Vec<u8>, cluster: &str, why: &str
     let mut sequence = 0u64;
     while tokio::time::Instant::now() < deadline && !disconnected {
         sequence += 1;
-        let digest = Gossip::Digest {
-            peer: hostile.client.local_peer_id().to_string(),
-            name: "hostile".into(),
-            sequence,
-            digest: ByteString(vec![7; 32]),
-            mailboxes: 1,
-            addresses: vec![],
-            stale: false,
-            clock: 0,
-            acknowledged_before: 0,
-        };
-        let _ = hostile.client.publish(Topic::Digests, wire::encode(&digest)).await;
+        let _ = hostile
+            .client
+            .publish(Topic::Digests, differing_digest(&hostile, "hostile", sequence))
+            .await;
         match tokio::time::timeout(Duration::from_millis(300), hostile.events.recv()).await {
             Ok(Some(NetworkEvent::Request { channel, .. })) => {
                 let _ = hostile.client.respond(channel, garbage.clone()).await;
@@ -381,18 +388,10 @@ async fn a_peer_speaking_another_protocol_version_is_refused_and_counted_but_not
     let mut sequence = 0u64;
     while tokio::time::Instant::now() < deadline {
         sequence += 1;
-        let digest = Gossip::Digest {
-            peer: peer.client.local_peer_id().to_string(),
-            name: "newer".into(),
-            sequence,
-            digest: ByteString(vec![7; 32]),
-            mailboxes: 1,
-            addresses: vec![],
-            stale: false,
-            clock: 0,
-            acknowledged_before: 0,
-        };
-        let _ = peer.client.publish(Topic::Digests, wire::encode(&digest)).await;
+        let _ = peer
+            .client
+            .publish(Topic::Digests, differing_digest(&peer, "newer", sequence))
+            .await;
         match tokio::time::timeout(Duration::from_millis(300), peer.events.recv()).await {
             Ok(Some(NetworkEvent::Request { channel, .. })) => {
                 let _ = peer.client.respond(channel, frame.clone()).await;
