@@ -34,7 +34,7 @@
 //!   is left out.
 //!
 //! The change log holds one entry per item per origin: the highest time that origin contributed
-//! to the item ([`log_entries`]). A change by one origin cannot hide another origin's change to the
+//! to the item (`MailboxRecord::stamps_by_origin` gives them for a mailbox). A change by one origin cannot hide another origin's change to the
 //! same item, and the log stays O(items × origins that touched them). Listing costs
 //! O(changes + origins × log n) through a log ordered by `(origin, time)`.
 //!
@@ -260,12 +260,6 @@ pub struct ChangeEntry {
     pub created: Stamp,
     /// Whether the item is destroyed (expunged email, deleted mailbox) in the node's current state.
     pub destroyed: bool,
-}
-
-/// The log entries an item's state calls for: one per origin, at the highest time that origin
-/// contributed. A store diffs these between an item's old and new state on every commit.
-pub fn log_entries(stamps_by_origin: &BTreeMap<NodeId, u64>) -> Vec<(NodeId, u64)> {
-    stamps_by_origin.iter().map(|(origin, time)| (*origin, *time)).collect()
 }
 
 /// Read access to one account's change log for one kind of item, ordered by `(origin, time)`.
