@@ -244,6 +244,7 @@ fn differing_digest(peer: &Hostile, name: &str, sequence: u64) -> Vec<u8> {
         stale: false,
         clock: 0,
         acknowledged_before: 0,
+        frontier: vec![],
     })
 }
 
