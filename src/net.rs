@@ -2573,14 +2573,15 @@ mod tests {
         let mut b = Node::start(config(&identity::Keypair::generate_ed25519(), vec![bootstrap])).await;
         b.wait_connected(a_peer).await;
 
+        let failed_dials = family_sum(&b.metrics(), OUTGOING_CONNECTION_ERRORS);
         a.stop().await;
         wait_for(&mut b.events, "B to notice A is gone", |event| match event {
             NetworkEvent::PeerDisconnected(peer) if peer == a_peer => Some(()),
             _ => None,
         })
         .await;
-        // Let at least one redial fail, so that the backoff is exercised.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // At least one redial fails before A is back, so that the backoff is exercised.
+        wait_for_family(&b, OUTGOING_CONNECTION_ERRORS, failed_dials + 1).await;
 
         let mut restarted_config = config(&a_key, Vec::new());
         restarted_config.listen = vec![a_address];
@@ -2622,46 +2623,24 @@ mod tests {
     #[tokio::test]
     async fn nodes_listing_each_other_do_not_spin() {
         init_tracing();
-        // Reserve two ports, then start both nodes pointing at each other.
-        let ports: Vec<u16> = (0..2)
-            .map(|_| {
-                std::net::TcpListener::bind("127.0.0.1:0")
-                    .and_then(|listener| listener.local_addr())
-                    .map(|address| address.port())
-                    .expect("a free port")
-            })
-            .collect();
-        let keys = [
-            identity::Keypair::generate_ed25519(),
-            identity::Keypair::generate_ed25519(),
-        ];
-        let address = |index: usize| -> Multiaddr {
-            format!(
-                "/ip4/127.0.0.1/tcp/{}/p2p/{}",
-                ports[index],
-                keys[index].public().to_peer_id()
-            )
-            .parse()
-            .expect("valid multiaddr")
-        };
-        let mut a_config = config(&keys[0], vec![address(1)]);
-        a_config.listen = vec![format!("/ip4/127.0.0.1/tcp/{}", ports[0]).parse().expect("multiaddr")];
-        let mut b_config = config(&keys[1], vec![address(0)]);
-        b_config.listen = vec![format!("/ip4/127.0.0.1/tcp/{}", ports[1]).parse().expect("multiaddr")];
-        let mut a = Node::start(a_config).await;
-        let b = Node::start(b_config).await;
+        // Each dials the other at once: B has A as a bootstrap peer, and A dials B as soon as B
+        // listens. Both listen on port 0 and report their address (no port is reserved by binding
+        // and releasing it, which another process could take in between).
+        let mut a = Node::start(config(&new_key(), Vec::new())).await;
+        let b = Node::start(config(&new_key(), vec![a.address_with_peer_id()])).await;
+        // B's own dial may have connected first; either way A now holds B as a peer to redial.
+        let _ = a.client.dial(b.address_with_peer_id()).await;
         a.wait_connected(b.peer_id()).await;
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // Four gossip heartbeats (one a second) of A's event loop, which runs its redial ticks
+        // (every 250 ms) too: a link that flapped would have been redialed several times by then.
+        let heartbeats = metric(&a.metrics(), GOSSIP_HEARTBEATS);
+        wait_for_metric(&a, GOSSIP_HEARTBEATS, heartbeats + 4).await;
 
         let metrics = a.metrics();
-        let established: u64 = metrics
-            .lines()
-            .filter(|line| line.starts_with("libp2p_swarm_connections_established_total"))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum();
+        let established = family_sum(&metrics, "libp2p_swarm_connections_established_total");
         assert!(
             (1..=2).contains(&established),
-            "A established {established} connections in 4 s; expected 1 or 2:\n{metrics}"
+            "A established {established} connections over four heartbeats; expected 1 or 2:\n{metrics}"
         );
         while let Ok(event) = a.events.try_recv() {
             assert!(
@@ -2712,11 +2691,36 @@ mod tests {
             .sum()
     }
 
+    /// The sum of every series of a metric family, whatever its labels (0 when absent).
+    fn family_sum(text: &str, family: &str) -> u64 {
+        text.lines()
+            .filter(|line| {
+                line.strip_prefix(family)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|value| value as u64)
+            .sum()
+    }
+
+    async fn wait_for_family(node: &Node, family: &str, at_least: u64) {
+        wait_for_reading(node, family, at_least, family_sum).await
+    }
+
+    const OUTGOING_CONNECTION_ERRORS: &str = "libp2p_swarm_outgoing_connection_error_total";
+    /// Gossipsub's heartbeat histogram counts the heartbeats the event loop has run.
+    const GOSSIP_HEARTBEATS: &str = "gossipsub_heartbeat_duration_count";
+
     async fn wait_for_metric(node: &Node, series: &str, at_least: u64) {
+        wait_for_reading(node, series, at_least, metric).await
+    }
+
+    /// Polls the metrics until `read(text, name)` reaches `at_least`, failing after [`DEADLINE`].
+    async fn wait_for_reading(node: &Node, series: &str, at_least: u64, read: fn(&str, &str) -> u64) {
         let deadline = Instant::now() + DEADLINE;
         loop {
             let text = node.metrics();
-            if metric(&text, series) >= at_least {
+            if read(&text, series) >= at_least {
                 return;
             }
             assert!(
