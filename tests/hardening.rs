@@ -568,8 +568,13 @@ async fn gossip_with_a_stamp_far_in_the_future_is_refused() {
     let mut sequence = 0u64;
     while tokio::time::Instant::now() < deadline {
         // Answer the node's session politely (nothing to reconcile), and keep publishing.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        while let Ok(event) = hostile.events.try_recv() {
+        let next = tokio::time::timeout(Duration::from_millis(100), hostile.events.recv()).await;
+        for event in next
+            .ok()
+            .flatten()
+            .into_iter()
+            .chain(std::iter::from_fn(|| hostile.events.try_recv().ok()))
+        {
             if let NetworkEvent::Request { channel, .. } = event {
                 let _ = hostile
                     .client
