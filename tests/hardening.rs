@@ -735,28 +735,29 @@ fn only_listed_peers_and_holders_of_the_cluster_key_get_in() {
         &with_key(&key),
     )
     .unwrap();
-    let outsider = LocalNode::spawn(
-        binary(),
-        "outsider",
-        &path("outsider"),
-        "test-access",
-        &[],
-        200,
-        &with_key(&other_key),
-    )
-    .unwrap();
     let friend_id = friend.status().unwrap()["peer_id"].as_str().unwrap().to_owned();
     let mut arguments = with_key(&key);
     arguments.extend(["--allow-peer".to_owned(), friend_id.clone()]);
-    let peers = [friend.listen_address().unwrap(), outsider.listen_address().unwrap()];
     let guarded = LocalNode::spawn(
         binary(),
         "guarded",
         &path("guarded"),
         "test-access",
-        &peers,
+        &[friend.listen_address().unwrap()],
         200,
         &arguments,
+    )
+    .unwrap();
+    // A node holding another cluster key knocks (it dials the guarded node: the guarded node
+    // would never dial it, as it is not on the allow list).
+    let outsider = LocalNode::spawn(
+        binary(),
+        "outsider",
+        &path("outsider"),
+        "test-access",
+        &[guarded.listen_address().unwrap()],
+        200,
+        &with_key(&other_key),
     )
     .unwrap();
     // A node with the right key but not on the list knocks.
@@ -801,6 +802,15 @@ fn only_listed_peers_and_holders_of_the_cluster_key_get_in() {
             >= 2.0)
         .is_some(),
         "the unlisted peer's redial was not refused"
+    );
+    // The node with the other key fails the handshake: the guarded node counts it.
+    assert!(
+        wait_until(Duration::from_secs(30), || guarded
+            .metric_sum("mailmesh_net_inbound_handshake_failures_total")
+            .unwrap_or(0.0)
+            >= 1.0)
+        .is_some(),
+        "the guarded node saw no failed handshake from the node with another key"
     );
     assert_eq!(
         connected(&guarded),
