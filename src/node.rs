@@ -1025,7 +1025,9 @@ impl Node {
         let mut operations = Vec::new();
         if !self.inner.store.has_blob(&record.blob)? {
             let bytes = match blob {
-                Some(bytes) => bytes.0,
+                // Checked here, not only by the store: the store applies each operation on its
+                // own, and the record would be merged without the blob it names.
+                Some(bytes) => self.check_inline_blob(source, &record, bytes.0)?,
                 None => match self.fetch_blob(source, record.blob, &SessionStats::default()).await? {
                     Some(bytes) => bytes,
                     None => return Ok(()), // anti-entropy will bring it with its record later
@@ -1043,6 +1045,26 @@ impl Node {
             now_millis: self.inner.environment.now_millis(),
         });
         self.apply_all(operations).await
+    }
+
+    /// The bytes a peer sent inline for `record`, if they are its blob and within the size limit.
+    fn check_inline_blob(&self, peer: PeerId, record: &MessageRecord, bytes: Vec<u8>) -> Result<Vec<u8>, NodeError> {
+        if BlobHash::of(&bytes) != record.blob {
+            self.inner.metrics.blobs_rejected.inc();
+            return Err(NodeError::Store(StoreError::BlobMismatch { expected: record.blob }));
+        }
+        let limit = self.inner.config.max_message_bytes;
+        if bytes.len() as u64 > limit {
+            return Err(NodeError::Peer {
+                peer,
+                reason: format!(
+                    "blob {} of {} bytes, over the limit of {limit}",
+                    record.blob,
+                    bytes.len()
+                ),
+            });
+        }
+        Ok(bytes)
     }
 
     fn observe_lag(&self, record: &MessageRecord) {
@@ -1441,14 +1463,17 @@ impl Node {
                 self.inner.metrics.gossip_messages.get_or_create(&label).inc();
                 match self.on_operation(peer, mailbox, record, blob).await {
                     Ok(()) => Ok(Response::Ack),
-                    Err(NodeError::Peer { peer, reason }) => Err(NodeError::Peer { peer, reason }),
-                    Err(NodeError::Store(error))
+                    // As for gossip: bad data in a push, or in the answer to the blob fetch it
+                    // caused, is the pusher's fault.
+                    Err(error)
                         if matches!(
                             error,
-                            StoreError::Clock(_) | StoreError::Merge(_) | StoreError::BlobMismatch { .. }
+                            NodeError::Peer { .. }
+                                | NodeError::Store(
+                                    StoreError::Clock(_) | StoreError::Merge(_) | StoreError::BlobMismatch { .. }
+                                )
                         ) =>
                     {
-                        let error = NodeError::Store(error);
                         let message = error.to_string();
                         self.on_peer_failure(peer, "push", error).await;
                         Ok(Response::Error { message })
@@ -2327,6 +2352,16 @@ impl Node {
             .into_iter()
             .map(|bytes| (BlobHash::of(&bytes.0), bytes.0))
             .collect();
+        // A responder sends only the blobs of the records it sends: bytes that none of them
+        // names are wrong bytes.
+        let named: HashSet<BlobHash> = records.iter().map(|record| record.blob).collect();
+        if inline.keys().any(|hash| !named.contains(hash)) {
+            self.inner.metrics.blobs_rejected.inc();
+            return Err(NodeError::Peer {
+                peer,
+                reason: "sent a blob that none of its records names: its bytes do not match their hash".into(),
+            });
+        }
         let mut fetched_blobs: HashSet<BlobHash> = HashSet::new();
         let mut blob_fetches = Vec::new();
         let mut merged_count = 0u64;
@@ -2337,7 +2372,7 @@ impl Node {
                     Some(bytes) => {
                         operations.push(Operation::PutBlob {
                             expected: record.blob,
-                            bytes,
+                            bytes: self.check_inline_blob(peer, record, bytes)?,
                         });
                         self.inner.metrics.blobs_pulled.inc();
                         SessionStats::add(&stats.blobs, 1);
