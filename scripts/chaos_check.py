@@ -48,7 +48,7 @@ class Run:
     def __init__(self, directory):
         self.directory = directory
         self.header = None
-        self.ops, self.reads, self.barriers, self.events = [], [], [], []
+        self.ops, self.reads, self.barriers, self.events, self.feeds = [], [], [], [], []
         with open(os.path.join(directory, "history.jsonl")) as handle:
             for line in handle:
                 if not line.strip():
@@ -65,6 +65,8 @@ class Run:
                     self.barriers.append(record)
                 elif kind == "event":
                     self.events.append(record)
+                elif kind == "feed":
+                    self.feeds.append(record)
         with open(os.path.join(directory, "final.json")) as handle:
             self.final = json.load(handle)
         self.node_keys = sorted(key for key in self.final if key.isdigit())
@@ -320,7 +322,144 @@ def rule_flag_winners(run):
             "wrong_flag_winner": wrong, "details": details[:20]}
 
 
-RULES = [rule_appends, rule_resurrection, rule_stale_reads, rule_duplicates, rule_divergence, rule_flag_winners]
+def account_listing(run, node, account):
+    """id -> mailbox of one account's messages in a node's final listing."""
+    return {message_id: entry[0].split("/", 1)[1] for message_id, entry in run.listed.get(node, {}).items()
+            if entry[0].split("/", 1)[0] == account}
+
+
+def feed_sequences(records):
+    """The pages of one client grouped by catch-up, in order."""
+    sequences = collections.OrderedDict()
+    for record in records:
+        sequences.setdefault(record["catch_up"], []).append(record)
+    return list(sequences.values())
+
+
+def rule_feed(run):
+    """Replays every change-feed client from the history alone.
+
+    - created twice: an ID reported as created to a client that had it reported as created
+      before (since its last resync), or after a destroy of it was reported (IDs are never reused);
+    - 410 Gone is allowed when the client's next call starts from nothing (a resync);
+    - missing local: a catch-up that ended (has_more false) on node N after pages all from N must
+      have shown every append N had acknowledged (same member) before its first page, unless an
+      expunge of it may have begun before the catch-up ended; and none of the messages N had
+      acknowledged expunging before it (the node holds those changes: the feed's first law);
+    - mismatch: after the final catch-up (after heal and convergence) the client's view must
+      equal the account's messages in the final listing of the node that ended it, mailboxes too.
+    """
+    counts = collections.Counter()
+    details = []
+    by_client = collections.defaultdict(list)
+    for record in run.feeds:
+        by_client[record["client"]].append(record)
+    local_appends = collections.defaultdict(list)  # (node, member, account) -> acknowledged appends
+    local_expunges = collections.defaultdict(list)
+    for op in run.ops:
+        if op["outcome"] != "ok" or "id" not in op:
+            continue
+        if op["kind"] == "append":
+            local_appends[(op["node"], op["member"], op["account"])].append(op)
+        elif op["kind"] == "expunge":
+            local_expunges[(op["node"], op["member"], op["account"])].append(op)
+    final_ends = run.final.get("feed_final", {})
+    counts["clients"] = len(by_client)
+    for client, records in sorted(by_client.items()):
+        account = records[0]["account"]
+        state, view, created, destroyed = None, {}, set(), set()
+        awaiting_resync = False
+        for sequence in feed_sequences(records):
+            for record in sequence:
+                counts["calls"] += 1
+                if record["since"] != state:
+                    counts["state_not_replayed"] += 1  # the driver sent another token than it was given
+                if awaiting_resync:
+                    if record["since"] is not None:
+                        counts["gone_without_resync"] += 1
+                        details.append({"feed_gone_without_resync": record["index"], "client": client})
+                    if record["outcome"] == "ok":
+                        awaiting_resync = False
+                        counts["resyncs"] += record["since"] is None
+                outcome = record["outcome"]
+                if outcome in ("fail", "unknown"):
+                    counts[f"calls_{outcome}"] += 1
+                    continue
+                if outcome == "gone":
+                    counts["gone"] += 1
+                    state, view, created, destroyed = None, {}, set(), set()
+                    awaiting_resync = True
+                    continue
+                counts["answers"] += 1
+                size = len(record["created"]) + len(record["updated"]) + len(record["destroyed"])
+                counts["max_listing"] = max(counts["max_listing"], size)
+                if size > record["limit"]:
+                    counts["over_limit"] += 1
+                for message_id, mailbox in record["created"]:
+                    if message_id in created or message_id in destroyed:
+                        counts["created_twice"] += 1
+                        details.append({"feed_created_twice": message_id, "client": client, "call": record["index"],
+                                        "node": record["node"], "since": record["since"],
+                                        "after_destroy": message_id in destroyed})
+                    created.add(message_id)
+                    view[message_id] = mailbox
+                for message_id, mailbox in record["updated"]:
+                    if message_id in view:
+                        counts["updated_repeats"] += 1
+                    elif message_id in destroyed:
+                        counts["updated_after_destroyed"] += 1
+                    else:
+                        counts["updated_not_seen_created"] += 1
+                    view[message_id] = mailbox
+                for message_id in record["destroyed"]:
+                    view.pop(message_id, None)
+                    destroyed.add(message_id)
+                state = record["state"]
+            last = sequence[-1]
+            if last["outcome"] != "ok" or last["has_more"]:
+                continue
+            # The pages served by the node that ended this catch-up, back to the first of the run.
+            first = last
+            for record in reversed(sequence):
+                if record["outcome"] != "ok" or (record["node"], record["member"]) != (last["node"], last["member"]):
+                    break
+                first = record
+            key = (last["node"], last["member"], account)
+            counts["complete_catch_ups"] += 1
+            for op in local_appends[key]:
+                if op["completed"] >= first["invoked"] or op["id"] in view:
+                    continue
+                if any(other["invoked"] < last["completed"] and other["outcome"] != "fail"
+                       for other in run.expunges.get(op["id"], [])):
+                    continue
+                counts["missing_local"] += 1
+                details.append({"feed_missing_local": op["id"], "client": client, "node": last["node"],
+                                "append_op": op["index"], "calls": [record["index"] for record in sequence]})
+            for op in local_expunges[key]:
+                if op["completed"] < first["invoked"] and op["id"] in view:
+                    counts["missing_local"] += 1
+                    details.append({"feed_missing_local_expunge": op["id"], "client": client, "node": last["node"],
+                                    "expunge_op": op["index"], "calls": [record["index"] for record in sequence]})
+        end = final_ends.get(str(client))
+        finals = [record for record in records if record["final"]]
+        if end is None or not finals or finals[-1]["outcome"] != "ok" or finals[-1]["has_more"]:
+            counts["final_incomplete"] += 1
+            details.append({"feed_final_incomplete": client})
+            continue
+        live = account_listing(run, str(finals[-1]["node"]), account)
+        missing, extra = sorted(set(live) - set(view)), sorted(set(view) - set(live))
+        moved = sorted(message_id for message_id in set(live) & set(view) if live[message_id] != view[message_id])
+        if missing or extra or moved:
+            counts["mismatches"] += 1
+            details.append({"feed_mismatch": client, "account": account, "node": finals[-1]["node"],
+                            "missing": missing[:20], "extra": extra[:20], "wrong_mailbox": moved[:20],
+                            "counts": [len(missing), len(extra), len(moved)], "state": state})
+        counts["final_view_total"] += len(view)
+    return {"feed": dict(counts), "details": details[:30]}
+
+
+RULES = [rule_appends, rule_resurrection, rule_stale_reads, rule_duplicates, rule_divergence, rule_flag_winners,
+         rule_feed]
 
 
 def check(directory):
@@ -361,6 +500,8 @@ def check(directory):
         "converged": converged is not None,
         "heal_to_convergence_seconds": converged,
         "client_errors": run.final.get("client_errors", []),
+        "feed": results["feed"],
+        "feed_mismatches": results["feed"].get("mismatches", 0),
     }
     problems = [name for name in ("lost", "resurrected", "divergent", "duplicates", "corrupt", "unexpected",
                                   "stale_reads") if summary[name]]
@@ -370,6 +511,13 @@ def check(directory):
         problems.append("digests_differ")
     if summary["client_errors"]:
         problems.append("client_errors")
+    feed = results["feed"]
+    # over_limit (a page longer than `limit`: RFC 8620 says MUST NOT) is counted, not a failure:
+    # it loses nothing.
+    for name in ("mismatches", "created_twice", "missing_local", "gone_without_resync", "final_incomplete",
+                 "state_not_replayed"):
+        if feed.get(name):
+            problems.append(f"feed_{name}")
     summary["problems"] = problems
     summary["workdir"] = directory
     if problems:
@@ -382,7 +530,10 @@ def totals(path):
     runs = [json.loads(line) for line in open(path) if line.strip().startswith("{")]
     total = {"runs": len(runs), "operations": 0, "acknowledged": 0, "lost": 0, "resurrected": 0, "divergent": 0,
              "duplicates": 0, "corrupt": 0, "stale_reads": 0, "not_converged": 0, "max_heal_seconds": 0.0,
-             "runs_with_problems": [], "faults": collections.Counter(), "outcomes": collections.Counter()}
+             "runs_with_problems": [], "faults": collections.Counter(), "outcomes": collections.Counter(),
+             "feed_clients": 0, "feed_calls": 0, "feed_answers": 0, "feed_410s": 0, "feed_resyncs": 0,
+             "feed_mismatches": 0, "feed_created_twice": 0, "feed_missing_local": 0, "feed_final_incomplete": 0,
+             "feed_updated_repeats": 0, "feed_max_listing": 0}
     for run in runs:
         for counts in run["operations"].values():
             total["operations"] += sum(counts.values())
@@ -393,6 +544,13 @@ def totals(path):
         if run["heal_to_convergence_seconds"] is not None:
             total["max_heal_seconds"] = max(total["max_heal_seconds"], run["heal_to_convergence_seconds"])
         total["faults"].update(run["faults"])
+        feed = run.get("feed", {})
+        for key, name in (("clients", "feed_clients"), ("calls", "feed_calls"), ("answers", "feed_answers"),
+                          ("gone", "feed_410s"), ("resyncs", "feed_resyncs"), ("mismatches", "feed_mismatches"),
+                          ("created_twice", "feed_created_twice"), ("missing_local", "feed_missing_local"),
+                          ("final_incomplete", "feed_final_incomplete"), ("updated_repeats", "feed_updated_repeats")):
+            total[name] += feed.get(key, 0)
+        total["feed_max_listing"] = max(total["feed_max_listing"], feed.get("max_listing", 0))
         if run["problems"]:
             total["runs_with_problems"].append({"seed": run["seed"], "problems": run["problems"],
                                                 "workdir": run.get("workdir")})
