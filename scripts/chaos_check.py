@@ -363,11 +363,16 @@ def rule_feed(run):
             local_appends[(op["node"], op["member"], op["account"])].append(op)
         elif op["kind"] == "expunge":
             local_expunges[(op["node"], op["member"], op["account"])].append(op)
+    writes = collections.defaultdict(list)  # id -> when flag changes or expunges of it were invoked
+    for op in run.ops:
+        if op["kind"] in ("flags", "expunge") and op["outcome"] != "fail" and "id" in op:
+            writes[op["id"]].append(op["invoked"])
     final_ends = run.final.get("feed_final", {})
     counts["clients"] = len(by_client)
     for client, records in sorted(by_client.items()):
         account = records[0]["account"]
         state, view, created, destroyed = None, {}, set(), set()
+        told = {}  # id -> when the client was last told of it
         awaiting_resync = False
         for sequence in feed_sequences(records):
             for record in sequence:
@@ -387,7 +392,7 @@ def rule_feed(run):
                     continue
                 if outcome == "gone":
                     counts["gone"] += 1
-                    state, view, created, destroyed = None, {}, set(), set()
+                    state, view, created, destroyed, told = None, {}, set(), set(), {}
                     awaiting_resync = True
                     continue
                 counts["answers"] += 1
@@ -406,6 +411,8 @@ def rule_feed(run):
                 for message_id, mailbox in record["updated"]:
                     if message_id in view:
                         counts["updated_repeats"] += 1
+                        if not any(moment > told[message_id] for moment in writes.get(message_id, ())):
+                            counts["updated_repeats_without_new_write"] += 1
                     elif message_id in destroyed:
                         counts["updated_after_destroyed"] += 1
                     else:
@@ -414,6 +421,8 @@ def rule_feed(run):
                 for message_id in record["destroyed"]:
                     view.pop(message_id, None)
                     destroyed.add(message_id)
+                for message_id, _ in record["created"] + record["updated"]:
+                    told[message_id] = record["invoked"]
                 state = record["state"]
             last = sequence[-1]
             if last["outcome"] != "ok" or last["has_more"]:
@@ -533,7 +542,8 @@ def totals(path):
              "runs_with_problems": [], "faults": collections.Counter(), "outcomes": collections.Counter(),
              "feed_clients": 0, "feed_calls": 0, "feed_answers": 0, "feed_410s": 0, "feed_resyncs": 0,
              "feed_mismatches": 0, "feed_created_twice": 0, "feed_missing_local": 0, "feed_final_incomplete": 0,
-             "feed_updated_repeats": 0, "feed_max_listing": 0}
+             "feed_updated_repeats": 0, "feed_updated_repeats_without_new_write": 0, "feed_over_limit": 0,
+             "feed_max_listing": 0}
     for run in runs:
         for counts in run["operations"].values():
             total["operations"] += sum(counts.values())
@@ -548,7 +558,9 @@ def totals(path):
         for key, name in (("clients", "feed_clients"), ("calls", "feed_calls"), ("answers", "feed_answers"),
                           ("gone", "feed_410s"), ("resyncs", "feed_resyncs"), ("mismatches", "feed_mismatches"),
                           ("created_twice", "feed_created_twice"), ("missing_local", "feed_missing_local"),
-                          ("final_incomplete", "feed_final_incomplete"), ("updated_repeats", "feed_updated_repeats")):
+                          ("final_incomplete", "feed_final_incomplete"), ("updated_repeats", "feed_updated_repeats"),
+                          ("updated_repeats_without_new_write", "feed_updated_repeats_without_new_write"),
+                          ("over_limit", "feed_over_limit")):
             total[name] += feed.get(key, 0)
         total["feed_max_listing"] = max(total["feed_max_listing"], feed.get("max_listing", 0))
         if run["problems"]:
