@@ -636,8 +636,9 @@ class FeedClient(threading.Thread):
     nothing. Every call is a `feed` line of the history, with what it sent and what it got, so
     the checker replays the client without trusting this one."""
 
-    def __init__(self, number, account, nodes, history, stop, seed):
+    def __init__(self, number, account, nodes, history, stop, seed, bad_token_rate=0.0):
         super().__init__(daemon=True, name=f"feed{number}")
+        self.bad_token_rate = bad_token_rate
         self.number, self.account, self.nodes, self.history = number, account, nodes, history
         self.stop_event = stop
         self.rng = random.Random(seed * 1000 + 500 + number)
@@ -657,6 +658,12 @@ class FeedClient(threading.Thread):
         """One page from `node`: records it and applies it; returns its outcome and has_more."""
         member, life = node.member, node.life
         since = self.state
+        # A token that cannot decode ("!" is not base64): the node must answer 410 and the client
+        # then resyncs from nothing, which exercises the resync path (expired tokens need hours).
+        damaged = (self.bad_token_rate > 0 and since is not None and page == 0 and not final
+                   and self.rng.random() < self.bad_token_rate)
+        if damaged:
+            since = "m1!damaged!" + since[:8]
         invoked = self.history.now()
         outcome, status, body, error = outcome_of(
             lambda: http_request(node.http, "GET", account_changes_path(self.account, since, limit)))
@@ -665,6 +672,8 @@ class FeedClient(threading.Thread):
                   "member": member, "life": life, "catch_up": catch_up, "page": page, "final": final,
                   "invoked": round(invoked, 4), "completed": round(completed, 4), "since": since, "limit": limit,
                   "status": status}
+        if damaged:
+            record["damaged"] = True
         has_more = False
         if status == 410:
             outcome = "gone"
@@ -973,6 +982,8 @@ def main():
     parser.add_argument("--gossip-interval-ms", type=int, default=500)
     parser.add_argument("--feed-clients", type=int, default=4,
                         help="change-feed clients, spread over the accounts (0: none)")
+    parser.add_argument("--feed-bad-token-rate", type=float, default=0.0,
+                        help="share of feed catch-ups that send a malformed token (expect 410, then a resync)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir even when the run passes")
     parser.add_argument("--cleanup", action="store_true", help=f"remove namespaces named {PREFIX_FAMILY}* and exit")
     arguments = parser.parse_args()
@@ -1016,7 +1027,8 @@ def main():
             raise RuntimeError("the empty cluster did not agree within 30 s")
         model = Model()
         threads = [Client(node.index, node, model, history, stop, seed, prefix) for node in nodes]
-        feed_clients = [FeedClient(number, ACCOUNTS[number % len(ACCOUNTS)], nodes, history, stop, seed)
+        feed_clients = [FeedClient(number, ACCOUNTS[number % len(ACCOUNTS)], nodes, history, stop, seed,
+                                   arguments.feed_bad_token_rate)
                         for number in range(arguments.feed_clients)]
         threads += [Reader(nodes, history, stop, seed), Poller(nodes, history, stop)] + feed_clients
         for thread in threads:
