@@ -459,6 +459,9 @@ def rule_feed(run):
             pass_start = answers[position]
             key = (last["node"], last["member"], account)
             counts["complete_catch_ups"] += 1
+            # An ID the client was told was destroyed, back in its view (an `updated` from a node
+            # that lacked the destroy) after a catch-up said there was nothing more.
+            counts["complete_catch_ups_holding_a_destroyed_id"] += bool(destroyed & set(view))
             counts["catch_ups_ending_a_pass_begun_earlier"] += pass_start["invoked"] < first["invoked"]
             for op in local_appends[key]:
                 if op["completed"] >= first["invoked"] or op["id"] in view:
@@ -579,7 +582,8 @@ def totals(path):
              "feed_clients": 0, "feed_calls": 0, "feed_answers": 0, "feed_410s": 0, "feed_resyncs": 0,
              "feed_mismatches": 0, "feed_created_twice": 0, "feed_missing_local": 0, "feed_final_incomplete": 0,
              "feed_updated_repeats": 0, "feed_updated_repeats_without_new_write": 0, "feed_over_limit": 0,
-             "feed_deferred_past_has_more_false": 0, "feed_max_listing": 0}
+             "feed_deferred_past_has_more_false": 0, "feed_complete_catch_ups_holding_a_destroyed_id": 0,
+             "feed_max_listing": 0}
     for run in runs:
         for counts in run["operations"].values():
             total["operations"] += sum(counts.values())
@@ -597,7 +601,9 @@ def totals(path):
                           ("final_incomplete", "feed_final_incomplete"), ("updated_repeats", "feed_updated_repeats"),
                           ("updated_repeats_without_new_write", "feed_updated_repeats_without_new_write"),
                           ("over_limit", "feed_over_limit"),
-                          ("deferred_past_has_more_false", "feed_deferred_past_has_more_false")):
+                          ("deferred_past_has_more_false", "feed_deferred_past_has_more_false"),
+                          ("complete_catch_ups_holding_a_destroyed_id",
+                           "feed_complete_catch_ups_holding_a_destroyed_id")):
             total[name] += feed.get(key, 0)
         total["feed_max_listing"] = max(total["feed_max_listing"], feed.get("max_listing", 0))
         if run["problems"]:
