@@ -45,6 +45,7 @@ pub struct ApiState {
 /// Missing or wrong credentials get 401 with a `WWW-Authenticate` challenge, too many failed
 /// logins 429 with `Retry-After`.
 pub fn router(service: MailService, engine: Node) -> Router {
+    let jmap = crate::jmap::routes(service.clone(), engine.config().allow_plaintext_auth);
     let guard = Guard {
         service: service.clone(),
         engine: engine.clone(),
@@ -81,6 +82,7 @@ pub fn router(service: MailService, engine: Node) -> Router {
         .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::disable())
         .with_state(ApiState { service, engine })
+        .merge(jmap)
 }
 
 /// What the routes' guards check credentials against.

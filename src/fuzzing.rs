@@ -149,6 +149,25 @@ pub fn sketch_symbols(input: &[u8]) {
 
 /// Every cargo-fuzz target and the replayer of its body.
 /// Every cargo-fuzz target by name, with the function it runs.
+/// What the cargo-fuzz target `jmap_request` runs on one input: a JMAP request body through
+/// the shape check, then every call's result references against the echoes of the calls before.
+pub fn jmap_request(input: &[u8]) {
+    let Ok(request) = serde_json::from_slice::<serde_json::Value>(input) else {
+        return;
+    };
+    if let Ok((_, calls)) = crate::jmap::check_request(&request) {
+        let mut responses = Vec::new();
+        for call in calls {
+            if let Ok(arguments) = crate::jmap::resolve_references(&call.arguments, &responses) {
+                responses.push(serde_json::json!([call.name, arguments, call.call_id]));
+            }
+        }
+    }
+    if let Some(path) = request.get("path").and_then(|path| path.as_str()) {
+        let _ = crate::jmap::evaluate_pointer(&request, path);
+    }
+}
+
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("sync_message", sync_message),
     ("record_states", record_states),
@@ -160,4 +179,5 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("change_state", change_state),
     ("sketch_symbols", sketch_symbols),
     ("accounts_file", accounts_file),
+    ("jmap_request", jmap_request),
 ];

@@ -35,6 +35,7 @@ pub mod harness;
 pub mod http;
 pub mod http_client;
 pub mod import;
+pub mod jmap;
 pub mod mail;
 pub mod metrics;
 pub mod net;

@@ -1,0 +1,481 @@
+//! JMAP core (RFC 8620) on the mail service: the session resource, the API endpoint with batched
+//! method calls, result references and the request-level and method-level errors.
+//!
+//! This is the protocol's frame; the mail methods (RFC 8621: Mailbox/get, Email/query,
+//! Email/changes with the account change feed's state, which any node accepts) are added on
+//! the same dispatch as the mail service gains mailbox IDs (docs/mail-model.md). Like every
+//! protocol here it calls only [`MailService`]: logins go through the accounts file with its
+//! throttling, and nothing reaches the store, the network or the sync core.
+//!
+//! Limits are advertised in the session and enforced: a request body over
+//! [`MAX_SIZE_REQUEST`] or with more than [`MAX_CALLS_IN_REQUEST`] calls gets the `limit`
+//! request error naming the limit.
+
+use std::collections::HashMap;
+
+use axum::body::Body;
+use axum::extract::DefaultBodyLimit;
+use axum::extract::{ConnectInfo, State};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::{json, Map, Value};
+
+use crate::accounts::AuthenticationError;
+use crate::service::{MailService, ServiceError};
+use crate::tls::ClientAddress;
+
+pub const CORE: &str = "urn:ietf:params:jmap:core";
+pub const MAIL: &str = "urn:ietf:params:jmap:mail";
+/// The largest request body accepted, in bytes.
+pub const MAX_SIZE_REQUEST: usize = 10 * 1024 * 1024;
+/// The most method calls in one request.
+pub const MAX_CALLS_IN_REQUEST: usize = 64;
+/// The most objects one /get may ask for, and one /set may change.
+pub const MAX_OBJECTS_IN_GET: usize = 1000;
+pub const MAX_OBJECTS_IN_SET: usize = 500;
+/// The deepest a result reference path may go.
+const MAX_PATH_DEPTH: usize = 32;
+
+/// The JMAP routes: `/.well-known/jmap` and `/jmap/api`.
+pub fn routes(service: MailService, allow_plaintext_auth: bool) -> Router {
+    Router::new()
+        .route("/.well-known/jmap", get(session))
+        .route("/jmap/api", post(api))
+        .layer(DefaultBodyLimit::disable())
+        .with_state(Jmap {
+            service,
+            allow_plaintext_auth,
+        })
+}
+
+#[derive(Clone)]
+struct Jmap {
+    service: MailService,
+    allow_plaintext_auth: bool,
+}
+
+/// A request-level error (RFC 8620 §3.6.1), answered as RFC 7807 problem details.
+fn problem(status: StatusCode, kind: &str, detail: &str, extra: Option<(&str, Value)>) -> Response {
+    let mut body =
+        json!({ "type": format!("urn:ietf:params:jmap:error:{kind}"), "status": status.as_u16(), "detail": detail });
+    if let Some((key, value)) = extra {
+        body[key] = value;
+    }
+    (
+        status,
+        [(header::CONTENT_TYPE, "application/problem+json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+fn unauthorized(detail: &str) -> Response {
+    let mut response = (StatusCode::UNAUTHORIZED, Json(json!({ "error": detail }))).into_response();
+    response.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        header::HeaderValue::from_static("Basic realm=\"mailmesh\""),
+    );
+    response
+}
+
+/// Checks HTTP Basic against the accounts file; the error is the response to send.
+async fn login(jmap: &Jmap, headers: &HeaderMap, client: ClientAddress) -> Result<String, Response> {
+    if !jmap.service.has_accounts() {
+        return Err(unauthorized("JMAP needs accounts: set accounts_file"));
+    }
+    let source = client.address.ip();
+    if !client.may_send_credentials(jmap.allow_plaintext_auth) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            Json(json!({ "error": "credentials over plain HTTP are accepted only from loopback: use HTTPS" })),
+        )
+            .into_response());
+    }
+    let credentials = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| {
+            let (scheme, rest) = value.trim().split_once(' ')?;
+            scheme.eq_ignore_ascii_case("basic").then_some(rest.trim())
+        })
+        .and_then(crate::api::decode_basic);
+    let Some((name, password)) = credentials else {
+        return Err(unauthorized("log in with HTTP Basic"));
+    };
+    match jmap.service.authenticate(name, password, source).await {
+        Ok(account) => Ok(account.as_str().to_owned()),
+        Err(ServiceError::Authentication(AuthenticationError::Throttled { retry_after })) => {
+            let mut response = (
+                StatusCode::TOO_MANY_REQUESTS,
+                Json(json!({ "error": "too many failed logins" })),
+            )
+                .into_response();
+            if let Ok(value) = header::HeaderValue::from_str(&retry_after.as_secs().max(1).to_string()) {
+                response.headers_mut().insert(header::RETRY_AFTER, value);
+            }
+            Err(response)
+        }
+        Err(ServiceError::Authentication(AuthenticationError::Refused)) => {
+            Err(unauthorized("unknown account or wrong password"))
+        }
+        Err(other) => Err((
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({ "error": other.to_string() })),
+        )
+            .into_response()),
+    }
+}
+
+/// The session resource (RFC 8620 §2).
+async fn session(
+    State(jmap): State<Jmap>,
+    ConnectInfo(client): ConnectInfo<ClientAddress>,
+    headers: HeaderMap,
+) -> Response {
+    let account = match login(&jmap, &headers, client).await {
+        Ok(account) => account,
+        Err(response) => return response,
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("localhost");
+    let scheme = if client.secure { "https" } else { "http" };
+    let base = format!("{scheme}://{host}");
+    Json(json!({
+        "capabilities": {
+            CORE: {
+                "maxSizeUpload": jmap.service.max_message_bytes(),
+                "maxConcurrentUpload": 4,
+                "maxSizeRequest": MAX_SIZE_REQUEST,
+                "maxConcurrentRequests": 4,
+                "maxCallsInRequest": MAX_CALLS_IN_REQUEST,
+                "maxObjectsInGet": MAX_OBJECTS_IN_GET,
+                "maxObjectsInSet": MAX_OBJECTS_IN_SET,
+                "collationAlgorithms": [],
+            },
+            MAIL: {},
+        },
+        "accounts": {
+            &account: {
+                "name": &account,
+                "isPersonal": true,
+                "isReadOnly": false,
+                "accountCapabilities": {
+                    MAIL: {
+                        "maxMailboxesPerEmail": 1,
+                        "maxMailboxDepth": null,
+                        "maxSizeMailboxName": 255,
+                        "maxSizeAttachmentsPerEmail": jmap.service.max_message_bytes(),
+                        "emailQuerySortOptions": ["receivedAt", "sentAt", "from", "subject", "size"],
+                        "mayCreateTopLevelMailbox": true,
+                    }
+                },
+            }
+        },
+        "primaryAccounts": { MAIL: &account },
+        "username": &account,
+        "apiUrl": format!("{base}/jmap/api"),
+        "downloadUrl": format!("{base}/jmap/download/{{accountId}}/{{blobId}}/{{name}}?type={{type}}"),
+        "uploadUrl": format!("{base}/jmap/upload/{{accountId}}/"),
+        "eventSourceUrl": format!("{base}/jmap/eventsource?types={{types}}&closeafter={{closeafter}}&ping={{ping}}"),
+        "state": "0",
+    }))
+    .into_response()
+}
+
+/// The API endpoint (RFC 8620 §3).
+async fn api(
+    State(jmap): State<Jmap>,
+    ConnectInfo(client): ConnectInfo<ClientAddress>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let account = match login(&jmap, &headers, client).await {
+        Ok(account) => account,
+        Err(response) => return response,
+    };
+    // Read at most the limit: a larger body is refused without being buffered whole.
+    let Ok(body) = axum::body::to_bytes(body, MAX_SIZE_REQUEST).await else {
+        return problem(
+            StatusCode::BAD_REQUEST,
+            "limit",
+            "the request is larger than maxSizeRequest",
+            Some(("limit", json!("maxSizeRequest"))),
+        );
+    };
+    let Ok(request) = serde_json::from_slice::<Value>(&body) else {
+        return problem(StatusCode::BAD_REQUEST, "notJSON", "the request body is not JSON", None);
+    };
+    match answer(&jmap, &account, &request) {
+        Ok(response) => Json(response).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// One method call of a request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct MethodCall {
+    pub name: String,
+    pub arguments: Map<String, Value>,
+    pub call_id: String,
+}
+
+/// A request-level error: its type (after `urn:ietf:params:jmap:error:`), a description, and
+/// the limit it names, if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestError {
+    pub kind: &'static str,
+    pub detail: String,
+    pub limit: Option<&'static str>,
+}
+
+impl RequestError {
+    fn new(kind: &'static str, detail: impl Into<String>) -> RequestError {
+        RequestError {
+            kind,
+            detail: detail.into(),
+            limit: None,
+        }
+    }
+
+    fn into_response(self) -> Response {
+        problem(
+            StatusCode::BAD_REQUEST,
+            self.kind,
+            &self.detail,
+            self.limit.map(|limit| ("limit", json!(limit))),
+        )
+    }
+}
+
+/// Checks a request's shape (RFC 8620 §3.3): its capabilities and its method calls.
+pub fn check_request(request: &Value) -> Result<(Vec<String>, Vec<MethodCall>), RequestError> {
+    let not_request = |detail: &str| RequestError::new("notRequest", detail);
+    let using: Vec<String> = request
+        .get("using")
+        .and_then(Value::as_array)
+        .ok_or_else(|| not_request("the request has no \"using\" array"))?
+        .iter()
+        .map(|capability| {
+            capability
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| not_request("\"using\" holds a non-string"))
+        })
+        .collect::<Result<_, _>>()?;
+    if let Some(unknown) = using
+        .iter()
+        .find(|capability| ![CORE, MAIL].contains(&capability.as_str()))
+    {
+        return Err(RequestError::new(
+            "unknownCapability",
+            format!("this server does not support {unknown}"),
+        ));
+    }
+    let calls = request
+        .get("methodCalls")
+        .and_then(Value::as_array)
+        .ok_or_else(|| not_request("the request has no \"methodCalls\" array"))?;
+    if calls.len() > MAX_CALLS_IN_REQUEST {
+        return Err(RequestError {
+            limit: Some("maxCallsInRequest"),
+            ..RequestError::new("limit", "the request has more method calls than maxCallsInRequest")
+        });
+    }
+    let calls = calls
+        .iter()
+        .map(|call| match call.as_array().map(Vec::as_slice) {
+            Some([Value::String(name), Value::Object(arguments), Value::String(call_id)]) => Ok(MethodCall {
+                name: name.clone(),
+                arguments: arguments.clone(),
+                call_id: call_id.clone(),
+            }),
+            _ => Err(not_request("each method call is [name, arguments, call id]")),
+        })
+        .collect::<Result<_, _>>()?;
+    Ok((using, calls))
+}
+
+/// Runs every method call of a request in order and collects their responses.
+fn answer(jmap: &Jmap, account: &str, request: &Value) -> Result<Value, Response> {
+    let (using, calls) = check_request(request).map_err(RequestError::into_response)?;
+    let using: Vec<&str> = using.iter().map(String::as_str).collect();
+    let mut responses: Vec<Value> = Vec::with_capacity(calls.len());
+    for call in calls {
+        let outcome = resolve_references(&call.arguments, &responses)
+            .and_then(|arguments| call_method(jmap, account, &using, &call.name, arguments));
+        match outcome {
+            Ok((response_name, response)) => responses.push(json!([response_name, response, call.call_id])),
+            Err(error) => responses.push(json!(["error", error, call.call_id])),
+        }
+    }
+    Ok(json!({ "methodResponses": responses, "sessionState": "0" }))
+}
+
+/// A method-level error object.
+fn method_error(kind: &str, description: impl Into<String>) -> Value {
+    json!({ "type": kind, "description": description.into() })
+}
+
+fn call_method(
+    _jmap: &Jmap,
+    account: &str,
+    using: &[&str],
+    name: &str,
+    arguments: Map<String, Value>,
+) -> Result<(String, Value), Value> {
+    if let Some(asked) = arguments.get("accountId") {
+        if asked.as_str() != Some(account) {
+            return Err(method_error("accountNotFound", "no such account for this login"));
+        }
+    }
+    match name {
+        "Core/echo" => Ok((name.to_owned(), Value::Object(arguments))),
+        _ if !using.contains(&MAIL) && name.contains('/') && !name.starts_with("Core/") => Err(method_error(
+            "unknownMethod",
+            format!("{name}: its capability is not in \"using\""),
+        )),
+        _ => Err(method_error("unknownMethod", format!("{name} is not supported yet"))),
+    }
+}
+
+/// Replaces every `#name` argument by the value its result reference points at (RFC 8620 §3.7).
+pub fn resolve_references(arguments: &Map<String, Value>, responses: &[Value]) -> Result<Map<String, Value>, Value> {
+    let mut resolved = Map::new();
+    for (key, value) in arguments {
+        let Some(plain) = key.strip_prefix('#') else {
+            resolved.insert(key.clone(), value.clone());
+            continue;
+        };
+        if arguments.contains_key(plain) {
+            return Err(method_error(
+                "invalidArguments",
+                format!("both {key} and {plain} are given"),
+            ));
+        }
+        let reference: HashMap<String, Value> = serde_json::from_value(value.clone())
+            .map_err(|_| method_error("invalidResultReference", format!("{key} is not a result reference")))?;
+        let text = |field: &str| {
+            reference
+                .get(field)
+                .and_then(Value::as_str)
+                .ok_or_else(|| method_error("invalidResultReference", format!("{key} has no {field}")))
+        };
+        let (result_of, name, path) = (text("resultOf")?, text("name")?, text("path")?);
+        let source = responses
+            .iter()
+            .find(|response| response[2].as_str() == Some(result_of) && response[0].as_str() == Some(name))
+            .ok_or_else(|| {
+                method_error(
+                    "invalidResultReference",
+                    format!("no earlier {name} response with call id {result_of}"),
+                )
+            })?;
+        let value = evaluate_pointer(&source[1], path)
+            .ok_or_else(|| method_error("invalidResultReference", format!("the path {path} leads nowhere")))?;
+        resolved.insert(plain.to_owned(), value);
+    }
+    Ok(resolved)
+}
+
+/// A JSON pointer (RFC 6901) with JMAP's `*`: applied to an array, the rest of the path is
+/// evaluated on every item and array results are flattened into one array.
+pub fn evaluate_pointer(value: &Value, path: &str) -> Option<Value> {
+    if path.is_empty() {
+        return Some(value.clone());
+    }
+    let rest = path.strip_prefix('/')?;
+    let tokens: Vec<String> = rest
+        .split('/')
+        .map(|token| token.replace("~1", "/").replace("~0", "~"))
+        .collect();
+    if tokens.len() > MAX_PATH_DEPTH {
+        return None;
+    }
+    walk(value, &tokens)
+}
+
+fn walk(value: &Value, tokens: &[String]) -> Option<Value> {
+    let Some((token, rest)) = tokens.split_first() else {
+        return Some(value.clone());
+    };
+    match value {
+        Value::Object(map) => walk(map.get(token)?, rest),
+        Value::Array(items) if token == "*" => {
+            let mut flattened = Vec::new();
+            for item in items {
+                match walk(item, rest)? {
+                    Value::Array(inner) => flattened.extend(inner),
+                    other => flattened.push(other),
+                }
+            }
+            Some(Value::Array(flattened))
+        }
+        Value::Array(items) => {
+            if token.len() > 1 && token.starts_with('0') {
+                return None;
+            }
+            walk(items.get(token.parse::<usize>().ok()?)?, rest)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{evaluate_pointer, resolve_references};
+    use serde_json::json;
+
+    #[test]
+    fn pointers_follow_rfc_6901_and_the_jmap_wildcard() {
+        let value = json!({
+            "list": [{"id": "a", "tags": ["x", "y"]}, {"id": "b", "tags": ["z"]}],
+            "a/b": 1, "m~n": 2, "ids": ["i1", "i2"]
+        });
+        assert_eq!(evaluate_pointer(&value, "/ids"), Some(json!(["i1", "i2"])));
+        assert_eq!(evaluate_pointer(&value, "/list/*/id"), Some(json!(["a", "b"])));
+        assert_eq!(
+            evaluate_pointer(&value, "/list/*/tags"),
+            Some(json!(["x", "y", "z"])),
+            "flattened"
+        );
+        assert_eq!(evaluate_pointer(&value, "/list/1/id"), Some(json!("b")));
+        assert_eq!(evaluate_pointer(&value, "/a~1b"), Some(json!(1)));
+        assert_eq!(evaluate_pointer(&value, "/m~0n"), Some(json!(2)));
+        assert_eq!(evaluate_pointer(&value, ""), Some(value.clone()));
+        for nowhere in ["/list/2/id", "/list/01/id", "/missing", "ids", "/ids/x", "/list/*/nope"] {
+            assert_eq!(evaluate_pointer(&value, nowhere), None, "{nowhere}");
+        }
+        let deep = format!("/{}", vec!["a"; 40].join("/"));
+        assert_eq!(evaluate_pointer(&value, &deep), None, "bounded depth");
+    }
+
+    #[test]
+    fn references_resolve_against_earlier_responses_only() {
+        let responses = vec![json!(["Email/query", {"ids": ["e1", "e2"]}, "c0"])];
+        let arguments =
+            json!({"#ids": {"resultOf": "c0", "name": "Email/query", "path": "/ids"}, "properties": ["id"]});
+        let resolved = resolve_references(arguments.as_object().unwrap(), &responses).unwrap();
+        assert_eq!(resolved["ids"], json!(["e1", "e2"]));
+        assert_eq!(resolved["properties"], json!(["id"]));
+        let kind = |arguments: serde_json::Value| {
+            resolve_references(arguments.as_object().unwrap(), &responses).unwrap_err()["type"].clone()
+        };
+        assert_eq!(
+            kind(json!({"#ids": {"resultOf": "c9", "name": "Email/query", "path": "/ids"}})),
+            "invalidResultReference"
+        );
+        assert_eq!(
+            kind(json!({"#ids": {"resultOf": "c0", "name": "Email/get", "path": "/ids"}})),
+            "invalidResultReference"
+        );
+        assert_eq!(kind(json!({"#ids": "not a reference"})), "invalidResultReference");
+        assert_eq!(
+            kind(json!({"#ids": {"resultOf": "c0", "name": "Email/query", "path": "/ids"}, "ids": []})),
+            "invalidArguments"
+        );
+    }
+}
