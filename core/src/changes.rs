@@ -44,9 +44,12 @@
 //! staying at the client's own): the items the page listed come in this node's state, which may
 //! lack changes of those origins the client saw on another node, and they must be listed again
 //! by a node that holds them. The chaos runs' feed checker found exactly that (a client that read
-//! a page from a node lacking an expunge, then moved on, kept the expunged email). An origin that
-//! appears on the node between two pages of one pass is listed in the next pass. A page holds at
-//! most `limit` items.
+//! a page from a node lacking an expunge, then moved on, kept the expunged email). A change made
+//! during a paged pass on an origin the pass had already passed (origins are listed in order and
+//! the cursor skips those before it) is listed in the next pass, not before the pass says there
+//! is no more: nothing is lost, but a client that waits for a push before it asks again learns it
+//! late. (The chaos checker's seed 11 shows it; a page that wraps around to the origins before
+//! its cursor would close this, and is not done yet.) A page holds at most `limit` items.
 //!
 //! # Forgetting
 //! Tombstones are purged after the tombstone horizon. A token whose bound for some origin is below
