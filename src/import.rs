@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::io::{BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use crate::api_client::{self, encode_query_value, encode_segment, ClientError};
@@ -72,6 +72,9 @@ pub struct ImportOptions {
     pub queue_bytes: usize,
     pub show_progress: bool,
     pub maildir_date: MaildirDate,
+    /// Set (by a Ctrl-C handler) to stop: nothing more is read, the appends in flight finish, so
+    /// that no append of this run can land after a re-run has looked for it.
+    pub interrupt: Arc<AtomicBool>,
 }
 
 impl ImportOptions {
@@ -86,6 +89,7 @@ impl ImportOptions {
             queue_bytes: 64 << 20,
             show_progress: false,
             maildir_date: MaildirDate::default(),
+            interrupt: Arc::new(AtomicBool::new(false)),
         }
     }
 }
@@ -122,6 +126,10 @@ pub struct ImportSummary {
     pub imported: u64,
     pub duplicates: u64,
     pub failed: u64,
+    /// Read but not sent because the import was interrupted; a re-run sends them.
+    pub unsent: u64,
+    /// Whether the import stopped on `interrupt` before the end of the source.
+    pub interrupted: bool,
     /// Bytes of the newly imported messages.
     pub bytes: u64,
     /// Keywords that are not valid IMAP keywords (or hold a comma), left off their messages.
@@ -606,6 +614,7 @@ struct Counters {
     imported: AtomicU64,
     duplicates: AtomicU64,
     failed: AtomicU64,
+    unsent: AtomicU64,
 }
 
 /// What the threads share.
@@ -650,6 +659,11 @@ impl Shared {
         self.stop.store(true, Ordering::Relaxed);
     }
 
+    /// Whether to stop reading and sending: a fatal error, or an interrupt.
+    fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Relaxed) || self.options.interrupt.load(Ordering::Relaxed)
+    }
+
     fn refresh_message(&self) {
         self.bar.set_message(format!(
             "{} read, {} new, {} already there, {} failed",
@@ -666,6 +680,8 @@ enum Sent {
     New,
     Duplicate,
     Rejected(String),
+    /// Not sent: the import is stopping.
+    Unsent,
 }
 
 /// Statuses worth trying again: the node is busy, restarting, or briefly out of space.
@@ -728,8 +744,8 @@ fn send(agent: &ureq::Agent, shared: &Shared, job: &Job) -> Result<Sent, ImportE
             }
         };
         tracing::debug!(origin = %job.origin, attempt, reason = %retry_reason, "append failed; trying again");
-        if shared.stop.load(Ordering::Relaxed) {
-            return Ok(Sent::Rejected(format!("not sent: the import stopped ({retry_reason})")));
+        if shared.stopping() {
+            return Ok(Sent::Unsent);
         }
         std::thread::sleep(delay);
         delay = (delay * 2).min(Duration::from_secs(5));
@@ -747,16 +763,20 @@ fn work(shared: &Shared, queue: &Mutex<std::sync::mpsc::Receiver<Job>>) {
                 Err(_) => return,
             }
         };
-        if !shared.stop.load(Ordering::Relaxed) {
-            match send(&agent, shared, &job) {
-                Ok(Sent::New) => {
-                    shared.count(job.source, |counters| &counters.imported);
-                    shared.bytes.fetch_add(job.raw.len() as u64, Ordering::Relaxed);
-                }
-                Ok(Sent::Duplicate) => shared.count(job.source, |counters| &counters.duplicates),
-                Ok(Sent::Rejected(reason)) => shared.fail(job.source, format!("{}: {reason}", job.origin)),
-                Err(error) => shared.stop_with(error),
+        let outcome = if shared.stopping() {
+            Ok(Sent::Unsent)
+        } else {
+            send(&agent, shared, &job)
+        };
+        match outcome {
+            Ok(Sent::New) => {
+                shared.count(job.source, |counters| &counters.imported);
+                shared.bytes.fetch_add(job.raw.len() as u64, Ordering::Relaxed);
             }
+            Ok(Sent::Duplicate) => shared.count(job.source, |counters| &counters.duplicates),
+            Ok(Sent::Rejected(reason)) => shared.fail(job.source, format!("{}: {reason}", job.origin)),
+            Ok(Sent::Unsent) => shared.count(job.source, |counters| &counters.unsent),
+            Err(error) => shared.stop_with(error),
         }
         shared.budget.give_back(job.raw.len());
         shared.bar.inc(job.source_bytes);
@@ -766,7 +786,7 @@ fn work(shared: &Shared, queue: &Mutex<std::sync::mpsc::Receiver<Job>>) {
 
 /// Hands one message to the senders; false once the import has stopped.
 fn enqueue(shared: &Shared, sender: &std::sync::mpsc::SyncSender<Job>, job: Job) -> bool {
-    if shared.stop.load(Ordering::Relaxed) {
+    if shared.stopping() {
         return false;
     }
     shared.count(job.source, |counters| &counters.read);
@@ -991,7 +1011,7 @@ pub fn import_sources(options: &ImportOptions, sources: &[Source]) -> Result<Imp
             scope.spawn(|| work(&shared, &queue));
         }
         for (index, source) in sources.iter().enumerate() {
-            if shared.stop.load(Ordering::Relaxed) {
+            if shared.stopping() {
                 break;
             }
             shared.bar.set_prefix(source.mailbox.clone());
@@ -1016,6 +1036,8 @@ pub fn import_sources(options: &ImportOptions, sources: &[Source]) -> Result<Imp
         imported: load(&shared.total.imported),
         duplicates: load(&shared.total.duplicates),
         failed: load(&shared.total.failed),
+        unsent: load(&shared.total.unsent),
+        interrupted: shared.options.interrupt.load(Ordering::Relaxed),
         bytes: load(&shared.bytes),
         keywords_dropped: load(&shared.keywords_dropped),
         mailboxes: sources

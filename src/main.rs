@@ -166,6 +166,12 @@ fn main() -> anyhow::Result<()> {
             if let Some(path) = token_file {
                 options.token = Some(config::read_token(&path)?);
             }
+            // The first Ctrl-C stops reading and lets the appends in flight finish; a second one
+            // exits at once (the order of registration matters: the exit is checked first).
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register_conditional_shutdown(signal, 130, options.interrupt.clone())?;
+                signal_hook::flag::register(signal, options.interrupt.clone())?;
+            }
             import(&options, &path)
         }
         CommandLine::Reindex { data_dir } => reindex(&data_dir),
@@ -190,6 +196,12 @@ fn import(options: &mailmesh::import::ImportOptions, path: &std::path::Path) -> 
     for failure in &summary.failures {
         eprintln!("failed: {failure}");
     }
+    if summary.interrupted {
+        eprintln!(
+            "interrupted: {} messages read were not sent; run the same command again to import the rest",
+            summary.unsent
+        );
+    }
     if summary.keywords_dropped > 0 {
         eprintln!(
             "{} keywords were not valid IMAP keywords and were left off their messages",
@@ -207,6 +219,9 @@ fn import(options: &mailmesh::import::ImportOptions, path: &std::path::Path) -> 
         seconds,
         summary.read as f64 / seconds.max(0.001)
     );
+    if summary.interrupted {
+        std::process::exit(130);
+    }
     if summary.failed > 0 {
         std::process::exit(1);
     }
