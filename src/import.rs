@@ -608,6 +608,34 @@ impl ByteBudget {
     }
 }
 
+/// The messages being appended right now, by content. The node's duplicate check and its append
+/// are two steps, so two appends of the same bytes at once could both be stored; a message waits
+/// while the same bytes are in flight, and is then skipped by the node as present.
+#[derive(Default)]
+struct InFlight {
+    hashes: Mutex<std::collections::HashSet<blake3::Hash>>,
+    finished: Condvar,
+}
+
+impl InFlight {
+    fn enter(&self, hash: blake3::Hash) {
+        let mut hashes = self.hashes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        while hashes.contains(&hash) {
+            hashes = self
+                .finished
+                .wait(hashes)
+                .unwrap_or_else(|poisoned| poisoned.into_inner());
+        }
+        hashes.insert(hash);
+    }
+
+    fn leave(&self, hash: &blake3::Hash) {
+        let mut hashes = self.hashes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        hashes.remove(hash);
+        self.finished.notify_all();
+    }
+}
+
 #[derive(Default)]
 struct Counters {
     read: AtomicU64,
@@ -630,6 +658,7 @@ struct Shared {
     fatal: Mutex<Option<ImportError>>,
     stop: AtomicBool,
     budget: ByteBudget,
+    in_flight: InFlight,
     bar: indicatif::ProgressBar,
 }
 
@@ -766,7 +795,11 @@ fn work(shared: &Shared, queue: &Mutex<std::sync::mpsc::Receiver<Job>>) {
         let outcome = if shared.stopping() {
             Ok(Sent::Unsent)
         } else {
-            send(&agent, shared, &job)
+            let hash = blake3::hash(&job.raw);
+            shared.in_flight.enter(hash);
+            let outcome = send(&agent, shared, &job);
+            shared.in_flight.leave(&hash);
+            outcome
         };
         match outcome {
             Ok(Sent::New) => {
@@ -1002,6 +1035,7 @@ pub fn import_sources(options: &ImportOptions, sources: &[Source]) -> Result<Imp
             freed: Condvar::new(),
             limit: options.queue_bytes.max(1),
         },
+        in_flight: InFlight::default(),
         bar: progress_bar(total_bytes(sources), options.show_progress),
     };
     let (sender, receiver) = std::sync::mpsc::sync_channel::<Job>(workers * 4);

@@ -483,3 +483,25 @@ fn an_import_stopped_with_ctrl_c_completes_on_a_second_run() {
     );
     assert_eq!(node.messages(ACCOUNT, "Big").unwrap().len(), total);
 }
+
+#[test]
+fn the_same_message_many_times_in_one_source_is_stored_once() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = start_node(directory.path());
+    let mbox = directory.path().join("repeated.mbox");
+    let mut bytes = Vec::new();
+    for number in 0..40 {
+        // Runs of one message, as a mail loop or a re-delivered batch leaves them.
+        let raw = message(2000 + number / 10, false);
+        bytes.extend_from_slice(&mbox_entry("From x@example.org Tue Mar  3 10:00:00 2026", "", &raw));
+    }
+    std::fs::write(&mbox, bytes).unwrap();
+    let output = run_import(&node, &mbox, &["--mailbox", "Repeated", "--workers", "16"]);
+    assert_eq!(
+        summary_of(&output),
+        (4, 36, 0, 40),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    assert_eq!(node.messages(ACCOUNT, "Repeated").unwrap().len(), 4);
+}
