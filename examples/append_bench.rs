@@ -386,6 +386,7 @@ fn run_phase(
                             mailbox: mailboxes[mailbox].clone(),
                             raw,
                             flags: vec![],
+                            received_millis: None,
                             now_millis: now_millis(),
                             random: (u128::from(random.next()) << 64) | u128::from(random.next()),
                         });

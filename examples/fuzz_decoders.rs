@@ -145,6 +145,7 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
             stale: false,
             clock: 1 << 20,
             acknowledged_before: 1_767_225_600_000,
+            frontier: vec![(7, 1 << 20)],
         }),
     ];
     let mail_seeds = vec![

@@ -251,6 +251,7 @@ fn main() {
                     } else {
                         vec![mailmesh::model::Flag::Seen]
                     },
+                    received_millis: None,
                     now_millis: start_millis + index as u64 * 30_000,
                     random: u128::from(random.next()) << 40 | u128::from(random.next()),
                 }

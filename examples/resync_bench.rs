@@ -196,6 +196,7 @@ fn load(template: &Path, arguments: &Arguments) -> Result<Vec<MessageId>, String
                         mailbox: mailbox.clone(),
                         raw,
                         flags: vec![],
+                        received_millis: None,
                         now_millis: now_millis(),
                         random: (u128::from(random.next()) << 64) | u128::from(random.next()),
                     });

@@ -1,4 +1,5 @@
-//! The HTTP API: JSON over axum, a thin layer over a [`Node`] handle.
+//! The HTTP API: JSON over axum. The mail routes speak only to the mail service
+//! ([`MailService`]); the operator's routes read the replication engine's status ([`Node`]).
 //!
 //! Errors are `{"error": "..."}` with a status that says what to do: 400 for bad input, 404 for
 //! unknown mailboxes or messages, 413 for oversized messages, 500 when the store fails.
@@ -7,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
-use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -18,43 +18,18 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use crate::accounts::{AccountName, Accounts, AuthenticationError, Password, RateLimits};
-use crate::mail::Listing;
-use crate::merkle::{Prefix, TreeView};
-use crate::model::{Flag, MailboxKey, MessageId, MessageRecord};
+use crate::accounts::{AccountName, AuthenticationError, Password};
+use crate::http::{bad_request, json_errors, not_found, ApiError};
+use crate::merkle::Prefix;
+use crate::model::{Flag, MessageId};
 use crate::node::{hex, Node};
-use crate::store::{SortKey, Space, StoreError};
+use crate::service::{parse_flags, Delivery, Email, MailService, Query as ListingQuery, ServiceError, SortKey};
 
-/// An API error: a status and a message.
-pub struct ApiError(StatusCode, String);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        (self.0, Json(json!({ "error": self.1 }))).into_response()
-    }
-}
-
-impl From<StoreError> for ApiError {
-    fn from(error: StoreError) -> Self {
-        if error.is_disk_full() {
-            return ApiError(StatusCode::INSUFFICIENT_STORAGE, error.to_string());
-        }
-        let status = match &error {
-            StoreError::NotFound { .. } | StoreError::Expunged(_) => StatusCode::NOT_FOUND,
-            StoreError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            StoreError::BlobMismatch { .. } | StoreError::Clock(_) | StoreError::Merge(_) => StatusCode::BAD_REQUEST,
-            _ => StatusCode::INTERNAL_SERVER_ERROR,
-        };
-        ApiError(status, error.to_string())
-    }
-}
-
-fn bad_request(message: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::BAD_REQUEST, message.into())
-}
-
-fn not_found(message: impl Into<String>) -> ApiError {
-    ApiError(StatusCode::NOT_FOUND, message.into())
+/// What every route handler gets: the mail service and the engine (for operator views).
+#[derive(Clone)]
+pub struct ApiState {
+    service: MailService,
+    engine: Node,
 }
 
 /// The routes, bound to a node.
@@ -68,8 +43,11 @@ fn not_found(message: impl Into<String>) -> ApiError {
 ///
 /// Missing or wrong credentials get 401 with a `WWW-Authenticate` challenge, too many failed
 /// logins 429 with `Retry-After`.
-pub fn router(node: Node) -> Router {
-    let guard = Guard::new(node.clone());
+pub fn router(service: MailService, engine: Node) -> Router {
+    let guard = Guard {
+        service: service.clone(),
+        engine: engine.clone(),
+    };
     let account_routes = Router::new()
         .route("/v1/mailboxes/{account}/{mailbox}", get(get_mailbox))
         .route(
@@ -85,12 +63,13 @@ pub fn router(node: Node) -> Router {
         .route("/v1/mailboxes/{account}/{mailbox}/sync", get(sync_ranges))
         .route("/v1/mailboxes/{account}/{mailbox}/sync/ids", get(sync_ids))
         .route("/v1/mailboxes/{account}/{mailbox}/changes", get(changes))
+        .route("/v1/accounts/{account}/changes", get(account_changes))
         .route_layer(axum::middleware::from_fn_with_state(guard.clone(), require_account));
     let operator_routes = Router::new()
         .route("/v1/status", get(status))
         .route("/v1/mailboxes", get(list_mailboxes))
         .route("/metrics", get(metrics))
-        .merge(crate::page::routes())
+        .merge(crate::page::routes().with_state(engine.clone()))
         .route_layer(axum::middleware::from_fn_with_state(guard, require_operator));
     Router::new()
         .merge(account_routes)
@@ -100,37 +79,24 @@ pub fn router(node: Node) -> Router {
         .fallback(|| async { not_found("no such route") })
         .layer(axum::middleware::map_response(json_errors))
         .layer(DefaultBodyLimit::disable())
-        .with_state(node)
+        .with_state(ApiState { service, engine })
 }
 
 /// What the routes' guards check credentials against.
 #[derive(Clone)]
 struct Guard {
-    node: Node,
-    accounts: Option<Arc<Accounts>>,
+    service: MailService,
+    engine: Node,
 }
 
 impl Guard {
-    fn new(node: Node) -> Guard {
-        let accounts = node.config().accounts_file.as_ref().map(|path| {
-            // The file was checked at start; if it went bad since, the node still serves the
-            // operator and answers 503 to logins until the file reads well again.
-            let accounts = Accounts::open(path, RateLimits::default()).unwrap_or_else(|error| {
-                tracing::error!("{error}; logins are refused until it is fixed");
-                Accounts::new(path, RateLimits::default())
-            });
-            Arc::new(accounts.with_metrics(node.metrics().clone()))
-        });
-        Guard { node, accounts }
-    }
-
     /// With neither a token nor an accounts file, the API is open (loopback by default).
     fn is_open(&self) -> bool {
-        self.node.config().http_token.is_none() && self.accounts.is_none()
+        self.engine.config().http_token.is_none() && !self.service.has_accounts()
     }
 
     fn token_matches(&self, presented: &str) -> bool {
-        self.node
+        self.engine
             .config()
             .http_token
             .as_deref()
@@ -139,16 +105,16 @@ impl Guard {
 
     /// 401 with the challenges this node accepts on the route.
     fn unauthorized(&self, basic: bool, message: &str) -> Response {
-        self.node.metrics().http_unauthorized.inc();
+        self.engine.metrics().http_unauthorized.inc();
         let mut response = ApiError(StatusCode::UNAUTHORIZED, message.to_owned()).into_response();
         let headers = response.headers_mut();
-        if basic && self.accounts.is_some() {
+        if basic && self.service.has_accounts() {
             headers.append(
                 header::WWW_AUTHENTICATE,
                 header::HeaderValue::from_static("Basic realm=\"mailmesh\""),
             );
         }
-        if self.node.config().http_token.is_some() || !basic || self.accounts.is_none() {
+        if self.engine.config().http_token.is_some() || !basic || !self.service.has_accounts() {
             headers.append(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
         }
         response
@@ -162,13 +128,17 @@ impl Guard {
         source: IpAddr,
         basic: bool,
     ) -> Result<AccountName, Response> {
-        let Some(accounts) = &self.accounts else {
+        if !self.service.has_accounts() {
             return Err(self.unauthorized(basic, "this node has no accounts file: use the bearer token"));
+        }
+        let refused = match self.service.authenticate(login, password, source).await {
+            Ok(name) => return Ok(name),
+            Err(ServiceError::Authentication(error)) => error,
+            Err(other) => return Err(ApiError::from(other).into_response()),
         };
-        match accounts.authenticate_blocking(login, password, source).await {
-            Ok(name) => Ok(name),
-            Err(AuthenticationError::Refused) => Err(self.unauthorized(basic, "unknown account or wrong password")),
-            Err(error @ AuthenticationError::Throttled { retry_after }) => {
+        match refused {
+            AuthenticationError::Refused => Err(self.unauthorized(basic, "unknown account or wrong password")),
+            error @ AuthenticationError::Throttled { retry_after } => {
                 let mut response = ApiError(StatusCode::TOO_MANY_REQUESTS, error.to_string()).into_response();
                 let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
                 if let Ok(value) = header::HeaderValue::from_str(&seconds.to_string()) {
@@ -176,7 +146,7 @@ impl Guard {
                 }
                 Err(response)
             }
-            Err(error @ AuthenticationError::Unavailable) => {
+            error @ AuthenticationError::Unavailable => {
                 Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, error.to_string()).into_response())
             }
         }
@@ -279,7 +249,7 @@ async fn require_operator(
     if guard.is_open() {
         return next.run(request).await;
     }
-    let needs_token = if guard.node.config().http_token.is_some() {
+    let needs_token = if guard.engine.config().http_token.is_some() {
         "missing or wrong bearer token"
     } else {
         "this route needs the operator's bearer token, and this node has none: set http_token_file"
@@ -306,32 +276,6 @@ fn constant_time_equal(left: &[u8], right: &[u8]) -> bool {
         .zip(right)
         .fold(0u8, |difference, (a, b)| difference | (a ^ b))
         == 0
-}
-
-/// Turns axum's own plain-text refusals (bad query strings, bad paths, wrong methods) into the
-/// API's `{"error": "..."}` form, keeping their status.
-async fn json_errors(response: Response) -> Response {
-    let status = response.status();
-    let is_json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return response;
-    }
-    let body = axum::body::to_bytes(response.into_body(), 64 * 1024)
-        .await
-        .unwrap_or_default();
-    let mut message = String::from_utf8_lossy(&body).trim().to_owned();
-    if message.is_empty() {
-        message = status.canonical_reason().unwrap_or("error").to_owned();
-    }
-    ApiError(status, message).into_response()
-}
-
-fn mailbox_key(account: &str, mailbox: &str) -> Result<MailboxKey, ApiError> {
-    MailboxKey::new(account, mailbox).map_err(|error| bad_request(error.to_string()))
 }
 
 fn message_id(text: &str) -> Result<MessageId, ApiError> {
@@ -367,30 +311,22 @@ pub fn rfc3339(millis: u64) -> String {
     )
 }
 
-fn item(record: &MessageRecord, listing: &Listing) -> Value {
-    let flags: Vec<&str> = record.set_flags().into_iter().map(Flag::as_str).collect();
+fn item(email: &Email) -> Value {
+    let flags: Vec<&str> = email.flags.iter().map(Flag::as_str).collect();
     json!({
-        "id": record.id.to_string(),
-        "blob": record.blob.to_string(),
-        "size": record.size,
-        "received": rfc3339(record.received_millis),
-        "date": rfc3339(listing.date_millis.unwrap_or(record.received_millis)),
-        "from": listing.from,
-        "subject": listing.subject,
+        "id": email.id.to_string(),
+        "blob": email.blob.to_string(),
+        "size": email.size,
+        "received": rfc3339(email.received_millis),
+        "date": rfc3339(email.date_millis.unwrap_or(email.received_millis)),
+        "from": email.from,
+        "subject": email.subject,
         "flags": flags,
     })
 }
 
-fn item_of(node: &Node, key: &MailboxKey, record: &MessageRecord) -> Result<Value, ApiError> {
-    let listing = node
-        .store()
-        .local_state(key.id(), record.id)?
-        .and_then(|state| state.listing)
-        .unwrap_or_default();
-    Ok(item(record, &listing))
-}
-
-async fn status(State(node): State<Node>) -> Result<Json<Value>, ApiError> {
+async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let node = &state.engine;
     let peers = node.peer_statuses().await;
     let listen: Vec<String> = node
         .listen_addresses()
@@ -410,9 +346,9 @@ async fn status(State(node): State<Node>) -> Result<Json<Value>, ApiError> {
         "listen": listen,
         "peers": peers,
         "digest": node.digest_hex()?,
-        "mailboxes": node.store().digest()?.count,
+        "mailboxes": node.directory()?.count,
         "stale": node.is_stale(),
-        "tombstones_acknowledged_before": node.store().acknowledged_before(),
+        "tombstones_acknowledged_before": node.acknowledged_before(),
         "blocked": blocked,
         "divergent": node
             .divergent_mailboxes()
@@ -427,16 +363,17 @@ async fn status(State(node): State<Node>) -> Result<Json<Value>, ApiError> {
     })))
 }
 
-async fn list_mailboxes(State(node): State<Node>) -> Result<Json<Value>, ApiError> {
-    let entries = node.store().mailboxes()?;
-    let mailboxes: Vec<Value> = entries
+async fn list_mailboxes(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> {
+    let mailboxes: Vec<Value> = state
+        .service
+        .all_mailboxes()?
         .iter()
-        .map(|entry| {
+        .map(|mailbox| {
             json!({
-                "account": entry.key.account(),
-                "mailbox": entry.key.mailbox(),
-                "count": entry.live,
-                "root": format!("{:?}", entry.root),
+                "account": mailbox.account,
+                "mailbox": mailbox.name,
+                "count": mailbox.total,
+                "root": mailbox.root,
             })
         })
         .collect();
@@ -444,21 +381,17 @@ async fn list_mailboxes(State(node): State<Node>) -> Result<Json<Value>, ApiErro
 }
 
 async fn get_mailbox(
-    State(node): State<Node>,
+    State(state): State<ApiState>,
     Path((account, mailbox)): Path<(String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let key = mailbox_key(&account, &mailbox)?;
-    let entry = node
-        .store()
-        .mailbox_entry(key.id())?
-        .ok_or_else(|| not_found("no such mailbox"))?;
+    let mailbox = state.service.mailbox(&account, &mailbox)?;
     Ok(Json(json!({
-        "account": entry.key.account(),
-        "mailbox": entry.key.mailbox(),
-        "count": entry.live,
-        "unseen": entry.unseen,
-        "tombstones": entry.records.saturating_sub(entry.live),
-        "root": format!("{:?}", entry.root),
+        "account": mailbox.account,
+        "mailbox": mailbox.name,
+        "count": mailbox.total,
+        "unseen": mailbox.unseen,
+        "tombstones": mailbox.tombstones,
+        "root": mailbox.root,
     })))
 }
 
@@ -468,16 +401,19 @@ struct AppendOptions {
     /// a live message with the same bytes (used by `mailmesh import`).
     #[serde(default)]
     skip_duplicate: bool,
+    /// Flags to set on the new message, comma-separated (`\Seen,\Flagged,$label`).
+    flags: Option<String>,
+    /// The received date, in milliseconds since the epoch (an import keeps the original).
+    received: Option<u64>,
 }
 
 async fn append(
-    State(node): State<Node>,
+    State(state): State<ApiState>,
     Path((account, mailbox)): Path<(String, String)>,
     Query(options): Query<AppendOptions>,
     body: Body,
 ) -> Result<(StatusCode, Json<Value>), ApiError> {
-    let key = mailbox_key(&account, &mailbox)?;
-    let limit = node.config().max_message_bytes;
+    let limit = state.service.max_message_bytes();
     let raw: Bytes = axum::body::to_bytes(body, usize::try_from(limit).unwrap_or(usize::MAX))
         .await
         .map_err(|_| {
@@ -489,20 +425,36 @@ async fn append(
     if raw.is_empty() {
         return Err(bad_request("empty message body"));
     }
-    if options.skip_duplicate {
-        let blob = crate::model::BlobHash::of(&raw);
-        if let Some(id) = node.store().live_message_with_blob(key.id(), &blob)? {
-            return Ok((
-                StatusCode::OK,
-                Json(json!({ "id": id.to_string(), "blob": blob.to_string(), "size": raw.len(), "duplicate": true })),
-            ));
-        }
+    let flag_names: Vec<String> = options
+        .flags
+        .as_deref()
+        .unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|name| !name.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let delivered = state
+        .service
+        .deliver(Delivery {
+            account,
+            mailbox,
+            raw: raw.to_vec(),
+            flags: parse_flags(&flag_names)?,
+            received_millis: options.received,
+            skip_duplicate: options.skip_duplicate,
+        })
+        .await?;
+    let mut answer = json!({
+        "id": delivered.id.to_string(),
+        "blob": delivered.blob.to_string(),
+        "size": delivered.size,
+    });
+    if delivered.duplicate {
+        answer["duplicate"] = Value::Bool(true);
+        return Ok((StatusCode::OK, Json(answer)));
     }
-    let record = node.append(&key, raw.to_vec(), vec![]).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(json!({ "id": record.id.to_string(), "blob": record.blob.to_string(), "size": record.size })),
-    ))
+    Ok((StatusCode::CREATED, Json(answer)))
 }
 
 #[derive(Deserialize)]
@@ -515,11 +467,10 @@ struct ListQuery {
 }
 
 async fn list_messages(
-    State(node): State<Node>,
+    State(state): State<ApiState>,
     Path((account, mailbox)): Path<(String, String)>,
     Query(query): Query<ListQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let key = mailbox_key(&account, &mailbox)?;
     let sort_name = query.sort.as_deref().unwrap_or("received");
     let sort = SortKey::parse(sort_name).ok_or_else(|| {
         bad_request(format!(
@@ -535,45 +486,22 @@ async fn list_messages(
     if limit > 1000 {
         return Err(bad_request("limit is at most 1000"));
     }
-    let position = query.position.unwrap_or(0);
-    let entry = node
-        .store()
-        .mailbox_entry(key.id())?
-        .ok_or_else(|| not_found("no such mailbox"))?;
-    let mut items = Vec::new();
-    let total;
-    match query.search {
-        Some(text) if !text.trim().is_empty() => {
-            let store = node.store_handle();
-            let index = node.search_index().clone();
-            let mailbox_id = key.id();
-            let hits = tokio::task::spawn_blocking(move || {
-                index.search(&store, mailbox_id, &text, sort, descending, position, limit)
-            })
-            .await
-            .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?
-            .map_err(|error| ApiError(StatusCode::INTERNAL_SERVER_ERROR, error.to_string()))?;
-            total = hits.total;
-            for id in hits.ids {
-                let Some(record) = node.store().record(key.id(), id)? else {
-                    continue;
-                };
-                let listing = node
-                    .store()
-                    .local_state(key.id(), id)?
-                    .and_then(|state| state.listing)
-                    .unwrap_or_default();
-                items.push(item(&record, &listing));
-            }
-        }
-        _ => {
-            total = entry.live as usize;
-            for (record, listing) in node.store().list(key.id(), sort, descending, position, limit)? {
-                items.push(item(&record, &listing));
-            }
-        }
-    }
-    Ok(Json(json!({ "total": total, "items": items })))
+    let result = state
+        .service
+        .query(
+            &account,
+            &mailbox,
+            ListingQuery {
+                search: query.search,
+                sort,
+                descending,
+                position: query.position.unwrap_or(0),
+                limit,
+            },
+        )
+        .await?;
+    let items: Vec<Value> = result.emails.iter().map(item).collect();
+    Ok(Json(json!({ "total": result.total, "items": items })))
 }
 
 #[derive(Deserialize)]
@@ -609,24 +537,23 @@ fn range_json(prefix: Prefix, aggregate: &crate::merkle::Aggregate) -> Value {
 
 /// Range fingerprints for heavy clients: the same counts and fingerprints peers compare.
 async fn sync_ranges(
-    State(node): State<Node>,
+    State(state): State<ApiState>,
     Path((account, mailbox)): Path<(String, String)>,
     Query(query): Query<RangeQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let key = mailbox_key(&account, &mailbox)?;
     let prefix = prefix_of_bounds(query.lo.as_deref(), query.hi.as_deref())?;
     let levels = match query.split.unwrap_or(16) {
         16 => 1,
         256 => 2,
         other => return Err(bad_request(format!("split is 16 or 256, not {other}"))),
     };
-    let tree = node.store().tree(Space::Mailbox(key.id()));
-    let whole = tree.aggregate(prefix)?;
+    let service = &state.service;
+    let (whole, _) = service.range(&account, &mailbox, prefix)?;
     // Skip single-child levels (time-ordered IDs share their high nibbles), as peers do, so
     // each answer splits where the messages actually branch.
     let mut branching = prefix;
     while branching.depth() < crate::merkle::KEY_NIBBLES && whole.count > 1 {
-        let children = tree.child_aggregates(branching)?;
+        let (_, children) = service.range(&account, &mailbox, branching)?;
         let mut present = children
             .iter()
             .enumerate()
@@ -648,7 +575,7 @@ async fn sync_ranges(
     }
     let mut ranges = Vec::new();
     for child in frontier {
-        let aggregate = tree.aggregate(child)?;
+        let (aggregate, _) = service.range(&account, &mailbox, child)?;
         if !aggregate.is_empty() {
             ranges.push(range_json(child, &aggregate));
         }
@@ -660,11 +587,10 @@ async fn sync_ranges(
 
 /// The IDs in a range with an 8-byte digest of each record's state (the leaf tag peers use).
 async fn sync_ids(
-    State(node): State<Node>,
+    State(state): State<ApiState>,
     Path((account, mailbox)): Path<(String, String)>,
     Query(query): Query<RangeQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let key = mailbox_key(&account, &mailbox)?;
     let low = query.lo.as_deref().map(message_id).transpose()?.unwrap_or(MessageId(0));
     let high = query
         .hi
@@ -676,16 +602,16 @@ async fn sync_ids(
     if limit > 10_000 {
         return Err(bad_request("limit is at most 10000"));
     }
-    let mut records = node.store().records_in_range(key.id(), low, high, limit + 1)?;
-    let more = records.len() > limit;
-    records.truncate(limit);
-    let ids: Vec<Value> = records
+    let mut entries = state.service.range_entries(&account, &mailbox, low, high, limit + 1)?;
+    let more = entries.len() > limit;
+    entries.truncate(limit);
+    let ids: Vec<Value> = entries
         .iter()
-        .map(|record| {
+        .map(|entry| {
             json!({
-                "id": record.id.to_string(),
-                "state": hex(&crate::crdt::state_hash(record)[..8]),
-                "expunged": !record.is_live(),
+                "id": entry.id.to_string(),
+                "state": hex(&entry.state),
+                "expunged": !entry.live,
             })
         })
         .collect();
@@ -700,13 +626,14 @@ struct ChangesQuery {
 
 /// Created, updated and expunged IDs since a node-local modseq (like CONDSTORE or JMAP /changes).
 async fn changes(
-    State(node): State<Node>,
+    State(state): State<ApiState>,
     Path((account, mailbox)): Path<(String, String)>,
     Query(query): Query<ChangesQuery>,
 ) -> Result<Json<Value>, ApiError> {
-    let key = mailbox_key(&account, &mailbox)?;
     let limit = query.limit.unwrap_or(10_000).min(100_000);
-    let changes = node.store().changes_since(key.id(), query.since.unwrap_or(0), limit)?;
+    let changes = state
+        .service
+        .changes(&account, &mailbox, query.since.unwrap_or(0), limit)?;
     let text = |ids: &[MessageId]| ids.iter().map(|id| id.to_string()).collect::<Vec<_>>();
     Ok(Json(json!({
         "created": text(&changes.created),
@@ -714,36 +641,53 @@ async fn changes(
         "expunged": text(&changes.expunged),
         "modseq": changes.modseq,
         "cannot_calculate": changes.cannot_calculate,
-        "node": node.peer_id().to_string(),
+        "node": state.engine.peer_id().to_string(),
     })))
 }
 
-fn live_record(node: &Node, key: &MailboxKey, id: MessageId) -> Result<MessageRecord, ApiError> {
-    match node.store().record(key.id(), id)? {
-        Some(record) if record.is_live() => Ok(record),
-        _ => Err(not_found(format!("no message {id}"))),
-    }
+#[derive(Deserialize)]
+struct AccountChangesQuery {
+    since: Option<String>,
+    limit: Option<usize>,
+}
+
+/// The account's change feed: emails created, updated and destroyed since a state that any node
+/// of the cluster accepts (410 Gone when the state is too old or not one of ours: resync).
+async fn account_changes(
+    State(state): State<ApiState>,
+    Path(account): Path<String>,
+    Query(query): Query<AccountChangesQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = query.limit.unwrap_or(10_000).clamp(1, 100_000);
+    let changes = state.service.account_changes(&account, query.since.as_deref(), limit)?;
+    let emails = |emails: &[crate::service::ChangedEmail]| -> Vec<Value> {
+        emails
+            .iter()
+            .map(|email| json!({ "id": email.id.to_string(), "mailbox": email.mailbox }))
+            .collect()
+    };
+    Ok(Json(json!({
+        "created": emails(&changes.created),
+        "updated": emails(&changes.updated),
+        "destroyed": changes.destroyed.iter().map(|id| id.to_string()).collect::<Vec<_>>(),
+        "state": changes.new_state,
+        "has_more": changes.has_more,
+    })))
 }
 
 async fn get_message(
-    State(node): State<Node>,
+    State(state): State<ApiState>,
     Path((account, mailbox, id)): Path<(String, String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let key = mailbox_key(&account, &mailbox)?;
-    let record = live_record(&node, &key, message_id(&id)?)?;
-    Ok(Json(item_of(&node, &key, &record)?))
+    let email = state.service.email(&account, &mailbox, message_id(&id)?)?;
+    Ok(Json(item(&email)))
 }
 
 async fn get_raw(
-    State(node): State<Node>,
+    State(state): State<ApiState>,
     Path((account, mailbox, id)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    let key = mailbox_key(&account, &mailbox)?;
-    let record = live_record(&node, &key, message_id(&id)?)?;
-    let bytes = node
-        .store()
-        .blob(&record.blob)?
-        .ok_or_else(|| not_found("the message's blob has not arrived yet"))?;
+    let bytes = state.service.raw(&account, &mailbox, message_id(&id)?)?;
     Ok(([(header::CONTENT_TYPE, "message/rfc822")], bytes).into_response())
 }
 
@@ -756,43 +700,30 @@ struct FlagChange {
 }
 
 async fn set_flags(
-    State(node): State<Node>,
+    State(state): State<ApiState>,
     Path((account, mailbox, id)): Path<(String, String, String)>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let key = mailbox_key(&account, &mailbox)?;
     let id = message_id(&id)?;
     let change: FlagChange = serde_json::from_slice(&body)
         .map_err(|error| bad_request(format!("expected {{\"add\":[...],\"remove\":[...]}}: {error}")))?;
-    let parse = |names: &[String]| -> Result<Vec<Flag>, ApiError> {
-        names
-            .iter()
-            .map(|name| name.parse::<Flag>().map_err(|error| bad_request(error.to_string())))
-            .collect()
-    };
-    let (add, remove) = (parse(&change.add)?, parse(&change.remove)?);
-    let record = node.set_flags(&key, id, add, remove).await?;
-    Ok(Json(item_of(&node, &key, &record)?))
+    let (add, remove) = (parse_flags(&change.add)?, parse_flags(&change.remove)?);
+    let email = state.service.set_flags(&account, &mailbox, id, add, remove).await?;
+    Ok(Json(item(&email)))
 }
 
 async fn expunge(
-    State(node): State<Node>,
+    State(state): State<ApiState>,
     Path((account, mailbox, id)): Path<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    let key = mailbox_key(&account, &mailbox)?;
-    let id = message_id(&id)?;
-    match node.store().record(key.id(), id)? {
-        Some(record) if record.is_live() => {
-            node.expunge(&key, id).await?;
-            Ok(StatusCode::NO_CONTENT)
-        }
-        _ => Err(not_found(format!("no message {id}"))),
-    }
+    state.service.destroy(&account, &mailbox, message_id(&id)?).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Ready when the store answers and, if peers are configured, at least one is connected.
-async fn ready(State(node): State<Node>) -> Response {
-    if let Err(error) = node.store().digest() {
+async fn ready(State(state): State<ApiState>) -> Response {
+    let node = &state.engine;
+    if let Err(error) = node.directory() {
         return ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("store not readable: {error}")).into_response();
     }
     if node.is_stale() {
@@ -809,13 +740,13 @@ async fn ready(State(node): State<Node>) -> Response {
     Json(json!({ "status": "ready", "peers": peers })).into_response()
 }
 
-async fn metrics(State(node): State<Node>) -> Response {
+async fn metrics(State(state): State<ApiState>) -> Response {
     (
         [(
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        node.encode_metrics(),
+        state.engine.encode_metrics(),
     )
         .into_response()
 }

@@ -15,8 +15,11 @@
 //! - [`store`]: RocksDB column families, atomic write batches, durable group commit;
 //! - [`wire`]: node-to-node request, response and gossip frames;
 //! - [`net`]: the libp2p swarm (TCP, noise, yamux, gossipsub, request-response) as byte frames;
-//! - [`node`]: the only place store, network and reconciliation meet;
-//! - [`api`]: the HTTP API over a node handle; [`metrics`]: the node's Prometheus metrics;
+//! - [`service`]: the mail service, the one interface every protocol speaks to;
+//! - [`node`]: the replication engine, the only place store, network and reconciliation meet;
+//! - [`server`]: the composition root that wires store, service, engine and HTTP;
+//! - [`api`]: the HTTP API over the service; [`http`]: its error answers;
+//!   [`metrics`]: the node's Prometheus metrics; [`environment`]: time and randomness, passed in;
 //! - [`accounts`]: the accounts file (Dovecot passwd-file), logins and their rate limits;
 //! - [`fuzzing`]: the body of each cargo-fuzz target, shared with the replay of saved inputs;
 //! - [`config`]: TOML configuration; [`harness`], [`demo`]: local clusters of real node processes
@@ -28,8 +31,10 @@ pub mod api;
 pub mod api_client;
 pub mod config;
 pub mod demo;
+pub mod environment;
 pub mod fuzzing;
 pub mod harness;
+pub mod http;
 pub mod import;
 pub mod mail;
 pub mod metrics;
@@ -37,6 +42,8 @@ pub mod net;
 pub mod node;
 pub mod page;
 pub mod search;
+pub mod server;
+pub mod service;
 pub mod store;
 pub mod wire;
 

@@ -433,7 +433,7 @@ fn run_node(arguments: NodeArguments) -> anyhow::Result<()> {
                 _ = terminate.recv() => {}
             }
         };
-        mailmesh::node::run(node_config, shutdown).await
+        mailmesh::server::run(node_config, shutdown).await
     })?;
     Ok(())
 }

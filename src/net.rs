@@ -64,7 +64,7 @@ pub use libp2p::{Multiaddr, PeerId};
 /// Protocol name of the request-response exchange.
 pub const SYNC_PROTOCOL: &str = "/mailmesh/sync/1";
 /// Protocol version announced through identify.
-pub const IDENTIFY_PROTOCOL_VERSION: &str = "/mailmesh/2.0.0";
+pub const IDENTIFY_PROTOCOL_VERSION: &str = "/mailmesh/3.0.0";
 
 /// Room for the gossipsub envelope (source, sequence number, topic, signature, protobuf
 /// framing) on top of `max_gossip_bytes` of payload, so that a payload at the limit still
@@ -2573,14 +2573,15 @@ mod tests {
         let mut b = Node::start(config(&identity::Keypair::generate_ed25519(), vec![bootstrap])).await;
         b.wait_connected(a_peer).await;
 
+        let failed_dials = family_sum(&b.metrics(), OUTGOING_CONNECTION_ERRORS);
         a.stop().await;
         wait_for(&mut b.events, "B to notice A is gone", |event| match event {
             NetworkEvent::PeerDisconnected(peer) if peer == a_peer => Some(()),
             _ => None,
         })
         .await;
-        // Let at least one redial fail, so that the backoff is exercised.
-        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // At least one redial fails before A is back, so that the backoff is exercised.
+        wait_for_family(&b, OUTGOING_CONNECTION_ERRORS, failed_dials + 1).await;
 
         let mut restarted_config = config(&a_key, Vec::new());
         restarted_config.listen = vec![a_address];
@@ -2622,46 +2623,24 @@ mod tests {
     #[tokio::test]
     async fn nodes_listing_each_other_do_not_spin() {
         init_tracing();
-        // Reserve two ports, then start both nodes pointing at each other.
-        let ports: Vec<u16> = (0..2)
-            .map(|_| {
-                std::net::TcpListener::bind("127.0.0.1:0")
-                    .and_then(|listener| listener.local_addr())
-                    .map(|address| address.port())
-                    .expect("a free port")
-            })
-            .collect();
-        let keys = [
-            identity::Keypair::generate_ed25519(),
-            identity::Keypair::generate_ed25519(),
-        ];
-        let address = |index: usize| -> Multiaddr {
-            format!(
-                "/ip4/127.0.0.1/tcp/{}/p2p/{}",
-                ports[index],
-                keys[index].public().to_peer_id()
-            )
-            .parse()
-            .expect("valid multiaddr")
-        };
-        let mut a_config = config(&keys[0], vec![address(1)]);
-        a_config.listen = vec![format!("/ip4/127.0.0.1/tcp/{}", ports[0]).parse().expect("multiaddr")];
-        let mut b_config = config(&keys[1], vec![address(0)]);
-        b_config.listen = vec![format!("/ip4/127.0.0.1/tcp/{}", ports[1]).parse().expect("multiaddr")];
-        let mut a = Node::start(a_config).await;
-        let b = Node::start(b_config).await;
+        // Each dials the other at once: B has A as a bootstrap peer, and A dials B as soon as B
+        // listens. Both listen on port 0 and report their address (no port is reserved by binding
+        // and releasing it, which another process could take in between).
+        let mut a = Node::start(config(&new_key(), Vec::new())).await;
+        let b = Node::start(config(&new_key(), vec![a.address_with_peer_id()])).await;
+        // B's own dial may have connected first; either way A now holds B as a peer to redial.
+        let _ = a.client.dial(b.address_with_peer_id()).await;
         a.wait_connected(b.peer_id()).await;
-        tokio::time::sleep(Duration::from_secs(4)).await;
+        // Four gossip heartbeats (one a second) of A's event loop, which runs its redial ticks
+        // (every 250 ms) too: a link that flapped would have been redialed several times by then.
+        let heartbeats = metric(&a.metrics(), GOSSIP_HEARTBEATS);
+        wait_for_metric(&a, GOSSIP_HEARTBEATS, heartbeats + 4).await;
 
         let metrics = a.metrics();
-        let established: u64 = metrics
-            .lines()
-            .filter(|line| line.starts_with("libp2p_swarm_connections_established_total"))
-            .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
-            .sum();
+        let established = family_sum(&metrics, "libp2p_swarm_connections_established_total");
         assert!(
             (1..=2).contains(&established),
-            "A established {established} connections in 4 s; expected 1 or 2:\n{metrics}"
+            "A established {established} connections over four heartbeats; expected 1 or 2:\n{metrics}"
         );
         while let Ok(event) = a.events.try_recv() {
             assert!(
@@ -2669,6 +2648,127 @@ mod tests {
                 "A lost B while both were up"
             );
         }
+    }
+
+    fn registry_text(registry: &Registry) -> String {
+        let mut text = String::new();
+        encode(&mut text, registry).expect("metrics encode");
+        text
+    }
+
+    #[tokio::test]
+    async fn an_oversized_response_is_refused_counted_and_the_connection_still_serves() {
+        init_tracing();
+        // A reads responses of at most 1 MiB; B lets itself write 4 MiB and answers "big" with 2.
+        let mut a_config = config(&new_key(), Vec::new());
+        a_config.max_response_bytes = 1024 * 1024;
+        let mut a = Node::start(a_config).await;
+        let mut b_config = config(&new_key(), vec![a.address_with_peer_id()]);
+        b_config.max_response_bytes = 4 * 1024 * 1024;
+        let b = Node::start(b_config).await;
+        let b_peer = b.peer_id();
+        a.wait_connected(b_peer).await;
+        let _b_gossip = serve(b.client, b.events, answer);
+
+        let error = a
+            .client
+            .request(b_peer, b"big".to_vec())
+            .await
+            .expect_err("a response over A's limit must be refused");
+        assert!(
+            matches!(error, NetworkError::OversizedResponse { peer, size, limit }
+                if peer == b_peer && size == 2 * 1024 * 1024 && limit == 1024 * 1024),
+            "expected OversizedResponse, got: {error}"
+        );
+        let metrics = a.metrics();
+        assert_eq!(
+            metric(
+                &metrics,
+                r#"mailmesh_net_frames_rejected_total{reason="response_too_large"}"#
+            ),
+            1,
+            "{metrics}"
+        );
+        assert_eq!(
+            metric(
+                &metrics,
+                r#"mailmesh_net_requests_total{direction="outbound",outcome="response_too_large"}"#
+            ),
+            1,
+            "{metrics}"
+        );
+        // The same connection still carries requests and their answers.
+        let response = a
+            .client
+            .request(b_peer, b"small".to_vec())
+            .await
+            .expect("a request after a refused response");
+        assert_eq!(response, b"got 5 bytes");
+    }
+
+    #[tokio::test]
+    async fn oversized_gossip_is_refused_counted_and_gossip_still_flows() {
+        init_tracing();
+        // A takes gossip of at most 1 KiB; B lets itself publish 4 KiB.
+        let limit = 1024;
+        let mut a_config = config(&new_key(), Vec::new());
+        a_config.max_gossip_bytes = limit;
+        let mut a = Node::start(a_config).await;
+        let mut b_config = config(&new_key(), vec![a.address_with_peer_id()]);
+        b_config.max_gossip_bytes = 4 * limit;
+        let b = Node::start(b_config).await;
+        a.wait_connected(b.peer_id()).await;
+        let b_client = b.client.clone();
+        let _b_gossip = serve(b.client, b.events, answer);
+        let Node {
+            client: a_client,
+            events: a_events,
+            registry: a_registry,
+            ..
+        } = a;
+        let mut a_gossip = serve(a_client, a_events, answer);
+        let too_large = r#"mailmesh_net_frames_rejected_total{reason="gossip_too_large"}"#;
+
+        // One byte over, until A has refused one (the first may go out before the mesh forms);
+        // then exactly at the limit, until one arrives. Each payload differs: ids are content
+        // hashes.
+        let deadline = Instant::now() + DEADLINE;
+        let mut attempt = 0u64;
+        for size in [limit + 1, limit] {
+            loop {
+                assert!(
+                    Instant::now() < deadline,
+                    "timed out after {DEADLINE:?} publishing gossip of {size} bytes"
+                );
+                attempt += 1;
+                let mut payload = vec![0u8; size];
+                payload[..8].copy_from_slice(&attempt.to_be_bytes());
+                b_client
+                    .publish(Topic::Operations, payload)
+                    .await
+                    .expect("B may publish it");
+                let delivered = tokio::time::timeout(Duration::from_millis(200), a_gossip.recv()).await;
+                if let Ok(Some((_, _, data))) = &delivered {
+                    assert!(data.len() <= limit, "A delivered gossip of {} bytes", data.len());
+                }
+                let done = if size > limit {
+                    metric(&registry_text(&a_registry), too_large) >= 1
+                } else {
+                    matches!(delivered, Ok(Some((_, _, data))) if data.len() == limit)
+                };
+                if done {
+                    break;
+                }
+            }
+        }
+        let metrics = registry_text(&a_registry);
+        assert!(
+            metric(
+                &metrics,
+                r#"mailmesh_net_gossip_messages_total{topic="operations",direction="inbound"}"#
+            ) >= 1,
+            "{metrics}"
+        );
     }
 
     #[tokio::test]
@@ -2712,11 +2812,36 @@ mod tests {
             .sum()
     }
 
+    /// The sum of every series of a metric family, whatever its labels (0 when absent).
+    fn family_sum(text: &str, family: &str) -> u64 {
+        text.lines()
+            .filter(|line| {
+                line.strip_prefix(family)
+                    .is_some_and(|rest| rest.starts_with(['{', ' ']))
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .map(|value| value as u64)
+            .sum()
+    }
+
+    async fn wait_for_family(node: &Node, family: &str, at_least: u64) {
+        wait_for_reading(node, family, at_least, family_sum).await
+    }
+
+    const OUTGOING_CONNECTION_ERRORS: &str = "libp2p_swarm_outgoing_connection_error_total";
+    /// Gossipsub's heartbeat histogram counts the heartbeats the event loop has run.
+    const GOSSIP_HEARTBEATS: &str = "gossipsub_heartbeat_duration_count";
+
     async fn wait_for_metric(node: &Node, series: &str, at_least: u64) {
+        wait_for_reading(node, series, at_least, metric).await
+    }
+
+    /// Polls the metrics until `read(text, name)` reaches `at_least`, failing after [`DEADLINE`].
+    async fn wait_for_reading(node: &Node, series: &str, at_least: u64, read: fn(&str, &str) -> u64) {
         let deadline = Instant::now() + DEADLINE;
         loop {
             let text = node.metrics();
-            if metric(&text, series) >= at_least {
+            if read(&text, series) >= at_least {
                 return;
             }
             assert!(

@@ -1,8 +1,11 @@
-//! The node: where the store, the network and the reconciliation core meet.
+//! The replication engine: where the store, the network and the reconciliation core meet.
 //!
-//! - Local writes go through the store's group commit; once durable, the new record state is
-//!   pushed once to every connected peer (small blobs inline), so peers see it within about one
-//!   network round trip. Pushes are not forwarded.
+//! It makes no local writes of its own: the mail service ([`crate::service`]) writes through the
+//! store's group commit, and the engine follows the store's commit feed. Each local change that
+//! became durable is pushed once to every connected peer (small blobs inline), so peers see it
+//! within about one network round trip. Pushes are not forwarded; a push lost (a slow feed
+//! reader, a peer away) is repaired by anti-entropy. The composition root ([`crate::server`])
+//! wires the engine, the service and the HTTP server together.
 //! - The node publishes its digest (the directory trie's root) on gossipsub when it changes, and
 //!   as a heartbeat every 30 gossip intervals. A peer whose digest has differed for two intervals
 //!   gets a reconciliation session: first over the directory trie to find the differing
@@ -23,7 +26,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
 use libp2p::{identity, Multiaddr, PeerId};
 use prometheus_client::registry::Registry;
@@ -31,12 +34,12 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::crdt;
+use crate::environment::Environment;
 use crate::merkle::{Prefix, TreeView};
-use crate::metrics::{DirectionLabel, GossipLabel, NodeMetrics, OutcomeLabel, WriteLabel};
-use crate::model::{BlobHash, Flag, MailboxId, MailboxKey, MessageId, MessageRecord, NodeId};
+use crate::metrics::{DirectionLabel, GossipLabel, NodeMetrics, OutcomeLabel};
+use crate::model::{BlobHash, MailboxId, MailboxKey, MessageId, MessageRecord};
 use crate::net::{self, NetworkClient, NetworkConfig, NetworkEvent, Topic};
-use crate::search::SearchIndex;
-use crate::store::{lock, Applied, CommitQueue, Operation, Space, Store, StoreError, StoreOptions};
+use crate::store::{lock, CommitQueue, Committed, Operation, Origin, Space, Store, StoreError};
 use crate::sync::{self, ByteString, Element, Outcome, RecordState, SyncLimits};
 use crate::wire::{self, Gossip, MailboxReply, Request, Response, WireError, WireSpace};
 
@@ -189,8 +192,8 @@ struct NodeInner {
     config: NodeConfig,
     peer_id: PeerId,
     store: Arc<Store>,
-    search: Arc<SearchIndex>,
     queue: CommitQueue,
+    environment: Arc<dyn Environment>,
     network: NetworkClient,
     metrics: NodeMetrics,
     registry: Mutex<Registry>,
@@ -224,24 +227,7 @@ pub struct Node {
     inner: Arc<NodeInner>,
 }
 
-/// Milliseconds since the Unix epoch, as this node's wall clock reads them.
-///
-/// `MAILMESH_CLOCK_OFFSET_MS` (signed) shifts the reading: a testing aid to run a node whose wall
-/// clock is wrong, as a misconfigured site's would be.
-pub fn now_millis() -> u64 {
-    static OFFSET: std::sync::OnceLock<i64> = std::sync::OnceLock::new();
-    let offset = *OFFSET.get_or_init(|| {
-        std::env::var("MAILMESH_CLOCK_OFFSET_MS")
-            .ok()
-            .and_then(|text| text.trim().parse().ok())
-            .unwrap_or(0)
-    });
-    let real = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_millis() as u64)
-        .unwrap_or(0);
-    real.saturating_add_signed(offset)
-}
+pub use crate::environment::now_millis;
 
 /// What one reconciliation (of the directory or of one mailbox) cost, for its tracing span.
 #[derive(Default, Debug)]
@@ -261,9 +247,6 @@ impl SessionStats {
         counter.load(Ordering::Relaxed)
     }
 }
-
-/// The longest the background full-text indexer waits for reconciliation to finish.
-const INDEX_WAIT_LIMIT: Duration = Duration::from_secs(10);
 
 /// Mailboxes one session reconciles concurrently.
 const MAILBOXES_AT_ONCE: usize = 128;
@@ -354,44 +337,33 @@ pub fn load_or_create_identity(path: &Path) -> Result<identity::Keypair, NodeErr
     }
 }
 
-/// Starts a node and runs it until `shutdown` resolves. `ready` receives the handle once the
-/// node is up (for in-process users such as tests).
-pub async fn run(
-    config: NodeConfig,
-    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
-) -> Result<(), NodeError> {
-    let (stop_sender, stop) = watch::channel(false);
-    let node = Node::start(config, stop.clone()).await?;
-    shutdown.await;
-    tracing::info!("shutting down");
-    let _ = stop_sender.send(true);
-    node.wait_stopped().await;
-    Ok(())
+/// What the engine is built from (the composition root, [`crate::server`], passes them in).
+pub struct EngineParts {
+    pub config: NodeConfig,
+    pub keypair: identity::Keypair,
+    pub store: Arc<Store>,
+    pub queue: CommitQueue,
+    pub metrics: NodeMetrics,
+    /// The registry `metrics` were registered in; the network adds its own.
+    pub registry: Registry,
+    pub environment: Arc<dyn Environment>,
 }
 
 impl Node {
-    /// Opens the store, starts the network, the HTTP server and the gossip timer.
-    pub async fn start(config: NodeConfig, stop: watch::Receiver<bool>) -> Result<Node, NodeError> {
-        std::fs::create_dir_all(&config.data_dir)?;
-        let keypair = load_or_create_identity(&config.data_dir.join("identity.key"))?;
+    /// Starts the network, the gossip timer, the tombstone collector and the commit-feed
+    /// follower, over a store the composition root opened.
+    pub async fn start(parts: EngineParts, stop: watch::Receiver<bool>) -> Result<Node, NodeError> {
+        let EngineParts {
+            config,
+            keypair,
+            store,
+            queue,
+            metrics,
+            mut registry,
+            environment,
+        } = parts;
         let peer_id = keypair.public().to_peer_id();
-        let node_id = NodeId::from_identity(&peer_id.to_bytes());
-        let store = Arc::new(Store::open(
-            &config.data_dir.join("store"),
-            node_id,
-            StoreOptions {
-                max_message_bytes: config.max_message_bytes,
-                clock_bound_millis: config.clock_bound_millis,
-                sync_writes: true,
-                tombstone_horizon_millis: config.tombstone_horizon_millis,
-                min_free_bytes: config.min_free_bytes,
-                ..StoreOptions::default()
-            },
-        )?);
-        let queue = CommitQueue::start(store.clone(), 512);
-        let search = Arc::new(SearchIndex::open(&config.data_dir.join("search"))?);
-        let mut registry = Registry::default();
-        let metrics = NodeMetrics::register(&mut registry);
+        let feed = queue.feed();
         let mut network_config = NetworkConfig::new(keypair, config.cluster.clone());
         network_config.listen = config.listen.clone();
         network_config.bootstrap = config.peers.clone();
@@ -414,8 +386,8 @@ impl Node {
                 config: config.clone(),
                 peer_id,
                 store,
-                search,
                 queue,
+                environment,
                 network,
                 metrics,
                 registry: Mutex::new(registry),
@@ -482,7 +454,8 @@ impl Node {
                 tokio::select! {
                     _ = interval.tick() => {
                         let store = collector.inner.store.clone();
-                        let purged = tokio::task::spawn_blocking(move || collect_all_tombstones(&store)).await;
+                        let now = collector.inner.environment.now_millis();
+                        let purged = tokio::task::spawn_blocking(move || collect_all_tombstones(&store, now)).await;
                         match purged {
                             Ok(Ok(0)) | Err(_) => {}
                             Ok(Ok(count)) => tracing::info!(count, "collected tombstones past the horizon or the acknowledged cut"),
@@ -494,62 +467,28 @@ impl Node {
             }
         });
 
-        // The full-text index follows the store's queue in the background (searches also catch
-        // up before they run). While this node reconciles it waits, up to 10 s: a node back from
-        // a partition heals sooner.
-        let indexer = node.clone();
-        let mut indexer_stop = stop.clone();
-        let commit = crate::search::Commit::After(indexer.inner.config.search_commit_interval);
+        // Local writes are pushed to peers once they are durable.
+        let pusher = node.clone();
+        let mut pusher_stop = stop.clone();
         tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_millis(500));
-            let mut waiting_since: Option<Instant> = None;
+            let mut feed = feed;
             loop {
                 tokio::select! {
-                    _ = interval.tick() => {
-                        let reconciling = !lock(&indexer.inner.syncing).is_empty();
-                        if reconciling && waiting_since.get_or_insert_with(Instant::now).elapsed() < INDEX_WAIT_LIMIT {
-                            continue;
+                    change = feed.recv() => match change {
+                        Ok(change) => pusher.push_committed(change).await,
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(missed)) => {
+                            tracing::debug!(missed, "the push follower fell behind; anti-entropy repairs it");
                         }
-                        waiting_since = None;
-                        let worker = indexer.clone();
-                        let caught_up = tokio::task::spawn_blocking(move || {
-                            worker.inner.search.update(&worker.inner.store, commit, usize::MAX)
-                        }).await;
-                        if let Ok(Err(error)) = caught_up {
-                            tracing::warn!("full-text index update failed: {error}");
-                        }
-                    }
-                    _ = stopped(&mut indexer_stop) => break,
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                    },
+                    _ = stopped(&mut pusher_stop) => break,
                 }
-            }
-        });
-
-        // HTTP.
-        let listener = tokio::net::TcpListener::bind(config.http).await?;
-        let http_address = listener.local_addr()?;
-        std::fs::write(config.data_dir.join("http.addr"), http_address.to_string())?;
-        tracing::info!(address = %http_address, "HTTP API listening");
-        let router = crate::api::router(node.clone());
-        let mut http_stop = stop.clone();
-        tokio::spawn(async move {
-            let served = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-                .with_graceful_shutdown(async move {
-                    stopped(&mut http_stop).await;
-                })
-                .await;
-            if let Err(error) = served {
-                tracing::error!("HTTP server failed: {error}");
             }
         });
         Ok(node)
     }
 
-    async fn wait_stopped(&self) {
-        // Give the event loop and HTTP server a moment to close their sockets.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
-    /// The node's peer ID.
+    /// This node's peer ID.
     pub fn peer_id(&self) -> PeerId {
         self.inner.peer_id
     }
@@ -559,9 +498,19 @@ impl Node {
         &self.inner.config.name
     }
 
-    /// The store.
-    pub fn store(&self) -> &Store {
-        &self.inner.store
+    /// The directory trie's root aggregate: its count is the number of mailboxes held here.
+    pub fn directory(&self) -> Result<crate::merkle::Aggregate, StoreError> {
+        self.inner.store.digest()
+    }
+
+    /// Tombstones expunged before this time (ms) are held by every member and may go.
+    pub fn acknowledged_before(&self) -> u64 {
+        self.inner.store.acknowledged_before()
+    }
+
+    /// Whether a reconciliation session is running (background work waits for it).
+    pub fn is_reconciling(&self) -> bool {
+        !lock(&self.inner.syncing).is_empty()
     }
 
     /// Whether this replica refuses to sync because it was away longer than the tombstone horizon.
@@ -582,7 +531,7 @@ impl Node {
     fn check_staleness(&self) -> Result<(), NodeError> {
         let last = self.inner.store.last_contact()?;
         let holds_data = self.inner.store.digest()?.count > 0;
-        let age = now_millis().saturating_sub(last);
+        let age = self.inner.environment.now_millis().saturating_sub(last);
         if last > 0 && holds_data && age > self.inner.config.tombstone_horizon_millis {
             self.inner.stale.store(true, Ordering::Relaxed);
             tracing::error!("{}", self.stale_message());
@@ -598,19 +547,9 @@ impl Node {
             return;
         }
         *written = Some(Instant::now());
-        if let Err(error) = self.inner.store.set_last_contact(now_millis()) {
+        if let Err(error) = self.inner.store.set_last_contact(self.inner.environment.now_millis()) {
             tracing::warn!("could not record the last contact time: {error}");
         }
-    }
-
-    /// The full-text index.
-    pub fn search_index(&self) -> &Arc<SearchIndex> {
-        &self.inner.search
-    }
-
-    /// A shared handle on the store (for blocking work off the async runtime).
-    pub fn store_handle(&self) -> Arc<Store> {
-        self.inner.store.clone()
     }
 
     /// The configuration.
@@ -703,98 +642,28 @@ impl Node {
     // Local writes
     // -----------------------------------------------------------------------------------------
 
-    /// Appends a message; returns once it is durable here (and has been offered to peers).
-    pub async fn append(
-        &self,
-        mailbox: &MailboxKey,
-        raw: Vec<u8>,
-        flags: Vec<Flag>,
-    ) -> Result<MessageRecord, StoreError> {
-        let applied = self
-            .inner
-            .queue
-            .submit(Operation::Append {
-                mailbox: mailbox.clone(),
-                raw: raw.clone(),
-                flags,
-                now_millis: now_millis(),
-                random: rand::random::<u128>(),
-            })
-            .await?;
-        let Applied::Appended { record, .. } = applied else {
-            return Err(StoreError::Corrupt("append returned no record".into()));
-        };
-        self.inner
-            .metrics
-            .writes
-            .get_or_create(&WriteLabel { kind: "append" })
-            .inc();
-        let inline = (raw.len() <= self.inner.config.inline_blob_bytes).then_some(ByteString(raw));
-        self.publish_operation(mailbox, &record, inline).await;
-        Ok(record)
-    }
-
-    /// Sets and clears flags.
-    pub async fn set_flags(
-        &self,
-        mailbox: &MailboxKey,
-        id: MessageId,
-        add: Vec<Flag>,
-        remove: Vec<Flag>,
-    ) -> Result<MessageRecord, StoreError> {
-        let applied = self
-            .inner
-            .queue
-            .submit(Operation::SetFlags {
-                mailbox: mailbox.clone(),
-                id,
-                add,
-                remove,
-                now_millis: now_millis(),
-            })
-            .await?;
-        let Applied::Record { record, changed } = applied else {
-            return Err(StoreError::Corrupt("flag change returned no record".into()));
-        };
-        if changed {
-            self.inner
-                .metrics
-                .writes
-                .get_or_create(&WriteLabel { kind: "flags" })
-                .inc();
-            self.publish_operation(mailbox, &record, None).await;
+    /// Pushes a local change that became durable to every connected peer once, with the
+    /// message's bytes inline when it is new and small. Pushes are not forwarded (a gossipsub
+    /// mesh delivered each operation to each node several times over); peers that are not
+    /// connected to the writer get it through anti-entropy.
+    async fn push_committed(&self, change: Committed) {
+        if change.origin != Origin::Local {
+            return;
         }
-        Ok(record)
-    }
-
-    /// Expunges a message.
-    pub async fn expunge(&self, mailbox: &MailboxKey, id: MessageId) -> Result<MessageRecord, StoreError> {
-        let applied = self
-            .inner
-            .queue
-            .submit(Operation::Expunge {
-                mailbox: mailbox.clone(),
-                id,
-                now_millis: now_millis(),
-            })
-            .await?;
-        let Applied::Record { record, changed } = applied else {
-            return Err(StoreError::Corrupt("expunge returned no record".into()));
+        let Committed {
+            mailbox,
+            record,
+            appended,
+            ..
+        } = change;
+        let blob = if appended && record.size <= self.inner.config.inline_blob_bytes as u64 {
+            self.inner.store.blob(&record.blob).ok().flatten().map(ByteString)
+        } else {
+            None
         };
-        if changed {
-            self.inner
-                .metrics
-                .writes
-                .get_or_create(&WriteLabel { kind: "expunge" })
-                .inc();
-            self.publish_operation(mailbox, &record, None).await;
-        }
-        Ok(record)
+        self.publish_operation(&mailbox, &record, blob).await;
     }
 
-    /// Pushes a new record state to every connected peer once. Pushes are not forwarded (a
-    /// gossipsub mesh delivered each operation to each node several times over); peers that
-    /// are not connected to the writer get it through anti-entropy.
     async fn publish_operation(&self, mailbox: &MailboxKey, record: &MessageRecord, blob: Option<ByteString>) {
         let data = wire::encode(&Request::Push {
             mailbox: mailbox.clone(),
@@ -1080,6 +949,7 @@ impl Node {
                     stale,
                     clock,
                     acknowledged_before,
+                    frontier,
                     ..
                 },
             ) => {
@@ -1116,7 +986,10 @@ impl Node {
                         state.stale = stale;
                     }
                 }
-                let connected = self.on_digest(peer, name, digest);
+                if frontier.len() > crate::changes::MAX_TOKEN_ORIGINS {
+                    return false;
+                }
+                let connected = self.on_digest(peer, name, digest, frontier);
                 if !connected {
                     self.discover(peer, &addresses);
                 }
@@ -1152,7 +1025,9 @@ impl Node {
         let mut operations = Vec::new();
         if !self.inner.store.has_blob(&record.blob)? {
             let bytes = match blob {
-                Some(bytes) => bytes.0,
+                // Checked here, not only by the store: the store applies each operation on its
+                // own, and the record would be merged without the blob it names.
+                Some(bytes) => self.check_inline_blob(source, &record, bytes.0)?,
                 None => match self.fetch_blob(source, record.blob, &SessionStats::default()).await? {
                     Some(bytes) => bytes,
                     None => return Ok(()), // anti-entropy will bring it with its record later
@@ -1167,9 +1042,29 @@ impl Node {
         operations.push(Operation::Merge {
             mailbox,
             record,
-            now_millis: now_millis(),
+            now_millis: self.inner.environment.now_millis(),
         });
         self.apply_all(operations).await
+    }
+
+    /// The bytes a peer sent inline for `record`, if they are its blob and within the size limit.
+    fn check_inline_blob(&self, peer: PeerId, record: &MessageRecord, bytes: Vec<u8>) -> Result<Vec<u8>, NodeError> {
+        if BlobHash::of(&bytes) != record.blob {
+            self.inner.metrics.blobs_rejected.inc();
+            return Err(NodeError::Store(StoreError::BlobMismatch { expected: record.blob }));
+        }
+        let limit = self.inner.config.max_message_bytes;
+        if bytes.len() as u64 > limit {
+            return Err(NodeError::Peer {
+                peer,
+                reason: format!(
+                    "blob {} of {} bytes, over the limit of {limit}",
+                    record.blob,
+                    bytes.len()
+                ),
+            });
+        }
+        Ok(bytes)
     }
 
     fn observe_lag(&self, record: &MessageRecord) {
@@ -1177,7 +1072,7 @@ impl Node {
             .latest_stamp()
             .map(|stamp| crdt::millis_of(stamp.time))
             .unwrap_or(record.received_millis);
-        let lag = now_millis().saturating_sub(origin_millis) as f64 / 1000.0;
+        let lag = self.inner.environment.now_millis().saturating_sub(origin_millis) as f64 / 1000.0;
         self.inner.metrics.replication_lag_seconds.observe(lag);
     }
 
@@ -1234,7 +1129,7 @@ impl Node {
     }
 
     /// Records a peer's digest; returns whether the peer is connected.
-    fn on_digest(&self, peer: PeerId, name: String, digest: [u8; 32]) -> bool {
+    fn on_digest(&self, peer: PeerId, name: String, digest: [u8; 32], frontier: Vec<(u64, u64)>) -> bool {
         if peer == self.inner.peer_id {
             return true;
         }
@@ -1262,6 +1157,20 @@ impl Node {
         // Agreeing with a connected peer is contact with the cluster, as is a completed session.
         if !differs && connected && !self.is_stale() {
             self.record_contact();
+        }
+        // Equal digests: this node holds every change the peer held when it read its frontier,
+        // so the change feed may adopt it (see `crate::changes`). Peers are trusted members here
+        // as they are for the records they send; no entry goes past this node's clock.
+        if !differs && connected && !frontier.is_empty() {
+            let frontier = crate::changes::Frontier(
+                frontier
+                    .into_iter()
+                    .map(|(origin, time)| (crate::model::NodeId(origin), time))
+                    .collect(),
+            );
+            if let Err(error) = self.inner.store.adopt_frontier(&frontier) {
+                tracing::warn!("could not adopt a peer's change-feed frontier: {error}");
+            }
         }
         // A write reaches peers by push within a round trip; only a difference that outlives two
         // gossip intervals is worth a reconciliation session.
@@ -1306,16 +1215,21 @@ impl Node {
         }
         // Members of a closed cluster report a clock value taken before the digest is read, so
         // every stamp below it is in the digest they send (see `advance_acknowledged_cut`).
-        let (clock, digest) = match self.inner.config.allowed_peers {
-            Some(_) => match self.inner.store.clock_report(now_millis()) {
-                Ok(clock) => match self.inner.store.digest() {
-                    Ok(digest) => (clock, digest),
-                    Err(_) => return,
-                },
-                Err(_) => (0, digest),
-            },
-            None => (0, digest),
+        // The change-feed frontier is read before the digest, so a peer whose digest equals the
+        // one sent holds every change the frontier covers.
+        let frontier: Vec<(u64, u64)> = match self.inner.store.frontier() {
+            Ok(frontier) => frontier.0.iter().map(|(origin, time)| (origin.0, *time)).collect(),
+            Err(_) => Vec::new(),
         };
+        let clock = match self.inner.config.allowed_peers {
+            Some(_) => self
+                .inner
+                .store
+                .clock_report(self.inner.environment.now_millis())
+                .unwrap_or(0),
+            None => 0,
+        };
+        let Ok(digest) = self.inner.store.digest() else { return };
         let root = digest.root_hash();
         if let Ok(mut last) = self.inner.last_published.lock() {
             *last = Some(root);
@@ -1339,6 +1253,7 @@ impl Node {
             stale: self.is_stale(),
             clock,
             acknowledged_before: self.inner.store.acknowledged_before(),
+            frontier,
         };
         if self.is_stale() && self.inner.sequence.load(Ordering::Relaxed) % 30 == 1 {
             tracing::error!("{}", self.stale_message());
@@ -1380,7 +1295,7 @@ impl Node {
         }
         // This node's own report: a clock value no later stamp of ours can go below, taken
         // before the digest is read again, so every stamp below it is in that digest.
-        let Ok(own) = self.inner.store.clock_report(now_millis()) else {
+        let Ok(own) = self.inner.store.clock_report(self.inner.environment.now_millis()) else {
             return;
         };
         if self.inner.store.digest().map(|digest| digest.root_hash()).ok() != Some(mine) {
@@ -1396,6 +1311,7 @@ impl Node {
         if millis <= store.acknowledged_before() {
             return;
         }
+        let now = self.inner.environment.now_millis();
         tokio::task::spawn_blocking(move || {
             match store.acknowledge_tombstones_before(millis) {
                 Ok(true) => {}
@@ -1405,7 +1321,7 @@ impl Node {
                     return;
                 }
             }
-            match collect_all_tombstones(&store) {
+            match collect_all_tombstones(&store, now) {
                 Ok(0) => tracing::debug!(millis, why, "acknowledged tombstone cut moved"),
                 Ok(count) => tracing::info!(count, millis, why, "collected tombstones every member holds"),
                 Err(error) => tracing::warn!("tombstone collection failed: {error}"),
@@ -1547,14 +1463,17 @@ impl Node {
                 self.inner.metrics.gossip_messages.get_or_create(&label).inc();
                 match self.on_operation(peer, mailbox, record, blob).await {
                     Ok(()) => Ok(Response::Ack),
-                    Err(NodeError::Peer { peer, reason }) => Err(NodeError::Peer { peer, reason }),
-                    Err(NodeError::Store(error))
+                    // As for gossip: bad data in a push, or in the answer to the blob fetch it
+                    // caused, is the pusher's fault.
+                    Err(error)
                         if matches!(
                             error,
-                            StoreError::Clock(_) | StoreError::Merge(_) | StoreError::BlobMismatch { .. }
+                            NodeError::Peer { .. }
+                                | NodeError::Store(
+                                    StoreError::Clock(_) | StoreError::Merge(_) | StoreError::BlobMismatch { .. }
+                                )
                         ) =>
                     {
-                        let error = NodeError::Store(error);
                         let message = error.to_string();
                         self.on_peer_failure(peer, "push", error).await;
                         Ok(Response::Error { message })
@@ -2047,7 +1966,7 @@ impl Node {
                 Operation::Merge {
                     mailbox: key.clone(),
                     record,
-                    now_millis: now_millis(),
+                    now_millis: self.inner.environment.now_millis(),
                 }
             })
             .collect();
@@ -2433,6 +2352,16 @@ impl Node {
             .into_iter()
             .map(|bytes| (BlobHash::of(&bytes.0), bytes.0))
             .collect();
+        // A responder sends only the blobs of the records it sends: bytes that none of them
+        // names are wrong bytes.
+        let named: HashSet<BlobHash> = records.iter().map(|record| record.blob).collect();
+        if inline.keys().any(|hash| !named.contains(hash)) {
+            self.inner.metrics.blobs_rejected.inc();
+            return Err(NodeError::Peer {
+                peer,
+                reason: "sent a blob that none of its records names: its bytes do not match their hash".into(),
+            });
+        }
         let mut fetched_blobs: HashSet<BlobHash> = HashSet::new();
         let mut blob_fetches = Vec::new();
         let mut merged_count = 0u64;
@@ -2443,7 +2372,7 @@ impl Node {
                     Some(bytes) => {
                         operations.push(Operation::PutBlob {
                             expected: record.blob,
-                            bytes,
+                            bytes: self.check_inline_blob(peer, record, bytes)?,
                         });
                         self.inner.metrics.blobs_pulled.inc();
                         SessionStats::add(&stats.blobs, 1);
@@ -2476,7 +2405,7 @@ impl Node {
             operations.push(Operation::Merge {
                 mailbox: mailbox.clone(),
                 record,
-                now_millis: now_millis(),
+                now_millis: self.inner.environment.now_millis(),
             });
         }
         self.apply_all(operations).await?;
@@ -2649,10 +2578,10 @@ impl Node {
 }
 
 /// Purges every tombstone before the store's cutoff (horizon or acknowledged cut), in batches.
-fn collect_all_tombstones(store: &Store) -> Result<usize, StoreError> {
+fn collect_all_tombstones(store: &Store, now_millis: u64) -> Result<usize, StoreError> {
     let mut total = 0;
     loop {
-        match store.collect_tombstones(now_millis(), 10_000)? {
+        match store.collect_tombstones(now_millis, 10_000)? {
             0 => return Ok(total),
             count => total += count,
         }

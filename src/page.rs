@@ -20,7 +20,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use serde_json::{json, Value};
 
-use crate::api::ApiError;
+use crate::http::ApiError;
 use crate::metrics::{DirectionLabel, GossipLabel, OutcomeLabel, WriteLabel};
 use crate::node::{now_millis, Node};
 
@@ -47,7 +47,7 @@ async fn page_data(State(node): State<Node>) -> Result<impl IntoResponse, ApiErr
         .iter()
         .map(|address| address.to_string())
         .collect();
-    let digest = node.store().digest()?;
+    let digest = node.directory()?;
     let metrics = node.metrics();
     let direction = |direction: &'static str| {
         metrics

@@ -21,7 +21,14 @@
 //! - `index`: `mailbox id | sort | sort key | message id` -> empty, one entry per sort and live message;
 //! - `changes`: `mailbox id | modseq` -> message ID, the last change of each record (CONDSTORE-like);
 //! - `search_queue`: `sequence` -> a record to add to or drop from the full-text index;
-//! - `tombstones`: `expunge millisecond | mailbox id | message id` -> empty, for collection.
+//! - `tombstones`: `expunge millisecond | mailbox id | message id` -> empty, for collection;
+//! - `account_log`: the account's change feed ([`crate::changes`]):
+//!   `account (16) | 0 | origin (8) | time (8) | message id (16)` -> mailbox id, creation stamp and
+//!   whether expunged, one entry per origin that changed the record (at the latest time it did),
+//!   and `account | 1 | message id` -> the mailbox that holds it.
+//!
+//! `meta` also keeps what the change feed needs beside the log: the frontier adopted from peers
+//! ([`Store::adopt_frontier`]) and, per origin, the newest expunge whose tombstone was purged.
 //!
 //! # Tombstones
 //! An expunged record stays as a tombstone so the expunge reaches every replica. Tombstones older
@@ -52,6 +59,7 @@ use std::sync::{Arc, Mutex};
 use rocksdb::{ColumnFamilyDescriptor, Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
+use crate::changes::{ChangeEntry, ChangeLog, ChangesError, Frontier, LogPosition};
 use crate::crdt::{self, Clock, ClockError, MergeError};
 use crate::mail::{self, Listing};
 use crate::merkle::{aggregate_changes, Aggregate, AggregateDelta, Prefix, StoredDepth, TreeView};
@@ -70,7 +78,10 @@ const INDEX: &str = "index";
 const CHANGES: &str = "changes";
 const SEARCH_QUEUE: &str = "search_queue";
 const TOMBSTONES: &str = "tombstones";
-const LOCAL_FAMILIES: [&str; 5] = [LOCAL, INDEX, CHANGES, SEARCH_QUEUE, TOMBSTONES];
+const ACCOUNT_LOG: &str = "account_log";
+const LOCAL_FAMILIES: [&str; 6] = [LOCAL, INDEX, CHANGES, SEARCH_QUEUE, TOMBSTONES, ACCOUNT_LOG];
+const META_FRONTIER: &[u8] = b"frontier";
+const META_PURGED: &[u8] = b"purged_by_origin";
 const META_LAST_CONTACT: &[u8] = b"last_contact";
 const META_ACKNOWLEDGED: &[u8] = b"tombstones_acknowledged_before";
 const META_SEARCH_SEQUENCE: &[u8] = b"search_sequence";
@@ -79,7 +90,7 @@ const META_CLOCK: &[u8] = b"clock";
 const META_FORMAT: &[u8] = b"format";
 
 /// The format of the stores this build writes and reads.
-pub const STORE_FORMAT: u64 = 2;
+pub const STORE_FORMAT: u64 = 3;
 const META_LAST_ID: &[u8] = b"last_id";
 
 /// Why a store operation failed. Each variant says what the caller can do about it.
@@ -184,6 +195,8 @@ pub enum Operation {
         mailbox: MailboxKey,
         raw: Vec<u8>,
         flags: Vec<Flag>,
+        /// When the message was received, if not now (an import keeps the original date).
+        received_millis: Option<u64>,
         now_millis: u64,
         random: u128,
     },
@@ -615,6 +628,7 @@ impl Store {
             ColumnFamilyDescriptor::new(CHANGES, family_options()),
             ColumnFamilyDescriptor::new(SEARCH_QUEUE, family_options()),
             ColumnFamilyDescriptor::new(TOMBSTONES, family_options()),
+            ColumnFamilyDescriptor::new(ACCOUNT_LOG, family_options()),
         ];
         let db = DB::open_cf_descriptors(&db_options, path, families)?;
         let meta = db
@@ -743,6 +757,7 @@ impl Store {
                 mailbox,
                 raw,
                 flags,
+                received_millis,
                 now_millis,
                 random,
             } => {
@@ -755,7 +770,12 @@ impl Store {
                 }
                 let blob = BlobHash::of(&raw);
                 let id = state.ids.next(now_millis, random);
-                let mut record = MessageRecord::new(id, blob, size, now_millis, self.node);
+                let received = received_millis.unwrap_or(now_millis);
+                let mut record = MessageRecord::new(id, blob, size, received, self.node);
+                record.created = Stamp {
+                    time: state.clock.tick(now_millis),
+                    node: self.node,
+                };
                 if !flags.is_empty() {
                     let stamp = Stamp {
                         time: state.clock.tick(now_millis),
@@ -923,6 +943,8 @@ impl Store {
         let changes = self.family(CHANGES)?;
         let search_queue = self.family(SEARCH_QUEUE)?;
         let tombstones = self.family(TOMBSTONES)?;
+        let account_log = self.family(ACCOUNT_LOG)?;
+        let mut purged_by_origin: Option<BTreeMap<NodeId, u64>> = None;
         // Index changes of mailboxes whose positions are cached, applied once the batch is written.
         let tracked: HashSet<MailboxId> = lock(&self.positions)
             .entries
@@ -949,11 +971,44 @@ impl Store {
             }
             let key = self.mailbox_entry(*mailbox_id)?.map(|entry| entry.key);
             if let Some(key) = key {
+                let account = account_key(key.account());
+                for (origin, time) in record.stamps_by_origin() {
+                    batch.delete_cf(account_log, log_key(&account, origin, time, record.id));
+                }
+                batch.delete_cf(account_log, where_key(&account, record.id));
                 counters.entry(*mailbox_id).or_insert_with(|| (key, 0, 0, 0)).1 -= 1;
             }
+            if let Some(stamp) = record.expunged {
+                let purged = match &mut purged_by_origin {
+                    Some(purged) => purged,
+                    None => purged_by_origin.insert(self.purged_by_origin()?),
+                };
+                let entry = purged.entry(stamp.node).or_insert(0);
+                *entry = (*entry).max(stamp.time);
+            }
+        }
+        if let Some(purged) = &purged_by_origin {
+            batch.put_cf(
+                meta,
+                META_PURGED,
+                encode_cbor(&purged.iter().map(|(node, time)| (node.0, *time)).collect::<Vec<_>>()),
+            );
         }
         for ((mailbox_id, id), change) in &staging.records {
             batch.put_cf(records, record_key(*mailbox_id, *id), encode_cbor(&change.new));
+            // The account's change feed: one entry per origin, at the latest time it changed the
+            // record; every entry says whether the record is expunged now.
+            let account = account_key(change.mailbox.account());
+            if let Some(old) = &change.old {
+                for (origin, time) in old.stamps_by_origin() {
+                    batch.delete_cf(account_log, log_key(&account, origin, time, *id));
+                }
+            }
+            let value = log_value(*mailbox_id, &change.new);
+            for (origin, time) in change.new.stamps_by_origin() {
+                batch.put_cf(account_log, log_key(&account, origin, time, *id), value);
+            }
+            batch.put_cf(account_log, where_key(&account, *id), mailbox_id.to_bytes());
             // Node-local state: modseq, change log, listing, sort indexes, search queue.
             let modseq = match modseqs.get_mut(mailbox_id) {
                 Some(modseq) => modseq,
@@ -1601,6 +1656,86 @@ impl Store {
         Ok(result)
     }
 
+    /// This node's frontier for the change feed: per origin, a time up to which this node holds
+    /// every change of that origin. Its own entry is its clock, read under the writer's lock, so
+    /// every stamp it issued up to it is committed; the others were adopted from peers. Read it
+    /// before the log it describes.
+    pub fn frontier(&self) -> Result<Frontier, StoreError> {
+        let own = lock(&self.writer).clock.current();
+        let mut frontier = self.adopted_frontier()?;
+        frontier.advance(self.node, own);
+        Ok(frontier)
+    }
+
+    fn adopted_frontier(&self) -> Result<Frontier, StoreError> {
+        let stored: Vec<(u64, u64)> = match self.db.get_cf(self.family(META)?, META_FRONTIER)? {
+            Some(bytes) => decode_cbor(&bytes, "adopted frontier")?,
+            None => Vec::new(),
+        };
+        Ok(Frontier(
+            stored
+                .into_iter()
+                .map(|(origin, time)| (NodeId(origin), time))
+                .collect(),
+        ))
+    }
+
+    /// Takes in a peer's frontier, sent before it read a digest equal to this node's: this node
+    /// then holds every change the peer held. This node's own entry is never taken from outside,
+    /// and no entry goes past this node's clock (lower bounds are always sound). Returns whether
+    /// anything moved.
+    pub fn adopt_frontier(&self, peer: &Frontier) -> Result<bool, StoreError> {
+        let state = lock(&self.writer);
+        let ceiling = state.clock.current();
+        let mut frontier = self.adopted_frontier()?;
+        let before = frontier.clone();
+        for (origin, time) in &peer.0 {
+            if *origin != self.node {
+                frontier.advance(*origin, (*time).min(ceiling));
+            }
+        }
+        if frontier == before {
+            return Ok(false);
+        }
+        let stored: Vec<(u64, u64)> = frontier.0.iter().map(|(origin, time)| (origin.0, *time)).collect();
+        let mut batch = WriteBatch::default();
+        batch.put_cf(self.family(META)?, META_FRONTIER, encode_cbor(&stored));
+        self.db.write(batch)?;
+        drop(state);
+        Ok(true)
+    }
+
+    /// Per origin, the newest expunge whose tombstone this node purged: a change state below it
+    /// may have missed that expunge.
+    pub fn purged_by_origin(&self) -> Result<BTreeMap<NodeId, u64>, StoreError> {
+        let stored: Vec<(u64, u64)> = match self.db.get_cf(self.family(META)?, META_PURGED)? {
+            Some(bytes) => decode_cbor(&bytes, "purged tombstones by origin")?,
+            None => Vec::new(),
+        };
+        Ok(stored
+            .into_iter()
+            .map(|(origin, time)| (NodeId(origin), time))
+            .collect())
+    }
+
+    /// The change log of one account's emails, for [`crate::changes::changes_since`].
+    pub fn account_log(&self, account: &str) -> AccountLog<'_> {
+        AccountLog {
+            store: self,
+            account: account_key(account),
+        }
+    }
+
+    /// The mailbox that holds an email of the account, if this node has it.
+    pub fn email_mailbox(&self, account: &str, id: MessageId) -> Result<Option<MailboxId>, StoreError> {
+        let bytes = self
+            .db
+            .get_cf(self.family(ACCOUNT_LOG)?, where_key(&account_key(account), id))?;
+        Ok(bytes
+            .and_then(|bytes| <[u8; 16]>::try_from(bytes.as_slice()).ok())
+            .map(|bytes| MailboxId(u128::from_be_bytes(bytes))))
+    }
+
     /// Takes one value from the clock and persists it: every stamp this store makes afterwards,
     /// even after a restart or a wall clock stepping back, is greater. Members report it with
     /// their digest so that a cut below every report is final.
@@ -1778,6 +1913,14 @@ impl Store {
                 let (Ok(local), Ok(index), Ok(changes), Ok(queue)) = families else {
                     return false;
                 };
+                if let Ok(account_log) = self.family(ACCOUNT_LOG) {
+                    let account = account_key(entry.key.account());
+                    let value = log_value(mailbox_id, &record);
+                    for (origin, time) in record.stamps_by_origin() {
+                        batch.put_cf(account_log, log_key(&account, origin, time, id), value);
+                    }
+                    batch.put_cf(account_log, where_key(&account, id), mailbox_id.to_bytes());
+                }
                 if let (Some(stamp), Ok(tombstones)) = (record.expunged, self.family(TOMBSTONES)) {
                     batch.put_cf(
                         tombstones,
@@ -1872,6 +2015,47 @@ fn change_key(mailbox: MailboxId, modseq: u64) -> [u8; 24] {
     key[..16].copy_from_slice(&mailbox.to_bytes());
     key[16..].copy_from_slice(&modseq.to_be_bytes());
     key
+}
+
+/// The 16 bytes that name an account in the change log's keys.
+fn account_key(account: &str) -> [u8; 16] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"mailmesh account\0");
+    hasher.update(account.as_bytes());
+    let mut key = [0u8; 16];
+    key.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+    key
+}
+
+const LOG_ENTRY: u8 = 0;
+const LOG_WHERE: u8 = 1;
+
+fn log_key(account: &[u8; 16], origin: NodeId, time: u64, id: MessageId) -> [u8; 49] {
+    let mut key = [0u8; 49];
+    key[..16].copy_from_slice(account);
+    key[16] = LOG_ENTRY;
+    key[17..25].copy_from_slice(&origin.0.to_be_bytes());
+    key[25..33].copy_from_slice(&time.to_be_bytes());
+    key[33..].copy_from_slice(&id.to_bytes());
+    key
+}
+
+fn where_key(account: &[u8; 16], id: MessageId) -> [u8; 33] {
+    let mut key = [0u8; 33];
+    key[..16].copy_from_slice(account);
+    key[16] = LOG_WHERE;
+    key[17..].copy_from_slice(&id.to_bytes());
+    key
+}
+
+/// The mailbox, the creation stamp and whether the record is expunged.
+fn log_value(mailbox: MailboxId, record: &MessageRecord) -> [u8; 33] {
+    let mut value = [0u8; 33];
+    value[..16].copy_from_slice(&mailbox.to_bytes());
+    value[16..24].copy_from_slice(&record.created.time.to_be_bytes());
+    value[24..32].copy_from_slice(&record.created.node.0.to_be_bytes());
+    value[32] = u8::from(!record.is_live());
+    value
 }
 
 fn counts(record: &MessageRecord) -> (i64, i64, i64) {
@@ -2023,17 +2207,155 @@ fn prepare(operation: &Operation) -> Option<(BlobHash, Listing)> {
     }
 }
 
+/// One account's email change log, read straight from RocksDB ([`Store::account_log`]).
+pub struct AccountLog<'a> {
+    store: &'a Store,
+    account: [u8; 16],
+}
+
+impl AccountLog<'_> {
+    fn origin_prefix(&self, origin: NodeId) -> [u8; 25] {
+        let mut prefix = [0u8; 25];
+        prefix[..16].copy_from_slice(&self.account);
+        prefix[16] = LOG_ENTRY;
+        prefix[17..].copy_from_slice(&origin.0.to_be_bytes());
+        prefix
+    }
+}
+
+fn log_error(error: StoreError) -> ChangesError {
+    ChangesError::Log(error.to_string())
+}
+
+impl ChangeLog for AccountLog<'_> {
+    fn entries_after(
+        &self,
+        origin: NodeId,
+        after: LogPosition,
+        limit: usize,
+    ) -> Result<Vec<ChangeEntry>, ChangesError> {
+        let family = self.store.family(ACCOUNT_LOG).map_err(log_error)?;
+        let prefix = self.origin_prefix(origin);
+        let start = log_key(&self.account, origin, after.time, MessageId(after.item));
+        let mut entries = Vec::new();
+        for item in self
+            .store
+            .db
+            .iterator_cf(family, IteratorMode::From(&start, Direction::Forward))
+        {
+            let (key, value) = item.map_err(|error| ChangesError::Log(error.to_string()))?;
+            if !key.starts_with(&prefix) || entries.len() >= limit {
+                break;
+            }
+            if key.len() != 49 || value.len() != 33 {
+                return Err(ChangesError::Log("a change log entry of the wrong size".into()));
+            }
+            let time = u64::from_be_bytes(key[25..33].try_into().unwrap_or_default());
+            let item = u128::from_be_bytes(key[33..49].try_into().unwrap_or_default());
+            if (time, item) <= (after.time, after.item) {
+                continue;
+            }
+            entries.push(ChangeEntry {
+                time,
+                item,
+                created: Stamp {
+                    time: u64::from_be_bytes(value[16..24].try_into().unwrap_or_default()),
+                    node: NodeId(u64::from_be_bytes(value[24..32].try_into().unwrap_or_default())),
+                },
+                destroyed: value[32] != 0,
+            });
+        }
+        Ok(entries)
+    }
+
+    fn latest_by_origin(&self) -> Result<BTreeMap<NodeId, u64>, ChangesError> {
+        let family = self.store.family(ACCOUNT_LOG).map_err(log_error)?;
+        let mut latest = BTreeMap::new();
+        let mut next = Some(0u64);
+        while let Some(origin) = next {
+            // The first entry at or after this origin names the next origin that has any.
+            let start = self.origin_prefix(NodeId(origin));
+            let mut forward = self
+                .store
+                .db
+                .iterator_cf(family, IteratorMode::From(&start, Direction::Forward));
+            let Some(first) = forward.next() else { break };
+            let (key, _) = first.map_err(|error| ChangesError::Log(error.to_string()))?;
+            if key.len() != 49 || key[..16] != self.account || key[16] != LOG_ENTRY {
+                break;
+            }
+            let found = NodeId(u64::from_be_bytes(key[17..25].try_into().unwrap_or_default()));
+            // Its last entry is its latest time.
+            let end = log_key(&self.account, found, u64::MAX, MessageId(u128::MAX));
+            let mut backward = self
+                .store
+                .db
+                .iterator_cf(family, IteratorMode::From(&end, Direction::Reverse));
+            if let Some(last) = backward.next() {
+                let (key, _) = last.map_err(|error| ChangesError::Log(error.to_string()))?;
+                if key.len() == 49 && key[..25] == self.origin_prefix(found) {
+                    latest.insert(found, u64::from_be_bytes(key[25..33].try_into().unwrap_or_default()));
+                }
+            }
+            next = found.0.checked_add(1);
+        }
+        Ok(latest)
+    }
+}
+
+/// The origin and mailbox a change to announce would have, for the operations that change records.
+fn feed_source(operation: &Operation) -> Option<(Origin, MailboxKey)> {
+    match operation {
+        Operation::Append { mailbox, .. }
+        | Operation::SetFlags { mailbox, .. }
+        | Operation::Expunge { mailbox, .. } => Some((Origin::Local, mailbox.clone())),
+        Operation::Merge { mailbox, .. } => Some((Origin::Peer, mailbox.clone())),
+        Operation::PutBlob { .. } | Operation::Purge { .. } => None,
+    }
+}
+
+/// Where a committed change came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// A write made on this node (append, flag change, expunge).
+    Local,
+    /// A peer's record merged here.
+    Peer,
+}
+
+/// One change the store has made durable: what the commit feed carries.
+#[derive(Clone, Debug)]
+pub struct Committed {
+    pub origin: Origin,
+    pub mailbox: MailboxKey,
+    /// The record as it now stands.
+    pub record: MessageRecord,
+    /// True for a message appended here (its bytes are new too); false for any other change.
+    pub appended: bool,
+}
+
+/// How many committed changes the feed keeps for a slow reader before it skips ahead (a reader
+/// that lags is told how many it missed, see [`tokio::sync::broadcast`]).
+pub const FEED_CAPACITY: usize = 8192;
+
 /// Durable group commit: operations from any number of threads or tasks are gathered into one
 /// batch and one WAL sync by a dedicated writer thread.
+///
+/// Every change that became durable is then announced on the commit feed ([`CommitQueue::feed`]),
+/// after the writers were answered: the replication engine pushes local writes to peers from it,
+/// and the mail service tells its subscribers (IMAP IDLE, JMAP push) from it.
 #[derive(Clone)]
 pub struct CommitQueue {
     sender: std::sync::mpsc::Sender<Submission>,
+    feed: tokio::sync::broadcast::Sender<Committed>,
 }
 
 impl CommitQueue {
     /// Starts the writer thread for `store`. It stops when every queue handle is dropped.
     pub fn start(store: Arc<Store>, max_batch: usize) -> CommitQueue {
         let (sender, receiver) = std::sync::mpsc::channel::<Submission>();
+        let (feed, _) = tokio::sync::broadcast::channel(FEED_CAPACITY);
+        let announcer = feed.clone();
         std::thread::Builder::new()
             .name("mailmesh-commit".into())
             .spawn(move || {
@@ -2047,23 +2369,51 @@ impl CommitQueue {
                     }
                     let mut operations = Vec::with_capacity(pending.len());
                     let mut replies = Vec::with_capacity(pending.len());
+                    let mut sources = Vec::with_capacity(pending.len());
                     let mut listings = HashMap::new();
                     for (operation, prepared, reply) in pending {
                         if let Some((blob, listing)) = prepared {
                             listings.insert(blob, listing);
                         }
+                        sources.push(feed_source(&operation));
                         operations.push(operation);
                         replies.push(reply);
                     }
                     let results = store.apply_prepared(operations, listings);
-                    for (reply, result) in replies.into_iter().zip(results) {
+                    let mut committed = Vec::new();
+                    for ((reply, result), source) in replies.into_iter().zip(results).zip(sources) {
+                        if let (Some((origin, mailbox)), Ok(applied)) = (source, &result) {
+                            let change = match applied {
+                                Applied::Appended { record, .. } => Some((record.clone(), true)),
+                                Applied::Record { record, changed: true } => Some((record.clone(), false)),
+                                _ => None,
+                            };
+                            if let Some((record, appended)) = change {
+                                committed.push(Committed {
+                                    origin,
+                                    mailbox,
+                                    record,
+                                    appended,
+                                });
+                            }
+                        }
                         let _ = reply.send(result);
+                    }
+                    if announcer.receiver_count() > 0 {
+                        for change in committed {
+                            let _ = announcer.send(change);
+                        }
                     }
                 }
             })
             .map(|_| ())
             .unwrap_or_else(|error| tracing::error!("cannot start the commit thread: {error}"));
-        CommitQueue { sender }
+        CommitQueue { sender, feed }
+    }
+
+    /// A receiver of every change committed from now on.
+    pub fn feed(&self) -> tokio::sync::broadcast::Receiver<Committed> {
+        self.feed.subscribe()
     }
 
     /// Submits an operation and waits until it is durable (or failed).

@@ -14,7 +14,7 @@ use crate::sync::ByteString;
 /// The version of these frames. Version 2: [`Request::FetchRecords`] names the records the asker
 /// already holds, and reconciliation replies send no blob of a record the asker holds. A peer
 /// speaking another version is refused (not synced with, not blamed).
-pub const WIRE_VERSION: u8 = 2;
+pub const WIRE_VERSION: u8 = 3;
 /// The most records one response carries.
 pub const MAX_RECORDS_PER_RESPONSE: usize = 2_000;
 /// The most IDs one fetch names.
@@ -203,6 +203,10 @@ pub enum Gossip {
         /// The sender's acknowledged tombstone cut (milliseconds; 0: none).
         #[serde(default)]
         acknowledged_before: u64,
+        /// The sender's change-feed frontier (origin, time), read before `digest`: a receiver
+        /// whose digest equals `digest` holds all of it and adopts it.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        frontier: Vec<(u64, u64)>,
     },
 }
 
@@ -233,6 +237,12 @@ pub fn validate_record(record: &MessageRecord) -> Result<(), WireError> {
         return Err(WireError::LimitExceeded(format!(
             "{} flags on one record",
             record.flags.len()
+        )));
+    }
+    if record.created.node != record.origin {
+        return Err(WireError::Malformed(format!(
+            "record {} was created by {} but claims origin {}",
+            record.id, record.created.node, record.origin
         )));
     }
     Ok(())

@@ -1033,3 +1033,163 @@ fn query_rejections_are_json_too() {
         String::from_utf8_lossy(&response.body)
     );
 }
+
+/// A client of the account change feed: what it believes the account holds.
+#[derive(Default)]
+struct FeedClient {
+    state: Option<String>,
+    known: BTreeSet<String>,
+}
+
+/// One call's answer: (created, updated, destroyed) IDs.
+type FeedPage = (Vec<String>, Vec<String>, Vec<String>);
+
+impl FeedClient {
+    /// Reads every page of changes from `node` and applies it; panics if an ID is reported as
+    /// created twice (RFC 8620: a client may see an ID in "updated" it knows, never a second
+    /// creation).
+    fn catch_up(&mut self, node: &LocalNode, account: &str) -> FeedPage {
+        let mut page: FeedPage = Default::default();
+        loop {
+            let mut path = format!("/v1/accounts/{}/changes?limit=3", account.replace('@', "%40"));
+            if let Some(state) = &self.state {
+                path.push_str(&format!("&since={state}"));
+            }
+            let response = node
+                .get(&path)
+                .unwrap_or_else(|error| panic!("changes on {}: {error}", node.name));
+            assert_eq!(
+                response.status,
+                200,
+                "changes on {}: {}",
+                node.name,
+                String::from_utf8_lossy(&response.body)
+            );
+            let answer: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
+            let ids = |key: &str| -> Vec<String> {
+                answer[key]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|item| item.get("id").unwrap_or(item).as_str().unwrap().to_owned())
+                    .collect()
+            };
+            for id in ids("created") {
+                assert!(
+                    self.known.insert(id.clone()),
+                    "{id} was reported as created twice (last from {})",
+                    node.name
+                );
+                page.0.push(id);
+            }
+            for id in ids("updated") {
+                self.known.insert(id.clone());
+                page.1.push(id);
+            }
+            for id in ids("destroyed") {
+                self.known.remove(&id);
+                page.2.push(id);
+            }
+            self.state = Some(answer["state"].as_str().unwrap().to_owned());
+            if !answer["has_more"].as_bool().unwrap() {
+                return page;
+            }
+        }
+    }
+}
+
+#[test]
+fn a_change_state_from_one_node_carries_on_at_another() {
+    let scratch = Scratch::new("feed");
+    let cluster = "feed-test";
+    let a = spawn(&scratch, "a", cluster, &[], &[]);
+    let b = spawn(&scratch, "b", cluster, &[address(&a)], &[]);
+    wait_for_peers(&[&a, &b], 1);
+    let mut hopper = FeedClient::default();
+    let mut stayer = FeedClient::default();
+    let mut truth = BTreeSet::new();
+    let live = |node: &LocalNode| {
+        ids_of(node, ALICE, INBOX)
+            .union(&ids_of(node, ALICE, "Work"))
+            .cloned()
+            .collect::<BTreeSet<_>>()
+    };
+
+    // Step 1: writes on both nodes; the hopper reads from a.
+    let mut on_a: Vec<String> = (0..4)
+        .map(|index| {
+            append(
+                &a,
+                ALICE,
+                INBOX,
+                &sample_message("carol@example.net", &format!("a{index}"), "x"),
+            )
+        })
+        .collect();
+    let on_b: Vec<String> = (0..3)
+        .map(|index| {
+            append(
+                &b,
+                ALICE,
+                "Work",
+                &sample_message("dave@example.net", &format!("b{index}"), "y"),
+            )
+        })
+        .collect();
+    truth.extend(on_a.iter().cloned().chain(on_b.iter().cloned()));
+    converge("step 1", &[&a, &b], || live(&a) == truth);
+    let (created, _, _) = hopper.catch_up(&a, ALICE);
+    assert_eq!(created.iter().cloned().collect::<BTreeSet<_>>(), truth, "step 1 from a");
+    stayer.catch_up(&a, ALICE);
+
+    // Step 2: a flag change made on b to a message from a, an expunge on a, a new message on b;
+    // the hopper now reads from b.
+    set_flags(&b, ALICE, INBOX, &on_a[0], r#"{"add":["\\Seen"]}"#);
+    expunge(&a, ALICE, INBOX, &on_a[1]);
+    let newer = append(&b, ALICE, "Work", &sample_message("dave@example.net", "b3", "z"));
+    truth.remove(&on_a[1]);
+    truth.insert(newer.clone());
+    converge("step 2", &[&a, &b], || live(&b) == truth);
+    let (created, updated, destroyed) = hopper.catch_up(&b, ALICE);
+    assert_eq!(created, vec![newer.clone()], "step 2 from b: created");
+    assert!(
+        updated.contains(&on_a[0]),
+        "step 2 from b: the flag change on {} is missing from {updated:?}",
+        on_a[0]
+    );
+    assert_eq!(destroyed, vec![on_a[1].clone()], "step 2 from b: destroyed");
+    stayer.catch_up(&a, ALICE);
+
+    // Step 3: more writes; the hopper goes back to a.
+    set_flags(&a, ALICE, "Work", &on_b[2], r#"{"add":["\\Flagged"]}"#);
+    on_a.push(append(
+        &a,
+        ALICE,
+        INBOX,
+        &sample_message("carol@example.net", "a4", "w"),
+    ));
+    truth.insert(on_a[4].clone());
+    converge("step 3", &[&a, &b], || live(&a) == truth);
+    let (created, updated, _) = hopper.catch_up(&a, ALICE);
+    assert!(created.contains(&on_a[4]), "step 3 from a: {created:?}");
+    assert!(
+        updated.contains(&on_b[2]),
+        "step 3 from a: the flag change on {} is missing from {updated:?}",
+        on_b[2]
+    );
+    stayer.catch_up(&a, ALICE);
+
+    // Both clients end with exactly the account's messages.
+    assert_eq!(hopper.known, truth, "the client that moved between nodes");
+    assert_eq!(stayer.known, truth, "the client that stayed on a");
+
+    // A state that is not one of ours is refused with 410, so the client resyncs.
+    let response = a
+        .get(&format!(
+            "/v1/accounts/{}/changes?since=m1garbage",
+            ALICE.replace('@', "%40")
+        ))
+        .unwrap();
+    assert_eq!(response.status, 410, "{}", String::from_utf8_lossy(&response.body));
+    assert!(is_json_error(&response.body));
+}

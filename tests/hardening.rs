@@ -234,8 +234,12 @@ struct Hostile {
 
 /// A digest gossip from `peer` that differs from any real node's, so the node opens a session.
 fn differing_digest(peer: &Hostile, name: &str, sequence: u64) -> Vec<u8> {
+    differing_digest_of(peer.client.local_peer_id(), name, sequence)
+}
+
+fn differing_digest_of(peer: net::PeerId, name: &str, sequence: u64) -> Vec<u8> {
     wire::encode(&Gossip::Digest {
-        peer: peer.client.local_peer_id().to_string(),
+        peer: peer.to_string(),
         name: name.into(),
         sequence,
         digest: ByteString(vec![7; 32]),
@@ -244,17 +248,52 @@ fn differing_digest(peer: &Hostile, name: &str, sequence: u64) -> Vec<u8> {
         stale: false,
         clock: 0,
         acknowledged_before: 0,
+        frontier: vec![],
     })
 }
 
 async fn hostile_peer(bootstrap: &str, cluster: &str) -> Hostile {
+    hostile_peer_with(bootstrap, cluster, |_| {}).await
+}
+
+/// A hand-made peer whose network settings `adjust` changes (to send what a node refuses).
+async fn hostile_peer_with(bootstrap: &str, cluster: &str, adjust: impl FnOnce(&mut NetworkConfig)) -> Hostile {
     let mut config = NetworkConfig::new(Keypair::generate_ed25519(), cluster);
     config.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
     config.bootstrap = vec![bootstrap.parse().unwrap()];
+    adjust(&mut config);
     let mut registry = prometheus_client::registry::Registry::default();
     let (client, events, event_loop) = net::new(config, &mut registry).unwrap();
     tokio::spawn(event_loop.run(futures::future::pending::<()>()));
     Hostile { client, events }
+}
+
+/// One round of inviting a session: announces a digest that differs from the node's, then
+/// handles the next event (waiting at most 300 ms): a request is answered with `answer`, gossip
+/// is accepted. Returns whether the node disconnected.
+async fn invite_and_answer(peer: &mut Hostile, name: &str, sequence: u64, answer: &[u8]) -> bool {
+    let _ = peer
+        .client
+        .publish(Topic::Digests, differing_digest(peer, name, sequence))
+        .await;
+    match tokio::time::timeout(Duration::from_millis(300), peer.events.recv()).await {
+        Ok(Some(NetworkEvent::Request { channel, .. })) => {
+            let _ = peer.client.respond(channel, answer.to_vec()).await;
+        }
+        Ok(Some(NetworkEvent::PeerDisconnected(_))) => return true,
+        Ok(Some(NetworkEvent::Gossip {
+            message_id,
+            propagation_source,
+            ..
+        })) => {
+            let _ = peer
+                .client
+                .report_validation(message_id, propagation_source, true)
+                .await;
+        }
+        _ => {}
+    }
+    false
 }
 
 /// Runs a node, makes it open a session with a hand-made peer, answers every request of that
@@ -277,27 +316,7 @@ async fn assert_dropped_for_answering(garbage: Vec<u8>, cluster: &str, why: &str
     let mut sequence = 0u64;
     while tokio::time::Instant::now() < deadline && !disconnected {
         sequence += 1;
-        let _ = hostile
-            .client
-            .publish(Topic::Digests, differing_digest(&hostile, "hostile", sequence))
-            .await;
-        match tokio::time::timeout(Duration::from_millis(300), hostile.events.recv()).await {
-            Ok(Some(NetworkEvent::Request { channel, .. })) => {
-                let _ = hostile.client.respond(channel, garbage.clone()).await;
-            }
-            Ok(Some(NetworkEvent::PeerDisconnected(_))) => disconnected = true,
-            Ok(Some(NetworkEvent::Gossip {
-                message_id,
-                propagation_source,
-                ..
-            })) => {
-                let _ = hostile
-                    .client
-                    .report_validation(message_id, propagation_source, true)
-                    .await;
-            }
-            _ => {}
-        }
+        disconnected = invite_and_answer(&mut hostile, "hostile", sequence, &garbage).await;
     }
     assert!(disconnected, "the node kept talking to a peer that broke the protocol");
     // Blocked, not only disconnected: the status lists the hostile peer with time left.
@@ -388,27 +407,10 @@ async fn a_peer_speaking_another_protocol_version_is_refused_and_counted_but_not
     let mut sequence = 0u64;
     while tokio::time::Instant::now() < deadline {
         sequence += 1;
-        let _ = peer
-            .client
-            .publish(Topic::Digests, differing_digest(&peer, "newer", sequence))
-            .await;
-        match tokio::time::timeout(Duration::from_millis(300), peer.events.recv()).await {
-            Ok(Some(NetworkEvent::Request { channel, .. })) => {
-                let _ = peer.client.respond(channel, frame.clone()).await;
-            }
-            Ok(Some(NetworkEvent::PeerDisconnected(_))) => panic!("the node dropped a peer of another version"),
-            Ok(Some(NetworkEvent::Gossip {
-                message_id,
-                propagation_source,
-                ..
-            })) => {
-                let _ = peer
-                    .client
-                    .report_validation(message_id, propagation_source, true)
-                    .await;
-            }
-            _ => {}
-        }
+        assert!(
+            !invite_and_answer(&mut peer, "newer", sequence, &frame).await,
+            "the node dropped a peer of another version"
+        );
     }
     let metrics = String::from_utf8_lossy(&node.get("/metrics").unwrap().body).into_owned();
     let refused: f64 = metrics
@@ -462,31 +464,7 @@ async fn a_reconciliation_reply_carries_the_records_and_blobs_the_asker_lacks() 
         }
     };
     // Keep the hand-made peer's events flowing, and answer the node's own session politely.
-    let client = hostile.client.clone();
-    tokio::spawn(async move {
-        while let Some(event) = hostile.events.recv().await {
-            match event {
-                NetworkEvent::Request { channel, .. } => {
-                    let empty = wire::encode(&Response::Reconcile {
-                        message: ByteString(sync::encode(&[])),
-                        records: vec![],
-                        blobs: vec![],
-                        states: ByteString::default(),
-                        returned: ByteString::default(),
-                    });
-                    let _ = client.respond(channel, empty).await;
-                }
-                NetworkEvent::Gossip {
-                    message_id,
-                    propagation_source,
-                    ..
-                } => {
-                    let _ = client.report_validation(message_id, propagation_source, true).await;
-                }
-                _ => {}
-            }
-        }
-    });
+    let client = answer_with(hostile, |_| nothing_to_reconcile());
     // Ask as a replica holding nothing of the mailbox would.
     let mailbox = MailboxKey::new("dora@example.org", "INBOX").unwrap();
     let empty = MemoryTree::new(StoredDepth::MAILBOX);
@@ -497,7 +475,7 @@ async fn a_reconciliation_reply_carries_the_records_and_blobs_the_asker_lacks() 
         states: ByteString::default(),
         returned: ByteString::default(),
     };
-    let answer = hostile.client.request(peer, wire::encode(&request)).await.unwrap();
+    let answer = client.request(peer, wire::encode(&request)).await.unwrap();
     let Response::Reconcile {
         message,
         records,
@@ -545,7 +523,7 @@ async fn a_reconciliation_reply_carries_the_records_and_blobs_the_asker_lacks() 
             },
         ],
     };
-    let answer = hostile.client.request(peer, wire::encode(&batch)).await.unwrap();
+    let answer = client.request(peer, wire::encode(&batch)).await.unwrap();
     let Response::ReconciledMailboxes { replies } = wire::decode::<Response>(&answer).unwrap() else {
         panic!("not a batch reply");
     };
@@ -591,17 +569,18 @@ async fn gossip_with_a_stamp_far_in_the_future_is_refused() {
     let mut sequence = 0u64;
     while tokio::time::Instant::now() < deadline {
         // Answer the node's session politely (nothing to reconcile), and keep publishing.
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        while let Ok(event) = hostile.events.try_recv() {
+        let next = tokio::time::timeout(Duration::from_millis(100), hostile.events.recv()).await;
+        for event in next
+            .ok()
+            .flatten()
+            .into_iter()
+            .chain(std::iter::from_fn(|| hostile.events.try_recv().ok()))
+        {
             if let NetworkEvent::Request { channel, .. } = event {
-                let empty = wire::encode(&Response::Reconcile {
-                    message: ByteString(sync::encode(&[])),
-                    records: vec![],
-                    blobs: vec![],
-                    states: ByteString::default(),
-                    returned: ByteString::default(),
-                });
-                let _ = hostile.client.respond(channel, empty).await;
+                let _ = hostile
+                    .client
+                    .respond(channel, wire::encode(&nothing_to_reconcile()))
+                    .await;
             }
         }
         sequence += 1;
@@ -640,6 +619,12 @@ async fn gossip_with_a_stamp_far_in_the_future_is_refused() {
     );
 }
 
+/// Digest gossip a node has received.
+fn digests_heard(node: &LocalNode) -> f64 {
+    node.metric_sum(r#"mailmesh_gossip_messages_total{kind="digest",direction="in"}"#)
+        .unwrap_or(0.0)
+}
+
 #[test]
 fn a_replica_away_longer_than_the_tombstone_horizon_is_refused_resynchronisation() {
     let directory = tempfile::tempdir().unwrap();
@@ -672,7 +657,14 @@ fn a_replica_away_longer_than_the_tombstone_horizon_is_refused_resynchronisation
         )
         .unwrap();
     assert!(wait_until(Duration::from_secs(60), || digests_agree(&[&first, &away])).is_some());
-    std::thread::sleep(Duration::from_millis(500)); // let the contact time be written
+    // An agreeing digest from a connected peer is contact with the cluster, and is written down.
+    // Two more digests from the healthy node: the first of them agrees (neither changed since),
+    // and the second arrives after the first was handled.
+    let heard = digests_heard(&away);
+    assert!(
+        wait_until(Duration::from_secs(60), || digests_heard(&away) >= heard + 2.0).is_some(),
+        "the away node heard no digest from the healthy node"
+    );
     away.kill();
     // Thirty-one days later by its clock, the away replica comes back.
     let mut returning = LocalNode::spawn_with_environment(
@@ -695,6 +687,7 @@ fn a_replica_away_longer_than_the_tombstone_horizon_is_refused_resynchronisation
         "the log does not tell the operator what to do"
     );
     // It takes nothing in and gives nothing out, and the healthy node does not treat it as hostile.
+    let heard = digests_heard(&returning);
     first
         .append(
             "stale@example.org",
@@ -702,7 +695,13 @@ fn a_replica_away_longer_than_the_tombstone_horizon_is_refused_resynchronisation
             &sample_message("a@example.org", "after", "y"),
         )
         .unwrap();
-    std::thread::sleep(Duration::from_secs(2));
+    // The healthy node pushes the write at once and announces its new digest; by the second
+    // digest heard since the write (a heartbeat, thirty gossip ticks after the first), the push
+    // and a session the new digest could have opened would both have been taken in.
+    assert!(
+        wait_until(Duration::from_secs(60), || digests_heard(&returning) >= heard + 2.0).is_some(),
+        "the returning node heard no digest from the healthy node"
+    );
     assert_eq!(returning.messages("stale@example.org", "INBOX").unwrap().len(), 1);
     assert_eq!(first.metric_sum("mailmesh_peers_penalised_total").unwrap(), 0.0);
     // Emptied, it rejoins and fills up.
@@ -737,28 +736,29 @@ fn only_listed_peers_and_holders_of_the_cluster_key_get_in() {
         &with_key(&key),
     )
     .unwrap();
-    let outsider = LocalNode::spawn(
-        binary(),
-        "outsider",
-        &path("outsider"),
-        "test-access",
-        &[],
-        200,
-        &with_key(&other_key),
-    )
-    .unwrap();
     let friend_id = friend.status().unwrap()["peer_id"].as_str().unwrap().to_owned();
     let mut arguments = with_key(&key);
     arguments.extend(["--allow-peer".to_owned(), friend_id.clone()]);
-    let peers = [friend.listen_address().unwrap(), outsider.listen_address().unwrap()];
     let guarded = LocalNode::spawn(
         binary(),
         "guarded",
         &path("guarded"),
         "test-access",
-        &peers,
+        &[friend.listen_address().unwrap()],
         200,
         &arguments,
+    )
+    .unwrap();
+    // A node holding another cluster key knocks (it dials the guarded node: the guarded node
+    // would never dial it, as it is not on the allow list).
+    let outsider = LocalNode::spawn(
+        binary(),
+        "outsider",
+        &path("outsider"),
+        "test-access",
+        &[guarded.listen_address().unwrap()],
+        200,
+        &with_key(&other_key),
     )
     .unwrap();
     // A node with the right key but not on the list knocks.
@@ -795,7 +795,24 @@ fn only_listed_peers_and_holders_of_the_cluster_key_get_in() {
         .is_some(),
         "the refusal of the unlisted peer was not counted"
     );
-    std::thread::sleep(Duration::from_secs(2));
+    // The unlisted peer redials (a second later) and is refused again.
+    assert!(
+        wait_until(Duration::from_secs(30), || guarded
+            .metric_sum("mailmesh_net_peers_refused_total")
+            .unwrap_or(0.0)
+            >= 2.0)
+        .is_some(),
+        "the unlisted peer's redial was not refused"
+    );
+    // The node with the other key fails the handshake: the guarded node counts it.
+    assert!(
+        wait_until(Duration::from_secs(30), || guarded
+            .metric_sum("mailmesh_net_inbound_handshake_failures_total")
+            .unwrap_or(0.0)
+            >= 1.0)
+        .is_some(),
+        "the guarded node saw no failed handshake from the node with another key"
+    );
     assert_eq!(
         connected(&guarded),
         vec![friend_id],
@@ -1040,4 +1057,800 @@ fn a_closed_cluster_collects_tombstones_once_every_member_holds_them() {
     })
     .is_some());
     assert_eq!(left.messages("gc@example.org", "INBOX").unwrap().len(), 7);
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a peer sends is checked: blobs against their hashes and the size limit, stamps against
+// the clock bound, frames against the transport's limits. Each test below sends one kind of bad
+// data through a path nodes use (a push, a blob fetch, a reconciliation reply), then checks that
+// nothing of it was kept, that the peer was counted (and blocked where it is to blame), and that
+// the node still takes the right data from an honest peer afterwards.
+// ---------------------------------------------------------------------------------------------
+
+const INTEGRITY_ACCOUNT: &str = "integrity@example.org";
+/// How long a test waits for a condition before it fails.
+const CONDITION_DEADLINE: Duration = Duration::from_secs(60);
+
+fn wall_millis() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The same number of bytes with the last one changed: what a peer announced, another hash.
+fn corrupted(raw: &[u8]) -> Vec<u8> {
+    let mut bytes = raw.to_vec();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0x20;
+    bytes
+}
+
+fn nothing_to_reconcile() -> Response {
+    Response::Reconcile {
+        message: ByteString(sync::encode(&[])),
+        records: vec![],
+        blobs: vec![],
+        states: ByteString::default(),
+        returned: ByteString::default(),
+    }
+}
+
+/// A record of `raw` in the integrity mailbox, as its origin would have written it.
+fn record_of(raw: &[u8], random: u128) -> MessageRecord {
+    MessageRecord::new(
+        MessageId::from_parts(1_767_225_600_000, random),
+        BlobHash::of(raw),
+        raw.len() as u64,
+        1_767_225_600_000,
+        NodeId(66),
+    )
+}
+
+fn integrity_mailbox() -> MailboxKey {
+    MailboxKey::new(INTEGRITY_ACCOUNT, "INBOX").unwrap()
+}
+
+/// Starts a node process (on a blocking thread: the harness speaks blocking HTTP), with `config`
+/// as its TOML configuration when given.
+async fn spawn_node(directory: &std::path::Path, name: &str, cluster: &str, config: &str) -> LocalNode {
+    let path = directory.join(name);
+    let config_file = directory.join(format!("{name}.toml"));
+    let (name, cluster, config) = (name.to_owned(), cluster.to_owned(), config.to_owned());
+    tokio::task::spawn_blocking(move || {
+        std::fs::write(&config_file, config).unwrap();
+        let extra = ["--config".to_owned(), config_file.display().to_string()];
+        LocalNode::spawn(binary(), &name, &path, &cluster, &[], 200, &extra).unwrap()
+    })
+    .await
+    .unwrap()
+}
+
+/// Polls `check` (blocking HTTP against node processes) every 50 ms until it holds; fails the
+/// test, saying what it waited for, once [`CONDITION_DEADLINE`] passes.
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    loop {
+        if tokio::task::block_in_place(&mut check) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {CONDITION_DEADLINE:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn metric(node: &LocalNode, series: &str) -> f64 {
+    tokio::task::block_in_place(|| node.metric_sum(series).unwrap())
+}
+
+/// Waits until a hand-made peer is connected to the node; returns the node's peer ID.
+async fn node_of(peer: &mut Hostile) -> net::PeerId {
+    loop {
+        match tokio::time::timeout(CONDITION_DEADLINE, peer.events.recv()).await {
+            Ok(Some(NetworkEvent::PeerConnected(node))) => return node,
+            Ok(Some(_)) => {}
+            _ => panic!("the node never connected to the hand-made peer"),
+        }
+    }
+}
+
+/// Hands every request the node sends a hand-made peer to `on_request`, and accepts its gossip,
+/// on a task of its own; returns the client for the peer's own requests.
+fn serve_requests(
+    peer: Hostile,
+    on_request: impl Fn(net::NetworkClient, Vec<u8>, net::ResponseHandle) + Send + 'static,
+) -> net::NetworkClient {
+    let Hostile { client, mut events } = peer;
+    let responder = client.clone();
+    tokio::spawn(async move {
+        while let Some(event) = events.recv().await {
+            match event {
+                NetworkEvent::Request { data, channel, .. } => on_request(responder.clone(), data, channel),
+                NetworkEvent::Gossip {
+                    message_id,
+                    propagation_source,
+                    ..
+                } => {
+                    let _ = responder.report_validation(message_id, propagation_source, true).await;
+                }
+                _ => {}
+            }
+        }
+    });
+    client
+}
+
+/// Answers every request the node sends a hand-made peer with `answer`, and accepts its gossip.
+fn answer_with(
+    peer: Hostile,
+    answer: impl Fn(wire::Request) -> Response + Send + Sync + 'static,
+) -> net::NetworkClient {
+    serve_requests(peer, move |responder, data, channel| {
+        let response = match wire::decode::<wire::Request>(&data) {
+            Ok(request) => answer(request),
+            Err(error) => Response::Error {
+                message: error.to_string(),
+            },
+        };
+        tokio::spawn(async move {
+            let _ = responder.respond(channel, wire::encode(&response)).await;
+        });
+    })
+}
+
+/// The messages of the integrity mailbox a node lists, by ID.
+fn listed(node: &LocalNode) -> Vec<String> {
+    tokio::task::block_in_place(|| {
+        node.messages(INTEGRITY_ACCOUNT, "INBOX")
+            .unwrap()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect()
+    })
+}
+
+fn raw_of(node: &LocalNode, id: MessageId) -> (u16, Vec<u8>) {
+    let path = format!(
+        "{}/messages/{id}/raw",
+        LocalNode::mailbox_path(INTEGRITY_ACCOUNT, "INBOX")
+    );
+    let response = tokio::task::block_in_place(|| node.get(&path).unwrap());
+    (response.status, response.body)
+}
+
+/// After a peer sent bad data for `record`: the record is not listed (no listing of bad bytes,
+/// no record whose body never arrives), and the peer was counted for `reason` and blocked.
+fn assert_nothing_kept_and_peer_blocked(node: &LocalNode, id: MessageId, peer: net::PeerId, reason: &str) {
+    assert!(
+        !listed(node).contains(&id.to_string()),
+        "the record that came with bad data is listed"
+    );
+    assert_eq!(raw_of(node, id).0, 404, "the record's body is served");
+    let penalised = metric(node, &format!(r#"mailmesh_peers_penalised_total{{reason="{reason}"}}"#));
+    assert!(penalised >= 1.0, "the peer was not penalised for {reason}");
+    let status = tokio::task::block_in_place(|| node.status().unwrap());
+    let blocked = status["blocked"].as_array().cloned().unwrap_or_default();
+    assert!(
+        blocked
+            .iter()
+            .any(|entry| entry["peer_id"] == peer.to_string().as_str()),
+        "the peer that sent bad data is not blocked: {blocked:?}"
+    );
+}
+
+/// An honest peer pushes `record` with its right bytes: the node acknowledges it, lists it and
+/// serves exactly those bytes.
+async fn assert_taken_from_an_honest_peer(node: &LocalNode, cluster: &str, record: &MessageRecord, raw: &[u8]) {
+    let address = tokio::task::block_in_place(|| node.listen_address().unwrap());
+    let mut honest = hostile_peer(&address, cluster).await;
+    let node_peer = node_of(&mut honest).await;
+    let client = answer_with(honest, |_| nothing_to_reconcile());
+    let push = wire::Request::Push {
+        mailbox: integrity_mailbox(),
+        record: record.clone(),
+        blob: Some(ByteString(raw.to_vec())),
+    };
+    let answer = client.request(node_peer, wire::encode(&push)).await.unwrap();
+    assert_eq!(wire::decode::<Response>(&answer).unwrap(), Response::Ack);
+    assert!(
+        listed(node).contains(&record.id.to_string()),
+        "the honest push is not listed"
+    );
+    assert_eq!(
+        raw_of(node, record.id),
+        (200, raw.to_vec()),
+        "the node serves other bytes"
+    );
+}
+
+/// A hand-made peer pushes a record whose blob it brings inline as `inline`, or, when that is
+/// `None`, answers the node's blob fetches with `blob_answer(offset)`. The push must not be
+/// acknowledged, nothing of it kept, the peer blocked for `reason`; an honest push of the same
+/// record afterwards is taken whole.
+async fn assert_bad_pushed_bytes_refused(
+    cluster: &str,
+    config: &str,
+    inline: Option<Vec<u8>>,
+    blob_answer: impl Fn(u64) -> Response + Send + Sync + 'static,
+    reason: &str,
+) {
+    let raw = sample_message("mallory@example.org", "pushed", "the right bytes");
+    assert_pushed_record_refused(cluster, config, &raw, inline, blob_answer, reason, &raw).await;
+}
+
+/// The same for a record of `raw`; the honest push afterwards brings a record of `honest_raw`.
+async fn assert_pushed_record_refused(
+    cluster: &str,
+    config: &str,
+    raw: &[u8],
+    inline: Option<Vec<u8>>,
+    blob_answer: impl Fn(u64) -> Response + Send + Sync + 'static,
+    reason: &str,
+    honest_raw: &[u8],
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let node = spawn_node(directory.path(), "target", cluster, config).await;
+    let record = record_of(raw, 901);
+    let address = tokio::task::block_in_place(|| node.listen_address().unwrap());
+    let mut hostile = hostile_peer(&address, cluster).await;
+    let hostile_id = hostile.client.local_peer_id();
+    let node_peer = node_of(&mut hostile).await;
+    let client = answer_with(hostile, move |request| match request {
+        wire::Request::FetchBlob { offset, .. } => blob_answer(offset),
+        wire::Request::Reconcile { .. } => nothing_to_reconcile(),
+        _ => Response::Error {
+            message: "not answered by this test".into(),
+        },
+    });
+    let push = wire::Request::Push {
+        mailbox: integrity_mailbox(),
+        record: record.clone(),
+        blob: inline.map(ByteString),
+    };
+    // The node blocks the peer while it answers, so the answer may be a closed connection.
+    let answer = client.request(node_peer, wire::encode(&push)).await;
+    let decoded = answer.as_deref().map(wire::decode::<Response>);
+    assert!(
+        !matches!(decoded, Ok(Ok(Response::Ack))),
+        "the node acknowledged a push with bad bytes"
+    );
+    eventually("the peer to be penalised", || {
+        node.metric_sum(&format!(r#"mailmesh_peers_penalised_total{{reason="{reason}"}}"#))
+            .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await;
+    assert_nothing_kept_and_peer_blocked(&node, record.id, hostile_id, reason);
+    if reason == "blob_hash_mismatch" {
+        assert!(
+            metric(&node, "mailmesh_blobs_rejected_total") >= 1.0,
+            "the wrong bytes were not counted"
+        );
+    }
+    assert_taken_from_an_honest_peer(&node, cluster, &record_of(honest_raw, 901), honest_raw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_with_a_wrong_inline_blob_is_refused_and_the_peer_blocked() {
+    let raw = sample_message("mallory@example.org", "pushed", "the right bytes");
+    assert_bad_pushed_bytes_refused(
+        "test-push-inline",
+        "",
+        Some(corrupted(&raw)),
+        |_| Response::Blob { bytes: None, total: 0 },
+        "blob_hash_mismatch",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_fetch_answered_with_wrong_bytes_is_refused_and_counted() {
+    let raw = sample_message("mallory@example.org", "pushed", "the right bytes");
+    let wrong = corrupted(&raw);
+    let total = wrong.len() as u64;
+    assert_bad_pushed_bytes_refused(
+        "test-fetch-wrong",
+        "",
+        None,
+        move |offset| Response::Blob {
+            bytes: Some(ByteString(wrong[offset as usize..].to_vec())),
+            total,
+        },
+        "blob_hash_mismatch",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_claiming_one_byte_over_the_size_limit_is_refused() {
+    let raw = sample_message("mallory@example.org", "pushed", "the right bytes");
+    // The right bytes, but the peer claims the blob is one byte over this node's limit.
+    assert_bad_pushed_bytes_refused(
+        "test-fetch-over",
+        "max_message_bytes = 4096\n",
+        None,
+        move |offset| Response::Blob {
+            bytes: Some(ByteString(raw[offset as usize..].to_vec())),
+            total: 4097,
+        },
+        "protocol_violation",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_inline_blob_one_byte_over_the_size_limit_is_refused() {
+    // Its hash is right, but it is one byte over this node's limit.
+    let mut raw = sample_message("mallory@example.org", "pushed", "");
+    raw.resize(4097, b'x');
+    let honest = sample_message("honest@example.org", "within the limit", "the right bytes");
+    assert_pushed_record_refused(
+        "test-push-over",
+        "max_message_bytes = 4096\n",
+        &raw,
+        Some(raw.clone()),
+        |_| Response::Blob { bytes: None, total: 0 },
+        "protocol_violation",
+        &honest,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_that_stops_short_is_refused() {
+    let raw = sample_message("mallory@example.org", "pushed", "the right bytes");
+    let total = raw.len() as u64;
+    // Half the bytes, then an empty chunk although the blob is said to be longer.
+    assert_bad_pushed_bytes_refused(
+        "test-fetch-short",
+        "",
+        None,
+        move |offset| {
+            let half = raw.len() / 2;
+            let chunk = if offset == 0 { raw[..half].to_vec() } else { Vec::new() };
+            Response::Blob {
+                bytes: Some(ByteString(chunk)),
+                total,
+            }
+        },
+        "protocol_violation",
+    )
+    .await;
+}
+
+/// A hand-made replica that serves a target node the data of a source node: the target's
+/// requests go to the source through a second peer in the source's own cluster (so the two
+/// nodes never meet, not even by gossip), and the source's answers come back through `tamper`.
+/// It announces a digest that differs from the target's, so the target opens sessions with it.
+struct Relay {
+    front: net::PeerId,
+    /// Every request the target sent the relay.
+    requests: tokio::sync::mpsc::UnboundedReceiver<wire::Request>,
+}
+
+async fn relay(
+    target: &LocalNode,
+    target_cluster: &str,
+    source: &LocalNode,
+    source_cluster: &str,
+    tamper: fn(Response) -> Response,
+) -> Relay {
+    let source_address = tokio::task::block_in_place(|| source.listen_address().unwrap());
+    let mut back = hostile_peer(&source_address, source_cluster).await;
+    let source_peer = node_of(&mut back).await;
+    // The source's own sessions with the relay find nothing to take.
+    let back = answer_with(back, |request| match request {
+        wire::Request::Reconcile { .. } => nothing_to_reconcile(),
+        _ => Response::Error {
+            message: "the relay answers nothing else".into(),
+        },
+    });
+    let target_address = tokio::task::block_in_place(|| target.listen_address().unwrap());
+    let mut front = hostile_peer(&target_address, target_cluster).await;
+    let front_id = front.client.local_peer_id();
+    node_of(&mut front).await;
+    let (copies, requests) = tokio::sync::mpsc::unbounded_channel();
+    let publisher = front.client.clone();
+    tokio::spawn(async move {
+        for sequence in 1u64.. {
+            let _ = publisher
+                .publish(Topic::Digests, differing_digest_of(front_id, "relay", sequence))
+                .await;
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+    });
+    serve_requests(front, move |responder, data, channel| {
+        if let Ok(request) = wire::decode::<wire::Request>(&data) {
+            let _ = copies.send(request);
+        }
+        let back = back.clone();
+        tokio::spawn(async move {
+            let answer = match back.request(source_peer, data).await {
+                Ok(answer) => match wire::decode::<Response>(&answer) {
+                    Ok(response) => wire::encode(&tamper(response)),
+                    Err(_) => answer,
+                },
+                Err(error) => wire::encode(&Response::Error {
+                    message: format!("relay: {error}"),
+                }),
+            };
+            let _ = responder.respond(channel, answer).await;
+        });
+    });
+    Relay {
+        front: front_id,
+        requests,
+    }
+}
+
+fn passed_through(response: Response) -> Response {
+    response
+}
+
+fn corrupt_all(blobs: Vec<ByteString>) -> Vec<ByteString> {
+    blobs.into_iter().map(|blob| ByteString(corrupted(&blob.0))).collect()
+}
+
+/// Changes every blob that travels inline with records in replies and record fetches.
+fn corrupt_inline_blobs(response: Response) -> Response {
+    match response {
+        Response::Reconcile {
+            message,
+            records,
+            blobs,
+            states,
+            returned,
+        } => Response::Reconcile {
+            message,
+            records,
+            blobs: corrupt_all(blobs),
+            states,
+            returned,
+        },
+        Response::ReconciledMailboxes { mut replies } => {
+            for reply in &mut replies {
+                reply.blobs = corrupt_all(std::mem::take(&mut reply.blobs));
+            }
+            Response::ReconciledMailboxes { replies }
+        }
+        Response::Records { records, more, blobs } => Response::Records {
+            records,
+            more,
+            blobs: corrupt_all(blobs),
+        },
+        other => other,
+    }
+}
+
+/// Changes the bytes of every blob fetch answer.
+fn corrupt_fetched_blobs(response: Response) -> Response {
+    match response {
+        Response::Blob {
+            bytes: Some(bytes),
+            total,
+        } if !bytes.0.is_empty() => Response::Blob {
+            bytes: Some(ByteString(corrupted(&bytes.0))),
+            total,
+        },
+        other => other,
+    }
+}
+
+const A_DAY_MILLIS: u64 = 24 * 60 * 60 * 1000;
+
+/// Flags every record in replies and record fetches with a stamp a day ahead of the wall
+/// clock, far past the node's bound (two hours by default).
+fn stamp_a_day_ahead(response: Response) -> Response {
+    let stamp = Stamp {
+        time: mailmesh::crdt::physical_time(wall_millis() + A_DAY_MILLIS),
+        node: NodeId(66),
+    };
+    let far = |records: &mut Vec<MessageRecord>| {
+        for record in records {
+            mailmesh::crdt::apply_flag(record, Flag::Flagged, true, stamp);
+        }
+    };
+    match response {
+        Response::Reconcile {
+            message,
+            mut records,
+            blobs,
+            states,
+            returned,
+        } => {
+            far(&mut records);
+            Response::Reconcile {
+                message,
+                records,
+                blobs,
+                states,
+                returned,
+            }
+        }
+        Response::ReconciledMailboxes { mut replies } => {
+            for reply in &mut replies {
+                far(&mut reply.records);
+            }
+            Response::ReconciledMailboxes { replies }
+        }
+        Response::Records {
+            mut records,
+            more,
+            blobs,
+        } => {
+            far(&mut records);
+            Response::Records { records, more, blobs }
+        }
+        other => other,
+    }
+}
+
+/// A source node holds three messages; a relay serves them to an empty target through
+/// `tamper`. The target must keep none of them, block the relay for `reason`, and then take all
+/// three whole from an honest relay. Returns the nodes, the honest relay and the messages.
+async fn assert_relayed_bad_data_refused(
+    cluster: &str,
+    source_config: &str,
+    tamper: fn(Response) -> Response,
+    reason: &str,
+) -> (
+    tempfile::TempDir,
+    LocalNode,
+    LocalNode,
+    Relay,
+    Vec<(MessageId, Vec<u8>)>,
+) {
+    let directory = tempfile::tempdir().unwrap();
+    let source_cluster = format!("{cluster}-source");
+    let source = spawn_node(directory.path(), "source", &source_cluster, source_config).await;
+    let mut messages = Vec::new();
+    for index in 0..3 {
+        let raw = sample_message("source@example.org", &format!("relayed {index}"), "the right bytes");
+        let id = tokio::task::block_in_place(|| source.append(INTEGRITY_ACCOUNT, "INBOX", &raw).unwrap());
+        messages.push((id.parse::<MessageId>().unwrap(), raw));
+    }
+    let target = spawn_node(directory.path(), "target", cluster, "").await;
+    let bad = relay(&target, cluster, &source, &source_cluster, tamper).await;
+    let penalised = format!(r#"mailmesh_peers_penalised_total{{reason="{reason}"}}"#);
+    eventually(&format!("the relay to be penalised for {reason}"), || {
+        target.metric_sum(&penalised).unwrap_or(0.0) >= 1.0
+    })
+    .await;
+    for (id, _) in &messages {
+        assert_nothing_kept_and_peer_blocked(&target, *id, bad.front, reason);
+    }
+    let honest = relay(&target, cluster, &source, &source_cluster, passed_through).await;
+    let ids: Vec<String> = messages.iter().map(|(id, _)| id.to_string()).collect();
+    eventually("the target to take every message from the honest relay", || {
+        let listed = listed(&target);
+        ids.iter().all(|id| listed.contains(id))
+    })
+    .await;
+    for (id, raw) in &messages {
+        assert_eq!(raw_of(&target, *id), (200, raw.clone()), "message {id} differs");
+    }
+    (directory, target, source, honest, messages)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciliation_reply_with_wrong_inline_blobs_is_refused_and_the_peer_blocked() {
+    let (_directory, target, ..) =
+        assert_relayed_bad_data_refused("test-reply-inline", "", corrupt_inline_blobs, "protocol_violation").await;
+    assert!(metric(&target, "mailmesh_blobs_rejected_total") >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_blob_fetch_answered_with_wrong_bytes_is_refused_and_the_peer_blocked() {
+    // Nothing inline: every blob is fetched, and every fetch answer is wrong.
+    let (_directory, target, ..) = assert_relayed_bad_data_refused(
+        "test-reply-fetch",
+        "inline_blob_bytes = 0\n",
+        corrupt_fetched_blobs,
+        "blob_hash_mismatch",
+    )
+    .await;
+    assert!(metric(&target, "mailmesh_blobs_rejected_total") >= 1.0);
+}
+
+/// Makes a flag change on `node` and reads its stamp from the push an observer peer receives:
+/// the node's clock must be below `far_millis`, where a refused stamp would have taken it.
+async fn assert_clock_below(
+    node: &LocalNode,
+    requests: &mut tokio::sync::mpsc::UnboundedReceiver<wire::Request>,
+    far_millis: u64,
+) {
+    let raw = sample_message("clock@example.org", "clock", "stamped here");
+    let id = tokio::task::block_in_place(|| node.append(INTEGRITY_ACCOUNT, "Clock", &raw).unwrap());
+    let flags = format!(
+        "{}/messages/{id}/flags",
+        LocalNode::mailbox_path(INTEGRITY_ACCOUNT, "Clock")
+    );
+    let status = tokio::task::block_in_place(|| node.send("POST", &flags, br#"{"add":["\\Seen"]}"#).unwrap().status);
+    assert_eq!(status, 200);
+    // The node pushes the change to every connected peer, stamped by its clock.
+    let stamp = loop {
+        let request = tokio::time::timeout(CONDITION_DEADLINE, requests.recv())
+            .await
+            .expect("the node never pushed the flag change")
+            .expect("the observer stopped");
+        if let wire::Request::Push { record, .. } = request {
+            if record.id.to_string() == id {
+                if let Some(register) = record.flags.get(&Flag::Seen) {
+                    break register.stamp;
+                }
+            }
+        }
+    };
+    let millis = mailmesh::crdt::millis_of(stamp.time);
+    assert!(
+        millis < far_millis,
+        "the clock moved to {millis}, at or past the refused stamp's {far_millis}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconciliation_reply_stamped_far_ahead_is_refused_and_the_clock_stays() {
+    let started = wall_millis();
+    let (_directory, target, _source, mut honest, messages) =
+        assert_relayed_bad_data_refused("test-reply-future", "", stamp_a_day_ahead, "stamp_too_far_ahead").await;
+    // The honest copies carry no trace of the refused flag.
+    let listing = tokio::task::block_in_place(|| target.messages(INTEGRITY_ACCOUNT, "INBOX").unwrap());
+    assert_eq!(listing.len(), messages.len());
+    assert!(listing.iter().all(|(_, flags)| flags.is_empty()), "{listing:?}");
+    assert_clock_below(&target, &mut honest.requests, started + A_DAY_MILLIS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_push_stamped_far_ahead_is_refused_and_the_clock_stays() {
+    let cluster = "test-push-future";
+    let directory = tempfile::tempdir().unwrap();
+    let node = spawn_node(directory.path(), "target", cluster, "").await;
+    let raw = sample_message("mallory@example.org", "from the future", "right bytes, wrong time");
+    let far_millis = wall_millis() + A_DAY_MILLIS;
+    let mut record = record_of(&raw, 902);
+    mailmesh::crdt::apply_flag(
+        &mut record,
+        Flag::Flagged,
+        true,
+        Stamp {
+            time: mailmesh::crdt::physical_time(far_millis),
+            node: NodeId(66),
+        },
+    );
+    let address = tokio::task::block_in_place(|| node.listen_address().unwrap());
+    let mut hostile = hostile_peer(&address, cluster).await;
+    let hostile_id = hostile.client.local_peer_id();
+    let node_peer = node_of(&mut hostile).await;
+    let client = answer_with(hostile, |_| nothing_to_reconcile());
+    let push = wire::Request::Push {
+        mailbox: integrity_mailbox(),
+        record: record.clone(),
+        blob: Some(ByteString(raw.clone())),
+    };
+    let answer = client.request(node_peer, wire::encode(&push)).await;
+    assert!(
+        !matches!(answer.as_deref().map(wire::decode::<Response>), Ok(Ok(Response::Ack))),
+        "the node acknowledged a record stamped a day ahead"
+    );
+    eventually("the peer to be penalised", || {
+        node.metric_sum(r#"mailmesh_peers_penalised_total{reason="stamp_too_far_ahead"}"#)
+            .unwrap_or(0.0)
+            >= 1.0
+    })
+    .await;
+    assert_nothing_kept_and_peer_blocked(&node, record.id, hostile_id, "stamp_too_far_ahead");
+    // An observer sees the node's next stamp; the same message without the flag is taken.
+    let mut observer = hostile_peer(&address, cluster).await;
+    let observer_id = observer.client.local_peer_id().to_string();
+    node_of(&mut observer).await;
+    let (copies, mut requests) = tokio::sync::mpsc::unbounded_channel();
+    let _observer = answer_with(observer, move |request| {
+        let answer = match &request {
+            wire::Request::Push { .. } => Response::Ack,
+            _ => nothing_to_reconcile(),
+        };
+        let _ = copies.send(request);
+        answer
+    });
+    eventually("the node to list the observer as a peer", || {
+        node.status().unwrap()["peers"]
+            .as_array()
+            .is_some_and(|peers| peers.iter().any(|peer| peer["peer_id"] == observer_id.as_str()))
+    })
+    .await;
+    assert_clock_below(&node, &mut requests, far_millis).await;
+    assert_taken_from_an_honest_peer(&node, cluster, &record_of(&raw, 902), &raw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_gossip_is_refused_counted_and_the_node_keeps_serving() {
+    let cluster = "test-big-gossip";
+    let directory = tempfile::tempdir().unwrap();
+    let node = spawn_node(directory.path(), "target", cluster, "").await;
+    let address = tokio::task::block_in_place(|| node.listen_address().unwrap());
+    // The node's gossip limit: its default 256 KiB (above inline_blob_bytes + 64 KiB). The peer
+    // lets itself publish four times as much.
+    let limit = 256 * 1024;
+    let mut peer = hostile_peer_with(&address, cluster, |config| config.max_gossip_bytes = 4 * limit).await;
+    node_of(&mut peer).await;
+    let too_large = r#"mailmesh_net_frames_rejected_total{reason="gossip_too_large"}"#;
+    let inbound = r#"mailmesh_net_gossip_messages_total{topic="digests",direction="inbound"}"#;
+    // One byte over, until the node has refused one (the first may go out before the mesh forms);
+    // then exactly at the limit, until one is delivered. Each payload differs: gossip IDs are
+    // content hashes.
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    let mut attempt = 0u64;
+    for (size, series) in [(limit + 1, too_large), (limit, inbound)] {
+        let before = metric(&node, series);
+        loop {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "no gossip of {size} bytes moved {series}"
+            );
+            attempt += 1;
+            let mut payload = vec![0u8; size];
+            payload[..8].copy_from_slice(&attempt.to_be_bytes());
+            peer.client.publish(Topic::Digests, payload).await.unwrap();
+            if let Ok(Some(NetworkEvent::Gossip {
+                message_id,
+                propagation_source,
+                ..
+            })) = tokio::time::timeout(Duration::from_millis(300), peer.events.recv()).await
+            {
+                let _ = peer
+                    .client
+                    .report_validation(message_id, propagation_source, true)
+                    .await;
+            }
+            if metric(&node, series) > before {
+                break;
+            }
+        }
+    }
+    assert_eq!(
+        tokio::task::block_in_place(|| node.get("/healthz").unwrap().status),
+        200
+    );
+    let raw = sample_message("honest@example.org", "after big gossip", "still served");
+    assert_taken_from_an_honest_peer(&node, cluster, &record_of(&raw, 903), &raw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_response_is_refused_counted_and_the_node_keeps_serving() {
+    let cluster = "test-big-response";
+    let directory = tempfile::tempdir().unwrap();
+    let node = spawn_node(directory.path(), "target", cluster, "").await;
+    let address = tokio::task::block_in_place(|| node.listen_address().unwrap());
+    // The node reads responses of at most its default 8 MiB (above the 4 MiB blob chunk and
+    // 64 KiB); the peer lets itself send twice that, and answers one byte over.
+    let limit = 8 * 1024 * 1024;
+    let mut peer = hostile_peer_with(&address, cluster, |config| config.max_response_bytes = 2 * limit).await;
+    node_of(&mut peer).await;
+    let oversized = vec![0u8; limit + 1];
+    let too_large = r#"mailmesh_net_frames_rejected_total{reason="response_too_large"}"#;
+    let deadline = tokio::time::Instant::now() + CONDITION_DEADLINE;
+    let mut sequence = 0u64;
+    while metric(&node, too_large) < 1.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the node never refused an oversized response"
+        );
+        sequence += 1;
+        invite_and_answer(&mut peer, "oversized", sequence, &oversized).await;
+    }
+    assert!(
+        metric(
+            &node,
+            r#"mailmesh_net_requests_total{direction="outbound",outcome="response_too_large"}"#
+        ) >= 1.0
+    );
+    assert_eq!(
+        tokio::task::block_in_place(|| node.get("/healthz").unwrap().status),
+        200
+    );
+    let raw = sample_message("honest@example.org", "after a big answer", "still served");
+    assert_taken_from_an_honest_peer(&node, cluster, &record_of(&raw, 904), &raw).await;
 }

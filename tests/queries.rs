@@ -85,6 +85,7 @@ fn append_all(store: &Store, mailbox: &MailboxKey, samples: &[Sample]) -> Vec<Me
             mailbox: mailbox.clone(),
             raw: sample.raw.clone(),
             flags: if index % 3 == 0 { vec![Flag::Seen] } else { vec![] },
+            received_millis: None,
             now_millis: NOW + (index as u64 * 7919) % 100_000,
             random: index as u128,
         })
@@ -290,6 +291,7 @@ fn deep_pages_stay_exact_while_the_mailbox_grows_and_shrinks() {
                 mailbox: mailbox.clone(),
                 raw: sample.raw.clone(),
                 flags: vec![],
+                received_millis: None,
                 now_millis: NOW + 200_000 * (round + 1) + index as u64,
                 random: (round as u128 + 1) << 64 | index as u128,
             })
@@ -436,6 +438,7 @@ fn search_finds_words_in_headers_and_bodies_of_one_mailbox_only() {
             mailbox: mailbox.clone(),
             raw,
             flags: vec![],
+            received_millis: None,
             now_millis: NOW,
             random: 1,
         })

@@ -31,6 +31,7 @@ fn append(store: &Store, mailbox: &MailboxKey, index: usize) -> MessageId {
         mailbox: mailbox.clone(),
         raw: mail(index),
         flags: vec![],
+        received_millis: None,
         now_millis: NOW + index as u64,
         random: index as u128 * 7919,
     }) {
@@ -397,6 +398,7 @@ fn group_commit_serves_many_concurrent_writers() {
                             mailbox: mailbox.clone(),
                             raw: mail(n),
                             flags: vec![],
+                            received_millis: None,
                             now_millis: NOW,
                             random: n as u128,
                         }) {
@@ -659,8 +661,9 @@ fn a_store_of_another_format_is_refused_at_open_with_what_to_do() {
     let message = refusal.to_string();
     assert!(
         message.contains(&format!(
-            "store at {} has format 1, this build reads format 2",
-            path.display()
+            "store at {} has format 1, this build reads format {}",
+            path.display(),
+            mailmesh::store::STORE_FORMAT
         )),
         "{message}"
     );
@@ -669,12 +672,17 @@ fn a_store_of_another_format_is_refused_at_open_with_what_to_do() {
         "{message}"
     );
     // An older marker says the same; a newer one says to run a newer build. Nothing is changed.
-    set_format_marker(&path, Some(1));
-    assert!(matches!(
-        Store::open(&path, NodeId(1), StoreOptions::default()),
-        Err(StoreError::Format { found: 1, .. })
-    ));
-    set_format_marker(&path, Some(3));
+    // Format 2 (before records carried their creation stamp and the account change log) too.
+    for older in 1..mailmesh::store::STORE_FORMAT {
+        set_format_marker(&path, Some(older));
+        let refusal = Store::open(&path, NodeId(1), StoreOptions::default());
+        assert!(
+            matches!(&refusal, Err(StoreError::Format { found, .. }) if *found == older),
+            "format {older}: {:?}",
+            refusal.err()
+        );
+    }
+    set_format_marker(&path, Some(mailmesh::store::STORE_FORMAT + 1));
     let newer = Store::open(&path, NodeId(1), StoreOptions::default())
         .err()
         .expect("refused");

@@ -47,6 +47,7 @@ pub fn merge(left: &MessageRecord, right: &MessageRecord) -> Result<MessageRecor
         || left.size != right.size
         || left.received_millis != right.received_millis
         || left.origin != right.origin
+        || left.created != right.created
     {
         return Err(MergeError::ImmutableConflict(left.id));
     }

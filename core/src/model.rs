@@ -507,13 +507,17 @@ pub struct MessageRecord {
     /// Milliseconds since the Unix epoch at which the accepting node received the message.
     pub received_millis: u64,
     pub origin: NodeId,
+    /// The origin's clock when it accepted the append (its node is `origin`): the creation's
+    /// place in the account's change feed ([`crate::changes`]).
+    pub created: Stamp,
     /// Set once the message is expunged; the stamp of the expunge. Never cleared.
     pub expunged: Option<Stamp>,
     pub flags: BTreeMap<Flag, FlagRegister>,
 }
 
 impl MessageRecord {
-    /// A fresh, live record with no flags.
+    /// A fresh, live record with no flags, created at the start of its ID's millisecond (the
+    /// store stamps appends with its clock instead, see [`MessageRecord::created`]).
     pub fn new(id: MessageId, blob: BlobHash, size: u64, received_millis: u64, origin: NodeId) -> Self {
         MessageRecord {
             id,
@@ -521,6 +525,10 @@ impl MessageRecord {
             size,
             received_millis,
             origin,
+            created: Stamp {
+                time: crate::crdt::physical_time(id.millis()),
+                node: origin,
+            },
             expunged: None,
             flags: BTreeMap::new(),
         }
@@ -545,12 +553,27 @@ impl MessageRecord {
             .collect()
     }
 
-    /// The latest stamp anywhere in the record (flags and tombstone).
+    /// Per node, the latest time that node changed the record (its creation, a flag, the
+    /// expunge): the record's entries in the change feed, one per origin.
+    pub fn stamps_by_origin(&self) -> BTreeMap<NodeId, u64> {
+        let mut latest: BTreeMap<NodeId, u64> = BTreeMap::new();
+        let stamps = std::iter::once(self.created)
+            .chain(self.flags.values().map(|register| register.stamp))
+            .chain(self.expunged);
+        for stamp in stamps {
+            let entry = latest.entry(stamp.node).or_insert(0);
+            *entry = (*entry).max(stamp.time);
+        }
+        latest
+    }
+
+    /// The latest stamp anywhere in the record (creation, flags and tombstone).
     pub fn latest_stamp(&self) -> Option<Stamp> {
         self.flags
             .values()
             .map(|register| register.stamp)
             .chain(self.expunged)
+            .chain(std::iter::once(self.created))
             .max()
     }
 }
@@ -630,5 +653,40 @@ mod tests {
         let hash = BlobHash::of(b"Subject: hi\r\n\r\nhello\r\n");
         assert_eq!(hash.to_string().parse::<BlobHash>().unwrap(), hash);
         assert!("zz".parse::<BlobHash>().is_err());
+    }
+
+    #[test]
+    fn a_record_lists_each_origin_once_at_the_latest_time_it_changed_the_record() {
+        let mut record = MessageRecord::new(MessageId(7), BlobHash::of(b"raw"), 3, 4, NodeId(1));
+        record.created = Stamp {
+            time: 100,
+            node: NodeId(1),
+        };
+        assert_eq!(record.stamps_by_origin(), BTreeMap::from([(NodeId(1), 100)]));
+        let register = |time, node| FlagRegister {
+            set: true,
+            stamp: Stamp {
+                time,
+                node: NodeId(node),
+            },
+        };
+        record.flags.insert(Flag::Seen, register(150, 2));
+        record.flags.insert(Flag::Flagged, register(120, 2));
+        record.flags.insert(Flag::Draft, register(90, 1));
+        record.expunged = Some(Stamp {
+            time: 200,
+            node: NodeId(3),
+        });
+        assert_eq!(
+            record.stamps_by_origin(),
+            BTreeMap::from([(NodeId(1), 100), (NodeId(2), 150), (NodeId(3), 200)])
+        );
+        assert_eq!(
+            record.latest_stamp(),
+            Some(Stamp {
+                time: 200,
+                node: NodeId(3)
+            })
+        );
     }
 }

@@ -1,0 +1,160 @@
+//! The composition root: opens the store, builds the mail service and the replication engine,
+//! and serves HTTP. It only wires parts together; what each part does lives in its own module.
+//!
+//! - [`crate::store`]: the RocksDB store and its group commit, with the commit feed;
+//! - [`crate::service`]: the mail service every protocol speaks to;
+//! - [`crate::node`]: the replication engine, which follows the commit feed;
+//! - [`crate::api`]: the HTTP API over the service (and the engine's operator views).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prometheus_client::registry::Registry;
+use tokio::sync::watch;
+
+use crate::accounts::{Accounts, RateLimits};
+use crate::environment::{self, Environment};
+use crate::metrics::NodeMetrics;
+use crate::model::NodeId;
+use crate::node::{load_or_create_identity, EngineParts, Node, NodeConfig, NodeError};
+use crate::search::SearchIndex;
+use crate::service::{MailService, ServiceParts};
+use crate::store::{CommitQueue, Store, StoreOptions};
+
+/// The longest the background full-text indexer waits for reconciliation to finish.
+const INDEX_WAIT_LIMIT: Duration = Duration::from_secs(10);
+
+/// The running parts of one node.
+#[derive(Clone)]
+pub struct Running {
+    pub service: MailService,
+    pub engine: Node,
+    pub http: SocketAddr,
+}
+
+/// Starts a node and runs it until `shutdown` resolves.
+pub async fn run(
+    config: NodeConfig,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> Result<(), NodeError> {
+    let (stop_sender, stop) = watch::channel(false);
+    let _running = start(config, environment::system(), stop.clone()).await?;
+    shutdown.await;
+    tracing::info!("shutting down");
+    let _ = stop_sender.send(true);
+    // Give the event loop and HTTP server a moment to close their sockets.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    Ok(())
+}
+
+/// Opens the store and starts the service, the engine, the background indexer and HTTP.
+pub async fn start(
+    config: NodeConfig,
+    environment: Arc<dyn Environment>,
+    stop: watch::Receiver<bool>,
+) -> Result<Running, NodeError> {
+    std::fs::create_dir_all(&config.data_dir)?;
+    let keypair = load_or_create_identity(&config.data_dir.join("identity.key"))?;
+    let node_id = NodeId::from_identity(&keypair.public().to_peer_id().to_bytes());
+    let store = Arc::new(Store::open(
+        &config.data_dir.join("store"),
+        node_id,
+        StoreOptions {
+            max_message_bytes: config.max_message_bytes,
+            clock_bound_millis: config.clock_bound_millis,
+            sync_writes: true,
+            tombstone_horizon_millis: config.tombstone_horizon_millis,
+            min_free_bytes: config.min_free_bytes,
+            ..StoreOptions::default()
+        },
+    )?);
+    let queue = CommitQueue::start(store.clone(), 512);
+    let search = Arc::new(SearchIndex::open(&config.data_dir.join("search"))?);
+    let mut registry = Registry::default();
+    let metrics = NodeMetrics::register(&mut registry);
+    let accounts = config.accounts_file.as_ref().map(|path| {
+        // The file was checked at start; if it went bad since, the node still serves the
+        // operator and refuses logins until the file reads well again.
+        let accounts = Accounts::open(path, RateLimits::default()).unwrap_or_else(|error| {
+            tracing::error!("{error}; logins are refused until it is fixed");
+            Accounts::new(path, RateLimits::default())
+        });
+        Arc::new(accounts.with_metrics(metrics.clone()))
+    });
+    let service = MailService::new(ServiceParts {
+        store: store.clone(),
+        queue: queue.clone(),
+        search: search.clone(),
+        accounts,
+        environment: environment.clone(),
+        metrics: metrics.clone(),
+        max_message_bytes: config.max_message_bytes,
+    });
+    let engine = Node::start(
+        EngineParts {
+            config: config.clone(),
+            keypair,
+            store: store.clone(),
+            queue,
+            metrics,
+            registry,
+            environment,
+        },
+        stop.clone(),
+    )
+    .await?;
+
+    // The full-text index follows the store's queue in the background (searches also catch
+    // up before they run). While this node reconciles it waits, up to 10 s: a node back from
+    // a partition heals sooner.
+    let indexer = engine.clone();
+    let mut indexer_stop = stop.clone();
+    let commit = crate::search::Commit::After(config.search_commit_interval);
+    tokio::spawn(async move {
+        let mut interval = tokio::time::interval(Duration::from_millis(500));
+        let mut waiting_since: Option<Instant> = None;
+        loop {
+            tokio::select! {
+                _ = interval.tick() => {
+                    if indexer.is_reconciling()
+                        && waiting_since.get_or_insert_with(Instant::now).elapsed() < INDEX_WAIT_LIMIT
+                    {
+                        continue;
+                    }
+                    waiting_since = None;
+                    let (search, store) = (search.clone(), store.clone());
+                    let caught_up = tokio::task::spawn_blocking(move || search.update(&store, commit, usize::MAX)).await;
+                    if let Ok(Err(error)) = caught_up {
+                        tracing::warn!("full-text index update failed: {error}");
+                    }
+                }
+                _ = stopped(&mut indexer_stop) => break,
+            }
+        }
+    });
+
+    // HTTP.
+    let listener = tokio::net::TcpListener::bind(config.http).await?;
+    let http = listener.local_addr()?;
+    std::fs::write(config.data_dir.join("http.addr"), http.to_string())?;
+    tracing::info!(address = %http, "HTTP API listening");
+    let router = crate::api::router(service.clone(), engine.clone());
+    let mut http_stop = stop;
+    tokio::spawn(async move {
+        let served = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
+            .with_graceful_shutdown(async move {
+                stopped(&mut http_stop).await;
+            })
+            .await;
+        if let Err(error) = served {
+            tracing::error!("HTTP server failed: {error}");
+        }
+    });
+    Ok(Running { service, engine, http })
+}
+
+/// Resolves once the stop flag is set (or its sender is gone).
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stopped| *stopped).await;
+}

@@ -1,0 +1,475 @@
+//! The mail service over a real RocksDB store, its group commit and the full-text index, with
+//! time and randomness passed in: what every protocol (HTTP, LMTP, and later JMAP and IMAP) will
+//! get from it, and the errors it answers with.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use mailmesh::accounts::{Accounts, Password, RateLimits};
+use mailmesh::environment::Environment;
+use mailmesh::metrics::NodeMetrics;
+use mailmesh::model::{Flag, NodeId};
+use mailmesh::search::SearchIndex;
+use mailmesh::service::{Delivery, MailService, Notice, Query, ServiceError, ServiceParts, SortKey};
+use mailmesh::store::{CommitQueue, Store, StoreOptions};
+
+/// 2026-06-01T00:00:00Z.
+const NOW: u64 = 1_780_272_000_000;
+
+/// Made with `doveadm pw -s SHA512-CRYPT -p secret` (Dovecot 2.3.19).
+const SECRET_HASH: &str = "{SHA512-CRYPT}$6$3d1jxbtsSUvkdMJd$BaSpHPEbL9a6Kr7aotyzcanEM22vEvv6JW1FUXXS9/OoWz/Q.Tvq/MR1BhXbNBe2D5X7YGGGLka2prNYroVB8.";
+
+/// A clock that moves only when the test says so, and a counter for randomness.
+struct TestEnvironment {
+    now: AtomicU64,
+    random: AtomicU64,
+}
+
+impl Environment for TestEnvironment {
+    fn now_millis(&self) -> u64 {
+        self.now.load(Ordering::SeqCst)
+    }
+
+    fn random(&self) -> u128 {
+        u128::from(self.random.fetch_add(7919, Ordering::SeqCst))
+    }
+}
+
+struct Fixture {
+    service: MailService,
+    store: Arc<Store>,
+    _directory: tempfile::TempDir,
+}
+
+fn fixture(accounts: Option<&str>, max_message_bytes: u64) -> Fixture {
+    let directory = tempfile::tempdir().unwrap();
+    let store = Arc::new(
+        Store::open(
+            &directory.path().join("store"),
+            NodeId(1),
+            StoreOptions {
+                max_message_bytes,
+                sync_writes: false,
+                ..StoreOptions::default()
+            },
+        )
+        .unwrap(),
+    );
+    let queue = CommitQueue::start(store.clone(), 64);
+    let search = Arc::new(SearchIndex::open(&directory.path().join("search")).unwrap());
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = NodeMetrics::register(&mut registry);
+    let accounts = accounts.map(|text| {
+        let path = directory.path().join("accounts");
+        std::fs::write(&path, text).unwrap();
+        Arc::new(Accounts::open(&path, RateLimits::default()).unwrap())
+    });
+    let service = MailService::new(ServiceParts {
+        store: store.clone(),
+        queue,
+        search,
+        accounts,
+        environment: Arc::new(TestEnvironment {
+            now: AtomicU64::new(NOW),
+            random: AtomicU64::new(1),
+        }),
+        metrics,
+        max_message_bytes,
+    });
+    Fixture {
+        service,
+        store,
+        _directory: directory,
+    }
+}
+
+fn delivery(account: &str, mailbox: &str, raw: &[u8]) -> Delivery {
+    Delivery {
+        account: account.into(),
+        mailbox: mailbox.into(),
+        raw: raw.to_vec(),
+        flags: vec![],
+        received_millis: None,
+        skip_duplicate: false,
+    }
+}
+
+fn message(subject: &str, body: &str) -> Vec<u8> {
+    format!("From: carol@example.net\r\nSubject: {subject}\r\nDate: Mon, 1 Jun 2026 09:00:00 +0000\r\n\r\n{body}\r\n")
+        .into_bytes()
+}
+
+#[tokio::test]
+async fn a_delivery_keeps_its_flags_date_and_bytes_and_a_duplicate_is_skipped() {
+    let fixture = fixture(None, 1 << 20);
+    let service = &fixture.service;
+    let raw = message("kept", "every byte");
+    let received = NOW - 86_400_000 * 365;
+    let delivered = service
+        .deliver(Delivery {
+            flags: vec![Flag::Seen, Flag::Keyword("$label1".into())],
+            received_millis: Some(received),
+            ..delivery("alice@example.org", "Archive/2025", &raw)
+        })
+        .await
+        .unwrap();
+    assert!(!delivered.duplicate);
+    let email = service
+        .email("alice@example.org", "Archive/2025", delivered.id)
+        .unwrap();
+    assert_eq!(email.received_millis, received);
+    assert_eq!(email.subject, "kept");
+    assert_eq!(email.flags, vec![Flag::Seen, Flag::Keyword("$label1".into())]);
+    assert_eq!(
+        service.raw("alice@example.org", "Archive/2025", delivered.id).unwrap(),
+        raw
+    );
+
+    let again = service
+        .deliver(Delivery {
+            skip_duplicate: true,
+            ..delivery("alice@example.org", "Archive/2025", &raw)
+        })
+        .await
+        .unwrap();
+    assert!(again.duplicate);
+    assert_eq!(again.id, delivered.id);
+    let mailbox = service.mailbox("alice@example.org", "Archive/2025").unwrap();
+    assert_eq!((mailbox.total, mailbox.unseen), (1, 0));
+}
+
+#[tokio::test]
+async fn bad_deliveries_get_errors_that_say_whether_to_retry() {
+    let fixture = fixture(None, 100);
+    let service = &fixture.service;
+    let too_large = service
+        .deliver(delivery("alice@example.org", "INBOX", &[b'x'; 101]))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(too_large, ServiceError::TooLarge { size: 101, limit: 100 }),
+        "{too_large}"
+    );
+    assert!(!too_large.is_temporary());
+    let empty = service
+        .deliver(delivery("alice@example.org", "INBOX", b""))
+        .await
+        .unwrap_err();
+    assert!(matches!(empty, ServiceError::Invalid(_)), "{empty}");
+    let bad_name = service
+        .deliver(delivery("alice@example.org", " padded", b"x"))
+        .await
+        .unwrap_err();
+    assert!(matches!(bad_name, ServiceError::Invalid(_)), "{bad_name}");
+    let future = service
+        .deliver(Delivery {
+            received_millis: Some(NOW + 2 * 86_400_000),
+            ..delivery("alice@example.org", "INBOX", b"x")
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(future, ServiceError::Invalid(_)), "{future}");
+    assert!(
+        matches!(
+            service.mailbox("alice@example.org", "INBOX"),
+            Err(ServiceError::NoSuchMailbox(_))
+        ),
+        "nothing was stored, so the open setup has no INBOX yet"
+    );
+    assert!(matches!(
+        service.mailbox("alice@example.org", "Nowhere"),
+        Err(ServiceError::NoSuchMailbox(_))
+    ));
+}
+
+#[tokio::test]
+async fn recipients_resolve_to_accounts_and_detail_mailboxes() {
+    let accounts = format!("alice@example.org:{SECRET_HASH}\n");
+    let fixture = fixture(Some(&accounts), 1 << 20);
+    let service = &fixture.service;
+    service
+        .deliver(delivery("alice@example.org", "lists", &message("first", "list mail")))
+        .await
+        .unwrap();
+    let resolved = |address: &str| service.resolve_recipient(address).map(|r| (r.account, r.mailbox));
+    let alice = "alice@example.org".to_owned();
+    assert_eq!(resolved("alice@example.org").unwrap(), (alice.clone(), "INBOX".into()));
+    assert_eq!(
+        resolved("<Alice@Example.ORG>").unwrap(),
+        (alice.clone(), "INBOX".into())
+    );
+    assert_eq!(
+        resolved("alice+lists@example.org").unwrap(),
+        (alice.clone(), "lists".into())
+    );
+    assert_eq!(
+        resolved("alice+nosuch@example.org").unwrap(),
+        (alice.clone(), "INBOX".into()),
+        "a detail that names no mailbox delivers to INBOX"
+    );
+    assert!(matches!(
+        resolved("bob@example.org"),
+        Err(ServiceError::NoSuchAccount(_))
+    ));
+    assert!(matches!(resolved("not an address"), Err(ServiceError::Invalid(_))));
+
+    // Logins go through the same accounts file, with one answer for every refusal.
+    let source = IpAddr::V4(Ipv4Addr::LOCALHOST);
+    let name = service
+        .authenticate(alice.clone(), Password::new("secret"), source)
+        .await
+        .unwrap();
+    assert_eq!(name.as_str(), alice);
+    let wrong = service
+        .authenticate(alice.clone(), Password::new("guess"), source)
+        .await
+        .unwrap_err();
+    let unknown = service
+        .authenticate("bob@example.org".into(), Password::new("secret"), source)
+        .await
+        .unwrap_err();
+    assert_eq!(wrong.to_string(), unknown.to_string());
+    assert!(!wrong.is_temporary());
+}
+
+#[tokio::test]
+async fn queries_sort_and_search_near_the_data_and_changes_follow_writes() {
+    let fixture = fixture(None, 1 << 20);
+    let service = &fixture.service;
+    let account = "alice@example.org";
+    let mut ids = Vec::new();
+    for (subject, body) in [("charlie", "apples"), ("alpha", "pears"), ("bravo", "apples and pears")] {
+        ids.push(
+            service
+                .deliver(delivery(account, "INBOX", &message(subject, body)))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    let by_subject = service
+        .query(
+            account,
+            "INBOX",
+            Query {
+                search: None,
+                sort: SortKey::Subject,
+                descending: false,
+                position: 1,
+                limit: 5,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(by_subject.total, 3);
+    let subjects: Vec<&str> = by_subject.emails.iter().map(|email| email.subject.as_str()).collect();
+    assert_eq!(subjects, ["bravo", "charlie"]);
+    let apples = service
+        .query(
+            account,
+            "INBOX",
+            Query {
+                search: Some("apples".into()),
+                sort: SortKey::Received,
+                descending: false,
+                position: 0,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    let found: Vec<_> = apples.emails.iter().map(|email| email.id).collect();
+    assert_eq!((apples.total, found), (2, vec![ids[0], ids[2]]));
+
+    let before = service.changes(account, "INBOX", 0, 100).unwrap();
+    assert_eq!(before.created, ids);
+    service
+        .set_flags(account, "INBOX", ids[1], vec![Flag::Flagged], vec![])
+        .await
+        .unwrap();
+    service.destroy(account, "INBOX", ids[2]).await.unwrap();
+    let after = service.changes(account, "INBOX", before.modseq, 100).unwrap();
+    assert_eq!((after.updated, after.expunged), (vec![ids[1]], vec![ids[2]]));
+    assert!(matches!(
+        service.destroy(account, "INBOX", ids[2]).await,
+        Err(ServiceError::NoSuchMessage(id)) if id == ids[2]
+    ));
+    assert!(matches!(
+        service
+            .set_flags(account, "INBOX", ids[2], vec![Flag::Seen], vec![])
+            .await,
+        Err(ServiceError::NoSuchMessage(_))
+    ));
+}
+
+#[tokio::test]
+async fn subscribers_hear_of_their_own_accounts_changes_only() {
+    let fixture = fixture(None, 1 << 20);
+    let service = &fixture.service;
+    let mut alice = service.subscribe(Some("alice@example.org"));
+    let mut everyone = service.subscribe(None);
+    service
+        .deliver(delivery("bob@example.org", "INBOX", &message("for bob", "x")))
+        .await
+        .unwrap();
+    let delivered = service
+        .deliver(delivery("alice@example.org", "INBOX", &message("for alice", "y")))
+        .await
+        .unwrap();
+    service
+        .set_flags("alice@example.org", "INBOX", delivered.id, vec![Flag::Seen], vec![])
+        .await
+        .unwrap();
+    let expected = |live| Notice::Changed {
+        account: "alice@example.org".into(),
+        mailbox: "INBOX".into(),
+        id: delivered.id,
+        live,
+        replicated: false,
+    };
+    assert_eq!(
+        alice.next().await,
+        Some(expected(true)),
+        "bob's delivery is not alice's business"
+    );
+    assert_eq!(alice.next().await, Some(expected(true)));
+    let Some(Notice::Changed { account, .. }) = everyone.next().await else {
+        panic!("the unfiltered subscription hears every account");
+    };
+    assert_eq!(account, "bob@example.org");
+    service
+        .destroy("alice@example.org", "INBOX", delivered.id)
+        .await
+        .unwrap();
+    assert_eq!(alice.next().await, Some(expected(false)));
+}
+
+#[tokio::test]
+async fn an_account_of_the_accounts_file_has_an_empty_inbox_and_the_open_setup_has_none() {
+    let accounts = format!("alice@example.org:{SECRET_HASH}\n");
+    let with_file = fixture(Some(&accounts), 1 << 20);
+    let inbox = with_file.service.mailbox("alice@example.org", "INBOX").unwrap();
+    assert_eq!((inbox.name.as_str(), inbox.total), ("INBOX", 0));
+    let listed: Vec<String> = with_file
+        .service
+        .mailboxes("alice@example.org")
+        .unwrap()
+        .into_iter()
+        .map(|mailbox| mailbox.name)
+        .collect();
+    assert_eq!(listed, ["INBOX"]);
+    assert!(matches!(
+        with_file.service.mailbox("mallory@example.org", "INBOX"),
+        Err(ServiceError::NoSuchMailbox(_))
+    ));
+    let open = fixture(None, 1 << 20);
+    assert!(matches!(
+        open.service.mailbox("alice@example.org", "INBOX"),
+        Err(ServiceError::NoSuchMailbox(_))
+    ));
+    assert!(open.service.mailboxes("alice@example.org").unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_account_change_feed_lists_each_change_once_and_pages() {
+    let fixture = fixture(None, 1 << 20);
+    let service = &fixture.service;
+    let account = "alice@example.org";
+    let mut ids = Vec::new();
+    for (mailbox, subject) in [("INBOX", "one"), ("Work", "two"), ("INBOX", "three")] {
+        ids.push(
+            service
+                .deliver(delivery(account, mailbox, &message(subject, "x")))
+                .await
+                .unwrap()
+                .id,
+        );
+    }
+    service
+        .deliver(delivery("bob@example.org", "INBOX", &message("not alice's", "y")))
+        .await
+        .unwrap();
+    let first = service.account_changes(account, None, 100).unwrap();
+    let created: Vec<_> = first
+        .created
+        .iter()
+        .map(|email| (email.id, email.mailbox.clone()))
+        .collect();
+    assert_eq!(
+        created,
+        vec![
+            (ids[0], Some("INBOX".into())),
+            (ids[1], Some("Work".into())),
+            (ids[2], Some("INBOX".into()))
+        ]
+    );
+    assert!(first.updated.is_empty() && first.destroyed.is_empty() && !first.has_more);
+
+    let nothing = service.account_changes(account, Some(&first.new_state), 100).unwrap();
+    assert!(nothing.created.is_empty() && nothing.updated.is_empty() && nothing.destroyed.is_empty());
+
+    service
+        .set_flags(account, "Work", ids[1], vec![Flag::Seen], vec![])
+        .await
+        .unwrap();
+    service.destroy(account, "INBOX", ids[2]).await.unwrap();
+    let fresh = service
+        .deliver(delivery(account, "INBOX", &message("four", "z")))
+        .await
+        .unwrap()
+        .id;
+    // A page of one at a time still gets everything, each once.
+    let mut state = nothing.new_state;
+    let (mut created, mut updated, mut destroyed) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..10 {
+        let page = service.account_changes(account, Some(&state), 1).unwrap();
+        created.extend(page.created.iter().map(|email| email.id));
+        updated.extend(page.updated.iter().map(|email| email.id));
+        destroyed.extend(page.destroyed.iter().copied());
+        state = page.new_state;
+        if !page.has_more {
+            break;
+        }
+    }
+    assert_eq!((created, updated, destroyed), (vec![fresh], vec![ids[1]], vec![ids[2]]));
+
+    for bad in ["", "m1!!", "garbage"] {
+        let refused = service.account_changes(account, Some(bad), 10).unwrap_err();
+        assert!(
+            matches!(refused, ServiceError::CannotCalculateChanges(_)),
+            "{bad:?}: {refused}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_state_older_than_a_purged_tombstone_cannot_be_calculated() {
+    let fixture = fixture(None, 1 << 20);
+    let service = &fixture.service;
+    let account = "alice@example.org";
+    let kept = service
+        .deliver(delivery(account, "INBOX", &message("kept", "x")))
+        .await
+        .unwrap()
+        .id;
+    let gone = service
+        .deliver(delivery(account, "INBOX", &message("gone", "y")))
+        .await
+        .unwrap()
+        .id;
+    let before = service.account_changes(account, None, 100).unwrap().new_state;
+    service.destroy(account, "INBOX", gone).await.unwrap();
+    let after = service.account_changes(account, Some(&before), 100).unwrap();
+    assert_eq!(after.destroyed, vec![gone]);
+    // Past the tombstone horizon the expunge is forgotten: the older state might have missed it.
+    let later = NOW + mailmesh::store::DEFAULT_TOMBSTONE_HORIZON_MILLIS + 60_000;
+    assert_eq!(fixture.store.collect_tombstones(later, 100).unwrap(), 1);
+    let refused = service.account_changes(account, Some(&before), 100).unwrap_err();
+    assert!(matches!(refused, ServiceError::CannotCalculateChanges(_)), "{refused}");
+    // The state taken after the expunge, and a client starting from nothing, are fine.
+    assert!(service.account_changes(account, Some(&after.new_state), 100).is_ok());
+    let fresh = service.account_changes(account, None, 100).unwrap();
+    let created: Vec<_> = fresh.created.iter().map(|email| email.id).collect();
+    assert_eq!(created, vec![kept]);
+}
