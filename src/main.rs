@@ -44,7 +44,7 @@ enum CommandLine {
         #[arg(long)]
         token_file: Option<PathBuf>,
         /// Appends in flight at once.
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 16)]
         workers: usize,
         /// Where a Maildir message's received date comes from first: `name` (the leading unix
         /// seconds of the file name) or `mtime` (the file's modification time, which Dovecot sets).
