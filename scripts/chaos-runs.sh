@@ -6,6 +6,8 @@
 # Each run prints one JSON summary line; they are appended to $CHAOS_WORKDIR/runs.jsonl (default
 # /var/tmp/mailmesh-chaos) and the last line printed is the totals. Runs with a problem keep their
 # work dir (history.jsonl, final.json, findings.json, logs/) and are listed with their seeds.
+# The totals include the change-feed clients (--feed-clients, default 4): calls, answers, 410s,
+# resyncs, final views that differ from the converged listing (feed_mismatches), IDs created twice.
 # Bounded: RUNS runs, each ending by itself (duration + at most the convergence deadline).
 set -u
 runs=${1:-10}

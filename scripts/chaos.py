@@ -615,6 +615,124 @@ class Reader(threading.Thread):
                                 "count": len(ids), "added": sorted(ids - before), "removed": sorted(before - ids)})
 
 
+ACCOUNTS = sorted({account for account, _ in MAILBOXES})
+FEED_LIMITS = [7, 40, 500]  # small pages make has_more and tokens taken mid-listing common
+FEED_PAGE_CAP = 400  # pages in one catch-up before the client gives up (an endless has_more)
+
+
+def account_changes_path(account, since, limit):
+    query = {"limit": limit}
+    if since is not None:
+        query["since"] = since
+    return f"/v1/accounts/{urllib.parse.quote(account, safe='')}/changes?{urllib.parse.urlencode(query)}"
+
+
+class FeedClient(threading.Thread):
+    """A client of one account's change feed (GET /v1/accounts/A/changes): about every second it
+    catches up from a node drawn at random, pages through has_more (sometimes moving to another
+    node between pages), and keeps its state token from node to node and a view of the account's
+    message IDs (created and updated add, destroyed removes). A node that is down, paused or cut
+    off just fails the call; the client tries another later. A 410 Gone makes it resync from
+    nothing. Every call is a `feed` line of the history, with what it sent and what it got, so
+    the checker replays the client without trusting this one."""
+
+    def __init__(self, number, account, nodes, history, stop, seed, bad_token_rate=0.0):
+        super().__init__(daemon=True, name=f"feed{number}")
+        self.bad_token_rate = bad_token_rate
+        self.number, self.account, self.nodes, self.history = number, account, nodes, history
+        self.stop_event = stop
+        self.rng = random.Random(seed * 1000 + 500 + number)
+        self.state = None
+        self.view = {}  # id -> mailbox
+        self.catch_ups = 0
+        self.error = None
+
+    def run(self):
+        try:
+            while not self.stop_event.wait(self.rng.uniform(0.2, 1.5)):
+                self.catch_up(self.rng.choice(self.nodes), final=False)
+        except Exception as error:  # reported by the run, never silent
+            self.error = repr(error)
+
+    def call(self, node, limit, catch_up, page, final):
+        """One page from `node`: records it and applies it; returns its outcome and has_more."""
+        member, life = node.member, node.life
+        since = self.state
+        # A token that cannot decode ("!" is not base64): the node must answer 410 and the client
+        # then resyncs from nothing, which exercises the resync path (expired tokens need hours).
+        damaged = (self.bad_token_rate > 0 and since is not None and page == 0 and not final
+                   and self.rng.random() < self.bad_token_rate)
+        if damaged:
+            since = "m1!damaged!" + since[:8]
+        invoked = self.history.now()
+        outcome, status, body, error = outcome_of(
+            lambda: http_request(node.http, "GET", account_changes_path(self.account, since, limit)))
+        completed = self.history.now()
+        record = {"type": "feed", "client": self.number, "account": self.account, "node": node.index,
+                  "member": member, "life": life, "catch_up": catch_up, "page": page, "final": final,
+                  "invoked": round(invoked, 4), "completed": round(completed, 4), "since": since, "limit": limit,
+                  "status": status}
+        if damaged:
+            record["damaged"] = True
+        has_more = False
+        if status == 410:
+            outcome = "gone"
+        if outcome == "ok":
+            try:
+                answer = json.loads(body)
+                created = [[item["id"], item.get("mailbox")] for item in answer["created"]]
+                updated = [[item["id"], item.get("mailbox")] for item in answer["updated"]]
+                destroyed = list(answer["destroyed"])
+                state, has_more = answer["state"], bool(answer["has_more"])
+            except (ValueError, KeyError, TypeError) as problem:
+                outcome, error = "unknown", f"unparsable answer ({problem}): {body[:100]!r}"
+            else:
+                record.update(created=created, updated=updated, destroyed=destroyed, state=state, has_more=has_more)
+        record["outcome"] = outcome
+        if error and outcome != "ok":
+            record["error"] = error[:300]
+        self.history.write(record)
+        if outcome == "ok":
+            for message_id, mailbox in created + updated:
+                self.view[message_id] = mailbox
+            for message_id in destroyed:
+                self.view.pop(message_id, None)
+            self.state = state
+        elif outcome == "gone":
+            self.state, self.view = None, {}
+        return outcome, has_more
+
+    def catch_up(self, node, final):
+        """Pages until has_more is false; True when it got there. On a 410 the client drops its
+        state and view and resyncs from nothing on the same node; on a failed call it stops."""
+        self.catch_ups += 1
+        limit = self.rng.choice(FEED_LIMITS)
+        for page in range(FEED_PAGE_CAP):
+            outcome, has_more = self.call(node, limit, self.catch_ups, page, final)
+            if outcome in ("fail", "unknown"):
+                return False
+            if outcome == "ok" and not has_more:
+                return True
+            if outcome == "ok" and not final and self.rng.random() < 0.25:
+                node = self.rng.choice(self.nodes)  # the token must be good anywhere, even mid-listing
+        self.history.event("feed-page-cap", client=self.number, catch_up=self.catch_ups)
+        return False
+
+
+def final_feed_catch_ups(feed_clients, nodes, seed):
+    """After convergence: every feed client catches up once more from a random node (another one
+    when a call fails, a few times), and says which node ended it."""
+    rng = random.Random(seed * 1000 + 777)
+    ended = {}
+    for client in feed_clients:
+        for _ in range(2 * len(nodes)):
+            node = rng.choice(nodes)
+            if client.catch_up(node, final=True):
+                ended[str(client.number)] = {"node": node.index, "view": len(client.view)}
+                break
+    return ended
+
+
 class Poller(threading.Thread):
     """Records a barrier whenever every node answers /v1/status with the same digest."""
 
@@ -862,6 +980,10 @@ def main():
     parser.add_argument("--workdir", default="/var/tmp/mailmesh-chaos")
     parser.add_argument("--converge-deadline", type=float, default=120.0)
     parser.add_argument("--gossip-interval-ms", type=int, default=500)
+    parser.add_argument("--feed-clients", type=int, default=4,
+                        help="change-feed clients, spread over the accounts (0: none)")
+    parser.add_argument("--feed-bad-token-rate", type=float, default=0.0,
+                        help="share of feed catch-ups that send a malformed token (expect 410, then a resync)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir even when the run passes")
     parser.add_argument("--cleanup", action="store_true", help=f"remove namespaces named {PREFIX_FAMILY}* and exit")
     arguments = parser.parse_args()
@@ -885,7 +1007,7 @@ def main():
     schedule = make_schedule(seed, arguments.duration, arguments.nodes)
     history.write({"type": "run", "seed": seed, "prefix": prefix, "nodes": arguments.nodes,
                    "duration": arguments.duration, "binary": arguments.binary, "schedule": schedule,
-                   "mailboxes": MAILBOXES})
+                   "mailboxes": MAILBOXES, "feed_clients": arguments.feed_clients})
     log(f"seed {seed}, prefix {prefix}, work dir {root}, {len(schedule)} faults")
     network = Network(prefix, arguments.nodes)
     nodes = []
@@ -905,7 +1027,10 @@ def main():
             raise RuntimeError("the empty cluster did not agree within 30 s")
         model = Model()
         threads = [Client(node.index, node, model, history, stop, seed, prefix) for node in nodes]
-        threads += [Reader(nodes, history, stop, seed), Poller(nodes, history, stop)]
+        feed_clients = [FeedClient(number, ACCOUNTS[number % len(ACCOUNTS)], nodes, history, stop, seed,
+                                   arguments.feed_bad_token_rate)
+                        for number in range(arguments.feed_clients)]
+        threads += [Reader(nodes, history, stop, seed), Poller(nodes, history, stop)] + feed_clients
         for thread in threads:
             thread.start()
         history.event("load-started")
@@ -923,7 +1048,8 @@ def main():
         stop.set()
         for thread in threads:
             thread.join(timeout=CLIENT_TIMEOUT * 3 + 5)
-        client_errors = [thread.error for thread in threads if isinstance(thread, Client) and thread.error]
+        client_errors = [thread.error for thread in threads
+                         if isinstance(thread, (Client, FeedClient)) and thread.error]
         nemesis.heal_all()
         history.event("heal")
         healed = history.now()
@@ -932,6 +1058,7 @@ def main():
         history.event("converged" if converged_after is not None else "not-converged",
                       seconds=None if converged_after is None else round(history.now() - healed, 3))
         final = read_final_state(nodes)
+        final["feed_final"] = final_feed_catch_ups(feed_clients, nodes, seed)
         final["converged_seconds"] = None if converged_after is None else round(history.now() - healed, 3)
         final["digest_after_reading"] = all_same_digest(nodes)
         final["client_errors"] = client_errors

@@ -48,7 +48,7 @@ class Run:
     def __init__(self, directory):
         self.directory = directory
         self.header = None
-        self.ops, self.reads, self.barriers, self.events = [], [], [], []
+        self.ops, self.reads, self.barriers, self.events, self.feeds = [], [], [], [], []
         with open(os.path.join(directory, "history.jsonl")) as handle:
             for line in handle:
                 if not line.strip():
@@ -65,6 +65,8 @@ class Run:
                     self.barriers.append(record)
                 elif kind == "event":
                     self.events.append(record)
+                elif kind == "feed":
+                    self.feeds.append(record)
         with open(os.path.join(directory, "final.json")) as handle:
             self.final = json.load(handle)
         self.node_keys = sorted(key for key in self.final if key.isdigit())
@@ -320,7 +322,192 @@ def rule_flag_winners(run):
             "wrong_flag_winner": wrong, "details": details[:20]}
 
 
-RULES = [rule_appends, rule_resurrection, rule_stale_reads, rule_duplicates, rule_divergence, rule_flag_winners]
+def account_listing(run, node, account):
+    """id -> mailbox of one account's messages in a node's final listing."""
+    return {message_id: entry[0].split("/", 1)[1] for message_id, entry in run.listed.get(node, {}).items()
+            if entry[0].split("/", 1)[0] == account}
+
+
+def feed_sequences(records):
+    """The pages of one client grouped by catch-up, in order."""
+    sequences = collections.OrderedDict()
+    for record in records:
+        sequences.setdefault(record["catch_up"], []).append(record)
+    return list(sequences.values())
+
+
+def rule_feed(run):
+    """Replays every change-feed client from the history alone.
+
+    - created twice: an ID reported as created to a client that had it reported as created
+      before (since its last resync), or after a destroy of it was reported (IDs are never reused);
+    - 410 Gone is allowed when the client's next call starts from nothing (a resync); a token the
+      driver damaged on purpose (--feed-bad-token-rate) must get one;
+    - missing local: a catch-up that ended (has_more false) on node N must have shown every append
+      N had acknowledged (same member) before the pass began, unless an expunge of it may have
+      begun before the catch-up ended; and none of the messages N had acknowledged expunging
+      before it (the node holds those changes: the feed's first law). A pass begins at a page
+      whose token has no cursor of N; a token taken mid-listing from N carries N's pass on, and
+      the origins before its cursor are not listed again, so their changes since the pass began
+      come on the next call even though has_more was false: counted as
+      deferred_past_has_more_false, not a failure (core/src/changes.rs allows "a later call");
+    - mismatch: after the final catch-up (after heal and convergence) the client's view must
+      equal the account's messages in the final listing of the node that ended it, mailboxes too.
+    """
+    counts = collections.Counter()
+    details = []
+    by_client = collections.defaultdict(list)
+    for record in run.feeds:
+        by_client[record["client"]].append(record)
+    local_appends = collections.defaultdict(list)  # (node, member, account) -> acknowledged appends
+    local_expunges = collections.defaultdict(list)
+    for op in run.ops:
+        if op["outcome"] != "ok" or "id" not in op:
+            continue
+        if op["kind"] == "append":
+            local_appends[(op["node"], op["member"], op["account"])].append(op)
+        elif op["kind"] == "expunge":
+            local_expunges[(op["node"], op["member"], op["account"])].append(op)
+    writes = collections.defaultdict(list)  # id -> when flag changes or expunges of it were invoked
+    for op in run.ops:
+        if op["kind"] in ("flags", "expunge") and op["outcome"] != "fail" and "id" in op:
+            writes[op["id"]].append(op["invoked"])
+    final_ends = run.final.get("feed_final", {})
+    counts["clients"] = len(by_client)
+    for client, records in sorted(by_client.items()):
+        account = records[0]["account"]
+        state, view, created, destroyed = None, {}, set(), set()
+        told = {}  # id -> when the client was last told of it
+        answers = []  # the client's ok answers so far, in order
+        awaiting_resync = False
+        for sequence in feed_sequences(records):
+            for record in sequence:
+                counts["calls"] += 1
+                if record.get("damaged"):
+                    counts["damaged_tokens"] += 1
+                    if record["outcome"] == "ok":
+                        counts["damaged_token_accepted"] += 1
+                        details.append({"feed_damaged_token_accepted": record["index"], "client": client})
+                elif record["since"] != state:
+                    counts["state_not_replayed"] += 1  # the driver sent another token than it was given
+                if awaiting_resync:
+                    if record["since"] is not None:
+                        counts["gone_without_resync"] += 1
+                        details.append({"feed_gone_without_resync": record["index"], "client": client})
+                    if record["outcome"] == "ok":
+                        awaiting_resync = False
+                        counts["resyncs"] += record["since"] is None
+                outcome = record["outcome"]
+                if outcome in ("fail", "unknown"):
+                    counts[f"calls_{outcome}"] += 1
+                    continue
+                if outcome == "gone":
+                    counts["gone"] += 1
+                    state, view, created, destroyed, told = None, {}, set(), set(), {}
+                    awaiting_resync = True
+                    continue
+                counts["answers"] += 1
+                size = len(record["created"]) + len(record["updated"]) + len(record["destroyed"])
+                counts["max_listing"] = max(counts["max_listing"], size)
+                if size > record["limit"]:
+                    counts["over_limit"] += 1
+                for message_id, mailbox in record["created"]:
+                    if message_id in created or message_id in destroyed:
+                        counts["created_twice"] += 1
+                        details.append({"feed_created_twice": message_id, "client": client, "call": record["index"],
+                                        "node": record["node"], "since": record["since"],
+                                        "after_destroy": message_id in destroyed})
+                    created.add(message_id)
+                    view[message_id] = mailbox
+                for message_id, mailbox in record["updated"]:
+                    if message_id in view:
+                        counts["updated_repeats"] += 1
+                        if not any(moment > told[message_id] for moment in writes.get(message_id, ())):
+                            counts["updated_repeats_without_new_write"] += 1
+                    elif message_id in destroyed:
+                        counts["updated_after_destroyed"] += 1
+                    else:
+                        counts["updated_not_seen_created"] += 1
+                    view[message_id] = mailbox
+                for message_id in record["destroyed"]:
+                    view.pop(message_id, None)
+                    destroyed.add(message_id)
+                for message_id, _ in record["created"] + record["updated"]:
+                    told[message_id] = record["invoked"]
+                state = record["state"]
+                answers.append(record)
+            last = sequence[-1]
+            if last["outcome"] != "ok" or last["has_more"]:
+                continue
+            # The pages served by the node that ended this catch-up, back to the first of the run.
+            first = last
+            for record in reversed(sequence):
+                if record["outcome"] != "ok" or (record["node"], record["member"]) != (last["node"], last["member"]):
+                    break
+                first = record
+            # The pass: a token with a cursor from this node carries on its pass, which skips
+            # origins before the cursor (their changes since the pass began wait for the next
+            # call, "on this call or a later one"); it starts at a page whose token has no cursor
+            # of this node: from nothing, or from another node's answer or a last page.
+            position = len(answers) - 1
+            while position > 0:
+                before, page = answers[position - 1], answers[position]
+                if page["since"] is None or page["since"] != before["state"] or not before["has_more"] \
+                        or (before["node"], before["member"]) != (page["node"], page["member"]):
+                    break
+                position -= 1
+            pass_start = answers[position]
+            key = (last["node"], last["member"], account)
+            counts["complete_catch_ups"] += 1
+            # An ID the client was told was destroyed, back in its view (an `updated` from a node
+            # that lacked the destroy) after a catch-up said there was nothing more.
+            counts["complete_catch_ups_holding_a_destroyed_id"] += bool(destroyed & set(view))
+            counts["catch_ups_ending_a_pass_begun_earlier"] += pass_start["invoked"] < first["invoked"]
+            for op in local_appends[key]:
+                if op["completed"] >= first["invoked"] or op["id"] in view:
+                    continue
+                if any(other["invoked"] < last["completed"] and other["outcome"] != "fail"
+                       for other in run.expunges.get(op["id"], [])):
+                    continue
+                calls = [record["index"] for record in sequence]
+                if op["completed"] >= pass_start["invoked"]:
+                    counts["deferred_past_has_more_false"] += 1
+                    if counts["deferred_past_has_more_false"] <= 5:
+                        details.append({"feed_deferred_past_has_more_false": op["id"], "client": client,
+                                        "node": last["node"], "append_op": op["index"], "calls": calls,
+                                        "pass_began_at_call": pass_start["index"]})
+                    continue
+                counts["missing_local"] += 1
+                details.append({"feed_missing_local": op["id"], "client": client, "node": last["node"],
+                                "append_op": op["index"], "calls": calls})
+            for op in local_expunges[key]:
+                if op["completed"] < first["invoked"] and op["id"] in view:
+                    if op["completed"] >= pass_start["invoked"]:
+                        counts["deferred_past_has_more_false"] += 1
+                        continue
+                    counts["missing_local"] += 1
+                    details.append({"feed_missing_local_expunge": op["id"], "client": client, "node": last["node"],
+                                    "expunge_op": op["index"], "calls": [record["index"] for record in sequence]})
+        end = final_ends.get(str(client))
+        finals = [record for record in records if record["final"]]
+        if end is None or not finals or finals[-1]["outcome"] != "ok" or finals[-1]["has_more"]:
+            counts["final_incomplete"] += 1
+            details.append({"feed_final_incomplete": client})
+            continue
+        live = account_listing(run, str(finals[-1]["node"]), account)
+        missing, extra = sorted(set(live) - set(view)), sorted(set(view) - set(live))
+        moved = sorted(message_id for message_id in set(live) & set(view) if live[message_id] != view[message_id])
+        if missing or extra or moved:
+            counts["mismatches"] += 1
+            details.append({"feed_mismatch": client, "account": account, "node": finals[-1]["node"],
+                            "missing": missing[:20], "extra": extra[:20], "wrong_mailbox": moved[:20],
+                            "counts": [len(missing), len(extra), len(moved)], "state": state})
+        counts["final_view_total"] += len(view)
+    return {"feed": dict(counts), "details": details[:30]}
+
+
+RULES = [rule_appends, rule_resurrection, rule_stale_reads, rule_duplicates, rule_divergence, rule_flag_winners,
+         rule_feed]
 
 
 def check(directory):
@@ -361,6 +548,8 @@ def check(directory):
         "converged": converged is not None,
         "heal_to_convergence_seconds": converged,
         "client_errors": run.final.get("client_errors", []),
+        "feed": results["feed"],
+        "feed_mismatches": results["feed"].get("mismatches", 0),
     }
     problems = [name for name in ("lost", "resurrected", "divergent", "duplicates", "corrupt", "unexpected",
                                   "stale_reads") if summary[name]]
@@ -370,6 +559,13 @@ def check(directory):
         problems.append("digests_differ")
     if summary["client_errors"]:
         problems.append("client_errors")
+    feed = results["feed"]
+    # over_limit (a page longer than `limit`: RFC 8620 says MUST NOT) is counted, not a failure:
+    # it loses nothing.
+    for name in ("mismatches", "created_twice", "missing_local", "gone_without_resync", "final_incomplete",
+                 "state_not_replayed", "damaged_token_accepted"):
+        if feed.get(name):
+            problems.append(f"feed_{name}")
     summary["problems"] = problems
     summary["workdir"] = directory
     if problems:
@@ -382,7 +578,12 @@ def totals(path):
     runs = [json.loads(line) for line in open(path) if line.strip().startswith("{")]
     total = {"runs": len(runs), "operations": 0, "acknowledged": 0, "lost": 0, "resurrected": 0, "divergent": 0,
              "duplicates": 0, "corrupt": 0, "stale_reads": 0, "not_converged": 0, "max_heal_seconds": 0.0,
-             "runs_with_problems": [], "faults": collections.Counter(), "outcomes": collections.Counter()}
+             "runs_with_problems": [], "faults": collections.Counter(), "outcomes": collections.Counter(),
+             "feed_clients": 0, "feed_calls": 0, "feed_answers": 0, "feed_410s": 0, "feed_resyncs": 0,
+             "feed_mismatches": 0, "feed_created_twice": 0, "feed_missing_local": 0, "feed_final_incomplete": 0,
+             "feed_updated_repeats": 0, "feed_updated_repeats_without_new_write": 0, "feed_over_limit": 0,
+             "feed_deferred_past_has_more_false": 0, "feed_complete_catch_ups_holding_a_destroyed_id": 0,
+             "feed_max_listing": 0}
     for run in runs:
         for counts in run["operations"].values():
             total["operations"] += sum(counts.values())
@@ -393,6 +594,18 @@ def totals(path):
         if run["heal_to_convergence_seconds"] is not None:
             total["max_heal_seconds"] = max(total["max_heal_seconds"], run["heal_to_convergence_seconds"])
         total["faults"].update(run["faults"])
+        feed = run.get("feed", {})
+        for key, name in (("clients", "feed_clients"), ("calls", "feed_calls"), ("answers", "feed_answers"),
+                          ("gone", "feed_410s"), ("resyncs", "feed_resyncs"), ("mismatches", "feed_mismatches"),
+                          ("created_twice", "feed_created_twice"), ("missing_local", "feed_missing_local"),
+                          ("final_incomplete", "feed_final_incomplete"), ("updated_repeats", "feed_updated_repeats"),
+                          ("updated_repeats_without_new_write", "feed_updated_repeats_without_new_write"),
+                          ("over_limit", "feed_over_limit"),
+                          ("deferred_past_has_more_false", "feed_deferred_past_has_more_false"),
+                          ("complete_catch_ups_holding_a_destroyed_id",
+                           "feed_complete_catch_ups_holding_a_destroyed_id")):
+            total[name] += feed.get(key, 0)
+        total["feed_max_listing"] = max(total["feed_max_listing"], feed.get("max_listing", 0))
         if run["problems"]:
             total["runs_with_problems"].append({"seed": run["seed"], "problems": run["problems"],
                                                 "workdir": run.get("workdir")})

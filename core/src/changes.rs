@@ -38,6 +38,16 @@
 //! same item, and the log stays O(items × origins that touched them). Listing costs
 //! O(changes + origins × log n) through a log ordered by `(origin, time)`.
 //!
+//! # Pages
+//! A listing cut at its limit returns a state with a cursor, and the same node goes on from it.
+//! The bounds of the origins the page did not finish go down to this node's frontier (never
+//! staying at the client's own): the items the page listed come in this node's state, which may
+//! lack changes of those origins the client saw on another node, and they must be listed again
+//! by a node that holds them. The chaos runs' feed checker found exactly that (a client that read
+//! a page from a node lacking an expunge, then moved on, kept the expunged email). An origin that
+//! appears on the node between two pages of one pass is listed in the next pass. A page holds at
+//! most `limit` items.
+//!
 //! # Forgetting
 //! Tombstones are purged after the tombstone horizon. A token whose bound for some origin is below
 //! the newest purged tombstone of that origin might have missed that destroy, so it gets
@@ -327,9 +337,13 @@ pub fn changes_since(
     let mut found: BTreeMap<u128, (bool, bool)> = BTreeMap::new();
     let mut next_cursor = None;
     for origin in origins {
+        // A page cut short leaves some origins unlisted. Their bound cannot stay the client's
+        // own: the items this page lists come in this node's state, which may lack changes of
+        // those origins the client saw elsewhere (an expunge, say), so the bound goes down to
+        // what this node holds and a node that holds them lists them again.
+        let partial = |origin: NodeId| bound(origin).min(frontier.get(origin));
         if next_cursor.is_some() {
-            // Not reached on this page: the client's own bound stands.
-            complete.insert(origin, bound(origin));
+            complete.insert(origin, partial(origin));
             continue;
         }
         if cursor.is_some_and(|cursor| origin < cursor.origin) {
@@ -345,7 +359,21 @@ pub fn changes_since(
             complete.insert(origin, frontier.get(origin));
             continue;
         }
-        let room = limit.saturating_sub(found.len()).max(1);
+        // The page holds at most `limit` items (at least one, so every page makes progress).
+        let room = if found.is_empty() {
+            limit.max(1)
+        } else {
+            limit.saturating_sub(found.len())
+        };
+        if room == 0 {
+            complete.insert(origin, partial(origin));
+            next_cursor = Some(Cursor {
+                node: this_node,
+                origin,
+                position: start,
+            });
+            continue;
+        }
         let entries = log.entries_after(origin, start, room + 1)?;
         for entry in entries.iter().take(room) {
             let seen = entry.created.time <= since.shown_for(entry.created.node);
@@ -357,7 +385,7 @@ pub fn changes_since(
         }
         if entries.len() > room {
             let last = entries[room - 1];
-            complete.insert(origin, bound(origin));
+            complete.insert(origin, partial(origin));
             next_cursor = Some(Cursor {
                 node: this_node,
                 origin,
@@ -490,7 +518,13 @@ mod tests {
         /// Lists changes on `node` until done, fetching what is created or updated. Returns an
         /// error text when the node reported "created" for an item the client already held.
         fn sync_from(&mut self, node: &SimulatedNode, name: usize, limit: usize) -> Result<(), String> {
-            for _page in 0..10_000 {
+            self.read_pages(node, name, limit, 10_000)
+        }
+
+        /// Reads at most `pages` pages from `node` (a client that moves to another node in the
+        /// middle of a paged listing stops early).
+        fn read_pages(&mut self, node: &SimulatedNode, name: usize, limit: usize, pages: usize) -> Result<(), String> {
+            for page in 0..pages {
                 let changes = changes_since(
                     &self.state,
                     NodeId(name as u64),
@@ -500,6 +534,10 @@ mod tests {
                     limit,
                 )
                 .map_err(|error| error.to_string())?;
+                let listed = changes.created.len() + changes.updated.len() + changes.destroyed.len();
+                if listed > limit.max(1) {
+                    return Err(format!("a page of limit {limit} listed {listed} items"));
+                }
                 for id in &changes.created {
                     if self.view.contains_key(id) {
                         return Err(format!("item {id} reported created twice"));
@@ -513,7 +551,7 @@ mod tests {
                     self.view.remove(id);
                 }
                 self.state = changes.new_state;
-                if !changes.has_more {
+                if !changes.has_more || page + 1 == pages {
                     return Ok(());
                 }
             }
@@ -533,6 +571,8 @@ mod tests {
         Full { left: usize, right: usize },
         /// The hopping client reads from a node.
         Read { node: usize, limit: usize },
+        /// The hopping client reads one page from a node and moves on, mid-listing.
+        Peek { node: usize, limit: usize },
     }
 
     fn step_strategy(nodes: usize) -> impl Strategy<Value = Step> {
@@ -543,6 +583,7 @@ mod tests {
             2 => (0..nodes, 0..nodes, 1usize..4).prop_map(|(from, to, every)| Step::Partial { from, to, every }),
             1 => (0..nodes, 0..nodes).prop_map(|(left, right)| Step::Full { left, right }),
             3 => (0..nodes, 1usize..6).prop_map(|(node, limit)| Step::Read { node, limit }),
+            2 => (0..nodes, 1usize..4).prop_map(|(node, limit)| Step::Peek { node, limit }),
         ]
     }
 
@@ -614,6 +655,9 @@ mod tests {
                         hopper.sync_from(&nodes[node], node, limit).map_err(TestCaseError::fail)?;
                         stayer.sync_from(&nodes[0], 0, limit).map_err(TestCaseError::fail)?;
                     }
+                    Step::Peek { node, limit } => {
+                        hopper.read_pages(&nodes[node], node, limit, 1).map_err(TestCaseError::fail)?;
+                    }
                 }
             }
             // Converge: everyone reconciles with everyone, twice round.
@@ -624,8 +668,12 @@ mod tests {
                     }
                 }
             }
-            hopper.sync_from(&nodes[final_node], final_node, 3).map_err(TestCaseError::fail)?;
-            stayer.sync_from(&nodes[0], 0, 3).map_err(TestCaseError::fail)?;
+            // Two passes: a pass the hopper began mid-listing on this node goes on from its
+            // cursor and lists an origin that appeared since only in the next pass.
+            for _ in 0..2 {
+                hopper.sync_from(&nodes[final_node], final_node, 3).map_err(TestCaseError::fail)?;
+                stayer.sync_from(&nodes[0], 0, 3).map_err(TestCaseError::fail)?;
+            }
             let truth: HashMap<u128, Item> = nodes[0].log.items.iter().filter(|(_, item)| !item.destroyed).map(|(id, item)| (*id, item.clone())).collect();
             prop_assert_eq!(&hopper.view, &truth);
             prop_assert_eq!(&stayer.view, &truth);
