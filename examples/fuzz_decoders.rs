@@ -2,7 +2,8 @@
 //! message decoder and the record states that travel with it, the sketch session decoder (with a
 //! peeling decoder on the cells), the request, response and gossip frame decoders, the mail header
 //! reader used on appended mail, the text parsers for IDs, flags and mailbox names, and the
-//! accounts file and HTTP Basic readers.
+//! accounts file and HTTP Basic readers, and what `mailmesh import` reads (mbox text and its metadata
+//! headers, Maildir names, `dovecot-keywords`, folder names).
 //!
 //! `cargo run --release --example fuzz_decoders -- --seconds 600 [--target NAME] --json`
 //!
@@ -172,6 +173,12 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         b"carol:{SHA256-CRYPT}$5$rounds=1000$8hIR1oBj/m/MYdrH$7L6jQjXclmNVH17BY0mLxTFX1zbCkEyMGqFfifIl/m0\ndave:{BLF-CRYPT}$2y$05$bbVqlDDdAJcBv65/ORmOt.wwpd44hT4XhF29D1.ApMZkkl39iaCrS\n".to_vec(),
         b"YWxpY2VAZXhhbXBsZS5vcmc6cGE6c3Mgd29yZA==".to_vec(),
     ];
+    let import_seeds = vec![
+        b"From a@example.org Tue Mar  3 10:00:00 2026\nFrom: a@example.org\nStatus: RO\nX-Status: AF\nX-Keywords: $Work Later\n\nbody\n>From quoted\n\nFrom b@example.org Wed Mar  4 11:30:05 2026\nX-Mozilla-Status: 0005\n\nx\n".to_vec(),
+        b"1733000000.M12P34.host,S=120,W=124:2,FRSTDab".to_vec(),
+        b"0 $Label1\n1 Work\n25 Last\n".to_vec(),
+        b".Archive.Entw&APw-rfe".to_vec(),
+    ];
     vec![
         ("sync", sync_seeds),
         ("sketch", sketch_seeds),
@@ -180,6 +187,7 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         ("mail", mail_seeds),
         ("text", text_seeds),
         ("accounts", accounts_seeds),
+        ("import", import_seeds),
     ]
 }
 
@@ -289,6 +297,7 @@ fn run_target(target: &str, input: &[u8]) {
                 let _ = mailmesh::crdt::state_hash(&record);
             }
         }
+        "import" => mailmesh::fuzzing::import_source(input),
         "accounts" => {
             let text = String::from_utf8_lossy(input);
             let _ = mailmesh::accounts::Accounts::check_text(&text);
@@ -368,6 +377,7 @@ fn fuzz_targets_for(group: &str) -> &'static [&'static str] {
         "frames" => &["request_frame", "response_frame", "gossip_frame"],
         "mail" => &["appended_mail"],
         "accounts" => &["accounts_file"],
+        "import" => &["import_source"],
         _ => &["text_parsers"],
     }
 }

@@ -147,8 +147,6 @@ pub fn sketch_symbols(input: &[u8]) {
     }
 }
 
-/// Every cargo-fuzz target and the replayer of its body.
-/// Every cargo-fuzz target by name, with the function it runs.
 /// What the cargo-fuzz target `jmap_request` runs on one input: a JMAP request body through
 /// the shape check, then every call's result references against the echoes of the calls before.
 pub fn jmap_request(input: &[u8]) {
@@ -166,8 +164,30 @@ pub fn jmap_request(input: &[u8]) {
     if let Some(path) = request.get("path").and_then(|path| path.as_str()) {
         let _ = crate::jmap::evaluate_pointer(&request, path);
     }
+/// What the cargo-fuzz target `import_source` runs on one input: the decoders `mailmesh import`
+/// applies to files it is given (mbox text and its metadata headers, Maildir names,
+/// `dovecot-keywords`, folder names).
+pub fn import_source(input: &[u8]) {
+    use crate::import;
+    let (kept, metadata) = import::take_mbox_metadata(input.to_vec());
+    assert!(kept.len() <= input.len());
+    if kept.len() == input.len() {
+        assert_eq!(kept, input, "a message without metadata headers keeps its bytes");
+        assert!(metadata.flags.is_empty());
+    }
+    assert!(import::strip_mbox_separator(input.to_vec()).len() <= input.len());
+    for message in mail_parser::mailbox::mbox::MessageIterator::new(input).flatten() {
+        let _ = import::take_mbox_metadata(import::strip_mbox_separator(message.unwrap_contents()));
+    }
+    let text = String::from_utf8_lossy(input);
+    let keywords = import::parse_dovecot_keywords(&text);
+    assert_eq!(keywords.len(), 26);
+    let _ = import::parse_maildir_name(&text, &keywords);
+    let _ = import::maildir_plus_plus_mailbox(&text);
+    let _ = import::mbox_file_mailbox(std::path::Path::new(&*text));
 }
 
+/// Every cargo-fuzz target by name, with the function it runs.
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("sync_message", sync_message),
     ("record_states", record_states),
@@ -180,4 +200,5 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("sketch_symbols", sketch_symbols),
     ("accounts_file", accounts_file),
     ("jmap_request", jmap_request),
+    ("import_source", import_source),
 ];

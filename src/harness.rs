@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::http_client::{self, encode_segment, HttpResponse};
+use crate::api_client::{self, encode_segment, Response};
 
 /// Why the harness could not do something.
 #[derive(Debug, thiserror::Error)]
@@ -17,7 +17,7 @@ pub enum HarnessError {
     #[error("node {name} did not start within {seconds} s; see {log}")]
     StartTimeout { name: String, seconds: u64, log: String },
     #[error("http: {0}")]
-    Http(#[from] http_client::HttpError),
+    Http(#[from] api_client::ClientError),
     #[error("{0}")]
     Unexpected(String),
 }
@@ -33,6 +33,8 @@ pub struct LocalNode {
     child: Option<Child>,
     /// The bearer token sent with every request, when the node requires one.
     pub token: Option<String>,
+    /// Keeps a connection to the node alive between requests.
+    agent: ureq::Agent,
 }
 
 impl LocalNode {
@@ -94,6 +96,7 @@ impl LocalNode {
                 .collect(),
             child: None,
             token: None,
+            agent: api_client::agent(),
         };
         node.start()?;
         Ok(node)
@@ -203,8 +206,9 @@ impl LocalNode {
     }
 
     /// GET a path.
-    pub fn get(&self, path: &str) -> Result<HttpResponse, HarnessError> {
-        Ok(http_client::request(
+    pub fn get(&self, path: &str) -> Result<Response, HarnessError> {
+        Ok(api_client::request(
+            &self.agent,
             &self.http,
             "GET",
             path,
@@ -214,8 +218,9 @@ impl LocalNode {
     }
 
     /// Sends a request with a body.
-    pub fn send(&self, method: &str, path: &str, body: &[u8]) -> Result<HttpResponse, HarnessError> {
-        Ok(http_client::request(
+    pub fn send(&self, method: &str, path: &str, body: &[u8]) -> Result<Response, HarnessError> {
+        Ok(api_client::request(
+            &self.agent,
             &self.http,
             method,
             path,
@@ -311,7 +316,7 @@ impl LocalNode {
     /// The sum of a metric's samples whose line starts with `name` (all label sets).
     pub fn metric_sum(&self, name: &str) -> Result<f64, HarnessError> {
         let text = String::from_utf8_lossy(&self.get("/metrics")?.body).into_owned();
-        Ok(http_client::metric_sum(&text, name))
+        Ok(api_client::metric_sum(&text, name))
     }
 }
 

@@ -22,18 +22,19 @@
 //!   [`metrics`]: the node's Prometheus metrics; [`environment`]: time and randomness, passed in;
 //! - [`accounts`]: the accounts file (Dovecot passwd-file), logins and their rate limits;
 //! - [`fuzzing`]: the body of each cargo-fuzz target, shared with the replay of saved inputs;
-//! - [`config`]: TOML configuration; [`harness`], [`http_client`], [`demo`]: local clusters of
-//!   real node processes for the demo and the integration tests.
+//! - [`config`]: TOML configuration; [`harness`], [`demo`]: local clusters of real node processes
+//!   for the demo and the integration tests; [`api_client`]: the HTTP client of the node's API;
+//! - [`import`]: Maildir and mbox into a running node.
 
 pub mod accounts;
 pub mod api;
+pub mod api_client;
 pub mod config;
 pub mod demo;
 pub mod environment;
 pub mod fuzzing;
 pub mod harness;
 pub mod http;
-pub mod http_client;
 pub mod import;
 pub mod jmap;
 pub mod mail;

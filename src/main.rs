@@ -28,16 +28,32 @@ enum CommandLine {
         #[arg(long)]
         json: bool,
     },
-    /// Import an mbox file or a Maildir folder into a running node (no duplicates on re-runs).
+    /// Import a Maildir++ tree, a Maildir, an mbox file or a directory of mbox files into a running
+    /// node, keeping flags and received dates. A re-run adds only what is missing.
     Import {
         /// The node's HTTP address.
         #[arg(long, default_value = "127.0.0.1:4800")]
         http: String,
         #[arg(long)]
         account: String,
-        #[arg(long)]
+        /// The mailbox of an mbox file or of a Maildir's root; Maildir++ folders (.Sent,
+        /// .Archive.2026) and the files of an mbox directory keep their own names (Sent, Archive/2026).
+        #[arg(long, default_value = "INBOX")]
         mailbox: String,
-        /// An mbox file, or a Maildir folder (with cur/ and new/).
+        /// A file whose first line is the node's bearer token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Appends in flight at once.
+        #[arg(long, default_value_t = 16)]
+        workers: usize,
+        /// Where a Maildir message's received date comes from first: `name` (the leading unix
+        /// seconds of the file name) or `mtime` (the file's modification time, which Dovecot sets).
+        #[arg(long, default_value = "name", value_parser = ["name", "mtime"])]
+        maildir_date: String,
+        /// No progress bar.
+        #[arg(long)]
+        quiet: bool,
+        /// An mbox file, a Maildir (with cur/ and new/), or a directory of mbox files.
         path: PathBuf,
     },
     /// Rebuild every local index (sorts, counters, change log, full-text) from the store.
@@ -143,23 +159,29 @@ fn main() -> anyhow::Result<()> {
             http,
             account,
             mailbox,
+            token_file,
+            workers,
+            maildir_date,
+            quiet,
             path,
         } => {
-            let started = std::time::Instant::now();
-            let summary = mailmesh::import::import(&http, &account, &mailbox, &path, true)?;
-            println!(
-                "read {} messages: {} imported ({} bytes), {} already present, {} failed, in {:.1} s",
-                summary.read,
-                summary.imported,
-                summary.bytes,
-                summary.duplicates,
-                summary.failed,
-                started.elapsed().as_secs_f64()
-            );
-            if summary.failed > 0 {
-                std::process::exit(1);
+            let mut options = mailmesh::import::ImportOptions::new(&http, &account);
+            options.mailbox = mailbox;
+            options.workers = workers;
+            options.show_progress = !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
+            if maildir_date == "mtime" {
+                options.maildir_date = mailmesh::import::MaildirDate::ModificationTime;
             }
-            Ok(())
+            if let Some(path) = token_file {
+                options.token = Some(config::read_token(&path)?);
+            }
+            // The first Ctrl-C stops reading and lets the appends in flight finish; a second one
+            // exits at once (the order of registration matters: the exit is checked first).
+            for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+                signal_hook::flag::register_conditional_shutdown(signal, 130, options.interrupt.clone())?;
+                signal_hook::flag::register(signal, options.interrupt.clone())?;
+            }
+            import(&options, &path)
         }
         CommandLine::Reindex { data_dir } => reindex(&data_dir),
         CommandLine::Passwd { user } => passwd(user.as_deref()),
@@ -170,8 +192,54 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
+fn import(options: &mailmesh::import::ImportOptions, path: &std::path::Path) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
+    let summary = mailmesh::import::import(options, path)?;
+    let seconds = started.elapsed().as_secs_f64();
+    for mailbox in &summary.mailboxes {
+        println!(
+            "  {}: {} read, {} new, {} already there, {} failed",
+            mailbox.mailbox, mailbox.read, mailbox.imported, mailbox.duplicates, mailbox.failed
+        );
+    }
+    for failure in &summary.failures {
+        eprintln!("failed: {failure}");
+    }
+    if summary.interrupted {
+        eprintln!(
+            "interrupted: {} messages read were not sent; run the same command again to import the rest",
+            summary.unsent
+        );
+    }
+    if summary.keywords_dropped > 0 {
+        eprintln!(
+            "{} keywords were not valid IMAP keywords and were left off their messages",
+            summary.keywords_dropped
+        );
+    }
+    println!(
+        "imported {} new messages ({} bytes) into {} mailboxes; {} were already there, {} failed, {} read in {:.1} s ({:.0} messages/s)",
+        summary.imported,
+        summary.bytes,
+        summary.mailboxes.len(),
+        summary.duplicates,
+        summary.failed,
+        summary.read,
+        seconds,
+        summary.read as f64 / seconds.max(0.001)
+    );
+    if summary.interrupted {
+        std::process::exit(130);
+    }
+    if summary.failed > 0 {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
 fn status(http: &str, json: bool) -> anyhow::Result<()> {
-    let response = mailmesh::http_client::request(http, "GET", "/v1/status", &[], None)?;
+    let agent = mailmesh::api_client::agent();
+    let response = mailmesh::api_client::request(&agent, http, "GET", "/v1/status", &[], None)?;
     if response.status != 200 {
         anyhow::bail!(
             "{http} answered {}: {}",
@@ -182,10 +250,10 @@ fn status(http: &str, json: bool) -> anyhow::Result<()> {
     let status = response.json();
     // Rates: two samples of the node's counters one second apart.
     let sample = || -> std::collections::HashMap<&'static str, f64> {
-        let text = mailmesh::http_client::request(http, "GET", "/metrics", &[], None)
+        let text = mailmesh::api_client::request(&agent, http, "GET", "/metrics", &[], None)
             .map(|response| String::from_utf8_lossy(&response.body).into_owned())
             .unwrap_or_default();
-        let sum = |name: &str| mailmesh::http_client::metric_sum(&text, name);
+        let sum = |name: &str| mailmesh::api_client::metric_sum(&text, name);
         [
             ("gossip_bytes", sum("mailmesh_gossip_bytes_total")),
             ("sync_bytes", sum("mailmesh_sync_bytes_total")),

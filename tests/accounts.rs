@@ -278,7 +278,7 @@ fn accounts_log_in_with_basic_to_their_own_mailboxes_only() {
 
     // Counted in the metrics, and no password or hash in the log.
     let metrics = get(&node, "/metrics", Credentials::Bearer(TOKEN)).body;
-    let sum = |name: &str| mailmesh::http_client::metric_sum(&metrics, name);
+    let sum = |name: &str| mailmesh::api_client::metric_sum(&metrics, name);
     assert!(sum("mailmesh_login_failures_total") >= 12.0, "{metrics}");
     assert!(sum("mailmesh_login_throttled_total") >= 1.0, "{metrics}");
     assert!(sum("mailmesh_accounts_reloads_total") >= 2.0, "{metrics}");

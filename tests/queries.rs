@@ -665,12 +665,17 @@ fn import_of_mbox_and_maildir_with_broken_mail_adds_nothing_twice() {
     messages.push(b"Subject: =?iso-8859-1?Q?Gr=FC=DFe?=\r\nFrom: =?koi8-r?B?7s/Xz9PUySDEzNEg18HT?= <news@example.ru>\r\nContent-Type: text/plain; charset=windows-1251\r\n\r\n\xcf\xf0\xe8\xe2\xe5\xf2".to_vec());
     let mbox = directory.path().join("sample.mbox");
     write_samples_to_mbox(&mbox, &messages);
-    let first = mailmesh::import::import(&node.http, "importer@example.org", "Imported", &mbox, false).unwrap();
+    let import = |mailbox: &str, path: &std::path::Path| {
+        let mut options = mailmesh::import::ImportOptions::new(&node.http, "importer@example.org");
+        options.mailbox = mailbox.to_owned();
+        mailmesh::import::import(&options, path).unwrap()
+    };
+    let first = import("Imported", &mbox);
     assert_eq!(first.read, messages.len() as u64);
     assert_eq!(first.failed, 0, "{first:?}");
     let distinct: std::collections::BTreeSet<&Vec<u8>> = messages.iter().collect();
     assert_eq!(first.imported, distinct.len() as u64);
-    let again = mailmesh::import::import(&node.http, "importer@example.org", "Imported", &mbox, false).unwrap();
+    let again = import("Imported", &mbox);
     assert_eq!(
         (again.imported, again.duplicates),
         (0, messages.len() as u64),
@@ -686,10 +691,9 @@ fn import_of_mbox_and_maildir_with_broken_mail_adds_nothing_twice() {
         let folder = if index % 2 == 0 { "cur" } else { "new" };
         std::fs::write(maildir.join(folder).join(format!("17000000{index}.M1P1.host:2,S")), raw).unwrap();
     }
-    let from_maildir =
-        mailmesh::import::import(&node.http, "importer@example.org", "FromMaildir", &maildir, false).unwrap();
+    let from_maildir = import("FromMaildir", &maildir);
     assert_eq!((from_maildir.imported, from_maildir.failed), (6, 0));
-    let again = mailmesh::import::import(&node.http, "importer@example.org", "FromMaildir", &maildir, false).unwrap();
+    let again = import("FromMaildir", &maildir);
     assert_eq!(again.imported, 0);
 
     // The HTTP listing reads the parsed headers, sorted by subject, and counts match.
