@@ -164,6 +164,8 @@ pub fn jmap_request(input: &[u8]) {
     if let Some(path) = request.get("path").and_then(|path| path.as_str()) {
         let _ = crate::jmap::evaluate_pointer(&request, path);
     }
+}
+
 /// What the cargo-fuzz target `import_source` runs on one input: the decoders `mailmesh import`
 /// applies to files it is given (mbox text and its metadata headers, Maildir names,
 /// `dovecot-keywords`, folder names).
