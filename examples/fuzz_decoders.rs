@@ -2,7 +2,7 @@
 //! message decoder and the record states that travel with it, the sketch session decoder (with a
 //! peeling decoder on the cells), the request, response and gossip frame decoders, the mail header
 //! reader used on appended mail, the text parsers for IDs, flags and mailbox names, and the
-//! accounts file and HTTP Basic readers.
+//! accounts file and HTTP Basic readers, and an LMTP session's input.
 //!
 //! `cargo run --release --example fuzz_decoders -- --seconds 600 [--target NAME] --json`
 //!
@@ -172,7 +172,12 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         b"carol:{SHA256-CRYPT}$5$rounds=1000$8hIR1oBj/m/MYdrH$7L6jQjXclmNVH17BY0mLxTFX1zbCkEyMGqFfifIl/m0\ndave:{BLF-CRYPT}$2y$05$bbVqlDDdAJcBv65/ORmOt.wwpd44hT4XhF29D1.ApMZkkl39iaCrS\n".to_vec(),
         b"YWxpY2VAZXhhbXBsZS5vcmc6cGE6c3Mgd29yZA==".to_vec(),
     ];
+    let lmtp_seeds = vec![
+        b"LHLO mta.example.org\r\nMAIL FROM:<bob@example.net> SIZE=120 BODY=8BITMIME\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<unknown@example.org>\r\nRCPT TO:<busy+lists@example.org>\r\nDATA\r\nSubject: hi\r\n\r\n..dotted\r\n.\r\nRSET\r\nNOOP\r\nVRFY alice\r\nQUIT\r\n".to_vec(),
+        b"LHLO x\nMAIL FROM:<>\nRCPT TO:<a@b>\nBDAT 6\nA: b\r\nBDAT 3 LAST\n\r\nxDATA\n.\n\0\xff\r\nHELP\r\n".to_vec(),
+    ];
     vec![
+        ("lmtp", lmtp_seeds),
         ("sync", sync_seeds),
         ("sketch", sketch_seeds),
         ("states", state_seeds),
@@ -294,6 +299,7 @@ fn run_target(target: &str, input: &[u8]) {
             let _ = mailmesh::accounts::Accounts::check_text(&text);
             let _ = mailmesh::api::decode_basic(&text);
         }
+        "lmtp" => mailmesh::fuzzing::lmtp_session(input),
         "mail" => {
             let _ = mailmesh::mail::listing(input);
             let text = mailmesh::mail::search_text(input);
@@ -368,6 +374,7 @@ fn fuzz_targets_for(group: &str) -> &'static [&'static str] {
         "frames" => &["request_frame", "response_frame", "gossip_frame"],
         "mail" => &["appended_mail"],
         "accounts" => &["accounts_file"],
+        "lmtp" => &["lmtp_session"],
         _ => &["text_parsers"],
     }
 }
