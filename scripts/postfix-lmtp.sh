@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Real Postfix delivering over LMTP to a real three-node mailmesh cluster (issue 13, item 2).
+# Real Postfix delivering over LMTP to a real four-node mailmesh cluster (issue 13, item 2).
 # Installs Debian's postfix when it is missing (preseeded "No configuration": nothing of the
 # system's mail setup is configured or started), builds mailmesh, then runs
 # scripts/postfix_lmtp.py, which starts a private Postfix instance under a temporary directory
-# (`postfix -c DIR`, SMTP and LMTP on loopback ports only) and checks a normal delivery, a bounce,
-# a multi-recipient message and two kinds of deferral (a 4xx, a node down). Arguments are passed
-# on (e.g. --keep). Needs root. Exits non-zero when a check fails.
+# (`postfix -c DIR`, SMTP and LMTP on loopback ports and a unix socket only) and checks a normal
+# delivery, a bounce, a multi-recipient message, two kinds of deferral (a 4xx, a node down) and
+# the lmtp:unix: transport. Arguments are passed on (e.g. --keep). Needs root. Exits non-zero
+# when a check fails. About 10 s once mailmesh is built.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SUDO=""

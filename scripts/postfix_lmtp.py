@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Real Postfix delivering over LMTP to a real three-node mailmesh cluster.
+"""Real Postfix delivering over LMTP to a real mailmesh cluster.
 
-Starts three `mailmesh node` processes on 127.0.0.1 (alpha, bravo, charlie; ports chosen by the
-OS and read back from each data_dir/http.addr, as src/harness.rs does) with one accounts file;
-alpha also serves LMTP on a fixed loopback port. Then it runs a private Postfix instance (its own
+Starts four `mailmesh node` processes on 127.0.0.1 (alpha, bravo, charlie, delta; ports chosen by
+the OS and read back from each data_dir/http.addr, as src/harness.rs does) with one accounts
+file; alpha serves LMTP on a fixed loopback port, delta on a unix socket. Then it runs a private Postfix instance (its own
 config, queue and data directories under a temporary directory, `postfix -c DIR`, SMTP on a
 loopback port) whose `virtual_transport` is `lmtp:inet:127.0.0.1:PORT`, sends mail into it over
 SMTP with Python's smtplib, and checks on bravo and charlie (so through replication) that:
@@ -16,7 +16,9 @@ SMTP with Python's smtplib, and checks on bravo and charlie (so through replicat
      refuses writes with 452 4.3.1) leaves the message deferred in Postfix's queue; once alpha
      takes writes again, a queue flush delivers it;
   5. with alpha stopped (connection refused) the message is deferred too, and delivered after
-     alpha is back and the queue is flushed.
+     alpha is back and the queue is flushed;
+  6. Postfix's `lmtp:unix:` transport (a transport map entry for dave@) reaches a fourth node,
+     delta, on a unix socket, and the message replicates to charlie.
 
 Prints one line per check and a JSON summary; exit status 0 when every check passes, 1 otherwise.
 Postfix and the nodes are always stopped and the temporary directory removed (unless --keep).
@@ -40,7 +42,7 @@ import urllib.request
 TOKEN = "postfix-lmtp-check-token-0123456789"
 # `doveadm pw -s SHA512-CRYPT -p secret`
 SECRET_HASH = "{SHA512-CRYPT}$6$3d1jxbtsSUvkdMJd$BaSpHPEbL9a6Kr7aotyzcanEM22vEvv6JW1FUXXS9/OoWz/Q.Tvq/MR1BhXbNBe2D5X7YGGGLka2prNYroVB8."
-ACCOUNTS = ["alice@example.org", "bob@example.org", "carol@example.org"]
+ACCOUNTS = ["alice@example.org", "bob@example.org", "carol@example.org", "dave@example.org"]
 WAIT_SECONDS = 60
 
 
@@ -202,6 +204,8 @@ maillog_file_prefixes = {root}
 # Every address at example.org goes to mailmesh over LMTP; the node decides who exists.
 virtual_mailbox_domains = example.org
 virtual_transport = lmtp:inet:127.0.0.1:{lmtp}
+# dave@ goes to another node over a unix socket.
+transport_maps = texthash:{root}/etc/transport
 # Deferred mail waits for an explicit flush (postqueue -f), so the check sees it deferred.
 queue_run_delay = 300s
 minimal_backoff_time = 300s
@@ -213,7 +217,7 @@ lmtp_connect_timeout = 5s
 class Postfix:
     """A private Postfix instance: its own config, queue and data directories."""
 
-    def __init__(self, root, smtp_port, lmtp_port):
+    def __init__(self, root, smtp_port, lmtp_port, socket_path):
         self.root = os.path.join(root, "postfix")
         self.config = os.path.join(self.root, "etc")
         self.smtp_port = smtp_port
@@ -222,6 +226,8 @@ class Postfix:
         shutil.chown(os.path.join(self.root, "data"), user="postfix")
         with open(os.path.join(self.config, "main.cf"), "w") as handle:
             handle.write(MAIN_CF.format(root=self.root, lmtp=lmtp_port))
+        with open(os.path.join(self.config, "transport"), "w") as handle:
+            handle.write(f"dave@example.org lmtp:unix:{socket_path}\n")
         with open(os.path.join(self.config, "master.cf"), "w") as handle:
             handle.write(MASTER_CF.format(smtp=f"127.0.0.1:{smtp_port}"))
         self.started = False
@@ -284,7 +290,7 @@ def message(subject, to, body):
             f"MIME-Version: 1.0\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n{body}").encode()
 
 
-def check_copy(raw, recipient, sender, body):
+def check_copy(raw, recipient, sender, body, server="alpha"):
     """Our trace headers come first; Postfix's Received follows; the body is byte-exact."""
     text = raw.decode("utf-8", "replace")
     lines = text.split("\r\n")
@@ -292,7 +298,7 @@ def check_copy(raw, recipient, sender, body):
         raise CheckFailed(f"first line is {lines[0]!r}, not the Return-Path of {sender}")
     if lines[1] != f"Delivered-To: {recipient}":
         raise CheckFailed(f"second line is {lines[1]!r}, not Delivered-To: {recipient}")
-    if not lines[2].startswith("Received: from mta.mailmesh.test") or "by alpha (mailmesh) with LMTP" not in text:
+    if not lines[2].startswith("Received: from mta.mailmesh.test") or f"by {server} (mailmesh) with LMTP" not in text:
         raise CheckFailed(f"no Received line of ours: {lines[2:5]!r}")
     if not raw.endswith(body.encode()):
         raise CheckFailed("the body is not byte-exact")
@@ -311,21 +317,24 @@ def run_checks(binary, directory):
         handle.write("min_free_bytes = 1000000000000000000\n")
     common = ["--accounts-file", accounts, "--http-token-file", token]
     lmtp = f"127.0.0.1:{lmtp_port}"
+    socket_path = os.path.join(directory, "delta-lmtp.sock")
 
-    alpha, bravo, charlie = (Node(binary, name, directory, common) for name in ("alpha", "bravo", "charlie"))
-    nodes = [alpha, bravo, charlie]
-    postfix = Postfix(directory, smtp_port, lmtp_port)
+    alpha, bravo, charlie, delta = (Node(binary, name, directory, common)
+                                    for name in ("alpha", "bravo", "charlie", "delta"))
+    nodes = [alpha, bravo, charlie, delta]
+    postfix = Postfix(directory, smtp_port, lmtp_port, socket_path)
     checks = []
     try:
         alpha.start(lmtp=lmtp)
         bravo.start(peers=[alpha.listen_address()])
         charlie.start(peers=[alpha.listen_address()])
         peers_of_alpha = [bravo.listen_address(), charlie.listen_address()]
+        delta.start(peers=[alpha.listen_address()], lmtp=f"unix:{socket_path}")
         # alice has a mailbox "lists" (made over HTTP), so alice+lists@ delivers there.
         alpha.request(Node.mailbox_path("alice@example.org", "lists") + "/messages", "POST",
                       b"Subject: made over HTTP\r\n\r\nfirst\r\n")
         postfix.start()
-        log(f"cluster of 3 up, Postfix {postfix.command('postconf', '-h', 'mail_version').stdout.strip()} "
+        log(f"cluster of 4 up, Postfix {postfix.command('postconf', '-c', postfix.config, '-h', 'mail_version').stdout.strip()} "
             f"on 127.0.0.1:{smtp_port} -> LMTP 127.0.0.1:{lmtp_port}")
 
         def check(name, function):
@@ -342,7 +351,8 @@ def run_checks(binary, directory):
             log(f"ok     {name} ({seconds} s)")
 
         def normal():
-            body = "Bonjour, ça va ?\r\n.a dotted line\r\n" + "z" * 3000 + "\r\n"
+            # Lines under 998 bytes: Postfix itself folds longer ones (lmtp_line_length_limit).
+            body = "Bonjour, ça va ?\r\n.a dotted line\r\n" + "z" * 990 + "\r\n"
             postfix.send("bob@example.org", ["alice@example.org"], message("normal", "alice@example.org", body))
             for node in (bravo, charlie):
                 raw = wait_for(f"the message on {node.name}", lambda: node.find("alice@example.org", "INBOX", "normal@"))
@@ -390,6 +400,15 @@ def run_checks(binary, directory):
             check_copy(raw, "carol@example.org", "bob@example.org", body)
             wait_for("an empty queue", lambda: not postfix.queue())
 
+        def unix_socket():
+            body = "over lmtp:unix:\r\n"
+            postfix.send("bob@example.org", ["dave@example.org"], message("unix", "dave@example.org", body))
+            raw = wait_for("dave's message on charlie", lambda: charlie.find("dave@example.org", "INBOX", "unix@"))
+            check_copy(raw, "dave@example.org", "bob@example.org", body, server="delta")
+            line = next((line for line in postfix.log_text().splitlines() if "to=<dave@example.org>" in line), "")
+            if "status=sent" not in line or socket_path not in line:
+                raise CheckFailed(f"Postfix did not log a delivery over {socket_path}: {line!r}")
+
         def restart_alpha(config=None):
             alpha.stop()
             alpha.start(peers=peers_of_alpha, lmtp=lmtp, config=config)
@@ -402,6 +421,7 @@ def run_checks(binary, directory):
         check("node down (connection refused) deferred, then delivered after a flush",
               lambda: deferred("node-down", "Connection refused", alpha.stop,
                                lambda: alpha.start(peers=peers_of_alpha, lmtp=lmtp)))
+        check("lmtp:unix: transport to a fourth node, replicated", unix_socket)
     finally:
         postfix.stop()
         for node in nodes:
@@ -423,8 +443,8 @@ def main():
     os.chmod(directory, 0o755)
     try:
         checks = run_checks(os.path.abspath(arguments.binary), directory)
-    except CheckFailed as error:
-        log(f"FAILED setup: {error}")
+    except Exception as error:  # a failure outside a check (setup, or a bug here) fails the run
+        log(f"FAILED setup: {error!r}")
         checks = [{"check": "setup", "passed": False, "error": str(error)}]
     finally:
         if arguments.keep:
@@ -435,7 +455,7 @@ def main():
     summary = {"summary": "postfix-lmtp", "checks": len(checks), "passed": len(checks) - failed,
                "failed": failed, "seconds": round(time.time() - started, 1)}
     print(json.dumps(summary), flush=True)
-    return 1 if failed or len(checks) < 5 else 0
+    return 1 if failed or len(checks) < 6 else 0
 
 
 if __name__ == "__main__":

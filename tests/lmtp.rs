@@ -357,6 +357,10 @@ fn lmtp_listens_on_a_unix_socket() {
     let socket: PathBuf = directory.path().join("lmtp.sock");
     let node = start_node(directory.path(), &format!("unix:{}", socket.display()));
     assert_eq!(lmtp_address(&node), socket.display().to_string());
+    // Writable by all, so that an MTA's delivery agent running as its own user (Postfix's lmtp
+    // runs as `postfix`) can connect; the directory decides who reaches it.
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777, 0o666);
     let stream = UnixStream::connect(&socket).expect("the socket accepts");
     stream.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut client = Client::over(stream);

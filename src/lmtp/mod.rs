@@ -146,6 +146,11 @@ impl Listener {
                     std::fs::remove_file(path).map_err(failed)?;
                 }
                 let listener = tokio::net::UnixListener::bind(path).map_err(failed)?;
+                // The MTA's delivery agent runs as its own user (Postfix's lmtp as `postfix`) and
+                // needs write permission to connect. Who may reach the socket is decided by the
+                // directory it is in, as with Postfix's own private/ sockets.
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666)).map_err(failed)?;
                 Ok(Listener::Unix {
                     listener,
                     path: path.clone(),
