@@ -1,8 +1,9 @@
 //! LMTP on a real node process, over a real socket: per-recipient replies (an unknown account
 //! refused with 550 5.1.1 beside a delivered one), `user+detail` to an existing mailbox and to a
 //! missing one, an oversized message refused with 552 5.3.4 without the node holding it,
-//! pipelining, a connection dropped mid-data, a unix socket, and the delivered copies read back
-//! over HTTP with their trace headers on top of the byte-exact message.
+//! pipelining, a connection dropped mid-data, a unix socket, a store refusing writes (4xx per
+//! recipient), and the delivered copies read back over HTTP with their trace headers on top of
+//! the byte-exact message.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -24,6 +25,11 @@ const MAX_MESSAGE_BYTES: u64 = 1024 * 1024;
 
 /// A node with two accounts, an operator token, a 1 MiB message limit and LMTP on `lmtp`.
 fn start_node(directory: &Path, lmtp: &str) -> LocalNode {
+    start_node_with(directory, lmtp, "")
+}
+
+/// The same, with more configuration keys.
+fn start_node_with(directory: &Path, lmtp: &str, configuration: &str) -> LocalNode {
     let accounts_file = directory.join("accounts");
     std::fs::write(
         &accounts_file,
@@ -33,7 +39,11 @@ fn start_node(directory: &Path, lmtp: &str) -> LocalNode {
     let token_file = directory.join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     let config_file = directory.join("node.toml");
-    std::fs::write(&config_file, format!("max_message_bytes = {MAX_MESSAGE_BYTES}\n")).unwrap();
+    std::fs::write(
+        &config_file,
+        format!("max_message_bytes = {MAX_MESSAGE_BYTES}\n{configuration}"),
+    )
+    .unwrap();
     let mut node = LocalNode::spawn(
         binary(),
         "lmtp-node",
@@ -381,4 +391,35 @@ fn lmtp_listens_on_a_unix_socket() {
     let mut node = node;
     node.terminate();
     assert!(wait_until(Duration::from_secs(10), || !socket.exists()).is_some());
+}
+
+#[test]
+fn a_store_that_refuses_writes_answers_4xx_so_the_mta_retries() {
+    let directory = tempfile::tempdir().unwrap();
+    // A free-space reserve no disk has: the store refuses every write as it would on a full disk.
+    let node = start_node_with(
+        directory.path(),
+        "127.0.0.1:0",
+        "min_free_bytes = 1000000000000000000\n",
+    );
+    let mut client = Client::connect(&lmtp_address(&node));
+    client.command("LHLO mta.example.org");
+    client.command("MAIL FROM:<bob@example.net>");
+    assert!(client.command("RCPT TO:<alice@example.org>").starts_with("250"));
+    assert!(client.command("RCPT TO:<bob@example.org>").starts_with("250"));
+    assert!(client.command("DATA").starts_with("354"));
+    client.send(&stuffed(&message("full-disk")));
+    for recipient in ["alice@example.org", "bob@example.org"] {
+        let reply = client.reply();
+        assert!(
+            reply[0].starts_with(&format!("452 4.3.1 <{recipient}>")),
+            "a temporary refusal for {recipient}, not {reply:?}"
+        );
+    }
+    assert!(client.command("QUIT").starts_with("221"));
+    assert!(raw_messages(&node, "alice@example.org", "INBOX").is_empty());
+    let deferred = node
+        .metric_sum("mailmesh_lmtp_deliveries_total{outcome=\"deferred\"}")
+        .unwrap();
+    assert_eq!(deferred, 2.0);
 }

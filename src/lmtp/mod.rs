@@ -466,6 +466,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn connections_over_the_limit_are_answered_421() {
+        let memory = Memory::default();
+        let limits = ServerLimits {
+            max_connections: 1,
+            ..ServerLimits::default()
+        };
+        let server = LmtpServer::new(memory, "node-1", None).with_limits(limits);
+        let address = ListenAddress::Tcp("127.0.0.1:0".parse().unwrap());
+        let listener = Listener::bind(&address).await.unwrap();
+        let bound = listener.local_address();
+        let (stop_sender, stop) = watch::channel(false);
+        let serving = tokio::spawn(server.serve(listener, stop));
+        let read_line = |mut stream: tokio::net::TcpStream| async move {
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while !line.ends_with(b"\r\n") && stream.read(&mut byte).await.unwrap() == 1 {
+                line.push(byte[0]);
+            }
+            (stream, String::from_utf8_lossy(&line).into_owned())
+        };
+        let (first, greeting) = read_line(tokio::net::TcpStream::connect(&bound).await.unwrap()).await;
+        assert!(greeting.starts_with("220 node-1"), "{greeting}");
+        let (_second, refusal) = read_line(tokio::net::TcpStream::connect(&bound).await.unwrap()).await;
+        assert_eq!(refusal, "421 4.3.2 Too many connections, try again later\r\n");
+        // Once the first session ends, its place is free again.
+        drop(first);
+        let mut greeted = String::new();
+        for _ in 0..100 {
+            let (_third, line) = read_line(tokio::net::TcpStream::connect(&bound).await.unwrap()).await;
+            greeted = line;
+            if greeted.starts_with("220") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(greeted.starts_with("220 node-1"), "{greeted}");
+        stop_sender.send(true).unwrap();
+        serving.await.unwrap();
+    }
+
+    #[tokio::test]
     async fn a_connection_dropped_mid_data_stores_nothing() {
         let memory = Memory::default();
         let server = LmtpServer::new(memory.clone(), "node-1", None);
