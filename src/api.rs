@@ -7,7 +7,7 @@
 //! [`router`].
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr};
 
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
@@ -24,6 +24,7 @@ use crate::merkle::Prefix;
 use crate::model::{Flag, MessageId};
 use crate::node::{hex, Node};
 use crate::service::{parse_flags, Delivery, Email, MailService, Query as ListingQuery, ServiceError, SortKey};
+use crate::tls::ClientAddress;
 
 /// What every route handler gets: the mail service and the engine (for operator views).
 #[derive(Clone)]
@@ -202,11 +203,33 @@ pub fn decode_basic(encoded: &str) -> Option<(String, Password)> {
     Some((login.to_owned(), Password::new(password)))
 }
 
-fn source_of(request: &axum::extract::Request) -> IpAddr {
+fn client_of(request: &axum::extract::Request) -> Option<ClientAddress> {
     request
         .extensions()
-        .get::<axum::extract::ConnectInfo<SocketAddr>>()
-        .map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), |info| info.0.ip())
+        .get::<axum::extract::ConnectInfo<ClientAddress>>()
+        .map(|info| info.0)
+}
+
+fn source_of(request: &axum::extract::Request) -> IpAddr {
+    client_of(request).map_or(IpAddr::V6(Ipv6Addr::UNSPECIFIED), |client| client.address.ip())
+}
+
+/// Credentials sent in the clear from another host are refused (403) unless the operator allowed
+/// it; they are not even checked, so a password sniffed on the way is not also confirmed.
+fn refuse_plaintext_credentials(guard: &Guard, request: &axum::extract::Request) -> Option<Response> {
+    let allowed = guard.engine.config().allow_plaintext_auth;
+    match client_of(request) {
+        Some(client) if !client.may_send_credentials(allowed) => Some(
+            ApiError(
+                StatusCode::FORBIDDEN,
+                "credentials over plain HTTP are accepted only from loopback: use HTTPS (tls_cert_file and \
+                 tls_key_file), or set allow_plaintext_auth behind a proxy that terminates TLS"
+                    .into(),
+            )
+            .into_response(),
+        ),
+        _ => None,
+    }
 }
 
 /// The guard of the routes under `/v1/mailboxes/{account}/`: Basic for that account, or the
@@ -221,7 +244,13 @@ async fn require_account(
         return next.run(request).await;
     }
     let account = parameters.get("account").map(String::as_str).unwrap_or_default();
-    match presented(&request) {
+    let presented = presented(&request);
+    if matches!(presented, Presented::Token(_) | Presented::Basic { .. }) {
+        if let Some(refusal) = refuse_plaintext_credentials(&guard, &request) {
+            return refusal;
+        }
+    }
+    match presented {
         Presented::Token(token) if guard.token_matches(&token) => next.run(request).await,
         Presented::Token(_) => guard.unauthorized(true, "wrong bearer token"),
         Presented::Basic { login, password } => match guard.login(login, password, source_of(&request), true).await {
@@ -254,7 +283,13 @@ async fn require_operator(
     } else {
         "this route needs the operator's bearer token, and this node has none: set http_token_file"
     };
-    match presented(&request) {
+    let presented = presented(&request);
+    if matches!(presented, Presented::Token(_) | Presented::Basic { .. }) {
+        if let Some(refusal) = refuse_plaintext_credentials(&guard, &request) {
+            return refusal;
+        }
+    }
+    match presented {
         Presented::Token(token) if guard.token_matches(&token) => next.run(request).await,
         Presented::Basic { login, password } => match guard.login(login, password, source_of(&request), false).await {
             Ok(name) => ApiError(

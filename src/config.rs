@@ -37,6 +37,11 @@ pub struct ConfigFile {
     pub http_token_file: Option<PathBuf>,
     /// A Dovecot passwd-file of accounts that may log in (see `accounts`).
     pub accounts_file: Option<PathBuf>,
+    /// PEM files: with both, the HTTP address speaks HTTPS only (see `tls`).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Accept credentials over plain HTTP from hosts other than loopback (off by default).
+    pub allow_plaintext_auth: Option<bool>,
     pub tombstone_horizon_days: Option<u64>,
     pub min_free_bytes: Option<u64>,
     pub allow_peers: Option<Vec<String>>,
@@ -173,6 +178,11 @@ impl ConfigFile {
         }
         if let Some(path) = self.accounts_file {
             config.accounts_file = Some(check_accounts_file(&path)?);
+        }
+        config.tls_cert_file = self.tls_cert_file;
+        config.tls_key_file = self.tls_key_file;
+        if let Some(allow) = self.allow_plaintext_auth {
+            config.allow_plaintext_auth = allow;
         }
         if let Some(text) = self.lmtp_listen {
             config.lmtp_listen = Some(parse_lmtp_address(&text)?);

@@ -46,6 +46,7 @@ pub mod search;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod wire;
 
 // The pure core lives in its own crate (core/); these keep `crate::model` and friends working.

@@ -90,6 +90,15 @@ struct NodeArguments {
     /// reloaded when it changes.
     #[arg(long)]
     accounts_file: Option<PathBuf>,
+    /// PEM certificate chain for HTTPS (with --tls-key-file).
+    #[arg(long)]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key for HTTPS (with --tls-cert-file).
+    #[arg(long)]
+    tls_key_file: Option<PathBuf>,
+    /// Accept credentials over plain HTTP from hosts other than loopback.
+    #[arg(long)]
+    allow_plaintext_auth: bool,
     /// Admit only this peer ID (repeatable); other peers are refused after authentication.
     #[arg(long)]
     allow_peer: Vec<String>,
@@ -347,6 +356,15 @@ fn run_node(arguments: NodeArguments) -> anyhow::Result<()> {
     }
     if let Some(path) = arguments.accounts_file {
         node_config.accounts_file = Some(config::check_accounts_file(&path)?);
+    }
+    if arguments.tls_cert_file.is_some() {
+        node_config.tls_cert_file = arguments.tls_cert_file;
+    }
+    if arguments.tls_key_file.is_some() {
+        node_config.tls_key_file = arguments.tls_key_file;
+    }
+    if arguments.allow_plaintext_auth {
+        node_config.allow_plaintext_auth = true;
     }
     if !arguments.allow_peer.is_empty() {
         config::add_allowed_peers(&mut node_config, &arguments.allow_peer)?;

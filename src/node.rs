@@ -65,6 +65,12 @@ pub struct NodeConfig {
     /// When set, the routes under `/v1/mailboxes/{account}/` take HTTP Basic against this
     /// accounts file (see `accounts`).
     pub accounts_file: Option<PathBuf>,
+    /// PEM certificate chain and private key: with both, the HTTP address speaks HTTPS only.
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// Accept credentials (Basic, bearer token) over plain HTTP from other hosts than loopback,
+    /// e.g. behind a proxy that terminates TLS. Off by default.
+    pub allow_plaintext_auth: bool,
     /// Tombstones older than this are collected; a replica out of contact longer is refused.
     pub tombstone_horizon_millis: u64,
     /// Writes are refused with 507 while fewer bytes than this would stay free on the data disk.
@@ -117,6 +123,9 @@ impl Default for NodeConfig {
             peer_request_burst: 10000.0,
             http_token: None,
             accounts_file: None,
+            tls_cert_file: None,
+            tls_key_file: None,
+            allow_plaintext_auth: false,
             tombstone_horizon_millis: crate::store::DEFAULT_TOMBSTONE_HORIZON_MILLIS,
             min_free_bytes: 256 * 1024 * 1024,
             allowed_peers: None,
@@ -162,6 +171,8 @@ pub enum NodeError {
     Io(#[from] std::io::Error),
     #[error(transparent)]
     Search(#[from] crate::search::SearchError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// What the node knows of a connected peer.

@@ -7,7 +7,6 @@
 //! - [`crate::api`]: the HTTP API over the service (and the engine's operator views);
 //! - [`crate::lmtp`]: the LMTP server over the service, when `lmtp_listen` is set.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use crate::node::{load_or_create_identity, EngineParts, Node, NodeConfig, NodeEr
 use crate::search::SearchIndex;
 use crate::service::{MailService, ServiceParts};
 use crate::store::{CommitQueue, Store, StoreOptions};
+use crate::tls::{ClientAddress, TlsListener};
 
 /// The longest the background full-text indexer waits for reconciliation to finish.
 const INDEX_WAIT_LIMIT: Duration = Duration::from_secs(10);
@@ -31,7 +31,7 @@ const INDEX_WAIT_LIMIT: Duration = Duration::from_secs(10);
 pub struct Running {
     pub service: MailService,
     pub engine: Node,
-    pub http: SocketAddr,
+    pub http: std::net::SocketAddr,
 }
 
 /// Starts a node and runs it until `shutdown` resolves.
@@ -135,6 +135,17 @@ pub async fn start(
         }
     });
 
+    // HTTP, or HTTPS when a certificate is configured (checked before anything listens).
+    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(certificate), Some(key)) => Some(crate::tls::server_config(certificate, key)?),
+        (None, None) => None,
+        _ => {
+            return Err(NodeError::Tls(crate::tls::TlsError::Invalid(
+                "set both tls_cert_file and tls_key_file, or neither".into(),
+            )))
+        }
+    };
+
     // LMTP, before HTTP: once http.addr exists, lmtp.addr does too.
     if let Some(address) = &config.lmtp_listen {
         let listener = crate::lmtp::Listener::bind(address)
@@ -150,19 +161,35 @@ pub async fn start(
     let listener = tokio::net::TcpListener::bind(config.http).await?;
     let http = listener.local_addr()?;
     std::fs::write(config.data_dir.join("http.addr"), http.to_string())?;
-    tracing::info!(address = %http, "HTTP API listening");
     let router = crate::api::router(service.clone(), engine.clone());
+    let service_with_address = router.into_make_service_with_connect_info::<ClientAddress>();
     let mut http_stop = stop;
-    tokio::spawn(async move {
-        let served = axum::serve(listener, router.into_make_service_with_connect_info::<SocketAddr>())
-            .with_graceful_shutdown(async move {
-                stopped(&mut http_stop).await;
-            })
-            .await;
-        if let Err(error) = served {
-            tracing::error!("HTTP server failed: {error}");
+    let shutdown = async move { stopped(&mut http_stop).await };
+    match tls {
+        Some(tls) => {
+            tracing::info!(address = %http, "HTTPS API listening");
+            let listener = TlsListener::new(listener, tls)?;
+            tokio::spawn(async move {
+                if let Err(error) = axum::serve(listener, service_with_address)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                {
+                    tracing::error!("HTTPS server failed: {error}");
+                }
+            });
         }
-    });
+        None => {
+            tracing::info!(address = %http, "HTTP API listening");
+            tokio::spawn(async move {
+                if let Err(error) = axum::serve(listener, service_with_address)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+                {
+                    tracing::error!("HTTP server failed: {error}");
+                }
+            });
+        }
+    }
     Ok(Running { service, engine, http })
 }
 

@@ -772,10 +772,7 @@ impl Store {
                 let id = state.ids.next(now_millis, random);
                 let received = received_millis.unwrap_or(now_millis);
                 let mut record = MessageRecord::new(id, blob, size, received, self.node);
-                record.created = Stamp {
-                    time: state.clock.tick(now_millis),
-                    node: self.node,
-                };
+                record.created = state.clock.tick(now_millis);
                 if !flags.is_empty() {
                     let stamp = Stamp {
                         time: state.clock.tick(now_millis),
@@ -2052,8 +2049,8 @@ fn where_key(account: &[u8; 16], id: MessageId) -> [u8; 33] {
 fn log_value(mailbox: MailboxId, record: &MessageRecord) -> [u8; 33] {
     let mut value = [0u8; 33];
     value[..16].copy_from_slice(&mailbox.to_bytes());
-    value[16..24].copy_from_slice(&record.created.time.to_be_bytes());
-    value[24..32].copy_from_slice(&record.created.node.0.to_be_bytes());
+    value[16..24].copy_from_slice(&record.created.to_be_bytes());
+    value[24..32].copy_from_slice(&record.origin.0.to_be_bytes());
     value[32] = u8::from(!record.is_live());
     value
 }

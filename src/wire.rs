@@ -239,12 +239,6 @@ pub fn validate_record(record: &MessageRecord) -> Result<(), WireError> {
             record.flags.len()
         )));
     }
-    if record.created.node != record.origin {
-        return Err(WireError::Malformed(format!(
-            "record {} was created by {} but claims origin {}",
-            record.id, record.created.node, record.origin
-        )));
-    }
     Ok(())
 }
 

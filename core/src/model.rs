@@ -507,9 +507,10 @@ pub struct MessageRecord {
     /// Milliseconds since the Unix epoch at which the accepting node received the message.
     pub received_millis: u64,
     pub origin: NodeId,
-    /// The origin's clock when it accepted the append (its node is `origin`): the creation's
-    /// place in the account's change feed ([`crate::changes`]).
-    pub created: Stamp,
+    /// The origin's clock time when it accepted the append: with `origin`, the creation's stamp
+    /// ([`MessageRecord::created_stamp`]), its place in the account's change feed
+    /// ([`crate::changes`]). Only the time travels: the node is always `origin`.
+    pub created: u64,
     /// Set once the message is expunged; the stamp of the expunge. Never cleared.
     pub expunged: Option<Stamp>,
     pub flags: BTreeMap<Flag, FlagRegister>,
@@ -525,10 +526,7 @@ impl MessageRecord {
             size,
             received_millis,
             origin,
-            created: Stamp {
-                time: crate::crdt::physical_time(id.millis()),
-                node: origin,
-            },
+            created: crate::crdt::physical_time(id.millis()),
             expunged: None,
             flags: BTreeMap::new(),
         }
@@ -553,11 +551,19 @@ impl MessageRecord {
             .collect()
     }
 
+    /// The stamp of the append that created the record.
+    pub fn created_stamp(&self) -> Stamp {
+        Stamp {
+            time: self.created,
+            node: self.origin,
+        }
+    }
+
     /// Per node, the latest time that node changed the record (its creation, a flag, the
     /// expunge): the record's entries in the change feed, one per origin.
     pub fn stamps_by_origin(&self) -> BTreeMap<NodeId, u64> {
         let mut latest: BTreeMap<NodeId, u64> = BTreeMap::new();
-        let stamps = std::iter::once(self.created)
+        let stamps = std::iter::once(self.created_stamp())
             .chain(self.flags.values().map(|register| register.stamp))
             .chain(self.expunged);
         for stamp in stamps {
@@ -573,7 +579,7 @@ impl MessageRecord {
             .values()
             .map(|register| register.stamp)
             .chain(self.expunged)
-            .chain(std::iter::once(self.created))
+            .chain(std::iter::once(self.created_stamp()))
             .max()
     }
 }
@@ -658,10 +664,7 @@ mod tests {
     #[test]
     fn a_record_lists_each_origin_once_at_the_latest_time_it_changed_the_record() {
         let mut record = MessageRecord::new(MessageId(7), BlobHash::of(b"raw"), 3, 4, NodeId(1));
-        record.created = Stamp {
-            time: 100,
-            node: NodeId(1),
-        };
+        record.created = 100;
         assert_eq!(record.stamps_by_origin(), BTreeMap::from([(NodeId(1), 100)]));
         let register = |time, node| FlagRegister {
             set: true,
