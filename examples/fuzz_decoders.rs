@@ -2,8 +2,8 @@
 //! message decoder and the record states that travel with it, the sketch session decoder (with a
 //! peeling decoder on the cells), the request, response and gossip frame decoders, the mail header
 //! reader used on appended mail, the text parsers for IDs, flags and mailbox names, and the
-//! accounts file and HTTP Basic readers, and what `mailmesh import` reads (mbox text and its metadata
-//! headers, Maildir names, `dovecot-keywords`, folder names).
+//! accounts file and HTTP Basic readers, what `mailmesh import` reads (mbox text and its metadata
+//! headers, Maildir names, `dovecot-keywords`, folder names), and an LMTP session's input.
 //!
 //! `cargo run --release --example fuzz_decoders -- --seconds 600 [--target NAME] --json`
 //!
@@ -179,7 +179,12 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         b"0 $Label1\n1 Work\n25 Last\n".to_vec(),
         b".Archive.Entw&APw-rfe".to_vec(),
     ];
+    let lmtp_seeds = vec![
+        b"LHLO mta.example.org\r\nMAIL FROM:<bob@example.net> SIZE=120 BODY=8BITMIME\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<unknown@example.org>\r\nRCPT TO:<busy+lists@example.org>\r\nDATA\r\nSubject: hi\r\n\r\n..dotted\r\n.\r\nRSET\r\nNOOP\r\nVRFY alice\r\nQUIT\r\n".to_vec(),
+        b"LHLO x\nMAIL FROM:<>\nRCPT TO:<a@b>\nBDAT 6\nA: b\r\nBDAT 3 LAST\n\r\nxDATA\n.\n\0\xff\r\nHELP\r\n".to_vec(),
+    ];
     vec![
+        ("lmtp", lmtp_seeds),
         ("sync", sync_seeds),
         ("sketch", sketch_seeds),
         ("states", state_seeds),
@@ -303,6 +308,7 @@ fn run_target(target: &str, input: &[u8]) {
             let _ = mailmesh::accounts::Accounts::check_text(&text);
             let _ = mailmesh::api::decode_basic(&text);
         }
+        "lmtp" => mailmesh::fuzzing::lmtp_session(input),
         "mail" => {
             let _ = mailmesh::mail::listing(input);
             let text = mailmesh::mail::search_text(input);
@@ -378,6 +384,7 @@ fn fuzz_targets_for(group: &str) -> &'static [&'static str] {
         "mail" => &["appended_mail"],
         "accounts" => &["accounts_file"],
         "import" => &["import_source"],
+        "lmtp" => &["lmtp_session"],
         _ => &["text_parsers"],
     }
 }

@@ -59,6 +59,8 @@ pub struct ConfigFile {
     pub blob_chunk_bytes: Option<u32>,
     pub max_requests_in_flight_per_peer: Option<usize>,
     pub search_commit_interval_ms: Option<u64>,
+    /// Where the LMTP server listens: `HOST:PORT`, or a unix socket path (`/...` or `unix:...`).
+    pub lmtp_listen: Option<String>,
 }
 
 impl ConfigFile {
@@ -182,6 +184,9 @@ impl ConfigFile {
         if let Some(allow) = self.allow_plaintext_auth {
             config.allow_plaintext_auth = allow;
         }
+        if let Some(text) = self.lmtp_listen {
+            config.lmtp_listen = Some(parse_lmtp_address(&text)?);
+        }
         validate(&config)?;
         Ok(config)
     }
@@ -250,6 +255,15 @@ pub fn check_accounts_file(path: &Path) -> Result<PathBuf, ConfigError> {
     Ok(path.to_owned())
 }
 
+/// Parses the LMTP address (`lmtp_listen`, `--lmtp`): `HOST:PORT` or a unix socket path.
+pub fn parse_lmtp_address(text: &str) -> Result<crate::lmtp::ListenAddress, ConfigError> {
+    text.parse()
+        .map_err(|error: crate::lmtp::LmtpError| ConfigError::Invalid {
+            key: "lmtp_listen",
+            reason: error.to_string(),
+        })
+}
+
 /// Parses multiaddrs, naming the key on error.
 pub fn parse_addresses(key: &'static str, texts: &[String]) -> Result<Vec<libp2p::Multiaddr>, ConfigError> {
     texts
@@ -311,5 +325,12 @@ mod tests {
         assert!(file.into_node_config().is_err());
         let file: ConfigFile = toml::from_str("listen = [\"not a multiaddr\"]").unwrap();
         assert!(file.into_node_config().is_err());
+        let file: ConfigFile = toml::from_str("lmtp_listen = \"localhost\"").unwrap();
+        assert!(file.into_node_config().is_err());
+        let file: ConfigFile = toml::from_str("lmtp_listen = \"unix:/run/mailmesh/lmtp\"").unwrap();
+        assert_eq!(
+            file.into_node_config().unwrap().lmtp_listen,
+            Some(crate::lmtp::ListenAddress::Unix("/run/mailmesh/lmtp".into()))
+        );
     }
 }

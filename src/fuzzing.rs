@@ -189,6 +189,90 @@ pub fn import_source(input: &[u8]) {
     let _ = import::mbox_file_mailbox(std::path::Path::new(&*text));
 }
 
+/// What the cargo-fuzz target `lmtp_session` runs on one input: the whole input as an LMTP
+/// client's bytes, fed in pieces whose size the first byte chooses, with deliveries answered
+/// `250`. The session must use only what it was given, keep its buffer and message within the
+/// limits, and answer in whole reply lines.
+pub fn lmtp_session(input: &[u8]) {
+    use crate::lmtp::session::{Limits, Next, Peer, Session};
+    use crate::service::{Delivered, Recipient, ServiceError};
+    let limits = Limits {
+        max_message_bytes: 4096,
+        max_recipients: 8,
+        max_command_line: 512,
+        max_errors: 64,
+    };
+    let mut session = Session::new(
+        Peer {
+            server_name: "fuzz".into(),
+            client_address: "[127.0.0.1]".into(),
+        },
+        limits,
+    );
+    let mut resolve = |address: &str| {
+        if address.contains("unknown") {
+            Err(ServiceError::NoSuchAccount(address.into()))
+        } else if address.contains("busy") {
+            Err(ServiceError::Unavailable("busy".into()))
+        } else {
+            Ok(Recipient {
+                account: address.into(),
+                mailbox: "INBOX".into(),
+            })
+        }
+    };
+    let check_replies = |output: &[u8]| {
+        if output.is_empty() {
+            return;
+        }
+        assert!(output.ends_with(b"\r\n"), "a reply without its line end");
+        for line in output[..output.len() - 2].split(|&byte| byte == b'\n') {
+            let line = line.strip_suffix(b"\r").unwrap_or(line);
+            assert!(
+                line.len() >= 3 && line[..3].iter().all(u8::is_ascii_digit),
+                "not a reply line"
+            );
+            assert!(!line.contains(&b'\r'), "a bare CR inside a reply");
+        }
+    };
+    let piece = 1 + input.first().copied().unwrap_or(0) as usize;
+    let mut buffer = Vec::new();
+    for bytes in input.chunks(piece) {
+        buffer.extend_from_slice(bytes);
+        loop {
+            let progress = session.advance(&buffer, &mut resolve);
+            assert!(progress.consumed <= buffer.len());
+            buffer.drain(..progress.consumed);
+            check_replies(&progress.output);
+            match progress.next {
+                Next::MoreInput => break,
+                Next::Close => return,
+                Next::Deliver(transaction) => {
+                    assert!(transaction.body.len() as u64 <= limits.max_message_bytes);
+                    assert!(!transaction.recipients.is_empty());
+                    for index in 0..transaction.recipients.len() {
+                        let copy = transaction.copy_for(index, 1_764_576_000_000);
+                        assert!(copy.raw.ends_with(&transaction.body));
+                        let delivered = Ok(Delivered {
+                            id: MessageId(1),
+                            blob: BlobHash::of(&copy.raw),
+                            size: copy.raw.len() as u64,
+                            duplicate: false,
+                        });
+                        check_replies(transaction.reply_for(index, &delivered).as_bytes());
+                    }
+                    session.transaction_done();
+                }
+            }
+        }
+        assert!(
+            buffer.len() < limits.max_command_line,
+            "the session left too much unread"
+        );
+    }
+}
+
+/// Every cargo-fuzz target and the replayer of its body.
 /// Every cargo-fuzz target by name, with the function it runs.
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("sync_message", sync_message),
@@ -203,4 +287,5 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("accounts_file", accounts_file),
     ("jmap_request", jmap_request),
     ("import_source", import_source),
+    ("lmtp_session", lmtp_session),
 ];

@@ -19,6 +19,7 @@
 //! - [`node`]: the replication engine, the only place store, network and reconciliation meet;
 //! - [`server`]: the composition root that wires store, service, engine and HTTP;
 //! - [`api`]: the HTTP API over the service; [`http`]: its error answers;
+//!   [`lmtp`]: the LMTP server an MTA delivers to, over the service;
 //!   [`metrics`]: the node's Prometheus metrics; [`environment`]: time and randomness, passed in;
 //! - [`accounts`]: the accounts file (Dovecot passwd-file), logins and their rate limits;
 //! - [`fuzzing`]: the body of each cargo-fuzz target, shared with the replay of saved inputs;
@@ -37,6 +38,7 @@ pub mod harness;
 pub mod http;
 pub mod import;
 pub mod jmap;
+pub mod lmtp;
 pub mod mail;
 pub mod metrics;
 pub mod net;

@@ -124,6 +124,9 @@ struct NodeArguments {
     /// A pre-shared key file (swarm.key format or 64 hex characters): a private network.
     #[arg(long)]
     cluster_key: Option<PathBuf>,
+    /// Serve LMTP for an MTA on ADDR: HOST:PORT, or a unix socket path (`/path` or `unix:path`).
+    #[arg(long, value_name = "ADDR")]
+    lmtp: Option<String>,
 }
 
 /// glibc gives a thread that finds the allocator busy an arena of its own, up to eight per core,
@@ -439,6 +442,9 @@ fn run_node(arguments: NodeArguments) -> anyhow::Result<()> {
     }
     if let Some(path) = arguments.cluster_key {
         node_config.cluster_key = Some(config::read_cluster_key(&path)?);
+    }
+    if let Some(address) = arguments.lmtp {
+        node_config.lmtp_listen = Some(config::parse_lmtp_address(&address)?);
     }
     config::validate(&node_config)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

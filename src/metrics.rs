@@ -70,6 +70,9 @@ pub struct NodeMetrics {
     pub login_failures: Counter,
     pub login_throttled: Counter,
     pub accounts_reloads: Family<OutcomeLabel, Counter>,
+    /// LMTP recipients by outcome: accepted (stored), refused (5xx), deferred (4xx).
+    pub lmtp_deliveries: Family<OutcomeLabel, Counter>,
+    pub lmtp_connections_refused: Counter,
 }
 
 impl NodeMetrics {
@@ -96,6 +99,8 @@ impl NodeMetrics {
             login_failures: Counter::default(),
             login_throttled: Counter::default(),
             accounts_reloads: Family::default(),
+            lmtp_deliveries: Family::default(),
+            lmtp_connections_refused: Counter::default(),
         };
         let registry = registry.sub_registry_with_prefix("mailmesh");
         registry.register(
@@ -198,6 +203,16 @@ impl NodeMetrics {
             "accounts_reloads",
             "Reads of the accounts file, by outcome (loaded, failed)",
             metrics.accounts_reloads.clone(),
+        );
+        registry.register(
+            "lmtp_deliveries",
+            "LMTP recipients by outcome (accepted: stored; refused: 5xx; deferred: 4xx, the MTA retries)",
+            metrics.lmtp_deliveries.clone(),
+        );
+        registry.register(
+            "lmtp_connections_refused",
+            "LMTP connections answered 421 because the connection limit was reached",
+            metrics.lmtp_connections_refused.clone(),
         );
         metrics
     }

@@ -102,6 +102,8 @@ pub struct NodeConfig {
     pub max_requests_in_flight_per_peer: usize,
     /// How often the full-text index commits what it was fed (searches commit first anyway).
     pub search_commit_interval: Duration,
+    /// Where the LMTP server listens (`lmtp_listen`, `--lmtp`); none when unset.
+    pub lmtp_listen: Option<crate::lmtp::ListenAddress>,
 }
 
 impl Default for NodeConfig {
@@ -140,6 +142,7 @@ impl Default for NodeConfig {
             blob_chunk_bytes: wire::MAX_BLOB_CHUNK,
             max_requests_in_flight_per_peer: 256,
             search_commit_interval: Duration::from_secs(5),
+            lmtp_listen: None,
         }
     }
 }

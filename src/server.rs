@@ -4,7 +4,8 @@
 //! - [`crate::store`]: the RocksDB store and its group commit, with the commit feed;
 //! - [`crate::service`]: the mail service every protocol speaks to;
 //! - [`crate::node`]: the replication engine, which follows the commit feed;
-//! - [`crate::api`]: the HTTP API over the service (and the engine's operator views).
+//! - [`crate::api`]: the HTTP API over the service (and the engine's operator views);
+//! - [`crate::lmtp`]: the LMTP server over the service, when `lmtp_listen` is set.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -97,7 +98,7 @@ pub async fn start(
             keypair,
             store: store.clone(),
             queue,
-            metrics,
+            metrics: metrics.clone(),
             registry,
             environment,
         },
@@ -144,6 +145,19 @@ pub async fn start(
             )))
         }
     };
+
+    // LMTP, before HTTP: once http.addr exists, lmtp.addr does too.
+    if let Some(address) = &config.lmtp_listen {
+        let listener = crate::lmtp::Listener::bind(address)
+            .await
+            .map_err(|error| std::io::Error::other(error.to_string()))?;
+        std::fs::write(config.data_dir.join("lmtp.addr"), listener.local_address())?;
+        tracing::info!(address = %listener.local_address(), "LMTP listening");
+        let server = crate::lmtp::LmtpServer::new(service.clone(), &config.name, Some(metrics));
+        tokio::spawn(server.serve(listener, stop.clone()));
+    }
+
+    // HTTP.
     let listener = tokio::net::TcpListener::bind(config.http).await?;
     let http = listener.local_addr()?;
     std::fs::write(config.data_dir.join("http.addr"), http.to_string())?;
