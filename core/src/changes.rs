@@ -122,6 +122,11 @@ pub struct Cursor {
     pub node: NodeId,
     pub origin: NodeId,
     pub position: LogPosition,
+    /// The node's frontier for `origin` when this pass began listing it. Entries up to it were
+    /// all in the log then, so they are listed or above `position`; an entry that arrives later
+    /// below `position` is not, so a pass resumed from a cursor covers `origin` up to this, not
+    /// up to the frontier it ends with.
+    pub frontier: u64,
 }
 
 /// A place in one origin's log: entries are ordered by `(time, item)`.
@@ -183,6 +188,7 @@ impl ChangeState {
             bytes.extend_from_slice(&cursor.origin.0.to_be_bytes());
             put_varint(&mut bytes, cursor.position.time);
             bytes.extend_from_slice(&cursor.position.item.to_be_bytes());
+            put_varint(&mut bytes, cursor.frontier);
         }
         format!(
             "{TOKEN_PREFIX}{}",
@@ -228,10 +234,12 @@ impl ChangeState {
             let origin = take_u64(&mut reader)?;
             let time = take_varint(&mut reader)?;
             let item = ((take_u64(&mut reader)? as u128) << 64) | take_u64(&mut reader)? as u128;
+            let frontier = take_varint(&mut reader)?;
             state.cursor = Some(Cursor {
                 node: NodeId(node),
                 origin: NodeId(origin),
                 position: LogPosition { time, item },
+                frontier,
             });
         }
         if !reader.is_empty() {
@@ -354,12 +362,18 @@ pub fn changes_since(
             continue;
         }
         let mut start = LogPosition::after_time(bound(origin));
-        if let Some(cursor) = cursor.filter(|cursor| cursor.origin == origin) {
+        let resumed = cursor.filter(|cursor| cursor.origin == origin);
+        if let Some(cursor) = resumed {
             start = start.max(cursor.position);
         }
+        // What finishing this origin on this page covers, and what a cursor set in it carries.
+        let covered = match resumed {
+            Some(cursor) => frontier.get(origin).min(cursor.frontier),
+            None => frontier.get(origin),
+        };
         let newest = latest.get(&origin).copied().unwrap_or(0);
         if newest <= start.time && (newest < start.time || start.item == u128::MAX) {
-            complete.insert(origin, frontier.get(origin));
+            complete.insert(origin, covered);
             continue;
         }
         // The page holds at most `limit` items (at least one, so every page makes progress).
@@ -374,6 +388,7 @@ pub fn changes_since(
                 node: this_node,
                 origin,
                 position: start,
+                frontier: covered,
             });
             continue;
         }
@@ -396,9 +411,10 @@ pub fn changes_since(
                     time: last.time,
                     item: last.item,
                 },
+                frontier: covered,
             });
         } else {
-            complete.insert(origin, frontier.get(origin));
+            complete.insert(origin, covered);
             raise(&mut shown, origin, newest);
         }
     }
@@ -683,6 +699,37 @@ mod tests {
         }
     }
 
+    /// Found by the property test in CI: an entry that arrives between two pages of one pass,
+    /// below the cursor's position, must not be covered by the bound the pass ends with.
+    #[test]
+    fn an_entry_arriving_below_the_cursor_between_pages_is_still_listed() {
+        let item = |time: u64, origin: u64| Item {
+            created: Stamp {
+                time,
+                node: NodeId(origin),
+            },
+            stamps: BTreeMap::from([(NodeId(origin), time)]),
+            destroyed: false,
+        };
+        let mut node = SimulatedNode::default();
+        for (id, time, origin) in [(2u128, 1u64, 0u64), (1, 1, 2), (4, 3, 2), (6, 5, 2)] {
+            node.receive(id, &item(time, origin));
+        }
+        let mut client = Client::default();
+        client.read_pages(&node, 1, 3, 1).unwrap();
+        assert!(client.state.cursor.is_some(), "the first page stops inside origin 2");
+        // The rest of origin 2 arrives, one entry below the cursor, and the frontier catches up.
+        node.receive(3, &item(2, 2));
+        node.receive(5, &item(4, 2));
+        node.frontier
+            .adopt(&Frontier(BTreeMap::from([(NodeId(0), 1), (NodeId(2), 5)])));
+        for _ in 0..2 {
+            client.sync_from(&node, 1, 3).unwrap();
+        }
+        let ids: BTreeSet<u128> = client.view.keys().copied().collect();
+        assert_eq!(ids, BTreeSet::from([1, 2, 3, 4, 5, 6]));
+    }
+
     proptest! {
         #[test]
         fn arbitrary_tokens_never_panic_and_what_decodes_round_trips(body in proptest::collection::vec(any::<u8>(), 0..200)) {
@@ -706,6 +753,7 @@ mod tests {
                     time: 4,
                     item: u128::MAX - 1,
                 },
+                frontier: 3,
             }),
         };
         let text = state.encode();
