@@ -383,6 +383,7 @@ fn run_phase(
                         let size = raw.len() as u64;
                         let submitted = Instant::now();
                         let result = queue.submit_blocking(Operation::Append {
+                            location: None,
                             mailbox: mailboxes[mailbox].clone(),
                             raw,
                             flags: vec![],

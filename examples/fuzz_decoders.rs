@@ -183,7 +183,30 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         b"LHLO mta.example.org\r\nMAIL FROM:<bob@example.net> SIZE=120 BODY=8BITMIME\r\nRCPT TO:<alice@example.org>\r\nRCPT TO:<unknown@example.org>\r\nRCPT TO:<busy+lists@example.org>\r\nDATA\r\nSubject: hi\r\n\r\n..dotted\r\n.\r\nRSET\r\nNOOP\r\nVRFY alice\r\nQUIT\r\n".to_vec(),
         b"LHLO x\nMAIL FROM:<>\nRCPT TO:<a@b>\nBDAT 6\nA: b\r\nBDAT 3 LAST\n\r\nxDATA\n.\n\0\xff\r\nHELP\r\n".to_vec(),
     ];
+    let snapshot = |name: &str, parent: Option<u128>, deleted: bool| {
+        let stamp = mailmesh::model::Stamp {
+            time: 1_767_225_600_000 << 16,
+            node: mailmesh::model::NodeId(3),
+        };
+        let mut record = mailmesh::mailbox::MailboxRecord::new(
+            mailmesh::model::MailboxId(0x0193_0000_0000_0000_0000_0000_0000_0042),
+            parent.map(mailmesh::model::MailboxId),
+            name,
+            Some(mailmesh::mailbox::Role::Archive),
+            stamp,
+        );
+        if deleted {
+            record.deleted = Some(stamp);
+        }
+        cbor4ii::serde::to_vec(Vec::new(), &record).unwrap_or_default()
+    };
+    let snapshot_seeds = vec![
+        snapshot("Work", None, false),
+        snapshot("INBOX", Some(7), true),
+        snapshot("Entw\u{fc}rfe", Some(0x0193_0000_0000_0000_0000_0000_0000_0042), false),
+    ];
     vec![
+        ("snapshots", snapshot_seeds),
         ("lmtp", lmtp_seeds),
         ("sync", sync_seeds),
         ("sketch", sketch_seeds),
@@ -309,6 +332,7 @@ fn run_target(target: &str, input: &[u8]) {
             let _ = mailmesh::api::decode_basic(&text);
         }
         "lmtp" => mailmesh::fuzzing::lmtp_session(input),
+        "snapshots" => mailmesh::fuzzing::mailbox_snapshot(input),
         "mail" => {
             let _ = mailmesh::mail::listing(input);
             let text = mailmesh::mail::search_text(input);
@@ -385,6 +409,7 @@ fn fuzz_targets_for(group: &str) -> &'static [&'static str] {
         "accounts" => &["accounts_file"],
         "import" => &["import_source"],
         "lmtp" => &["lmtp_session"],
+        "snapshots" => &["mailbox_snapshot"],
         _ => &["text_parsers"],
     }
 }

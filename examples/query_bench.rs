@@ -244,6 +244,7 @@ fn main() {
                 let message = message(&mut random, index);
                 *generated.entry((message.last, message.topic)).or_insert(0) += 1;
                 Operation::Append {
+                    location: None,
                     mailbox: mailbox.clone(),
                     raw: message.raw,
                     flags: if index % 3 == 0 {

@@ -193,6 +193,7 @@ fn load(template: &Path, arguments: &Arguments) -> Result<Vec<MessageId>, String
                     }
                     let raw = message(&mut random, index);
                     let result = queue.submit_blocking(Operation::Append {
+                        location: None,
                         mailbox: mailbox.clone(),
                         raw,
                         flags: vec![],

@@ -13,17 +13,21 @@ use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, patch, post};
 use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::{json, Value};
 
 use crate::accounts::{AccountName, AuthenticationError, Password};
 use crate::http::{bad_request, json_errors, not_found, ApiError};
+use crate::mailbox::Role;
 use crate::merkle::Prefix;
-use crate::model::{Flag, MessageId};
+use crate::model::{Flag, MailboxId, MessageId};
 use crate::node::{hex, Node};
-use crate::service::{parse_flags, Delivery, Email, MailService, Query as ListingQuery, ServiceError, SortKey};
+use crate::service::{
+    parse_flags, Delivery, Email, MailService, MailboxSummary, MailboxTarget, MailboxUpdate, Query as ListingQuery,
+    ServiceError, SortKey,
+};
 use crate::tls::ClientAddress;
 
 /// What every route handler gets: the mail service and the engine (for operator views).
@@ -66,6 +70,16 @@ pub fn router(service: MailService, engine: Node) -> Router {
         .route("/v1/mailboxes/{account}/{mailbox}/sync/ids", get(sync_ids))
         .route("/v1/mailboxes/{account}/{mailbox}/changes", get(changes))
         .route("/v1/accounts/{account}/changes", get(account_changes))
+        .route(
+            "/v1/accounts/{account}/mailboxes",
+            get(account_mailboxes).post(create_mailbox),
+        )
+        .route(
+            "/v1/accounts/{account}/mailboxes/{mailbox}",
+            patch(update_mailbox).delete(delete_mailbox),
+        )
+        .route("/v1/accounts/{account}/emails/{id}", get(get_email))
+        .route("/v1/accounts/{account}/emails/{id}/move", post(move_email))
         .route_layer(axum::middleware::from_fn_with_state(guard.clone(), require_account));
     let operator_routes = Router::new()
         .route("/v1/status", get(status))
@@ -417,19 +431,184 @@ async fn list_mailboxes(State(state): State<ApiState>) -> Result<Json<Value>, Ap
     Ok(Json(json!({ "mailboxes": mailboxes })))
 }
 
-async fn get_mailbox(
-    State(state): State<ApiState>,
-    Path((account, mailbox)): Path<(String, String)>,
-) -> Result<Json<Value>, ApiError> {
-    let mailbox = state.service.mailbox(&account, &mailbox)?;
-    Ok(Json(json!({
+fn mailbox_json(mailbox: &MailboxSummary) -> Value {
+    json!({
         "account": mailbox.account,
+        "id": mailbox.id.to_string(),
         "mailbox": mailbox.name,
+        "parent": mailbox.parent.map(|parent| parent.to_string()),
+        "role": mailbox.role.map(Role::as_str),
+        "subscribed": mailbox.subscribed,
+        "sort_order": mailbox.sort_order,
         "count": mailbox.total,
         "unseen": mailbox.unseen,
         "tombstones": mailbox.tombstones,
         "root": mailbox.root,
-    })))
+    })
+}
+
+async fn get_mailbox(
+    State(state): State<ApiState>,
+    Path((account, mailbox)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let id = state.service.find_mailbox(&account, &mailbox)?;
+    Ok(Json(mailbox_json(&state.service.mailbox(&account, id)?)))
+}
+
+async fn account_mailboxes(
+    State(state): State<ApiState>,
+    Path(account): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    let mailboxes: Vec<Value> = state.service.mailboxes(&account)?.iter().map(mailbox_json).collect();
+    Ok(Json(json!({ "mailboxes": mailboxes })))
+}
+
+/// A mailbox named in a route: its stable ID, or its path.
+fn mailbox_of(state: &ApiState, account: &str, text: &str) -> Result<MailboxId, ApiError> {
+    match text.parse::<MessageId>() {
+        Ok(id) if state.service.mailbox(account, MailboxId(id.0)).is_ok() => Ok(MailboxId(id.0)),
+        _ => Ok(state.service.find_mailbox(account, text)?),
+    }
+}
+
+fn role_of(text: Option<&str>) -> Result<Option<Role>, ApiError> {
+    match text {
+        None | Some("") => Ok(None),
+        Some(name) => name
+            .parse::<Role>()
+            .map(Some)
+            .map_err(|_| bad_request(format!("unknown role {name:?}: archive, drafts, junk, sent or trash"))),
+    }
+}
+
+#[derive(Deserialize)]
+struct NewMailbox {
+    name: String,
+    role: Option<String>,
+}
+
+async fn create_mailbox(
+    State(state): State<ApiState>,
+    Path(account): Path<String>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<Value>), ApiError> {
+    let request: NewMailbox = serde_json::from_slice(&body)
+        .map_err(|error| bad_request(format!("expected {{\"name\": \"...\", \"role\": ...}}: {error}")))?;
+    let role = role_of(request.role.as_deref())?;
+    let created = state.service.create_mailbox(&account, &request.name, role).await?;
+    Ok((StatusCode::CREATED, Json(mailbox_json(&created))))
+}
+
+#[derive(Deserialize)]
+struct MailboxChange {
+    name: Option<String>,
+    /// A role name, or "" / null to clear it.
+    #[serde(default, with = "serde_with_option")]
+    role: Option<Option<String>>,
+    subscribed: Option<bool>,
+    sort_order: Option<u32>,
+}
+
+/// Tells a JSON `null` (clear) from an absent field (keep).
+mod serde_with_option {
+    use serde::{Deserialize, Deserializer};
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Option<String>>, D::Error> {
+        Ok(Some(Option::<String>::deserialize(deserializer)?))
+    }
+}
+
+async fn update_mailbox(
+    State(state): State<ApiState>,
+    Path((account, mailbox)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let change: MailboxChange = serde_json::from_slice(&body).map_err(|error| {
+        bad_request(format!(
+            "expected {{\"name\", \"role\", \"subscribed\", \"sort_order\"}} (each optional): {error}"
+        ))
+    })?;
+    let id = mailbox_of(&state, &account, &mailbox)?;
+    let mut summary = state.service.mailbox(&account, id)?;
+    if let Some(name) = &change.name {
+        summary = state.service.rename_mailbox(&account, id, name).await?;
+    }
+    let role = match &change.role {
+        Some(role) => Some(role_of(role.as_deref())?),
+        None => None,
+    };
+    if role.is_some() || change.subscribed.is_some() || change.sort_order.is_some() {
+        summary = state
+            .service
+            .update_mailbox(
+                &account,
+                id,
+                MailboxUpdate {
+                    role,
+                    subscribed: change.subscribed,
+                    sort_order: change.sort_order,
+                },
+            )
+            .await?;
+    }
+    Ok(Json(mailbox_json(&summary)))
+}
+
+async fn delete_mailbox(
+    State(state): State<ApiState>,
+    Path((account, mailbox)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let id = mailbox_of(&state, &account, &mailbox)?;
+    let destroyed = state.service.delete_mailbox(&account, id).await?;
+    Ok(Json(json!({ "id": id.to_string(), "destroyed": destroyed })))
+}
+
+async fn get_email(
+    State(state): State<ApiState>,
+    Path((account, id)): Path<(String, String)>,
+) -> Result<Json<Value>, ApiError> {
+    let email = state.service.email(&account, message_id(&id)?)?;
+    Ok(Json(email_json(&state, &account, &email)))
+}
+
+#[derive(Deserialize)]
+struct MoveRequest {
+    /// The destination: a mailbox ID or path.
+    mailbox: String,
+}
+
+async fn move_email(
+    State(state): State<ApiState>,
+    Path((account, id)): Path<(String, String)>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let request: MoveRequest = serde_json::from_slice(&body)
+        .map_err(|error| bad_request(format!("expected {{\"mailbox\": \"ID or path\"}}: {error}")))?;
+    let to = mailbox_of(&state, &account, &request.mailbox)?;
+    let email = state.service.move_email(&account, message_id(&id)?, to).await?;
+    Ok(Json(email_json(&state, &account, &email)))
+}
+
+/// An email's listing item plus its mailbox's ID and path.
+fn email_json(state: &ApiState, account: &str, email: &Email) -> Value {
+    let mut value = item(email);
+    value["mailbox_id"] = Value::String(email.mailbox.to_string());
+    if let Ok(mailbox) = state.service.mailbox(account, email.mailbox) {
+        value["mailbox"] = Value::String(mailbox.name);
+    }
+    value
+}
+
+/// The email `id` if it is shown in the mailbox the route names (the routes under
+/// `/v1/mailboxes/{account}/{mailbox}/messages/{id}` keep their meaning now that emails move).
+fn email_in(state: &ApiState, account: &str, mailbox: &str, id: &str) -> Result<Email, ApiError> {
+    let id = message_id(id)?;
+    let mailbox = state.service.find_mailbox(account, mailbox)?;
+    let email = state.service.email(account, id)?;
+    if email.mailbox != mailbox {
+        return Err(ServiceError::NoSuchMessage(id).into());
+    }
+    Ok(email)
 }
 
 #[derive(Deserialize)]
@@ -475,7 +654,7 @@ async fn append(
         .service
         .deliver(Delivery {
             account,
-            mailbox,
+            mailbox: MailboxTarget::PathOrCreate(mailbox),
             raw: raw.to_vec(),
             flags: parse_flags(&flag_names)?,
             received_millis: options.received,
@@ -484,6 +663,7 @@ async fn append(
         .await?;
     let mut answer = json!({
         "id": delivered.id.to_string(),
+        "mailbox_id": delivered.mailbox.to_string(),
         "blob": delivered.blob.to_string(),
         "size": delivered.size,
     });
@@ -523,11 +703,12 @@ async fn list_messages(
     if limit > 1000 {
         return Err(bad_request("limit is at most 1000"));
     }
+    let mailbox = state.service.find_mailbox(&account, &mailbox)?;
     let result = state
         .service
         .query(
             &account,
-            &mailbox,
+            mailbox,
             ListingQuery {
                 search: query.search,
                 sort,
@@ -585,12 +766,15 @@ async fn sync_ranges(
         other => return Err(bad_request(format!("split is 16 or 256, not {other}"))),
     };
     let service = &state.service;
-    let (whole, _) = service.range(&account, &mailbox, prefix)?;
+    // The ranges cover the account's emails trie (every mailbox of the account), the unit
+    // peers reconcile; the mailbox in the route must exist.
+    service.find_mailbox(&account, &mailbox)?;
+    let (whole, _) = service.range(&account, prefix)?;
     // Skip single-child levels (time-ordered IDs share their high nibbles), as peers do, so
     // each answer splits where the messages actually branch.
     let mut branching = prefix;
     while branching.depth() < crate::merkle::KEY_NIBBLES && whole.count > 1 {
-        let (_, children) = service.range(&account, &mailbox, branching)?;
+        let (_, children) = service.range(&account, branching)?;
         let mut present = children
             .iter()
             .enumerate()
@@ -612,7 +796,7 @@ async fn sync_ranges(
     }
     let mut ranges = Vec::new();
     for child in frontier {
-        let (aggregate, _) = service.range(&account, &mailbox, child)?;
+        let (aggregate, _) = service.range(&account, child)?;
         if !aggregate.is_empty() {
             ranges.push(range_json(child, &aggregate));
         }
@@ -639,7 +823,8 @@ async fn sync_ids(
     if limit > 10_000 {
         return Err(bad_request("limit is at most 10000"));
     }
-    let mut entries = state.service.range_entries(&account, &mailbox, low, high, limit + 1)?;
+    state.service.find_mailbox(&account, &mailbox)?;
+    let mut entries = state.service.range_entries(&account, low, high, limit + 1)?;
     let more = entries.len() > limit;
     entries.truncate(limit);
     let ids: Vec<Value> = entries
@@ -668,9 +853,10 @@ async fn changes(
     Query(query): Query<ChangesQuery>,
 ) -> Result<Json<Value>, ApiError> {
     let limit = query.limit.unwrap_or(10_000).min(100_000);
+    let mailbox = state.service.find_mailbox(&account, &mailbox)?;
     let changes = state
         .service
-        .changes(&account, &mailbox, query.since.unwrap_or(0), limit)?;
+        .changes(&account, mailbox, query.since.unwrap_or(0), limit)?;
     let text = |ids: &[MessageId]| ids.iter().map(|id| id.to_string()).collect::<Vec<_>>();
     Ok(Json(json!({
         "created": text(&changes.created),
@@ -700,13 +886,20 @@ async fn account_changes(
     let emails = |emails: &[crate::service::ChangedEmail]| -> Vec<Value> {
         emails
             .iter()
-            .map(|email| json!({ "id": email.id.to_string(), "mailbox": email.mailbox }))
+            .map(|email| {
+                json!({
+                    "id": email.id.to_string(),
+                    "mailbox": email.mailbox_name,
+                    "mailbox_id": email.mailbox.map(|mailbox| mailbox.to_string()),
+                })
+            })
             .collect()
     };
     Ok(Json(json!({
         "created": emails(&changes.created),
         "updated": emails(&changes.updated),
         "destroyed": changes.destroyed.iter().map(|id| id.to_string()).collect::<Vec<_>>(),
+        "mailboxes": changes.mailboxes.iter().map(|id| id.to_string()).collect::<Vec<_>>(),
         "state": changes.new_state,
         "has_more": changes.has_more,
     })))
@@ -716,7 +909,7 @@ async fn get_message(
     State(state): State<ApiState>,
     Path((account, mailbox, id)): Path<(String, String, String)>,
 ) -> Result<Json<Value>, ApiError> {
-    let email = state.service.email(&account, &mailbox, message_id(&id)?)?;
+    let email = email_in(&state, &account, &mailbox, &id)?;
     Ok(Json(item(&email)))
 }
 
@@ -724,7 +917,8 @@ async fn get_raw(
     State(state): State<ApiState>,
     Path((account, mailbox, id)): Path<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    let bytes = state.service.raw(&account, &mailbox, message_id(&id)?)?;
+    let email = email_in(&state, &account, &mailbox, &id)?;
+    let bytes = state.service.raw(&account, email.id)?;
     Ok(([(header::CONTENT_TYPE, "message/rfc822")], bytes).into_response())
 }
 
@@ -741,11 +935,11 @@ async fn set_flags(
     Path((account, mailbox, id)): Path<(String, String, String)>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let id = message_id(&id)?;
+    let id = email_in(&state, &account, &mailbox, &id)?.id;
     let change: FlagChange = serde_json::from_slice(&body)
         .map_err(|error| bad_request(format!("expected {{\"add\":[...],\"remove\":[...]}}: {error}")))?;
     let (add, remove) = (parse_flags(&change.add)?, parse_flags(&change.remove)?);
-    let email = state.service.set_flags(&account, &mailbox, id, add, remove).await?;
+    let email = state.service.set_flags(&account, id, add, remove).await?;
     Ok(Json(item(&email)))
 }
 
@@ -753,7 +947,8 @@ async fn expunge(
     State(state): State<ApiState>,
     Path((account, mailbox, id)): Path<(String, String, String)>,
 ) -> Result<StatusCode, ApiError> {
-    state.service.destroy(&account, &mailbox, message_id(&id)?).await?;
+    let email = email_in(&state, &account, &mailbox, &id)?;
+    state.service.destroy(&account, email.id).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -108,6 +108,19 @@ pub fn text_parsers(input: &[u8]) {
     }
 }
 
+/// What the cargo-fuzz target `mailbox_snapshot` runs on one input: the bytes of a replicated
+/// mailbox snapshot, as a peer could send them. A snapshot that decodes must fold and resolve
+/// into a tree with its INBOX, and folding it twice must change nothing.
+pub fn mailbox_snapshot(input: &[u8]) {
+    let Some(record) = crate::service::decode_snapshot(input) else {
+        return;
+    };
+    let once = crate::service::fold_snapshots([record.clone()]);
+    assert_eq!(crate::service::fold_snapshots([record.clone(), record]), once);
+    let tree = crate::mailbox::resolve("alice@example.org", once.values());
+    assert!(tree.get(tree.inbox()).is_some());
+}
+
 /// What the cargo-fuzz target `change_state` runs on one input.
 pub fn change_state(input: &[u8]) {
     let Ok(text) = std::str::from_utf8(input) else { return };
@@ -255,6 +268,7 @@ pub fn lmtp_session(input: &[u8]) {
                         assert!(copy.raw.ends_with(&transaction.body));
                         let delivered = Ok(Delivered {
                             id: MessageId(1),
+                            mailbox: crate::model::MailboxId(1),
                             blob: BlobHash::of(&copy.raw),
                             size: copy.raw.len() as u64,
                             duplicate: false,
@@ -288,4 +302,5 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("jmap_request", jmap_request),
     ("import_source", import_source),
     ("lmtp_session", lmtp_session),
+    ("mailbox_snapshot", mailbox_snapshot),
 ];

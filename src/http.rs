@@ -26,6 +26,7 @@ impl From<ServiceError> for ApiError {
                 StatusCode::NOT_FOUND
             }
             ServiceError::BodyNotYetHere => StatusCode::NOT_FOUND,
+            ServiceError::MailboxExists(_) | ServiceError::MailboxHasChildren(_) => StatusCode::CONFLICT,
             ServiceError::TooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             ServiceError::Authentication(crate::accounts::AuthenticationError::Refused) => StatusCode::UNAUTHORIZED,
             ServiceError::Authentication(crate::accounts::AuthenticationError::Throttled { .. }) => {

@@ -206,15 +206,20 @@ impl SearchIndex {
         task: &SearchTask,
     ) -> Result<(), SearchError> {
         match task {
-            SearchTask::Add { mailbox, id, blob } => {
+            SearchTask::Add {
+                mailbox,
+                container,
+                id,
+                blob,
+            } => {
                 let key = document_key(*mailbox, *id);
                 writer.delete_term(Term::from_field_text(self.fields.key, &key));
-                let mailbox_id = MailboxId(*mailbox);
-                let Some(record) = store.record(mailbox_id, *id)? else {
+                let container = MailboxId(*container);
+                let Some(record) = store.record(container, *id)? else {
                     return Ok(());
                 };
                 let listing = store
-                    .local_state(mailbox_id, *id)?
+                    .local_state(container, *id)?
                     .and_then(|state| state.listing)
                     .unwrap_or_default();
                 let raw = store.blob(blob)?.unwrap_or_default();
@@ -258,6 +263,7 @@ impl SearchIndex {
         limit: usize,
     ) -> Result<SearchHits, SearchError> {
         self.catch_up(store)?;
+        let container = store.container_of(mailbox)?;
         let parser = tantivy::query::QueryParser::for_index(
             &self.index,
             vec![self.fields.from, self.fields.to, self.fields.subject, self.fields.body],
@@ -308,8 +314,8 @@ impl SearchIndex {
                 continue;
             };
             if store
-                .local_state(mailbox, id)?
-                .is_some_and(|state| state.listing.is_some())
+                .local_state(container, id)?
+                .is_some_and(|state| state.listing.is_some() && state.view == mailbox.0)
             {
                 hits.ids.push(id);
             } else {

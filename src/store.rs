@@ -79,7 +79,8 @@ const CHANGES: &str = "changes";
 const SEARCH_QUEUE: &str = "search_queue";
 const TOMBSTONES: &str = "tombstones";
 const ACCOUNT_LOG: &str = "account_log";
-const LOCAL_FAMILIES: [&str; 6] = [LOCAL, INDEX, CHANGES, SEARCH_QUEUE, TOMBSTONES, ACCOUNT_LOG];
+const VIEWS: &str = "views";
+const LOCAL_FAMILIES: [&str; 7] = [LOCAL, INDEX, CHANGES, SEARCH_QUEUE, TOMBSTONES, ACCOUNT_LOG, VIEWS];
 const META_FRONTIER: &[u8] = b"frontier";
 const META_PURGED: &[u8] = b"purged_by_origin";
 const META_LAST_CONTACT: &[u8] = b"last_contact";
@@ -90,7 +91,7 @@ const META_CLOCK: &[u8] = b"clock";
 const META_FORMAT: &[u8] = b"format";
 
 /// The format of the stores this build writes and reads.
-pub const STORE_FORMAT: u64 = 3;
+pub const STORE_FORMAT: u64 = 4;
 const META_LAST_ID: &[u8] = b"last_id";
 
 /// Why a store operation failed. Each variant says what the caller can do about it.
@@ -193,6 +194,9 @@ pub enum Operation {
     /// Stores a new message; the store issues its ID and stamps its initial flags.
     Append {
         mailbox: MailboxKey,
+        /// The mailbox the email is placed in, for an account's emails container
+        /// ([`crate::model::EMAILS_CONTAINER`]); any other container is its own one listing.
+        location: Option<MailboxId>,
         raw: Vec<u8>,
         flags: Vec<Flag>,
         /// When the message was received, if not now (an import keeps the original date).
@@ -206,6 +210,13 @@ pub enum Operation {
         id: MessageId,
         add: Vec<Flag>,
         remove: Vec<Flag>,
+        now_millis: u64,
+    },
+    /// Moves a live email to another mailbox of its account, keeping its ID (idempotent).
+    Move {
+        mailbox: MailboxKey,
+        id: MessageId,
+        to: MailboxId,
         now_millis: u64,
     },
     /// Expunges a message (idempotent).
@@ -278,6 +289,29 @@ pub struct LocalState {
     pub modseq: u64,
     /// Headers for listings and sorts; `None` once expunged.
     pub listing: Option<Listing>,
+    /// The listing the record is in (see [`view_of`]).
+    pub view: u128,
+}
+
+/// The counters of one listing (a mailbox, see [`view_of`]): node-local, like the sort indexes.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ViewEntry {
+    /// The container whose records the listing shows.
+    pub container: u128,
+    /// Live messages.
+    pub live: u64,
+    /// Live messages without \Seen.
+    pub unseen: u64,
+}
+
+/// The listing a record is shown in: in an account's emails container, the mailbox of its
+/// location register; in any other container, the container itself.
+pub fn view_of(container: &MailboxKey, record: &MessageRecord) -> MailboxId {
+    if container.mailbox() == crate::model::EMAILS_CONTAINER {
+        record.location.mailbox
+    } else {
+        container.id()
+    }
 }
 
 /// The orders a mailbox can be listed in.
@@ -438,7 +472,10 @@ fn blob_key(mailbox: MailboxId, blob: &BlobHash, id: MessageId) -> Vec<u8> {
 pub enum SearchTask {
     /// Index this live record (its blob is in the store).
     Add {
+        /// The listing (see [`view_of`]) the record is in.
         mailbox: u128,
+        /// The container that holds the record.
+        container: u128,
         id: MessageId,
         blob: BlobHash,
     },
@@ -629,6 +666,7 @@ impl Store {
             ColumnFamilyDescriptor::new(SEARCH_QUEUE, family_options()),
             ColumnFamilyDescriptor::new(TOMBSTONES, family_options()),
             ColumnFamilyDescriptor::new(ACCOUNT_LOG, family_options()),
+            ColumnFamilyDescriptor::new(VIEWS, family_options()),
         ];
         let db = DB::open_cf_descriptors(&db_options, path, families)?;
         let meta = db
@@ -676,6 +714,17 @@ impl Store {
     /// The clock's current value.
     pub fn clock(&self) -> u64 {
         self.writer.lock().map(|state| state.clock.current()).unwrap_or(0)
+    }
+
+    /// A fresh stamp of this node's clock, for a decision the caller writes in its next
+    /// operation (a mailbox snapshot carries stamps inside its bytes). The clock is persisted by
+    /// the commit that follows; a stamp lost in a crash before it was used changes nothing.
+    pub fn stamp(&self, now_millis: u64) -> Stamp {
+        let mut state = lock(&self.writer);
+        Stamp {
+            time: state.clock.tick(now_millis),
+            node: self.node,
+        }
     }
 
     /// Applies operations in one atomic, durable batch. Each operation gets its own result; one
@@ -755,6 +804,7 @@ impl Store {
         match operation {
             Operation::Append {
                 mailbox,
+                location,
                 raw,
                 flags,
                 received_millis,
@@ -773,6 +823,7 @@ impl Store {
                 let received = received_millis.unwrap_or(now_millis);
                 let mut record = MessageRecord::new(id, blob, size, received, self.node);
                 record.created = state.clock.tick(now_millis);
+                record.place_in(location.unwrap_or_else(|| mailbox.id()));
                 if !flags.is_empty() {
                     let stamp = Stamp {
                         time: state.clock.tick(now_millis),
@@ -820,6 +871,38 @@ impl Store {
                     staging.change(mailbox, Some(old), record.clone());
                 }
                 Ok(Applied::Record { record, changed })
+            }
+            Operation::Move {
+                mailbox,
+                id,
+                to,
+                now_millis,
+            } => {
+                let old = self
+                    .load(staging, mailbox.id(), id)?
+                    .ok_or_else(|| StoreError::NotFound {
+                        mailbox: mailbox.clone(),
+                        id,
+                    })?;
+                if !old.is_live() {
+                    return Err(StoreError::Expunged(id));
+                }
+                if old.location.mailbox == to {
+                    return Ok(Applied::Record {
+                        record: old,
+                        changed: false,
+                    });
+                }
+                let mut record = old.clone();
+                record.location = crate::mailbox::Location {
+                    mailbox: to,
+                    stamp: Stamp {
+                        time: state.clock.tick(now_millis),
+                        node: self.node,
+                    },
+                };
+                staging.change(mailbox, Some(old), record.clone());
+                Ok(Applied::Record { record, changed: true })
             }
             Operation::Expunge {
                 mailbox,
@@ -935,6 +1018,8 @@ impl Store {
         let mut deltas: HashMap<(Space, Prefix), AggregateDelta> = HashMap::new();
         let mut counters: HashMap<MailboxId, (MailboxKey, i64, i64, i64)> = HashMap::new();
         let mut modseqs: HashMap<MailboxId, u64> = HashMap::new();
+        // Per view: its container and the change to its live and unseen counts.
+        let mut view_counters: HashMap<MailboxId, (MailboxId, i64, i64)> = HashMap::new();
         let local = self.family(LOCAL)?;
         let index = self.family(INDEX)?;
         let changes = self.family(CHANGES)?;
@@ -957,7 +1042,7 @@ impl Store {
                 deltas.entry((space, prefix)).or_default().add(&delta);
             }
             if let Some(local_state) = self.local_state(*mailbox_id, record.id)? {
-                batch.delete_cf(changes, change_key(*mailbox_id, local_state.modseq));
+                batch.delete_cf(changes, change_key(MailboxId(local_state.view), local_state.modseq));
             }
             batch.delete_cf(local, record_key(*mailbox_id, record.id));
             if let Some(stamp) = record.expunged {
@@ -1006,7 +1091,9 @@ impl Store {
                 batch.put_cf(account_log, log_key(&account, origin, time, *id), value);
             }
             batch.put_cf(account_log, where_key(&account, *id), mailbox_id.to_bytes());
-            // Node-local state: modseq, change log, listing, sort indexes, search queue.
+            // Node-local state: modseq, change log, listing, sort indexes, search queue. The
+            // modseq counts per container; the listing a record is in is its view (see
+            // [`view_of`]), which a move changes.
             let modseq = match modseqs.get_mut(mailbox_id) {
                 Some(modseq) => modseq,
                 None => {
@@ -1017,14 +1104,26 @@ impl Store {
             *modseq += 1;
             let modseq = *modseq;
             let old_local = self.local_state(*mailbox_id, *id)?;
+            let new_view = view_of(&change.mailbox, &change.new);
+            let old_view = match (&old_local, &change.old) {
+                (Some(old), _) => MailboxId(old.view),
+                (None, Some(old)) => view_of(&change.mailbox, old),
+                (None, None) => new_view,
+            };
             if let Some(old) = &old_local {
-                batch.delete_cf(changes, change_key(*mailbox_id, old.modseq));
+                batch.delete_cf(changes, change_key(old_view, old.modseq));
             }
-            batch.put_cf(changes, change_key(*mailbox_id, modseq), id.to_bytes());
+            batch.put_cf(changes, change_key(new_view, modseq), id.to_bytes());
             let old_listing = old_local.as_ref().and_then(|old| old.listing.clone());
+            if old_view != new_view && old_listing.is_some() {
+                // The listing it left records the departure, so its change log reports the email
+                // as gone (see `changes_since`).
+                batch.put_cf(changes, change_key(old_view, modseq), id.to_bytes());
+            }
             let new_listing = if change.new.is_live() {
                 match &old_listing {
                     Some(listing) => Some(listing.clone()),
+                    None if change.mailbox.holds_mailboxes() => Some(Listing::default()),
                     None => Some(
                         match (
                             staging.listings.get(&change.new.blob),
@@ -1042,25 +1141,10 @@ impl Store {
             } else {
                 None
             };
-            match (&old_listing, &new_listing) {
-                (None, Some(listing)) => {
-                    for sort in SortKey::ALL {
-                        let key = index_key(*mailbox_id, sort, &sort.key(&change.new, listing), *id);
-                        if tracked.contains(mailbox_id) {
-                            index_events.push((*mailbox_id, sort as u8, key[INDEX_PREFIX..].to_vec(), true));
-                        }
-                        batch.put_cf(index, key, []);
-                    }
-                    batch.put_cf(index, blob_key(*mailbox_id, &change.new.blob, *id), []);
-                    state.search_sequence += 1;
-                    let task = SearchTask::Add {
-                        mailbox: mailbox_id.0,
-                        id: *id,
-                        blob: change.new.blob,
-                    };
-                    batch.put_cf(search_queue, state.search_sequence.to_be_bytes(), encode_cbor(&task));
-                }
-                (Some(listing), None) => {
+            let old_record = change.old.as_ref().unwrap_or(&change.new);
+            let stays = old_view == new_view && old_listing.is_some() && new_listing.is_some();
+            if !stays {
+                if let Some(listing) = &old_listing {
                     if let Some(stamp) = change.new.expunged {
                         batch.put_cf(
                             tombstones,
@@ -1068,15 +1152,14 @@ impl Store {
                             [],
                         );
                     }
-                    let old_record = change.old.as_ref().unwrap_or(&change.new);
                     for sort in SortKey::ALL {
-                        let key = index_key(*mailbox_id, sort, &sort.key(old_record, listing), *id);
-                        if tracked.contains(mailbox_id) {
-                            index_events.push((*mailbox_id, sort as u8, key[INDEX_PREFIX..].to_vec(), false));
+                        let key = index_key(old_view, sort, &sort.key(old_record, listing), *id);
+                        if tracked.contains(&old_view) {
+                            index_events.push((old_view, sort as u8, key[INDEX_PREFIX..].to_vec(), false));
                         }
                         batch.delete_cf(index, key);
                     }
-                    batch.delete_cf(index, blob_key(*mailbox_id, &old_record.blob, *id));
+                    batch.delete_cf(index, blob_key(old_view, &old_record.blob, *id));
                     state.search_sequence += 1;
                     batch.put_cf(
                         search_queue,
@@ -1084,12 +1167,35 @@ impl Store {
                         encode_cbor(&SearchTask::Remove { id: *id }),
                     );
                 }
-                _ => {}
+                if let Some(listing) = &new_listing {
+                    for sort in SortKey::ALL {
+                        let key = index_key(new_view, sort, &sort.key(&change.new, listing), *id);
+                        if tracked.contains(&new_view) {
+                            index_events.push((new_view, sort as u8, key[INDEX_PREFIX..].to_vec(), true));
+                        }
+                        batch.put_cf(index, key, []);
+                    }
+                    batch.put_cf(index, blob_key(new_view, &change.new.blob, *id), []);
+                    if !change.mailbox.holds_mailboxes() {
+                        state.search_sequence += 1;
+                        let task = SearchTask::Add {
+                            mailbox: new_view.0,
+                            container: mailbox_id.0,
+                            id: *id,
+                            blob: change.new.blob,
+                        };
+                        batch.put_cf(search_queue, state.search_sequence.to_be_bytes(), encode_cbor(&task));
+                    }
+                }
             }
             let local_state = LocalState {
-                created: old_local.as_ref().map(|old| old.created).unwrap_or(modseq),
+                created: match &old_local {
+                    Some(old) if old_view == new_view => old.created,
+                    _ => modseq,
+                },
                 modseq,
                 listing: new_listing,
+                view: new_view.0,
             };
             batch.put_cf(local, record_key(*mailbox_id, *id), encode_cbor(&local_state));
             let old_hash = change.old.as_ref().map(crdt::state_hash);
@@ -1106,6 +1212,12 @@ impl Store {
             entry.1 += new_records - old_records;
             entry.2 += new_live - old_live;
             entry.3 += new_unseen - old_unseen;
+            let view_delta = view_counters.entry(old_view).or_insert((*mailbox_id, 0, 0));
+            view_delta.1 -= old_live;
+            view_delta.2 -= old_unseen;
+            let view_delta = view_counters.entry(new_view).or_insert((*mailbox_id, 0, 0));
+            view_delta.1 += new_live;
+            view_delta.2 += new_unseen;
         }
         let mut roots: HashMap<MailboxId, Aggregate> = HashMap::new();
         for ((space, prefix), delta) in &deltas {
@@ -1151,6 +1263,19 @@ impl Store {
                 directory_deltas.entry(prefix).or_default().add(&delta);
             }
             batch.put_cf(mailboxes, mailbox_id.to_bytes(), encode_cbor(&entry));
+        }
+        let views = self.family(VIEWS)?;
+        for (view, (container, live_delta, unseen_delta)) in view_counters {
+            if live_delta == 0 && unseen_delta == 0 {
+                continue;
+            }
+            let mut entry = self.view_entry(view)?.unwrap_or(ViewEntry {
+                container: container.0,
+                ..ViewEntry::default()
+            });
+            entry.live = entry.live.saturating_add_signed(live_delta);
+            entry.unseen = entry.unseen.saturating_add_signed(unseen_delta);
+            batch.put_cf(views, view.to_bytes(), encode_cbor(&entry));
         }
         for (prefix, delta) in directory_deltas {
             batch.merge_cf(
@@ -1251,6 +1376,23 @@ impl Store {
         }
     }
 
+    /// The counters of a listing (see [`view_of`]); `None` before anything was listed in it.
+    pub fn view_entry(&self, view: MailboxId) -> Result<Option<ViewEntry>, StoreError> {
+        match self.db.get_pinned_cf(self.family(VIEWS)?, view.to_bytes())? {
+            Some(bytes) => Ok(Some(decode_cbor(&bytes, "view entry")?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The container whose records a listing shows (the listing itself for a container that is
+    /// its own listing, and for one that never held anything).
+    pub fn container_of(&self, view: MailboxId) -> Result<MailboxId, StoreError> {
+        Ok(self
+            .view_entry(view)?
+            .map(|entry| MailboxId(entry.container))
+            .unwrap_or(view))
+    }
+
     /// Every mailbox, in mailbox-ID order.
     pub fn mailboxes(&self) -> Result<Vec<MailboxEntry>, StoreError> {
         let mut entries = Vec::new();
@@ -1331,13 +1473,14 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<(MessageRecord, Listing)>, StoreError> {
         let ids = self.list_ids(mailbox, sort, descending, position, limit)?;
+        let container = self.container_of(mailbox)?;
         let mut page = Vec::with_capacity(ids.len());
         for id in ids {
             let record = self
-                .record(mailbox, id)?
+                .record(container, id)?
                 .ok_or_else(|| StoreError::Corrupt(format!("index names missing record {id}")))?;
             let listing = self
-                .local_state(mailbox, id)?
+                .local_state(container, id)?
                 .and_then(|state| state.listing)
                 .unwrap_or_default();
             page.push((record, listing));
@@ -1362,7 +1505,7 @@ impl Store {
         if limit == 0 || near_start {
             return self.list_ids_by_skipping(mailbox, sort, descending, position, limit);
         }
-        let live = self.mailbox_entry(mailbox)?.map(|entry| entry.live).unwrap_or(0) as usize;
+        let live = self.view_entry(mailbox)?.map(|entry| entry.live).unwrap_or(0) as usize;
         if live <= 4 * self.options.position_block {
             return self.list_ids_by_skipping(mailbox, sort, descending, position, limit);
         }
@@ -1610,13 +1753,19 @@ impl Store {
     }
 
     /// Records created, updated and expunged in a mailbox since a node-local modseq.
+    ///
+    /// `mailbox` is a listing (see [`view_of`]); its modseqs are those of its container, so the
+    /// listings of one account share one sequence. An email moved out since `since` is reported
+    /// expunged; one moved in, created.
     pub fn changes_since(&self, mailbox: MailboxId, since: u64, limit: usize) -> Result<Changes, StoreError> {
-        let current = self.mailbox_entry(mailbox)?.map(|entry| entry.modseq).unwrap_or(0);
+        let container = self.container_of(mailbox)?;
+        let entry = self.mailbox_entry(container)?;
+        let current = entry.as_ref().map(|entry| entry.modseq).unwrap_or(0);
         let mut result = Changes {
             modseq: current,
             ..Changes::default()
         };
-        let rebuilt_at = self.mailbox_entry(mailbox)?.map(|entry| entry.rebuilt_at).unwrap_or(0);
+        let rebuilt_at = entry.as_ref().map(|entry| entry.rebuilt_at).unwrap_or(0);
         if since > current || (since > 0 && since <= rebuilt_at) {
             // Not issued here, or issued before a rebuild renumbered the log: listing from it
             // would silently miss changes, so the client must resync.
@@ -1627,6 +1776,7 @@ impl Store {
         options.set_iterate_upper_bound(change_key(mailbox, u64::MAX).to_vec());
         let start = change_key(mailbox, since.saturating_add(1));
         let mut seen = 0;
+        let mut listed = HashSet::new();
         for item in self.db.iterator_cf_opt(
             self.family(CHANGES)?,
             options,
@@ -1642,7 +1792,15 @@ impl Store {
                 break;
             }
             let id = MessageId::from_slice(&value).ok_or_else(|| StoreError::Corrupt("change value".into()))?;
-            let state = self.local_state(mailbox, id)?.unwrap_or_default();
+            if !listed.insert(id) {
+                continue;
+            }
+            let mut state = self.local_state(container, id)?.unwrap_or_default();
+            if state.view != mailbox.0 {
+                // Moved out of this listing.
+                state.listing = None;
+                state.created = 0;
+            }
             match (state.created > since, state.listing.is_some()) {
                 (true, true) => result.created.push(id),
                 (true, false) => {} // created and expunged since: nothing to tell
@@ -1874,6 +2032,7 @@ impl Store {
         }
         let mut visited = 0u64;
         let mut sequence = 0u64;
+        let mut view_counts: HashMap<MailboxId, ViewEntry> = HashMap::new();
         for entry in self.mailboxes()? {
             let mailbox_id = entry.key.id();
             let mut batch = WriteBatch::default();
@@ -1886,16 +2045,27 @@ impl Store {
                 visited += 1;
                 modseq += 1;
                 let id = record.id;
+                let view = view_of(&entry.key, &record);
                 let listing = if record.is_live() {
                     live += 1;
+                    let counts = view_counts.entry(view).or_insert_with(|| ViewEntry {
+                        container: mailbox_id.0,
+                        ..ViewEntry::default()
+                    });
+                    counts.live += 1;
                     if !record.has_flag(&Flag::Seen) {
                         unseen += 1;
+                        counts.unseen += 1;
                     }
-                    match self.blob(&record.blob) {
-                        Ok(raw) => Some(raw.map(|raw| mail::listing(&raw)).unwrap_or_default()),
-                        Err(error) => {
-                            failure = Some(error);
-                            return false;
+                    if entry.key.holds_mailboxes() {
+                        Some(Listing::default())
+                    } else {
+                        match self.blob(&record.blob) {
+                            Ok(raw) => Some(raw.map(|raw| mail::listing(&raw)).unwrap_or_default()),
+                            Err(error) => {
+                                failure = Some(error);
+                                return false;
+                            }
                         }
                     }
                 } else {
@@ -1927,18 +2097,21 @@ impl Store {
                 }
                 if let Some(listing) = &listing {
                     for sort in SortKey::ALL {
-                        batch.put_cf(index, index_key(mailbox_id, sort, &sort.key(&record, listing), id), []);
+                        batch.put_cf(index, index_key(view, sort, &sort.key(&record, listing), id), []);
                     }
-                    batch.put_cf(index, blob_key(mailbox_id, &record.blob, id), []);
-                    sequence += 1;
-                    let task = SearchTask::Add {
-                        mailbox: mailbox_id.0,
-                        id,
-                        blob: record.blob,
-                    };
-                    batch.put_cf(queue, sequence.to_be_bytes(), encode_cbor(&task));
+                    batch.put_cf(index, blob_key(view, &record.blob, id), []);
+                    if !entry.key.holds_mailboxes() {
+                        sequence += 1;
+                        let task = SearchTask::Add {
+                            mailbox: view.0,
+                            container: mailbox_id.0,
+                            id,
+                            blob: record.blob,
+                        };
+                        batch.put_cf(queue, sequence.to_be_bytes(), encode_cbor(&task));
+                    }
                 }
-                batch.put_cf(changes, change_key(mailbox_id, modseq), id.to_bytes());
+                batch.put_cf(changes, change_key(view, modseq), id.to_bytes());
                 batch.put_cf(
                     local,
                     record_key(mailbox_id, id),
@@ -1946,6 +2119,7 @@ impl Store {
                         created: modseq,
                         modseq,
                         listing,
+                        view: view.0,
                     }),
                 );
                 true
@@ -1962,6 +2136,10 @@ impl Store {
             self.db.write(batch)?;
         }
         let mut batch = WriteBatch::default();
+        let views = self.family(VIEWS)?;
+        for (view, counts) in &view_counts {
+            batch.put_cf(views, view.to_bytes(), encode_cbor(counts));
+        }
         batch.put_cf(self.family(META)?, META_SEARCH_SEQUENCE, sequence.to_be_bytes());
         self.db.write(batch)?;
         Ok(visited)
@@ -2305,6 +2483,7 @@ fn feed_source(operation: &Operation) -> Option<(Origin, MailboxKey)> {
     match operation {
         Operation::Append { mailbox, .. }
         | Operation::SetFlags { mailbox, .. }
+        | Operation::Move { mailbox, .. }
         | Operation::Expunge { mailbox, .. } => Some((Origin::Local, mailbox.clone())),
         Operation::Merge { mailbox, .. } => Some((Origin::Peer, mailbox.clone())),
         Operation::PutBlob { .. } | Operation::Purge { .. } => None,

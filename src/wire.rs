@@ -14,7 +14,7 @@ use crate::sync::ByteString;
 /// The version of these frames. Version 2: [`Request::FetchRecords`] names the records the asker
 /// already holds, and reconciliation replies send no blob of a record the asker holds. A peer
 /// speaking another version is refused (not synced with, not blamed).
-pub const WIRE_VERSION: u8 = 3;
+pub const WIRE_VERSION: u8 = 4;
 /// The most records one response carries.
 pub const MAX_RECORDS_PER_RESPONSE: usize = 2_000;
 /// The most IDs one fetch names.

@@ -755,7 +755,8 @@ fn an_empty_node_joining_later_receives_every_mailbox_and_blob() {
     };
     let reference = list(&one);
     let joined = list(&three);
-    assert_eq!(reference.len(), 5, "node one lists {reference:?}");
+    // Five mailboxes written to, and the two parents their paths created ("Archive", "Projects").
+    assert_eq!(reference.len(), 7, "node one lists {reference:?}");
     assert_eq!(joined, reference, "the new node's mailboxes differ from node one's");
     for (account, name) in mailboxes {
         let on_one = node_flags(&one, account, name);
@@ -973,11 +974,31 @@ fn http_api_errors_are_json_with_fitting_status() {
     check("DELETE", &format!("{inbox}/messages/{unknown_id}"), &[], 404);
     check("POST", &flags(unknown_id), br#"{"add":["\\Seen"]}"#, 404);
     check("GET", &mailbox_url(ALICE, "No such mailbox"), &[], 404);
+    // Every account has an INBOX, so another account's INBOX answers an empty listing; its
+    // other mailboxes do not exist.
     check(
         "GET",
-        &format!("{}/messages", mailbox_url("nobody@example.org", INBOX)),
+        &format!("{}/messages", mailbox_url("nobody@example.org", "Work")),
         &[],
         404,
+    );
+    check(
+        "PATCH",
+        &format!("/v1/accounts/{}/mailboxes/Nowhere", "alice%40example.org"),
+        br#"{"name":"Elsewhere"}"#,
+        404,
+    );
+    check(
+        "POST",
+        "/v1/accounts/alice%40example.org/mailboxes",
+        br#"{"name":"INBOX"}"#,
+        409,
+    );
+    check(
+        "POST",
+        "/v1/accounts/alice%40example.org/mailboxes",
+        br#"{"name":"Bad/ padded"}"#,
+        400,
     );
 
     // Expunged messages are gone for every route.
@@ -1192,4 +1213,134 @@ fn a_change_state_from_one_node_carries_on_at_another() {
         .unwrap();
     assert_eq!(response.status, 410, "{}", String::from_utf8_lossy(&response.body));
     assert!(is_json_error(&response.body));
+}
+
+// ---------------------------------------------------------------------------------------------
+// 9. Mailboxes as replicated objects
+// ---------------------------------------------------------------------------------------------
+
+fn account_path(account: &str) -> String {
+    format!("/v1/accounts/{}", account.replace('@', "%40"))
+}
+
+fn mailbox_write(node: &LocalNode, method: &str, path: &str, body: &str, expected: u16) -> serde_json::Value {
+    let response = node
+        .send(method, path, body.as_bytes())
+        .unwrap_or_else(|error| panic!("{method} {path} on {}: {error}", node.name));
+    assert_eq!(
+        response.status,
+        expected,
+        "{method} {path} {body} on {} answered {}: {}",
+        node.name,
+        response.status,
+        String::from_utf8_lossy(&response.body)
+    );
+    response.json()
+}
+
+/// (path, id, role) of every mailbox of an account, and the email IDs each one lists.
+fn tree_of(node: &LocalNode, account: &str) -> BTreeMap<String, (String, Option<String>, BTreeSet<String>)> {
+    let response = node
+        .get(&format!("{}/mailboxes", account_path(account)))
+        .unwrap_or_else(|error| panic!("mailboxes of {}: {error}", node.name));
+    let mut tree = BTreeMap::new();
+    for entry in response.json()["mailboxes"].as_array().cloned().unwrap_or_default() {
+        let name = entry["mailbox"].as_str().unwrap_or_default().to_owned();
+        let id = entry["id"].as_str().unwrap_or_default().to_owned();
+        let role = entry["role"].as_str().map(str::to_owned);
+        let ids = ids_of(node, account, &name);
+        tree.insert(name, (id, role, ids));
+    }
+    tree
+}
+
+#[test]
+fn mailbox_writes_made_apart_merge_by_the_laws_once_the_nodes_meet() {
+    let scratch = Scratch::new("mailboxes");
+    let cluster = "test-mailboxes";
+    let a = spawn(&scratch, "a", cluster, &[], &[]);
+    let a_address = address(&a);
+    let mut b = spawn(&scratch, "b", cluster, &[a_address.clone()], &[]);
+    wait_for_peers(&[&a, &b], 1);
+    let account = account_path(ALICE);
+    for name in ["X", "Y", "Old"] {
+        mailbox_write(
+            &a,
+            "POST",
+            &format!("{account}/mailboxes"),
+            &format!(r#"{{"name":"{name}"}}"#),
+            201,
+        );
+    }
+    let shared = append(&a, ALICE, INBOX, &sample_message(BOB, "Shared", "Both sites know me."));
+    converge("before the split", &[&a, &b], || {
+        tree_of(&b, ALICE).len() == 4 && ids_of(&b, ALICE, INBOX).contains(&shared)
+    });
+    let x_id = tree_of(&a, ALICE)["X"].0.clone();
+
+    // Apart: b restarts on another port with no peers, so neither can reach the other.
+    b.kill();
+    let b = spawn(&scratch, "b", cluster, &[], &[]);
+    let work_a = append(&a, ALICE, "Work", &sample_message(BOB, "Work at a", "Site a."));
+    let work_b = append(&b, ALICE, "Work", &sample_message(BOB, "Work at b", "Site b."));
+    mailbox_write(
+        &a,
+        "POST",
+        &format!("{account}/emails/{shared}/move"),
+        r#"{"mailbox":"X"}"#,
+        200,
+    );
+    std::thread::sleep(Duration::from_millis(20));
+    mailbox_write(
+        &b,
+        "POST",
+        &format!("{account}/emails/{shared}/move"),
+        r#"{"mailbox":"Y"}"#,
+        200,
+    );
+    let deleted = mailbox_write(&a, "DELETE", &format!("{account}/mailboxes/Old"), "", 200);
+    assert_eq!(deleted["destroyed"], 0);
+    let rescued = append(
+        &b,
+        ALICE,
+        "Old",
+        &sample_message(BOB, "Into Old", "Delivered as a deletes it."),
+    );
+    mailbox_write(
+        &a,
+        "PATCH",
+        &format!("{account}/mailboxes/X"),
+        r#"{"name":"Renamed","role":"archive"}"#,
+        200,
+    );
+    assert_ne!(a.digest().unwrap(), b.digest().unwrap());
+
+    // Together again.
+    let mut b = b;
+    b.kill();
+    let b = spawn(&scratch, "b", cluster, &[a_address], &[]);
+    let expected_names = ["INBOX", "Renamed", "Work", "Y"];
+    converge("after the nodes meet", &[&a, &b], || {
+        let (left, right) = (tree_of(&a, ALICE), tree_of(&b, ALICE));
+        left == right && left.keys().map(String::as_str).eq(expected_names)
+    });
+    let tree = tree_of(&a, ALICE);
+    assert_eq!(
+        tree["Work"].2,
+        BTreeSet::from([work_a.clone(), work_b.clone()]),
+        "two sites creating Work apart see one Work holding both sites' messages"
+    );
+    assert_eq!(
+        tree["Y"].2,
+        BTreeSet::from([shared.clone()]),
+        "concurrent moves end in the later one everywhere"
+    );
+    assert!(tree["Renamed"].2.is_empty());
+    assert_eq!(tree["Renamed"].0, x_id, "a rename keeps the mailbox's ID");
+    assert_eq!(tree["Renamed"].1.as_deref(), Some("archive"));
+    assert!(
+        tree["INBOX"].2.contains(&rescued),
+        "a delivery made into a mailbox deleted concurrently is shown in the INBOX"
+    );
+    assert!(!tree["INBOX"].2.contains(&shared));
 }

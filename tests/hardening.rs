@@ -466,7 +466,8 @@ async fn a_reconciliation_reply_carries_the_records_and_blobs_the_asker_lacks() 
     // Keep the hand-made peer's events flowing, and answer the node's own session politely.
     let client = answer_with(hostile, |_| nothing_to_reconcile());
     // Ask as a replica holding nothing of the mailbox would.
-    let mailbox = MailboxKey::new("dora@example.org", "INBOX").unwrap();
+    // The container of dora's emails: every mailbox of an account reconciles as one trie.
+    let mailbox = MailboxKey::emails("dora@example.org").unwrap();
     let empty = MemoryTree::new(StoredDepth::MAILBOX);
     let limits = SyncLimits::default();
     let request = wire::Request::Reconcile {
@@ -510,7 +511,7 @@ async fn a_reconciliation_reply_carries_the_records_and_blobs_the_asker_lacks() 
     assert_eq!(carried_blobs, expected_blobs, "with the bytes of each message");
     // The same in a batch, beside a mailbox the node does not know: one reply each, in order.
     let first = ByteString(sync::encode(&sync::initial(&empty, &limits).unwrap()));
-    let unknown = MailboxKey::new("nobody@example.org", "INBOX").unwrap();
+    let unknown = MailboxKey::emails("nobody@example.org").unwrap();
     let batch = wire::Request::ReconcileMailboxes {
         mailboxes: vec![
             wire::MailboxMessage {
@@ -518,7 +519,7 @@ async fn a_reconciliation_reply_carries_the_records_and_blobs_the_asker_lacks() 
                 message: first.clone(),
             },
             wire::MailboxMessage {
-                mailbox: MailboxKey::new("dora@example.org", "INBOX").unwrap(),
+                mailbox: MailboxKey::emails("dora@example.org").unwrap(),
                 message: first,
             },
         ],
@@ -547,7 +548,7 @@ async fn gossip_with_a_stamp_far_in_the_future_is_refused() {
     .unwrap();
     let address = node.listen_address().unwrap();
     let mut hostile = hostile_peer(&address, "test-future").await;
-    let mailbox = MailboxKey::new("victim@example.org", "INBOX").unwrap();
+    let mailbox = MailboxKey::emails("victim@example.org").unwrap();
     let raw = b"Subject: from the future\r\n\r\nhello".to_vec();
     let mut record = MessageRecord::new(
         MessageId::from_parts(1_767_225_600_000, 77),
@@ -556,6 +557,7 @@ async fn gossip_with_a_stamp_far_in_the_future_is_refused() {
         1_767_225_600_000,
         NodeId(66),
     );
+    record.place_in(mailmesh::mailbox::inbox_id("victim@example.org"));
     mailmesh::crdt::apply_flag(
         &mut record,
         Flag::Seen,
@@ -608,9 +610,14 @@ async fn gossip_with_a_stamp_far_in_the_future_is_refused() {
     assert_eq!(
         node.get(&LocalNode::mailbox_path("victim@example.org", "INBOX"))
             .unwrap()
-            .status,
-        404,
+            .json()["count"],
+        0,
         "a record stamped u64::MAX was stored"
+    );
+    assert_eq!(
+        node.status().unwrap()["mailboxes"],
+        0,
+        "nothing of the hostile gossip reached the store"
     );
     let log = std::fs::read_to_string(directory.path().join("node").join("node.log")).unwrap();
     assert!(
@@ -864,10 +871,11 @@ fn a_full_disk_answers_507_writes_nothing_and_writes_resume_once_space_returns()
     assert_eq!(response.status, 507, "{}", String::from_utf8_lossy(&response.body));
     assert!(response.json()["error"].as_str().unwrap().contains("disk space"));
     assert_eq!(
-        node.get("/v1/mailboxes/full%40example.org/INBOX").unwrap().status,
-        404,
+        node.get("/v1/mailboxes/full%40example.org/INBOX").unwrap().json()["count"],
+        0,
         "something was half-written"
     );
+    assert_eq!(node.status().unwrap()["mailboxes"], 0, "something was half-written");
     // Space returns (here: the reserve is lowered) and the same node takes writes again.
     node.kill();
     std::fs::write(&config, "min_free_bytes = 1024\n").unwrap();
@@ -1098,17 +1106,20 @@ fn nothing_to_reconcile() -> Response {
 
 /// A record of `raw` in the integrity mailbox, as its origin would have written it.
 fn record_of(raw: &[u8], random: u128) -> MessageRecord {
-    MessageRecord::new(
+    let mut record = MessageRecord::new(
         MessageId::from_parts(1_767_225_600_000, random),
         BlobHash::of(raw),
         raw.len() as u64,
         1_767_225_600_000,
         NodeId(66),
-    )
+    );
+    record.place_in(mailmesh::mailbox::inbox_id(INTEGRITY_ACCOUNT));
+    record
 }
 
+/// The container of the integrity account's emails (all its mailboxes reconcile as one trie).
 fn integrity_mailbox() -> MailboxKey {
-    MailboxKey::new(INTEGRITY_ACCOUNT, "INBOX").unwrap()
+    MailboxKey::emails(INTEGRITY_ACCOUNT).unwrap()
 }
 
 /// Starts a node process (on a blocking thread: the harness speaks blocking HTTP), with `config`

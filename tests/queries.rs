@@ -82,6 +82,7 @@ fn append_all(store: &Store, mailbox: &MailboxKey, samples: &[Sample]) -> Vec<Me
         .iter()
         .enumerate()
         .map(|(index, sample)| Operation::Append {
+            location: None,
             mailbox: mailbox.clone(),
             raw: sample.raw.clone(),
             flags: if index % 3 == 0 { vec![Flag::Seen] } else { vec![] },
@@ -288,6 +289,7 @@ fn deep_pages_stay_exact_while_the_mailbox_grows_and_shrinks() {
             .iter()
             .enumerate()
             .map(|(index, sample)| Operation::Append {
+                location: None,
                 mailbox: mailbox.clone(),
                 raw: sample.raw.clone(),
                 flags: vec![],
@@ -435,6 +437,7 @@ fn search_finds_words_in_headers_and_bodies_of_one_mailbox_only() {
     };
     let append = |mailbox: &MailboxKey, raw: Vec<u8>| match store
         .apply_one(Operation::Append {
+            location: None,
             mailbox: mailbox.clone(),
             raw,
             flags: vec![],

@@ -11,7 +11,9 @@ use mailmesh::environment::Environment;
 use mailmesh::metrics::NodeMetrics;
 use mailmesh::model::{Flag, NodeId};
 use mailmesh::search::SearchIndex;
-use mailmesh::service::{Delivery, MailService, Notice, Query, ServiceError, ServiceParts, SortKey};
+use mailmesh::service::{
+    Delivery, MailService, MailboxTarget, MailboxUpdate, Notice, Query, ServiceError, ServiceParts, SortKey,
+};
 use mailmesh::store::{CommitQueue, Store, StoreOptions};
 
 /// 2026-06-01T00:00:00Z.
@@ -87,12 +89,16 @@ fn fixture(accounts: Option<&str>, max_message_bytes: u64) -> Fixture {
 fn delivery(account: &str, mailbox: &str, raw: &[u8]) -> Delivery {
     Delivery {
         account: account.into(),
-        mailbox: mailbox.into(),
+        mailbox: MailboxTarget::PathOrCreate(mailbox.into()),
         raw: raw.to_vec(),
         flags: vec![],
         received_millis: None,
         skip_duplicate: false,
     }
+}
+
+fn inbox(service: &MailService, account: &str) -> mailmesh::model::MailboxId {
+    service.find_mailbox(account, "INBOX").unwrap()
 }
 
 fn message(subject: &str, body: &str) -> Vec<u8> {
@@ -115,16 +121,11 @@ async fn a_delivery_keeps_its_flags_date_and_bytes_and_a_duplicate_is_skipped() 
         .await
         .unwrap();
     assert!(!delivered.duplicate);
-    let email = service
-        .email("alice@example.org", "Archive/2025", delivered.id)
-        .unwrap();
+    let email = service.email("alice@example.org", delivered.id).unwrap();
     assert_eq!(email.received_millis, received);
     assert_eq!(email.subject, "kept");
     assert_eq!(email.flags, vec![Flag::Seen, Flag::Keyword("$label1".into())]);
-    assert_eq!(
-        service.raw("alice@example.org", "Archive/2025", delivered.id).unwrap(),
-        raw
-    );
+    assert_eq!(service.raw("alice@example.org", delivered.id).unwrap(), raw);
 
     let again = service
         .deliver(Delivery {
@@ -135,7 +136,9 @@ async fn a_delivery_keeps_its_flags_date_and_bytes_and_a_duplicate_is_skipped() 
         .unwrap();
     assert!(again.duplicate);
     assert_eq!(again.id, delivered.id);
-    let mailbox = service.mailbox("alice@example.org", "Archive/2025").unwrap();
+    let archive = service.find_mailbox("alice@example.org", "Archive/2025").unwrap();
+    assert_eq!(email.mailbox, archive);
+    let mailbox = service.mailbox("alice@example.org", archive).unwrap();
     assert_eq!((mailbox.total, mailbox.unseen), (1, 0));
 }
 
@@ -170,15 +173,17 @@ async fn bad_deliveries_get_errors_that_say_whether_to_retry() {
         .await
         .unwrap_err();
     assert!(matches!(future, ServiceError::Invalid(_)), "{future}");
-    assert!(
-        matches!(
-            service.mailbox("alice@example.org", "INBOX"),
-            Err(ServiceError::NoSuchMailbox(_))
-        ),
-        "nothing was stored, so the open setup has no INBOX yet"
+    let inbox = service
+        .mailbox("alice@example.org", inbox(service, "alice@example.org"))
+        .unwrap();
+    assert_eq!(inbox.total, 0, "nothing was stored");
+    assert_eq!(
+        service.mailboxes("alice@example.org").unwrap().len(),
+        1,
+        "the refused deliveries created no mailbox"
     );
     assert!(matches!(
-        service.mailbox("alice@example.org", "Nowhere"),
+        service.find_mailbox("alice@example.org", "Nowhere"),
         Err(ServiceError::NoSuchMailbox(_))
     ));
 }
@@ -251,7 +256,7 @@ async fn queries_sort_and_search_near_the_data_and_changes_follow_writes() {
     let by_subject = service
         .query(
             account,
-            "INBOX",
+            inbox(service, account),
             Query {
                 search: None,
                 sort: SortKey::Subject,
@@ -268,7 +273,7 @@ async fn queries_sort_and_search_near_the_data_and_changes_follow_writes() {
     let apples = service
         .query(
             account,
-            "INBOX",
+            inbox(service, account),
             Query {
                 search: Some("apples".into()),
                 sort: SortKey::Received,
@@ -282,23 +287,23 @@ async fn queries_sort_and_search_near_the_data_and_changes_follow_writes() {
     let found: Vec<_> = apples.emails.iter().map(|email| email.id).collect();
     assert_eq!((apples.total, found), (2, vec![ids[0], ids[2]]));
 
-    let before = service.changes(account, "INBOX", 0, 100).unwrap();
+    let before = service.changes(account, inbox(service, account), 0, 100).unwrap();
     assert_eq!(before.created, ids);
     service
-        .set_flags(account, "INBOX", ids[1], vec![Flag::Flagged], vec![])
+        .set_flags(account, ids[1], vec![Flag::Flagged], vec![])
         .await
         .unwrap();
-    service.destroy(account, "INBOX", ids[2]).await.unwrap();
-    let after = service.changes(account, "INBOX", before.modseq, 100).unwrap();
+    service.destroy(account, ids[2]).await.unwrap();
+    let after = service
+        .changes(account, inbox(service, account), before.modseq, 100)
+        .unwrap();
     assert_eq!((after.updated, after.expunged), (vec![ids[1]], vec![ids[2]]));
     assert!(matches!(
-        service.destroy(account, "INBOX", ids[2]).await,
+        service.destroy(account, ids[2]).await,
         Err(ServiceError::NoSuchMessage(id)) if id == ids[2]
     ));
     assert!(matches!(
-        service
-            .set_flags(account, "INBOX", ids[2], vec![Flag::Seen], vec![])
-            .await,
+        service.set_flags(account, ids[2], vec![Flag::Seen], vec![]).await,
         Err(ServiceError::NoSuchMessage(_))
     ));
 }
@@ -318,12 +323,13 @@ async fn subscribers_hear_of_their_own_accounts_changes_only() {
         .await
         .unwrap();
     service
-        .set_flags("alice@example.org", "INBOX", delivered.id, vec![Flag::Seen], vec![])
+        .set_flags("alice@example.org", delivered.id, vec![Flag::Seen], vec![])
         .await
         .unwrap();
+    let inbox = inbox(service, "alice@example.org");
     let expected = |live| Notice::Changed {
         account: "alice@example.org".into(),
-        mailbox: "INBOX".into(),
+        mailbox: Some(inbox),
         id: delivered.id,
         live,
         replicated: false,
@@ -338,37 +344,33 @@ async fn subscribers_hear_of_their_own_accounts_changes_only() {
         panic!("the unfiltered subscription hears every account");
     };
     assert_eq!(account, "bob@example.org");
-    service
-        .destroy("alice@example.org", "INBOX", delivered.id)
-        .await
-        .unwrap();
+    service.destroy("alice@example.org", delivered.id).await.unwrap();
     assert_eq!(alice.next().await, Some(expected(false)));
 }
 
 #[tokio::test]
-async fn an_account_of_the_accounts_file_has_an_empty_inbox_and_the_open_setup_has_none() {
+async fn every_account_has_its_inbox_before_anything_is_written() {
     let accounts = format!("alice@example.org:{SECRET_HASH}\n");
     let with_file = fixture(Some(&accounts), 1 << 20);
-    let inbox = with_file.service.mailbox("alice@example.org", "INBOX").unwrap();
-    assert_eq!((inbox.name.as_str(), inbox.total), ("INBOX", 0));
-    let listed: Vec<String> = with_file
+    let listed: Vec<(String, Option<&str>)> = with_file
         .service
         .mailboxes("alice@example.org")
         .unwrap()
         .into_iter()
-        .map(|mailbox| mailbox.name)
+        .map(|mailbox| (mailbox.name, mailbox.role.map(|role| role.as_str())))
         .collect();
-    assert_eq!(listed, ["INBOX"]);
+    assert_eq!(listed, [("INBOX".to_owned(), Some("inbox"))]);
     assert!(matches!(
-        with_file.service.mailbox("mallory@example.org", "INBOX"),
-        Err(ServiceError::NoSuchMailbox(_))
+        with_file.service.mailboxes("mallory@example.org"),
+        Err(ServiceError::NoSuchAccount(_))
     ));
+    // Every node derives the same INBOX ID from the account name, with no coordination.
     let open = fixture(None, 1 << 20);
-    assert!(matches!(
-        open.service.mailbox("alice@example.org", "INBOX"),
-        Err(ServiceError::NoSuchMailbox(_))
-    ));
-    assert!(open.service.mailboxes("alice@example.org").unwrap().is_empty());
+    assert_eq!(
+        inbox(&open.service, "alice@example.org"),
+        inbox(&with_file.service, "alice@example.org")
+    );
+    assert_eq!(open.service.mailboxes("alice@example.org").unwrap().len(), 1);
 }
 
 #[tokio::test]
@@ -394,7 +396,7 @@ async fn the_account_change_feed_lists_each_change_once_and_pages() {
     let created: Vec<_> = first
         .created
         .iter()
-        .map(|email| (email.id, email.mailbox.clone()))
+        .map(|email| (email.id, email.mailbox_name.clone()))
         .collect();
     assert_eq!(
         created,
@@ -410,10 +412,10 @@ async fn the_account_change_feed_lists_each_change_once_and_pages() {
     assert!(nothing.created.is_empty() && nothing.updated.is_empty() && nothing.destroyed.is_empty());
 
     service
-        .set_flags(account, "Work", ids[1], vec![Flag::Seen], vec![])
+        .set_flags(account, ids[1], vec![Flag::Seen], vec![])
         .await
         .unwrap();
-    service.destroy(account, "INBOX", ids[2]).await.unwrap();
+    service.destroy(account, ids[2]).await.unwrap();
     let fresh = service
         .deliver(delivery(account, "INBOX", &message("four", "z")))
         .await
@@ -459,7 +461,7 @@ async fn a_state_older_than_a_purged_tombstone_cannot_be_calculated() {
         .unwrap()
         .id;
     let before = service.account_changes(account, None, 100).unwrap().new_state;
-    service.destroy(account, "INBOX", gone).await.unwrap();
+    service.destroy(account, gone).await.unwrap();
     let after = service.account_changes(account, Some(&before), 100).unwrap();
     assert_eq!(after.destroyed, vec![gone]);
     // Past the tombstone horizon the expunge is forgotten: the older state might have missed it.
@@ -472,4 +474,163 @@ async fn a_state_older_than_a_purged_tombstone_cannot_be_calculated() {
     let fresh = service.account_changes(account, None, 100).unwrap();
     let created: Vec<_> = fresh.created.iter().map(|email| email.id).collect();
     assert_eq!(created, vec![kept]);
+}
+
+fn listing(service: &MailService, account: &str) -> Vec<(String, u64)> {
+    service
+        .mailboxes(account)
+        .unwrap()
+        .into_iter()
+        .map(|mailbox| (mailbox.name, mailbox.total))
+        .collect()
+}
+
+fn everything() -> Query {
+    Query {
+        search: None,
+        sort: SortKey::Received,
+        descending: false,
+        position: 0,
+        limit: 100,
+    }
+}
+
+#[tokio::test]
+async fn mailboxes_keep_their_ids_through_renames_and_a_delete_destroys_their_emails() {
+    let fixture = fixture(None, 1 << 20);
+    let service = &fixture.service;
+    let account = "alice@example.org";
+    let projects = service.create_mailbox(account, "Work/Projects", None).await.unwrap();
+    let work = service.find_mailbox(account, "Work").unwrap();
+    assert_eq!(projects.parent, Some(work), "the missing parent was created");
+    assert!(matches!(
+        service.create_mailbox(account, "Work", None).await,
+        Err(ServiceError::MailboxExists(_))
+    ));
+    let delivered = service
+        .deliver(Delivery {
+            mailbox: MailboxTarget::Id(projects.id),
+            ..delivery(account, "unused", &message("plans", "x"))
+        })
+        .await
+        .unwrap();
+    let renamed = service.rename_mailbox(account, work, "Jobs").await.unwrap();
+    assert_eq!((renamed.id, renamed.name.as_str()), (work, "Jobs"));
+    assert_eq!(
+        listing(service, account),
+        [
+            ("INBOX".to_owned(), 0),
+            ("Jobs".to_owned(), 0),
+            ("Jobs/Projects".to_owned(), 1)
+        ]
+    );
+    assert_eq!(service.find_mailbox(account, "Jobs/Projects").unwrap(), projects.id);
+    assert_eq!(service.email(account, delivered.id).unwrap().mailbox, projects.id);
+    assert!(matches!(
+        service.rename_mailbox(account, work, "Jobs/Projects/Deeper").await,
+        Err(ServiceError::Invalid(_))
+    ));
+    assert!(matches!(
+        service.delete_mailbox(account, work).await,
+        Err(ServiceError::MailboxHasChildren(_))
+    ));
+    assert!(matches!(
+        service.delete_mailbox(account, inbox(service, account)).await,
+        Err(ServiceError::Invalid(_))
+    ));
+    assert_eq!(service.delete_mailbox(account, projects.id).await.unwrap(), 1);
+    assert!(matches!(
+        service.email(account, delivered.id),
+        Err(ServiceError::NoSuchMessage(_))
+    ));
+    assert_eq!(
+        listing(service, account),
+        [("INBOX".to_owned(), 0), ("Jobs".to_owned(), 0)]
+    );
+    let archived = service
+        .update_mailbox(
+            account,
+            work,
+            MailboxUpdate {
+                role: Some(Some("archive".parse().unwrap())),
+                subscribed: Some(false),
+                sort_order: Some(3),
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            archived.role.map(|role| role.as_str()),
+            archived.subscribed,
+            archived.sort_order
+        ),
+        (Some("archive"), false, 3)
+    );
+}
+
+#[tokio::test]
+async fn an_email_moves_and_keeps_its_id_and_every_listing_follows() {
+    let fixture = fixture(None, 1 << 20);
+    let service = &fixture.service;
+    let account = "alice@example.org";
+    let inbox = inbox(service, account);
+    let work = service.create_mailbox(account, "Work", None).await.unwrap().id;
+    let delivered = service
+        .deliver(delivery(account, "INBOX", &message("moving", "boxes")))
+        .await
+        .unwrap();
+    let before_inbox = service.changes(account, inbox, 0, 100).unwrap();
+    let feed = service.account_changes(account, None, 100).unwrap();
+    let moved = service.move_email(account, delivered.id, work).await.unwrap();
+    assert_eq!((moved.id, moved.mailbox), (delivered.id, work));
+    assert_eq!(
+        listing(service, account),
+        [("INBOX".to_owned(), 0), ("Work".to_owned(), 1)]
+    );
+    assert!(service
+        .query(account, inbox, everything())
+        .await
+        .unwrap()
+        .emails
+        .is_empty());
+    let in_work = service.query(account, work, everything()).await.unwrap();
+    assert_eq!(
+        in_work.emails.iter().map(|email| email.id).collect::<Vec<_>>(),
+        [delivered.id]
+    );
+    let searched = service
+        .query(
+            account,
+            work,
+            Query {
+                search: Some("boxes".into()),
+                ..everything()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(searched.total, 1, "the search index follows the move");
+    let inbox_changes = service.changes(account, inbox, before_inbox.modseq, 100).unwrap();
+    assert_eq!(inbox_changes.expunged, [delivered.id], "IMAP sees it leave the INBOX");
+    let work_changes = service.changes(account, work, before_inbox.modseq, 100).unwrap();
+    assert_eq!(work_changes.created, [delivered.id], "and arrive in Work");
+    let after = service.account_changes(account, Some(&feed.new_state), 100).unwrap();
+    assert_eq!(
+        after
+            .updated
+            .iter()
+            .map(|email| (email.id, email.mailbox))
+            .collect::<Vec<_>>(),
+        [(delivered.id, Some(work))],
+        "the portable feed reports a move as an update"
+    );
+    let again = service.move_email(account, delivered.id, work).await.unwrap();
+    assert_eq!(again.mailbox, work, "moving to where it is changes nothing");
+    assert!(matches!(
+        service
+            .move_email(account, delivered.id, mailmesh::model::MailboxId(12345))
+            .await,
+        Err(ServiceError::NoSuchMailbox(_))
+    ));
 }

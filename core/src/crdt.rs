@@ -14,7 +14,10 @@
 //! - the set of records in a mailbox is a grow-only union: appends on two sites both survive;
 //! - `expunged` is sticky: once a tombstone stamp is present it stays (the larger stamp is kept);
 //! - each flag is a last-writer-wins register: the higher `(time, node)` stamp wins, and for the
-//!   impossible case of one stamp carrying two values, "set" wins so the join stays total.
+//!   impossible case of one stamp carrying two values, "set" wins so the join stays total;
+//! - the location (the mailbox the email is in) is a last-writer-wins register too
+//!   ([`crate::mailbox::join_location`]): two concurrent moves end in the later one everywhere,
+//!   and the email is always in exactly one mailbox.
 //!
 //! Two versions of one ID with different immutable parts cannot come from honest nodes (the ID is
 //! issued once, by the node that stored the blob); [`merge`] refuses them with
@@ -53,6 +56,7 @@ pub fn merge(left: &MessageRecord, right: &MessageRecord) -> Result<MessageRecor
     }
     let mut merged = left.clone();
     merged.expunged = left.expunged.max(right.expunged);
+    merged.location = crate::mailbox::join_location(left.location, right.location);
     for (flag, theirs) in &right.flags {
         merged
             .flags
@@ -94,7 +98,7 @@ pub fn apply_flag(record: &mut MessageRecord, flag: Flag, set: bool, stamp: Stam
 /// Merkle leaves are these hashes, so one tree detects both missing messages and diverged flags.
 pub fn state_hash(record: &MessageRecord) -> [u8; 32] {
     let mut hasher = blake3::Hasher::new();
-    hasher.update(b"mailmesh record v1\0");
+    hasher.update(b"mailmesh record v2\0");
     hasher.update(&record.id.to_bytes());
     hasher.update(record.blob.as_bytes());
     hasher.update(&record.size.to_be_bytes());
@@ -116,6 +120,9 @@ pub fn state_hash(record: &MessageRecord) -> [u8; 32] {
         hasher.update(&register.stamp.time.to_be_bytes());
         hasher.update(&register.stamp.node.0.to_be_bytes());
     }
+    hasher.update(&record.location.mailbox.to_bytes());
+    hasher.update(&record.location.stamp.time.to_be_bytes());
+    hasher.update(&record.location.stamp.node.0.to_be_bytes());
     *hasher.finalize().as_bytes()
 }
 
@@ -215,8 +222,15 @@ mod tests {
         fn record_strategy()(
             expunged in proptest::option::of((0u64..6, 0u64..3)),
             flags in proptest::collection::vec((flag_strategy(), any::<bool>(), 0u64..6, 0u64..3), 0..6),
+            moved in proptest::option::of((0u128..4, 3u64..9, 0u64..3)),
         ) -> MessageRecord {
             let mut record = base();
+            if let Some((mailbox, time, node)) = moved {
+                record.location = crate::mailbox::Location {
+                    mailbox: crate::model::MailboxId(mailbox),
+                    stamp: Stamp { time, node: NodeId(node) },
+                };
+            }
             record.expunged = expunged.map(|(time, node)| Stamp { time, node: NodeId(node) });
             for (flag, set, time, node) in flags {
                 apply_flag(&mut record, flag, set, Stamp { time, node: NodeId(node) });
@@ -244,6 +258,14 @@ mod tests {
             prop_assert_eq!(merge(&a, &a).unwrap(), a.clone());
             let once = merge(&a, &b).unwrap();
             prop_assert_eq!(merge(&once, &b).unwrap(), once);
+        }
+
+        #[test]
+        fn concurrent_moves_end_in_the_later_one_on_both_sides(a in record_strategy(), b in record_strategy()) {
+            let merged = merge(&a, &b).unwrap();
+            let later = if (b.location.stamp, b.location.mailbox) > (a.location.stamp, a.location.mailbox) { b.location } else { a.location };
+            prop_assert_eq!(merged.location, later);
+            prop_assert_eq!(merge(&b, &a).unwrap().location, later);
         }
 
         #[test]

@@ -398,6 +398,12 @@ impl MailboxTree {
         self.mailboxes.get(&id)
     }
 
+    /// The deleted mailboxes: an email still located in one (it arrived there concurrently with
+    /// the delete) is shown in the INBOX.
+    pub fn deleted(&self) -> &BTreeSet<MailboxId> {
+        &self.deleted
+    }
+
     /// The account's INBOX.
     pub fn inbox(&self) -> MailboxId {
         self.inbox

@@ -348,7 +348,30 @@ fn validate_name(field: &'static str, value: &str) -> Result<(), ModelError> {
     Ok(())
 }
 
+/// The replicated container of an account's emails: one trie per account, so a move between
+/// mailboxes is a register change inside one trie. Its key is `(account, EMAILS_CONTAINER)`.
+pub const EMAILS_CONTAINER: &str = "#emails";
+/// The replicated container of an account's mailbox records: each write to a mailbox (create,
+/// rename, delete, role, subscription) is one immutable snapshot record there, whose blob is the
+/// mailbox's state; every node folds the snapshots with [`crate::mailbox::merge`].
+pub const MAILBOXES_CONTAINER: &str = "#mailboxes";
+
 impl MailboxKey {
+    /// The container of an account's emails.
+    pub fn emails(account: &str) -> Result<Self, ModelError> {
+        MailboxKey::new(account, EMAILS_CONTAINER)
+    }
+
+    /// The container of an account's mailbox records.
+    pub fn mailboxes(account: &str) -> Result<Self, ModelError> {
+        MailboxKey::new(account, MAILBOXES_CONTAINER)
+    }
+
+    /// Whether this is a container of mailbox records.
+    pub fn holds_mailboxes(&self) -> bool {
+        self.mailbox == MAILBOXES_CONTAINER
+    }
+
     /// A validated key. Names are non-empty, at most 255 bytes, without control characters and
     /// without leading or trailing white space. "Archive/2026" is a valid mailbox name.
     pub fn new(account: &str, mailbox: &str) -> Result<Self, ModelError> {
@@ -514,6 +537,10 @@ pub struct MessageRecord {
     /// Set once the message is expunged; the stamp of the expunge. Never cleared.
     pub expunged: Option<Stamp>,
     pub flags: BTreeMap<Flag, FlagRegister>,
+    /// The mailbox the email is in: a last-writer-wins register, so a move keeps the ID. Its
+    /// stamp is the creation stamp until the first move. In a container of mailbox records (see
+    /// [`MAILBOXES_CONTAINER`]) it is unused and stays at [`MailboxId`] 0.
+    pub location: crate::mailbox::Location,
 }
 
 impl MessageRecord {
@@ -529,7 +556,27 @@ impl MessageRecord {
             created: crate::crdt::physical_time(id.millis()),
             expunged: None,
             flags: BTreeMap::new(),
+            location: crate::mailbox::Location {
+                mailbox: MailboxId(0),
+                stamp: Stamp {
+                    time: crate::crdt::physical_time(id.millis()),
+                    node: origin,
+                },
+            },
         }
+    }
+
+    /// Puts a new record in `mailbox`, stamped with its creation (call after setting `created`).
+    pub fn place_in(&mut self, mailbox: MailboxId) {
+        self.location = crate::mailbox::Location {
+            mailbox,
+            stamp: self.created_stamp(),
+        };
+    }
+
+    /// Whether the record was moved since its creation.
+    pub fn was_moved(&self) -> bool {
+        self.location.stamp != self.created_stamp()
     }
 
     /// Whether the message has not been expunged.
@@ -565,7 +612,8 @@ impl MessageRecord {
         let mut latest: BTreeMap<NodeId, u64> = BTreeMap::new();
         let stamps = std::iter::once(self.created_stamp())
             .chain(self.flags.values().map(|register| register.stamp))
-            .chain(self.expunged);
+            .chain(self.expunged)
+            .chain(std::iter::once(self.location.stamp));
         for stamp in stamps {
             let entry = latest.entry(stamp.node).or_insert(0);
             *entry = (*entry).max(stamp.time);
@@ -573,13 +621,14 @@ impl MessageRecord {
         latest
     }
 
-    /// The latest stamp anywhere in the record (creation, flags and tombstone).
+    /// The latest stamp anywhere in the record (creation, flags, tombstone and location).
     pub fn latest_stamp(&self) -> Option<Stamp> {
         self.flags
             .values()
             .map(|register| register.stamp)
             .chain(self.expunged)
             .chain(std::iter::once(self.created_stamp()))
+            .chain(std::iter::once(self.location.stamp))
             .max()
     }
 }

@@ -718,6 +718,9 @@ fn from_wire(element: WireElement, limits: &SyncLimits) -> Result<Element, SyncE
 pub struct RecordState {
     pub expunged: Option<Stamp>,
     pub flags: BTreeMap<Flag, FlagRegister>,
+    /// The location once the email was moved. Until then it is the one set at creation, which
+    /// both sides of a `Differ` hold already, so it does not travel (16 bytes saved per state).
+    pub moved: Option<crate::mailbox::Location>,
 }
 
 impl RecordState {
@@ -726,14 +729,17 @@ impl RecordState {
         RecordState {
             expunged: record.expunged,
             flags: record.flags.clone(),
+            moved: record.was_moved().then_some(record.location),
         }
     }
 
-    /// `record`'s immutable part with this state.
+    /// `record`'s immutable part with this state (a state that was never moved keeps `record`'s
+    /// location, so apply it only to a version of the same record).
     pub fn applied_to(&self, record: &MessageRecord) -> MessageRecord {
         MessageRecord {
             expunged: self.expunged,
             flags: self.flags.clone(),
+            location: self.moved.unwrap_or(record.location),
             ..record.clone()
         }
     }
@@ -786,6 +792,7 @@ impl StampTable {
                 .expunged
                 .iter()
                 .chain(state.flags.values().map(|register| &register.stamp))
+                .chain(state.moved.iter().map(|location| &location.stamp))
             {
                 nodes.push(stamp.node);
                 base = base.min(stamp.time);
@@ -845,10 +852,25 @@ impl StampTable {
     }
 }
 
+/// Header bits of one state.
+const STATE_EXPUNGED: u8 = 1;
+const STATE_MOVED: u8 = 2;
+
 fn put_state(out: &mut Vec<u8>, table: &StampTable, state: &RecordState) {
-    out.push(u8::from(state.expunged.is_some()));
+    let mut header = 0;
+    if state.expunged.is_some() {
+        header |= STATE_EXPUNGED;
+    }
+    if state.moved.is_some() {
+        header |= STATE_MOVED;
+    }
+    out.push(header);
     if let Some(stamp) = &state.expunged {
         table.put_stamp(out, stamp);
+    }
+    if let Some(location) = &state.moved {
+        out.extend_from_slice(&location.mailbox.to_bytes());
+        table.put_stamp(out, &location.stamp);
     }
     put_varint(out, state.flags.len() as u64);
     for (flag, register) in &state.flags {
@@ -873,10 +895,27 @@ fn take_state(bytes: &[u8], position: &mut usize, table: &StampTable) -> Result<
     let malformed = |what: &str| SyncError::Malformed(format!("record state: {what}"));
     let header = *bytes.get(*position).ok_or_else(|| malformed("truncated"))?;
     *position += 1;
-    let expunged = match header {
+    if header & !(STATE_EXPUNGED | STATE_MOVED) != 0 {
+        return Err(malformed("unknown header"));
+    }
+    let expunged = match header & STATE_EXPUNGED {
         0 => None,
-        1 => Some(table.take_stamp(bytes, position)?),
-        _ => return Err(malformed("unknown header")),
+        _ => Some(table.take_stamp(bytes, position)?),
+    };
+    let moved = match header & STATE_MOVED {
+        0 => None,
+        _ => {
+            let mailbox = bytes
+                .get(*position..position.saturating_add(16))
+                .and_then(|slice| <[u8; 16]>::try_from(slice).ok())
+                .map(|bytes| crate::model::MailboxId(u128::from_be_bytes(bytes)))
+                .ok_or_else(|| malformed("truncated location"))?;
+            *position += 16;
+            Some(crate::mailbox::Location {
+                mailbox,
+                stamp: table.take_stamp(bytes, position)?,
+            })
+        }
     };
     let count = take_varint(bytes, position)?;
     if count > MAX_FLAGS_PER_STATE as u64 {
@@ -915,7 +954,7 @@ fn take_state(bytes: &[u8], position: &mut usize, table: &StampTable) -> Result<
             return Err(malformed("a flag twice"));
         }
     }
-    Ok(RecordState { expunged, flags })
+    Ok(RecordState { expunged, flags, moved })
 }
 
 /// One block: the count, the stamp table, then each state after its key (if any).
@@ -1321,11 +1360,19 @@ mod tests {
             proptest::option::of(stamp.clone()),
             proptest::collection::btree_map(
                 flag,
-                (any::<bool>(), stamp).prop_map(|(set, stamp)| FlagRegister { set, stamp }),
+                (any::<bool>(), stamp.clone()).prop_map(|(set, stamp)| FlagRegister { set, stamp }),
                 0..6,
             ),
+            proptest::option::of((any::<u128>(), stamp)),
         )
-            .prop_map(|(expunged, flags)| RecordState { expunged, flags })
+            .prop_map(|(expunged, flags, moved)| RecordState {
+                expunged,
+                flags,
+                moved: moved.map(|(mailbox, stamp)| crate::mailbox::Location {
+                    mailbox: crate::model::MailboxId(mailbox),
+                    stamp,
+                }),
+            })
     }
 
     proptest! {

@@ -405,6 +405,7 @@ mod tests {
             self.copies.lock().unwrap().push(delivery);
             Ok(Delivered {
                 id: crate::model::MessageId(1),
+                mailbox: crate::model::MailboxId(1),
                 blob: crate::model::BlobHash::of(b"x"),
                 size,
                 duplicate: false,

@@ -111,7 +111,7 @@ impl Transaction {
         raw.extend_from_slice(&self.body);
         Delivery {
             account: accepted.recipient.account.clone(),
-            mailbox: accepted.recipient.mailbox.clone(),
+            mailbox: crate::service::MailboxTarget::Path(accepted.recipient.mailbox.clone()),
             raw,
             flags: Vec::new(),
             received_millis: None,
@@ -729,6 +729,7 @@ mod tests {
     fn delivered() -> crate::service::Delivered {
         crate::service::Delivered {
             id: crate::model::MessageId(1),
+            mailbox: crate::model::MailboxId(1),
             blob: crate::model::BlobHash::of(b"x"),
             size: 1,
             duplicate: false,
@@ -760,7 +761,7 @@ mod tests {
         assert_eq!(after_lhlo[6], "250 2.0.0 <alice+lists@example.org> Delivered");
         assert!(after_lhlo[7].starts_with("221 "));
         assert_eq!(copies.len(), 2);
-        assert_eq!(copies[1].mailbox, "lists");
+        assert_eq!(copies[1].mailbox, crate::service::MailboxTarget::Path("lists".into()));
         let text = String::from_utf8(copies[0].raw.clone()).unwrap();
         assert!(text.starts_with("Return-Path: <bob@example.net>\r\nDelivered-To: alice@example.org\r\nReceived: from mta.example.org ([127.0.0.1])\r\n\tby node-1 (mailmesh) with LMTP\r\n\tfor <alice@example.org>; "), "{text}");
         assert!(text.ends_with("+0000\r\nSubject: hi\r\n\r\n.dotted\r\n"), "{text}");

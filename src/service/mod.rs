@@ -10,13 +10,16 @@
 //! Every call returns a [`ServiceError`] a caller can act on: [`ServiceError::is_temporary`] says
 //! whether trying again later can succeed (LMTP answers 4xx then, 5xx otherwise).
 //!
-//! # What this version covers
-//! Mailboxes are addressed by (account, name) and exist once they hold a message (INBOX always
-//! does); an email stays in the mailbox it was delivered to, and the change feed is the node-local
-//! modseq of one mailbox. The replicated mailbox objects with stable IDs, moves and the change
-//! feed any site accepts are in the pure core (`mailbox`, `changes`) and come to this interface
-//! when the store carries them (docs/mail-model.md); the calls keep their shape, their mailbox
-//! arguments turn into IDs.
+//! # The model it serves
+//! Mailboxes are replicated objects with stable IDs ([`mailboxes`]): create, rename and delete
+//! work on any node with no coordination, and every account has its INBOX everywhere. An email
+//! has one ID for its whole life and sits in one mailbox (its location register), so a move keeps
+//! the ID; emails are addressed by (account, ID). The account's change feed
+//! ([`MailService::account_changes`]) gives a state any node of the cluster accepts.
+
+mod mailboxes;
+
+pub use mailboxes::{decode_snapshot, fold as fold_snapshots, AccountMailboxes, MailboxUpdate, MAX_MAILBOX_WRITES};
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -28,9 +31,10 @@ use crate::accounts::{AccountName, Accounts, AuthenticationError, Password};
 use crate::changes::{ChangeState, ChangesError};
 use crate::environment::Environment;
 use crate::mail::Listing;
+use crate::mailbox::Role;
 use crate::merkle::{Aggregate, Prefix, TreeView};
 use crate::metrics::{NodeMetrics, WriteLabel};
-use crate::model::{BlobHash, Flag, MailboxKey, MessageId, MessageRecord, ModelError};
+use crate::model::{BlobHash, Flag, MailboxId, MailboxKey, MessageId, MessageRecord, ModelError};
 use crate::search::SearchIndex;
 use crate::store::{Applied, CommitQueue, Committed, Operation, Origin, Space, Store, StoreError};
 
@@ -50,6 +54,10 @@ pub enum ServiceError {
     NoSuchAccount(String),
     #[error("no such mailbox: {0}")]
     NoSuchMailbox(String),
+    #[error("a mailbox named {0:?} exists already")]
+    MailboxExists(String),
+    #[error("mailbox {0:?} has child mailboxes: delete or move them first")]
+    MailboxHasChildren(String),
     /// No live message with that ID in the mailbox (never there, or expunged).
     #[error("no message {0}")]
     NoSuchMessage(MessageId),
@@ -82,6 +90,8 @@ impl ServiceError {
             ServiceError::Invalid(_)
             | ServiceError::NoSuchAccount(_)
             | ServiceError::NoSuchMailbox(_)
+            | ServiceError::MailboxExists(_)
+            | ServiceError::MailboxHasChildren(_)
             | ServiceError::NoSuchMessage(_)
             | ServiceError::TooLarge { .. }
             | ServiceError::CannotCalculateChanges(_) => false,
@@ -130,14 +140,22 @@ impl From<crate::search::SearchError> for ServiceError {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MailboxSummary {
     pub account: String,
+    /// The stable ID: it survives renames and moves.
+    pub id: MailboxId,
+    /// The full path, levels joined by `/` (`Archive/2026`).
     pub name: String,
+    pub parent: Option<MailboxId>,
+    pub role: Option<Role>,
+    pub subscribed: bool,
+    pub sort_order: u32,
     /// Live messages.
     pub total: u64,
     /// Live messages without `\Seen`.
     pub unseen: u64,
-    /// Expunged records still kept so the expunge reaches every replica.
+    /// Expunged records of the account still kept so the expunge reaches every replica.
     pub tombstones: u64,
-    /// The fingerprint of the mailbox's replicated state (equal on two nodes means equal content).
+    /// The fingerprint of the account's replicated emails (equal on two nodes means equal
+    /// content, in every mailbox of the account).
     pub root: String,
 }
 
@@ -145,6 +163,8 @@ pub struct MailboxSummary {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Email {
     pub id: MessageId,
+    /// The mailbox it is shown in.
+    pub mailbox: MailboxId,
     pub blob: BlobHash,
     pub size: u64,
     pub received_millis: u64,
@@ -156,9 +176,10 @@ pub struct Email {
 }
 
 impl Email {
-    fn of(record: &MessageRecord, listing: Listing) -> Email {
+    fn of(record: &MessageRecord, mailbox: MailboxId, listing: Listing) -> Email {
         Email {
             id: record.id,
+            mailbox,
             blob: record.blob,
             size: record.size,
             received_millis: record.received_millis,
@@ -174,7 +195,7 @@ impl Email {
 #[derive(Clone, Debug)]
 pub struct Delivery {
     pub account: String,
-    pub mailbox: String,
+    pub mailbox: MailboxTarget,
     pub raw: Vec<u8>,
     pub flags: Vec<Flag>,
     /// When it was received, if not now (an import keeps the original date).
@@ -184,10 +205,23 @@ pub struct Delivery {
     pub skip_duplicate: bool,
 }
 
+/// The mailbox a delivery goes to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MailboxTarget {
+    /// An existing mailbox by path (`INBOX` always exists).
+    Path(String),
+    /// A mailbox by path, created (with missing parents) when there is none: the HTTP API's
+    /// append and an import.
+    PathOrCreate(String),
+    /// A mailbox by ID.
+    Id(MailboxId),
+}
+
 /// What a delivery stored.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Delivered {
     pub id: MessageId,
+    pub mailbox: MailboxId,
     pub blob: BlobHash,
     pub size: u64,
     /// True when the bytes were already there and nothing was written.
@@ -223,8 +257,11 @@ pub struct QueryResult {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ChangedEmail {
     pub id: MessageId,
-    /// The mailbox's name (absent when this node no longer knows it).
-    pub mailbox: Option<String>,
+    /// The mailbox it is shown in here (absent when it is not shown: destroyed since, or its
+    /// mailbox's record has not arrived yet).
+    pub mailbox: Option<MailboxId>,
+    /// That mailbox's path.
+    pub mailbox_name: Option<String>,
 }
 
 /// What changed in an account since a state, and the state to ask from next. The state is
@@ -235,6 +272,9 @@ pub struct AccountChanges {
     /// May repeat an email the client already knows (RFC 8620 allows it); never a creation twice.
     pub updated: Vec<ChangedEmail>,
     pub destroyed: Vec<MessageId>,
+    /// Mailboxes whose records changed (created, renamed, deleted, role, subscription): read
+    /// them again. A deleted one is no longer among [`MailService::mailboxes`].
+    pub mailboxes: Vec<MailboxId>,
     pub new_state: String,
     /// The listing was cut at the limit: ask again from `new_state`.
     pub has_more: bool,
@@ -254,7 +294,9 @@ pub struct RangeEntry {
 pub enum Notice {
     Changed {
         account: String,
-        mailbox: String,
+        /// The mailbox of the email's location now (a move out shows the new one); `None` for a
+        /// change to the account's mailboxes themselves.
+        mailbox: Option<MailboxId>,
         id: MessageId,
         /// False once the message is expunged.
         live: bool,
@@ -286,7 +328,7 @@ impl Subscription {
                     }
                     return Some(Notice::Changed {
                         account: change.mailbox.account().to_owned(),
-                        mailbox: change.mailbox.mailbox().to_owned(),
+                        mailbox: (!change.mailbox.holds_mailboxes()).then_some(change.record.location.mailbox),
                         id: change.record.id,
                         live: change.record.is_live(),
                         replicated: change.origin == Origin::Peer,
@@ -315,11 +357,15 @@ pub struct ServiceParts {
 #[derive(Clone)]
 pub struct MailService {
     inner: Arc<ServiceParts>,
+    trees: Arc<mailboxes::TreeCache>,
 }
 
 impl MailService {
     pub fn new(parts: ServiceParts) -> MailService {
-        MailService { inner: Arc::new(parts) }
+        MailService {
+            inner: Arc::new(parts),
+            trees: Arc::default(),
+        }
     }
 
     /// The largest message a delivery may carry.
@@ -394,63 +440,47 @@ impl MailService {
     }
 
     fn mailbox_exists(&self, account: &str, mailbox: &str) -> Result<bool, ServiceError> {
-        let Ok(key) = MailboxKey::new(account, mailbox) else {
+        if MailboxKey::emails(account).is_err() {
             return Ok(false);
-        };
-        Ok(self.inner.store.mailbox_entry(key.id())?.is_some())
-    }
-
-    // -----------------------------------------------------------------------------------------
-    // Mailboxes
-    // -----------------------------------------------------------------------------------------
-
-    /// The account's mailboxes, INBOX first. An account of the accounts file has its INBOX before
-    /// the first message arrives; with no accounts file (the open setup) a mailbox exists once it
-    /// holds a message, as the HTTP API has always answered.
-    pub fn mailboxes(&self, account: &str) -> Result<Vec<MailboxSummary>, ServiceError> {
-        let inbox = MailboxKey::new(account, "INBOX")?;
-        let mut mailboxes: Vec<MailboxSummary> = self
-            .inner
-            .store
-            .mailboxes()?
-            .into_iter()
-            .filter(|entry| entry.key.account() == account)
-            .map(summary_of)
-            .collect();
-        if self.has_accounts()
-            && self.account_exists(account)?
-            && !mailboxes.iter().any(|mailbox| mailbox.name == inbox.mailbox())
-        {
-            mailboxes.push(empty_summary(&inbox));
         }
-        mailboxes.sort_by(|left, right| (left.name != "INBOX", &left.name).cmp(&(right.name != "INBOX", &right.name)));
-        Ok(mailboxes)
-    }
-
-    /// Every mailbox of every account held here (the operator's view).
-    pub fn all_mailboxes(&self) -> Result<Vec<MailboxSummary>, ServiceError> {
-        Ok(self.inner.store.mailboxes()?.into_iter().map(summary_of).collect())
-    }
-
-    /// One mailbox (see [`MailService::mailboxes`] for when an empty INBOX exists).
-    pub fn mailbox(&self, account: &str, mailbox: &str) -> Result<MailboxSummary, ServiceError> {
-        let key = MailboxKey::new(account, mailbox)?;
-        match self.inner.store.mailbox_entry(key.id())? {
-            Some(entry) => Ok(summary_of(entry)),
-            None if key.mailbox() == "INBOX" && self.has_accounts() && self.account_exists(account)? => {
-                Ok(empty_summary(&key))
-            }
-            None => Err(ServiceError::NoSuchMailbox(mailbox.to_owned())),
-        }
+        Ok(self.account_mailboxes(account)?.tree.find(mailbox).is_some())
     }
 
     // -----------------------------------------------------------------------------------------
     // Writes
     // -----------------------------------------------------------------------------------------
 
+    fn emails_of(account: &str) -> Result<MailboxKey, ServiceError> {
+        Ok(MailboxKey::emails(account)?)
+    }
+
+    /// The visible mailbox a delivery goes to (creating it when asked).
+    async fn target(&self, account: &str, target: &MailboxTarget) -> Result<MailboxId, ServiceError> {
+        match target {
+            MailboxTarget::Id(id) => {
+                let mailboxes = self.account_mailboxes(account)?;
+                mailboxes
+                    .tree
+                    .canonical(*id)
+                    .filter(|canonical| mailboxes.tree.get(*canonical).is_some())
+                    .ok_or_else(|| ServiceError::NoSuchMailbox(id.to_string()))
+            }
+            MailboxTarget::Path(path) => self.find_mailbox(account, path),
+            MailboxTarget::PathOrCreate(path) => match self.find_mailbox(account, path) {
+                Err(ServiceError::NoSuchMailbox(_)) => match self.create_mailbox(account, path, None).await {
+                    Ok(created) => Ok(created.id),
+                    // Another delivery created it meanwhile.
+                    Err(ServiceError::MailboxExists(_)) => self.find_mailbox(account, path),
+                    Err(error) => Err(error),
+                },
+                other => other,
+            },
+        }
+    }
+
     /// Stores a message; returns once it is durable on this node.
     pub async fn deliver(&self, delivery: Delivery) -> Result<Delivered, ServiceError> {
-        let key = MailboxKey::new(&delivery.account, &delivery.mailbox)?;
+        let container = Self::emails_of(&delivery.account)?;
         let size = delivery.raw.len() as u64;
         if delivery.raw.is_empty() {
             return Err(ServiceError::Invalid("empty message".into()));
@@ -469,22 +499,29 @@ impl MailService {
                 )));
             }
         }
+        self.check_account_exists(&delivery.account)?;
+        let mailbox = self.target(&delivery.account, &delivery.mailbox).await?;
         if delivery.skip_duplicate {
             let blob = BlobHash::of(&delivery.raw);
-            if let Some(id) = self.inner.store.live_message_with_blob(key.id(), &blob)? {
-                return Ok(Delivered {
-                    id,
-                    blob,
-                    size,
-                    duplicate: true,
-                });
+            let mailboxes = self.account_mailboxes(&delivery.account)?;
+            for view in mailboxes::views_of(&mailboxes, mailbox) {
+                if let Some(id) = self.inner.store.live_message_with_blob(view, &blob)? {
+                    return Ok(Delivered {
+                        id,
+                        mailbox,
+                        blob,
+                        size,
+                        duplicate: true,
+                    });
+                }
             }
         }
         let applied = self
             .inner
             .queue
             .submit(Operation::Append {
-                mailbox: key,
+                mailbox: container,
+                location: Some(mailbox),
                 raw: delivery.raw,
                 flags: delivery.flags,
                 received_millis: delivery.received_millis,
@@ -500,35 +537,43 @@ impl MailService {
         self.count_write("append");
         Ok(Delivered {
             id,
+            mailbox,
             blob,
             size,
             duplicate: false,
         })
     }
 
-    /// Sets and clears flags of a live message; returns the message as it now stands.
+    fn check_account_exists(&self, account: &str) -> Result<(), ServiceError> {
+        if self.account_exists(account)? {
+            Ok(())
+        } else {
+            Err(ServiceError::NoSuchAccount(account.to_owned()))
+        }
+    }
+
+    /// Sets and clears flags of a live email; returns the email as it now stands.
     pub async fn set_flags(
         &self,
         account: &str,
-        mailbox: &str,
         id: MessageId,
         add: Vec<Flag>,
         remove: Vec<Flag>,
     ) -> Result<Email, ServiceError> {
-        let key = MailboxKey::new(account, mailbox)?;
-        self.live_record(&key, id)?;
+        let container = Self::emails_of(account)?;
+        self.email(account, id)?;
         let applied = self
             .inner
             .queue
             .submit(Operation::SetFlags {
-                mailbox: key.clone(),
+                mailbox: container,
                 id,
                 add,
                 remove,
                 now_millis: self.inner.environment.now_millis(),
             })
             .await?;
-        let Applied::Record { record, changed } = applied else {
+        let Applied::Record { changed, .. } = applied else {
             return Err(ServiceError::Unavailable(
                 "the store answered a flag change with no record".into(),
             ));
@@ -536,18 +581,40 @@ impl MailService {
         if changed {
             self.count_write("flags");
         }
-        self.email_of(&key, &record)
+        self.email(account, id)
     }
 
-    /// Expunges a live message (the expunge replicates as a tombstone).
-    pub async fn destroy(&self, account: &str, mailbox: &str, id: MessageId) -> Result<(), ServiceError> {
-        let key = MailboxKey::new(account, mailbox)?;
-        self.live_record(&key, id)?;
+    /// Moves a live email to another mailbox of its account; its ID stays. Concurrent moves
+    /// to different mailboxes end in the later one on every node.
+    pub async fn move_email(&self, account: &str, id: MessageId, to: MailboxId) -> Result<Email, ServiceError> {
+        let container = Self::emails_of(account)?;
+        self.email(account, id)?;
+        let to = self.target(account, &MailboxTarget::Id(to)).await?;
+        let applied = self
+            .inner
+            .queue
+            .submit(Operation::Move {
+                mailbox: container,
+                id,
+                to,
+                now_millis: self.inner.environment.now_millis(),
+            })
+            .await?;
+        if let Applied::Record { changed: true, .. } = applied {
+            self.count_write("move");
+        }
+        self.email(account, id)
+    }
+
+    /// Expunges a live email (the expunge replicates as a tombstone).
+    pub async fn destroy(&self, account: &str, id: MessageId) -> Result<(), ServiceError> {
+        let container = Self::emails_of(account)?;
+        self.email(account, id)?;
         let applied = self
             .inner
             .queue
             .submit(Operation::Expunge {
-                mailbox: key,
+                mailbox: container,
                 id,
                 now_millis: self.inner.environment.now_millis(),
             })
@@ -566,101 +633,148 @@ impl MailService {
     // Reads
     // -----------------------------------------------------------------------------------------
 
-    fn live_record(&self, key: &MailboxKey, id: MessageId) -> Result<MessageRecord, ServiceError> {
-        match self.inner.store.record(key.id(), id)? {
-            Some(record) if record.is_live() => Ok(record),
-            _ => Err(ServiceError::NoSuchMessage(id)),
-        }
+    /// A live email's metadata, with the mailbox it is shown in. An email whose mailbox's record
+    /// has not replicated here yet is not shown (NoSuchMessage) until it has.
+    pub fn email(&self, account: &str, id: MessageId) -> Result<Email, ServiceError> {
+        let container = Self::emails_of(account)?;
+        let record = match self.inner.store.record(container.id(), id)? {
+            Some(record) if record.is_live() => record,
+            _ => return Err(ServiceError::NoSuchMessage(id)),
+        };
+        let mailboxes = self.account_mailboxes(account)?;
+        let placement = mailboxes
+            .tree
+            .place(record.location.mailbox)
+            .ok_or(ServiceError::NoSuchMessage(id))?;
+        let listing = self.listing_of(&container, id)?;
+        Ok(Email::of(&record, placement.mailbox(), listing))
     }
 
-    fn email_of(&self, key: &MailboxKey, record: &MessageRecord) -> Result<Email, ServiceError> {
-        let listing = self
+    /// The headers kept for listing an email (empty when this node has none).
+    fn listing_of(&self, container: &MailboxKey, id: MessageId) -> Result<Listing, ServiceError> {
+        Ok(self
             .inner
             .store
-            .local_state(key.id(), record.id)?
+            .local_state(container.id(), id)?
             .and_then(|state| state.listing)
-            .unwrap_or_default();
-        Ok(Email::of(record, listing))
+            .unwrap_or_default())
     }
 
-    /// A live message's metadata.
-    pub fn email(&self, account: &str, mailbox: &str, id: MessageId) -> Result<Email, ServiceError> {
-        let key = MailboxKey::new(account, mailbox)?;
-        let record = self.live_record(&key, id)?;
-        self.email_of(&key, &record)
-    }
-
-    /// A live message's bytes, exactly as delivered.
-    pub fn raw(&self, account: &str, mailbox: &str, id: MessageId) -> Result<Vec<u8>, ServiceError> {
-        let key = MailboxKey::new(account, mailbox)?;
-        let record = self.live_record(&key, id)?;
-        self.inner.store.blob(&record.blob)?.ok_or(ServiceError::BodyNotYetHere)
+    /// A live email's bytes, exactly as delivered.
+    pub fn raw(&self, account: &str, id: MessageId) -> Result<Vec<u8>, ServiceError> {
+        let email = self.email(account, id)?;
+        self.inner.store.blob(&email.blob)?.ok_or(ServiceError::BodyNotYetHere)
     }
 
     /// A window of a mailbox's listing, sorted (and filtered by full-text search) near the data.
-    pub async fn query(&self, account: &str, mailbox: &str, query: Query) -> Result<QueryResult, ServiceError> {
-        let key = MailboxKey::new(account, mailbox)?;
-        let entry = self.mailbox(account, mailbox)?;
-        match query.search.filter(|text| !text.trim().is_empty()) {
+    /// A mailbox made of several records (see [`mailboxes`]) merges their listings by sort key.
+    pub async fn query(&self, account: &str, mailbox: MailboxId, query: Query) -> Result<QueryResult, ServiceError> {
+        let container = Self::emails_of(account)?;
+        let summary = self.mailbox(account, mailbox)?;
+        let mailboxes = self.account_mailboxes(account)?;
+        let views = mailboxes::views_of(&mailboxes, mailbox);
+        let store = self.inner.store.clone();
+        let window = query.position.saturating_add(query.limit);
+        let (ids, total) = match query.search.clone().filter(|text| !text.trim().is_empty()) {
             Some(text) => {
-                let store = self.inner.store.clone();
                 let index = self.inner.search.clone();
-                let mailbox_id = key.id();
-                let hits = tokio::task::spawn_blocking(move || {
-                    index.search(
-                        &store,
-                        mailbox_id,
-                        &text,
-                        query.sort,
-                        query.descending,
-                        query.position,
-                        query.limit,
-                    )
+                let views = views.clone();
+                let (sort, descending, single) = (query.sort, query.descending, views.len() == 1);
+                let (position, limit) = (query.position, query.limit);
+                tokio::task::spawn_blocking(move || -> Result<(Vec<MessageId>, usize), ServiceError> {
+                    if single {
+                        let hits = index.search(&store, views[0], &text, sort, descending, position, limit)?;
+                        return Ok((hits.ids, hits.total));
+                    }
+                    let mut ids = Vec::new();
+                    let mut total = 0;
+                    for view in &views {
+                        let hits = index.search(&store, *view, &text, sort, descending, 0, window)?;
+                        ids.extend(hits.ids);
+                        total += hits.total;
+                    }
+                    Ok((ids, total))
                 })
                 .await
-                .map_err(|error| ServiceError::Unavailable(error.to_string()))??;
-                let mut emails = Vec::with_capacity(hits.ids.len());
-                for id in hits.ids {
-                    if let Some(record) = self.inner.store.record(key.id(), id)? {
-                        emails.push(self.email_of(&key, &record)?);
-                    }
-                }
-                Ok(QueryResult {
-                    emails,
-                    total: hits.total,
-                })
+                .map_err(|error| ServiceError::Unavailable(error.to_string()))??
             }
+            None if views.len() == 1 => (
+                store.list_ids(views[0], query.sort, query.descending, query.position, query.limit)?,
+                summary.total as usize,
+            ),
             None => {
-                let emails = self
-                    .inner
-                    .store
-                    .list(key.id(), query.sort, query.descending, query.position, query.limit)?
-                    .into_iter()
-                    .map(|(record, listing)| Email::of(&record, listing))
-                    .collect();
-                Ok(QueryResult {
-                    emails,
-                    total: entry.total as usize,
-                })
+                let mut ids = Vec::new();
+                for view in &views {
+                    ids.extend(store.list_ids(*view, query.sort, query.descending, 0, window)?);
+                }
+                (ids, summary.total as usize)
             }
+        };
+        let mut page = Vec::with_capacity(ids.len());
+        for id in ids {
+            let Some(record) = self.inner.store.record(container.id(), id)? else {
+                continue;
+            };
+            let listing = self.listing_of(&container, id)?;
+            page.push((record, listing));
         }
+        if views.len() > 1 {
+            // Several listings, each sorted: merge them by the sort key, then take the window.
+            page.sort_by_cached_key(|(record, listing)| (query.sort.key(record, listing), record.id));
+            if query.descending {
+                page.reverse();
+            }
+            page = page.into_iter().skip(query.position).take(query.limit).collect();
+        }
+        let emails = page
+            .into_iter()
+            .map(|(record, listing)| Email::of(&record, mailbox, listing))
+            .collect();
+        Ok(QueryResult { emails, total })
     }
 
-    /// Created, updated and expunged IDs since a modseq of this node.
-    pub fn changes(&self, account: &str, mailbox: &str, since: u64, limit: usize) -> Result<Changes, ServiceError> {
-        let key = MailboxKey::new(account, mailbox)?;
-        Ok(self.inner.store.changes_since(key.id(), since, limit)?)
+    /// Created, updated and expunged IDs of a mailbox since a modseq of this node (the modseqs
+    /// of an account's mailboxes share one sequence).
+    pub fn changes(
+        &self,
+        account: &str,
+        mailbox: MailboxId,
+        since: u64,
+        limit: usize,
+    ) -> Result<Changes, ServiceError> {
+        self.mailbox(account, mailbox)?;
+        let mailboxes = self.account_mailboxes(account)?;
+        let mut merged = Changes::default();
+        for view in mailboxes::views_of(&mailboxes, mailbox) {
+            let changes = self.inner.store.changes_since(view, since, limit)?;
+            merged.created.extend(changes.created);
+            merged.updated.extend(changes.updated);
+            merged.expunged.extend(changes.expunged);
+            merged.cannot_calculate |= changes.cannot_calculate;
+            merged.modseq = merged.modseq.max(changes.modseq);
+        }
+        if merged.modseq == 0 {
+            merged.modseq = self
+                .inner
+                .store
+                .mailbox_entry(Self::emails_of(account)?.id())?
+                .map(|entry| entry.modseq)
+                .unwrap_or(0);
+        }
+        Ok(merged)
     }
 
-    /// The emails of `account` created, updated and destroyed since `since` (a state this or any
-    /// other node of the cluster returned; `None`: since the beginning), at most about `limit`.
+    /// What changed in `account` since `since` (a state this or any other node of the cluster
+    /// returned; `None`: since the beginning): emails created, updated and destroyed, and the
+    /// mailboxes whose records changed, at most about `limit` entries.
     pub fn account_changes(
         &self,
         account: &str,
         since: Option<&str>,
         limit: usize,
     ) -> Result<AccountChanges, ServiceError> {
-        MailboxKey::new(account, "INBOX")?;
+        let emails = Self::emails_of(account)?.id();
+        let mailbox_container = MailboxKey::mailboxes(account)?.id();
         let store = &self.inner.store;
         // The frontier is read before the log: every change it covers is then in what is read.
         let frontier = store.frontier()?;
@@ -677,33 +791,67 @@ impl MailService {
             &store.account_log(account),
             limit.max(1),
         )?;
+        let mailboxes = self.account_mailboxes(account)?;
+        let mut changed_mailboxes = std::collections::BTreeSet::new();
+        // Snapshot records name the mailbox they changed inside their bytes.
+        let mut is_snapshot = |item: &u128| -> Result<bool, ServiceError> {
+            let id = MessageId(*item);
+            if store.email_mailbox(account, id)? != Some(mailbox_container) {
+                return Ok(false);
+            }
+            if let Some(record) = store.record(mailbox_container, id)? {
+                if let Some(snapshot) = store
+                    .blob(&record.blob)?
+                    .and_then(|bytes| mailboxes::decode_snapshot(&bytes))
+                {
+                    changed_mailboxes.insert(snapshot.id);
+                }
+            }
+            Ok(true)
+        };
+        let mut created_items = Vec::new();
+        for item in &changes.created {
+            if !is_snapshot(item)? {
+                created_items.push(*item);
+            }
+        }
+        let mut updated_items = Vec::new();
+        for item in &changes.updated {
+            if !is_snapshot(item)? {
+                updated_items.push(*item);
+            }
+        }
         let named = |item: &u128| -> Result<ChangedEmail, ServiceError> {
             let id = MessageId(*item);
-            let mailbox = match store.email_mailbox(account, id)? {
-                Some(mailbox) => store
-                    .mailbox_entry(mailbox)?
-                    .map(|entry| entry.key.mailbox().to_owned()),
-                None => None,
+            let mailbox = match store.record(emails, id)? {
+                Some(record) if record.is_live() => mailboxes
+                    .tree
+                    .place(record.location.mailbox)
+                    .map(|placement| placement.mailbox()),
+                _ => None,
             };
-            Ok(ChangedEmail { id, mailbox })
+            Ok(ChangedEmail {
+                id,
+                mailbox,
+                mailbox_name: mailbox
+                    .and_then(|mailbox| mailboxes.tree.get(mailbox))
+                    .map(|shown| shown.path.clone()),
+            })
         };
         Ok(AccountChanges {
-            created: changes.created.iter().map(named).collect::<Result<_, _>>()?,
-            updated: changes.updated.iter().map(named).collect::<Result<_, _>>()?,
+            created: created_items.iter().map(named).collect::<Result<_, _>>()?,
+            updated: updated_items.iter().map(named).collect::<Result<_, _>>()?,
             destroyed: changes.destroyed.iter().map(|item| MessageId(*item)).collect(),
+            mailboxes: changed_mailboxes.into_iter().collect(),
             new_state: changes.new_state.encode(),
             has_more: changes.has_more,
         })
     }
 
-    /// The count and fingerprint of a range of a mailbox's trie, and of its 16 children.
-    pub fn range(
-        &self,
-        account: &str,
-        mailbox: &str,
-        prefix: Prefix,
-    ) -> Result<(Aggregate, Vec<Aggregate>), ServiceError> {
-        let key = MailboxKey::new(account, mailbox)?;
+    /// The count and fingerprint of a range of the account's emails trie (every mailbox of the
+    /// account: the unit peers reconcile), and of its 16 children.
+    pub fn range(&self, account: &str, prefix: Prefix) -> Result<(Aggregate, Vec<Aggregate>), ServiceError> {
+        let key = Self::emails_of(account)?;
         let tree = self.inner.store.tree(Space::Mailbox(key.id()));
         let whole = tree.aggregate(prefix)?;
         let children = if prefix.depth() < crate::merkle::KEY_NIBBLES {
@@ -714,16 +862,16 @@ impl MailService {
         Ok((whole, children))
     }
 
-    /// The records whose IDs lie in `low..=high`, at most `limit`, with their leaf tags.
+    /// The account's email records whose IDs lie in `low..=high`, at most `limit`, with their
+    /// leaf tags.
     pub fn range_entries(
         &self,
         account: &str,
-        mailbox: &str,
         low: MessageId,
         high: MessageId,
         limit: usize,
     ) -> Result<Vec<RangeEntry>, ServiceError> {
-        let key = MailboxKey::new(account, mailbox)?;
+        let key = Self::emails_of(account)?;
         Ok(self
             .inner
             .store
@@ -748,28 +896,6 @@ impl MailService {
             account: account.map(str::to_owned),
             receiver: self.inner.queue.feed(),
         }
-    }
-}
-
-fn summary_of(entry: crate::store::MailboxEntry) -> MailboxSummary {
-    MailboxSummary {
-        account: entry.key.account().to_owned(),
-        name: entry.key.mailbox().to_owned(),
-        total: entry.live,
-        unseen: entry.unseen,
-        tombstones: entry.records.saturating_sub(entry.live),
-        root: format!("{:?}", entry.root),
-    }
-}
-
-fn empty_summary(key: &MailboxKey) -> MailboxSummary {
-    MailboxSummary {
-        account: key.account().to_owned(),
-        name: key.mailbox().to_owned(),
-        total: 0,
-        unseen: 0,
-        tombstones: 0,
-        root: format!("{:?}", crate::model::FixedBytes(Aggregate::default().root_hash())),
     }
 }
 
