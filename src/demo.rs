@@ -9,14 +9,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 
-use crate::harness::{digests_agree, sample_message, wait_until, LocalNode};
+use crate::harness::{digests_agree, sample_message, wait_until, wait_until_every, LocalNode};
 
 const ACCOUNT: &str = "demo@example.org";
 const MAILBOX: &str = "INBOX";
 const CONVERGENCE_LIMIT: Duration = Duration::from_secs(60);
 
 fn converge(step: &str, nodes: &[&LocalNode], extra: impl Fn() -> bool) -> anyhow::Result<Duration> {
-    match wait_until(CONVERGENCE_LIMIT, || digests_agree(nodes) && extra()) {
+    match wait_until_every(Duration::from_millis(2), CONVERGENCE_LIMIT, || {
+        digests_agree(nodes) && extra()
+    }) {
         Some(elapsed) => {
             println!("  {step:<48} converged in {:>7.1} ms", elapsed.as_secs_f64() * 1000.0);
             Ok(elapsed)
@@ -169,6 +171,66 @@ fn run_in(binary: &Path, root: &Path) -> anyhow::Result<()> {
             node.get(&expunge_path)
                 .map(|response| response.status == 404)
                 .unwrap_or(false)
+        })
+    })?;
+
+    // 3b. A mailbox created on alpha, renamed on charlie, and an email moved into it on bravo:
+    // the email keeps its ID everywhere.
+    let mailboxes_path = format!("/v1/accounts/{}/mailboxes", ACCOUNT.replace('@', "%40"));
+    let created = alpha.send("POST", &mailboxes_path, br#"{"name":"Projects"}"#)?;
+    if created.status != 201 {
+        bail!("creating a mailbox answered {}: {}", created.status, created.text());
+    }
+    let mailbox_id = created.json()["id"].as_str().unwrap_or_default().to_owned();
+    converge("a mailbox created on alpha", &nodes, || {
+        charlie
+            .get(&LocalNode::mailbox_path(ACCOUNT, "Projects"))
+            .is_ok_and(|response| response.status == 200)
+    })?;
+    let renamed = charlie.send(
+        "PATCH",
+        &format!("{mailboxes_path}/{mailbox_id}"),
+        br#"{"name":"Projects 2026"}"#,
+    )?;
+    if renamed.status != 200 {
+        bail!("renaming the mailbox answered {}: {}", renamed.status, renamed.text());
+    }
+    let moving = alpha
+        .messages(ACCOUNT, MAILBOX)?
+        .first()
+        .map(|(id, _)| id.clone())
+        .unwrap_or_default();
+    converge("renamed on charlie", &nodes, || {
+        bravo
+            .get(&LocalNode::mailbox_path(ACCOUNT, "Projects 2026"))
+            .is_ok_and(|response| response.status == 200)
+    })?;
+    let moved = bravo.send(
+        "POST",
+        &format!("/v1/accounts/{}/emails/{moving}/move", ACCOUNT.replace('@', "%40")),
+        format!(r#"{{"mailbox":"{mailbox_id}"}}"#).as_bytes(),
+    )?;
+    if moved.status != 200 {
+        bail!("moving an email answered {}: {}", moved.status, moved.text());
+    }
+    converge("an email moved on bravo, same ID everywhere", &nodes, || {
+        nodes.iter().all(|node| {
+            node.messages(ACCOUNT, "Projects 2026")
+                .is_ok_and(|list| list.iter().any(|(id, _)| id == &moving))
+        })
+    })?;
+    let moved_back = alpha.send(
+        "POST",
+        &format!("/v1/accounts/{}/emails/{moving}/move", ACCOUNT.replace('@', "%40")),
+        format!(r#"{{"mailbox":"{MAILBOX}"}}"#).as_bytes(),
+    )?;
+    if moved_back.status != 200 {
+        bail!("moving the email back answered {}", moved_back.status);
+    }
+    converge("and moved back on alpha", &nodes, || {
+        nodes.iter().all(|node| {
+            node.messages(ACCOUNT, MAILBOX)
+                .is_ok_and(|list| list.iter().any(|(id, _)| id == &moving))
         })
     })?;
 

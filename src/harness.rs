@@ -327,7 +327,13 @@ impl Drop for LocalNode {
 }
 
 /// Polls `check` every 50 ms until it returns true or `limit` passes; returns the time taken.
-pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
+pub fn wait_until(limit: Duration, check: impl FnMut() -> bool) -> Option<Duration> {
+    wait_until_every(Duration::from_millis(50), limit, check)
+}
+
+/// [`wait_until`] with another polling interval: the time returned is exact to about `every`
+/// (the demo polls every 2 ms so that its figures are not rounded up to the 50 ms of the tests).
+pub fn wait_until_every(every: Duration, limit: Duration, mut check: impl FnMut() -> bool) -> Option<Duration> {
     let started = Instant::now();
     loop {
         if check() {
@@ -336,7 +342,7 @@ pub fn wait_until(limit: Duration, mut check: impl FnMut() -> bool) -> Option<Du
         if started.elapsed() > limit {
             return None;
         }
-        std::thread::sleep(Duration::from_millis(50));
+        std::thread::sleep(every);
     }
 }
 

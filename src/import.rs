@@ -1007,9 +1007,74 @@ pub fn import(options: &ImportOptions, path: &Path) -> Result<ImportSummary, Imp
     import_sources(options, &sources)
 }
 
+/// The special-use role (RFC 6154, RFC 8621) a folder's last level names, as Dovecot's
+/// default namespace and the common clients (Thunderbird, Outlook, Apple Mail) name them.
+pub fn role_of_folder(mailbox: &str) -> Option<&'static str> {
+    let last = mailbox.rsplit('/').next().unwrap_or(mailbox).to_lowercase();
+    match last.as_str() {
+        "sent" | "sent items" | "sent messages" | "sent mail" => Some("sent"),
+        "drafts" | "draft" => Some("drafts"),
+        "trash" | "deleted items" | "deleted messages" | "bin" => Some("trash"),
+        "junk" | "spam" | "junk e-mail" | "junk email" => Some("junk"),
+        "archive" | "archives" => Some("archive"),
+        _ => None,
+    }
+}
+
+/// Gives each folder that names a role (see [`role_of_folder`]) that role, unless a mailbox of
+/// the account holds it already: the mailbox is created with the role, or the role is set on the
+/// existing mailbox. A role the node refuses is logged and the import goes on.
+fn assign_roles(options: &ImportOptions, sources: &[Source]) -> Result<(), ImportError> {
+    let agent = api_client::agent();
+    let base = format!("/v1/accounts/{}/mailboxes", encode_segment(&options.account));
+    let token = options.token.as_deref();
+    let listed = api_client::request(&agent, &options.http, "GET", &base, &[], token)?;
+    if listed.status != 200 {
+        return Err(ImportError::Refused {
+            status: listed.status,
+            reason: listed.text(),
+        });
+    }
+    let existing = listed.json()["mailboxes"].as_array().cloned().unwrap_or_default();
+    let mut held: Vec<String> = existing
+        .iter()
+        .filter_map(|mailbox| mailbox["role"].as_str().map(str::to_owned))
+        .collect();
+    for source in sources {
+        let Some(role) = role_of_folder(&source.mailbox) else {
+            continue;
+        };
+        if held.iter().any(|taken| taken == role) {
+            continue;
+        }
+        let present = existing
+            .iter()
+            .find(|mailbox| mailbox["mailbox"].as_str() == Some(source.mailbox.as_str()));
+        let response = match present {
+            Some(mailbox) if mailbox["role"].is_string() => continue,
+            Some(_) => {
+                let path = format!("{base}/{}", encode_segment(&source.mailbox));
+                let body = serde_json::json!({ "role": role }).to_string();
+                api_client::request(&agent, &options.http, "PATCH", &path, body.as_bytes(), token)?
+            }
+            None => {
+                let body = serde_json::json!({ "name": source.mailbox, "role": role }).to_string();
+                api_client::request(&agent, &options.http, "POST", &base, body.as_bytes(), token)?
+            }
+        };
+        if matches!(response.status, 200 | 201) {
+            held.push(role.to_owned());
+        } else {
+            tracing::warn!(mailbox = %source.mailbox, role, status = response.status, "the node did not take the role: {}", response.text().trim());
+        }
+    }
+    Ok(())
+}
+
 /// Imports the given folders.
 pub fn import_sources(options: &ImportOptions, sources: &[Source]) -> Result<ImportSummary, ImportError> {
     let started = Instant::now();
+    assign_roles(options, sources)?;
     let workers = options.workers.max(1);
     let targets = sources
         .iter()
@@ -1121,6 +1186,16 @@ fn merge_same_mailboxes(mut summary: ImportSummary) -> ImportSummary {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn folders_named_for_a_special_use_get_its_role() {
+        assert_eq!(role_of_folder("Sent"), Some("sent"));
+        assert_eq!(role_of_folder("Sent Items"), Some("sent"));
+        assert_eq!(role_of_folder("Archive/Deleted Items"), Some("trash"));
+        assert_eq!(role_of_folder("spam"), Some("junk"));
+        assert_eq!(role_of_folder("Archive/2026"), None);
+        assert_eq!(role_of_folder("Sentimental"), None);
+    }
 
     fn keywords() -> Vec<Option<String>> {
         parse_dovecot_keywords("0 $Label1\n1 Work\nbad line\n30 TooFar\n3 NonJunk\n")

@@ -356,6 +356,29 @@ fn import_tree_and_mbox() {
     ] {
         assert!(stdout.contains(line), "{line:?} missing in {stdout}");
     }
+    // Folders that name a special use get that role (RFC 6154), so IMAP and JMAP clients find
+    // their Sent folder.
+    let mailboxes = node.get("/v1/accounts/alice%40example.org/mailboxes").unwrap().json();
+    let roles: Vec<(String, Option<String>)> = mailboxes["mailboxes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|mailbox| {
+            (
+                mailbox["mailbox"].as_str().unwrap().to_owned(),
+                mailbox["role"].as_str().map(str::to_owned),
+            )
+        })
+        .filter(|(_, role)| role.is_some())
+        .collect();
+    assert_eq!(
+        roles,
+        [
+            ("INBOX".to_owned(), Some("inbox".to_owned())),
+            ("Sent".to_owned(), Some("sent".to_owned()))
+        ],
+        "{mailboxes}"
+    );
     // A directory of mbox files: each file a mailbox named after it.
     let mbox = run_import(&node, fixture.mbox.parent().unwrap(), &[]);
     assert_eq!(
