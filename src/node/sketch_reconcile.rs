@@ -119,6 +119,13 @@ pub(super) fn uses_sketches(count: u64) -> bool {
     (SKETCH_MINIMUM_RECORDS..=SKETCH_MAXIMUM_RECORDS).contains(&count)
 }
 
+/// How one sketch session ended.
+enum Attempt {
+    Done(Reconciled),
+    /// Cells changed while they streamed: the session must open again.
+    Stale,
+}
+
 /// How a decoded difference splits by record.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Split {
@@ -176,6 +183,9 @@ impl Node {
 
     /// Reconciles a claimed mailbox by a sketch session, going over to trie descent where the
     /// responder or the decoder says so. Returns what the session found, for `finish_mailbox`.
+    /// A session whose cells went stale (either side's mailbox changed while cells streamed, as
+    /// when both sides run a session at once and the other one settles first) opens once more
+    /// with a new salt: the new opening usually finds the replicas equal.
     pub(super) async fn reconcile_by_sketch<V: TreeView>(
         &self,
         peer: PeerId,
@@ -187,6 +197,28 @@ impl Node {
         NodeError: From<V::Error>,
     {
         let _slot = self.inner.sketch_slots.acquire().await;
+        for _attempt in 0..2 {
+            match self.sketch_attempt(peer, key, view, stats).await? {
+                Attempt::Done(done) => return Ok(done),
+                Attempt::Stale => {
+                    tracing::debug!(%peer, mailbox = key.mailbox(), "sketch cells went stale: opening again")
+                }
+            }
+        }
+        self.reconcile(peer, WireSpace::Mailbox(key.clone()), view, stats).await
+    }
+
+    /// One sketch session, from its opening.
+    async fn sketch_attempt<V: TreeView>(
+        &self,
+        peer: PeerId,
+        key: &MailboxKey,
+        view: &V,
+        stats: &SessionStats,
+    ) -> Result<Attempt, NodeError>
+    where
+        NodeError: From<V::Error>,
+    {
         let limits = self.session_limits();
         let salt = self.inner.environment.random().to_be_bytes();
         let sketch_key = session_key(&salt, key.id());
@@ -194,7 +226,8 @@ impl Node {
         // Empty cells of the right length until the responder sends cells: the opening carries
         // none (see `session_limits`).
         let mut cells = SketchCells::new(sketch_key, SketchCells::length_for(count));
-        let mut built = false;
+        // This side's mailbox root when its cells were built.
+        let mut built: Option<Summary> = None;
         let (mut asker, mut outgoing) = Asker::open(view, &cells, &limits, self.inner.environment.now_millis())
             .map_err(|error| session_error(peer, error))?;
         let space = WireSpace::Mailbox(key.clone());
@@ -207,11 +240,16 @@ impl Node {
                 message: ByteString(sketch_session::encode(&outgoing)),
             };
             let answer = match self.request(peer, &request, stats).await {
+                Err(NodeError::Refused { message, .. }) if matches!(outgoing, Message::More { .. }) => {
+                    // The responder's cells changed under this session (or it has none now).
+                    tracing::debug!(%peer, mailbox = key.mailbox(), "more cells refused ({message})");
+                    return Ok(Attempt::Stale);
+                }
                 Err(NodeError::Refused { message, .. }) => {
                     // A peer of another release, or one whose mailbox is out of the sketch range
                     // now: trie descent does without.
                     tracing::debug!(%peer, mailbox = key.mailbox(), "sketch message refused ({message}): trie descent");
-                    return self.reconcile(peer, space, view, stats).await;
+                    return self.reconcile(peer, space, view, stats).await.map(Attempt::Done);
                 }
                 other => other?,
             };
@@ -242,10 +280,14 @@ impl Node {
                             reason: "sent records with a sketch reply that were not lacking".into(),
                         });
                     }
-                    if matches!(reply, Some(Message::Cells { .. })) && !built {
+                    let root = view.aggregate(Prefix::ROOT)?.summary();
+                    if built.is_some_and(|at_build| at_build != root) {
+                        return Ok(Attempt::Stale);
+                    }
+                    if matches!(reply, Some(Message::Cells { .. })) && built.is_none() {
                         let started = Instant::now();
                         cells = build_cells(&self.inner.store, key.id(), sketch_key)?;
-                        built = true;
+                        built = Some(root);
                         tracing::debug!(%peer, mailbox = key.mailbox(), cells = cells.length(), ms = started.elapsed().as_millis() as u64, "sketch cells built");
                     }
                     let now = self.inner.environment.now_millis();
@@ -256,7 +298,7 @@ impl Node {
                         Step::Send(Message::Trie(_)) => {
                             // The cells did not settle it within their bounds: trie descent.
                             tracing::debug!(%peer, mailbox = key.mailbox(), "sketch session goes to trie descent");
-                            return self.reconcile(peer, space, view, stats).await;
+                            return self.reconcile(peer, space, view, stats).await.map(Attempt::Done);
                         }
                         Step::Send(message) => outgoing = message,
                         Step::Finished { last } => {
@@ -278,7 +320,7 @@ impl Node {
                             done.delivered.extend(records);
                             done.delivered_blobs.extend(blobs);
                             self.settle_by_sketch(peer, key, split, &mut done, stats).await?;
-                            return Ok(done);
+                            return Ok(Attempt::Done(done));
                         }
                     }
                 }
@@ -299,7 +341,8 @@ impl Node {
                     accept_delivered(peer, &space, &elements, records, blobs, &mut done)?;
                     return self
                         .continue_first_reply(peer, space, view, FirstReply { elements, states, done }, stats)
-                        .await;
+                        .await
+                        .map(Attempt::Done);
                 }
                 _ => {
                     return Err(NodeError::Peer {
@@ -310,7 +353,7 @@ impl Node {
             }
         }
         tracing::debug!(%peer, mailbox = key.mailbox(), "sketch session used its rounds: trie descent");
-        self.reconcile(peer, space, view, stats).await
+        self.reconcile(peer, space, view, stats).await.map(Attempt::Done)
     }
 
     /// Ends a decoded session: states for the records both hold differently, the records this
@@ -395,14 +438,16 @@ impl Node {
     }
 
     /// The cells this responder computes for a peer's session: from the cache while the mailbox
-    /// is unchanged, else built (and cached, replacing the peer's earlier set or the oldest).
+    /// is unchanged, else built (and cached, replacing the peer's oldest set or the oldest).
+    /// `None` when cells of this session were sent before the mailbox changed: the cells that
+    /// follow would not continue them.
     fn responder_cells<V: TreeView>(
         &self,
         peer: PeerId,
         mailbox: MailboxId,
         salt: [u8; 16],
         view: &V,
-    ) -> Result<Arc<SketchCells>, NodeError>
+    ) -> Result<Option<Arc<SketchCells>>, NodeError>
     where
         NodeError: From<V::Error>,
     {
@@ -411,10 +456,14 @@ impl Node {
         {
             let mut cache = lock(&self.inner.sketch_cache);
             cache.entries.retain(|entry| entry.built.elapsed() < lifetime);
-            if let Some(entry) = cache.entries.iter().find(|entry| {
-                entry.peer == peer && entry.mailbox == mailbox && entry.salt == salt && entry.root == root
-            }) {
-                return Ok(entry.cells.clone());
+            let session = cache
+                .entries
+                .iter()
+                .find(|entry| entry.peer == peer && entry.mailbox == mailbox && entry.salt == salt);
+            match session {
+                Some(entry) if entry.root == root => return Ok(Some(entry.cells.clone())),
+                Some(_) => return Ok(None),
+                None => {}
             }
         }
         let started = Instant::now();
@@ -441,7 +490,7 @@ impl Node {
             built: Instant::now(),
             cells: cells.clone(),
         });
-        Ok(cells)
+        Ok(Some(cells))
     }
 
     /// Answers one sketch message from a peer.
@@ -483,18 +532,25 @@ impl Node {
         }
         let respond =
             |cells: &SketchCells| sketch_session::respond(&view, cells, &incoming, &limits).map_err(peer_fault(peer));
+        let stale = || Response::Error {
+            message: "the mailbox changed while this sketch session streamed cells: open a new session".into(),
+        };
         let (reply, outcome) = match &incoming {
             Message::Open { cells, .. } if cells.is_empty() => {
                 // Whether cells are the way on follows from the trie alone: build them only then.
                 let empty = SketchCells::new(session_key(&salt, key.id()), SketchCells::length_for(count));
                 match respond(&empty)? {
-                    (Some(Message::Cells { .. }), _) => {
-                        respond(&*self.responder_cells(peer, key.id(), salt, &view)?)?
-                    }
+                    (Some(Message::Cells { .. }), _) => match self.responder_cells(peer, key.id(), salt, &view)? {
+                        Some(cells) => respond(&cells)?,
+                        None => return Ok(stale()),
+                    },
                     answer => answer,
                 }
             }
-            _ => respond(&*self.responder_cells(peer, key.id(), salt, &view)?)?,
+            _ => match self.responder_cells(peer, key.id(), salt, &view)? {
+                Some(cells) => respond(&cells)?,
+                None => return Ok(stale()),
+            },
         };
         if !self.is_stale() {
             self.record_contact(); // answering a session is contact with the cluster too
