@@ -130,6 +130,27 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
                 returned: ByteString::default(),
             }],
         }),
+        wire::encode(&Request::Sketch {
+            mailbox: mailbox.clone(),
+            salt: ByteString(vec![7; wire::SKETCH_SALT_BYTES]),
+            message: ByteString(sketch_seeds.first().cloned().unwrap_or_default()),
+        }),
+        wire::encode(&Request::SketchSettle {
+            mailbox: mailbox.clone(),
+            send: vec![MessageId(4)],
+            states: ByteString(sync::encode_keyed_states(&[(7, RecordState::of(&record))])),
+            you_lack: vec![MessageId(5)],
+        }),
+        wire::encode(&Response::Sketch {
+            message: ByteString(sketch_seeds.get(1).cloned().unwrap_or_default()),
+            records: vec![record.clone()],
+            blobs: vec![ByteString(b"x".to_vec())],
+        }),
+        wire::encode(&Response::SketchSettled {
+            records: vec![record.clone()],
+            blobs: vec![],
+            returned: ByteString(sync::encode_indexed_states(&[(0, RecordState::of(&record))])),
+        }),
         wire::encode(&Gossip::Operation {
             mailbox: mailbox.clone(),
             record: record.clone(),
@@ -316,14 +337,10 @@ fn run_target(target: &str, input: &[u8]) {
             }
         }
         "frames" => {
-            if let Ok(request) = wire::decode::<Request>(input) {
-                let _ = wire::validate_request(&request);
-            }
-            let _ = wire::decode::<Response>(input);
-            if let Ok(Gossip::Operation { record, .. }) = wire::decode::<Gossip>(input) {
-                let _ = wire::validate_record(&record);
-                let _ = mailmesh::crdt::state_hash(&record);
-            }
+            // The cargo-fuzz targets' own bodies, sketch frames' inner messages included.
+            mailmesh::fuzzing::request_frame(input);
+            mailmesh::fuzzing::response_frame(input);
+            mailmesh::fuzzing::gossip_frame(input);
         }
         "import" => mailmesh::fuzzing::import_source(input),
         "accounts" => {

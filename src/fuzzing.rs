@@ -64,17 +64,38 @@ pub fn accounts_file(input: &[u8]) {
 /// What the cargo-fuzz target `request_frame` runs on one input.
 pub fn request_frame(input: &[u8]) {
     if let Ok(request) = wire::decode::<Request>(input) {
-        let _ = wire::validate_request(&request);
+        if wire::validate_request(&request).is_ok() {
+            // What a responder decodes next from the frames that carry other encodings.
+            match &request {
+                Request::Sketch { message, .. } => {
+                    let _ = sketch_session::decode(&message.0, &SessionLimits::default());
+                }
+                Request::SketchSettle { states, .. } => {
+                    let _ = sync::decode_keyed_states(&states.0, &SyncLimits::default());
+                }
+                _ => {}
+            }
+        }
     }
 }
 
 /// What the cargo-fuzz target `response_frame` runs on one input.
 pub fn response_frame(input: &[u8]) {
-    if let Ok(Response::Records { records, .. }) = wire::decode::<Response>(input) {
-        for record in &records {
-            if wire::validate_record(record).is_ok() {
-                let _ = crate::crdt::state_hash(record);
-            }
+    let records = match wire::decode::<Response>(input) {
+        Ok(Response::Records { records, .. }) => records,
+        Ok(Response::Sketch { message, records, .. }) => {
+            let _ = sketch_session::decode(&message.0, &SessionLimits::default());
+            records
+        }
+        Ok(Response::SketchSettled { records, returned, .. }) => {
+            let _ = sync::decode_indexed_states(&returned.0, &SyncLimits::default());
+            records
+        }
+        _ => return,
+    };
+    for record in &records {
+        if wire::validate_record(record).is_ok() {
+            let _ = crate::crdt::state_hash(record);
         }
     }
 }

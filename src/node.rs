@@ -43,6 +43,8 @@ use crate::store::{lock, CommitQueue, Committed, Operation, Origin, Space, Store
 use crate::sync::{self, ByteString, Element, Outcome, RecordState, SyncLimits};
 use crate::wire::{self, Gossip, MailboxReply, Request, Response, WireError, WireSpace};
 
+mod sketch_reconcile;
+
 /// Everything a node needs to start.
 #[derive(Clone, Debug)]
 pub struct NodeConfig {
@@ -233,6 +235,10 @@ struct NodeInner {
     /// This replica was out of contact longer than the tombstone horizon: it must not sync.
     stale: std::sync::atomic::AtomicBool,
     last_contact_written: Mutex<Option<Instant>>,
+    /// Sketch cells this node built to answer peers' sketch sessions (bounded, timed out).
+    sketch_cache: Mutex<sketch_reconcile::SketchCache>,
+    /// Sketch sessions this node may run as the asker at once.
+    sketch_slots: tokio::sync::Semaphore,
 }
 
 /// A handle on a running node: what the HTTP API and the demo use.
@@ -425,6 +431,8 @@ impl Node {
                 member_reports: Mutex::new(HashMap::new()),
                 stale: std::sync::atomic::AtomicBool::new(false),
                 last_contact_written: Mutex::new(None),
+                sketch_cache: Mutex::new(sketch_reconcile::SketchCache::default()),
+                sketch_slots: tokio::sync::Semaphore::new(sketch_reconcile::SKETCH_SESSIONS_AT_ONCE),
             }),
         };
         tracing::info!(peer_id = %peer_id, name = %config.name, "node started");
@@ -1579,6 +1587,16 @@ impl Node {
                 }
                 None => Ok(Response::Blob { bytes: None, total: 0 }),
             },
+            Request::Sketch { mailbox, salt, message } => self.answer_sketch(peer, &mailbox, &salt.0, &message.0).await,
+            Request::SketchSettle {
+                mailbox,
+                send,
+                states,
+                you_lack,
+            } => {
+                self.answer_sketch_settle(peer, &mailbox, send, &states.0, you_lack)
+                    .await
+            }
             Request::ResolveMailboxes { ids, depth, bits } => {
                 let mut keys = Vec::new();
                 let mut wanted: Vec<MailboxId> = ids
@@ -2119,7 +2137,8 @@ impl Node {
             };
             let first = sync::initial(&store.tree(Space::Mailbox(key.id())), &limits).map_err(peer_fault(peer))?;
             let message = sync::encode(&first);
-            if message.len() > BATCHED_MESSAGE_BYTES {
+            // A large mailbox opens alone, with a sketch session when its size suits one.
+            if message.len() > BATCHED_MESSAGE_BYTES || self.opens_with_sketch(&key)? {
                 drop(claim);
                 alone.push(key);
                 continue;
@@ -2196,20 +2215,9 @@ impl Node {
             let view = self.inner.store.tree(Space::Mailbox(key.id()));
             let space = WireSpace::Mailbox(key.clone());
             let done = match first_reply {
+                None if self.opens_with_sketch(key)? => self.reconcile_by_sketch(peer, key, &view, &stats).await?,
                 None => self.reconcile(peer, space, &view, &stats).await?,
-                Some(FirstReply {
-                    elements,
-                    states,
-                    mut done,
-                }) => {
-                    let (reply, outcome) =
-                        sync::respond(&view, &elements, &self.asking_limits()).map_err(peer_fault(peer))?;
-                    let next = self
-                        .after_reply(peer, &space, reply, &outcome, states, &mut done, &stats)
-                        .await?;
-                    done.mine.extend(outcome);
-                    self.reconcile_from(peer, space, &view, next, done, &stats).await?
-                }
+                Some(first) => self.continue_first_reply(peer, space, &view, first, &stats).await?,
             };
             self.finish_mailbox(peer, key, done, &stats).await
         }
@@ -2230,6 +2238,28 @@ impl Node {
             Err(error) => tracing::info!("mailbox reconciliation failed: {error}"),
         }
         result
+    }
+
+    /// Goes on with a mailbox's reconciliation from the peer's reply to its first message.
+    async fn continue_first_reply<V: TreeView>(
+        &self,
+        peer: PeerId,
+        space: WireSpace,
+        view: &V,
+        first: FirstReply,
+        stats: &SessionStats,
+    ) -> Result<Reconciled, NodeError> {
+        let FirstReply {
+            elements,
+            states,
+            mut done,
+        } = first;
+        let (reply, outcome) = sync::respond(view, &elements, &self.asking_limits()).map_err(peer_fault(peer))?;
+        let next = self
+            .after_reply(peer, &space, reply, &outcome, states, &mut done, stats)
+            .await?;
+        done.mine.extend(outcome);
+        self.reconcile_from(peer, space, view, next, done, stats).await
     }
 
     /// Merges the records that came with the replies, then pulls what is still lacking.
@@ -2486,22 +2516,7 @@ impl Node {
             blobs = self.inline_blobs(&records, *budget)?;
             *budget = budget.saturating_sub(blobs.iter().map(|blob| blob.0.len() as u64).sum::<u64>());
         }
-        if !outcome.is_empty() {
-            // The asker has things we lack: pull them, within the peer's in-flight allowance and
-            // unless another session is on this mailbox (a pull skipped now is found again by
-            // the next session).
-            if let (Some(slot), Some(claim)) = (self.take_in_flight_slot(peer), self.claim_mailbox(key.id())) {
-                let node = self.clone();
-                let key = key.clone();
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    let _claim = claim;
-                    if let Err(error) = node.pull(peer, &key, outcome, &SessionStats::default()).await {
-                        node.on_peer_failure(peer, "pull", error).await;
-                    }
-                });
-            }
-        }
+        self.spawn_pull(peer, key, outcome);
         Ok(MailboxReply {
             message: ByteString(message),
             records,
@@ -2509,6 +2524,26 @@ impl Node {
             states: packed_states(&reply_states),
             returned: packed_indexed_states(&back),
         })
+    }
+
+    /// Pulls in the background what a responder learned it lacks from the asker, within the
+    /// peer's in-flight allowance and unless another session is on this mailbox (a pull skipped
+    /// now is found again by the next session).
+    fn spawn_pull(&self, peer: PeerId, key: &MailboxKey, outcome: Outcome) {
+        if outcome.is_empty() {
+            return;
+        }
+        if let (Some(slot), Some(claim)) = (self.take_in_flight_slot(peer), self.claim_mailbox(key.id())) {
+            let node = self.clone();
+            let key = key.clone();
+            tokio::spawn(async move {
+                let _slot = slot;
+                let _claim = claim;
+                if let Err(error) = node.pull(peer, &key, outcome, &SessionStats::default()).await {
+                    node.on_peer_failure(peer, "pull", error).await;
+                }
+            });
+        }
     }
 
     /// Bytes of blobs one answer may carry inline: 4 MiB, or half the answer limit if smaller.

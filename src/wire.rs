@@ -23,6 +23,8 @@ pub const MAX_IDS_PER_REQUEST: usize = 4_000;
 pub const MAX_BLOB_CHUNK: u32 = 4 * 1024 * 1024;
 /// The most mailboxes one [`Request::ReconcileMailboxes`] may open.
 pub const MAX_MAILBOXES_PER_BATCH: usize = 64;
+/// The length of the salt a [`Request::Sketch`] carries.
+pub const SKETCH_SALT_BYTES: usize = 16;
 
 /// Why a frame was refused.
 #[derive(Debug, thiserror::Error)]
@@ -102,6 +104,31 @@ pub enum Request {
         depth: u8,
         bits: ByteString,
     },
+    /// One message of a sketch session on a mailbox ([`crate::sketch_session::encode`]: an
+    /// opening or a request for more cells), with the asker's 16-byte salt: both sides compute
+    /// their cells under the key derived from it and the mailbox ID. Answered by
+    /// [`Response::Sketch`], or by [`Response::Reconcile`] when the responder finds trie descent
+    /// cheaper (its reply to the opening's trie element).
+    #[serde(rename = "sketch")]
+    Sketch {
+        mailbox: MailboxKey,
+        salt: ByteString,
+        message: ByteString,
+    },
+    /// The end of a decoded sketch session: the records the asker lacks entirely (`send`, which
+    /// come back with their small blobs), the asker's states of the records both hold in
+    /// different states, with their IDs ([`crate::sync::encode_keyed_states`]), and the records
+    /// the responder lacks (`you_lack`, which it pulls). Answered by [`Response::SketchSettled`].
+    #[serde(rename = "sketch_settle")]
+    SketchSettle {
+        mailbox: MailboxKey,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        send: Vec<MessageId>,
+        #[serde(default, skip_serializing_if = "is_empty")]
+        states: ByteString,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        you_lack: Vec<MessageId>,
+    },
 }
 
 /// The answer to a [`Request`].
@@ -147,6 +174,30 @@ pub enum Response {
     Ack,
     #[serde(rename = "error")]
     Error { message: String },
+    /// A sketch session reply ([`crate::sketch_session::encode`]: cells, or a settlement of a
+    /// single difference); empty when the replicas are equal. A settlement carries the records it
+    /// says the asker lacks, with their small blobs.
+    #[serde(rename = "sketch")]
+    Sketch {
+        message: ByteString,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        records: Vec<MessageRecord>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        blobs: Vec<ByteString>,
+    },
+    /// The answer to [`Request::SketchSettle`]: some or all of the records asked for (the rest
+    /// are pulled as usual), with their small blobs, and the merged states that hold more than
+    /// the states the request brought, each after its position among them
+    /// ([`crate::sync::encode_indexed_states`]).
+    #[serde(rename = "sketch_settled")]
+    SketchSettled {
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        records: Vec<MessageRecord>,
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        blobs: Vec<ByteString>,
+        #[serde(default, skip_serializing_if = "is_empty")]
+        returned: ByteString,
+    },
 }
 
 /// One mailbox's reconciliation message inside a batch.
@@ -290,6 +341,31 @@ pub fn validate_request(request: &Request) -> Result<(), WireError> {
             }
             Ok(())
         }
+        Request::Sketch { mailbox, salt, .. } => {
+            check_key(mailbox)?;
+            if salt.0.len() != SKETCH_SALT_BYTES {
+                return Err(WireError::Malformed(format!(
+                    "a sketch salt has {SKETCH_SALT_BYTES} bytes, not {}",
+                    salt.0.len()
+                )));
+            }
+            Ok(())
+        }
+        Request::SketchSettle {
+            mailbox,
+            send,
+            you_lack,
+            ..
+        } => {
+            check_key(mailbox)?;
+            if send.len() + you_lack.len() > MAX_IDS_PER_REQUEST {
+                return Err(WireError::LimitExceeded(format!(
+                    "{} ids in one sketch settlement",
+                    send.len() + you_lack.len()
+                )));
+            }
+            Ok(())
+        }
         Request::ResolveMailboxes { ids, .. } => {
             if ids.len() > MAX_IDS_PER_REQUEST || ids.iter().any(|id| id.0.len() != 16) {
                 return Err(WireError::Malformed(
@@ -332,6 +408,71 @@ mod tests {
             held: vec![MessageId(3)],
         };
         assert_eq!(decode::<Request>(&encode(&request)).unwrap(), request);
+    }
+
+    #[test]
+    fn sketch_frames_round_trip_and_are_validated() {
+        let mailbox = MailboxKey::new("erin", "INBOX").unwrap();
+        let record = MessageRecord::new(MessageId(99), BlobHash::of(b"raw"), 3, 4, NodeId(5));
+        let requests = [
+            Request::Sketch {
+                mailbox: mailbox.clone(),
+                salt: ByteString(vec![7; SKETCH_SALT_BYTES]),
+                message: ByteString(vec![0x82, 3, 0x61]),
+            },
+            Request::SketchSettle {
+                mailbox: mailbox.clone(),
+                send: vec![MessageId(1)],
+                states: ByteString(vec![1, 2, 3]),
+                you_lack: vec![MessageId(2), MessageId(3)],
+            },
+            Request::SketchSettle {
+                mailbox: mailbox.clone(),
+                send: vec![],
+                states: ByteString::default(),
+                you_lack: vec![],
+            },
+        ];
+        for request in requests {
+            assert_eq!(decode::<Request>(&encode(&request)).unwrap(), request);
+            validate_request(&request).unwrap();
+        }
+        let responses = [
+            Response::Sketch {
+                message: ByteString(vec![1, 2]),
+                records: vec![record.clone()],
+                blobs: vec![ByteString(b"raw".to_vec())],
+            },
+            Response::Sketch {
+                message: ByteString::default(),
+                records: vec![],
+                blobs: vec![],
+            },
+            Response::SketchSettled {
+                records: vec![record],
+                blobs: vec![],
+                returned: ByteString(vec![4, 5]),
+            },
+        ];
+        for response in responses {
+            assert_eq!(decode::<Response>(&encode(&response)).unwrap(), response);
+        }
+        // A salt of the wrong length, and more IDs than one request may name, are refused.
+        for length in [0, 15, 17] {
+            let request = Request::Sketch {
+                mailbox: mailbox.clone(),
+                salt: ByteString(vec![0; length]),
+                message: ByteString::default(),
+            };
+            assert!(matches!(validate_request(&request), Err(WireError::Malformed(_))));
+        }
+        let request = Request::SketchSettle {
+            mailbox,
+            send: (0..3_000).map(MessageId).collect(),
+            states: ByteString::default(),
+            you_lack: (0..1_001).map(MessageId).collect(),
+        };
+        assert!(matches!(validate_request(&request), Err(WireError::LimitExceeded(_))));
     }
 
     #[test]

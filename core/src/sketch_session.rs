@@ -17,7 +17,7 @@
 //! 2. subtracts its own cells and peels: a single difference (a missing record, or a state on one
 //!    side only) decodes from cell 0, and it replies [`Message::Settled`] with the IDs the asker
 //!    lacks, keeping what it lacks itself in its [`Outcome`] — one round trip;
-//! 3. otherwise looks at the children of the asker's branching node: if at most
+//! 3. otherwise looks at the children of the asker's branching node: if only one or at most
 //!    `clustered_sixteenths` sixteenths of them differ, the difference is clustered and its trie
 //!    answer is the reply ([`Message::Trie`]): the session goes on as trie descent. It does the
 //!    same when the asker's set is small enough to have been listed, and when the difference
@@ -74,7 +74,8 @@ pub struct SessionLimits {
     /// The most cells one reply carries.
     pub max_batch: u64,
     /// A difference is taken as clustered when at most this many in 16 of the children of the
-    /// asker's first branching trie node differ (and at least four children exist).
+    /// asker's first branching trie node differ (and at least four children exist), or when only
+    /// one of them differs.
     pub clustered_sixteenths: u64,
     /// How long the asker keeps a session, in milliseconds.
     pub timeout_millis: u64,
@@ -524,7 +525,10 @@ fn probe<V: TreeView>(view: &V, last: &sync::Element, limits: &SessionLimits) ->
         count_gap = count_gap.saturating_add(mine[index].count.abs_diff(their_count));
     }
     Ok(Probe {
-        clustered: present >= 4 && differing * 16 <= present * limits.clustered_sixteenths,
+        // One differing child is clustered however few children there are: a time-ordered
+        // mailbox written within a minute or so branches into two or three children only, and
+        // its newest messages sit in one of them.
+        clustered: differing <= 1 || (present >= 4 && differing * 16 <= present * limits.clustered_sixteenths),
         count_gap,
     })
 }
@@ -958,6 +962,48 @@ mod tests {
         assert!(scattered.bytes < 200 * 48, "{} bytes", scattered.bytes);
         let (a, b) = big_pair(50_000, 200, false);
         let clustered = run(&a, &b, &SessionLimits::default());
+        assert_exact(&a, &b, &clustered);
+        assert!(clustered.used_trie);
+    }
+
+    /// `count` IDs written over 20 seconds across a 65,536 ms boundary, as a bulk load may make
+    /// them: the trie's first branching node has two children only.
+    fn loaded_in_seconds(value: u64, count: u64) -> u128 {
+        let millis = 1_767_225_612_528 + value * 20_000 / count;
+        (u128::from(millis) << 80) | u128::from(value.wrapping_mul(0x9e37_79b9_7f4a_7c15))
+    }
+
+    #[test]
+    fn newest_states_of_a_quick_load_go_to_the_trie() {
+        let count = 20_000;
+        let length = SketchCells::length_for(count);
+        let (mut a, mut b) = (Replica::new(length), Replica::new(length));
+        for value in 0..count {
+            let key = loaded_in_seconds(value, count);
+            a.set(key, state(key, 0));
+            b.set(key, state(key, u8::from(value >= count - 100)));
+        }
+        let run = run(&a, &b, &SessionLimits::default());
+        assert_exact(&a, &b, &run);
+        assert!(run.used_trie, "one differing child among few is a clustered difference");
+    }
+
+    #[test]
+    fn an_opening_without_cells_still_streams_cells_for_scattered_differences() {
+        let limits = SessionLimits {
+            opening_cells: 0,
+            ..SessionLimits::default()
+        };
+        let (a, mut b) = big_pair(30_000, 1, true);
+        for value in (0..30_000).step_by(300) {
+            let key = spread_over_a_year(value, 30_000);
+            b.set(key, state(key, 5));
+        }
+        let scattered = run(&a, &b, &limits);
+        assert_exact(&a, &b, &scattered);
+        assert!(!scattered.used_trie);
+        let (a, b) = big_pair(30_000, 100, false);
+        let clustered = run(&a, &b, &limits);
         assert_exact(&a, &b, &clustered);
         assert!(clustered.used_trie);
     }
