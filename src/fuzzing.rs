@@ -182,7 +182,9 @@ pub fn sketch_symbols(input: &[u8]) {
 }
 
 /// What the cargo-fuzz target `jmap_request` runs on one input: a JMAP request body through
-/// the shape check, then every call's result references against the echoes of the calls before.
+/// the shape check, then every call's result references against the echoes of the calls before,
+/// and the argument readers of the mail methods that need no service (Email/query's filter and
+/// sort, Email/set's keyword patches, Email/get's properties, the EventSource query string).
 pub fn jmap_request(input: &[u8]) {
     let Ok(request) = serde_json::from_slice::<serde_json::Value>(input) else {
         return;
@@ -191,12 +193,58 @@ pub fn jmap_request(input: &[u8]) {
         let mut responses = Vec::new();
         for call in calls {
             if let Ok(arguments) = crate::jmap::resolve_references(&call.arguments, &responses) {
+                jmap_arguments(&call.name, &arguments);
                 responses.push(serde_json::json!([call.name, arguments, call.call_id]));
             }
         }
     }
     if let Some(path) = request.get("path").and_then(|path| path.as_str()) {
         let _ = crate::jmap::evaluate_pointer(&request, path);
+    }
+}
+
+fn jmap_arguments(name: &str, arguments: &serde_json::Map<String, serde_json::Value>) {
+    use crate::jmap::{email, push};
+    match name {
+        "Email/query" => {
+            let _ = email::query_request(arguments);
+        }
+        "Email/set" => {
+            let current = std::collections::BTreeSet::from(["$seen".to_owned()]);
+            for patch in arguments
+                .get("update")
+                .and_then(|update| update.as_object())
+                .into_iter()
+                .flat_map(|update| update.values())
+                .filter_map(|patch| patch.as_object())
+            {
+                if let Ok(keywords) = email::patched_keywords(&current, patch, "M") {
+                    for keyword in keywords {
+                        let _ = email::flag_of(&keyword);
+                    }
+                }
+            }
+        }
+        "Email/get" => {
+            let _ = crate::jmap::ids_argument(arguments);
+            for property in arguments
+                .get("properties")
+                .and_then(|properties| properties.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|property| property.as_str())
+            {
+                let _ = email::parse_header_property(property);
+            }
+        }
+        "EventSource" => {
+            let query = arguments
+                .iter()
+                .filter_map(|(key, value)| Some((key.clone(), value.as_str()?.to_owned())))
+                .collect();
+            let _ = push::parse_request(&query);
+        }
+        _ => {}
     }
 }
 

@@ -1,11 +1,21 @@
-//! JMAP core (RFC 8620) on a node started in this process with an accounts file: the session
-//! resource behind HTTP Basic, batched method calls with result references, and the request
-//! and method errors a client gets for bad requests. Spoken over a real socket.
+//! JMAP (RFC 8620 and RFC 8621) on a node started in this process with an accounts file: the
+//! session resource behind HTTP Basic, batched method calls with result references, the request
+//! and method errors a client gets for bad requests, and the mail methods driven by a real
+//! client library (Stalwart's `jmap-client` crate). Spoken over real sockets.
 
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+use futures::StreamExt;
+use jmap_client::client::Client;
+use jmap_client::email::query::{Comparator, Filter};
+use jmap_client::email::Property;
+use jmap_client::mailbox::Role;
+use jmap_client::DataType;
+use mailmesh::model::Flag;
 use mailmesh::node::NodeConfig;
+use mailmesh::server::Running;
+use mailmesh::service::Delivery;
 
 /// Made with `doveadm pw -s SHA512-CRYPT -p secret` (Dovecot 2.3.19).
 const SECRET_HASH: &str = "{SHA512-CRYPT}$6$3d1jxbtsSUvkdMJd$BaSpHPEbL9a6Kr7aotyzcanEM22vEvv6JW1FUXXS9/OoWz/Q.Tvq/MR1BhXbNBe2D5X7YGGGLka2prNYroVB8.";
@@ -186,4 +196,651 @@ async fn jmap_core_answers_sessions_batches_references_and_errors() {
     let too_large = http(address, "POST", "/jmap/api", Some(ALICE_BASIC), &huge).await;
     assert_eq!(problem_type(&too_large), "urn:ietf:params:jmap:error:limit");
     assert_eq!(too_large.json()["limit"], "maxSizeRequest");
+}
+
+const ALICE: &str = "alice@example.org";
+
+/// A node of this process with alice in its accounts file; dropping the sender stops it.
+async fn start_node(
+    directory: &std::path::Path,
+    name: &str,
+    peers: Vec<libp2p::Multiaddr>,
+) -> (Running, tokio::sync::watch::Sender<bool>) {
+    let accounts = directory.join(format!("{name}-accounts"));
+    std::fs::write(&accounts, format!("{ALICE}:{SECRET_HASH}\n")).unwrap();
+    let config = NodeConfig {
+        name: name.into(),
+        data_dir: directory.join(name),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        http: "127.0.0.1:0".parse().unwrap(),
+        peers,
+        cluster: "jmap-test".into(),
+        gossip_interval: std::time::Duration::from_millis(200),
+        search_commit_interval: std::time::Duration::from_millis(100),
+        accounts_file: Some(accounts),
+        ..NodeConfig::default()
+    };
+    let (stop_sender, stop) = tokio::sync::watch::channel(false);
+    let running = mailmesh::server::start(config, mailmesh::environment::system(), stop)
+        .await
+        .unwrap();
+    (running, stop_sender)
+}
+
+fn message(from: &str, subject: &str, body: &str) -> Vec<u8> {
+    format!(
+        "From: {from}\r\nTo: Alice <alice@example.org>\r\nSubject: {subject}\r\nMessage-ID: <{}@example.net>\r\nDate: Mon, 1 Jun 2026 10:00:00 +0000\r\n\r\n{body}\r\n",
+        subject.replace(' ', ".")
+    )
+    .into_bytes()
+}
+
+async fn deliver(running: &Running, mailbox: &str, raw: Vec<u8>, received_millis: u64) -> String {
+    running
+        .service
+        .deliver(Delivery {
+            account: ALICE.into(),
+            mailbox: mailbox.into(),
+            raw,
+            flags: Vec::new(),
+            received_millis: Some(received_millis),
+            skip_duplicate: false,
+        })
+        .await
+        .unwrap()
+        .id
+        .to_string()
+}
+
+/// 2026-06-01T00:00:00Z.
+const JUNE: u64 = 1_780_272_000_000;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_jmap_client_lists_queries_changes_uploads_and_is_pushed_to() {
+    let directory = tempfile::tempdir().unwrap();
+    let (running, _stop) = start_node(directory.path(), "client", Vec::new()).await;
+    let address = running.http;
+
+    // 25 emails in INBOX, each received a minute after the last, 3 in Work.
+    let senders = ["Carol <carol@example.net>", "dave@example.net", "Bob <bob@example.net>"];
+    let mut inbox = Vec::new();
+    for index in 0..25u64 {
+        let raw = message(
+            senders[index as usize % 3],
+            &format!("Report {:02}", (index * 7) % 25),
+            &"x".repeat(index as usize * 10),
+        );
+        inbox.push(deliver(&running, "INBOX", raw, JUNE + index * 60_000).await);
+    }
+    for index in 0..3u64 {
+        deliver(
+            &running,
+            "Work",
+            message("erin@example.net", &format!("Work {index}"), "w"),
+            JUNE + index,
+        )
+        .await;
+    }
+
+    let client = Client::new()
+        .credentials((ALICE, "secret"))
+        .connect(&format!("http://{address}"))
+        .await
+        .expect("jmap-client reads the session");
+    assert_eq!(client.default_account_id(), ALICE);
+
+    // Mailbox/get: INBOX with its role and counts, Work beside it.
+    let mut request = client.build();
+    request.get_mailbox();
+    let mailboxes = request.send_get_mailbox().await.unwrap();
+    let list = mailboxes.list();
+    assert_eq!(list.len(), 2, "{list:?}");
+    let inbox_box = list.iter().find(|mailbox| mailbox.name() == Some("INBOX")).unwrap();
+    assert_eq!(inbox_box.role(), Role::Inbox);
+    assert_eq!(inbox_box.total_emails(), 25);
+    assert_eq!(inbox_box.unread_emails(), 25);
+    let rights = inbox_box.my_rights().expect("myRights");
+    assert!(rights.may_set_keywords() && !rights.may_rename());
+    let work_box = list.iter().find(|mailbox| mailbox.name() == Some("Work")).unwrap();
+    assert_eq!(work_box.role(), Role::None);
+    assert_eq!(work_box.total_emails(), 3);
+    let inbox_id = inbox_box.id().unwrap().to_owned();
+
+    // Email/query sorted by receivedAt, newest first, second page of 10, with the total.
+    let mut request = client.build();
+    request
+        .query_email()
+        .filter(Filter::in_mailbox(&inbox_id))
+        .sort([Comparator::received_at().descending()])
+        .position(10)
+        .limit(10)
+        .calculate_total(true);
+    let page = request.send_query_email().await.unwrap();
+    let newest_first: Vec<String> = inbox.iter().rev().cloned().collect();
+    assert_eq!(page.ids(), &newest_first[10..20]);
+    assert_eq!(page.total(), Some(25));
+    assert_eq!(page.position(), 10);
+    // By subject, ascending: "Report 00" .. "Report 24".
+    let mut request = client.build();
+    request
+        .query_email()
+        .filter(Filter::in_mailbox(&inbox_id))
+        .sort([Comparator::subject().ascending()])
+        .limit(3);
+    let by_subject = request.send_query_email().await.unwrap();
+    let subjects: Vec<String> = {
+        let mut request = client.build();
+        request
+            .get_email()
+            .ids(by_subject.ids().iter().map(String::as_str))
+            .properties([Property::Subject]);
+        request
+            .send_get_email()
+            .await
+            .unwrap()
+            .list()
+            .iter()
+            .map(|email| email.subject().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(subjects, ["Report 00", "Report 01", "Report 02"]);
+    // Without inMailbox every mailbox is listed; by size, largest first.
+    let mut request = client.build();
+    request
+        .query_email()
+        .sort([Comparator::size().descending()])
+        .limit(2)
+        .calculate_total(true);
+    let everywhere = request.send_query_email().await.unwrap();
+    assert_eq!(everywhere.total(), Some(28));
+    assert_eq!(everywhere.ids(), &[inbox[24].clone(), inbox[23].clone()]);
+
+    // Email/get with header properties.
+    let email = client
+        .email_get(
+            &inbox[2],
+            Some([
+                Property::Id,
+                Property::From,
+                Property::Subject,
+                Property::Keywords,
+                Property::MailboxIds,
+                Property::ReceivedAt,
+                Property::Size,
+                Property::BlobId,
+                Property::MessageId,
+                Property::Preview,
+            ]),
+        )
+        .await
+        .unwrap()
+        .expect("the email");
+    assert_eq!(email.id(), Some(inbox[2].as_str()));
+    let from = email.from().unwrap();
+    assert_eq!(from[0].name(), Some("Bob"));
+    assert_eq!(from[0].email(), "bob@example.net");
+    assert_eq!(email.subject(), Some("Report 14"));
+    assert_eq!(email.mailbox_ids(), vec![inbox_id.as_str()]);
+    assert!(email.keywords().is_empty());
+    assert_eq!(email.received_at(), Some(((JUNE + 2 * 60_000) / 1000) as i64));
+    assert_eq!(email.message_id(), Some(&["Report.14@example.net".to_owned()][..]));
+    assert_eq!(
+        email.preview(),
+        Some("x".repeat(20).as_str()),
+        "the body outweighs the sender in size"
+    );
+
+    // Writes: a keyword over JMAP, a destroy over JMAP, an IMAP-style flag change and a delivery
+    // through the service; then Email/changes from the state before them.
+    let mut request = client.build();
+    request.get_email().ids([inbox[0].as_str()]).properties([Property::Id]);
+    let before = request.send_get_email().await.unwrap().state().to_owned();
+    client.email_set_keyword(&inbox[0], "$seen", true).await.unwrap();
+    client.email_set_keyword(&inbox[0], "$Custom", true).await.unwrap();
+    client.email_destroy(&inbox[1]).await.unwrap();
+    running
+        .service
+        .set_flags(
+            ALICE,
+            "INBOX",
+            inbox[3].parse().unwrap(),
+            vec![Flag::Flagged],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    let newest = deliver(
+        &running,
+        "INBOX",
+        message("frank@example.net", "Fresh", "new"),
+        JUNE + 3_600_000,
+    )
+    .await;
+    let changes = client.email_changes(&before, None).await.unwrap();
+    assert_eq!(changes.created(), &[newest.clone()]);
+    assert!(changes.updated().contains(&inbox[0]), "{:?}", changes.updated());
+    assert!(changes.updated().contains(&inbox[3]), "{:?}", changes.updated());
+    assert_eq!(changes.destroyed(), &[inbox[1].clone()]);
+    assert!(!changes.has_more_changes());
+    let seen = client
+        .email_get(&inbox[0], Some([Property::Keywords]))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut keywords = seen.keywords();
+    keywords.sort();
+    assert_eq!(keywords, ["$custom", "$seen"]);
+    let flagged = client
+        .email_get(&inbox[3], Some([Property::Keywords]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(flagged.keywords(), ["$flagged"]);
+    assert_eq!(
+        running
+            .service
+            .email(ALICE, "INBOX", inbox[0].parse().unwrap())
+            .unwrap()
+            .flags,
+        vec![Flag::Seen, Flag::Keyword("$custom".into())],
+        "JMAP keywords are IMAP flags (lower case, as JMAP compares them)"
+    );
+    assert!(client
+        .email_get(&inbox[1], None::<Vec<Property>>)
+        .await
+        .unwrap()
+        .is_none());
+    // The destroyed email is gone from the counts; Mailbox/changes names INBOX.
+    let mut request = client.build();
+    request.changes_mailbox(&before);
+    let mailbox_changes = request.send_changes_mailbox().await.unwrap();
+    assert_eq!(mailbox_changes.updated(), &[inbox_id.clone()]);
+    let inbox_now = client
+        .mailbox_get(&inbox_id, None::<Vec<jmap_client::mailbox::Property>>)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(inbox_now.total_emails(), 25);
+    assert_eq!(inbox_now.unread_emails(), 24);
+    // Changes from the new state: none.
+    let quiet = client.email_changes(changes.new_state(), None).await.unwrap();
+    assert!(quiet.created().is_empty() && quiet.destroyed().is_empty(), "{quiet:?}");
+
+    // Upload plus import (the client uploads, then calls Email/import), and download.
+    let raw = message("grace@example.net", "Imported", "from a blob");
+    let imported = client
+        .email_import(
+            raw.clone(),
+            [inbox_id.as_str()],
+            Some(["$seen"]),
+            Some((JUNE / 1000) as i64),
+        )
+        .await
+        .unwrap();
+    let imported_id = imported.id().unwrap().to_owned();
+    let fetched = client
+        .email_get(
+            &imported_id,
+            Some([
+                Property::Subject,
+                Property::Keywords,
+                Property::ReceivedAt,
+                Property::BlobId,
+            ]),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(fetched.subject(), Some("Imported"));
+    assert_eq!(fetched.keywords(), ["$seen"]);
+    assert_eq!(fetched.received_at(), Some((JUNE / 1000) as i64));
+    assert_eq!(client.download(fetched.blob_id().unwrap()).await.unwrap(), raw);
+    let uploaded = client
+        .upload(None, b"just bytes".to_vec(), Some("text/plain"))
+        .await
+        .unwrap();
+    assert_eq!(uploaded.size(), 10);
+    assert_eq!(client.download(uploaded.blob_id()).await.unwrap(), b"just bytes");
+
+    // Push: a StateChange arrives for a delivery, and its state lists the delivery.
+    let state = client
+        .email_changes(changes.new_state(), None)
+        .await
+        .unwrap()
+        .new_state()
+        .to_owned();
+    let mut stream = client
+        .event_source(Some([DataType::Email, DataType::Mailbox]), false, Some(1), None)
+        .await
+        .unwrap();
+    // The node subscribes before it answers, so the stream sees every write from here on.
+    let pushed = deliver(
+        &running,
+        "Work",
+        message("heidi@example.net", "Pushed", "p"),
+        JUNE + 7_200_000,
+    )
+    .await;
+    let notification = tokio::time::timeout(std::time::Duration::from_secs(20), stream.next())
+        .await
+        .expect("a push within 20 s")
+        .expect("the stream is open")
+        .unwrap();
+    let jmap_client::event_source::PushNotification::StateChange(mut change) = notification else {
+        panic!("not a state change");
+    };
+    let changed = change.account_changes(ALICE).expect("alice's account");
+    let pushed_state = changed.get(&DataType::Email).expect("an Email state").clone();
+    assert!(changed.contains_key(&DataType::Mailbox));
+    let after_push = client.email_changes(&state, None).await.unwrap();
+    assert!(after_push.created().contains(&pushed), "{after_push:?}");
+    assert!(
+        client
+            .email_changes(&pushed_state, None)
+            .await
+            .unwrap()
+            .created()
+            .is_empty(),
+        "the pushed state already covers the delivery"
+    );
+
+    // The ping event, read off the wire (the client library swallows pings).
+    let ping = event_stream_until(address, "/jmap/eventsource?types=*&closeafter=no&ping=1", "event: ping").await;
+    assert!(ping.contains("\"interval\":1"), "{ping}");
+}
+
+/// Reads an event stream until `wanted` shows up, and returns what was read.
+async fn event_stream_until(address: std::net::SocketAddr, path: &str, wanted: &str) -> String {
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "GET {path} HTTP/1.1\r\nHost: mail.example.org\r\nAuthorization: Basic {ALICE_BASIC}\r\nAccept: text/event-stream\r\n\r\n"
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut seen = Vec::new();
+    let mut buffer = [0u8; 4096];
+    tokio::time::timeout(std::time::Duration::from_secs(20), async {
+        while !String::from_utf8_lossy(&seen).contains(wanted) {
+            let read = stream.read(&mut buffer).await.unwrap();
+            assert!(read > 0, "the stream closed: {}", String::from_utf8_lossy(&seen));
+            seen.extend_from_slice(&buffer[..read]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("no {wanted} within 20 s: {}", String::from_utf8_lossy(&seen)));
+    String::from_utf8_lossy(&seen).into_owned()
+}
+
+fn method_response(answer: &Answer, index: usize) -> Value {
+    assert_eq!(answer.status, 200, "{}", String::from_utf8_lossy(&answer.body));
+    answer.json()["methodResponses"][index].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jmap_mail_methods_refuse_what_they_do_not_serve_and_enforce_limits() {
+    let directory = tempfile::tempdir().unwrap();
+    let (running, _stop) = start_node(directory.path(), "limits", Vec::new()).await;
+    let address = running.http;
+    let id = deliver(&running, "INBOX", message("carol@example.net", "One", "1"), JUNE).await;
+    let mail = |calls: Value| json!({"using": ["urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail"], "methodCalls": calls});
+
+    let session = http(address, "GET", "/.well-known/jmap", Some(ALICE_BASIC), b"")
+        .await
+        .json();
+    let account = &session["accounts"][ALICE]["accountCapabilities"]["urn:ietf:params:jmap:mail"];
+    assert_eq!(account["mayCreateTopLevelMailbox"], false, "Mailbox/set is not served");
+    assert!(session["capabilities"].get("urn:ietf:params:jmap:submission").is_none());
+
+    let too_many: Vec<String> = (0..1001).map(|index| format!("id{index}")).collect();
+    let answer = call(address, &mail(json!([["Email/get", {"ids": too_many}, "g"]]))).await;
+    assert_eq!(method_response(&answer, 0)[1]["type"], "requestTooLarge");
+    let destroy: Vec<String> = (0..501).map(|index| format!("id{index}")).collect();
+    let answer = call(address, &mail(json!([["Email/set", {"destroy": destroy}, "s"]]))).await;
+    assert_eq!(method_response(&answer, 0)[1]["type"], "requestTooLarge");
+
+    // The full-text index commits on its own schedule: wait until it has the email.
+    let search = mail(json!([["Email/query", {"filter": {"text": "carol"}}, "t"]]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while method_response(&call(address, &search).await, 0)[1]["ids"] != json!([id]) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the search index never found the email"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let answer = call(
+        address,
+        &mail(json!([
+            ["Email/query", {"filter": {"hasKeyword": "$seen"}}, "a"],
+            ["Email/query", {"filter": {"operator": "AND", "conditions": []}}, "b"],
+            ["Email/query", {"sort": [{"property": "to"}]}, "c"],
+            ["Email/query", {"anchor": id}, "d"],
+            ["Email/get", {"ids": [id], "properties": ["bodyStructure"]}, "e"],
+            ["Email/changes", {"sinceState": "m1garbage"}, "f"],
+            ["Email/set", {"ifInState": "m1old", "destroy": [id]}, "g"],
+            ["Email/set", {"create": {"k": {}}, "update": {"nope": {"keywords/$seen": true}}}, "h"],
+            ["Mailbox/set", {}, "i"],
+            ["Email/query", {"filter": {"text": "carol"}, "sort": [{"property": "receivedAt", "isAscending": false}], "position": -1, "calculateTotal": true}, "j"],
+            ["Email/get", {"#ids": {"resultOf": "j", "name": "Email/query", "path": "/ids"}, "properties": ["subject", "header:Subject:asText", "header:X-Missing"]}, "k"],
+            ["Thread/get", {"ids": [id, "nothing"]}, "l"],
+        ])),
+    )
+    .await;
+    let response = |index| method_response(&answer, index);
+    assert_eq!(response(0)[1]["type"], "unsupportedFilter");
+    assert_eq!(response(1)[1]["type"], "unsupportedFilter");
+    assert_eq!(response(2)[1]["type"], "unsupportedSort");
+    assert_eq!(response(3)[1]["type"], "invalidArguments");
+    assert_eq!(response(4)[1]["type"], "invalidArguments");
+    assert_eq!(response(5)[1]["type"], "cannotCalculateChanges");
+    assert_eq!(response(6)[1]["type"], "stateMismatch");
+    assert_eq!(response(7)[1]["notCreated"]["k"]["type"], "forbidden");
+    assert_eq!(response(7)[1]["notUpdated"]["nope"]["type"], "notFound");
+    assert_eq!(response(8)[1]["type"], "unknownMethod");
+    assert_eq!(response(9)[1]["ids"], json!([id]), "{}", response(9));
+    assert_eq!(response(9)[1]["total"], 1);
+    assert_eq!(response(9)[1]["position"], 0);
+    assert_eq!(
+        response(10)[1]["list"][0],
+        json!({"id": id, "subject": "One", "header:Subject:asText": "One", "header:X-Missing": null})
+    );
+    assert_eq!(response(11)[1]["list"], json!([{"id": id, "emailIds": [id]}]));
+    assert_eq!(response(11)[1]["notFound"], json!(["nothing"]));
+    // The message still exists: the refused set destroyed nothing.
+    assert!(running
+        .service
+        .find_email(ALICE, id.parse().unwrap())
+        .unwrap()
+        .is_some());
+}
+
+/// Waits until every node holds the same mailboxes of alice with the same contents.
+async fn converge(step: &str, nodes: &[&Running]) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let views: Vec<Vec<(String, u64, String)>> = nodes
+            .iter()
+            .map(|node| {
+                node.service
+                    .mailboxes(ALICE)
+                    .unwrap()
+                    .into_iter()
+                    .map(|mailbox| (mailbox.name, mailbox.total, mailbox.root))
+                    .collect()
+            })
+            .collect();
+        if views.windows(2).all(|pair| pair[0] == pair[1]) {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{step}: the nodes did not converge within 60 s: {views:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// A JMAP client's idea of alice's emails and its state, carried from node to node.
+struct HoppingClient {
+    state: String,
+    known: std::collections::BTreeSet<String>,
+}
+
+impl HoppingClient {
+    /// Email/changes from the client's state at `client`'s node, page by page; returns what was
+    /// created, updated and destroyed.
+    async fn catch_up(&mut self, client: &Client) -> (Vec<String>, Vec<String>, Vec<String>) {
+        let (mut created, mut updated, mut destroyed) = (Vec::new(), Vec::new(), Vec::new());
+        loop {
+            let changes = client
+                .email_changes(&self.state, Some(3))
+                .await
+                .unwrap_or_else(|error| panic!("Email/changes from a state of another node: {error}"));
+            created.extend(changes.created().iter().cloned());
+            updated.extend(changes.updated().iter().cloned());
+            destroyed.extend(changes.destroyed().iter().cloned());
+            self.state = changes.new_state().to_owned();
+            if !changes.has_more_changes() {
+                break;
+            }
+        }
+        for id in created.iter().chain(&updated) {
+            self.known.insert(id.clone());
+        }
+        for id in &destroyed {
+            self.known.remove(id);
+        }
+        // An id listed as updated that the client did not know is fetched; one that is gone is
+        // dropped (RFC 8620 lets a server list such ids).
+        let mut gone = Vec::new();
+        for id in &self.known {
+            if client.email_get(id, Some([Property::Id])).await.unwrap().is_none() {
+                gone.push(id.clone());
+            }
+        }
+        for id in gone {
+            self.known.remove(&id);
+        }
+        (created, updated, destroyed)
+    }
+}
+
+async fn connect(node: &Running) -> Client {
+    Client::new()
+        .credentials((ALICE, "secret"))
+        .connect(&format!("http://{}", node.http))
+        .await
+        .unwrap()
+}
+
+/// Issue 14's failover case: a client reads on node a, then hands its Email/changes state to b
+/// and to c (after they hold the same data) and gets exactly the changes it lacks, with no
+/// cannotCalculateChanges, writes having been made on all three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jmap_client_carries_its_email_state_from_node_to_node() {
+    let directory = tempfile::tempdir().unwrap();
+    let (a, _stop_a) = start_node(directory.path(), "a", Vec::new()).await;
+    let seeds = a.engine.listen_addresses().await;
+    let (b, _stop_b) = start_node(directory.path(), "b", seeds.clone()).await;
+    let (c, _stop_c) = start_node(directory.path(), "c", seeds).await;
+    let nodes = [&a, &b, &c];
+    let mut truth = std::collections::BTreeSet::new();
+
+    // Step 1: writes on every node; the client reads everything from a.
+    let mut on_a = Vec::new();
+    for index in 0..4u64 {
+        on_a.push(
+            deliver(
+                &a,
+                "INBOX",
+                message("carol@example.net", &format!("a{index}"), "a"),
+                JUNE + index,
+            )
+            .await,
+        );
+    }
+    let mut on_b = Vec::new();
+    for index in 0..3u64 {
+        on_b.push(
+            deliver(
+                &b,
+                "Work",
+                message("dave@example.net", &format!("b{index}"), "b"),
+                JUNE + 10 + index,
+            )
+            .await,
+        );
+    }
+    let on_c = deliver(&c, "INBOX", message("erin@example.net", "c0", "c"), JUNE + 20).await;
+    truth.extend(on_a.iter().chain(&on_b).cloned());
+    truth.insert(on_c.clone());
+    converge("step 1", &nodes).await;
+    let at_a = connect(&a).await;
+    let mut request = at_a.build();
+    request.query_email().limit(100);
+    let listed = request.send_query_email().await.unwrap();
+    let mut request = at_a.build();
+    request
+        .get_email()
+        .ids(listed.ids().iter().map(String::as_str))
+        .properties([Property::Id]);
+    let got = request.send_get_email().await.unwrap();
+    let mut hopper = HoppingClient {
+        state: got.state().to_owned(),
+        known: got.list().iter().map(|email| email.id().unwrap().to_owned()).collect(),
+    };
+    assert_eq!(hopper.known, truth, "step 1 from a");
+
+    // Step 2: a flag change on b to a's email, a destroy on a (over JMAP), a delivery on c; the
+    // client now asks b.
+    let at_b = connect(&b).await;
+    b.service
+        .set_flags(ALICE, "INBOX", on_a[0].parse().unwrap(), vec![Flag::Seen], Vec::new())
+        .await
+        .unwrap();
+    at_a.email_destroy(&on_a[1]).await.unwrap();
+    let newer = deliver(&c, "Work", message("erin@example.net", "c1", "c"), JUNE + 30).await;
+    truth.remove(&on_a[1]);
+    truth.insert(newer.clone());
+    converge("step 2", &nodes).await;
+    let (created, updated, destroyed) = hopper.catch_up(&at_b).await;
+    assert_eq!(created, vec![newer.clone()], "step 2 at b: created");
+    assert!(
+        updated.contains(&on_a[0]),
+        "step 2 at b: {} missing from {updated:?}",
+        on_a[0]
+    );
+    assert_eq!(destroyed, vec![on_a[1].clone()], "step 2 at b: destroyed");
+    assert_eq!(hopper.known, truth, "step 2 at b");
+
+    // Step 3: a keyword set over JMAP at c, a delivery on a; the client now asks c.
+    let at_c = connect(&c).await;
+    at_c.email_set_keyword(&on_b[2], "$flagged", true).await.unwrap();
+    let newest = deliver(&a, "INBOX", message("carol@example.net", "a4", "a"), JUNE + 40).await;
+    truth.insert(newest.clone());
+    converge("step 3", &nodes).await;
+    let (created, updated, destroyed) = hopper.catch_up(&at_c).await;
+    assert_eq!(created, vec![newest.clone()], "step 3 at c: created");
+    assert!(
+        updated.contains(&on_b[2]),
+        "step 3 at c: {} missing from {updated:?}",
+        on_b[2]
+    );
+    // The feed may list a change again from another node's state (the window between two
+    // nodes' frontiers); a destroy listed again is harmless to a client, and nothing else is.
+    assert!(destroyed.iter().all(|id| *id == on_a[1]), "step 3 at c: {destroyed:?}");
+    assert_eq!(hopper.known, truth, "step 3 at c");
+    let flagged = at_c
+        .email_get(&on_b[2], Some([Property::Keywords]))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(flagged.keywords(), ["$flagged"]);
+
+    // Step 4: back at a with nothing new: nothing created or destroyed.
+    let (created, _, destroyed) = hopper.catch_up(&at_a).await;
+    assert!(
+        created.is_empty() && destroyed.is_empty(),
+        "step 4 at a: {created:?} {destroyed:?}"
+    );
+    assert_eq!(hopper.known, truth, "the client that moved between three nodes");
 }

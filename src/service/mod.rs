@@ -21,6 +21,8 @@ mod mailboxes;
 
 pub use mailboxes::{decode_snapshot, fold as fold_snapshots, AccountMailboxes, MailboxUpdate, MAX_MAILBOX_WRITES};
 
+mod jmap_support;
+
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;

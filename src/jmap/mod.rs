@@ -1,17 +1,29 @@
-//! JMAP core (RFC 8620) on the mail service: the session resource, the API endpoint with batched
-//! method calls, result references and the request-level and method-level errors.
+//! JMAP (RFC 8620 core, RFC 8621 mail) on the mail service.
 //!
-//! This is the protocol's frame; the mail methods (RFC 8621: Mailbox/get, Email/query,
-//! Email/changes with the account change feed's state, which any node accepts) are added on
-//! the same dispatch as the mail service gains mailbox IDs (docs/mail-model.md). Like every
-//! protocol here it calls only [`MailService`]: logins go through the accounts file with its
-//! throttling, and nothing reaches the store, the network or the sync core.
+//! This module is the protocol's frame: the session resource, the API endpoint with batched
+//! method calls, result references and the request-level and method-level errors. The methods
+//! live beside it: [`mailbox`] (Mailbox/get and /changes), [`email`] (Email/get, /query,
+//! /changes, /set, /import and single-email Thread/get), [`blobs`] (upload and download, RFC 8620
+//! §6) and [`push`] (the EventSource of §7.3). Like every protocol here it calls only
+//! [`MailService`]: logins go through the accounts file with its throttling, and nothing reaches
+//! the store, the network or the sync core.
+//!
+//! Every `state` string is the account's portable change-feed token
+//! ([`MailService::account_changes`]): a client that moves to another node of the cluster hands
+//! that node its state and carries on, with no `cannotCalculateChanges`.
 //!
 //! Limits are advertised in the session and enforced: a request body over
 //! [`MAX_SIZE_REQUEST`] or with more than [`MAX_CALLS_IN_REQUEST`] calls gets the `limit`
-//! request error naming the limit.
+//! request error naming the limit; a /get over [`MAX_OBJECTS_IN_GET`] ids or a /set over
+//! [`MAX_OBJECTS_IN_SET`] objects gets `requestTooLarge`.
+
+pub mod blobs;
+pub mod email;
+pub mod mailbox;
+pub mod push;
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::DefaultBodyLimit;
@@ -38,26 +50,32 @@ pub const MAX_OBJECTS_IN_SET: usize = 500;
 /// The deepest a result reference path may go.
 const MAX_PATH_DEPTH: usize = 32;
 
-/// The JMAP routes: `/.well-known/jmap` and `/jmap/api`.
+/// The JMAP routes: `/.well-known/jmap`, `/jmap/api`, blob upload and download, and the
+/// EventSource.
 pub fn routes(service: MailService, allow_plaintext_auth: bool) -> Router {
     Router::new()
         .route("/.well-known/jmap", get(session))
         .route("/jmap/api", post(api))
+        .route("/jmap/upload/{account}/", post(blobs::upload))
+        .route("/jmap/download/{account}/{blob}/{name}", get(blobs::download))
+        .route("/jmap/eventsource", get(push::event_source))
         .layer(DefaultBodyLimit::disable())
         .with_state(Jmap {
             service,
             allow_plaintext_auth,
+            uploads: Arc::new(blobs::Uploads::default()),
         })
 }
 
 #[derive(Clone)]
-struct Jmap {
+pub(crate) struct Jmap {
     service: MailService,
     allow_plaintext_auth: bool,
+    uploads: Arc<blobs::Uploads>,
 }
 
 /// A request-level error (RFC 8620 §3.6.1), answered as RFC 7807 problem details.
-fn problem(status: StatusCode, kind: &str, detail: &str, extra: Option<(&str, Value)>) -> Response {
+pub(crate) fn problem(status: StatusCode, kind: &str, detail: &str, extra: Option<(&str, Value)>) -> Response {
     let mut body =
         json!({ "type": format!("urn:ietf:params:jmap:error:{kind}"), "status": status.as_u16(), "detail": detail });
     if let Some((key, value)) = extra {
@@ -81,7 +99,7 @@ fn unauthorized(detail: &str) -> Response {
 }
 
 /// Checks HTTP Basic against the accounts file; the error is the response to send.
-async fn login(jmap: &Jmap, headers: &HeaderMap, client: ClientAddress) -> Result<String, Response> {
+pub(crate) async fn login(jmap: &Jmap, headers: &HeaderMap, client: ClientAddress) -> Result<String, Response> {
     if !jmap.service.has_accounts() {
         return Err(unauthorized("JMAP needs accounts: set accounts_file"));
     }
@@ -169,8 +187,9 @@ async fn session(
                         "maxMailboxDepth": null,
                         "maxSizeMailboxName": 255,
                         "maxSizeAttachmentsPerEmail": jmap.service.max_message_bytes(),
-                        "emailQuerySortOptions": ["receivedAt", "sentAt", "from", "subject", "size"],
-                        "mayCreateTopLevelMailbox": true,
+                        "emailQuerySortOptions": email::SORT_OPTIONS,
+                        // Mailbox/set is not served yet: mailboxes appear when mail is delivered.
+                        "mayCreateTopLevelMailbox": false,
                     }
                 },
             }
@@ -209,7 +228,7 @@ async fn api(
     let Ok(request) = serde_json::from_slice::<Value>(&body) else {
         return problem(StatusCode::BAD_REQUEST, "notJSON", "the request body is not JSON", None);
     };
-    match answer(&jmap, &account, &request) {
+    match answer(&jmap, &account, &request).await {
         Ok(response) => Json(response).into_response(),
         Err(response) => response,
     }
@@ -300,45 +319,143 @@ pub fn check_request(request: &Value) -> Result<(Vec<String>, Vec<MethodCall>), 
 }
 
 /// Runs every method call of a request in order and collects their responses.
-fn answer(jmap: &Jmap, account: &str, request: &Value) -> Result<Value, Response> {
+async fn answer(jmap: &Jmap, account: &str, request: &Value) -> Result<Value, Response> {
     let (using, calls) = check_request(request).map_err(RequestError::into_response)?;
     let using: Vec<&str> = using.iter().map(String::as_str).collect();
     let mut responses: Vec<Value> = Vec::with_capacity(calls.len());
     for call in calls {
-        let outcome = resolve_references(&call.arguments, &responses)
-            .and_then(|arguments| call_method(jmap, account, &using, &call.name, arguments));
+        let outcome = match resolve_references(&call.arguments, &responses) {
+            Ok(arguments) => call_method(jmap, account, &using, &call.name, arguments).await,
+            Err(error) => Err(error),
+        };
         match outcome {
-            Ok((response_name, response)) => responses.push(json!([response_name, response, call.call_id])),
+            Ok(response) => responses.push(json!([call.name, response, call.call_id])),
             Err(error) => responses.push(json!(["error", error, call.call_id])),
         }
     }
     Ok(json!({ "methodResponses": responses, "sessionState": "0" }))
 }
 
-/// A method-level error object.
-fn method_error(kind: &str, description: impl Into<String>) -> Value {
+/// A method-level error object (RFC 8620 §3.6.2).
+pub(crate) fn method_error(kind: &str, description: impl Into<String>) -> Value {
     json!({ "type": kind, "description": description.into() })
 }
 
-fn call_method(
-    _jmap: &Jmap,
+/// The method error a service failure is answered with.
+pub(crate) fn service_error(error: ServiceError) -> Value {
+    match &error {
+        ServiceError::Invalid(_) => method_error("invalidArguments", error.to_string()),
+        ServiceError::CannotCalculateChanges(_) => method_error("cannotCalculateChanges", error.to_string()),
+        ServiceError::NoSuchAccount(_) => method_error("accountNotFound", error.to_string()),
+        _ if error.is_temporary() => method_error("serverUnavailable", error.to_string()),
+        _ => method_error("serverFail", error.to_string()),
+    }
+}
+
+/// What one method answers: its response arguments, or a method error.
+pub(crate) type MethodResult = Result<Value, Value>;
+
+async fn call_method(
+    jmap: &Jmap,
     account: &str,
     using: &[&str],
     name: &str,
     arguments: Map<String, Value>,
-) -> Result<(String, Value), Value> {
+) -> MethodResult {
     if let Some(asked) = arguments.get("accountId") {
         if asked.as_str() != Some(account) {
             return Err(method_error("accountNotFound", "no such account for this login"));
         }
     }
-    match name {
-        "Core/echo" => Ok((name.to_owned(), Value::Object(arguments))),
-        _ if !using.contains(&MAIL) && name.contains('/') && !name.starts_with("Core/") => Err(method_error(
+    if name == "Core/echo" {
+        return Ok(Value::Object(arguments));
+    }
+    if name.contains('/') && !name.starts_with("Core/") && !using.contains(&MAIL) {
+        return Err(method_error(
             "unknownMethod",
             format!("{name}: its capability is not in \"using\""),
-        )),
-        _ => Err(method_error("unknownMethod", format!("{name} is not supported yet"))),
+        ));
+    }
+    let service = &jmap.service;
+    match name {
+        "Mailbox/get" => mailbox::get(service, account, &arguments),
+        "Mailbox/changes" => mailbox::changes(service, account, &arguments),
+        "Email/get" => email::get(service, account, &arguments),
+        "Email/query" => email::query(service, account, &arguments).await,
+        "Email/changes" => email::changes(service, account, &arguments),
+        "Email/set" => email::set(service, account, &arguments).await,
+        "Email/import" => email::import(jmap, account, &arguments).await,
+        "Thread/get" => email::thread_get(service, account, &arguments),
+        _ => Err(method_error("unknownMethod", format!("{name} is not supported"))),
+    }
+}
+
+/// The `ids` argument of a /get: `None` for null (every object), refused over
+/// [`MAX_OBJECTS_IN_GET`].
+pub fn ids_argument(arguments: &Map<String, Value>) -> Result<Option<Vec<String>>, Value> {
+    match arguments.get("ids") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => {
+            if items.len() > MAX_OBJECTS_IN_GET {
+                return Err(method_error(
+                    "requestTooLarge",
+                    format!("at most {MAX_OBJECTS_IN_GET} ids in one /get (maxObjectsInGet)"),
+                ));
+            }
+            items
+                .iter()
+                .map(|item| {
+                    item.as_str()
+                        .map(str::to_owned)
+                        .ok_or_else(|| method_error("invalidArguments", "ids holds a non-string"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some)
+        }
+        Some(_) => Err(method_error("invalidArguments", "ids is not an array")),
+    }
+}
+
+/// A string argument that must be given.
+pub(crate) fn required_string<'a>(arguments: &'a Map<String, Value>, name: &str) -> Result<&'a str, Value> {
+    arguments
+        .get(name)
+        .and_then(Value::as_str)
+        .ok_or_else(|| method_error("invalidArguments", format!("{name} is missing or not a string")))
+}
+
+/// An optional non-negative integer argument.
+pub(crate) fn optional_count(arguments: &Map<String, Value>, name: &str) -> Result<Option<u64>, Value> {
+    match arguments.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => value
+            .as_u64()
+            .map(Some)
+            .ok_or_else(|| method_error("invalidArguments", format!("{name} is not a non-negative integer"))),
+    }
+}
+
+/// The `properties` argument: `None` for the type's default list; unknown names are refused.
+pub(crate) fn properties_argument(
+    arguments: &Map<String, Value>,
+    known: &[&str],
+) -> Result<Option<Vec<String>>, Value> {
+    match arguments.get("properties") {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Array(items)) => {
+            let mut properties = Vec::with_capacity(items.len());
+            for item in items {
+                let Some(name) = item.as_str() else {
+                    return Err(method_error("invalidArguments", "properties holds a non-string"));
+                };
+                if !known.contains(&name) && !name.starts_with("header:") {
+                    return Err(method_error("invalidArguments", format!("unknown property {name}")));
+                }
+                properties.push(name.to_owned());
+            }
+            Ok(Some(properties))
+        }
+        Some(_) => Err(method_error("invalidArguments", "properties is not an array")),
     }
 }
 

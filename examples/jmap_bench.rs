@@ -1,0 +1,301 @@
+//! JMAP benchmark: a node started in this process with one account, spoken to over HTTP the way
+//! a webmail does, end to end (request, login check, method, JSON answer).
+//!
+//! `cargo run --release --example jmap_bench -- --emails 100000 --mailboxes 1000 --repeats 200`
+//!
+//! Prints one JSON object with, in milliseconds (p50, p99, max over `--repeats` runs):
+//! - for each of receivedAt (newest first), from and subject: Email/query of the top 100 of
+//!   INBOX followed by Email/get of their list properties, as two requests in a row
+//!   (`query_then_get`), and as one request with a result reference (`batched`); once with the
+//!   properties answered from the listing (id, subject, receivedAt, keywords, size, mailboxIds,
+//!   sentAt) and once adding `from` (which reads and parses each message);
+//! - Mailbox/get with counts for an account with `--mailboxes` mailboxes;
+//! - and the size in bytes of the Email/changes answer after 100 flag changes.
+//!
+//! The fill goes through the mail service's delivery path (the same as LMTP's), 256 at a time;
+//! it is not what is measured. Issue 14's targets: p99 ≤ 5 ms for the query + get on 1,000,000
+//! emails, ≤ 10 KB for the changes, ≤ 20 ms for Mailbox/get with 1,000 mailboxes.
+
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use serde_json::{json, Value};
+
+use mailmesh::node::NodeConfig;
+use mailmesh::service::Delivery;
+
+const ACCOUNT: &str = "alice@example.org";
+/// Made with `doveadm pw -s SHA512-CRYPT -p secret` (Dovecot 2.3.19).
+const SECRET_HASH: &str = "{SHA512-CRYPT}$6$3d1jxbtsSUvkdMJd$BaSpHPEbL9a6Kr7aotyzcanEM22vEvv6JW1FUXXS9/OoWz/Q.Tvq/MR1BhXbNBe2D5X7YGGGLka2prNYroVB8.";
+/// base64("alice@example.org:secret")
+const BASIC: &str = "YWxpY2VAZXhhbXBsZS5vcmc6c2VjcmV0";
+/// 2026-06-01T00:00:00Z.
+const JUNE: u64 = 1_780_272_000_000;
+
+struct Arguments {
+    emails: usize,
+    mailboxes: usize,
+    repeats: usize,
+}
+
+fn parse_arguments() -> Result<Arguments, String> {
+    let mut arguments = Arguments {
+        emails: 100_000,
+        mailboxes: 1000,
+        repeats: 200,
+    };
+    let mut iterator = std::env::args().skip(1);
+    while let Some(flag) = iterator.next() {
+        let mut number = || -> Result<usize, String> {
+            iterator
+                .next()
+                .and_then(|value| value.parse().ok())
+                .ok_or(format!("{flag} takes a number"))
+        };
+        match flag.as_str() {
+            "--emails" => arguments.emails = number()?,
+            "--mailboxes" => arguments.mailboxes = number()?,
+            "--repeats" => arguments.repeats = number()?.max(1),
+            "--json" => {}
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    Ok(arguments)
+}
+
+const FIRST_NAMES: [&str; 12] = [
+    "Ada", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi", "Ivan", "Judy", "Mallory", "Niaj",
+];
+const TOPICS: [&str; 10] = [
+    "quarterly report",
+    "lunch",
+    "invoice",
+    "release notes",
+    "meeting notes",
+    "travel plans",
+    "build failure",
+    "contract draft",
+    "holiday",
+    "weekly update",
+];
+
+fn message(index: usize) -> Vec<u8> {
+    let name = FIRST_NAMES[index % FIRST_NAMES.len()];
+    let topic = TOPICS[(index / 7) % TOPICS.len()];
+    format!(
+        "From: {name} <{}@example.net>\r\nTo: Alice <alice@example.org>\r\nSubject: {topic} {index}\r\nMessage-ID: <{index}@bench.example.net>\r\nDate: Mon, 1 Jun 2026 10:00:00 +0000\r\n\r\nHello Alice,\r\n\r\nabout the {topic}: number {index}.\r\n",
+        name.to_lowercase()
+    )
+    .into_bytes()
+}
+
+struct Client {
+    agent: ureq::Agent,
+    url: String,
+}
+
+impl Client {
+    /// One API request; returns the answer and its size in bytes.
+    fn call(&self, calls: Value) -> (Value, usize) {
+        let body = json!({
+            "using": ["urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail"],
+            "methodCalls": calls,
+        })
+        .to_string();
+        let mut response = self
+            .agent
+            .post(&self.url)
+            .header("Authorization", &format!("Basic {BASIC}"))
+            .header("Content-Type", "application/json")
+            .send(body.as_bytes())
+            .expect("the node answers");
+        let text = response.body_mut().read_to_string().expect("a JSON answer");
+        let value: Value = serde_json::from_str(&text).expect("JSON");
+        for answer in value["methodResponses"].as_array().into_iter().flatten() {
+            assert_ne!(answer[0], "error", "{answer}");
+        }
+        (value, text.len())
+    }
+}
+
+fn milliseconds(samples: &mut [Duration]) -> Value {
+    samples.sort();
+    let at = |fraction: f64| {
+        let index = ((samples.len() as f64 * fraction).ceil() as usize).clamp(1, samples.len()) - 1;
+        samples[index].as_secs_f64() * 1000.0
+    };
+    let round = |value: f64| (value * 1000.0).round() / 1000.0;
+    json!({ "p50": round(at(0.50)), "p99": round(at(0.99)), "max": round(at(1.0)) })
+}
+
+fn main() {
+    let arguments = match parse_arguments() {
+        Ok(arguments) => arguments,
+        Err(error) => {
+            eprintln!("{error}");
+            std::process::exit(2);
+        }
+    };
+    let directory = tempfile::tempdir().expect("a scratch directory");
+    let accounts = directory.path().join("accounts");
+    std::fs::write(&accounts, format!("{ACCOUNT}:{SECRET_HASH}\n")).expect("the accounts file");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("a runtime");
+    let config = NodeConfig {
+        name: "jmap-bench".into(),
+        data_dir: directory.path().join("node"),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        http: "127.0.0.1:0".parse().unwrap(),
+        cluster: "jmap-bench".into(),
+        accounts_file: Some(accounts),
+        ..NodeConfig::default()
+    };
+    let (_stop_sender, stop) = tokio::sync::watch::channel(false);
+    let running = runtime
+        .block_on(mailmesh::server::start(config, mailmesh::environment::system(), stop))
+        .expect("the node starts");
+
+    // Fill: the emails in INBOX, and one email in each further mailbox.
+    let fill_started = Instant::now();
+    let service = running.service.clone();
+    let deliveries = (0..arguments.emails)
+        .map(|index| ("INBOX".to_owned(), index))
+        .chain((0..arguments.mailboxes.saturating_sub(1)).map(|index| (format!("Folder {index:04}"), index)));
+    runtime.block_on(
+        futures::stream::iter(deliveries)
+            .map(|(mailbox, index)| {
+                let service = service.clone();
+                async move {
+                    service
+                        .deliver(Delivery {
+                            account: ACCOUNT.into(),
+                            mailbox,
+                            raw: message(index),
+                            flags: Vec::new(),
+                            received_millis: Some(JUNE + index as u64 * 1000),
+                            skip_duplicate: false,
+                        })
+                        .await
+                        .expect("a delivery")
+                }
+            })
+            .buffer_unordered(256)
+            .for_each(|_| async {}),
+    );
+    let fill_seconds = fill_started.elapsed().as_secs_f64();
+
+    let client = Client {
+        agent: ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .build()
+            .new_agent(),
+        url: format!("http://{}/jmap/api", running.http),
+    };
+    let (mailboxes, _) = client.call(json!([["Mailbox/get", {"properties": ["id", "name"]}, "m"]]));
+    let inbox = mailboxes["methodResponses"][0][1]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|mailbox| mailbox["name"] == "INBOX")
+        .expect("INBOX")["id"]
+        .clone();
+
+    let listing = json!([
+        "id",
+        "subject",
+        "receivedAt",
+        "keywords",
+        "size",
+        "mailboxIds",
+        "sentAt"
+    ]);
+    let with_from = json!([
+        "id",
+        "subject",
+        "receivedAt",
+        "keywords",
+        "size",
+        "mailboxIds",
+        "sentAt",
+        "from"
+    ]);
+    let mut figures = serde_json::Map::new();
+    for (name, sort) in [
+        ("receivedAt", json!([{"property": "receivedAt", "isAscending": false}])),
+        ("from", json!([{"property": "from"}])),
+        ("subject", json!([{"property": "subject"}])),
+    ] {
+        let query = json!(["Email/query", {"filter": {"inMailbox": inbox}, "sort": sort, "limit": 100}, "q"]);
+        let mut sort_figures = serde_json::Map::new();
+        for (variant, properties) in [("listing", &listing), ("with_from", &with_from)] {
+            let mut two_requests = Vec::with_capacity(arguments.repeats);
+            let mut batched = Vec::with_capacity(arguments.repeats);
+            for _ in 0..arguments.repeats {
+                let started = Instant::now();
+                let (answer, _) = client.call(json!([query]));
+                let ids = answer["methodResponses"][0][1]["ids"].clone();
+                assert_eq!(ids.as_array().map(Vec::len), Some(100.min(arguments.emails)));
+                client.call(json!([["Email/get", {"ids": ids, "properties": properties}, "g"]]));
+                two_requests.push(started.elapsed());
+                let started = Instant::now();
+                client.call(json!([
+                    query,
+                    ["Email/get", {"#ids": {"resultOf": "q", "name": "Email/query", "path": "/ids"}, "properties": properties}, "g"]
+                ]));
+                batched.push(started.elapsed());
+            }
+            sort_figures.insert(
+                variant.into(),
+                json!({ "query_then_get_ms": milliseconds(&mut two_requests), "batched_ms": milliseconds(&mut batched) }),
+            );
+        }
+        figures.insert(name.into(), Value::Object(sort_figures));
+    }
+
+    let mut mailbox_get = Vec::with_capacity(arguments.repeats);
+    let mut mailbox_count = 0;
+    for _ in 0..arguments.repeats {
+        let started = Instant::now();
+        let (answer, _) = client.call(json!([["Mailbox/get", {}, "m"]]));
+        mailbox_get.push(started.elapsed());
+        mailbox_count = answer["methodResponses"][0][1]["list"].as_array().map_or(0, Vec::len);
+    }
+
+    // Email/changes after 100 flag changes made over JMAP.
+    let (answer, _) = client.call(json!([
+        ["Email/query", {"filter": {"inMailbox": inbox}, "limit": 100}, "q"],
+        ["Email/get", {"#ids": {"resultOf": "q", "name": "Email/query", "path": "/ids"}, "properties": ["id"]}, "g"]
+    ]));
+    let state = answer["methodResponses"][1][1]["state"].clone();
+    let ids: Vec<String> = answer["methodResponses"][0][1]["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_str().unwrap().to_owned())
+        .collect();
+    let update: serde_json::Map<String, Value> = ids
+        .iter()
+        .map(|id| (id.clone(), json!({"keywords/$seen": true})))
+        .collect();
+    client.call(json!([["Email/set", {"update": update}, "s"]]));
+    let (changes, changes_bytes) = client.call(json!([["Email/changes", {"sinceState": state}, "c"]]));
+    let changed = changes["methodResponses"][0][1]["updated"]
+        .as_array()
+        .map_or(0, Vec::len);
+
+    let report = json!({
+        "benchmark": "jmap",
+        "emails": arguments.emails,
+        "mailboxes": mailbox_count,
+        "repeats": arguments.repeats,
+        "fill_seconds": (fill_seconds * 10.0).round() / 10.0,
+        "top_100_query_and_get": figures,
+        "mailbox_get_ms": milliseconds(&mut mailbox_get),
+        "email_changes_after_100_flag_changes": { "updated": changed, "response_bytes": changes_bytes },
+        "note": "end to end over HTTP on 127.0.0.1, one client, keep-alive",
+    });
+    println!("{}", serde_json::to_string_pretty(&report).unwrap());
+}
