@@ -218,7 +218,7 @@ fn jmap_arguments(name: &str, arguments: &serde_json::Map<String, serde_json::Va
                 .flat_map(|update| update.values())
                 .filter_map(|patch| patch.as_object())
             {
-                if let Ok(keywords) = email::patched_keywords(&current, patch, "M") {
+                if let Ok((keywords, _)) = email::patched_keywords(&current, patch, "M") {
                     for keyword in keywords {
                         let _ = email::flag_of(&keyword);
                     }

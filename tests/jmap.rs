@@ -240,7 +240,7 @@ async fn deliver(running: &Running, mailbox: &str, raw: Vec<u8>, received_millis
         .service
         .deliver(Delivery {
             account: ALICE.into(),
-            mailbox: mailbox.into(),
+            mailbox: mailmesh::service::MailboxTarget::PathOrCreate(mailbox.into()),
             raw,
             flags: Vec::new(),
             received_millis: Some(received_millis),
@@ -400,13 +400,7 @@ async fn a_real_jmap_client_lists_queries_changes_uploads_and_is_pushed_to() {
     client.email_destroy(&inbox[1]).await.unwrap();
     running
         .service
-        .set_flags(
-            ALICE,
-            "INBOX",
-            inbox[3].parse().unwrap(),
-            vec![Flag::Flagged],
-            Vec::new(),
-        )
+        .set_flags(ALICE, inbox[3].parse().unwrap(), vec![Flag::Flagged], Vec::new())
         .await
         .unwrap();
     let newest = deliver(
@@ -437,11 +431,7 @@ async fn a_real_jmap_client_lists_queries_changes_uploads_and_is_pushed_to() {
         .unwrap();
     assert_eq!(flagged.keywords(), ["$flagged"]);
     assert_eq!(
-        running
-            .service
-            .email(ALICE, "INBOX", inbox[0].parse().unwrap())
-            .unwrap()
-            .flags,
+        running.service.email(ALICE, inbox[0].parse().unwrap()).unwrap().flags,
         vec![Flag::Seen, Flag::Keyword("$custom".into())],
         "JMAP keywords are IMAP flags (lower case, as JMAP compares them)"
     );
@@ -794,7 +784,7 @@ async fn a_jmap_client_carries_its_email_state_from_node_to_node() {
     // client now asks b.
     let at_b = connect(&b).await;
     b.service
-        .set_flags(ALICE, "INBOX", on_a[0].parse().unwrap(), vec![Flag::Seen], Vec::new())
+        .set_flags(ALICE, on_a[0].parse().unwrap(), vec![Flag::Seen], Vec::new())
         .await
         .unwrap();
     at_a.email_destroy(&on_a[1]).await.unwrap();

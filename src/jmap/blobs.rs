@@ -88,10 +88,7 @@ pub(crate) fn bytes(jmap: &Jmap, account: &str, blob_id: &str) -> Result<Option<
 
 fn blob(jmap: &Jmap, account: &str, blob_id: &str) -> Result<Option<(Vec<u8>, String)>, ServiceError> {
     if let Some(id) = blob_id.strip_prefix(EMAIL_BLOB_PREFIX).and_then(parse_email_id) {
-        let Some((mailbox, _)) = jmap.service.find_email(account, id)? else {
-            return Ok(None);
-        };
-        return match jmap.service.raw(account, &mailbox, id) {
+        return match jmap.service.raw(account, id) {
             Ok(raw) => Ok(Some((raw, "message/rfc822".to_owned()))),
             Err(ServiceError::NoSuchMessage(_)) => Ok(None),
             Err(other) => Err(other),

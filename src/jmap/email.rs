@@ -30,7 +30,7 @@ use std::collections::BTreeSet;
 
 use serde_json::{json, Map, Value};
 
-use crate::model::{Flag, MessageId};
+use crate::model::{Flag, MailboxId, MessageId};
 use crate::service::{Delivery, Email, MailService, Query, ServiceError, SortKey};
 
 use super::blobs;
@@ -137,11 +137,11 @@ fn email_blob_id(id: MessageId) -> String {
 }
 
 /// The part of an email object answered from the listing.
-fn listing_value(account: &str, mailbox_name: &str, email: &Email, property: &str) -> Result<Value, ServiceError> {
+fn listing_value(email: &Email, property: &str) -> Result<Value, ServiceError> {
     Ok(match property {
         "id" | "threadId" => json!(email.id.to_string()),
         "blobId" => json!(email_blob_id(email.id)),
-        "mailboxIds" => json!({ mailbox::jmap_id(account, mailbox_name)?: true }),
+        "mailboxIds" => json!({ email.mailbox.to_string(): true }),
         "keywords" => keywords_object(&email.flags),
         "size" => json!(email.size),
         "receivedAt" => json!(utc_date(email.received_millis)),
@@ -289,12 +289,12 @@ pub fn get(service: &MailService, account: &str, arguments: &Map<String, Value>)
             Some(id) => service.find_email(account, id).map_err(service_error)?,
             None => None,
         };
-        let Some((mailbox_name, email)) = found else {
+        let Some((_, email)) = found else {
             not_found.push(Value::String(text));
             continue;
         };
         let raw = if needs_message {
-            match service.raw(account, &mailbox_name, email.id) {
+            match service.raw(account, email.id) {
                 Ok(raw) => Some(raw),
                 // Replicated here without its bytes yet: the header properties are null for now.
                 Err(ServiceError::BodyNotYetHere) => None,
@@ -313,7 +313,7 @@ pub fn get(service: &MailService, account: &str, arguments: &Map<String, Value>)
         let mut object = Map::new();
         for property in &properties {
             let value = if LISTING_PROPERTIES.contains(&property.as_str()) {
-                listing_value(account, &mailbox_name, &email, property).map_err(service_error)?
+                listing_value(&email, property).map_err(service_error)?
             } else {
                 match &message {
                     Some(message) => message_value(message, property),
@@ -472,14 +472,15 @@ async fn window(
         limit,
     };
     if let Some(name) = &request.mailbox {
-        let result = service.query(account, name, query(position, limit)).await?;
+        let mailbox = service.find_mailbox(account, name)?;
+        let result = service.query(account, mailbox, query(position, limit)).await?;
         return Ok((result.emails, result.total));
     }
     let mut merged = Vec::new();
     let mut total = 0;
     for mailbox in service.mailboxes(account)? {
         let result = service
-            .query(account, &mailbox.name, query(0, position.saturating_add(limit)))
+            .query(account, mailbox.id, query(0, position.saturating_add(limit)))
             .await?;
         total += result.total;
         merged.extend(result.emails);
@@ -583,12 +584,15 @@ fn object_argument<'a>(arguments: &'a Map<String, Value>, name: &str) -> Result<
 }
 
 /// The keywords a patch leaves, from the current ones; `Err` is the SetError.
+/// The keywords and the one mailbox an Email/set patch leaves an email with (`mailbox_id` is the
+/// mailbox it is in now; an email is in exactly one, `maxMailboxesPerEmail` is 1).
 pub fn patched_keywords(
     current: &BTreeSet<String>,
     patch: &Map<String, Value>,
     mailbox_id: &str,
-) -> Result<BTreeSet<String>, Value> {
+) -> Result<(BTreeSet<String>, String), Value> {
     let mut keywords = current.clone();
+    let mut mailboxes = BTreeSet::from([mailbox_id.to_owned()]);
     let invalid = |property: &str, description: String| {
         let mut error = set_error("invalidProperties", description);
         error["properties"] = json!([property]);
@@ -618,43 +622,69 @@ pub fn patched_keywords(
                 _ => return Err(invalid(path, format!("{path} is neither true nor null"))),
             }
         } else if path == "mailboxIds" {
-            let same = value
+            let map = value
                 .as_object()
-                .is_some_and(|map| map.len() == 1 && map.get(mailbox_id) == Some(&Value::Bool(true)));
-            if !same {
-                return Err(invalid(
-                    path,
-                    "moving an email between mailboxes is not served yet".into(),
-                ));
+                .ok_or_else(|| invalid(path, "mailboxIds is not an object".into()))?;
+            mailboxes.clear();
+            for (id, present) in map {
+                if *present != Value::Bool(true) {
+                    return Err(invalid(path, "a mailboxIds value must be true".into()));
+                }
+                mailboxes.insert(id.clone());
             }
         } else if let Some(id) = path.strip_prefix("mailboxIds/") {
-            let same = (id == mailbox_id && value == &Value::Bool(true)) || (id != mailbox_id && value.is_null());
-            if !same {
-                return Err(invalid(
-                    path,
-                    "moving an email between mailboxes is not served yet".into(),
-                ));
+            match value {
+                Value::Bool(true) => {
+                    mailboxes.insert(id.to_owned());
+                }
+                Value::Null => {
+                    mailboxes.remove(id);
+                }
+                _ => return Err(invalid(path, format!("{path} is neither true nor null"))),
             }
         } else {
             return Err(invalid(path, format!("{path} cannot be changed")));
         }
     }
-    Ok(keywords)
+    let mut only = mailboxes.into_iter();
+    match (only.next(), only.next()) {
+        (Some(mailbox), None) => Ok((keywords, mailbox)),
+        _ => Err(invalid(
+            "mailboxIds",
+            "an email is in exactly one mailbox here (maxMailboxesPerEmail is 1)".into(),
+        )),
+    }
 }
 
 async fn update_one(service: &MailService, account: &str, text: &str, patch: &Value) -> Result<(), Value> {
     let not_found = || set_error("notFound", format!("no email {text}"));
     let id = parse_email_id(text).ok_or_else(not_found)?;
-    let (mailbox_name, email) = service
+    let (_, email) = service
         .find_email(account, id)
         .map_err(service_error)?
         .ok_or_else(not_found)?;
     let patch = patch
         .as_object()
         .ok_or_else(|| set_error("invalidPatch", "the patch is not an object"))?;
-    let mailbox_id = mailbox::jmap_id(account, &mailbox_name).map_err(service_error)?;
+    let mailbox_id = email.mailbox.to_string();
     let current: BTreeSet<String> = email.flags.iter().filter_map(keyword_of).collect();
-    let wanted = patched_keywords(&current, patch, &mailbox_id)?;
+    let (wanted, destination) = patched_keywords(&current, patch, &mailbox_id)?;
+    if destination != mailbox_id {
+        let to = destination
+            .parse::<MailboxId>()
+            .ok()
+            .ok_or_else(|| set_error("invalidProperties", format!("no mailbox {destination}")))?;
+        match service.move_email(account, id, to).await {
+            Ok(_) => {}
+            Err(ServiceError::NoSuchMailbox(_)) => {
+                let mut error = set_error("invalidProperties", format!("no mailbox {destination}"));
+                error["properties"] = json!(["mailboxIds"]);
+                return Err(error);
+            }
+            Err(ServiceError::NoSuchMessage(_)) => return Err(not_found()),
+            Err(other) => return Err(service_error(other)),
+        }
+    }
     let mut add = Vec::new();
     for keyword in wanted.difference(&current) {
         add.push(flag_of(keyword).map_err(|error| {
@@ -672,7 +702,7 @@ async fn update_one(service: &MailService, account: &str, text: &str, patch: &Va
     if add.is_empty() && remove.is_empty() {
         return Ok(());
     }
-    match service.set_flags(account, &mailbox_name, id, add, remove).await {
+    match service.set_flags(account, id, add, remove).await {
         Ok(_) => Ok(()),
         Err(ServiceError::NoSuchMessage(_)) => Err(not_found()),
         Err(other) => Err(service_error(other)),
@@ -736,7 +766,7 @@ pub async fn set(service: &MailService, account: &str, arguments: &Map<String, V
                     None => None,
                 };
                 let outcome = match found {
-                    Some((mailbox_name, email)) => service.destroy(account, &mailbox_name, email.id).await,
+                    Some((_, email)) => service.destroy(account, email.id).await,
                     None => Err(ServiceError::NoSuchMessage(MessageId(0))),
                 };
                 match outcome {
@@ -830,7 +860,7 @@ async fn import_one(jmap: &Jmap, account: &str, entry: &Value) -> Result<Value, 
     let delivered = service
         .deliver(Delivery {
             account: account.to_owned(),
-            mailbox: mailbox_name,
+            mailbox: crate::service::MailboxTarget::Path(mailbox_name),
             raw,
             flags,
             received_millis,

@@ -13,7 +13,7 @@
 
 use serde_json::{json, Map, Value};
 
-use crate::model::{MailboxId, MailboxKey};
+use crate::model::MailboxId;
 use crate::service::{MailService, MailboxSummary, ServiceError};
 
 use super::{
@@ -39,8 +39,8 @@ const PROPERTIES: &[&str] = &[
 const MAX_FEED_CHANGES: usize = 5000;
 
 /// A mailbox's JMAP id: its key's handle, 26 Crockford base32 characters.
-pub fn jmap_id(account: &str, name: &str) -> Result<String, ServiceError> {
-    Ok(MailboxKey::new(account, name)?.id().to_string())
+pub fn jmap_id(id: MailboxId) -> String {
+    id.to_string()
 }
 
 /// The name of the account's mailbox with this JMAP id, if there is one.
@@ -52,14 +52,19 @@ pub fn name_of(service: &MailService, account: &str, id: &str) -> Result<Option<
 }
 
 fn object(summary: &MailboxSummary, properties: &Option<Vec<String>>) -> Result<Value, ServiceError> {
-    let id = jmap_id(&summary.account, &summary.name)?;
-    let role = (summary.name == "INBOX").then_some("inbox");
+    let id = jmap_id(summary.id);
+    let role = summary.role.map(|role| role.as_str());
+    let leaf = summary
+        .name
+        .rsplit(crate::mailbox::SEPARATOR)
+        .next()
+        .unwrap_or(&summary.name);
     let full = json!({
         "id": id,
-        "name": summary.name,
-        "parentId": null,
+        "name": leaf,
+        "parentId": summary.parent.map(jmap_id),
         "role": role,
-        "sortOrder": if role.is_some() { 0 } else { 10 },
+        "sortOrder": summary.sort_order,
         "totalEmails": summary.total,
         "unreadEmails": summary.unseen,
         // Every email is its own thread until threads are computed.
@@ -76,7 +81,7 @@ fn object(summary: &MailboxSummary, properties: &Option<Vec<String>>) -> Result<
             "mayDelete": false,
             "maySubmit": false,
         },
-        "isSubscribed": true,
+        "isSubscribed": summary.subscribed,
     });
     Ok(match properties {
         None => full,
@@ -110,7 +115,7 @@ pub fn get(service: &MailService, account: &str, arguments: &Map<String, Value>)
         Some(ids) => {
             let mut by_id = std::collections::HashMap::with_capacity(mailboxes.len());
             for mailbox in &mailboxes {
-                by_id.insert(jmap_id(account, &mailbox.name).map_err(service_error)?, mailbox);
+                by_id.insert(jmap_id(mailbox.id), mailbox);
             }
             for id in ids {
                 match by_id.get(&id) {
@@ -132,38 +137,39 @@ pub fn changes(service: &MailService, account: &str, arguments: &Map<String, Val
     let changes = service
         .account_changes(account, Some(since), MAX_FEED_CHANGES)
         .map_err(service_error)?;
-    let mut names = std::collections::BTreeSet::new();
+    // Mailboxes whose records changed, and those an email moved into, out of or within.
+    let mut touched: std::collections::BTreeSet<MailboxId> = changes.mailboxes.iter().copied().collect();
     for changed in changes.created.iter().chain(&changes.updated) {
-        if let Some(name) = &changed.mailbox {
-            names.insert(name.clone());
-        }
+        touched.extend(changed.mailbox);
     }
-    for id in &changes.destroyed {
-        if let Some(name) = service.email_mailbox_name(account, *id).map_err(service_error)? {
-            names.insert(name);
-        }
-    }
-    let existing: Vec<String> = service
+    let existing: std::collections::BTreeSet<MailboxId> = service
         .mailboxes(account)
         .map_err(service_error)?
         .into_iter()
-        .map(|mailbox| mailbox.name)
+        .map(|mailbox| mailbox.id)
         .collect();
-    let mut updated = Vec::new();
-    for name in names.iter().filter(|name| existing.contains(name)) {
-        updated.push(jmap_id(account, name).map_err(service_error)?);
-    }
+    let updated: Vec<String> = touched
+        .iter()
+        .filter(|id| existing.contains(id))
+        .map(|id| jmap_id(*id))
+        .collect();
+    let destroyed: Vec<String> = changes
+        .mailboxes
+        .iter()
+        .filter(|id| !existing.contains(id))
+        .map(|id| jmap_id(*id))
+        .collect();
     Ok(json!({
         "accountId": account,
         "oldState": since,
         "newState": changes.new_state,
         "hasMoreChanges": changes.has_more,
-        // A mailbox appears when its first email is delivered; whether that happened since the
-        // state is not known here, so every touched mailbox is listed as updated (clients fetch
-        // an id they do not know), and mailboxes are never destroyed yet.
+        // Whether a changed mailbox was created since the state is not known here, so every
+        // live one is listed as updated (clients fetch an id they do not know); a deleted one as
+        // destroyed.
         "created": [],
         "updated": updated,
-        "destroyed": [],
+        "destroyed": destroyed,
         "updatedProperties": null,
     }))
 }

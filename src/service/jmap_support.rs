@@ -16,50 +16,33 @@ impl MailService {
     /// client's read: a change between the two reads is then at or below the frontier and in
     /// what the client reads.
     pub fn account_state(&self, account: &str) -> Result<String, ServiceError> {
-        MailboxKey::new(account, "INBOX")?;
+        MailboxKey::emails(account)?;
         let store = &self.inner.store;
         let latest = store.account_log(account).latest_by_origin()?;
         let frontier = store.frontier()?;
         Ok(ChangeState::current(&frontier, &latest).encode())
     }
 
-    /// The name of the account's mailbox with this handle ([`MailboxKey::id`]), found without
-    /// listing every mailbox: one that holds or held mail here, or the account's INBOX.
+    /// The path of the account's mailbox with this ID, if it is shown.
     pub fn mailbox_name_by_id(&self, account: &str, id: MailboxId) -> Result<Option<String>, ServiceError> {
-        if let Some(entry) = self.inner.store.mailbox_entry(id)? {
-            return Ok((entry.key.account() == account).then(|| entry.key.mailbox().to_owned()));
+        match self.mailbox(account, id) {
+            Ok(summary) => Ok(Some(summary.name)),
+            Err(ServiceError::NoSuchMailbox(_)) => Ok(None),
+            Err(other) => Err(other),
         }
-        let inbox = MailboxKey::new(account, "INBOX")?;
-        if inbox.id() == id {
-            return match self.mailbox(account, "INBOX") {
-                Ok(_) => Ok(Some("INBOX".to_owned())),
-                Err(ServiceError::NoSuchMailbox(_)) => Ok(None),
-                Err(other) => Err(other),
-            };
-        }
-        Ok(None)
     }
 
-    /// The name of the mailbox that holds (or last held) an email of the account on this node.
+    /// The path of the mailbox a live email of the account is shown in.
     pub fn email_mailbox_name(&self, account: &str, id: MessageId) -> Result<Option<String>, ServiceError> {
-        MailboxKey::new(account, "INBOX")?;
-        let store = &self.inner.store;
-        let Some(mailbox) = store.email_mailbox(account, id)? else {
-            return Ok(None);
-        };
-        Ok(store
-            .mailbox_entry(mailbox)?
-            .filter(|entry| entry.key.account() == account)
-            .map(|entry| entry.key.mailbox().to_owned()))
+        Ok(self.find_email(account, id)?.map(|(name, _)| name))
     }
 
-    /// A live email of the account found by its ID alone, with the name of its mailbox.
+    /// A live email of the account found by its ID, with the path of its mailbox.
     pub fn find_email(&self, account: &str, id: MessageId) -> Result<Option<(String, Email)>, ServiceError> {
-        let Some(mailbox) = self.email_mailbox_name(account, id)? else {
-            return Ok(None);
-        };
-        match self.email(account, &mailbox, id) {
-            Ok(email) => Ok(Some((mailbox, email))),
+        match self.email(account, id) {
+            Ok(email) => Ok(self
+                .mailbox_name_by_id(account, email.mailbox)?
+                .map(|name| (name, email))),
             Err(ServiceError::NoSuchMessage(_)) => Ok(None),
             Err(other) => Err(other),
         }
