@@ -18,6 +18,8 @@
 //! when the store carries them (docs/mail-model.md); the calls keep their shape, their mailbox
 //! arguments turn into IDs.
 
+pub mod uids;
+
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
