@@ -305,6 +305,18 @@ async fn a_client_logs_in_files_reads_searches_and_expunges() {
     assert!(fetched[0].starts_with("* 1 FETCH (UID 2 FLAGS"), "{fetched:?}");
     assert!(fetched[1].starts_with("* 2 FETCH (UID 3 FLAGS"), "{fetched:?}");
 
+    // A flag change and an expunge seen by one NOOP: both are told, numbered after the expunge.
+    other.ok("UID STORE 3 +FLAGS (\\Flagged)").await;
+    other.ok("UID STORE 2 +FLAGS (\\Deleted)").await;
+    other.ok("UID EXPUNGE 2").await;
+    let noop = client.ok("NOOP").await;
+    assert_eq!(noop[0], "* 1 EXPUNGE", "{noop:?}");
+    assert!(
+        noop.iter().any(|line| line.starts_with("* 1 FETCH (UID 3 FLAGS (") && line.contains("\\Flagged")),
+        "{noop:?}"
+    );
+    assert!(!noop.iter().any(|line| line.ends_with("EXISTS")), "{noop:?}");
+
     // Mailbox management is not there yet, and says so.
     let (_, created) = client.command("CREATE Archive").await;
     assert!(created.contains(" NO "), "{created}");

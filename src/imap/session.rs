@@ -79,6 +79,8 @@ struct View {
     /// The mailbox modseq the view is up to date with.
     modseq: u64,
     slots: Vec<Slot>,
+    /// How many messages the client was told of (the last EXISTS less the EXPUNGEs since).
+    announced: usize,
 }
 
 impl View {
@@ -506,7 +508,8 @@ impl Session {
         let name = mailbox_name(mailbox);
         self.service.mailbox(&account, &name)?;
         let snapshot = self.service.uid_snapshot_after(&self.uids, &account, &name, 0)?;
-        let view = View {
+        let mut view = View {
+            announced: 0,
             account: account.clone(),
             mailbox: name,
             read_only,
@@ -525,6 +528,7 @@ impl Session {
             self.untagged("OK [PERMANENTFLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft \\*)] flags kept");
         }
         self.untagged(&format!("{} EXISTS", view.slots.len()));
+        view.announced = view.slots.len();
         self.untagged("0 RECENT");
         self.untagged(&format!("OK [UIDVALIDITY {}] UIDs valid", view.uid_validity));
         self.untagged(&format!(
@@ -656,27 +660,25 @@ impl Session {
         let changes = self
             .service
             .changes(&view.account, &view.mailbox, view.modseq, 100_000)?;
-        let mut lines = Vec::new();
+        let mut updated = HashSet::new();
         if changes.cannot_calculate {
+            // Too much changed (or the log was rebuilt): compare the whole numbering.
             let snapshot = self
                 .service
                 .uid_snapshot_after(&self.uids, &view.account, &view.mailbox, 0)?;
             if snapshot.state.uid_validity != view.uid_validity {
-                lines.push("BYE the mailbox was renumbered; select it again".to_owned());
-                for line in lines {
-                    self.untagged(&line);
-                }
+                self.output
+                    .extend_from_slice(b"* BYE the mailbox was renumbered; select it again\r\n");
                 self.state = State::LoggedOut;
                 return Ok(());
             }
             let live: HashSet<u32> = snapshot.messages.iter().map(|(uid, _)| *uid).collect();
             for slot in &mut view.slots {
-                if !live.contains(&slot.uid) {
-                    slot.gone = true;
-                }
+                slot.gone |= !live.contains(&slot.uid);
+                // Flags may have changed: tell them all again.
+                updated.insert(slot.id);
             }
             let last = view.last_uid();
-            let before = view.slots.len();
             view.slots.extend(
                 snapshot
                     .messages
@@ -685,31 +687,17 @@ impl Session {
                     .map(|(uid, id)| Slot { uid, id, gone: false }),
             );
             view.modseq = snapshot.state.modseq;
-            if view.slots.len() > before {
-                lines.push(format!("{} EXISTS", view.slots.len()));
-            }
         } else {
             let expunged: HashSet<MessageId> = changes.expunged.iter().copied().collect();
-            let updated: HashSet<MessageId> = changes.updated.iter().copied().collect();
-            let mut flag_lines = Vec::new();
-            for (index, slot) in view.slots.iter_mut().enumerate() {
-                if expunged.contains(&slot.id) {
-                    slot.gone = true;
-                } else if updated.contains(&slot.id) && !slot.gone {
-                    if let Ok(email) = self.service.email(&view.account, &view.mailbox, slot.id) {
-                        flag_lines.push(format!(
-                            "{} FETCH (UID {} FLAGS ({}))",
-                            index + 1,
-                            slot.uid,
-                            flag_list(&email.flags)
-                        ));
-                    }
-                }
+            updated.extend(changes.updated.iter().copied());
+            for slot in &mut view.slots {
+                slot.gone |= expunged.contains(&slot.id);
             }
+            // Every message numbered after the view's last UID is new to the client; numbering
+            // runs after the changes were read, so it covers every creation they list.
             let snapshot =
                 self.service
                     .uid_snapshot_after(&self.uids, &view.account, &view.mailbox, view.last_uid())?;
-            let before = view.slots.len();
             view.slots.extend(
                 snapshot
                     .messages
@@ -718,32 +706,38 @@ impl Session {
                     .map(|(uid, id)| Slot { uid, id, gone: false }),
             );
             view.modseq = changes.modseq;
-            if view.slots.len() > before {
-                lines.push(format!("{} EXISTS", view.slots.len()));
-            }
-            lines.extend(flag_lines);
         }
+        let mut lines = Vec::new();
         if expunges_allowed {
             let mut index = 0;
-            let mut expunge_lines = Vec::new();
+            let mut expunged = 0;
             view.slots.retain(|slot| {
                 if slot.gone {
-                    expunge_lines.push(format!("{} EXPUNGE", index + 1));
+                    lines.push(format!("{} EXPUNGE", index + 1));
+                    expunged += 1;
                     false
                 } else {
                     index += 1;
                     true
                 }
             });
-            // EXPUNGE first: the EXISTS count and FETCH numbers above assume the old numbering
-            // only when no expunge is sent, so send them after, renumbered.
-            if !expunge_lines.is_empty() {
-                let count = view.slots.len();
-                lines.retain(|line| !line.ends_with("EXISTS") && !line.contains(" FETCH "));
-                let mut renumbered = expunge_lines;
-                renumbered.push(format!("{count} EXISTS"));
-                renumbered.extend(lines);
-                lines = renumbered;
+            view.announced -= expunged;
+        }
+        if view.slots.len() != view.announced {
+            lines.push(format!("{} EXISTS", view.slots.len()));
+            view.announced = view.slots.len();
+        }
+        for (index, slot) in view.slots.iter().enumerate() {
+            if slot.gone || !updated.contains(&slot.id) {
+                continue;
+            }
+            if let Ok(email) = self.service.email(&view.account, &view.mailbox, slot.id) {
+                lines.push(format!(
+                    "{} FETCH (UID {} FLAGS ({}))",
+                    index + 1,
+                    slot.uid,
+                    flag_list(&email.flags)
+                ));
             }
         }
         for line in lines {
