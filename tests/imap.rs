@@ -272,6 +272,16 @@ async fn a_client_logs_in_files_reads_searches_and_expunges() {
     let search = client.ok("UID SEARCH UID 2:* NOT SEEN").await;
     assert!(search.contains(&"* SEARCH".to_owned()), "{search:?}");
 
+    let sorted = client.ok("UID SORT (REVERSE ARRIVAL) UTF-8 ALL").await;
+    assert!(sorted.contains(&"* SORT 2 1".to_owned()), "{sorted:?}");
+    let sorted = client.ok("SORT (SUBJECT) UTF-8 ALL").await;
+    assert!(
+        sorted.contains(&"* SORT 2 1".to_owned()),
+        "Dinner before Lunch: {sorted:?}"
+    );
+    let sorted = client.ok("SORT (ARRIVAL) UTF-8 FLAGGED").await;
+    assert!(sorted.contains(&"* SORT 1".to_owned()), "{sorted:?}");
+
     let status = client.ok("STATUS INBOX (MESSAGES UNSEEN UIDNEXT UIDVALIDITY)").await;
     assert!(
         status.contains(&format!(
@@ -312,7 +322,8 @@ async fn a_client_logs_in_files_reads_searches_and_expunges() {
     let noop = client.ok("NOOP").await;
     assert_eq!(noop[0], "* 1 EXPUNGE", "{noop:?}");
     assert!(
-        noop.iter().any(|line| line.starts_with("* 1 FETCH (UID 3 FLAGS (") && line.contains("\\Flagged")),
+        noop.iter()
+            .any(|line| line.starts_with("* 1 FETCH (UID 3 FLAGS (") && line.contains("\\Flagged")),
         "{noop:?}"
     );
     assert!(!noop.iter().any(|line| line.ends_with("EXISTS")), "{noop:?}");

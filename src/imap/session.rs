@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use imap_codec::imap_types::command::{Command, CommandBody};
 use imap_codec::imap_types::core::AString;
+use imap_codec::imap_types::extensions::sort::{SortCriterion, SortKey as ImapSortKey};
 use imap_codec::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItemName, Section};
 use imap_codec::imap_types::flag::{StoreResponse, StoreType};
 use imap_codec::imap_types::mailbox::{ListMailbox, Mailbox};
@@ -174,7 +175,7 @@ impl Session {
 
     fn capabilities(&self) -> String {
         let mut capabilities = vec!["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"];
-        capabilities.extend(["UNSELECT", "UIDPLUS", "SPECIAL-USE", "CHILDREN"]);
+        capabilities.extend(["UNSELECT", "UIDPLUS", "SPECIAL-USE", "CHILDREN", "SORT"]);
         if matches!(self.state, State::NotAuthenticated) {
             if self.connection.tls_available {
                 capabilities.push("STARTTLS");
@@ -351,6 +352,12 @@ impl Session {
                 self.store(&sequence_set, kind, response, flags, uid).await
             }
             CommandBody::Search { criteria, uid, .. } if selected => self.search(criteria.as_ref(), uid).await,
+            CommandBody::Sort {
+                sort_criteria,
+                search_criteria,
+                uid,
+                ..
+            } if selected => self.sort(sort_criteria.as_ref(), search_criteria.as_ref(), uid).await,
             CommandBody::Copy {
                 sequence_set,
                 mailbox,
@@ -932,7 +939,74 @@ impl Session {
     }
 
     async fn search(&mut self, criteria: &[SearchKey<'static>], by_uid: bool) -> Outcome {
+        let found = self.matching(criteria).await?;
+        let mut line = "SEARCH".to_owned();
+        for (sequence, uid, _) in found {
+            line.push_str(&format!(" {}", if by_uid { uid } else { sequence }));
+        }
+        self.untagged(&line);
+        self.refresh(by_uid).await;
+        Ok(format!("{}SEARCH done", if by_uid { "UID " } else { "" }))
+    }
+
+    /// SORT (RFC 5256) from the sort indexes: the matching messages in the order of the first
+    /// criterion (later criteria only break ties as the index does, by arrival).
+    async fn sort(&mut self, criteria: &[SortCriterion], search: &[SearchKey<'static>], by_uid: bool) -> Outcome {
+        let first = criteria
+            .first()
+            .ok_or_else(|| Failure::Bad("no sort criterion".into()))?;
+        let key = match first.key {
+            ImapSortKey::Arrival => SortKey::Received,
+            ImapSortKey::Date => SortKey::Date,
+            ImapSortKey::From | ImapSortKey::DisplayFrom => SortKey::From,
+            ImapSortKey::Subject => SortKey::Subject,
+            ImapSortKey::Size => SortKey::Size,
+            _ => return Err(Failure::Bad("sorting by CC or TO is not supported".into())),
+        };
+        let found = self.matching(search).await?;
         let view = self.view().expect("selected");
+        let (account, mailbox) = (view.account.clone(), view.mailbox.clone());
+        let numbers: HashMap<MessageId, (u32, u32)> = found
+            .into_iter()
+            .map(|(sequence, uid, id)| (id, (sequence, uid)))
+            .collect();
+        let ordered = self
+            .service
+            .query(
+                &account,
+                &mailbox,
+                Query {
+                    search: None,
+                    sort: key,
+                    descending: first.reverse,
+                    position: 0,
+                    limit: usize::MAX / 2,
+                },
+            )
+            .await?;
+        let mut line = "SORT".to_owned();
+        for email in ordered.emails {
+            if let Some((sequence, uid)) = numbers.get(&email.id) {
+                line.push_str(&format!(" {}", if by_uid { uid } else { sequence }));
+            }
+        }
+        self.untagged(&line);
+        self.refresh(by_uid).await;
+        Ok(format!("{}SORT done", if by_uid { "UID " } else { "" }))
+    }
+
+    /// The messages of the view that match every key: (sequence number, UID, ID), ascending.
+    async fn matching(&self, criteria: &[SearchKey<'static>]) -> Result<Vec<(u32, u32, MessageId)>, Failure> {
+        let view = self.view().expect("selected");
+        let slots: Vec<(u32, u32, MessageId)> = view
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(index, slot)| (index as u32 + 1, slot.uid, slot.id))
+            .collect();
+        if criteria.iter().all(|key| matches!(key, SearchKey::All)) {
+            return Ok(slots);
+        }
         let (account, mailbox) = (view.account.clone(), view.mailbox.clone());
         let largest_sequence = view.slots.len() as u32;
         let largest_uid = view.last_uid();
@@ -962,14 +1036,6 @@ impl Session {
                 .await?;
             text_hits.insert(text, result.emails.into_iter().map(|email| email.id).collect());
         }
-        let slots: Vec<(u32, u32, MessageId)> = self
-            .view()
-            .expect("selected")
-            .slots
-            .iter()
-            .enumerate()
-            .map(|(index, slot)| (index as u32 + 1, slot.uid, slot.id))
-            .collect();
         let mut found = Vec::new();
         for (sequence, uid, id) in slots {
             let email = match self.service.email(&account, &mailbox, id) {
@@ -989,16 +1055,10 @@ impl Session {
                 text_hits: &text_hits,
             };
             if criteria.iter().all(|key| candidate.matches(key)) {
-                found.push(if by_uid { uid } else { sequence });
+                found.push((sequence, uid, id));
             }
         }
-        let mut line = "SEARCH".to_owned();
-        for number in found {
-            line.push_str(&format!(" {number}"));
-        }
-        self.untagged(&line);
-        self.refresh(by_uid).await;
-        Ok(format!("{}SEARCH done", if by_uid { "UID " } else { "" }))
+        Ok(found)
     }
 
     /// The changes of the selected mailbox, for IDLE.
