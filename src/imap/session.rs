@@ -804,7 +804,8 @@ impl Session {
             });
         let mut failed = false;
         for (sequence, uid, id) in self.chosen(set, by_uid) {
-            let mut email = match self.service.email(&account, &mailbox, id) {
+            // FETCH items come from the record and the bytes; the listing is never needed.
+            let mut email = match self.service.email_record(&account, &mailbox, id) {
                 Ok(email) => email,
                 Err(ServiceError::NoSuchMessage(_)) => {
                     failed = true;
@@ -970,23 +971,10 @@ impl Session {
             .into_iter()
             .map(|(sequence, uid, id)| (id, (sequence, uid)))
             .collect();
-        let ordered = self
-            .service
-            .query(
-                &account,
-                &mailbox,
-                Query {
-                    search: None,
-                    sort: key,
-                    descending: first.reverse,
-                    position: 0,
-                    limit: usize::MAX / 2,
-                },
-            )
-            .await?;
+        let ordered = self.service.sorted_ids(&account, &mailbox, key, first.reverse)?;
         let mut line = "SORT".to_owned();
-        for email in ordered.emails {
-            if let Some((sequence, uid)) = numbers.get(&email.id) {
+        for id in ordered {
+            if let Some((sequence, uid)) = numbers.get(&id) {
                 line.push_str(&format!(" {}", if by_uid { uid } else { sequence }));
             }
         }

@@ -18,6 +18,7 @@
 //! when the store carries them (docs/mail-model.md); the calls keep their shape, their mailbox
 //! arguments turn into IDs.
 
+pub mod imap;
 pub mod uids;
 
 use std::net::IpAddr;
