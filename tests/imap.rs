@@ -328,6 +328,13 @@ async fn a_client_logs_in_files_reads_searches_and_expunges() {
     );
     assert!(!noop.iter().any(|line| line.ends_with("EXISTS")), "{noop:?}");
 
+    // COPY keeps flags and answers COPYUID (here into the same mailbox, the only one there is).
+    let (copied_lines, copied) = client.command("UID COPY 3 INBOX").await;
+    assert!(copied.contains(&format!("OK [COPYUID {validity} 3 4]")), "{copied_lines:?} {copied}");
+    assert!(copied_lines.contains(&"* 2 EXISTS".to_owned()), "{copied_lines:?}");
+    let fetched = client.ok("UID FETCH 4 (FLAGS)").await;
+    assert!(fetched[0].contains("\\Flagged"), "{fetched:?}");
+
     // Mailbox management is not there yet, and says so.
     let (_, created) = client.command("CREATE Archive").await;
     assert!(created.contains(" NO "), "{created}");
