@@ -21,6 +21,7 @@ const SECRET_HASH: &str = "{SHA512-CRYPT}$6$3d1jxbtsSUvkdMJd$BaSpHPEbL9a6Kr7aoty
 const MESSAGE: &str = "From: Carol <carol@example.net>\r\nTo: alice@example.org\r\nSubject: Lunch\r\nDate: Tue, 1 Dec 2026 12:00:00 +0000\r\nMessage-ID: <lunch@example.net>\r\n\r\nShall we meet at noon?\r\n";
 
 struct Node {
+    service: mailmesh::service::MailService,
     imap: SocketAddr,
     imaps: Option<SocketAddr>,
     stop: watch::Sender<bool>,
@@ -51,7 +52,7 @@ fn config(directory: &Path, extra: impl FnOnce(&mut NodeConfig)) -> NodeConfig {
 async fn start(config: NodeConfig) -> Node {
     let data_dir = config.data_dir.clone();
     let (stop, receiver) = watch::channel(false);
-    mailmesh::server::start(config, mailmesh::environment::system(), receiver)
+    let running = mailmesh::server::start(config, mailmesh::environment::system(), receiver)
         .await
         .expect("the node starts");
     let read = |name: &str| {
@@ -60,6 +61,7 @@ async fn start(config: NodeConfig) -> Node {
             .map(|text| text.trim().parse().unwrap())
     };
     Node {
+        service: running.service,
         imap: read("imap.addr").expect("imap.addr written"),
         imaps: read("imaps.addr"),
         stop,
@@ -330,10 +332,31 @@ async fn a_client_logs_in_files_reads_searches_and_expunges() {
 
     // COPY keeps flags and answers COPYUID (here into the same mailbox, the only one there is).
     let (copied_lines, copied) = client.command("UID COPY 3 INBOX").await;
-    assert!(copied.contains(&format!("OK [COPYUID {validity} 3 4]")), "{copied_lines:?} {copied}");
+    assert!(
+        copied.contains(&format!("OK [COPYUID {validity} 3 4]")),
+        "{copied_lines:?} {copied}"
+    );
     assert!(copied_lines.contains(&"* 2 EXISTS".to_owned()), "{copied_lines:?}");
     let fetched = client.ok("UID FETCH 4 (FLAGS)").await;
     assert!(fetched[0].contains("\\Flagged"), "{fetched:?}");
+
+    // A mailbox with a non-ASCII name (delivered to through the service, as LMTP would) is
+    // named in modified UTF-7 on the wire, both ways.
+    node.service
+        .deliver(mailmesh::service::Delivery {
+            account: "alice@example.org".into(),
+            mailbox: "Entwürfe".into(),
+            raw: MESSAGE.as_bytes().to_vec(),
+            flags: Vec::new(),
+            received_millis: None,
+            skip_duplicate: false,
+        })
+        .await
+        .unwrap();
+    let list = client.ok("LIST \"\" \"Entw*\"").await;
+    assert_eq!(list, vec!["* LIST (\\HasNoChildren) \"/\" \"Entw&APw-rfe\""]);
+    let status = client.ok("STATUS Entw&APw-rfe (MESSAGES)").await;
+    assert_eq!(status, vec!["* STATUS \"Entw&APw-rfe\" (MESSAGES 1)"]);
 
     // Mailbox management is not there yet, and says so.
     let (_, created) = client.command("CREATE Archive").await;
@@ -371,6 +394,7 @@ async fn uids_survive_a_restart_and_a_lost_map_means_a_new_uidvalidity() {
     let before = client.ok("UID FETCH 1:* (UID ENVELOPE)").await;
     drop(client);
     let _ = node.stop.send(true);
+    drop(node);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let node = start(config(directory.path(), |_| {})).await;
@@ -381,6 +405,7 @@ async fn uids_survive_a_restart_and_a_lost_map_means_a_new_uidvalidity() {
     assert_eq!(append_uid(&appended), (validity, 4), "UIDs are never reused");
     drop(client);
     let _ = node.stop.send(true);
+    drop(node);
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     std::fs::remove_dir_all(directory.path().join("node").join("uids")).unwrap();

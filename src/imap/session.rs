@@ -456,7 +456,7 @@ impl Session {
             self.untagged(&format!("{kind} (\\Noselect) \"{DELIMITER}\" \"\""));
             return Ok(format!("{kind} done"));
         }
-        let pattern = format!("{reference}{pattern}");
+        let pattern = crate::import::decode_modified_utf7(&format!("{reference}{pattern}"));
         let names: Vec<String> = self
             .service
             .mailboxes(&account)?
@@ -475,7 +475,7 @@ impl Session {
             let mut attributes = vec![if children { "\\HasChildren" } else { "\\HasNoChildren" }];
             attributes.extend(special_use(name));
             let mut line = format!("{kind} ({}) \"{DELIMITER}\" ", attributes.join(" ")).into_bytes();
-            message::string(&mut line, name.as_bytes());
+            message::string(&mut line, encode_modified_utf7(name).as_bytes());
             self.output.extend_from_slice(b"* ");
             self.output.extend_from_slice(&line);
             self.output.extend_from_slice(b"\r\n");
@@ -500,7 +500,7 @@ impl Session {
             }
         }
         let mut line = b"* STATUS ".to_vec();
-        message::string(&mut line, name.as_bytes());
+        message::string(&mut line, encode_modified_utf7(&name).as_bytes());
         line.extend_from_slice(format!(" ({})\r\n", values.join(" ")).as_bytes());
         self.output.extend_from_slice(&line);
         Ok("STATUS done".into())
@@ -1392,12 +1392,13 @@ fn set_contains(set: &SequenceSet, number: u32, largest: u32) -> bool {
     })
 }
 
-/// A mailbox name as the service knows it: `INBOX` in any case is INBOX.
+/// A mailbox name as the service knows it: `INBOX` in any case is INBOX, modified UTF-7 decoded.
 pub fn mailbox_name(mailbox: &Mailbox<'_>) -> String {
     match mailbox {
         Mailbox::Inbox => "INBOX".to_owned(),
         Mailbox::Other(other) => {
-            let name = String::from_utf8_lossy(other.as_ref()).into_owned();
+            // IMAP4rev1 clients name mailboxes in modified UTF-7; the service keeps UTF-8.
+            let name = crate::import::decode_modified_utf7(&String::from_utf8_lossy(other.as_ref()));
             if name.eq_ignore_ascii_case("INBOX") {
                 "INBOX".to_owned()
             } else {
@@ -1441,6 +1442,44 @@ pub fn wildcard_matches(pattern: &str, name: &str) -> bool {
     inner(&pattern, &name)
 }
 
+/// Encodes a name in IMAP's modified UTF-7 (RFC 3501 5.1.3): printable ASCII as it is, `&` as
+/// `&-`, every other run as UTF-16 in base64 (`,` for `/`, no padding) between `&` and `-`.
+pub fn encode_modified_utf7(name: &str) -> String {
+    use base64::Engine;
+    let alphabet = base64::alphabet::Alphabet::new("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+,")
+        .expect("a valid base64 alphabet");
+    let engine = base64::engine::GeneralPurpose::new(
+        &alphabet,
+        base64::engine::GeneralPurposeConfig::new().with_encode_padding(false),
+    );
+    let mut out = String::with_capacity(name.len());
+    let mut run: Vec<u16> = Vec::new();
+    let flush = |run: &mut Vec<u16>, out: &mut String| {
+        if !run.is_empty() {
+            let bytes: Vec<u8> = run.iter().flat_map(|unit| unit.to_be_bytes()).collect();
+            out.push('&');
+            out.push_str(&engine.encode(bytes));
+            out.push('-');
+            run.clear();
+        }
+    };
+    for character in name.chars() {
+        if (' '..='~').contains(&character) {
+            flush(&mut run, &mut out);
+            if character == '&' {
+                out.push_str("&-");
+            } else {
+                out.push(character);
+            }
+        } else {
+            let mut units = [0u16; 2];
+            run.extend_from_slice(character.encode_utf16(&mut units));
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
+
 fn flag_list(flags: &[Flag]) -> String {
     flags.iter().map(Flag::as_str).collect::<Vec<_>>().join(" ")
 }
@@ -1456,6 +1495,16 @@ fn internal_date(millis: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mailbox_names_in_modified_utf7() {
+        assert_eq!(encode_modified_utf7("Entwürfe"), "Entw&APw-rfe");
+        assert_eq!(encode_modified_utf7("A&B"), "A&-B");
+        assert_eq!(encode_modified_utf7("日本語/Sent"), "&ZeVnLIqe-/Sent");
+        for name in ["Entwürfe", "A&B", "日本語/Sent", "plain", "😀 mail"] {
+            assert_eq!(crate::import::decode_modified_utf7(&encode_modified_utf7(name)), name);
+        }
+    }
 
     #[test]
     fn list_wildcards() {
