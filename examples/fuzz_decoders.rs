@@ -3,7 +3,8 @@
 //! peeling decoder on the cells), the request, response and gossip frame decoders, the mail header
 //! reader used on appended mail, the text parsers for IDs, flags and mailbox names, and the
 //! accounts file and HTTP Basic readers, what `mailmesh import` reads (mbox text and its metadata
-//! headers, Maildir names, `dovecot-keywords`, folder names), and an LMTP session's input.
+//! headers, Maildir names, `dovecot-keywords`, folder names), an LMTP session's input, and an IMAP session's (its reader, and the
+//! MIME rendering of a message).
 //!
 //! `cargo run --release --example fuzz_decoders -- --seconds 600 [--target NAME] --json`
 //!
@@ -226,8 +227,14 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         snapshot("INBOX", Some(7), true),
         snapshot("Entw\u{fc}rfe", Some(0x0193_0000_0000_0000_0000_0000_0000_0042), false),
     ];
+    let imap_seeds = vec![
+        b"\x05\x00a1 CAPABILITY\r\na2 LOGIN {5}\r\nalice \"secret\"\r\na3 SELECT INBOX\r\na4 UID FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)]<0.10>)\r\na5 APPEND INBOX (\\Seen) {12+}\r\nSubject: x\r\n\r\na6 IDLE\r\nDONE\r\n".to_vec(),
+        b"\x03\xffa AUTHENTICATE PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\nb SEARCH OR FROM x NOT SEEN\r\nc APPEND INBOX {99999}\r\n".to_vec(),
+        b"\x10\x00From: a@b\r\nContent-Type: multipart/mixed; boundary=z\r\n\r\n--z\r\nContent-Type: message/rfc822\r\n\r\nSubject: in\r\n\r\nbody\r\n--z--\r\n".to_vec(),
+    ];
     vec![
         ("snapshots", snapshot_seeds),
+        ("imap", imap_seeds),
         ("lmtp", lmtp_seeds),
         ("sync", sync_seeds),
         ("sketch", sketch_seeds),
@@ -350,6 +357,7 @@ fn run_target(target: &str, input: &[u8]) {
         }
         "lmtp" => mailmesh::fuzzing::lmtp_session(input),
         "snapshots" => mailmesh::fuzzing::mailbox_snapshot(input),
+        "imap" => mailmesh::fuzzing::imap_session(input),
         "mail" => {
             let _ = mailmesh::mail::listing(input);
             let text = mailmesh::mail::search_text(input);
@@ -427,6 +435,7 @@ fn fuzz_targets_for(group: &str) -> &'static [&'static str] {
         "import" => &["import_source"],
         "lmtp" => &["lmtp_session"],
         "snapshots" => &["mailbox_snapshot"],
+        "imap" => &["imap_session"],
         _ => &["text_parsers"],
     }
 }

@@ -23,7 +23,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(sync_message record_states request_frame response_frame gossip_frame appended_mail text_parsers change_state sketch_symbols accounts_file jmap_request import_source lmtp_session mailbox_snapshot)
+    targets=(sync_message record_states request_frame response_frame gossip_frame appended_mail text_parsers change_state sketch_symbols accounts_file jmap_request import_source lmtp_session mailbox_snapshot imap_session)
 fi
 
 if ! rustup run nightly rustc --version >/dev/null 2>&1; then

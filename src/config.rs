@@ -61,6 +61,12 @@ pub struct ConfigFile {
     pub search_commit_interval_ms: Option<u64>,
     /// Where the LMTP server listens: `HOST:PORT`, or a unix socket path (`/...` or `unix:...`).
     pub lmtp_listen: Option<String>,
+    /// Where the IMAP server listens: `HOST:PORT` (STARTTLS offered when TLS is configured).
+    pub imap_listen: Option<String>,
+    /// Where the IMAP server listens with implicit TLS (needs tls_cert_file and tls_key_file).
+    pub imaps_listen: Option<String>,
+    /// Accept IMAP logins without TLS from hosts other than loopback (off by default).
+    pub imap_allow_plaintext: Option<bool>,
 }
 
 impl ConfigFile {
@@ -187,6 +193,15 @@ impl ConfigFile {
         if let Some(text) = self.lmtp_listen {
             config.lmtp_listen = Some(parse_lmtp_address(&text)?);
         }
+        if let Some(text) = self.imap_listen {
+            config.imap_listen = Some(parse_socket_address("imap_listen", &text)?);
+        }
+        if let Some(text) = self.imaps_listen {
+            config.imaps_listen = Some(parse_socket_address("imaps_listen", &text)?);
+        }
+        if let Some(allow) = self.imap_allow_plaintext {
+            config.imap_allow_plaintext = allow;
+        }
         validate(&config)?;
         Ok(config)
     }
@@ -264,6 +279,14 @@ pub fn parse_lmtp_address(text: &str) -> Result<crate::lmtp::ListenAddress, Conf
         })
 }
 
+/// Parses a `HOST:PORT` address (`imap_listen`, `imaps_listen`, `--imap`), naming the key on error.
+pub fn parse_socket_address(key: &'static str, text: &str) -> Result<std::net::SocketAddr, ConfigError> {
+    text.trim().parse().map_err(|error| ConfigError::Invalid {
+        key,
+        reason: format!("{text:?}: {error} (give HOST:PORT, e.g. 127.0.0.1:143)"),
+    })
+}
+
 /// Parses multiaddrs, naming the key on error.
 pub fn parse_addresses(key: &'static str, texts: &[String]) -> Result<Vec<libp2p::Multiaddr>, ConfigError> {
     texts
@@ -295,6 +318,12 @@ pub fn validate(config: &NodeConfig) -> Result<(), ConfigError> {
         return Err(ConfigError::Invalid {
             key: "peer_requests_per_second",
             reason: "the rate must be positive and the burst at least 1".into(),
+        });
+    }
+    if config.imaps_listen.is_some() && (config.tls_cert_file.is_none() || config.tls_key_file.is_none()) {
+        return Err(ConfigError::Invalid {
+            key: "imaps_listen",
+            reason: "implicit TLS needs tls_cert_file and tls_key_file".into(),
         });
     }
     if config.inline_blob_bytes > 512 * 1024 {

@@ -355,6 +355,56 @@ pub fn lmtp_session(input: &[u8]) {
     }
 }
 
+/// What the cargo-fuzz target `imap_session` runs on one input: the whole input as an IMAP
+/// client's bytes, fed to the session's reader in pieces whose size the first byte chooses, in
+/// command mode or raw-line mode as the second byte's bits say; then the same bytes as a message
+/// whose ENVELOPE, BODYSTRUCTURE and sections are rendered. The reader must never panic, must
+/// stop at a line over the limit, and every rendered section must lie inside the message.
+pub fn imap_session(input: &[u8]) {
+    use crate::imap::message::{Parsed, SectionText};
+    use crate::imap::reader::{Event, Limits, Reader};
+    let (Some(&chunk), Some(&modes)) = (input.first(), input.get(1)) else {
+        return;
+    };
+    let chunk = usize::from(chunk % 64) + 1;
+    let limits = Limits {
+        max_line_bytes: 1024,
+        max_literal_bytes: 2048,
+    };
+    let mut reader = Reader::new(limits);
+    let mut events = 0usize;
+    'feed: for (index, piece) in input[2..].chunks(chunk).enumerate() {
+        reader.enqueue(piece);
+        loop {
+            let raw = modes & (1 << (index % 8)) != 0;
+            match reader.next(raw) {
+                Event::NeedMore => break,
+                Event::LineTooLong => break 'feed,
+                Event::Line(line) => assert!(line.len() <= input.len()),
+                Event::Continue | Event::Command(_) | Event::Refused { .. } => {}
+            }
+            events += 1;
+            assert!(events <= input.len() + 1, "the reader made events from nothing");
+        }
+    }
+    let parsed = Parsed::new(input);
+    let mut out = Vec::new();
+    parsed.envelope(&mut out);
+    parsed.body_structure(&mut out, true);
+    for path in [&[][..], &[1], &[2], &[1, 1], &[2, 1, 3]] {
+        for text in [
+            SectionText::Full,
+            SectionText::Header,
+            SectionText::Text,
+            SectionText::Mime,
+        ] {
+            if let Some(section) = parsed.section(path, &text) {
+                assert!(section.len() <= input.len() + 2, "a section is larger than its message");
+            }
+        }
+    }
+}
+
 /// Every cargo-fuzz target and the replayer of its body.
 /// Every cargo-fuzz target by name, with the function it runs.
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
@@ -372,4 +422,5 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("import_source", import_source),
     ("lmtp_session", lmtp_session),
     ("mailbox_snapshot", mailbox_snapshot),
+    ("imap_session", imap_session),
 ];

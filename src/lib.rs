@@ -19,7 +19,8 @@
 //! - [`node`]: the replication engine, the only place store, network and reconciliation meet;
 //! - [`server`]: the composition root that wires store, service, engine and HTTP;
 //! - [`api`]: the HTTP API over the service; [`http`]: its error answers;
-//!   [`lmtp`]: the LMTP server an MTA delivers to, over the service;
+//!   [`lmtp`]: the LMTP server an MTA delivers to, over the service; [`imap`]: the IMAP server
+//!   mail clients use, over the service;
 //!   [`metrics`]: the node's Prometheus metrics; [`environment`]: time and randomness, passed in;
 //! - [`accounts`]: the accounts file (Dovecot passwd-file), logins and their rate limits;
 //! - [`fuzzing`]: the body of each cargo-fuzz target, shared with the replay of saved inputs;
@@ -36,6 +37,7 @@ pub mod environment;
 pub mod fuzzing;
 pub mod harness;
 pub mod http;
+pub mod imap;
 pub mod import;
 pub mod jmap;
 pub mod lmtp;

@@ -127,6 +127,9 @@ struct NodeArguments {
     /// Serve LMTP for an MTA on ADDR: HOST:PORT, or a unix socket path (`/path` or `unix:path`).
     #[arg(long, value_name = "ADDR")]
     lmtp: Option<String>,
+    /// Serve IMAP on ADDR (HOST:PORT), with STARTTLS when TLS is configured.
+    #[arg(long, value_name = "ADDR")]
+    imap: Option<String>,
 }
 
 /// glibc gives a thread that finds the allocator busy an arena of its own, up to eight per core,
@@ -445,6 +448,9 @@ fn run_node(arguments: NodeArguments) -> anyhow::Result<()> {
     }
     if let Some(address) = arguments.lmtp {
         node_config.lmtp_listen = Some(config::parse_lmtp_address(&address)?);
+    }
+    if let Some(address) = arguments.imap {
+        node_config.imap_listen = Some(config::parse_socket_address("imap_listen", &address)?);
     }
     config::validate(&node_config)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;

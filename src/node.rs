@@ -106,6 +106,12 @@ pub struct NodeConfig {
     pub search_commit_interval: Duration,
     /// Where the LMTP server listens (`lmtp_listen`, `--lmtp`); none when unset.
     pub lmtp_listen: Option<crate::lmtp::ListenAddress>,
+    /// Where the IMAP server listens in the clear, with STARTTLS when TLS is configured
+    /// (`imap_listen`, `--imap`), and with implicit TLS (`imaps_listen`); none when unset.
+    pub imap_listen: Option<SocketAddr>,
+    pub imaps_listen: Option<SocketAddr>,
+    /// Accept IMAP logins without TLS from hosts other than loopback (`imap_allow_plaintext`).
+    pub imap_allow_plaintext: bool,
 }
 
 impl Default for NodeConfig {
@@ -145,6 +151,9 @@ impl Default for NodeConfig {
             max_requests_in_flight_per_peer: 256,
             search_commit_interval: Duration::from_secs(5),
             lmtp_listen: None,
+            imap_listen: None,
+            imaps_listen: None,
+            imap_allow_plaintext: false,
         }
     }
 }

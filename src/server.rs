@@ -5,7 +5,8 @@
 //! - [`crate::service`]: the mail service every protocol speaks to;
 //! - [`crate::node`]: the replication engine, which follows the commit feed;
 //! - [`crate::api`]: the HTTP API over the service (and the engine's operator views);
-//! - [`crate::lmtp`]: the LMTP server over the service, when `lmtp_listen` is set.
+//! - [`crate::lmtp`]: the LMTP server over the service, when `lmtp_listen` is set;
+//! - [`crate::imap`]: the IMAP server over the service, when `imap_listen` or `imaps_listen` is set.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -155,6 +156,36 @@ pub async fn start(
         tracing::info!(address = %listener.local_address(), "LMTP listening");
         let server = crate::lmtp::LmtpServer::new(service.clone(), &config.name, Some(metrics));
         tokio::spawn(server.serve(listener, stop.clone()));
+    }
+
+    // IMAP, before HTTP too; its UIDs are a node-local index beside the store.
+    if config.imap_listen.is_some() || config.imaps_listen.is_some() {
+        let uids = Arc::new(
+            crate::service::uids::UidIndex::open(&config.data_dir.join("uids"))
+                .map_err(|error| std::io::Error::other(error.to_string()))?,
+        );
+        let mut settings = crate::imap::ImapSettings::for_service(&service);
+        settings.allow_plaintext = config.imap_allow_plaintext;
+        // The HTTP listener's configuration announces ALPN http/1.1; IMAP's announces imap (RFC 9051).
+        let imap_tls = tls.as_ref().map(|tls| {
+            let mut config = (**tls).clone();
+            config.alpn_protocols = vec![b"imap".to_vec()];
+            Arc::new(config)
+        });
+        let server = crate::imap::ImapServer::new(service.clone(), uids, imap_tls, settings);
+        for (address, implicit_tls, file) in [
+            (config.imap_listen, false, "imap.addr"),
+            (config.imaps_listen, true, "imaps.addr"),
+        ] {
+            let Some(address) = address else { continue };
+            let listener = crate::imap::ImapServer::bind(address)
+                .await
+                .map_err(|error| std::io::Error::other(error.to_string()))?;
+            let bound = listener.local_addr()?;
+            std::fs::write(config.data_dir.join(file), bound.to_string())?;
+            tracing::info!(address = %bound, implicit_tls, "IMAP listening");
+            tokio::spawn(server.clone().serve(listener, implicit_tls, stop.clone()));
+        }
     }
 
     // HTTP.

@@ -167,6 +167,13 @@ impl MailService {
             .ok_or_else(|| ServiceError::NoSuchMailbox(path.to_owned()))
     }
 
+    /// The visible mailbox at `path`, with its counters (protocols that address mailboxes by
+    /// path, as IMAP does).
+    pub fn mailbox_at(&self, account: &str, path: &str) -> Result<MailboxSummary, ServiceError> {
+        let id = self.find_mailbox(account, path)?;
+        self.mailbox(account, id)
+    }
+
     fn check_account(&self, account: &str) -> Result<(), ServiceError> {
         MailboxKey::emails(account)?;
         if self.account_exists(account)? {

@@ -23,6 +23,9 @@ pub use mailboxes::{decode_snapshot, fold as fold_snapshots, AccountMailboxes, M
 
 mod jmap_support;
 
+pub mod imap;
+pub mod uids;
+
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;

@@ -1,0 +1,373 @@
+#!/usr/bin/env python3
+"""Real IMAP clients against a real two-node mailmesh cluster (issue 15, item 4).
+
+Starts two `mailmesh node` processes on 127.0.0.1 (alpha and bravo, peered, IMAP on ports the OS
+chooses, read back from data_dir/imap.addr) with one accounts file, then checks:
+
+  1. imaplib (Python's stdlib): LOGIN, LIST, SELECT, APPEND with flags and a date, FETCH, STORE,
+     SEARCH, EXPUNGE;
+  2. replication into a selected session: a message appended on bravo shows up on alpha as an
+     unsolicited EXISTS, once in IDLE and once by NOOP;
+  3. mbsync (Debian's isync): a two-way sync of alpha's INBOX with a local Maildir, changes on both
+     sides (new mail, a flag, a deletion), then two more syncs, with alpha restarted between them:
+     no errors, both sides hold the same messages, nothing duplicated.
+
+Prints one line per check and a JSON summary; exit status 0 when every check passes, 1 otherwise.
+The nodes are always stopped and the temporary directory removed (unless --keep).
+"""
+
+import argparse
+import email
+import imaplib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+TOKEN = "imap-clients-check-token-0123456789"
+# `doveadm pw -s SHA512-CRYPT -p secret`
+SECRET_HASH = "{SHA512-CRYPT}$6$3d1jxbtsSUvkdMJd$BaSpHPEbL9a6Kr7aotyzcanEM22vEvv6JW1FUXXS9/OoWz/Q.Tvq/MR1BhXbNBe2D5X7YGGGLka2prNYroVB8."
+ACCOUNT = "alice@example.org"
+WAIT_SECONDS = 60
+
+
+class CheckFailed(Exception):
+    pass
+
+
+def log(message):
+    print(f"imap-clients: {message}", flush=True)
+
+
+def message(subject, marker):
+    return (
+        f"From: Carol <carol@example.net>\r\nTo: {ACCOUNT}\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{marker}@example.net>\r\nDate: Tue, 1 Dec 2026 12:00:00 +0000\r\n\r\n"
+        f"Body of {marker}\r\n"
+    ).encode()
+
+
+class Node:
+    """One `mailmesh node` process with its own data directory."""
+
+    def __init__(self, binary, name, directory, common):
+        self.binary, self.name, self.common = binary, name, common
+        self.data_dir = os.path.join(directory, name)
+        self.process = None
+        os.makedirs(self.data_dir, exist_ok=True)
+
+    def start(self, peers=()):
+        for name in ("http.addr", "imap.addr"):
+            path = os.path.join(self.data_dir, name)
+            if os.path.exists(path):
+                os.remove(path)
+        arguments = [self.binary, "node", "--name", self.name, "--data-dir", self.data_dir,
+                     "--listen", "/ip4/127.0.0.1/tcp/0", "--http", "127.0.0.1:0", "--imap", "127.0.0.1:0",
+                     "--cluster", "imap-check", "--gossip-interval-ms", "300"] + self.common
+        for peer in peers:
+            arguments += ["--peer", peer]
+        with open(os.path.join(self.data_dir, "node.log"), "ab") as log_file:
+            self.process = subprocess.Popen(arguments, stdin=subprocess.DEVNULL, stdout=log_file, stderr=log_file)
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.process.poll() is not None:
+                raise CheckFailed(f"{self.name} exited with {self.process.returncode}; see {self.data_dir}/node.log")
+            try:
+                with open(os.path.join(self.data_dir, "http.addr")) as handle:
+                    self.http = handle.read().strip()
+                with open(os.path.join(self.data_dir, "imap.addr")) as handle:
+                    host, port = handle.read().strip().rsplit(":", 1)
+                    self.imap = (host, int(port))
+                if self.request("/healthz").get("status") == "alive":
+                    return
+            except (OSError, ValueError, urllib.error.URLError):
+                pass
+            time.sleep(0.05)
+        raise CheckFailed(f"{self.name} did not start within 60 s; see {self.data_dir}/node.log")
+
+    def stop(self):
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def request(self, path):
+        request = urllib.request.Request(f"http://{self.http}{path}", headers={"Authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def listen_address(self):
+        status = self.request("/v1/status")
+        return next(address for address in status["listen"] if "127.0.0.1" in address)
+
+    def client(self):
+        client = imaplib.IMAP4(*self.imap)
+        client.login(ACCOUNT, "secret")
+        return client
+
+
+def expect(ok, what):
+    if not ok:
+        raise CheckFailed(what)
+
+
+def check(typ, data, what):
+    expect(typ == "OK", f"{what}: {typ} {data!r}")
+    return data
+
+
+# --------------------------------------------------------------------------------------------
+# Checks
+# --------------------------------------------------------------------------------------------
+
+
+def check_imaplib(alpha):
+    client = alpha.client()
+    check(*client.list(), "LIST")
+    check(*client.select("INBOX"), "SELECT")
+    date = imaplib.Time2Internaldate(time.mktime((2026, 12, 1, 10, 0, 0, 0, 0, 0)))
+    typ, data = client.append("INBOX", "(\\Flagged)", date, message("first", "imaplib-1"))
+    check(typ, data, "APPEND")
+    expect(b"APPENDUID" in data[0], f"APPENDUID in {data!r}")
+    check(*client.append("INBOX", None, None, message("second", "imaplib-2")), "APPEND")
+    data = check(*client.uid("FETCH", "1:*", "(UID FLAGS RFC822.SIZE BODY.PEEK[HEADER.FIELDS (SUBJECT)])"), "UID FETCH")
+    subjects = [part[1] for part in data if isinstance(part, tuple)]
+    expect(subjects == [b"Subject: first\r\n\r\n", b"Subject: second\r\n\r\n"], f"subjects {subjects!r}")
+    data = check(*client.fetch("2", "(BODY[])"), "FETCH BODY[]")
+    parsed = email.message_from_bytes(data[0][1])
+    expect(parsed["Message-ID"] == "<imaplib-2@example.net>", f"fetched {parsed['Message-ID']}")
+    data = check(*client.search(None, "UNSEEN"), "SEARCH UNSEEN")
+    expect(data == [b"1"], f"UNSEEN is message 1 only after BODY[] read 2: {data!r}")
+    check(*client.store("1", "+FLAGS", "(\\Deleted)"), "STORE")
+    data = check(*client.expunge(), "EXPUNGE")
+    expect(data == [b"1"], f"EXPUNGE answered {data!r}")
+    data = check(*client.search(None, "ALL"), "SEARCH ALL")
+    expect(data == [b"1"], f"one message left: {data!r}")
+    client.logout()
+    return {"commands": "LIST SELECT APPEND UID-FETCH FETCH SEARCH STORE EXPUNGE LOGOUT"}
+
+
+def idle_until_exists(client, seconds):
+    """IDLE (imaplib of Python 3.11 has none: sent by hand) until an EXISTS arrives."""
+    tag = client._new_tag()
+    client.send(tag + b" IDLE\r\n")
+    expect(client.readline().startswith(b"+"), "IDLE continuation")
+    client.sock.settimeout(seconds)
+    started = time.time()
+    try:
+        line = client.readline()
+    finally:
+        client.sock.settimeout(None)
+    elapsed = time.time() - started
+    client.send(b"DONE\r\n")
+    while True:
+        answer = client.readline()
+        if answer.startswith(tag):
+            break
+    return line, elapsed
+
+
+def check_replication(alpha, bravo):
+    watcher = alpha.client()
+    check(*watcher.select("INBOX"), "SELECT on alpha")
+    writer = bravo.client()
+    started = time.time()
+    check(*writer.append("INBOX", None, None, message("from bravo", "replicated-1")), "APPEND on bravo")
+    line, _ = idle_until_exists(watcher, WAIT_SECONDS)
+    idle_seconds = time.time() - started
+    expect(line.endswith(b"EXISTS\r\n"), f"IDLE on alpha saw {line!r}")
+    check(*writer.append("INBOX", None, None, message("from bravo again", "replicated-2")), "APPEND on bravo")
+    deadline = time.time() + WAIT_SECONDS
+    seen = False
+    while time.time() < deadline and not seen:
+        watcher.untagged_responses.pop("EXISTS", None)
+        check(*watcher.noop(), "NOOP")
+        seen = bool(watcher.untagged_responses.pop("EXISTS", None))
+        if not seen:
+            time.sleep(0.2)
+    expect(seen, "NOOP on alpha never showed the second message from bravo")
+    watcher.logout()
+    writer.logout()
+    return {"idle_seconds_from_append_on_bravo": round(idle_seconds, 3)}
+
+
+MBSYNC_CONFIG = """\
+IMAPAccount remote
+Host {host}
+Port {port}
+User {user}
+Pass secret
+SSLType None
+AuthMechs LOGIN
+
+IMAPStore remote
+Account remote
+
+MaildirStore local
+Path {root}/
+Inbox {root}/INBOX
+
+Channel inbox
+Far :remote:INBOX
+Near :local:INBOX
+Create Near
+Expunge Both
+Sync All
+SyncState *
+"""
+
+
+def maildir_messages(root):
+    found = []
+    for sub in ("cur", "new"):
+        directory = os.path.join(root, "INBOX", sub)
+        if os.path.isdir(directory):
+            for name in sorted(os.listdir(directory)):
+                with open(os.path.join(directory, name), "rb") as handle:
+                    found.append((name, email.message_from_bytes(handle.read())["Message-ID"]))
+    return found
+
+
+def server_message_ids(node):
+    client = node.client()
+    check(*client.select("INBOX", readonly=True), "EXAMINE")
+    data = check(*client.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])"), "FETCH")
+    client.logout()
+    ids = []
+    for part in data:
+        if isinstance(part, tuple):
+            ids.append(email.message_from_bytes(part[1])["Message-ID"])
+    return ids
+
+
+def run_mbsync(config_path, round_name):
+    result = subprocess.run(["mbsync", "-c", config_path, "-a"], capture_output=True, text=True, timeout=120)
+    output = (result.stdout + result.stderr).strip()
+    if result.returncode != 0 or "rror" in output:
+        raise CheckFailed(f"mbsync ({round_name}) exited {result.returncode}: {output}")
+    return output
+
+
+def check_mbsync(alpha, directory, restart):
+    root = os.path.join(directory, "maildir")
+    os.makedirs(root, exist_ok=True)
+    config_path = os.path.join(directory, "mbsyncrc")
+    with open(config_path, "w") as handle:
+        handle.write(MBSYNC_CONFIG.format(host=alpha.imap[0], port=alpha.imap[1], user=ACCOUNT, root=root))
+    client = alpha.client()
+    for number in range(1, 4):
+        check(*client.append("INBOX", None, None, message(f"seed {number}", f"seed-{number}")), "APPEND seed")
+    client.logout()
+
+    run_mbsync(config_path, "first")
+    local = maildir_messages(root)
+    server = server_message_ids(alpha)
+    expect(sorted(mid for _, mid in local) == sorted(server), f"first sync: local {local} server {server}")
+
+    # Changes on both sides: a new local message, a local \Seen, a local deletion; a new server
+    # message and a server flag.
+    new_dir = os.path.join(root, "INBOX", "new")
+    os.makedirs(new_dir, exist_ok=True)
+    with open(os.path.join(new_dir, f"{int(time.time())}.local.mailmesh"), "wb") as handle:
+        handle.write(message("written locally", "local-1"))
+    by_id = {mid: name for name, mid in local}
+    cur_dir = os.path.join(root, "INBOX", "cur")
+    seen_name = by_id["<seed-1@example.net>"]
+    seen_path = next(os.path.join(d, seen_name) for d in (cur_dir, new_dir) if os.path.exists(os.path.join(d, seen_name)))
+    base = seen_name.split(":2,")[0]
+    os.rename(seen_path, os.path.join(cur_dir, base + ":2,S"))
+    deleted_name = by_id["<seed-2@example.net>"]
+    for d in (cur_dir, new_dir):
+        if os.path.exists(os.path.join(d, deleted_name)):
+            os.remove(os.path.join(d, deleted_name))
+    client = alpha.client()
+    check(*client.select("INBOX"), "SELECT")
+    check(*client.append("INBOX", None, None, message("written on the server", "server-1")), "APPEND")
+    data = check(*client.search(None, "HEADER", "Message-ID", "seed-3"), "SEARCH")
+    check(*client.store(data[0].decode(), "+FLAGS", "(\\Flagged)"), "STORE")
+    client.logout()
+
+    run_mbsync(config_path, "second")
+    if restart:
+        alpha.stop()
+        alpha.start(peers=restart)
+        with open(config_path, "w") as handle:
+            handle.write(MBSYNC_CONFIG.format(host=alpha.imap[0], port=alpha.imap[1], user=ACCOUNT, root=root))
+    third = run_mbsync(config_path, "third")
+    fourth = run_mbsync(config_path, "fourth")
+
+    local = maildir_messages(root)
+    server = server_message_ids(alpha)
+    local_ids = [mid for _, mid in local]
+    expect(len(set(local_ids)) == len(local_ids), f"duplicates locally: {local_ids}")
+    expect(len(set(server)) == len(server), f"duplicates on the server: {server}")
+    expect(sorted(local_ids) == sorted(server), f"after syncing: local {sorted(local_ids)} server {sorted(server)}")
+    wanted = {"<seed-1@example.net>", "<seed-3@example.net>", "<local-1@example.net>", "<server-1@example.net>"}
+    expect(wanted <= set(server), f"server lacks some of {wanted}: {server}")
+    expect("<seed-2@example.net>" not in server, "the local deletion did not reach the server")
+    client = alpha.client()
+    check(*client.select("INBOX", readonly=True), "EXAMINE")
+    data = check(*client.search(None, "SEEN", "HEADER", "Message-ID", "seed-1"), "SEARCH")
+    expect(data != [b""], "the local \\Seen did not reach the server")
+    client.logout()
+    flagged = [name for name, mid in local if mid == "<seed-3@example.net>"]
+    expect(flagged and "F" in flagged[0].split(":2,")[-1], f"the server's \\Flagged did not reach the Maildir: {flagged}")
+    return {"messages": len(server), "third_sync_output": third[-200:], "fourth_sync_output": fourth[-200:]}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--binary", required=True)
+    parser.add_argument("--keep", action="store_true")
+    arguments = parser.parse_args()
+    directory = tempfile.mkdtemp(prefix="mailmesh-imap-")
+    with open(os.path.join(directory, "accounts"), "w") as handle:
+        handle.write(f"{ACCOUNT}:{SECRET_HASH}\n")
+    with open(os.path.join(directory, "token"), "w") as handle:
+        handle.write(TOKEN + "\n")
+    common = ["--accounts-file", os.path.join(directory, "accounts"), "--http-token-file", os.path.join(directory, "token")]
+    alpha = Node(arguments.binary, "alpha", directory, common)
+    bravo = Node(arguments.binary, "bravo", directory, common)
+    results, failures = {}, []
+    try:
+        alpha.start()
+        bravo.start(peers=[alpha.listen_address()])
+        checks = [
+            ("imaplib", lambda: check_imaplib(alpha)),
+            ("replication into a selected session", lambda: check_replication(alpha, bravo)),
+        ]
+        if shutil.which("mbsync"):
+            checks.append(("mbsync two-way", lambda: check_mbsync(alpha, directory, [bravo.listen_address()])))
+        else:
+            failures.append("mbsync is not installed")
+        for name, run in checks:
+            try:
+                results[name] = run()
+                log(f"ok: {name}")
+            except Exception as error:  # every failure is reported, and the nodes still stopped
+                failures.append(f"{name}: {error}")
+                log(f"FAILED: {name}: {error}")
+    finally:
+        alpha.stop()
+        bravo.stop()
+        if arguments.keep:
+            log(f"kept {directory}")
+        else:
+            shutil.rmtree(directory, ignore_errors=True)
+    print(json.dumps({"passed": len(results), "failed": len(failures), "results": results, "failures": failures}, indent=2))
+    print(f"{len(results)} passed, {len(failures)} failed")
+    sys.exit(1 if failures else 0)
+
+
+if __name__ == "__main__":
+    main()

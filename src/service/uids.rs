@@ -1,0 +1,267 @@
+//! IMAP UIDs: a node-local index over the replicated store, like the sort indexes.
+//!
+//! IMAP wants 32-bit UIDs that ascend in the order messages arrive in a mailbox. Sites cannot
+//! agree on such an order without coordination, so the UIDs are not replicated: each node numbers
+//! the messages of a mailbox in the order they arrived *here* (local deliveries and replicated
+//! arrivals alike), taking them from the node-local modseq log ([`MailService::changes`]).
+//! Numbers are handed out lazily, when an IMAP session looks at the mailbox, and kept in a small
+//! RocksDB database of their own (`uids/` under the data dir), so they survive a restart.
+//!
+//! Each mailbox has a UIDVALIDITY (seconds since the epoch when its numbering began). If the map
+//! is lost, or the store's log for the mailbox was rebuilt so that this map can no longer follow
+//! it, the mailbox is numbered afresh under a new, larger UIDVALIDITY, and clients resync.
+//!
+//! Mailboxes are addressed by (account, name) through [`mailbox_key`] alone, so that moving to
+//! the store's stable mailbox IDs is a change to that one function.
+
+use std::path::Path;
+use std::sync::Mutex;
+
+use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
+
+use super::{MailService, ServiceError};
+use crate::model::MessageId;
+
+/// Key prefixes: the mailbox's numbering, UID -> message, message -> UID.
+const META: u8 = b'm';
+const BY_UID: u8 = b'u';
+const BY_MESSAGE: u8 = b'i';
+
+/// Why the UID map could not be opened or used.
+#[derive(Debug, thiserror::Error)]
+pub enum UidError {
+    #[error("cannot open the IMAP UID map at {path}: {reason} (remove the directory to renumber every mailbox)")]
+    Open { path: String, reason: String },
+    #[error("the IMAP UID map failed: {0}")]
+    Database(#[from] rocksdb::Error),
+    #[error("the IMAP UID map holds a corrupt entry: {0}")]
+    Corrupt(&'static str),
+}
+
+impl From<UidError> for ServiceError {
+    fn from(error: UidError) -> Self {
+        ServiceError::Unavailable(error.to_string())
+    }
+}
+
+/// The numbering of one mailbox as it stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct UidState {
+    pub uid_validity: u32,
+    /// The UID the next arrival gets.
+    pub uid_next: u32,
+    /// How far the mailbox's modseq log has been numbered.
+    pub modseq: u64,
+}
+
+/// A mailbox's live messages by ascending UID, with the numbering they belong to.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct UidSnapshot {
+    pub state: UidState,
+    pub messages: Vec<(u32, MessageId)>,
+}
+
+/// The persistent UID map of one node.
+pub struct UidIndex {
+    db: DB,
+    /// Numbering is read-modify-write: one mailbox scan at a time, so two sessions never hand out
+    /// the same UID.
+    lock: Mutex<()>,
+}
+
+impl UidIndex {
+    /// Opens (or creates) the map at `path`.
+    pub fn open(path: &Path) -> Result<UidIndex, UidError> {
+        let mut options = rocksdb::Options::default();
+        options.create_if_missing(true);
+        let db = DB::open(&options, path).map_err(|error| UidError::Open {
+            path: path.display().to_string(),
+            reason: error.to_string(),
+        })?;
+        Ok(UidIndex {
+            db,
+            lock: Mutex::new(()),
+        })
+    }
+
+    fn meta(&self, mailbox: &[u8; 16]) -> Result<Option<UidState>, UidError> {
+        let Some(value) = self.db.get(key(META, mailbox, &[]))? else {
+            return Ok(None);
+        };
+        if value.len() != 16 {
+            return Err(UidError::Corrupt("mailbox numbering"));
+        }
+        Ok(Some(UidState {
+            uid_validity: u32::from_be_bytes(value[0..4].try_into().expect("4 bytes")),
+            uid_next: u32::from_be_bytes(value[4..8].try_into().expect("4 bytes")),
+            modseq: u64::from_be_bytes(value[8..16].try_into().expect("8 bytes")),
+        }))
+    }
+
+    fn uid_of(&self, mailbox: &[u8; 16], id: MessageId) -> Result<Option<u32>, UidError> {
+        match self.db.get(key(BY_MESSAGE, mailbox, &id.0.to_be_bytes()))? {
+            Some(value) => Ok(Some(u32::from_be_bytes(
+                value
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| UidError::Corrupt("message UID"))?,
+            ))),
+            None => Ok(None),
+        }
+    }
+
+    /// The live messages of a mailbox with a UID above `after`, ascending.
+    fn list_after(&self, mailbox: &[u8; 16], after: u32) -> Result<Vec<(u32, MessageId)>, UidError> {
+        let start = key(BY_UID, mailbox, &after.saturating_add(1).to_be_bytes());
+        let end = key(BY_UID, mailbox, &[0xff; 5]);
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(end);
+        let mut messages = Vec::new();
+        if after == u32::MAX {
+            return Ok(messages);
+        }
+        for item in self
+            .db
+            .iterator_opt(IteratorMode::From(&start, Direction::Forward), options)
+        {
+            let (key, value) = item?;
+            let uid = u32::from_be_bytes(key[17..21].try_into().map_err(|_| UidError::Corrupt("UID key"))?);
+            let id = u128::from_be_bytes(value.as_ref().try_into().map_err(|_| UidError::Corrupt("UID value"))?);
+            messages.push((uid, MessageId(id)));
+        }
+        Ok(messages)
+    }
+
+    /// Forgets a mailbox's numbering (every UID, and the numbering itself).
+    fn forget(&self, mailbox: &[u8; 16], batch: &mut WriteBatch) -> Result<(), UidError> {
+        for (uid, id) in self.list_after(mailbox, 0)? {
+            batch.delete(key(BY_UID, mailbox, &uid.to_be_bytes()));
+            batch.delete(key(BY_MESSAGE, mailbox, &id.0.to_be_bytes()));
+        }
+        Ok(())
+    }
+}
+
+fn key(kind: u8, mailbox: &[u8; 16], rest: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(17 + rest.len());
+    key.push(kind);
+    key.extend_from_slice(mailbox);
+    key.extend_from_slice(rest);
+    key
+}
+
+/// The map's name for a mailbox. The only place that says how mailboxes are addressed here.
+pub fn mailbox_key(account: &str, mailbox: crate::model::MailboxId) -> [u8; 16] {
+    let mut hasher = blake3::Hasher::new();
+    hasher.update(b"mailmesh imap uid map v2\0");
+    hasher.update(account.as_bytes());
+    hasher.update(b"\0");
+    hasher.update(&mailbox.to_bytes());
+    let mut bytes = [0u8; 16];
+    bytes.copy_from_slice(&hasher.finalize().as_bytes()[..16]);
+    bytes
+}
+
+/// Changes a mailbox's log may list in one numbering pass (a fresh 100,000-message mailbox fits).
+const NUMBERING_PAGE: usize = 10_000_000;
+
+impl MailService {
+    /// Numbers every message of the mailbox that has no UID yet and returns the numbering.
+    pub fn uid_sync(&self, uids: &UidIndex, account: &str, mailbox: &str) -> Result<UidState, ServiceError> {
+        Ok(self.uid_snapshot_after(uids, account, mailbox, u32::MAX)?.state)
+    }
+
+    /// Numbers new arrivals, then lists the live messages whose UID is above `after`, ascending
+    /// (`0`: all of them), with the numbering they belong to. Both are read under one lock, so
+    /// the list holds exactly the messages numbered up to `state.modseq`.
+    pub fn uid_snapshot_after(
+        &self,
+        uids: &UidIndex,
+        account: &str,
+        mailbox: &str,
+        after: u32,
+    ) -> Result<UidSnapshot, ServiceError> {
+        // Keyed by the mailbox's stable ID: a rename keeps its UIDs and UIDVALIDITY.
+        let mailbox_id = self.find_mailbox(account, mailbox)?;
+        let name = mailbox_key(account, mailbox_id);
+        let _guard = uids.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let now_seconds = (self.inner.environment.now_millis() / 1000).clamp(1, u32::MAX as u64) as u32;
+        let mut batch = WriteBatch::default();
+        let stored = uids.meta(&name)?;
+        let mut state = stored.unwrap_or(UidState {
+            uid_validity: now_seconds,
+            uid_next: 1,
+            modseq: 0,
+        });
+        let mut renumbered = false;
+        let mut changes = self.changes(account, mailbox_id, state.modseq, NUMBERING_PAGE)?;
+        if changes.cannot_calculate {
+            // The log was rebuilt (or this map is from another store): number afresh.
+            tracing::info!(
+                account,
+                mailbox,
+                "the IMAP UID map cannot follow the mailbox's log; renumbering"
+            );
+            uids.forget(&name, &mut batch)?;
+            state = UidState {
+                uid_validity: now_seconds.max(state.uid_validity.saturating_add(1)),
+                uid_next: 1,
+                modseq: 0,
+            };
+            renumbered = true;
+            changes = self.changes(account, mailbox_id, 0, NUMBERING_PAGE)?;
+            if changes.cannot_calculate {
+                return Err(ServiceError::Unavailable(
+                    "the mailbox's change log is too long to number in one pass".into(),
+                ));
+            }
+        }
+        for id in changes.expunged {
+            if let Some(uid) = uids.uid_of(&name, id)? {
+                batch.delete(key(BY_UID, &name, &uid.to_be_bytes()));
+                batch.delete(key(BY_MESSAGE, &name, &id.0.to_be_bytes()));
+            }
+        }
+        for id in changes.created.into_iter().chain(changes.updated) {
+            if !renumbered && uids.uid_of(&name, id)?.is_some() {
+                continue;
+            }
+            if state.uid_next == u32::MAX {
+                return Err(ServiceError::Unavailable("the mailbox ran out of IMAP UIDs".into()));
+            }
+            batch.put(key(BY_UID, &name, &state.uid_next.to_be_bytes()), id.0.to_be_bytes());
+            batch.put(
+                key(BY_MESSAGE, &name, &id.0.to_be_bytes()),
+                state.uid_next.to_be_bytes(),
+            );
+            state.uid_next += 1;
+        }
+        state.modseq = changes.modseq.max(state.modseq);
+        if stored != Some(state) {
+            let mut meta = Vec::with_capacity(16);
+            meta.extend_from_slice(&state.uid_validity.to_be_bytes());
+            meta.extend_from_slice(&state.uid_next.to_be_bytes());
+            meta.extend_from_slice(&state.modseq.to_be_bytes());
+            batch.put(key(META, &name, &[]), meta);
+            uids.db.write(batch).map_err(UidError::from)?;
+        }
+        let messages = if after == u32::MAX {
+            Vec::new()
+        } else {
+            uids.list_after(&name, after)?
+        };
+        Ok(UidSnapshot { state, messages })
+    }
+
+    /// The UID of a live message, once numbered.
+    pub fn uid_of(
+        &self,
+        uids: &UidIndex,
+        account: &str,
+        mailbox: &str,
+        id: MessageId,
+    ) -> Result<Option<u32>, ServiceError> {
+        let mailbox_id = self.find_mailbox(account, mailbox)?;
+        Ok(uids.uid_of(&mailbox_key(account, mailbox_id), id)?)
+    }
+}

@@ -1,0 +1,559 @@
+//! IMAP on a node started in this process, over real sockets: logins (LOGIN, AUTHENTICATE PLAIN
+//! with SASL-IR, refusals), LIST/STATUS/SELECT, APPEND with flags and date, FETCH of every item
+//! with sections and partials, STORE, SEARCH, EXPUNGE, IDLE seeing another session's append and
+//! expunge, UIDs that survive a restart (and a new UIDVALIDITY when the map is lost), STARTTLS and
+//! IMAPS with a certificate made here, and LOGINDISABLED in the clear from a non-loopback address.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mailmesh::node::NodeConfig;
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+/// Made with `doveadm pw -s SHA512-CRYPT -p secret` (Dovecot 2.3.19).
+const SECRET_HASH: &str = "{SHA512-CRYPT}$6$3d1jxbtsSUvkdMJd$BaSpHPEbL9a6Kr7aotyzcanEM22vEvv6JW1FUXXS9/OoWz/Q.Tvq/MR1BhXbNBe2D5X7YGGGLka2prNYroVB8.";
+
+const MESSAGE: &str = "From: Carol <carol@example.net>\r\nTo: alice@example.org\r\nSubject: Lunch\r\nDate: Tue, 1 Dec 2026 12:00:00 +0000\r\nMessage-ID: <lunch@example.net>\r\n\r\nShall we meet at noon?\r\n";
+
+struct Node {
+    service: mailmesh::service::MailService,
+    imap: SocketAddr,
+    imaps: Option<SocketAddr>,
+    stop: watch::Sender<bool>,
+}
+
+fn config(directory: &Path, extra: impl FnOnce(&mut NodeConfig)) -> NodeConfig {
+    let accounts_file = directory.join("accounts");
+    std::fs::write(
+        &accounts_file,
+        format!("alice@example.org:{SECRET_HASH}\nbob@example.org:{SECRET_HASH}\n"),
+    )
+    .unwrap();
+    let mut config = NodeConfig {
+        name: "imap".into(),
+        data_dir: directory.join("node"),
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        http: "127.0.0.1:0".parse().unwrap(),
+        cluster: "imap-test".into(),
+        accounts_file: Some(accounts_file),
+        imap_listen: Some("127.0.0.1:0".parse().unwrap()),
+        max_message_bytes: 64 * 1024,
+        ..NodeConfig::default()
+    };
+    extra(&mut config);
+    config
+}
+
+async fn start(config: NodeConfig) -> Node {
+    let data_dir = config.data_dir.clone();
+    let (stop, receiver) = watch::channel(false);
+    let running = mailmesh::server::start(config, mailmesh::environment::system(), receiver)
+        .await
+        .expect("the node starts");
+    let read = |name: &str| {
+        std::fs::read_to_string(data_dir.join(name))
+            .ok()
+            .map(|text| text.trim().parse().unwrap())
+    };
+    Node {
+        service: running.service,
+        imap: read("imap.addr").expect("imap.addr written"),
+        imaps: read("imaps.addr"),
+        stop,
+    }
+}
+
+/// A minimal IMAP client: sends tagged commands and collects the responses, literals inlined.
+struct Client<S> {
+    stream: BufReader<S>,
+    next_tag: u32,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Client<S> {
+    async fn over(stream: S) -> (Client<S>, String) {
+        let mut client = Client {
+            stream: BufReader::new(stream),
+            next_tag: 0,
+        };
+        let greeting = client.line().await;
+        (client, greeting)
+    }
+
+    /// One response line, with any literals it announces read into it.
+    async fn line(&mut self) -> String {
+        let mut whole = Vec::new();
+        loop {
+            let mut line = Vec::new();
+            let count = tokio::time::timeout(Duration::from_secs(30), self.stream.read_until(b'\n', &mut line))
+                .await
+                .expect("the server answers within 30 s")
+                .unwrap();
+            assert!(
+                count > 0,
+                "the server closed the connection after {:?}",
+                String::from_utf8_lossy(&whole)
+            );
+            whole.extend_from_slice(&line);
+            let text = String::from_utf8_lossy(&line).into_owned();
+            let trimmed = text.trim_end();
+            if let Some(open) = trimmed.rfind('{').filter(|_| trimmed.ends_with('}')) {
+                if let Ok(length) = trimmed[open + 1..trimmed.len() - 1].parse::<usize>() {
+                    let mut literal = vec![0u8; length];
+                    self.stream.read_exact(&mut literal).await.unwrap();
+                    whole.extend_from_slice(&literal);
+                    continue;
+                }
+            }
+            return String::from_utf8_lossy(&whole).trim_end().to_owned();
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.stream.get_mut().write_all(bytes).await.unwrap();
+    }
+
+    /// Runs a command; returns the untagged lines and the tagged one.
+    async fn command(&mut self, text: &str) -> (Vec<String>, String) {
+        self.next_tag += 1;
+        let tag = format!("t{}", self.next_tag);
+        self.send(format!("{tag} {text}\r\n").as_bytes()).await;
+        self.until_tagged(&tag).await
+    }
+
+    async fn until_tagged(&mut self, tag: &str) -> (Vec<String>, String) {
+        let mut untagged = Vec::new();
+        loop {
+            let line = self.line().await;
+            if line.starts_with(&format!("{tag} ")) {
+                return (untagged, line);
+            }
+            untagged.push(line);
+        }
+    }
+
+    /// A command that must succeed.
+    async fn ok(&mut self, text: &str) -> Vec<String> {
+        let (untagged, tagged) = self.command(text).await;
+        assert!(
+            tagged.split(' ').nth(1) == Some("OK"),
+            "{text} -> {untagged:?} {tagged}"
+        );
+        untagged
+    }
+
+    async fn append(&mut self, mailbox: &str, flags: &str, message: &str) -> String {
+        self.next_tag += 1;
+        let tag = format!("t{}", self.next_tag);
+        self.send(
+            format!(
+                "{tag} APPEND {mailbox} ({flags}) \"01-Dec-2026 10:00:00 +0000\" {{{}}}\r\n",
+                message.len()
+            )
+            .as_bytes(),
+        )
+        .await;
+        let continuation = self.line().await;
+        assert!(continuation.starts_with('+'), "{continuation}");
+        self.send(format!("{message}\r\n").as_bytes()).await;
+        let (untagged, tagged) = self.until_tagged(&tag).await;
+        assert!(tagged.contains(" OK "), "{untagged:?} {tagged}");
+        tagged
+    }
+}
+
+async fn connect(address: SocketAddr) -> (Client<TcpStream>, String) {
+    Client::over(TcpStream::connect(address).await.unwrap()).await
+}
+
+async fn logged_in(address: SocketAddr, account: &str) -> Client<TcpStream> {
+    let (mut client, _) = connect(address).await;
+    client.ok(&format!("LOGIN {account} secret")).await;
+    client
+}
+
+/// `[APPENDUID validity uid]` from a tagged answer.
+fn append_uid(tagged: &str) -> (u32, u32) {
+    let start = tagged.find("[APPENDUID ").expect("APPENDUID") + "[APPENDUID ".len();
+    let mut numbers = tagged[start..]
+        .trim_end_matches(|c: char| !c.is_ascii_digit())
+        .split([' ', ']']);
+    (
+        numbers.next().unwrap().parse().unwrap(),
+        numbers.next().unwrap().parse().unwrap(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_logs_in_files_reads_searches_and_expunges() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = start(config(directory.path(), |_| {})).await;
+
+    let (mut client, greeting) = connect(node.imap).await;
+    assert!(greeting.starts_with("* OK [CAPABILITY IMAP4rev1"), "{greeting}");
+    assert!(
+        greeting.contains("AUTH=PLAIN") && !greeting.contains("LOGINDISABLED"),
+        "{greeting}"
+    );
+    assert!(!greeting.contains("STARTTLS"), "no TLS configured: {greeting}");
+    let (_, refused) = client.command("LOGIN alice@example.org wrong").await;
+    assert!(refused.starts_with("t1 NO [AUTHENTICATIONFAILED]"), "{refused}");
+    let (_, early) = client.command("SELECT INBOX").await;
+    assert!(early.starts_with("t2 BAD"), "{early}");
+    // SASL-IR: "\0alice@example.org\0secret".
+    let plain = "AGFsaWNlQGV4YW1wbGUub3JnAHNlY3JldA==";
+    let (_, tagged) = client.command(&format!("AUTHENTICATE PLAIN {plain}")).await;
+    assert!(tagged.starts_with("t3 OK"), "{tagged}");
+
+    let list = client.ok("LIST \"\" \"*\"").await;
+    assert_eq!(list, vec!["* LIST (\\HasNoChildren) \"/\" \"INBOX\""]);
+    let selected = client.ok("SELECT INBOX").await;
+    assert!(selected.contains(&"* 0 EXISTS".to_owned()), "{selected:?}");
+    let validity: u32 = selected
+        .iter()
+        .find_map(|line| line.strip_prefix("* OK [UIDVALIDITY "))
+        .and_then(|rest| rest.split(']').next())
+        .unwrap()
+        .parse()
+        .unwrap();
+
+    let first = client.append("INBOX", "\\Seen", MESSAGE).await;
+    assert_eq!(append_uid(&first), (validity, 1));
+    let second = client.append("INBOX", "", &MESSAGE.replace("Lunch", "Dinner")).await;
+    assert_eq!(append_uid(&second), (validity, 2));
+    let noop = client.ok("NOOP").await;
+    assert!(noop.contains(&"* 2 EXISTS".to_owned()) || noop.is_empty(), "{noop:?}");
+
+    let fetched = client
+        .ok("FETCH 1 (UID FLAGS INTERNALDATE RFC822.SIZE ENVELOPE BODYSTRUCTURE BODY.PEEK[HEADER.FIELDS (SUBJECT)] BODY.PEEK[TEXT]<0.5>)")
+        .await;
+    let line = &fetched[0];
+    assert!(
+        line.starts_with("* 1 FETCH (UID 1 FLAGS (\\Seen) INTERNALDATE \"01-Dec-2026 10:00:00 +0000\""),
+        "{line}"
+    );
+    assert!(line.contains(&format!("RFC822.SIZE {}", MESSAGE.len())), "{line}");
+    assert!(
+        line.contains(
+            "ENVELOPE (\"Tue, 1 Dec 2026 12:00:00 +0000\" \"Lunch\" ((\"Carol\" NIL \"carol\" \"example.net\"))"
+        ),
+        "{line}"
+    );
+    assert!(
+        line.contains("BODYSTRUCTURE (\"TEXT\" \"PLAIN\" (\"CHARSET\" \"US-ASCII\") NIL NIL \"7BIT\" 24 1"),
+        "{line}"
+    );
+    assert!(
+        line.contains("BODY[HEADER.FIELDS (SUBJECT)] {18}\r\nSubject: Lunch\r\n\r\n"),
+        "{line}"
+    );
+    assert!(line.contains("BODY[TEXT]<0> {5}\r\nShall"), "{line}");
+
+    // BODY[] without PEEK sets \Seen and says so.
+    let fetched = client.ok("UID FETCH 2 (BODY[])").await;
+    assert!(fetched[0].starts_with("* 2 FETCH (UID 2 BODY[] {"), "{fetched:?}");
+    assert!(fetched[0].contains("FLAGS (\\Seen)"), "{fetched:?}");
+
+    let stored = client.ok("STORE 1 +FLAGS (\\Flagged $label)").await;
+    assert!(
+        stored.iter().any(|line| line.starts_with("* 1 FETCH (FLAGS (")
+            && line.contains("\\Flagged")
+            && line.contains("$label")),
+        "{stored:?}"
+    );
+    let search = client.ok("SEARCH FLAGGED").await;
+    assert!(search.contains(&"* SEARCH 1".to_owned()), "{search:?}");
+    let search = client.ok("UID SEARCH SUBJECT dinner").await;
+    assert!(search.contains(&"* SEARCH 2".to_owned()), "{search:?}");
+    let search = client.ok("SEARCH OR KEYWORD $label LARGER 100000").await;
+    assert!(search.contains(&"* SEARCH 1".to_owned()), "{search:?}");
+    let search = client.ok("UID SEARCH UID 2:* NOT SEEN").await;
+    assert!(search.contains(&"* SEARCH".to_owned()), "{search:?}");
+
+    let sorted = client.ok("UID SORT (REVERSE ARRIVAL) UTF-8 ALL").await;
+    assert!(sorted.contains(&"* SORT 2 1".to_owned()), "{sorted:?}");
+    let sorted = client.ok("SORT (SUBJECT) UTF-8 ALL").await;
+    assert!(
+        sorted.contains(&"* SORT 2 1".to_owned()),
+        "Dinner before Lunch: {sorted:?}"
+    );
+    let sorted = client.ok("SORT (ARRIVAL) UTF-8 FLAGGED").await;
+    assert!(sorted.contains(&"* SORT 1".to_owned()), "{sorted:?}");
+
+    let status = client.ok("STATUS INBOX (MESSAGES UNSEEN UIDNEXT UIDVALIDITY)").await;
+    assert!(
+        status.contains(&format!(
+            "* STATUS \"INBOX\" (MESSAGES 2 UNSEEN 0 UIDNEXT 3 UIDVALIDITY {validity})"
+        )),
+        "{status:?}"
+    );
+
+    // IDLE sees what another session does.
+    let mut other = logged_in(node.imap, "alice@example.org").await;
+    other.ok("SELECT INBOX").await;
+    client.send(b"idle1 IDLE\r\n").await;
+    assert!(client.line().await.starts_with("+ "));
+    other.append("INBOX", "", &MESSAGE.replace("Lunch", "Tea")).await;
+    assert_eq!(client.line().await, "* 3 EXISTS");
+    other.ok("STORE 1 +FLAGS.SILENT (\\Deleted)").await;
+    let flags = client.line().await;
+    assert!(
+        flags.starts_with("* 1 FETCH (UID 1 FLAGS (") && flags.contains("\\Deleted"),
+        "{flags}"
+    );
+    let expunged = other.ok("EXPUNGE").await;
+    assert!(expunged.contains(&"* 1 EXPUNGE".to_owned()), "{expunged:?}");
+    assert_eq!(client.line().await, "* 1 EXPUNGE");
+    client.send(b"DONE\r\n").await;
+    let (_, done) = client.until_tagged("idle1").await;
+    assert!(done.starts_with("idle1 OK"), "{done}");
+
+    let fetched = client.ok("UID FETCH 1:* (FLAGS)").await;
+    assert_eq!(fetched.len(), 2, "{fetched:?}");
+    assert!(fetched[0].starts_with("* 1 FETCH (UID 2 FLAGS"), "{fetched:?}");
+    assert!(fetched[1].starts_with("* 2 FETCH (UID 3 FLAGS"), "{fetched:?}");
+
+    // A flag change and an expunge seen by one NOOP: both are told, numbered after the expunge.
+    other.ok("UID STORE 3 +FLAGS (\\Flagged)").await;
+    other.ok("UID STORE 2 +FLAGS (\\Deleted)").await;
+    other.ok("UID EXPUNGE 2").await;
+    let noop = client.ok("NOOP").await;
+    assert_eq!(noop[0], "* 1 EXPUNGE", "{noop:?}");
+    assert!(
+        noop.iter()
+            .any(|line| line.starts_with("* 1 FETCH (UID 3 FLAGS (") && line.contains("\\Flagged")),
+        "{noop:?}"
+    );
+    assert!(!noop.iter().any(|line| line.ends_with("EXISTS")), "{noop:?}");
+
+    // COPY keeps flags and answers COPYUID (here into the same mailbox, the only one there is).
+    let (copied_lines, copied) = client.command("UID COPY 3 INBOX").await;
+    assert!(
+        copied.contains(&format!("OK [COPYUID {validity} 3 4]")),
+        "{copied_lines:?} {copied}"
+    );
+    assert!(copied_lines.contains(&"* 2 EXISTS".to_owned()), "{copied_lines:?}");
+    let fetched = client.ok("UID FETCH 4 (FLAGS)").await;
+    assert!(fetched[0].contains("\\Flagged"), "{fetched:?}");
+
+    // A mailbox with a non-ASCII name (delivered to through the service, as LMTP would) is
+    // named in modified UTF-7 on the wire, both ways.
+    node.service
+        .deliver(mailmesh::service::Delivery {
+            account: "alice@example.org".into(),
+            mailbox: mailmesh::service::MailboxTarget::PathOrCreate("Entwürfe".into()),
+            raw: MESSAGE.as_bytes().to_vec(),
+            flags: Vec::new(),
+            received_millis: None,
+            skip_duplicate: false,
+        })
+        .await
+        .unwrap();
+    let list = client.ok("LIST \"\" \"Entw*\"").await;
+    assert_eq!(list, vec!["* LIST (\\HasNoChildren) \"/\" \"Entw&APw-rfe\""]);
+    let status = client.ok("STATUS Entw&APw-rfe (MESSAGES)").await;
+    assert_eq!(status, vec!["* STATUS \"Entw&APw-rfe\" (MESSAGES 1)"]);
+
+    // Mailbox management is not there yet, and says so.
+    let (_, created) = client.command("CREATE Archive").await;
+    assert!(created.contains(" NO "), "{created}");
+    client.send(b"nowhere APPEND Nowhere {3+}\r\nabc\r\n").await;
+    let (_, appended) = client.until_tagged("nowhere").await;
+    assert!(appended.starts_with("nowhere NO [TRYCREATE]"), "{appended}");
+
+    let (bye, tagged) = client.command("LOGOUT").await;
+    assert!(bye[0].starts_with("* BYE"), "{bye:?}");
+    assert!(tagged.contains(" OK "), "{tagged}");
+    let _ = node.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uids_survive_a_restart_and_a_lost_map_means_a_new_uidvalidity() {
+    let directory = tempfile::tempdir().unwrap();
+    let select = |lines: &[String]| -> u32 {
+        lines
+            .iter()
+            .find_map(|line| line.strip_prefix("* OK [UIDVALIDITY "))
+            .and_then(|rest| rest.split(']').next())
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let node = start(config(directory.path(), |_| {})).await;
+    let mut client = logged_in(node.imap, "bob@example.org").await;
+    let validity = select(&client.ok("SELECT INBOX").await);
+    for subject in ["one", "two", "three"] {
+        client.append("INBOX", "", &MESSAGE.replace("Lunch", subject)).await;
+    }
+    client.ok("STORE 1 +FLAGS (\\Deleted)").await;
+    client.ok("EXPUNGE").await;
+    let before = client.ok("UID FETCH 1:* (UID ENVELOPE)").await;
+    drop(client);
+    let _ = node.stop.send(true);
+    drop(node);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let node = start(config(directory.path(), |_| {})).await;
+    let mut client = logged_in(node.imap, "bob@example.org").await;
+    assert_eq!(select(&client.ok("SELECT INBOX").await), validity);
+    assert_eq!(client.ok("UID FETCH 1:* (UID ENVELOPE)").await, before);
+    let appended = client.append("INBOX", "", &MESSAGE.replace("Lunch", "four")).await;
+    assert_eq!(append_uid(&appended), (validity, 4), "UIDs are never reused");
+    drop(client);
+    let _ = node.stop.send(true);
+    drop(node);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    std::fs::remove_dir_all(directory.path().join("node").join("uids")).unwrap();
+    // UIDVALIDITY is in seconds: make sure the next one is a later second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let node = start(config(directory.path(), |_| {})).await;
+    let mut client = logged_in(node.imap, "bob@example.org").await;
+    let renumbered = select(&client.ok("SELECT INBOX").await);
+    assert!(renumbered > validity, "{renumbered} after {validity}");
+    let fetched = client.ok("UID FETCH 1:* (UID)").await;
+    assert_eq!(fetched.len(), 3, "{fetched:?}");
+    let _ = node.stop.send(true);
+}
+
+struct Certificate {
+    certificate_pem: String,
+    key_pem: String,
+    der: CertificateDer<'static>,
+}
+
+fn certificate() -> Certificate {
+    let certified = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    Certificate {
+        certificate_pem: certified.cert.pem(),
+        key_pem: certified.key_pair.serialize_pem(),
+        der: certified.cert.der().clone(),
+    }
+}
+
+fn connector(trusted: &CertificateDer<'static>) -> tokio_rustls::TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(trusted.clone()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn starttls_and_imaps_with_the_configured_certificate() {
+    let directory = tempfile::tempdir().unwrap();
+    let certificate = certificate();
+    let certificate_path = directory.path().join("cert.pem");
+    let key_path = directory.path().join("key.pem");
+    std::fs::write(&certificate_path, &certificate.certificate_pem).unwrap();
+    std::fs::write(&key_path, &certificate.key_pem).unwrap();
+    let node = start(config(directory.path(), |config| {
+        config.tls_cert_file = Some(certificate_path.clone());
+        config.tls_key_file = Some(key_path.clone());
+        config.imaps_listen = Some("127.0.0.1:0".parse().unwrap());
+    }))
+    .await;
+    let connector = connector(&certificate.der);
+
+    let (mut client, greeting) = connect(node.imap).await;
+    assert!(greeting.contains("STARTTLS"), "{greeting}");
+    client.ok("STARTTLS").await;
+    let stream = client.stream.into_inner();
+    let tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), stream)
+        .await
+        .expect("TLS after STARTTLS");
+    let mut client = Client {
+        stream: BufReader::new(tls),
+        next_tag: 10,
+    };
+    let capabilities = client.ok("CAPABILITY").await;
+    assert!(!capabilities[0].contains("STARTTLS"), "{capabilities:?}");
+    client.ok("LOGIN alice@example.org secret").await;
+    client.ok("SELECT INBOX").await;
+    client.ok("LOGOUT").await;
+
+    let stream = TcpStream::connect(node.imaps.expect("imaps.addr written"))
+        .await
+        .unwrap();
+    let tls = connector
+        .connect(ServerName::try_from("localhost").unwrap(), stream)
+        .await
+        .expect("IMAPS handshake");
+    let (mut client, greeting) = Client::over(tls).await;
+    assert!(
+        greeting.contains("AUTH=PLAIN") && !greeting.contains("STARTTLS"),
+        "{greeting}"
+    );
+    client.ok("LOGIN bob@example.org secret").await;
+    client.ok("LOGOUT").await;
+    let _ = node.stop.send(true);
+}
+
+/// This machine's address on its default route, when it has one.
+fn non_loopback_address() -> Option<std::net::IpAddr> {
+    let socket = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+    socket.connect("192.0.2.1:9").ok()?;
+    let address = socket.local_addr().ok()?.ip();
+    (!address.is_loopback() && !address.is_unspecified()).then_some(address)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logins_are_disabled_in_the_clear_from_other_hosts() {
+    let Some(address) = non_loopback_address() else {
+        eprintln!("no non-loopback address on this machine: nothing to check");
+        return;
+    };
+    let directory = tempfile::tempdir().unwrap();
+    let node = start(config(directory.path(), |config| {
+        config.imap_listen = Some(SocketAddr::new(address, 0));
+    }))
+    .await;
+    let (mut client, greeting) = connect(node.imap).await;
+    assert!(
+        greeting.contains("LOGINDISABLED") && !greeting.contains("AUTH=PLAIN"),
+        "{greeting}"
+    );
+    let (_, refused) = client.command("LOGIN alice@example.org secret").await;
+    assert!(refused.starts_with("t1 NO [PRIVACYREQUIRED]"), "{refused}");
+    let (_, refused) = client
+        .command("AUTHENTICATE PLAIN AGFsaWNlQGV4YW1wbGUub3JnAHNlY3JldA==")
+        .await;
+    assert!(refused.starts_with("t2 NO"), "{refused}");
+    let _ = node.stop.send(true);
+
+    let directory = tempfile::tempdir().unwrap();
+    let node = start(config(directory.path(), |config| {
+        config.imap_listen = Some(SocketAddr::new(address, 0));
+        config.imap_allow_plaintext = true;
+    }))
+    .await;
+    let mut client = logged_in(node.imap, "alice@example.org").await;
+    client.ok("LOGOUT").await;
+    let _ = node.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_literals_and_lines_are_refused() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = start(config(directory.path(), |_| {})).await;
+    let mut client = logged_in(node.imap, "alice@example.org").await;
+    // Over max_message_bytes (64 KiB here): refused before the client sends it.
+    client.send(b"big APPEND INBOX {100000}\r\n").await;
+    let (_, refused) = client.until_tagged("big").await;
+    assert!(refused.starts_with("big NO [TOOBIG]"), "{refused}");
+    client.ok("NOOP").await;
+    // A line with no end: BYE, and the connection closes.
+    client.send(&vec![b'a'; 70 * 1024]).await;
+    let bye = client.line().await;
+    assert!(bye.starts_with("* BYE"), "{bye}");
+    let _ = node.stop.send(true);
+}
