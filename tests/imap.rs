@@ -557,3 +557,70 @@ async fn oversized_literals_and_lines_are_refused() {
     assert!(bye.starts_with("* BYE"), "{bye}");
     let _ = node.stop.send(true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mailboxes_are_created_renamed_and_deleted_and_move_keeps_the_email() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = start(config(directory.path(), |_| {})).await;
+    let mut client = logged_in(node.imap, "bob@example.org").await;
+    client.ok("CREATE Work/").await;
+    client.ok("CREATE Work/Projects").await;
+    let (_, exists) = client.command("CREATE Work").await;
+    assert!(exists.contains("NO [ALREADYEXISTS]"), "{exists}");
+    let listed = client.ok("LIST \"\" \"*\"").await;
+    assert!(
+        listed.iter().any(|line| line.ends_with("\"Work/Projects\"")),
+        "{listed:?}"
+    );
+
+    client.ok("SELECT INBOX").await;
+    client.append("INBOX", "\\Seen", MESSAGE).await;
+    let moved = client.ok("UID MOVE 1 Work/Projects").await;
+    assert!(moved.iter().any(|line| line.starts_with("* OK [COPYUID ")), "{moved:?}");
+    assert!(moved.iter().any(|line| line == "* 1 EXPUNGE"), "{moved:?}");
+    // The email is the same one, with the same ID, now in Work/Projects.
+    let account = "bob@example.org";
+    let projects = node.service.find_mailbox(account, "Work/Projects").unwrap();
+    let listing = node
+        .service
+        .query(
+            account,
+            projects,
+            mailmesh::service::Query {
+                search: None,
+                sort: mailmesh::service::SortKey::Received,
+                descending: false,
+                position: 0,
+                limit: 10,
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(listing.total, 1);
+
+    // A rename keeps the mailbox's UIDs and UIDVALIDITY.
+    let before = client.ok("EXAMINE Work/Projects").await;
+    let fetched = client.ok("UID FETCH 1:* (UID FLAGS)").await;
+    client.ok("UNSELECT").await;
+    client.ok("RENAME Work Jobs").await;
+    let after = client.ok("EXAMINE Jobs/Projects").await;
+    let validity = |lines: &[String]| lines.iter().find(|line| line.contains("UIDVALIDITY")).cloned();
+    assert_eq!(validity(&after), validity(&before));
+    assert_eq!(client.ok("UID FETCH 1:* (UID FLAGS)").await, fetched);
+    assert_eq!(node.service.find_mailbox(account, "Jobs/Projects").unwrap(), projects);
+    client.ok("UNSELECT").await;
+
+    let (_, refused) = client.command("DELETE Jobs").await;
+    assert!(refused.contains("NO [INUSE]"), "{refused}");
+    let (_, inbox) = client.command("DELETE INBOX").await;
+    assert!(inbox.contains(" NO "), "{inbox}");
+    client.ok("DELETE Jobs/Projects").await;
+    client.ok("DELETE Jobs").await;
+    let (_, gone) = client.command("SELECT Jobs").await;
+    assert!(gone.contains(" NO "), "{gone}");
+    assert_eq!(
+        node.service.mailboxes(account).unwrap().len(),
+        1,
+        "only the INBOX is left"
+    );
+}

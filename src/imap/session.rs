@@ -175,7 +175,7 @@ impl Session {
 
     fn capabilities(&self) -> String {
         let mut capabilities = vec!["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"];
-        capabilities.extend(["UNSELECT", "UIDPLUS", "SPECIAL-USE", "CHILDREN", "SORT"]);
+        capabilities.extend(["UNSELECT", "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN", "SORT"]);
         if matches!(self.state, State::NotAuthenticated) {
             if self.connection.tls_available {
                 capabilities.push("STARTTLS");
@@ -297,12 +297,9 @@ impl Session {
             CommandBody::Status { mailbox, item_names } if authenticated => self.status(&mailbox, &item_names),
             CommandBody::Select { mailbox } if authenticated => self.select(&mailbox, false).await,
             CommandBody::Examine { mailbox } if authenticated => self.select(&mailbox, true).await,
-            CommandBody::Create { .. } | CommandBody::Delete { .. } | CommandBody::Rename { .. } if authenticated => {
-                Err(Failure::No(
-                    "[CANNOT] mailboxes cannot be created, deleted or renamed yet; one exists once mail is delivered to it"
-                        .into(),
-                ))
-            }
+            CommandBody::Create { mailbox } if authenticated => self.create(&mailbox).await,
+            CommandBody::Delete { mailbox } if authenticated => self.delete(&mailbox).await,
+            CommandBody::Rename { from, to } if authenticated => self.rename(&from, &to).await,
             CommandBody::Append {
                 mailbox,
                 flags,
@@ -363,7 +360,11 @@ impl Session {
                 mailbox,
                 uid,
             } if selected => self.copy(&sequence_set, &mailbox, uid).await,
-            CommandBody::Move { .. } if selected => Err(Failure::No("[CANNOT] MOVE is not available yet".into())),
+            CommandBody::Move {
+                sequence_set,
+                mailbox,
+                uid,
+            } if selected => self.move_to(&sequence_set, &mailbox, uid).await,
             CommandBody::Idle if authenticated => {
                 return (Ok(String::new()), Next::Idle(tag.to_owned())).pipe_close();
             }
@@ -585,6 +586,93 @@ impl Session {
             Some(uid) => format!("[APPENDUID {} {uid}] APPEND done", numbering.uid_validity),
             None => "APPEND done".into(),
         })
+    }
+
+    /// CREATE (RFC 3501 6.3.3): the mailbox and any missing levels above it; a trailing `/`
+    /// only says the client means to make children.
+    async fn create(&mut self, mailbox: &Mailbox<'_>) -> Outcome {
+        let account = self.account().unwrap_or_default().to_owned();
+        let name = mailbox_name(mailbox);
+        let name = name.strip_suffix(DELIMITER).unwrap_or(&name);
+        match self.service.create_mailbox(&account, name, None).await {
+            Ok(_) => Ok("CREATE done".into()),
+            Err(ServiceError::MailboxExists(_)) => Err(Failure::No("[ALREADYEXISTS] the mailbox exists".into())),
+            Err(ServiceError::Invalid(reason)) => Err(Failure::No(format!("[CANNOT] {reason}"))),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// DELETE (RFC 3501 6.3.4): the mailbox and the messages in it; not the INBOX, and not a
+    /// mailbox with children.
+    async fn delete(&mut self, mailbox: &Mailbox<'_>) -> Outcome {
+        let account = self.account().unwrap_or_default().to_owned();
+        let id = self.service.find_mailbox(&account, &mailbox_name(mailbox))?;
+        match self.service.delete_mailbox(&account, id).await {
+            Ok(_) => Ok("DELETE done".into()),
+            Err(ServiceError::MailboxHasChildren(_)) => Err(Failure::No(
+                "[INUSE] the mailbox has children: delete them first".into(),
+            )),
+            Err(ServiceError::Invalid(reason)) => Err(Failure::No(format!("[CANNOT] {reason}"))),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// RENAME (RFC 3501 6.3.5): the mailbox keeps its ID, its messages, its UIDs and its
+    /// children, which move with it.
+    async fn rename(&mut self, from: &Mailbox<'_>, to: &Mailbox<'_>) -> Outcome {
+        let account = self.account().unwrap_or_default().to_owned();
+        let id = self.service.find_mailbox(&account, &mailbox_name(from))?;
+        match self.service.rename_mailbox(&account, id, &mailbox_name(to)).await {
+            Ok(_) => Ok("RENAME done".into()),
+            Err(ServiceError::MailboxExists(_)) => Err(Failure::No("[ALREADYEXISTS] the new name exists".into())),
+            Err(ServiceError::Invalid(reason)) => Err(Failure::No(format!("[CANNOT] {reason}"))),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// MOVE (RFC 6851): each message keeps its ID and gets a UID in the target; the untagged
+    /// COPYUID comes first, then the EXPUNGEs of the moved messages.
+    async fn move_to(&mut self, set: &SequenceSet, mailbox: &Mailbox<'_>, uid: bool) -> Outcome {
+        let target = mailbox_name(mailbox);
+        let Some(view) = self.view() else {
+            return Err(Failure::Bad("select a mailbox first".into()));
+        };
+        if view.read_only {
+            return Err(Failure::No("[READ-ONLY] the mailbox was opened with EXAMINE".into()));
+        }
+        let account = view.account.clone();
+        let target_id = match self.service.find_mailbox(&account, &target) {
+            Ok(id) => id,
+            Err(ServiceError::NoSuchMailbox(_)) => return Err(Failure::No("[TRYCREATE] no such mailbox".into())),
+            Err(error) => return Err(error.into()),
+        };
+        let mut moved = Vec::new();
+        for (_, slot_uid, id) in self.chosen(set, uid) {
+            match self.service.move_email(&account, id, target_id).await {
+                Ok(_) => moved.push((slot_uid, id)),
+                Err(ServiceError::NoSuchMessage(_)) => continue,
+                Err(error) => return Err(error.into()),
+            }
+        }
+        let numbering = self.service.uid_sync(&self.uids, &account, &target)?;
+        let mut sources = Vec::new();
+        let mut targets = Vec::new();
+        for (source_uid, id) in moved {
+            if let Some(target_uid) = self.service.uid_of(&self.uids, &account, &target, id)? {
+                sources.push(source_uid.to_string());
+                targets.push(target_uid.to_string());
+            }
+        }
+        if !sources.is_empty() {
+            self.untagged(&format!(
+                "OK [COPYUID {} {} {}] moved",
+                numbering.uid_validity,
+                sources.join(","),
+                targets.join(",")
+            ));
+        }
+        self.refresh(true).await;
+        Ok("MOVE done".into())
     }
 
     async fn copy(&mut self, set: &SequenceSet, mailbox: &Mailbox<'_>, uid: bool) -> Outcome {
