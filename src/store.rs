@@ -1758,7 +1758,18 @@ impl Store {
     /// listings of one account share one sequence. An email moved out since `since` is reported
     /// expunged; one moved in, created.
     pub fn changes_since(&self, mailbox: MailboxId, since: u64, limit: usize) -> Result<Changes, StoreError> {
-        let container = self.container_of(mailbox)?;
+        self.changes_since_in(self.container_of(mailbox)?, mailbox, since, limit)
+    }
+
+    /// [`Store::changes_since`] for a listing of a known container: a listing that never held
+    /// anything has no entry to name its container, and its modseq is still the container's.
+    pub fn changes_since_in(
+        &self,
+        container: MailboxId,
+        mailbox: MailboxId,
+        since: u64,
+        limit: usize,
+    ) -> Result<Changes, StoreError> {
         let entry = self.mailbox_entry(container)?;
         let current = entry.as_ref().map(|entry| entry.modseq).unwrap_or(0);
         let mut result = Changes {

@@ -634,3 +634,21 @@ async fn an_email_moves_and_keeps_its_id_and_every_listing_follows() {
         Err(ServiceError::NoSuchMailbox(_))
     ));
 }
+
+#[tokio::test]
+async fn an_empty_mailbox_follows_its_accounts_modseq_so_a_later_state_is_still_good() {
+    let fixture = fixture(None, 1 << 20);
+    let service = &fixture.service;
+    let account = "alice@example.org";
+    let empty = service.create_mailbox(account, "Empty", None).await.unwrap().id;
+    service
+        .deliver(delivery(account, "INBOX", &message("elsewhere", "x")))
+        .await
+        .unwrap();
+    let first = service.changes(account, empty, 0, 100).unwrap();
+    assert!(first.modseq > 0 && !first.cannot_calculate);
+    // An IMAP UID map asks again from that modseq: an empty mailbox must not look renumbered.
+    let again = service.changes(account, empty, first.modseq, 100).unwrap();
+    assert!(!again.cannot_calculate, "{again:?}");
+    assert!(again.created.is_empty() && again.expunged.is_empty());
+}

@@ -748,23 +748,16 @@ impl MailService {
         limit: usize,
     ) -> Result<Changes, ServiceError> {
         self.mailbox(account, mailbox)?;
+        let container = Self::emails_of(account)?.id();
         let mailboxes = self.account_mailboxes(account)?;
         let mut merged = Changes::default();
         for view in mailboxes::views_of(&mailboxes, mailbox) {
-            let changes = self.inner.store.changes_since(view, since, limit)?;
+            let changes = self.inner.store.changes_since_in(container, view, since, limit)?;
             merged.created.extend(changes.created);
             merged.updated.extend(changes.updated);
             merged.expunged.extend(changes.expunged);
             merged.cannot_calculate |= changes.cannot_calculate;
             merged.modseq = merged.modseq.max(changes.modseq);
-        }
-        if merged.modseq == 0 {
-            merged.modseq = self
-                .inner
-                .store
-                .mailbox_entry(Self::emails_of(account)?.id())?
-                .map(|entry| entry.modseq)
-                .unwrap_or(0);
         }
         Ok(merged)
     }
