@@ -172,7 +172,7 @@ fn main() {
                     service
                         .deliver(Delivery {
                             account: ACCOUNT.into(),
-                            mailbox,
+                            mailbox: mailmesh::service::MailboxTarget::PathOrCreate(mailbox),
                             raw: message(index),
                             flags: Vec::new(),
                             received_millis: Some(JUNE + index as u64 * 1000),
