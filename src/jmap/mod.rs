@@ -188,7 +188,7 @@ async fn session(
                         "maxSizeMailboxName": 255,
                         "maxSizeAttachmentsPerEmail": jmap.service.max_message_bytes(),
                         "emailQuerySortOptions": email::SORT_OPTIONS,
-                        // Mailbox/set is not served yet: mailboxes appear when mail is delivered.
+                        // Mailbox/set is not served yet: mailboxes are created, renamed and deleted over IMAP or the HTTP API.
                         "mayCreateTopLevelMailbox": false,
                     }
                 },
