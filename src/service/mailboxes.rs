@@ -174,7 +174,7 @@ impl MailService {
         self.mailbox(account, id)
     }
 
-    fn check_account(&self, account: &str) -> Result<(), ServiceError> {
+    pub(super) fn check_account(&self, account: &str) -> Result<(), ServiceError> {
         MailboxKey::emails(account)?;
         if self.account_exists(account)? {
             Ok(())

@@ -504,7 +504,7 @@ impl MailService {
                 )));
             }
         }
-        self.check_account_exists(&delivery.account)?;
+        self.check_account(&delivery.account)?;
         let mailbox = self.target(&delivery.account, &delivery.mailbox).await?;
         if delivery.skip_duplicate {
             let blob = BlobHash::of(&delivery.raw);
@@ -547,14 +547,6 @@ impl MailService {
             size,
             duplicate: false,
         })
-    }
-
-    fn check_account_exists(&self, account: &str) -> Result<(), ServiceError> {
-        if self.account_exists(account)? {
-            Ok(())
-        } else {
-            Err(ServiceError::NoSuchAccount(account.to_owned()))
-        }
     }
 
     /// Sets and clears flags of a live email; returns the email as it now stands.
