@@ -178,7 +178,9 @@ fn load(template: &Path, arguments: &Arguments) -> Result<Vec<MessageId>, String
         .map_err(|error| format!("opening the store: {error}"))?,
     );
     let queue = CommitQueue::start(store.clone(), 512);
-    let mailbox = MailboxKey::new(ACCOUNT, MAILBOX).map_err(|error| error.to_string())?;
+    // Mail lives in the account's emails container, placed in its INBOX, as a delivery puts it.
+    let mailbox = MailboxKey::emails(ACCOUNT).map_err(|error| error.to_string())?;
+    let inbox = mailmesh::mailbox::inbox_id(ACCOUNT);
     let next = AtomicUsize::new(0);
     let ids = Mutex::new(Vec::with_capacity(arguments.messages));
     std::thread::scope(|scope| {
@@ -193,7 +195,7 @@ fn load(template: &Path, arguments: &Arguments) -> Result<Vec<MessageId>, String
                     }
                     let raw = message(&mut random, index);
                     let result = queue.submit_blocking(Operation::Append {
-                        location: None,
+                        location: Some(inbox),
                         mailbox: mailbox.clone(),
                         raw,
                         flags: vec![],
