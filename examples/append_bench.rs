@@ -384,6 +384,7 @@ fn run_phase(
                         let submitted = Instant::now();
                         let result = queue.submit_blocking(Operation::Append {
                             location: None,
+                            unless_held_in: Vec::new(),
                             mailbox: mailboxes[mailbox].clone(),
                             raw,
                             flags: vec![],

@@ -245,6 +245,7 @@ fn main() {
                 *generated.entry((message.last, message.topic)).or_insert(0) += 1;
                 Operation::Append {
                     location: None,
+                    unless_held_in: Vec::new(),
                     mailbox: mailbox.clone(),
                     raw: message.raw,
                     flags: if index % 3 == 0 {

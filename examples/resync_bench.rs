@@ -20,6 +20,9 @@
 //! 200 ms and a TCP connection straight between the two node processes is reported as
 //! `bypassed: true` (the bytes of such a connection would be missing from the figure).
 //!
+//! With `TRACE_RELAY` set in the environment, the relay prints every read it forwards to stderr
+//! (`relay > bytes millis` towards the first node, `<` back): where a heal's bytes go.
+//!
 //! Cases: `nothing_changed`; `flags_newest` (`\Seen` set on the `--changes` newest messages, as
 //! reading new mail does); `flags_random` (on messages drawn uniformly from the whole mailbox);
 //! `new_messages` (`--changes` new messages of 2-8 KB; `bytes_beyond_bodies` is the figure minus
@@ -196,6 +199,7 @@ fn load(template: &Path, arguments: &Arguments) -> Result<Vec<MessageId>, String
                     let raw = message(&mut random, index);
                     let result = queue.submit_blocking(Operation::Append {
                         location: Some(inbox),
+                        unless_held_in: Vec::new(),
                         mailbox: mailbox.clone(),
                         raw,
                         flags: vec![],
@@ -287,9 +291,9 @@ impl Relay {
                 connections.fetch_add(1, Ordering::Relaxed);
                 let _ = client.set_nodelay(true);
                 let _ = server.set_nodelay(true);
-                for (from, to, counter) in [
-                    (client.try_clone(), server.try_clone(), forward.clone()),
-                    (server.try_clone(), client.try_clone(), back.clone()),
+                for (from, to, counter, arrow) in [
+                    (client.try_clone(), server.try_clone(), forward.clone(), ">"),
+                    (server.try_clone(), client.try_clone(), back.clone(), "<"),
                 ] {
                     let (Ok(mut from), Ok(mut to)) = (from, to) else {
                         continue;
@@ -301,6 +305,15 @@ impl Relay {
                                 Ok(0) | Err(_) => break,
                                 Ok(count) => {
                                     counter.fetch_add(count as u64, Ordering::Relaxed);
+                                    if std::env::var_os("TRACE_RELAY").is_some() {
+                                        eprintln!(
+                                            "relay {arrow} {count} {:?}",
+                                            SystemTime::now()
+                                                .duration_since(UNIX_EPOCH)
+                                                .unwrap_or_default()
+                                                .as_millis()
+                                        );
+                                    }
                                     if to.write_all(&buffer[..count]).is_err() {
                                         break;
                                     }

@@ -64,7 +64,7 @@ pub use libp2p::{Multiaddr, PeerId};
 /// Protocol name of the request-response exchange.
 pub const SYNC_PROTOCOL: &str = "/mailmesh/sync/1";
 /// Protocol version announced through identify.
-pub const IDENTIFY_PROTOCOL_VERSION: &str = "/mailmesh/4.0.0";
+pub const IDENTIFY_PROTOCOL_VERSION: &str = "/mailmesh/5.0.0";
 
 /// Room for the gossipsub envelope (source, sequence number, topic, signature, protobuf
 /// framing) on top of `max_gossip_bytes` of payload, so that a payload at the limit still

@@ -2782,6 +2782,7 @@ fn chunk_elements(elements: Vec<Element>) -> Vec<Vec<Element>> {
     let estimate = |element: &Element| match element {
         Element::Children { children, .. } => 24 + children.len() * 19,
         Element::Leaves { leaves, .. } => 24 + leaves.len() * 24,
+        Element::Tags { tags, .. } => 32 + tags.len() * 8,
         Element::YouLack { keys } => 8 + keys.len() * 16,
         // With the states that travel with it, about 40 bytes each.
         Element::Differ { bits, .. } => 32 + sync::set_bits(bits).count() * 40,

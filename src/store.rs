@@ -197,6 +197,12 @@ pub enum Operation {
         /// The mailbox the email is placed in, for an account's emails container
         /// ([`crate::model::EMAILS_CONTAINER`]); any other container is its own one listing.
         location: Option<MailboxId>,
+        /// Listings (see [`view_of`]) in which a live message with the same bytes makes this
+        /// append store nothing: it answers [`Applied::Record`] with that message, `changed`
+        /// false. Checked by the single writer against the store and the batch it is in, so two
+        /// concurrent deliveries of one message (a resumed import racing itself) store one copy.
+        /// Empty: always append.
+        unless_held_in: Vec<MailboxId>,
         raw: Vec<u8>,
         flags: Vec<Flag>,
         /// When the message was received, if not now (an import keeps the original date).
@@ -795,6 +801,37 @@ impl Store {
         self.record(mailbox, id)
     }
 
+    /// A live message of `container` with these bytes in one of `views`, as this batch leaves it.
+    fn live_copy(
+        &self,
+        staging: &Staging,
+        container: &MailboxKey,
+        blob: &BlobHash,
+        views: &[MailboxId],
+    ) -> Result<Option<MessageRecord>, StoreError> {
+        let held = |record: &MessageRecord| {
+            record.blob == *blob && record.is_live() && views.contains(&view_of(container, record))
+        };
+        if staging.blobs.contains_key(blob) {
+            let staged = staging
+                .records
+                .range((container.id(), MessageId(0))..=(container.id(), MessageId(u128::MAX)))
+                .map(|(_, change)| &change.new)
+                .find(|record| held(record));
+            if let Some(record) = staged {
+                return Ok(Some(record.clone()));
+            }
+        }
+        for view in views {
+            if let Some(id) = self.live_message_with_blob(*view, blob)? {
+                if let Some(record) = self.load(staging, container.id(), id)?.filter(|record| held(record)) {
+                    return Ok(Some(record));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     fn stage(
         &self,
         state: &mut WriterState,
@@ -805,6 +842,7 @@ impl Store {
             Operation::Append {
                 mailbox,
                 location,
+                unless_held_in,
                 raw,
                 flags,
                 received_millis,
@@ -819,6 +857,11 @@ impl Store {
                     });
                 }
                 let blob = BlobHash::of(&raw);
+                if !unless_held_in.is_empty() {
+                    if let Some(record) = self.live_copy(staging, &mailbox, &blob, &unless_held_in)? {
+                        return Ok(Applied::Record { record, changed: false });
+                    }
+                }
                 let id = state.ids.next(now_millis, random);
                 let received = received_millis.unwrap_or(now_millis);
                 let mut record = MessageRecord::new(id, blob, size, received, self.node);

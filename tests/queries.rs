@@ -83,6 +83,7 @@ fn append_all(store: &Store, mailbox: &MailboxKey, samples: &[Sample]) -> Vec<Me
         .enumerate()
         .map(|(index, sample)| Operation::Append {
             location: None,
+            unless_held_in: Vec::new(),
             mailbox: mailbox.clone(),
             raw: sample.raw.clone(),
             flags: if index % 3 == 0 { vec![Flag::Seen] } else { vec![] },
@@ -290,6 +291,7 @@ fn deep_pages_stay_exact_while_the_mailbox_grows_and_shrinks() {
             .enumerate()
             .map(|(index, sample)| Operation::Append {
                 location: None,
+                unless_held_in: Vec::new(),
                 mailbox: mailbox.clone(),
                 raw: sample.raw.clone(),
                 flags: vec![],
@@ -438,6 +440,7 @@ fn search_finds_words_in_headers_and_bodies_of_one_mailbox_only() {
     let append = |mailbox: &MailboxKey, raw: Vec<u8>| match store
         .apply_one(Operation::Append {
             location: None,
+            unless_held_in: Vec::new(),
             mailbox: mailbox.clone(),
             raw,
             flags: vec![],

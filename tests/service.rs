@@ -142,6 +142,43 @@ async fn a_delivery_keeps_its_flags_date_and_bytes_and_a_duplicate_is_skipped() 
     assert_eq!((mailbox.total, mailbox.unseen), (1, 0));
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_deliveries_of_one_message_that_skip_duplicates_store_one_copy() {
+    // A resumed import racing itself: the check and the append happen in the store's writer, so
+    // the copies submitted together (one batch) and those after it find the first.
+    let fixture = fixture(None, 1 << 20);
+    let raw = message("once", "only one copy");
+    let deliveries = (0..16).map(|_| {
+        let service = fixture.service.clone();
+        let raw = raw.clone();
+        tokio::spawn(async move {
+            service
+                .deliver(Delivery {
+                    skip_duplicate: true,
+                    ..delivery("alice@example.org", "INBOX", &raw)
+                })
+                .await
+        })
+    });
+    let mut results = Vec::new();
+    for handle in deliveries.collect::<Vec<_>>() {
+        results.push(handle.await.unwrap().unwrap());
+    }
+    assert_eq!(results.iter().filter(|delivered| !delivered.duplicate).count(), 1);
+    assert!(results.iter().all(|delivered| delivered.id == results[0].id));
+    let inbox = inbox(&fixture.service, "alice@example.org");
+    assert!(results.iter().all(|delivered| delivered.mailbox == inbox));
+    assert_eq!(fixture.service.mailbox("alice@example.org", inbox).unwrap().total, 1);
+    // Without the flag, the same bytes are a second message.
+    let second = fixture
+        .service
+        .deliver(delivery("alice@example.org", "INBOX", &raw))
+        .await
+        .unwrap();
+    assert!(!second.duplicate);
+    assert_eq!(fixture.service.mailbox("alice@example.org", inbox).unwrap().total, 2);
+}
+
 #[tokio::test]
 async fn bad_deliveries_get_errors_that_say_whether_to_retry() {
     let fixture = fixture(None, 100);

@@ -29,6 +29,7 @@ fn open(path: &std::path::Path, node: u64) -> Store {
 fn append(store: &Store, mailbox: &MailboxKey, index: usize) -> MessageId {
     match store.apply_one(Operation::Append {
         location: None,
+        unless_held_in: Vec::new(),
         mailbox: mailbox.clone(),
         raw: mail(index),
         flags: vec![],
@@ -397,6 +398,7 @@ fn group_commit_serves_many_concurrent_writers() {
                         let n = writer * 100 + index;
                         match queue.submit_blocking(Operation::Append {
                             location: None,
+                            unless_held_in: Vec::new(),
                             mailbox: mailbox.clone(),
                             raw: mail(n),
                             flags: vec![],

@@ -44,9 +44,9 @@
 //! side reads the clock, allocates by a count the peer claims, or loops on what a peer sends.
 //!
 //! # Wire form
-//! CBOR, `[SESSION_VERSION, message]` (3); cells are one packed byte string ([`crate::sketch::encode_cells`]), key
+//! CBOR, `[SESSION_VERSION, message]` (4); cells are one packed byte string ([`crate::sketch::encode_cells`]), key
 //! lists 16 bytes per key. Trie messages are the bytes of [`crate::sync::encode`] unchanged,
-//! told apart by their version ([`crate::sync::SYNC_VERSION`], 2).
+//! told apart by their version ([`crate::sync::SYNC_VERSION`], 3).
 
 use serde::{Deserialize, Serialize};
 
@@ -56,7 +56,9 @@ use crate::sync::{self, ByteString, Outcome, SyncError, SyncLimits};
 
 /// The session protocol version this build speaks.
 /// Above the trie protocol's [`sync::SYNC_VERSION`], which its messages start with.
-pub const SESSION_VERSION: u8 = 3;
+/// Version 4 since the trie protocol took 3; the two must never be equal.
+pub const SESSION_VERSION: u8 = 4;
+const _: () = assert!(SESSION_VERSION != sync::SYNC_VERSION);
 
 /// Tuning and safety limits for one side of a session.
 #[derive(Clone, Copy, Debug)]
@@ -574,7 +576,7 @@ fn keys_from_wire(bytes: &[u8], limits: &SessionLimits) -> Result<Vec<u128>, Ses
 }
 
 /// Encodes one message. A trie message travels as the bytes of [`sync::encode`] unchanged (they
-/// start with the trie protocol's version, `sync::SYNC_VERSION`); every other message is `[3, message]`.
+/// start with the trie protocol's version, `sync::SYNC_VERSION`); every other message is `[SESSION_VERSION, message]`.
 pub fn encode(message: &Message) -> Vec<u8> {
     let wire = match message {
         Message::Trie(elements) => return sync::encode(elements),

@@ -18,6 +18,13 @@
 //!   the exact difference (keys it lacks or holds in another state become `need_keys`; keys the
 //!   sender lacks go back in one `YouLack`).
 //! - `ListRequest(P)`: "send me your leaves in P".
+//! - `Tags(P, check, tags)`: "my leaves in P are keys whose [`list_check`] is `check`, and these
+//!   are their 8-byte tags in key order". Sent instead of `Leaves` where the receiver's summary
+//!   counts as many leaves as the sender's: after a flag heal both sides hold the same keys, and a
+//!   list of tags alone is a third of the bytes. The receiver compares by position when its own
+//!   keys have the same check (answering with a `Differ`), and sends its own `Leaves` otherwise, so
+//!   equal counts over different keys cost one more message, never a wrong answer.
+//! - `TagRequest(P)`: "send me your `Tags` in P"; a `ListRequest` where the counts are equal.
 //! - `YouLack(keys)` and `YouLackAll(P)`: what the receiver should pull from the sender: keys and
 //!   prefixes it does not hold at all (so their records travel with their message bytes).
 //! - `Differ(P, check, bits)`: "of the leaves you listed in P, those whose bit is set are held here
@@ -52,8 +59,8 @@ use crate::merkle::{Fingerprint, Prefix, Summary, TreeView, KEY_NIBBLES};
 use crate::model::{Flag, FlagRegister, MessageRecord, NodeId, Stamp};
 
 /// The protocol version this build speaks. Version 2: `Differ` elements, and leaf lists that
-/// leave out the key bytes their prefix fixes.
-pub const SYNC_VERSION: u8 = 2;
+/// leave out the key bytes their prefix fixes. Version 3: `Tags` and `TagRequest`.
+pub const SYNC_VERSION: u8 = 3;
 
 /// Tuning and safety limits for one side of reconciliation.
 #[derive(Clone, Copy, Debug)]
@@ -136,6 +143,15 @@ pub enum Element {
         leaves: Vec<LeafTag>,
     },
     ListRequest {
+        prefix: Prefix,
+    },
+    /// The sender's leaves of `prefix` by position: [`list_check`] of their keys, and their tags.
+    Tags {
+        prefix: Prefix,
+        check: [u8; 8],
+        tags: Vec<[u8; 8]>,
+    },
+    TagRequest {
         prefix: Prefix,
     },
     YouLack {
@@ -244,13 +260,18 @@ pub fn respond<V: TreeView>(
             Element::Leaves { prefix, leaves } => {
                 on_leaves(view, *prefix, leaves, limits, &mut reply, &mut outcome, &mut you_lack)?
             }
-            Element::ListRequest { prefix } => {
+            Element::ListRequest { prefix } | Element::TagRequest { prefix } => {
                 let mine = view.aggregate(*prefix).map_err(store_error)?;
-                if mine.count <= limits.exact_threshold {
-                    reply.push(leaves_element(view, *prefix, limits.exact_threshold)?);
-                } else {
+                if mine.count > limits.exact_threshold {
                     expand(view, *prefix, limits, &mut reply)?;
+                } else if matches!(element, Element::TagRequest { .. }) {
+                    reply.push(tags_element(view, *prefix, limits.exact_threshold)?);
+                } else {
+                    reply.push(leaves_element(view, *prefix, limits.exact_threshold)?);
                 }
+            }
+            Element::Tags { prefix, check, tags } => {
+                on_tags(view, *prefix, check, tags, limits, &mut reply, &mut outcome)?
             }
             Element::YouLack { keys } => outcome.need_keys.extend(keys.iter().copied()),
             Element::YouLackAll { prefix } => outcome.need_prefixes.push(*prefix),
@@ -291,10 +312,21 @@ fn on_children<V: TreeView>(
             Some(_) if my_aggregate.is_empty() => outcome.need_prefixes.push(child),
             Some(summary) => {
                 let they_list = summary.count <= limits.leaf_threshold && my_aggregate.count <= limits.exact_threshold;
+                // Equal counts: most likely the same keys in other states (a flag heal), so the
+                // list goes by position.
+                let same_count = summary.count == my_aggregate.count;
                 if my_aggregate.count <= limits.leaf_threshold && !(limits.asks && they_list) {
-                    reply.push(leaves_element(view, child, limits.leaf_threshold)?);
+                    reply.push(if same_count {
+                        tags_element(view, child, limits.leaf_threshold)?
+                    } else {
+                        leaves_element(view, child, limits.leaf_threshold)?
+                    });
                 } else if they_list {
-                    reply.push(Element::ListRequest { prefix: child });
+                    reply.push(if same_count {
+                        Element::TagRequest { prefix: child }
+                    } else {
+                        Element::ListRequest { prefix: child }
+                    });
                 } else {
                     expand(view, child, limits, reply)?;
                 }
@@ -313,18 +345,9 @@ fn on_leaves<V: TreeView>(
     outcome: &mut Outcome,
     you_lack: &mut Vec<u128>,
 ) -> Result<(), SyncError> {
-    let mine_aggregate = view.aggregate(prefix).map_err(store_error)?;
-    if mine_aggregate.count > limits.exact_threshold {
-        expand(view, prefix, limits, reply)?;
+    let Some(mine) = leaves_to_compare(view, prefix, limits, reply)? else {
         return Ok(());
-    }
-    let limit = usize::try_from(limits.exact_threshold).unwrap_or(usize::MAX);
-    let mine: Vec<LeafTag> = view
-        .leaves(prefix, limit)
-        .map_err(store_error)?
-        .iter()
-        .map(|(key, hash)| LeafTag::of(*key, hash))
-        .collect();
+    };
     let (mut mine_index, mut their_index) = (0, 0);
     let mut differ_bits: Vec<u8> = Vec::new();
     while mine_index < mine.len() || their_index < theirs.len() {
@@ -361,6 +384,69 @@ fn on_leaves<V: TreeView>(
             prefix,
             check: list_check(theirs.iter().map(|leaf| leaf.key)),
             bits: differ_bits,
+        });
+    }
+    Ok(())
+}
+
+/// This side's leaves of `prefix`, to compare with a list the other side sent; `None` when this
+/// side holds too many to compare directly and has split the prefix into `reply` instead.
+fn leaves_to_compare<V: TreeView>(
+    view: &V,
+    prefix: Prefix,
+    limits: &SyncLimits,
+    reply: &mut Vec<Element>,
+) -> Result<Option<Vec<LeafTag>>, SyncError> {
+    let mine_aggregate = view.aggregate(prefix).map_err(store_error)?;
+    if mine_aggregate.count > limits.exact_threshold {
+        expand(view, prefix, limits, reply)?;
+        return Ok(None);
+    }
+    let limit = usize::try_from(limits.exact_threshold).unwrap_or(usize::MAX);
+    Ok(Some(
+        view.leaves(prefix, limit)
+            .map_err(store_error)?
+            .iter()
+            .map(|(key, hash)| LeafTag::of(*key, hash))
+            .collect(),
+    ))
+}
+
+/// Compares the other side's leaves of `prefix`, sent by position, with this side's: with the same
+/// keys, the positions whose tags differ go back in a `Differ`; with other keys (equal counts over
+/// different sets), this side sends its own list and the other side finds the difference.
+fn on_tags<V: TreeView>(
+    view: &V,
+    prefix: Prefix,
+    check: &[u8; 8],
+    theirs: &[[u8; 8]],
+    limits: &SyncLimits,
+    reply: &mut Vec<Element>,
+    outcome: &mut Outcome,
+) -> Result<(), SyncError> {
+    let Some(mine) = leaves_to_compare(view, prefix, limits, reply)? else {
+        return Ok(());
+    };
+    if mine.len() != theirs.len() || list_check(mine.iter().map(|leaf| leaf.key)) != *check {
+        reply.push(Element::Leaves { prefix, leaves: mine });
+        return Ok(());
+    }
+    let mut bits: Vec<u8> = Vec::new();
+    for (position, (my_leaf, their_tag)) in mine.iter().zip(theirs).enumerate() {
+        if my_leaf.tag != *their_tag {
+            outcome.need_keys.push(my_leaf.key);
+            outcome.differing.push(my_leaf.key);
+            if bits.is_empty() {
+                bits = vec![0u8; theirs.len().div_ceil(8)];
+            }
+            bits[position / 8] |= 1 << (position % 8);
+        }
+    }
+    if !bits.is_empty() {
+        reply.push(Element::Differ {
+            prefix,
+            check: *check,
+            bits,
         });
     }
     Ok(())
@@ -427,6 +513,16 @@ fn leaves_element<V: TreeView>(view: &V, prefix: Prefix, limit: u64) -> Result<E
         .map(|(key, hash)| LeafTag::of(*key, hash))
         .collect();
     Ok(Element::Leaves { prefix, leaves })
+}
+
+fn tags_element<V: TreeView>(view: &V, prefix: Prefix, limit: u64) -> Result<Element, SyncError> {
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let leaves = view.leaves(prefix, limit).map_err(store_error)?;
+    Ok(Element::Tags {
+        prefix,
+        check: list_check(leaves.iter().map(|(key, _)| *key)),
+        tags: leaves.iter().map(|(key, hash)| LeafTag::of(*key, hash).tag).collect(),
+    })
 }
 
 /// Sends the children of `prefix`; while this side's leaves all sit in one child that is still
@@ -499,6 +595,11 @@ enum WireElement {
     Leaves(u8, ByteString, ByteString),
     #[serde(rename = "r")]
     ListRequest(u8, ByteString),
+    /// Prefix, then 8 check bytes followed by the tags.
+    #[serde(rename = "t")]
+    Tags(u8, ByteString, ByteString),
+    #[serde(rename = "q")]
+    TagRequest(u8, ByteString),
     #[serde(rename = "y")]
     YouLack(ByteString),
     #[serde(rename = "a")]
@@ -534,18 +635,25 @@ fn prefix_from_wire(depth: u8, bits: &ByteString) -> Result<Prefix, SyncError> {
         .ok_or_else(|| SyncError::Malformed(format!("bad prefix: depth {depth} with {} bytes", bits.0.len())))
 }
 
-fn keys_from_wire(bytes: &[u8], limits: &SyncLimits) -> Result<Vec<u128>, SyncError> {
-    if bytes.len() % 16 != 0 {
-        return Err(SyncError::Malformed(
-            "key list is not a whole number of 16-byte keys".into(),
-        ));
-    }
-    if bytes.len() / 16 > limits.max_keys_per_element {
-        return Err(SyncError::LimitExceeded(format!(
-            "{} keys in one element",
-            bytes.len() / 16
+/// Checks that `bytes` is a whole number of `width`-byte entries, and not more than one element
+/// may carry.
+fn check_entries(bytes: &[u8], width: usize, what: &str, limits: &SyncLimits) -> Result<(), SyncError> {
+    if bytes.len() % width != 0 {
+        return Err(SyncError::Malformed(format!(
+            "{what} list is not a whole number of {width}-byte {what}s"
         )));
     }
+    if bytes.len() / width > limits.max_keys_per_element {
+        return Err(SyncError::LimitExceeded(format!(
+            "{} {what}s in one element",
+            bytes.len() / width
+        )));
+    }
+    Ok(())
+}
+
+fn keys_from_wire(bytes: &[u8], limits: &SyncLimits) -> Result<Vec<u128>, SyncError> {
+    check_entries(bytes, 16, "key", limits)?;
     Ok(bytes
         .chunks_exact(16)
         .map(|chunk| u128::from_be_bytes(chunk.try_into().unwrap_or([0; 16])))
@@ -583,6 +691,15 @@ fn to_wire(element: &Element) -> WireElement {
             WireElement::Leaves(prefix.depth(), ByteString(prefix.packed_bits()), ByteString(packed))
         }
         Element::ListRequest { prefix } => WireElement::ListRequest(prefix.depth(), ByteString(prefix.packed_bits())),
+        Element::Tags { prefix, check, tags } => {
+            let mut packed = Vec::with_capacity(8 + tags.len() * 8);
+            packed.extend_from_slice(check);
+            for tag in tags {
+                packed.extend_from_slice(tag);
+            }
+            WireElement::Tags(prefix.depth(), ByteString(prefix.packed_bits()), ByteString(packed))
+        }
+        Element::TagRequest { prefix } => WireElement::TagRequest(prefix.depth(), ByteString(prefix.packed_bits())),
         Element::YouLack { keys } => {
             WireElement::YouLack(ByteString(keys.iter().flat_map(|key| key.to_be_bytes()).collect()))
         }
@@ -679,6 +796,25 @@ fn from_wire(element: WireElement, limits: &SyncLimits) -> Result<Element, SyncE
             Element::Leaves { prefix, leaves }
         }
         WireElement::ListRequest(depth, bits) => Element::ListRequest {
+            prefix: prefix_from_wire(depth, &bits)?,
+        },
+        WireElement::Tags(depth, prefix_bits, packed) => {
+            let prefix = prefix_from_wire(depth, &prefix_bits)?;
+            let (check, tags) = packed
+                .0
+                .split_first_chunk::<8>()
+                .ok_or_else(|| SyncError::Malformed("tags without their check".into()))?;
+            check_entries(tags, 8, "tag", limits)?;
+            Element::Tags {
+                prefix,
+                check: *check,
+                tags: tags
+                    .chunks_exact(8)
+                    .map(|tag| tag.try_into().unwrap_or([0; 8]))
+                    .collect(),
+            }
+        }
+        WireElement::TagRequest(depth, bits) => Element::TagRequest {
             prefix: prefix_from_wire(depth, &bits)?,
         },
         WireElement::YouLack(packed) => Element::YouLack {
@@ -1429,6 +1565,130 @@ mod tests {
         let (_, a_outcome) = respond(&a, &reply, &limits).unwrap();
         assert_eq!(a_outcome.told_differing, vec![None; 4]);
         assert!(a_outcome.need_keys.is_empty());
+    }
+
+    /// Every message of a session between `a` (which asks when `asks`) and `b`, in order.
+    fn session_messages(a: &MemoryTree, b: &MemoryTree, limits: SyncLimits) -> (Vec<Vec<Element>>, Outcome, Outcome) {
+        let asks = limits.asks;
+        let mut outgoing = initial(a, &limits).unwrap();
+        let (mut a_needs, mut b_needs) = (Outcome::default(), Outcome::default());
+        let mut messages = Vec::new();
+        let mut a_turn = false;
+        while !outgoing.is_empty() {
+            assert!(messages.len() < 80, "session did not end");
+            messages.push(outgoing.clone());
+            let (view, needs) = if a_turn { (a, &mut a_needs) } else { (b, &mut b_needs) };
+            let side_limits = SyncLimits {
+                asks: asks && a_turn,
+                ..limits
+            };
+            let decoded = decode(&encode(&outgoing), &limits).unwrap();
+            let (reply, outcome) = respond(view, &decoded, &side_limits).unwrap();
+            needs.extend(outcome);
+            outgoing = reply;
+            a_turn = !a_turn;
+        }
+        a_needs.normalize();
+        b_needs.normalize();
+        (messages, a_needs, b_needs)
+    }
+
+    #[test]
+    fn a_flag_heal_lists_tags_by_position_and_no_keys() {
+        // 2,000 time-ordered messages on both sides, the newest 100 in another state on one side:
+        // the same keys, so no leaf list should carry a key.
+        let key_of = |value: u64| (u128::from(1_767_000_000_000u64 + value) << 80) | u128::from(value * 7919);
+        let mut a = MemoryTree::new(StoredDepth::MAILBOX);
+        let mut b = MemoryTree::new(StoredDepth::MAILBOX);
+        for value in 0..2_000u64 {
+            a.insert(key_of(value), leaf(key_of(value), 0));
+            b.insert(key_of(value), leaf(key_of(value), u8::from(value >= 1_900)));
+        }
+        let changed: Vec<u128> = (1_900..2_000u64).map(key_of).collect();
+        for asks in [false, true] {
+            let limits = SyncLimits {
+                asks,
+                ..SyncLimits::default()
+            };
+            let (messages, a_needs, b_needs) = session_messages(&a, &b, limits);
+            let elements = || messages.iter().flatten();
+            assert!(
+                !elements().any(|element| matches!(element, Element::Leaves { .. } | Element::ListRequest { .. })),
+                "asks {asks}: a list with keys was sent: {messages:?}"
+            );
+            assert!(elements().any(|element| matches!(element, Element::Tags { .. })));
+            assert_eq!(a_needs.need_keys, changed, "asks {asks}");
+            assert_eq!(b_needs.need_keys, changed, "asks {asks}");
+            assert!(a_needs.need_prefixes.is_empty() && b_needs.need_prefixes.is_empty());
+        }
+    }
+
+    #[test]
+    fn equal_counts_over_different_keys_fall_back_to_a_full_list() {
+        // Ten leaves in one prefix on each side, one key different: the counts agree, so `Tags`
+        // go first; the check differs, so the receiver sends its keys and both learn the truth.
+        let mut a = MemoryTree::new(StoredDepth::MAILBOX);
+        let mut b = MemoryTree::new(StoredDepth::MAILBOX);
+        // All under one top nibble, so the root's one child holds all ten.
+        let key_of = |value: u128| (1 << 124) | (value << 60);
+        for value in 0..9u128 {
+            a.insert(key_of(value), leaf(value, 0));
+            b.insert(key_of(value), leaf(value, u8::from(value == 4)));
+        }
+        a.insert(key_of(10), leaf(10, 0));
+        b.insert(key_of(11), leaf(11, 0));
+        // Equal leaves under another nibble, so the session does not open with a whole list.
+        for value in 0..20u128 {
+            a.insert((2 << 124) | value, leaf(value, 0));
+            b.insert((2 << 124) | value, leaf(value, 0));
+        }
+        let limits = SyncLimits {
+            initial_list_threshold: 4,
+            ..SyncLimits::default()
+        };
+        let first = initial(&a, &limits).unwrap();
+        assert!(matches!(first.as_slice(), [Element::Children { .. }, ..]), "{first:?}");
+        let (messages, a_needs, b_needs) = session_messages(&a, &b, limits);
+        let elements = || messages.iter().flatten();
+        assert!(
+            elements().any(|element| matches!(element, Element::Tags { .. })),
+            "{messages:?}"
+        );
+        assert!(
+            elements().any(|element| matches!(element, Element::Leaves { .. })),
+            "{messages:?}"
+        );
+        assert_eq!(a_needs.need_keys, vec![key_of(4), key_of(11)]);
+        assert_eq!(b_needs.need_keys, vec![key_of(4), key_of(10)]);
+    }
+
+    #[test]
+    fn hostile_tag_lists_are_refused() {
+        let limits = SyncLimits::default();
+        let prefix = Prefix::ROOT;
+        let wire = |packed: Vec<u8>| {
+            cbor4ii::serde::to_vec(
+                Vec::new(),
+                &SyncMessage(
+                    SYNC_VERSION,
+                    vec![WireElement::Tags(
+                        prefix.depth(),
+                        ByteString(prefix.packed_bits()),
+                        ByteString(packed),
+                    )],
+                ),
+            )
+            .unwrap()
+        };
+        assert!(decode(&wire(vec![1, 2, 3]), &limits).is_err(), "no check");
+        assert!(decode(&wire(vec![0; 8 + 5]), &limits).is_err(), "a partial tag");
+        let too_many = vec![0; 8 + 8 * (limits.max_keys_per_element + 1)];
+        assert!(matches!(
+            decode(&wire(too_many), &limits),
+            Err(SyncError::LimitExceeded(_))
+        ));
+        let fine = decode(&wire(vec![0; 8 + 16]), &limits).unwrap();
+        assert!(matches!(fine.as_slice(), [Element::Tags { tags, .. }] if tags.len() == 2));
     }
 
     #[test]

@@ -293,6 +293,7 @@ impl MailService {
             .submit(Operation::Append {
                 mailbox: container,
                 location: None,
+                unless_held_in: Vec::new(),
                 raw: encode_snapshot(record),
                 flags: Vec::new(),
                 received_millis: None,

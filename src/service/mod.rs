@@ -506,27 +506,21 @@ impl MailService {
         }
         self.check_account(&delivery.account)?;
         let mailbox = self.target(&delivery.account, &delivery.mailbox).await?;
-        if delivery.skip_duplicate {
-            let blob = BlobHash::of(&delivery.raw);
+        // The duplicate check runs in the store's single writer, so two concurrent deliveries of
+        // the same bytes (a resumed import racing itself) store one copy.
+        let unless_held_in = if delivery.skip_duplicate {
             let mailboxes = self.account_mailboxes(&delivery.account)?;
-            for view in mailboxes::views_of(&mailboxes, mailbox) {
-                if let Some(id) = self.inner.store.live_message_with_blob(view, &blob)? {
-                    return Ok(Delivered {
-                        id,
-                        mailbox,
-                        blob,
-                        size,
-                        duplicate: true,
-                    });
-                }
-            }
-        }
+            mailboxes::views_of(&mailboxes, mailbox)
+        } else {
+            Vec::new()
+        };
         let applied = self
             .inner
             .queue
             .submit(Operation::Append {
                 mailbox: container,
                 location: Some(mailbox),
+                unless_held_in,
                 raw: delivery.raw,
                 flags: delivery.flags,
                 received_millis: delivery.received_millis,
@@ -534,10 +528,22 @@ impl MailService {
                 random: self.inner.environment.random(),
             })
             .await?;
-        let Applied::Appended { id, blob, size, .. } = applied else {
-            return Err(ServiceError::Unavailable(
-                "the store answered an append with no message".into(),
-            ));
+        let (id, blob, size) = match applied {
+            Applied::Appended { id, blob, size, .. } => (id, blob, size),
+            Applied::Record { record, changed: false } => {
+                return Ok(Delivered {
+                    id: record.id,
+                    mailbox,
+                    blob: record.blob,
+                    size: record.size,
+                    duplicate: true,
+                })
+            }
+            _ => {
+                return Err(ServiceError::Unavailable(
+                    "the store answered an append with no message".into(),
+                ))
+            }
         };
         self.count_write("append");
         Ok(Delivered {
