@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use mailmesh::harness::{sample_message, LocalNode};
+use mailmesh::harness::{sample_message, wait_until, LocalNode};
 
 fn binary() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_mailmesh"))
@@ -255,10 +255,19 @@ fn accounts_log_in_with_basic_to_their_own_mailboxes_only() {
     );
     // A broken version is refused and the last good table kept.
     write_accounts(&accounts_file, "carol@example.org {ARGON2ID}$argon2id$broken\n");
-    std::thread::sleep(Duration::from_millis(1200));
+    // Not a sleep: the node looks at the file when a login comes (at most once a second), so
+    // log in as bob until the node has said it keeps the accounts it read before.
+    let log_path = node.data_dir.join("node.log");
+    let refused = wait_until(Duration::from_secs(30), || {
+        assert_eq!(get_as(&node, bob_inbox, "bob@example.org", "secret"), 200);
+        std::fs::read_to_string(&log_path).is_ok_and(|log| log.contains("keeping the accounts read before"))
+    });
+    assert!(
+        refused.is_some(),
+        "the broken file was never reported: {}",
+        std::fs::read_to_string(&log_path).unwrap_or_default()
+    );
     assert_eq!(get_as(&node, bob_inbox, "bob@example.org", "secret"), 200);
-    let log = std::fs::read_to_string(node.data_dir.join("node.log")).unwrap();
-    assert!(log.contains("keeping the accounts read before"), "{log}");
 
     // Repeated failures on one account are throttled: 429 with Retry-After.
     let mut throttled = None;
