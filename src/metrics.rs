@@ -53,6 +53,8 @@ pub struct NodeMetrics {
     pub gossip_messages: Family<GossipLabel, Counter>,
     pub gossip_bytes: Family<GossipLabel, Counter>,
     pub sessions: Family<OutcomeLabel, Counter>,
+    /// Sketch sessions this node opened, by how they ended (see `node::sketch_reconcile`).
+    pub sketch_sessions: Family<OutcomeLabel, Counter>,
     pub session_rounds: Counter,
     pub sync_bytes: Family<DirectionLabel, Counter>,
     pub records_pulled: Counter,
@@ -82,6 +84,7 @@ impl NodeMetrics {
             gossip_messages: Family::default(),
             gossip_bytes: Family::default(),
             sessions: Family::default(),
+            sketch_sessions: Family::default(),
             session_rounds: Counter::default(),
             sync_bytes: Family::default(),
             records_pulled: Counter::default(),
@@ -117,6 +120,13 @@ impl NodeMetrics {
             "reconcile_sessions",
             "Reconciliation sessions started by this node, by outcome",
             metrics.sessions.clone(),
+        );
+        registry.register(
+            "sketch_sessions",
+            "Sketch sessions opened by this node on large mailboxes, by how they ended: decoded (settled by cells), \
+             trie_by_responder (the responder chose trie descent), trie_after_cells (the cells did not settle it), \
+             refused, stale (a mailbox changed under the cells) or rounds_exhausted",
+            metrics.sketch_sessions.clone(),
         );
         registry.register(
             "reconcile_rounds",

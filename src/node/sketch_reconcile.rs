@@ -208,6 +208,14 @@ impl Node {
         self.reconcile(peer, WireSpace::Mailbox(key.clone()), view, stats).await
     }
 
+    fn count_sketch(&self, outcome: &'static str) {
+        self.inner
+            .metrics
+            .sketch_sessions
+            .get_or_create(&crate::metrics::OutcomeLabel { outcome })
+            .inc();
+    }
+
     /// One sketch session, from its opening.
     async fn sketch_attempt<V: TreeView>(
         &self,
@@ -243,12 +251,14 @@ impl Node {
                 Err(NodeError::Refused { message, .. }) if matches!(outgoing, Message::More { .. }) => {
                     // The responder's cells changed under this session (or it has none now).
                     tracing::debug!(%peer, mailbox = key.mailbox(), "more cells refused ({message})");
+                    self.count_sketch("stale");
                     return Ok(Attempt::Stale);
                 }
                 Err(NodeError::Refused { message, .. }) => {
                     // A peer of another release, or one whose mailbox is out of the sketch range
                     // now: trie descent does without.
                     tracing::debug!(%peer, mailbox = key.mailbox(), "sketch message refused ({message}): trie descent");
+                    self.count_sketch("refused");
                     return self.reconcile(peer, space, view, stats).await.map(Attempt::Done);
                 }
                 other => other?,
@@ -282,6 +292,7 @@ impl Node {
                     }
                     let root = view.aggregate(Prefix::ROOT)?.summary();
                     if built.is_some_and(|at_build| at_build != root) {
+                        self.count_sketch("stale");
                         return Ok(Attempt::Stale);
                     }
                     if matches!(reply, Some(Message::Cells { .. })) && built.is_none() {
@@ -298,6 +309,7 @@ impl Node {
                         Step::Send(Message::Trie(_)) => {
                             // The cells did not settle it within their bounds: trie descent.
                             tracing::debug!(%peer, mailbox = key.mailbox(), "sketch session goes to trie descent");
+                            self.count_sketch("trie_after_cells");
                             return self.reconcile(peer, space, view, stats).await.map(Attempt::Done);
                         }
                         Step::Send(message) => outgoing = message,
@@ -316,6 +328,7 @@ impl Node {
                                 they_lack = split.they_lack.len(),
                                 "sketch session decoded"
                             );
+                            self.count_sketch("decoded");
                             let mut done = Reconciled::default();
                             done.delivered.extend(records);
                             done.delivered_blobs.extend(blobs);
@@ -332,6 +345,7 @@ impl Node {
                     ..
                 } => {
                     tracing::debug!(%peer, mailbox = key.mailbox(), "sketch opening answered by trie descent");
+                    self.count_sketch("trie_by_responder");
                     // The responder took trie descent: this is its reply to the opening's trie
                     // element, as a batched first reply would be.
                     let sync_limits = &self.inner.limits;
@@ -353,6 +367,7 @@ impl Node {
             }
         }
         tracing::debug!(%peer, mailbox = key.mailbox(), "sketch session used its rounds: trie descent");
+        self.count_sketch("rounds_exhausted");
         self.reconcile(peer, space, view, stats).await.map(Attempt::Done)
     }
 
