@@ -1015,6 +1015,20 @@ impl Session {
         Ok(())
     }
 
+    /// The messages of the view changed since its modseq (the next refresh tells their flags).
+    fn pending_updates(&self) -> HashSet<MessageId> {
+        let Some(view) = self.view() else {
+            return HashSet::new();
+        };
+        let Ok(mailbox) = self.service.find_mailbox(&view.account, &view.mailbox) else {
+            return HashSet::new();
+        };
+        match self.service.changes(&view.account, mailbox, view.modseq, 100_000) {
+            Ok(changes) if !changes.cannot_calculate => changes.updated.into_iter().collect(),
+            _ => HashSet::new(),
+        }
+    }
+
     /// The messages a set names: (sequence number, UID, ID), ascending.
     fn chosen(&self, set: &SequenceSet, by_uid: bool) -> Vec<(u32, u32, MessageId)> {
         let Some(view) = self.view() else {
@@ -1092,6 +1106,9 @@ impl Session {
             }
         }
         let wants_modseq = self.enabled.condstore;
+        // Only what changed since the view's modseq would come again in the refresh: the rest
+        // need not be remembered (a 100,000-message FETCH stays one pass).
+        let pending = self.pending_updates();
         let needs_raw = items.iter().any(|item| {
             !matches!(
                 item,
@@ -1179,7 +1196,7 @@ impl Session {
                 flags_written = true;
                 modseq_written = wants_modseq;
             }
-            if flags_written && (modseq_written || !wants_modseq) {
+            if flags_written && (modseq_written || !wants_modseq) && (flags_changed || pending.contains(&id)) {
                 self.reported
                     .insert(id, reported_key(&email.flags, modseq_written.then_some(modseq)));
             }
@@ -1392,21 +1409,23 @@ impl Session {
             ImapSortKey::Size => SortKey::Size,
             _ => return Err(Failure::Bad("sorting by CC or TO is not supported".into())),
         };
-        let found = self.matching(search).await?;
+        let mut found = self.matching(search).await?;
         let view = self.view().expect("selected");
         let (account, mailbox) = (view.account.clone(), view.mailbox.clone());
-        let numbers: HashMap<MessageId, (u32, u32)> = found
-            .into_iter()
-            .map(|(sequence, uid, id)| (id, (sequence, uid)))
-            .collect();
+        // By ID, to look up each message of the index's order (no hashing of 100,000 IDs).
+        found.sort_unstable_by_key(|(_, _, id)| *id);
         let ordered = self.service.sorted_ids(&account, &mailbox, key, first.reverse)?;
-        let mut line = "SORT".to_owned();
+        let mut line = Vec::with_capacity(8 + found.len() * 7);
+        line.extend_from_slice(b"* SORT");
         for id in ordered {
-            if let Some((sequence, uid)) = numbers.get(&id) {
-                line.push_str(&format!(" {}", if by_uid { uid } else { sequence }));
+            if let Ok(index) = found.binary_search_by_key(&id, |(_, _, id)| *id) {
+                let (sequence, uid, _) = found[index];
+                line.push(b' ');
+                write_number(&mut line, if by_uid { uid } else { sequence });
             }
         }
-        self.untagged(&line);
+        line.extend_from_slice(b"\r\n");
+        self.output.extend_from_slice(&line);
         self.refresh(by_uid).await;
         Ok(format!("{}SORT done", if by_uid { "UID " } else { "" }))
     }
@@ -1920,6 +1939,22 @@ pub fn encode_modified_utf7(name: &str) -> String {
     out
 }
 
+/// Writes a number in decimal without an allocation.
+fn write_number(out: &mut Vec<u8>, number: u32) {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    let mut rest = number;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
 /// What a FETCH told of a message's flags and modseq, to compare with what a refresh would tell.
 fn reported_key(flags: &[Flag], modseq: Option<u64>) -> String {
     format!("{}|{modseq:?}", flag_list(flags))
@@ -2038,6 +2073,12 @@ mod tests {
         assert_eq!(compact_set(&[1, 2, 3, 5, 7, 8, 9]), "1:3,5,7:9");
         assert_eq!(compact_set(&[4]), "4");
         assert_eq!(compact_set(&[]), "");
+        let mut written = Vec::new();
+        for number in [0, 7, 10, 4_294_967_295] {
+            write_number(&mut written, number);
+            written.push(b',');
+        }
+        assert_eq!(written, b"0,7,10,4294967295,");
         let set = SequenceSet::try_from("7:5,1,2:3,9:*").unwrap();
         assert_eq!(uids_in(&set, 10).collect::<Vec<_>>(), vec![1, 2, 3, 5, 6, 7, 9, 10]);
         assert_eq!(uids_in(&set, 6).collect::<Vec<_>>(), vec![1, 2, 3, 5, 6]);
