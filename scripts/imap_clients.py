@@ -15,7 +15,10 @@ chooses, read back from data_dir/imap.addr) with one accounts file, then checks:
   4. subscriptions: SUBSCRIBE and UNSUBSCRIBE on alpha show in LSUB on bravo;
   5. mbsync (Debian's isync): a two-way sync of alpha's INBOX with a local Maildir, changes on both
      sides (new mail, a flag, a deletion), then two more syncs, with alpha restarted between them:
-     no errors, both sides hold the same messages, nothing duplicated.
+     no errors, both sides hold the same messages, nothing duplicated;
+  6. offlineimap (Debian's offlineimap3): a two-way sync of INBOX with a Maildir of its own, a new
+     message on each side and a flag set on the server, then two more runs: no errors, both sides
+     equal, nothing duplicated.
 
 Prints one line per check and a JSON summary; exit status 0 when every check passes, 1 otherwise.
 The nodes are always stopped and the temporary directory removed (unless --keep).
@@ -471,6 +474,79 @@ def check_mbsync(alpha, directory, restart):
     return {"messages": len(server), "third_sync_output": third[-200:], "fourth_sync_output": fourth[-200:]}
 
 
+OFFLINEIMAP_CONFIG = """\
+[general]
+accounts = mailmesh
+metadata = {root}/metadata
+ui = basic
+
+[Account mailmesh]
+localrepository = local
+remoterepository = remote
+
+[Repository local]
+type = Maildir
+localfolders = {root}/maildir
+
+[Repository remote]
+type = IMAP
+remotehost = {host}
+remoteport = {port}
+remoteuser = {user}
+remotepass = secret
+ssl = no
+starttls = no
+folderfilter = lambda folder: folder == 'INBOX'
+"""
+
+
+def run_offlineimap(config_path, round_name):
+    result = subprocess.run(["offlineimap", "-c", config_path, "-o"], capture_output=True, text=True, timeout=180)
+    output = (result.stdout + result.stderr).strip()
+    if result.returncode != 0 or "ERROR" in output:
+        raise CheckFailed(f"offlineimap ({round_name}) exited {result.returncode}: {output[-2000:]}")
+    return output
+
+
+def check_offlineimap(alpha, directory):
+    root = os.path.join(directory, "offlineimap")
+    os.makedirs(os.path.join(root, "maildir"), exist_ok=True)
+    config_path = os.path.join(root, "offlineimaprc")
+    with open(config_path, "w") as handle:
+        handle.write(OFFLINEIMAP_CONFIG.format(root=root, host=alpha.imap[0], port=alpha.imap[1], user=ACCOUNT))
+    client = alpha.client()
+    check(*client.append("INBOX", None, None, message("to be answered", "offlineimap-flag")), "APPEND")
+    client.logout()
+    run_offlineimap(config_path, "first")
+    local = maildir_messages(os.path.join(root, "maildir"))
+    server = server_message_ids(alpha)
+    expect(sorted(mid for _, mid in local) == sorted(server), f"first run: local {local} server {server}")
+
+    new_dir = os.path.join(root, "maildir", "INBOX", "new")
+    with open(os.path.join(new_dir, f"{int(time.time())}_0.{os.getpid()}.mailmesh"), "wb") as handle:
+        handle.write(message("written in offlineimap's Maildir", "offlineimap-local"))
+    client = alpha.client()
+    check(*client.select("INBOX"), "SELECT")
+    check(*client.append("INBOX", None, None, message("for offlineimap", "offlineimap-server")), "APPEND")
+    data = check(*client.search(None, "HEADER", "Message-ID", "offlineimap-flag"), "SEARCH")
+    check(*client.store(data[0].decode().split()[0], "+FLAGS", "(\\Answered)"), "STORE")
+    client.logout()
+
+    run_offlineimap(config_path, "second")
+    third = run_offlineimap(config_path, "third")
+    local = maildir_messages(os.path.join(root, "maildir"))
+    server = server_message_ids(alpha)
+    local_ids = [mid for _, mid in local]
+    expect(len(set(local_ids)) == len(local_ids), f"duplicates locally: {local_ids}")
+    expect(len(set(server)) == len(server), f"duplicates on the server: {server}")
+    expect(sorted(local_ids) == sorted(server), f"after syncing: local {sorted(local_ids)} server {sorted(server)}")
+    expect({"<offlineimap-local@example.net>", "<offlineimap-server@example.net>"} <= set(server),
+           f"a new message is missing: {server}")
+    answered = [name for name, mid in local if mid == "<offlineimap-flag@example.net>"]
+    expect(answered and "R" in answered[0].split(":2,")[-1], f"the server's \\Answered is not in the Maildir: {answered}")
+    return {"messages": len(server), "third_run_output": third[-200:]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--binary", required=True)
@@ -498,6 +574,10 @@ def main():
             checks.append(("mbsync two-way", lambda: check_mbsync(alpha, directory, [bravo.listen_address()])))
         else:
             failures.append("mbsync is not installed")
+        if shutil.which("offlineimap"):
+            checks.append(("offlineimap two-way", lambda: check_offlineimap(alpha, directory)))
+        else:
+            failures.append("offlineimap is not installed")
         for name, run in checks:
             try:
                 results[name] = run()

@@ -2,7 +2,9 @@
 //! with SASL-IR, refusals), LIST/STATUS/SELECT, APPEND with flags and date, FETCH of every item
 //! with sections and partials, STORE, SEARCH, EXPUNGE, IDLE seeing another session's append and
 //! expunge, UIDs that survive a restart (and a new UIDVALIDITY when the map is lost), STARTTLS and
-//! IMAPS with a certificate made here, and LOGINDISABLED in the clear from a non-loopback address.
+//! IMAPS with a certificate made here, LOGINDISABLED in the clear from a non-loopback address,
+//! CONDSTORE/QRESYNC (MODSEQ, CHANGEDSINCE, UNCHANGEDSINCE, VANISHED), kept subscriptions (LSUB),
+//! ESEARCH and ENABLE IMAP4rev2.
 
 use std::net::SocketAddr;
 use std::path::Path;
