@@ -8,9 +8,17 @@ chooses, read back from data_dir/imap.addr) with one accounts file, then checks:
      SEARCH, EXPUNGE;
   2. replication into a selected session: a message appended on bravo shows up on alpha as an
      unsolicited EXISTS, once in IDLE and once by NOOP;
-  3. mbsync (Debian's isync): a two-way sync of alpha's INBOX with a local Maildir, changes on both
+  3. CONDSTORE/QRESYNC with imaplib: a client caches alpha's INBOX (UIDVALIDITY, HIGHESTMODSEQ,
+     UIDs and flags), messages are added, flagged and expunged on bravo, and once they reach alpha
+     the client resyncs with SELECT (QRESYNC ...): VANISHED (EARLIER) and the changed FETCHes
+     must bring its cache to what a full fetch shows;
+  4. subscriptions: SUBSCRIBE and UNSUBSCRIBE on alpha show in LSUB on bravo;
+  5. mbsync (Debian's isync): a two-way sync of alpha's INBOX with a local Maildir, changes on both
      sides (new mail, a flag, a deletion), then two more syncs, with alpha restarted between them:
-     no errors, both sides hold the same messages, nothing duplicated.
+     no errors, both sides hold the same messages, nothing duplicated;
+  6. offlineimap (Debian's offlineimap3): a two-way sync of INBOX with a Maildir of its own, a new
+     message on each side and a flag set on the server, then two more runs: no errors, both sides
+     equal, nothing duplicated.
 
 Prints one line per check and a JSON summary; exit status 0 when every check passes, 1 otherwise.
 The nodes are always stopped and the temporary directory removed (unless --keep).
@@ -201,6 +209,147 @@ def check_replication(alpha, bravo):
     return {"idle_seconds_from_append_on_bravo": round(idle_seconds, 3)}
 
 
+def fetch_flags(client):
+    """{uid: set of flags} of the selected mailbox, from UID FETCH 1:* (FLAGS)."""
+    data = check(*client.uid("FETCH", "1:*", "(FLAGS)"), "UID FETCH FLAGS")
+    return parse_fetches(data)
+
+
+def parse_fetches(lines):
+    found = {}
+    for line in lines:
+        if isinstance(line, tuple):
+            line = line[0]
+        if not line:
+            continue
+        text = line.decode() if isinstance(line, bytes) else line
+        if "UID " not in text or "FLAGS (" not in text:
+            continue
+        uid = int(text.split("UID ", 1)[1].split()[0].rstrip(")"))
+        flags = text.split("FLAGS (", 1)[1].split(")", 1)[0].split()
+        found[uid] = set(flags)
+    return found
+
+
+def response_code(client, name):
+    values = client.untagged_responses.pop(name, [None])
+    return values[-1]
+
+
+def uid_set(text):
+    uids = set()
+    for part in text.split(","):
+        if ":" in part:
+            low, high = (int(number) for number in part.split(":"))
+            uids.update(range(min(low, high), max(low, high) + 1))
+        elif part:
+            uids.add(int(part))
+    return uids
+
+
+def wait_for(what, predicate):
+    deadline = time.time() + WAIT_SECONDS
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise CheckFailed(f"{what} within {WAIT_SECONDS} s")
+
+
+def check_qresync(alpha, bravo):
+    for number in range(1, 5):
+        check(*bravo.client().append("INBOX", None, None, message(f"cached {number}", f"qresync-{number}")), "APPEND")
+
+    def alpha_has(marker, present=True):
+        client = alpha.client()
+        check(*client.select("INBOX", readonly=True), "EXAMINE")
+        data = check(*client.search(None, "HEADER", "Message-ID", marker), "SEARCH")
+        client.logout()
+        return (data != [b""]) == present
+
+    wait_for("the seeded messages reach alpha", lambda: alpha_has("qresync-4"))
+
+    # The client's cache, taken on alpha.
+    client = alpha.client()
+    data = check(*client._simple_command("ENABLE", "QRESYNC"), "ENABLE QRESYNC")
+    enabled = client.untagged_responses.pop("ENABLED", [b""])[-1]
+    expect(b"QRESYNC" in enabled, f"ENABLED {enabled!r}")
+    check(*client.select("INBOX"), "SELECT")
+    validity = int(response_code(client, "UIDVALIDITY"))
+    highest = int(response_code(client, "HIGHESTMODSEQ"))
+    cache = fetch_flags(client)
+    client.logout()
+    expect(len(cache) >= 4, f"cache {cache}")
+
+    # Changes on bravo: a new message, a flag, an expunge.
+    writer = bravo.client()
+    check(*writer.select("INBOX"), "SELECT on bravo")
+    check(*writer.append("INBOX", None, None, message("while away", "qresync-new")), "APPEND on bravo")
+    flagged = check(*writer.search(None, "HEADER", "Message-ID", "qresync-2"), "SEARCH")[0].decode()
+    check(*writer.store(flagged, "+FLAGS", "(\\Flagged)"), "STORE on bravo")
+    doomed = check(*writer.search(None, "HEADER", "Message-ID", "qresync-3"), "SEARCH")[0].decode()
+    check(*writer.store(doomed, "+FLAGS", "(\\Deleted)"), "STORE on bravo")
+    check(*writer.expunge(), "EXPUNGE on bravo")
+    writer.logout()
+    wait_for("bravo's changes reach alpha",
+             lambda: alpha_has("qresync-new") and alpha_has("qresync-3", present=False)
+             and alpha_has_flag(alpha, "qresync-2", "FLAGGED"))
+
+    # Resync on alpha from the cache.
+    client = alpha.client()
+    check(*client._simple_command("ENABLE", "QRESYNC"), "ENABLE QRESYNC")
+    client.untagged_responses.clear()
+    known = ",".join(str(uid) for uid in sorted(cache))
+    started = time.time()
+    typ, data = client._simple_command("SELECT", f"INBOX (QRESYNC ({validity} {highest} {known}))")
+    resync_seconds = time.time() - started
+    check(typ, data, "SELECT (QRESYNC)")
+    client.state = "SELECTED"
+    vanished = set()
+    for line in client.untagged_responses.pop("VANISHED", []):
+        text = line.decode()
+        expect(text.startswith("(EARLIER) "), f"VANISHED {text}")
+        vanished |= uid_set(text.split(" ", 1)[1])
+    changed = parse_fetches(client.untagged_responses.pop("FETCH", []))
+    expect(int(response_code(client, "HIGHESTMODSEQ")) > highest, "HIGHESTMODSEQ did not advance")
+    for uid in vanished:
+        cache.pop(uid, None)
+    cache.update(changed)
+    truth = fetch_flags(client)
+    client.logout()
+    expect(len(vanished) == 1, f"one message vanished, told {vanished}")
+    expect(cache == truth, f"after QRESYNC the cache {cache} differs from the mailbox {truth}")
+    return {"vanished": sorted(vanished), "changed_fetches": len(changed), "messages": len(truth),
+            "resync_seconds": round(resync_seconds, 3)}
+
+
+def alpha_has_flag(node, marker, flag):
+    client = node.client()
+    check(*client.select("INBOX", readonly=True), "EXAMINE")
+    data = check(*client.search(None, flag, "HEADER", "Message-ID", marker), "SEARCH")
+    client.logout()
+    return data != [b""]
+
+
+def check_subscriptions(alpha, bravo):
+    creator = alpha.client()
+    check(*creator.create("Lists"), "CREATE on alpha")
+
+    def bravo_lsub():
+        client = bravo.client()
+        data = check(*client.lsub(), "LSUB on bravo")
+        client.logout()
+        return [line.decode() for line in data if line]
+
+    wait_for("Lists subscribed on bravo", lambda: any(line.endswith('"Lists"') for line in bravo_lsub()))
+    check(*creator.unsubscribe("Lists"), "UNSUBSCRIBE on alpha")
+    wait_for("Lists unsubscribed on bravo", lambda: not any(line.endswith('"Lists"') for line in bravo_lsub()))
+    check(*creator.subscribe("Lists"), "SUBSCRIBE on alpha")
+    wait_for("Lists subscribed again on bravo", lambda: any(line.endswith('"Lists"') for line in bravo_lsub()))
+    creator.logout()
+    return {"lsub_on_bravo": bravo_lsub()}
+
+
 MBSYNC_CONFIG = """\
 IMAPAccount remote
 Host {host}
@@ -325,6 +474,79 @@ def check_mbsync(alpha, directory, restart):
     return {"messages": len(server), "third_sync_output": third[-200:], "fourth_sync_output": fourth[-200:]}
 
 
+OFFLINEIMAP_CONFIG = """\
+[general]
+accounts = mailmesh
+metadata = {root}/metadata
+ui = basic
+
+[Account mailmesh]
+localrepository = local
+remoterepository = remote
+
+[Repository local]
+type = Maildir
+localfolders = {root}/maildir
+
+[Repository remote]
+type = IMAP
+remotehost = {host}
+remoteport = {port}
+remoteuser = {user}
+remotepass = secret
+ssl = no
+starttls = no
+folderfilter = lambda folder: folder == 'INBOX'
+"""
+
+
+def run_offlineimap(config_path, round_name):
+    result = subprocess.run(["offlineimap", "-c", config_path, "-o"], capture_output=True, text=True, timeout=180)
+    output = (result.stdout + result.stderr).strip()
+    if result.returncode != 0 or "ERROR" in output:
+        raise CheckFailed(f"offlineimap ({round_name}) exited {result.returncode}: {output[-2000:]}")
+    return output
+
+
+def check_offlineimap(alpha, directory):
+    root = os.path.join(directory, "offlineimap")
+    os.makedirs(os.path.join(root, "maildir"), exist_ok=True)
+    config_path = os.path.join(root, "offlineimaprc")
+    with open(config_path, "w") as handle:
+        handle.write(OFFLINEIMAP_CONFIG.format(root=root, host=alpha.imap[0], port=alpha.imap[1], user=ACCOUNT))
+    client = alpha.client()
+    check(*client.append("INBOX", None, None, message("to be answered", "offlineimap-flag")), "APPEND")
+    client.logout()
+    run_offlineimap(config_path, "first")
+    local = maildir_messages(os.path.join(root, "maildir"))
+    server = server_message_ids(alpha)
+    expect(sorted(mid for _, mid in local) == sorted(server), f"first run: local {local} server {server}")
+
+    new_dir = os.path.join(root, "maildir", "INBOX", "new")
+    with open(os.path.join(new_dir, f"{int(time.time())}_0.{os.getpid()}.mailmesh"), "wb") as handle:
+        handle.write(message("written in offlineimap's Maildir", "offlineimap-local"))
+    client = alpha.client()
+    check(*client.select("INBOX"), "SELECT")
+    check(*client.append("INBOX", None, None, message("for offlineimap", "offlineimap-server")), "APPEND")
+    data = check(*client.search(None, "HEADER", "Message-ID", "offlineimap-flag"), "SEARCH")
+    check(*client.store(data[0].decode().split()[0], "+FLAGS", "(\\Answered)"), "STORE")
+    client.logout()
+
+    run_offlineimap(config_path, "second")
+    third = run_offlineimap(config_path, "third")
+    local = maildir_messages(os.path.join(root, "maildir"))
+    server = server_message_ids(alpha)
+    local_ids = [mid for _, mid in local]
+    expect(len(set(local_ids)) == len(local_ids), f"duplicates locally: {local_ids}")
+    expect(len(set(server)) == len(server), f"duplicates on the server: {server}")
+    expect(sorted(local_ids) == sorted(server), f"after syncing: local {sorted(local_ids)} server {sorted(server)}")
+    expect({"<offlineimap-local@example.net>", "<offlineimap-server@example.net>"} <= set(server),
+           f"a new message is missing: {server}")
+    answered = [name for name, mid in local if mid == "<offlineimap-flag@example.net>"]
+    expect(answered and "R" in answered[0].split(":2,")[-1], f"the server's \\Answered is not in the Maildir: {answered}")
+    return {"messages": len(server), "third_run_output": third[-200:]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--binary", required=True)
@@ -345,11 +567,17 @@ def main():
         checks = [
             ("imaplib", lambda: check_imaplib(alpha)),
             ("replication into a selected session", lambda: check_replication(alpha, bravo)),
+            ("imaplib CONDSTORE/QRESYNC resync after changes on another node", lambda: check_qresync(alpha, bravo)),
+            ("subscriptions replicate to LSUB on another node", lambda: check_subscriptions(alpha, bravo)),
         ]
         if shutil.which("mbsync"):
             checks.append(("mbsync two-way", lambda: check_mbsync(alpha, directory, [bravo.listen_address()])))
         else:
             failures.append("mbsync is not installed")
+        if shutil.which("offlineimap"):
+            checks.append(("offlineimap two-way", lambda: check_offlineimap(alpha, directory)))
+        else:
+            failures.append("offlineimap is not installed")
         for name, run in checks:
             try:
                 results[name] = run()

@@ -2,7 +2,9 @@
 //! with SASL-IR, refusals), LIST/STATUS/SELECT, APPEND with flags and date, FETCH of every item
 //! with sections and partials, STORE, SEARCH, EXPUNGE, IDLE seeing another session's append and
 //! expunge, UIDs that survive a restart (and a new UIDVALIDITY when the map is lost), STARTTLS and
-//! IMAPS with a certificate made here, and LOGINDISABLED in the clear from a non-loopback address.
+//! IMAPS with a certificate made here, LOGINDISABLED in the clear from a non-loopback address,
+//! CONDSTORE/QRESYNC (MODSEQ, CHANGEDSINCE, UNCHANGEDSINCE, VANISHED), kept subscriptions (LSUB),
+//! ESEARCH and ENABLE IMAP4rev2.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -622,4 +624,181 @@ async fn mailboxes_are_created_renamed_and_deleted_and_move_keeps_the_email() {
         1,
         "only the INBOX is left"
     );
+}
+
+/// A number after `key` in a line (`HIGHESTMODSEQ 12`, `MODSEQ (12)`).
+fn number_after(line: &str, key: &str) -> u64 {
+    let start = line.find(key).unwrap_or_else(|| panic!("{key} in {line}")) + key.len();
+    line[start..]
+        .trim_start_matches([' ', '('])
+        .split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn condstore_and_qresync_resync_a_client_from_its_modseq() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = start(config(directory.path(), |_| {})).await;
+    let mut writer = logged_in(node.imap, "alice@example.org").await;
+    for subject in ["one", "two", "three", "four", "five"] {
+        writer.append("INBOX", "", &MESSAGE.replace("Lunch", subject)).await;
+    }
+
+    // A CONDSTORE client: HIGHESTMODSEQ on SELECT and STATUS, MODSEQ in FETCH.
+    let mut client = logged_in(node.imap, "alice@example.org").await;
+    let status = client.ok("STATUS INBOX (MESSAGES HIGHESTMODSEQ)").await;
+    let status_modseq = number_after(&status[0], "HIGHESTMODSEQ");
+    let selected = client.ok("SELECT INBOX (CONDSTORE)").await;
+    let line = selected
+        .iter()
+        .find(|line| line.contains("HIGHESTMODSEQ"))
+        .expect("HIGHESTMODSEQ");
+    let highest = number_after(line, "[HIGHESTMODSEQ");
+    assert_eq!(highest, status_modseq);
+    let (validity, _) = append_uid(&writer.append("INBOX", "", MESSAGE).await);
+    client.ok("NOOP").await;
+    let fetched = client.ok("UID FETCH 1:* (FLAGS MODSEQ)").await;
+    assert_eq!(fetched.len(), 6, "{fetched:?}");
+    let modseqs: Vec<u64> = fetched.iter().map(|line| number_after(line, "MODSEQ")).collect();
+    assert!(modseqs.iter().all(|modseq| *modseq > 0), "{fetched:?}");
+    let after_appends = *modseqs.iter().max().unwrap();
+
+    // CHANGEDSINCE lists only what changed; STORE answers with the new MODSEQ.
+    writer.ok("SELECT INBOX").await;
+    writer.ok("UID STORE 2 +FLAGS.SILENT (\\Flagged)").await;
+    let changed = client
+        .ok(&format!("UID FETCH 1:* (FLAGS) (CHANGEDSINCE {after_appends})"))
+        .await;
+    let changed: Vec<&String> = changed.iter().filter(|line| line.contains("MODSEQ")).collect();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert!(
+        changed[0].contains("UID 2 ") && changed[0].contains("\\Flagged"),
+        "{changed:?}"
+    );
+    let flagged_modseq = number_after(changed[0], "MODSEQ");
+    assert!(flagged_modseq > after_appends);
+
+    // UNCHANGEDSINCE: message 2 changed after `after_appends`, so only 3 is stored.
+    let (untagged, tagged) = client
+        .command(&format!(
+            "UID STORE 2:3 (UNCHANGEDSINCE {after_appends}) +FLAGS (\\Seen)"
+        ))
+        .await;
+    assert!(tagged.contains("OK [MODIFIED 2]"), "{untagged:?} {tagged}");
+    let stored: Vec<&String> = untagged.iter().filter(|line| line.contains("UID 3 ")).collect();
+    assert!(
+        stored.len() == 1 && stored[0].contains("\\Seen") && stored[0].contains("MODSEQ ("),
+        "{untagged:?}"
+    );
+    let searched = client.ok(&format!("UID SEARCH MODSEQ {}", after_appends + 1)).await;
+    assert!(searched[0].starts_with("* SEARCH 2 3 (MODSEQ "), "{searched:?}");
+    client.ok("LOGOUT").await;
+
+    // Later: a flag change and an expunge while the client is away.
+    let (_, known_highest) = {
+        let mut probe = logged_in(node.imap, "alice@example.org").await;
+        let selected = probe.ok("SELECT INBOX").await;
+        let line = selected
+            .iter()
+            .find(|line| line.contains("HIGHESTMODSEQ"))
+            .unwrap()
+            .clone();
+        (probe, number_after(&line, "[HIGHESTMODSEQ"))
+    };
+    writer.ok("UID STORE 4 +FLAGS.SILENT (\\Answered)").await;
+    writer.ok("UID STORE 5 +FLAGS.SILENT (\\Deleted)").await;
+    writer.ok("UID EXPUNGE 5").await;
+
+    // QRESYNC: SELECT needs ENABLE first, then tells VANISHED (EARLIER) and the changed flags.
+    let mut client = logged_in(node.imap, "alice@example.org").await;
+    let (_, refused) = client
+        .command(&format!("SELECT INBOX (QRESYNC ({validity} {known_highest}))"))
+        .await;
+    assert!(refused.contains(" BAD "), "{refused}");
+    let enabled = client.ok("ENABLE QRESYNC").await;
+    assert_eq!(enabled, vec!["* ENABLED QRESYNC"]);
+    let selected = client
+        .ok(&format!("SELECT INBOX (QRESYNC ({validity} {known_highest}))"))
+        .await;
+    assert!(selected.contains(&"* VANISHED (EARLIER) 5".to_owned()), "{selected:?}");
+    let fetches: Vec<&String> = selected.iter().filter(|line| line.contains(" FETCH ")).collect();
+    assert_eq!(fetches.len(), 1, "only UID 4 changed: {selected:?}");
+    assert!(
+        fetches[0].contains("UID 4 ") && fetches[0].contains("\\Answered"),
+        "{fetches:?}"
+    );
+    assert!(selected
+        .iter()
+        .all(|line| !line.contains("RECENT") || !line.contains("VANISHED")));
+    // With known UIDs, what the client holds and is not here vanished.
+    client.ok("UNSELECT").await;
+    let selected = client
+        .ok(&format!("SELECT INBOX (QRESYNC ({validity} {known_highest} 1:6))"))
+        .await;
+    assert!(selected.contains(&"* VANISHED (EARLIER) 5".to_owned()), "{selected:?}");
+    // UID FETCH ... (CHANGEDSINCE m VANISHED).
+    let fetched = client
+        .ok(&format!(
+            "UID FETCH 1:* (FLAGS) (CHANGEDSINCE {known_highest} VANISHED)"
+        ))
+        .await;
+    assert_eq!(fetched[0], "* VANISHED (EARLIER) 5", "{fetched:?}");
+
+    // Expunges in the session come as VANISHED once QRESYNC is on.
+    writer.ok("UID STORE 6 +FLAGS.SILENT (\\Deleted)").await;
+    writer.ok("EXPUNGE").await;
+    let noop = client.ok("NOOP").await;
+    assert!(noop.contains(&"* VANISHED 6".to_owned()), "{noop:?}");
+    assert!(noop.iter().all(|line| !line.ends_with("EXPUNGE")), "{noop:?}");
+    let _ = node.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_are_kept_and_esearch_answers_what_was_asked() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = start(config(directory.path(), |_| {})).await;
+    let mut client = logged_in(node.imap, "alice@example.org").await;
+    client.ok("CREATE Lists").await;
+    client.ok("CREATE Old").await;
+    client.ok("UNSUBSCRIBE Old").await;
+    let lsub = client.ok("LSUB \"\" \"*\"").await;
+    assert!(lsub.iter().any(|line| line.ends_with("\"Lists\"")), "{lsub:?}");
+    assert!(lsub.iter().all(|line| !line.ends_with("\"Old\"")), "{lsub:?}");
+    let summary = node.service.mailbox_at("alice@example.org", "Old").unwrap();
+    assert!(!summary.subscribed, "the register is written");
+    client.ok("SUBSCRIBE Old").await;
+    let lsub = client.ok("LSUB \"\" \"*\"").await;
+    assert!(lsub.iter().any(|line| line.ends_with("\"Old\"")), "{lsub:?}");
+    let (_, missing) = client.command("SUBSCRIBE Nowhere").await;
+    assert!(missing.contains(" NO "), "{missing}");
+
+    for (index, flags) in ["\\Seen", "", "\\Seen", "", ""].iter().enumerate() {
+        client
+            .append("INBOX", flags, &MESSAGE.replace("Lunch", &format!("m{index}")))
+            .await;
+    }
+    client.ok("SELECT INBOX").await;
+    let (untagged, tagged) = client.command("UID SEARCH RETURN (MIN MAX COUNT ALL) UNSEEN").await;
+    let tag = tagged.split(' ').next().unwrap();
+    assert_eq!(
+        untagged,
+        vec![format!("* ESEARCH (TAG \"{tag}\") UID MIN 2 MAX 5 COUNT 3 ALL 2,4:5")]
+    );
+    let (untagged, tagged) = client.command("SEARCH RETURN () DELETED").await;
+    let tag = tagged.split(' ').next().unwrap();
+    assert_eq!(untagged, vec![format!("* ESEARCH (TAG \"{tag}\")")]);
+    let (untagged, _) = client.command("SEARCH RETURN (COUNT) ALL").await;
+    assert!(untagged[0].ends_with(" COUNT 5"), "{untagged:?}");
+
+    // IMAP4rev2: SEARCH answers ESEARCH, SELECT has no RECENT.
+    client.ok("ENABLE IMAP4rev2").await;
+    let selected = client.ok("SELECT INBOX").await;
+    assert!(selected.iter().all(|line| !line.contains("RECENT")), "{selected:?}");
+    let (untagged, tagged) = client.command("SEARCH SEEN").await;
+    let tag = tagged.split(' ').next().unwrap();
+    assert_eq!(untagged, vec![format!("* ESEARCH (TAG \"{tag}\") ALL 1,3")]);
+    let _ = node.stop.send(true);
 }

@@ -292,8 +292,8 @@ impl ImapServer {
                         transport.write_all(&session.take_output()).await?;
                     }
                 }
-                Event::Command(command) => {
-                    let next = session.handle(*command).await;
+                Event::Command(request) => {
+                    let next = session.handle(request.command, request.search_return).await;
                     transport.write_all(&session.take_output()).await?;
                     match next {
                         Next::Continue => {}

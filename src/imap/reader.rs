@@ -4,9 +4,12 @@
 //! bytes can never be taken for a command; this reader adds the limits (a line may not grow past
 //! [`Limits::max_line_bytes`], a literal past [`Limits::max_literal_bytes`]), says when a
 //! synchronising literal needs its `+` continuation, and decodes complete commands with
-//! imap-codec. The fuzz target `imap_session` drives it with arbitrary bytes.
+//! imap-codec. imap-codec does not know ESEARCH's `SEARCH RETURN (...)` (RFC 4731): the reader
+//! takes the return options off the line and hands them on beside the command. The fuzz target
+//! `imap_session` drives it with arbitrary bytes.
 
 use bounded_static::IntoBoundedStatic;
+use imap_codec::decode::Decoder;
 use imap_codec::fragmentizer::{FragmentInfo, Fragmentizer, LiteralAnnouncement};
 use imap_codec::imap_types::command::Command;
 use imap_codec::imap_types::core::LiteralMode;
@@ -30,6 +33,23 @@ impl Default for Limits {
     }
 }
 
+/// What ESEARCH's `RETURN (...)` asks for (RFC 4731); `RETURN ()` means ALL.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SearchReturn {
+    pub min: bool,
+    pub max: bool,
+    pub count: bool,
+    pub all: bool,
+}
+
+/// A decoded command, with what imap-codec could not carry.
+#[derive(Debug)]
+pub struct Request {
+    pub command: Command<'static>,
+    /// A SEARCH (or UID SEARCH) with `RETURN (...)`: answer with ESEARCH.
+    pub search_return: Option<SearchReturn>,
+}
+
 /// What the reader found next.
 #[derive(Debug)]
 pub enum Event {
@@ -38,7 +58,7 @@ pub enum Event {
     /// The client waits for `+` before it sends a synchronising literal.
     Continue,
     /// A complete command.
-    Command(Box<Command<'static>>),
+    Command(Box<Request>),
     /// A complete line read as raw text (an AUTHENTICATE response or IDLE's DONE), without CRLF.
     Line(Vec<u8>),
     /// A command that cannot be used; the session goes on. `too_big` when a literal was refused.
@@ -151,9 +171,25 @@ impl Reader {
                     too_big: true,
                 };
             }
+            if let Some((line, search_return)) = strip_search_return(self.fragmentizer.message_bytes()) {
+                return match CommandCodec::default().decode(&line) {
+                    Ok((rest, command)) if rest.is_empty() => Event::Command(Box::new(Request {
+                        command: command.into_static(),
+                        search_return: Some(search_return),
+                    })),
+                    _ => Event::Refused {
+                        tag: self.tag(),
+                        reason: "command not understood".into(),
+                        too_big: false,
+                    },
+                };
+            }
             let decoded = self.fragmentizer.decode_message(&CommandCodec::default());
             return match decoded {
-                Ok(command) => Event::Command(Box::new(command.into_static())),
+                Ok(command) => Event::Command(Box::new(Request {
+                    command: command.into_static(),
+                    search_return: None,
+                })),
                 Err(error) => {
                     let reason = match error {
                         imap_codec::fragmentizer::DecodeMessageError::MessageTooLong { .. } => {
@@ -176,6 +212,44 @@ impl Reader {
     }
 }
 
+/// `tag [UID ]SEARCH RETURN (options) criteria`: the line without `RETURN (options) ` and the
+/// options; `None` for every other line (and for unknown options, which then fail to decode).
+fn strip_search_return(message: &[u8]) -> Option<(Vec<u8>, SearchReturn)> {
+    let tag_end = message.iter().position(|&byte| byte == b' ')?;
+    let mut at = tag_end + 1;
+    let rest = |at: usize| message.get(at..).unwrap_or_default();
+    let starts =
+        |at: usize, word: &[u8]| rest(at).len() >= word.len() && rest(at)[..word.len()].eq_ignore_ascii_case(word);
+    if starts(at, b"UID ") {
+        at += 4;
+    }
+    if !starts(at, b"SEARCH RETURN (") {
+        return None;
+    }
+    let options_start = at + b"SEARCH RETURN (".len();
+    let close = options_start + rest(options_start).iter().position(|&byte| byte == b')')?;
+    let mut search_return = SearchReturn::default();
+    for option in message[options_start..close]
+        .split(|&byte| byte == b' ')
+        .filter(|word| !word.is_empty())
+    {
+        match option.to_ascii_uppercase().as_slice() {
+            b"MIN" => search_return.min = true,
+            b"MAX" => search_return.max = true,
+            b"COUNT" => search_return.count = true,
+            b"ALL" => search_return.all = true,
+            _ => return None,
+        }
+    }
+    if search_return == SearchReturn::default() {
+        search_return.all = true;
+    }
+    let mut line = message[..at + b"SEARCH".len()].to_vec();
+    // Past `)`: a space, then the criteria (with the charset, if any).
+    line.extend_from_slice(rest(close + 1));
+    Some((line, search_return))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -195,9 +269,9 @@ mod tests {
         assert!(matches!(reader.next(false), Event::NeedMore));
         reader.enqueue(b"P\r\n");
         match reader.next(false) {
-            Event::Command(command) => {
-                assert_eq!(command.tag.inner(), "a1");
-                assert!(matches!(command.body, CommandBody::Noop));
+            Event::Command(request) => {
+                assert_eq!(request.command.tag.inner(), "a1");
+                assert!(matches!(request.command.body, CommandBody::Noop));
             }
             other => panic!("{other:?}"),
         }
@@ -218,7 +292,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(matches!(reader.next(false), Event::Command(command) if command.tag.inner() == "a4"));
+        assert!(matches!(reader.next(false), Event::Command(request) if request.command.tag.inner() == "a4"));
     }
 
     #[test]
@@ -226,7 +300,7 @@ mod tests {
         let mut reader = Reader::new(limits());
         reader.enqueue(b"a5 APPEND INBOX {12+}\r\nA4 NOOP\r\nxx\r\na6 NOOP\r\n");
         assert!(matches!(reader.next(false), Event::Refused { too_big: true, .. }));
-        assert!(matches!(reader.next(false), Event::Command(command) if command.tag.inner() == "a6"));
+        assert!(matches!(reader.next(false), Event::Command(request) if request.command.tag.inner() == "a6"));
     }
 
     #[test]
@@ -242,5 +316,31 @@ mod tests {
         reader.enqueue(b"t1 FROBNICATE\r\nDONE\r\n");
         assert!(matches!(reader.next(false), Event::Refused { tag: Some(tag), .. } if tag == "t1"));
         assert!(matches!(reader.next(true), Event::Line(line) if line == b"DONE"));
+    }
+
+    #[test]
+    fn search_return_options_are_taken_off_the_line() {
+        let mut reader = Reader::new(limits());
+        reader.enqueue(b"s1 UID SEARCH RETURN (MIN COUNT) UNSEEN\r\ns2 SEARCH RETURN () ALL\r\n");
+        match reader.next(false) {
+            Event::Command(request) => {
+                assert!(matches!(request.command.body, CommandBody::Search { uid: true, .. }));
+                let options = request.search_return.expect("ESEARCH options");
+                assert!(options.min && options.count && !options.max && !options.all);
+            }
+            other => panic!("{other:?}"),
+        }
+        match reader.next(false) {
+            Event::Command(request) => assert_eq!(
+                request.search_return,
+                Some(SearchReturn {
+                    all: true,
+                    ..SearchReturn::default()
+                })
+            ),
+            other => panic!("{other:?}"),
+        }
+        reader.enqueue(b"s3 SEARCH RETURN (SAVE) ALL\r\n");
+        assert!(matches!(reader.next(false), Event::Refused { tag: Some(tag), .. } if tag == "s3"));
     }
 }

@@ -1,5 +1,5 @@
 //! One IMAP session's state and commands (RFC 3501, with IDLE, UIDPLUS's APPENDUID, ID, ENABLE,
-//! NAMESPACE, UNSELECT, SPECIAL-USE), over the mail service only.
+//! NAMESPACE, UNSELECT, SPECIAL-USE, CONDSTORE and QRESYNC, ESEARCH), over the mail service only.
 //!
 //! The session writes its responses into a buffer the driver sends ([`Session::take_output`]) and
 //! says what the driver must do next ([`Next`]): it knows nothing of sockets or TLS. A selected
@@ -7,13 +7,18 @@
 //! UIDs from the node-local UID map). After each command the view is brought up to date from the
 //! mailbox's modseq log, which yields the unsolicited EXISTS, FETCH and EXPUNGE responses;
 //! expunges wait while a FETCH, STORE or SEARCH runs (RFC 3501 7.4.1).
+//!
+//! CONDSTORE and QRESYNC (RFC 7162) use the node's modseqs: a message's MODSEQ is the modseq of
+//! its last change here and HIGHESTMODSEQ the mailbox's log position ([`MailService::changes`]),
+//! both node-local like the UIDs, so a client that moves to another node sees a new UIDVALIDITY
+//! and starts over. With QRESYNC enabled, expunges are told as VANISHED with UIDs.
 
 use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use imap_codec::imap_types::command::{Command, CommandBody};
+use imap_codec::imap_types::command::{Command, CommandBody, FetchModifier, SelectParameter, StoreModifier};
 use imap_codec::imap_types::core::AString;
 use imap_codec::imap_types::extensions::sort::{SortCriterion, SortKey as ImapSortKey};
 use imap_codec::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItemName, Section};
@@ -24,6 +29,7 @@ use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
 use imap_codec::imap_types::status::StatusDataItemName;
 
 use super::message::{self, Parsed, SectionText};
+use super::reader::SearchReturn;
 use crate::accounts::Password;
 use crate::model::{Flag, MessageId};
 use crate::service::uids::UidIndex;
@@ -97,12 +103,27 @@ enum State {
     LoggedOut,
 }
 
+/// What the client enabled (RFC 5161 ENABLE, or a CONDSTORE-enabling command): for the session.
+#[derive(Clone, Copy, Debug, Default)]
+struct Enabled {
+    /// FETCH responses carry MODSEQ (RFC 7162 3.1).
+    condstore: bool,
+    /// Expunges are told as VANISHED; SELECT takes QRESYNC (RFC 7162 3.2).
+    qresync: bool,
+    /// IMAP4rev2 (RFC 9051): SEARCH answers ESEARCH, no RECENT.
+    rev2: bool,
+}
+
 /// One session.
 pub struct Session {
     service: MailService,
     uids: Arc<UidIndex>,
     connection: Connection,
     state: State,
+    enabled: Enabled,
+    /// What the running command told of each message's flags (and modseq): the refresh after it
+    /// does not repeat the same FETCH unsolicited.
+    reported: HashMap<MessageId, String>,
     output: Vec<u8>,
 }
 
@@ -137,6 +158,8 @@ impl Session {
             uids,
             connection,
             state: State::NotAuthenticated,
+            enabled: Enabled::default(),
+            reported: HashMap::new(),
             output: Vec::new(),
         }
     }
@@ -176,6 +199,7 @@ impl Session {
     fn capabilities(&self) -> String {
         let mut capabilities = vec!["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"];
         capabilities.extend(["UNSELECT", "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN", "SORT"]);
+        capabilities.extend(["CONDSTORE", "QRESYNC", "ESEARCH"]);
         if matches!(self.state, State::NotAuthenticated) {
             if self.connection.tls_available {
                 capabilities.push("STARTTLS");
@@ -209,10 +233,10 @@ impl Session {
         }
     }
 
-    /// Runs one command.
-    pub async fn handle(&mut self, command: Command<'static>) -> Next {
+    /// Runs one command; `search_return` holds a SEARCH's `RETURN (...)` options (ESEARCH).
+    pub async fn handle(&mut self, command: Command<'static>, search_return: Option<SearchReturn>) -> Next {
         let tag = command.tag.inner().to_owned();
-        let (result, next) = self.dispatch(&tag, command.body).await;
+        let (result, next) = self.dispatch(&tag, command.body, search_return).await;
         match result {
             Ok(text) => self.tagged(&tag, "OK", &text),
             Err(Failure::No(text)) => self.tagged(&tag, "NO", &text),
@@ -222,7 +246,12 @@ impl Session {
         next
     }
 
-    async fn dispatch(&mut self, tag: &str, body: CommandBody<'static>) -> (Outcome, Next) {
+    async fn dispatch(
+        &mut self,
+        tag: &str,
+        body: CommandBody<'static>,
+        search_return: Option<SearchReturn>,
+    ) -> (Outcome, Next) {
         let authenticated = !matches!(self.state, State::NotAuthenticated | State::LoggedOut);
         let selected = matches!(self.state, State::Selected { .. });
         let result = match body {
@@ -273,9 +302,29 @@ impl Session {
                     }
                 }
             }
-            CommandBody::Enable { .. } if authenticated => {
-                // Nothing we offer needs enabling yet (no CONDSTORE, no IMAP4rev2).
-                self.untagged("ENABLED");
+            CommandBody::Enable { capabilities } if authenticated => {
+                let mut enabled = Vec::new();
+                for capability in capabilities.as_ref() {
+                    let name = capability.to_string().to_ascii_uppercase();
+                    let flag = match name.as_str() {
+                        "CONDSTORE" => &mut self.enabled.condstore,
+                        "QRESYNC" => &mut self.enabled.qresync,
+                        "IMAP4REV2" => &mut self.enabled.rev2,
+                        _ => continue,
+                    };
+                    if !*flag {
+                        *flag = true;
+                        enabled.push(name);
+                    }
+                }
+                // QRESYNC implies CONDSTORE (RFC 7162 3.2.3).
+                self.enabled.condstore |= self.enabled.qresync;
+                let mut line = "ENABLED".to_owned();
+                for name in enabled {
+                    line.push(' ');
+                    line.push_str(&name);
+                }
+                self.untagged(&line);
                 Ok("ENABLE done".into())
             }
             CommandBody::Namespace if authenticated => {
@@ -290,13 +339,15 @@ impl Session {
                 reference,
                 mailbox_wildcard,
             } if authenticated => self.list(&reference, &mailbox_wildcard, "LSUB"),
-            CommandBody::Subscribe { .. } | CommandBody::Unsubscribe { .. } if authenticated => {
-                // Every mailbox is listed as subscribed; subscriptions are not kept.
-                Ok("done (every mailbox is subscribed)".into())
-            }
+            CommandBody::Subscribe { mailbox } if authenticated => self.subscribe(&mailbox, true).await,
+            CommandBody::Unsubscribe { mailbox } if authenticated => self.subscribe(&mailbox, false).await,
             CommandBody::Status { mailbox, item_names } if authenticated => self.status(&mailbox, &item_names),
-            CommandBody::Select { mailbox } if authenticated => self.select(&mailbox, false).await,
-            CommandBody::Examine { mailbox } if authenticated => self.select(&mailbox, true).await,
+            CommandBody::Select { mailbox, parameters } if authenticated => {
+                self.select(&mailbox, false, parameters).await
+            }
+            CommandBody::Examine { mailbox, parameters } if authenticated => {
+                self.select(&mailbox, true, parameters).await
+            }
             CommandBody::Create { mailbox } if authenticated => self.create(&mailbox).await,
             CommandBody::Delete { mailbox } if authenticated => self.delete(&mailbox).await,
             CommandBody::Rename { from, to } if authenticated => self.rename(&from, &to).await,
@@ -337,18 +388,26 @@ impl Session {
                 sequence_set,
                 macro_or_item_names,
                 uid,
-            } if selected => self.fetch(&sequence_set, macro_or_item_names, uid).await,
+                modifiers,
+            } if selected => self.fetch(&sequence_set, macro_or_item_names, uid, &modifiers).await,
             CommandBody::Store {
                 sequence_set,
                 kind,
                 response,
                 flags,
                 uid,
+                modifiers,
             } if selected => {
                 let flags: Vec<String> = flags.iter().map(|flag| flag.to_string()).collect();
-                self.store(&sequence_set, kind, response, flags, uid).await
+                let unchanged_since = modifiers.iter().find_map(|modifier| match modifier {
+                    StoreModifier::UnchangedSince(modseq) => Some(*modseq),
+                });
+                self.store(&sequence_set, kind, response, flags, uid, unchanged_since)
+                    .await
             }
-            CommandBody::Search { criteria, uid, .. } if selected => self.search(criteria.as_ref(), uid).await,
+            CommandBody::Search { criteria, uid, .. } if selected => {
+                self.search(tag, criteria.as_ref(), uid, search_return).await
+            }
             CommandBody::Sort {
                 sort_criteria,
                 search_criteria,
@@ -458,14 +517,11 @@ impl Session {
             return Ok(format!("{kind} done"));
         }
         let pattern = crate::import::decode_modified_utf7(&format!("{reference}{pattern}"));
-        let names: Vec<String> = self
-            .service
-            .mailboxes(&account)?
-            .into_iter()
-            .map(|mailbox| mailbox.name)
-            .collect();
-        for name in &names {
-            if !wildcard_matches(&pattern, name) {
+        let mailboxes = self.service.mailboxes(&account)?;
+        let names: Vec<String> = mailboxes.iter().map(|mailbox| mailbox.name.clone()).collect();
+        for mailbox in &mailboxes {
+            let name = &mailbox.name;
+            if !wildcard_matches(&pattern, name) || (kind == "LSUB" && !mailbox.subscribed) {
                 continue;
             }
             let children = names.iter().any(|other| {
@@ -484,6 +540,19 @@ impl Session {
         Ok(format!("{kind} done"))
     }
 
+    /// SUBSCRIBE and UNSUBSCRIBE (RFC 3501 6.3.6, 6.3.7): the mailbox's replicated `subscribed`
+    /// register, so LSUB on every node of the cluster lists it.
+    async fn subscribe(&mut self, mailbox: &Mailbox<'_>, subscribed: bool) -> Outcome {
+        let account = self.account().unwrap_or_default().to_owned();
+        let id = self.service.find_mailbox(&account, &mailbox_name(mailbox))?;
+        let update = crate::service::MailboxUpdate {
+            subscribed: Some(subscribed),
+            ..Default::default()
+        };
+        self.service.update_mailbox(&account, id, update).await?;
+        Ok(format!("{} done", if subscribed { "SUBSCRIBE" } else { "UNSUBSCRIBE" }))
+    }
+
     fn status(&mut self, mailbox: &Mailbox<'_>, items: &[StatusDataItemName]) -> Outcome {
         let account = self.account().unwrap_or_default().to_owned();
         let name = mailbox_name(mailbox);
@@ -497,6 +566,10 @@ impl Session {
                 StatusDataItemName::UidNext => values.push(format!("UIDNEXT {}", numbering.uid_next)),
                 StatusDataItemName::UidValidity => values.push(format!("UIDVALIDITY {}", numbering.uid_validity)),
                 StatusDataItemName::Unseen => values.push(format!("UNSEEN {}", summary.unseen)),
+                StatusDataItemName::HighestModSeq => {
+                    self.enabled.condstore = true;
+                    values.push(format!("HIGHESTMODSEQ {}", highest_modseq(numbering.modseq)))
+                }
                 _ => {}
             }
         }
@@ -507,8 +580,23 @@ impl Session {
         Ok("STATUS done".into())
     }
 
-    async fn select(&mut self, mailbox: &Mailbox<'_>, read_only: bool) -> Outcome {
+    async fn select(&mut self, mailbox: &Mailbox<'_>, read_only: bool, parameters: Vec<SelectParameter>) -> Outcome {
         let account = self.account().unwrap_or_default().to_owned();
+        let mut resync = None;
+        for parameter in parameters {
+            match parameter {
+                SelectParameter::CondStore => self.enabled.condstore = true,
+                SelectParameter::QResync { .. } if !self.enabled.qresync => {
+                    return Err(Failure::Bad("ENABLE QRESYNC first".into()));
+                }
+                SelectParameter::QResync {
+                    uid_validity,
+                    mod_sequence_value,
+                    known_uids,
+                    ..
+                } => resync = Some((uid_validity.get(), mod_sequence_value.get(), known_uids)),
+            }
+        }
         // A failed SELECT leaves no mailbox selected (RFC 3501 6.3.1).
         self.state = State::Authenticated {
             account: account.clone(),
@@ -537,12 +625,24 @@ impl Session {
         }
         self.untagged(&format!("{} EXISTS", view.slots.len()));
         view.announced = view.slots.len();
-        self.untagged("0 RECENT");
+        if !self.enabled.rev2 {
+            self.untagged("0 RECENT");
+        }
         self.untagged(&format!("OK [UIDVALIDITY {}] UIDs valid", view.uid_validity));
         self.untagged(&format!(
             "OK [UIDNEXT {}] next UID",
             snapshot.state.uid_next.max(view.last_uid() + 1)
         ));
+        self.untagged(&format!(
+            "OK [HIGHESTMODSEQ {}] modseqs kept",
+            highest_modseq(view.modseq)
+        ));
+        if let Some((uid_validity, since, known)) =
+            resync.filter(|(uid_validity, ..)| *uid_validity == view.uid_validity)
+        {
+            let _ = uid_validity;
+            self.resync(&view, since, known.as_ref())?;
+        }
         self.state = State::Selected { account, view };
         Ok(if read_only {
             "[READ-ONLY] EXAMINE done"
@@ -550,6 +650,59 @@ impl Session {
             "[READ-WRITE] SELECT done"
         }
         .into())
+    }
+
+    /// QRESYNC's part of SELECT (RFC 7162 3.2.5): the UIDs that vanished since `since`, then a
+    /// FETCH of every message changed since.
+    fn resync(&mut self, view: &View, since: u64, known: Option<&SequenceSet>) -> Result<(), Failure> {
+        let vanished: Vec<u32> = match known {
+            // The client said what it holds: whatever of it is not here any more vanished.
+            Some(known) => uids_in(known, view.last_uid())
+                .filter(|uid| view.slots.binary_search_by_key(uid, |slot| slot.uid).is_err())
+                .collect(),
+            None => self
+                .service
+                .vanished_since(&self.uids, &view.account, &view.mailbox, since)?
+                .into_iter()
+                .filter(|uid| view.slots.binary_search_by_key(uid, |slot| slot.uid).is_err())
+                .collect(),
+        };
+        if !vanished.is_empty() {
+            self.untagged(&format!("VANISHED (EARLIER) {}", compact_set(&vanished)));
+        }
+        let changed = self.changed_since(view, since)?;
+        for (index, slot) in view.slots.iter().enumerate() {
+            if !changed.as_ref().is_none_or(|changed| changed.contains(&slot.id)) {
+                continue;
+            }
+            let email = match self.service.email_record(&view.account, slot.id) {
+                Ok(email) => email,
+                Err(ServiceError::NoSuchMessage(_)) => continue,
+                Err(error) => return Err(error.into()),
+            };
+            let modseq = self.service.email_modseq(&view.account, slot.id).unwrap_or(view.modseq);
+            if modseq <= since {
+                continue;
+            }
+            self.untagged(&format!(
+                "{} FETCH (UID {} FLAGS ({}) MODSEQ ({modseq}))",
+                index + 1,
+                slot.uid,
+                flag_list(&email.flags)
+            ));
+        }
+        Ok(())
+    }
+
+    /// The messages of the view's mailbox changed (or created) since a modseq; `None` when the
+    /// log cannot say, and every message must be looked at.
+    fn changed_since(&self, view: &View, since: u64) -> Result<Option<HashSet<MessageId>>, Failure> {
+        let mailbox = self.service.find_mailbox(&view.account, &view.mailbox)?;
+        let changes = self.service.changes(&view.account, mailbox, since, 1_000_000)?;
+        if changes.cannot_calculate {
+            return Ok(None);
+        }
+        Ok(Some(changes.created.into_iter().chain(changes.updated).collect()))
     }
 
     async fn append(
@@ -746,6 +899,7 @@ impl Session {
         if let Err(error) = self.try_refresh(expunges_allowed) {
             tracing::debug!("IMAP refresh failed: {error}");
         }
+        self.reported.clear();
     }
 
     fn try_refresh(&mut self, expunges_allowed: bool) -> Result<(), ServiceError> {
@@ -809,9 +963,15 @@ impl Session {
         if expunges_allowed {
             let mut index = 0;
             let mut expunged = 0;
+            let mut vanished = Vec::new();
+            let qresync = self.enabled.qresync;
             view.slots.retain(|slot| {
                 if slot.gone {
-                    lines.push(format!("{} EXPUNGE", index + 1));
+                    if qresync {
+                        vanished.push(slot.uid);
+                    } else {
+                        lines.push(format!("{} EXPUNGE", index + 1));
+                    }
                     expunged += 1;
                     false
                 } else {
@@ -819,6 +979,9 @@ impl Session {
                     true
                 }
             });
+            if !vanished.is_empty() {
+                lines.push(format!("VANISHED {}", compact_set(&vanished)));
+            }
             view.announced -= expunged;
         }
         if view.slots.len() != view.announced {
@@ -829,9 +992,17 @@ impl Session {
             if slot.gone || !updated.contains(&slot.id) {
                 continue;
             }
-            if let Ok(email) = self.service.email(&view.account, slot.id) {
+            if let Ok(email) = self.service.email_record(&view.account, slot.id) {
+                let modseq = match self.enabled.condstore {
+                    true => self.service.email_modseq(&view.account, slot.id).ok(),
+                    false => None,
+                };
+                if self.reported.get(&slot.id) == Some(&reported_key(&email.flags, modseq)) {
+                    continue;
+                }
+                let modseq = modseq.map(|modseq| format!(" MODSEQ ({modseq})")).unwrap_or_default();
                 lines.push(format!(
-                    "{} FETCH (UID {} FLAGS ({}))",
+                    "{} FETCH (UID {} FLAGS ({}){modseq})",
                     index + 1,
                     slot.uid,
                     flag_list(&email.flags)
@@ -842,6 +1013,20 @@ impl Session {
             self.untagged(&line);
         }
         Ok(())
+    }
+
+    /// The messages of the view changed since its modseq (the next refresh tells their flags).
+    fn pending_updates(&self) -> HashSet<MessageId> {
+        let Some(view) = self.view() else {
+            return HashSet::new();
+        };
+        let Ok(mailbox) = self.service.find_mailbox(&view.account, &view.mailbox) else {
+            return HashSet::new();
+        };
+        match self.service.changes(&view.account, mailbox, view.modseq, 100_000) {
+            Ok(changes) if !changes.cannot_calculate => changes.updated.into_iter().collect(),
+            _ => HashSet::new(),
+        }
     }
 
     /// The messages a set names: (sequence number, UID, ID), ascending.
@@ -862,7 +1047,26 @@ impl Session {
             .collect()
     }
 
-    async fn fetch(&mut self, set: &SequenceSet, items: MacroOrMessageDataItemNames<'static>, by_uid: bool) -> Outcome {
+    async fn fetch(
+        &mut self,
+        set: &SequenceSet,
+        items: MacroOrMessageDataItemNames<'static>,
+        by_uid: bool,
+        modifiers: &[FetchModifier],
+    ) -> Outcome {
+        let mut changed_since = None;
+        let mut vanished = false;
+        for modifier in modifiers {
+            match modifier {
+                FetchModifier::ChangedSince(modseq) => changed_since = Some(modseq.get()),
+                FetchModifier::Vanished => vanished = true,
+            }
+        }
+        if vanished && !(by_uid && self.enabled.qresync && changed_since.is_some()) {
+            return Err(Failure::Bad(
+                "VANISHED needs UID FETCH, CHANGEDSINCE and QRESYNC enabled".into(),
+            ));
+        }
         let mut items: Vec<MessageDataItemName<'static>> = match items {
             MacroOrMessageDataItemNames::Macro(name) => {
                 name.expand().into_iter().map(|item| item.into_static_name()).collect()
@@ -872,8 +1076,39 @@ impl Session {
         if by_uid && !items.iter().any(|item| matches!(item, MessageDataItemName::Uid)) {
             items.insert(0, MessageDataItemName::Uid);
         }
+        // CHANGEDSINCE implies MODSEQ (RFC 7162 3.1.4.1); both enable CONDSTORE.
+        if changed_since.is_some() && !items.iter().any(|item| matches!(item, MessageDataItemName::ModSeq)) {
+            items.push(MessageDataItemName::ModSeq);
+        }
+        if items.iter().any(|item| matches!(item, MessageDataItemName::ModSeq)) {
+            self.enabled.condstore = true;
+        }
         let view = self.view().expect("selected");
         let (account, read_only) = (view.account.clone(), view.read_only);
+        let mut chosen = self.chosen(set, by_uid);
+        if let Some(since) = changed_since {
+            if vanished {
+                let largest = view.last_uid();
+                let gone: Vec<u32> = self
+                    .service
+                    .vanished_since(&self.uids, &view.account, &view.mailbox, since)?
+                    .into_iter()
+                    .filter(|uid| set_contains(set, *uid, largest))
+                    .filter(|uid| view.slots.binary_search_by_key(uid, |slot| slot.uid).is_err())
+                    .collect();
+                if !gone.is_empty() {
+                    self.untagged(&format!("VANISHED (EARLIER) {}", compact_set(&gone)));
+                }
+            }
+            let view = self.view().expect("selected");
+            if let Some(changed) = self.changed_since(view, since)? {
+                chosen.retain(|(_, _, id)| changed.contains(id));
+            }
+        }
+        let wants_modseq = self.enabled.condstore;
+        // Only what changed since the view's modseq would come again in the refresh: the rest
+        // need not be remembered (a 100,000-message FETCH stays one pass).
+        let pending = self.pending_updates();
         let needs_raw = items.iter().any(|item| {
             !matches!(
                 item,
@@ -881,6 +1116,7 @@ impl Session {
                     | MessageDataItemName::Flags
                     | MessageDataItemName::InternalDate
                     | MessageDataItemName::Rfc822Size
+                    | MessageDataItemName::ModSeq
             )
         });
         let marks_seen = !read_only
@@ -894,7 +1130,7 @@ impl Session {
                 )
             });
         let mut failed = false;
-        for (sequence, uid, id) in self.chosen(set, by_uid) {
+        for (sequence, uid, id) in chosen {
             // FETCH items come from the record and the bytes; the listing is never needed.
             let mut email = match self.service.email_record(&account, id) {
                 Ok(email) => email,
@@ -924,20 +1160,45 @@ impl Session {
                     .await?;
                 flags_changed = true;
             }
+            let modseq = match wants_modseq {
+                true => match self.service.email_modseq(&account, id) {
+                    Ok(modseq) => modseq,
+                    Err(ServiceError::NoSuchMessage(_)) => {
+                        failed = true;
+                        continue;
+                    }
+                    Err(error) => return Err(error.into()),
+                },
+                false => 0,
+            };
+            if changed_since.is_some_and(|since| modseq <= since) {
+                continue;
+            }
             let parsed = raw.as_deref().map(Parsed::new);
             let mut line = format!("* {sequence} FETCH (").into_bytes();
             let mut first = true;
             let mut flags_written = false;
+            let mut modseq_written = false;
             for item in &items {
                 if !first {
                     line.push(b' ');
                 }
                 first = false;
-                write_item(&mut line, item, uid, &email, raw.as_deref(), parsed.as_ref());
+                write_item(&mut line, item, uid, modseq, &email, raw.as_deref(), parsed.as_ref());
                 flags_written |= matches!(item, MessageDataItemName::Flags);
+                modseq_written |= matches!(item, MessageDataItemName::ModSeq);
             }
             if flags_changed && !flags_written {
                 line.extend_from_slice(format!(" FLAGS ({})", flag_list(&email.flags)).as_bytes());
+                if wants_modseq && !modseq_written {
+                    line.extend_from_slice(format!(" MODSEQ ({modseq})").as_bytes());
+                }
+                flags_written = true;
+                modseq_written = wants_modseq;
+            }
+            if flags_written && (modseq_written || !wants_modseq) && (flags_changed || pending.contains(&id)) {
+                self.reported
+                    .insert(id, reported_key(&email.flags, modseq_written.then_some(modseq)));
             }
             line.extend_from_slice(b")\r\n");
             self.output.extend_from_slice(&line);
@@ -956,6 +1217,7 @@ impl Session {
         response: StoreResponse,
         flags: Vec<String>,
         by_uid: bool,
+        unchanged_since: Option<u64>,
     ) -> Outcome {
         let view = self.view().expect("selected");
         if view.read_only {
@@ -963,7 +1225,26 @@ impl Session {
         }
         let account = view.account.clone();
         let flags = crate::service::parse_flags(&flags).map_err(Failure::from)?;
+        if unchanged_since.is_some() {
+            self.enabled.condstore = true;
+        }
+        // A conditional STORE answers FETCH with MODSEQ even when silent (RFC 7162 3.1.3).
+        let answer = response == StoreResponse::Answer || unchanged_since.is_some();
+        let mut modified = Vec::new();
         for (sequence, uid, id) in self.chosen(set, by_uid) {
+            if let Some(limit) = unchanged_since {
+                // Checked, then written: a change from elsewhere in between wins as a normal
+                // concurrent write does (the service has no compare-and-set).
+                match self.service.email_modseq(&account, id) {
+                    Ok(modseq) if modseq > limit => {
+                        modified.push(if by_uid { uid } else { sequence });
+                        continue;
+                    }
+                    Ok(_) => {}
+                    Err(ServiceError::NoSuchMessage(_)) => continue,
+                    Err(error) => return Err(error.into()),
+                }
+            }
             let (add, remove) = match kind {
                 StoreType::Add => (flags.clone(), Vec::new()),
                 StoreType::Remove => (Vec::new(), flags.clone()),
@@ -982,16 +1263,33 @@ impl Session {
                 Err(ServiceError::NoSuchMessage(_)) => continue,
                 Err(error) => return Err(error.into()),
             };
-            if response == StoreResponse::Answer {
+            if !answer && !self.enabled.condstore {
+                // .SILENT: the client knows what it set (RFC 3501 6.4.6); no FETCH follows.
+                self.reported.insert(id, reported_key(&email.flags, None));
+            }
+            if answer {
                 let uid_item = if by_uid { format!("UID {uid} ") } else { String::new() };
+                let modseq = match self.enabled.condstore {
+                    true => self.service.email_modseq(&account, id).ok(),
+                    false => None,
+                };
+                self.reported.insert(id, reported_key(&email.flags, modseq));
+                let modseq = modseq.map(|modseq| format!(" MODSEQ ({modseq})")).unwrap_or_default();
                 self.untagged(&format!(
-                    "{sequence} FETCH ({uid_item}FLAGS ({}))",
+                    "{sequence} FETCH ({uid_item}FLAGS ({}){modseq})",
                     flag_list(&email.flags)
                 ));
             }
         }
         self.refresh(by_uid).await;
-        Ok(format!("{}STORE done", if by_uid { "UID " } else { "" }))
+        let command = if by_uid { "UID STORE" } else { "STORE" };
+        if !modified.is_empty() {
+            return Ok(format!(
+                "[MODIFIED {}] {command} done, except where changed since",
+                compact_set(&modified)
+            ));
+        }
+        Ok(format!("{command} done"))
     }
 
     async fn expunge_deleted(&mut self, only: Option<&SequenceSet>) -> Result<(), Failure> {
@@ -1028,12 +1326,70 @@ impl Session {
         Ok("EXPUNGE done".into())
     }
 
-    async fn search(&mut self, criteria: &[SearchKey<'static>], by_uid: bool) -> Outcome {
+    /// SEARCH, answered as ESEARCH (RFC 4731) when the client asked `RETURN (...)` or enabled
+    /// IMAP4rev2; a MODSEQ key adds the highest modseq found (RFC 7162 3.1.5).
+    async fn search(
+        &mut self,
+        tag: &str,
+        criteria: &[SearchKey<'static>],
+        by_uid: bool,
+        search_return: Option<SearchReturn>,
+    ) -> Outcome {
         let found = self.matching(criteria).await?;
-        let mut line = "SEARCH".to_owned();
-        for (sequence, uid, _) in found {
-            line.push_str(&format!(" {}", if by_uid { uid } else { sequence }));
-        }
+        let numbers: Vec<u32> = found
+            .iter()
+            .map(|(sequence, uid, _)| if by_uid { *uid } else { *sequence })
+            .collect();
+        let highest = if criteria.iter().any(has_modseq_key) {
+            self.enabled.condstore = true;
+            let account = self.account().unwrap_or_default().to_owned();
+            found
+                .iter()
+                .filter_map(|(_, _, id)| self.service.email_modseq(&account, *id).ok())
+                .max()
+        } else {
+            None
+        };
+        let search_return = search_return.or(self.enabled.rev2.then_some(SearchReturn {
+            all: true,
+            ..SearchReturn::default()
+        }));
+        let line = match search_return {
+            Some(options) => {
+                let mut line = format!("ESEARCH (TAG \"{tag}\")");
+                if by_uid {
+                    line.push_str(" UID");
+                }
+                if let (true, Some(min)) = (options.min, numbers.first()) {
+                    line.push_str(&format!(" MIN {min}"));
+                }
+                if let (true, Some(max)) = (options.max, numbers.last()) {
+                    line.push_str(&format!(" MAX {max}"));
+                }
+                if options.count {
+                    line.push_str(&format!(" COUNT {}", numbers.len()));
+                }
+                if options.all && !numbers.is_empty() {
+                    line.push_str(&format!(" ALL {}", compact_set(&numbers)));
+                }
+                if let Some(highest) = highest.filter(|_| !numbers.is_empty()) {
+                    line.push_str(&format!(" MODSEQ {highest}"));
+                }
+                line
+            }
+            None => {
+                let mut line = String::with_capacity(7 + numbers.len() * 7);
+                line.push_str("SEARCH");
+                for number in &numbers {
+                    line.push(' ');
+                    line.push_str(&number.to_string());
+                }
+                if let Some(highest) = highest.filter(|_| !numbers.is_empty()) {
+                    line.push_str(&format!(" (MODSEQ {highest})"));
+                }
+                line
+            }
+        };
         self.untagged(&line);
         self.refresh(by_uid).await;
         Ok(format!("{}SEARCH done", if by_uid { "UID " } else { "" }))
@@ -1053,21 +1409,23 @@ impl Session {
             ImapSortKey::Size => SortKey::Size,
             _ => return Err(Failure::Bad("sorting by CC or TO is not supported".into())),
         };
-        let found = self.matching(search).await?;
+        let mut found = self.matching(search).await?;
         let view = self.view().expect("selected");
         let (account, mailbox) = (view.account.clone(), view.mailbox.clone());
-        let numbers: HashMap<MessageId, (u32, u32)> = found
-            .into_iter()
-            .map(|(sequence, uid, id)| (id, (sequence, uid)))
-            .collect();
+        // By ID, to look up each message of the index's order (no hashing of 100,000 IDs).
+        found.sort_unstable_by_key(|(_, _, id)| *id);
         let ordered = self.service.sorted_ids(&account, &mailbox, key, first.reverse)?;
-        let mut line = "SORT".to_owned();
+        let mut line = Vec::with_capacity(8 + found.len() * 7);
+        line.extend_from_slice(b"* SORT");
         for id in ordered {
-            if let Some((sequence, uid)) = numbers.get(&id) {
-                line.push_str(&format!(" {}", if by_uid { uid } else { sequence }));
+            if let Ok(index) = found.binary_search_by_key(&id, |(_, _, id)| *id) {
+                let (sequence, uid, _) = found[index];
+                line.push(b' ');
+                write_number(&mut line, if by_uid { uid } else { sequence });
             }
         }
-        self.untagged(&line);
+        line.extend_from_slice(b"\r\n");
+        self.output.extend_from_slice(&line);
         self.refresh(by_uid).await;
         Ok(format!("{}SORT done", if by_uid { "UID " } else { "" }))
     }
@@ -1187,6 +1545,17 @@ struct Candidate<'a> {
     text_hits: &'a HashMap<String, HashSet<MessageId>>,
 }
 
+/// Whether a search has a MODSEQ key anywhere (its answer then carries the highest modseq).
+fn has_modseq_key(key: &SearchKey<'_>) -> bool {
+    match key {
+        SearchKey::ModSequence { .. } => true,
+        SearchKey::And(keys) => keys.as_ref().iter().any(has_modseq_key),
+        SearchKey::Or(left, right) => has_modseq_key(left) || has_modseq_key(right),
+        SearchKey::Not(key) => has_modseq_key(key),
+        _ => false,
+    }
+}
+
 impl Candidate<'_> {
     fn raw(&mut self) -> &[u8] {
         if self.raw.is_none() {
@@ -1266,6 +1635,11 @@ impl Candidate<'_> {
                 }
             }
             SearchKey::Body(text) | SearchKey::Text(text) => self.text_hit(text),
+            // Per-flag modseqs are not kept: the message's modseq stands for each (RFC 7162 3.1.5).
+            SearchKey::ModSequence { modseq, .. } => self
+                .service
+                .email_modseq(self.account, self.email.id)
+                .is_ok_and(|found| found >= *modseq),
             #[allow(unreachable_patterns)]
             _ => false,
         }
@@ -1292,6 +1666,7 @@ fn write_item(
     out: &mut Vec<u8>,
     item: &MessageDataItemName<'_>,
     uid: u32,
+    modseq: u64,
     email: &Email,
     raw: Option<&[u8]>,
     parsed: Option<&Parsed<'_>>,
@@ -1299,6 +1674,7 @@ fn write_item(
     let raw = raw.unwrap_or_default();
     match item {
         MessageDataItemName::Uid => out.extend_from_slice(format!("UID {uid}").as_bytes()),
+        MessageDataItemName::ModSeq => out.extend_from_slice(format!("MODSEQ ({modseq})").as_bytes()),
         MessageDataItemName::Flags => out.extend_from_slice(format!("FLAGS ({})", flag_list(&email.flags)).as_bytes()),
         MessageDataItemName::InternalDate => {
             out.extend_from_slice(format!("INTERNALDATE \"{}\"", internal_date(email.received_millis)).as_bytes())
@@ -1563,6 +1939,87 @@ pub fn encode_modified_utf7(name: &str) -> String {
     out
 }
 
+/// Writes a number in decimal without an allocation.
+fn write_number(out: &mut Vec<u8>, number: u32) {
+    let mut digits = [0u8; 10];
+    let mut at = digits.len();
+    let mut rest = number;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+}
+
+/// What a FETCH told of a message's flags and modseq, to compare with what a refresh would tell.
+fn reported_key(flags: &[Flag], modseq: Option<u64>) -> String {
+    format!("{}|{modseq:?}", flag_list(flags))
+}
+
+/// HIGHESTMODSEQ as told: at least 1, since 0 would mean no modseqs are kept (RFC 7162 3.1.2.1).
+fn highest_modseq(modseq: u64) -> u64 {
+    modseq.max(1)
+}
+
+/// Ascending numbers as a sequence set: `1:3,5,7:9`.
+pub fn compact_set(numbers: &[u32]) -> String {
+    let mut out = String::new();
+    let mut index = 0;
+    while index < numbers.len() {
+        let start = numbers[index];
+        let mut end = start;
+        while index + 1 < numbers.len() && numbers[index + 1] == end.wrapping_add(1) {
+            index += 1;
+            end = numbers[index];
+        }
+        if !out.is_empty() {
+            out.push(',');
+        }
+        if start == end {
+            out.push_str(&start.to_string());
+        } else {
+            out.push_str(&format!("{start}:{end}"));
+        }
+        index += 1;
+    }
+    out
+}
+
+/// The numbers a set names, ascending, `*` being `largest` and nothing above `largest`.
+fn uids_in(set: &SequenceSet, largest: u32) -> impl Iterator<Item = u32> {
+    let value = |item: &SeqOrUid| match item {
+        SeqOrUid::Value(value) => value.get(),
+        SeqOrUid::Asterisk => largest,
+    };
+    let mut ranges: Vec<(u32, u32)> = set
+        .0
+        .as_ref()
+        .iter()
+        .map(|sequence| match sequence {
+            Sequence::Single(item) => (value(item), value(item)),
+            Sequence::Range(low, high) => {
+                let (low, high) = (value(low), value(high));
+                (low.min(high), low.max(high))
+            }
+        })
+        .map(|(low, high)| (low, high.min(largest)))
+        .filter(|(low, high)| low <= high)
+        .collect();
+    ranges.sort_unstable();
+    let mut merged: Vec<(u32, u32)> = Vec::new();
+    for (low, high) in ranges {
+        match merged.last_mut() {
+            Some(last) if low <= last.1.saturating_add(1) => last.1 = last.1.max(high),
+            _ => merged.push((low, high)),
+        }
+    }
+    merged.into_iter().flat_map(|(low, high)| low..=high)
+}
+
 fn flag_list(flags: &[Flag]) -> String {
     flags.iter().map(Flag::as_str).collect::<Vec<_>>().join(" ")
 }
@@ -1609,6 +2066,22 @@ mod tests {
             set_contains(&set, 5, 5),
             "n:* holds the last message even when n is above it"
         );
+    }
+
+    #[test]
+    fn sets_are_written_compactly_and_read_in_order() {
+        assert_eq!(compact_set(&[1, 2, 3, 5, 7, 8, 9]), "1:3,5,7:9");
+        assert_eq!(compact_set(&[4]), "4");
+        assert_eq!(compact_set(&[]), "");
+        let mut written = Vec::new();
+        for number in [0, 7, 10, 4_294_967_295] {
+            write_number(&mut written, number);
+            written.push(b',');
+        }
+        assert_eq!(written, b"0,7,10,4294967295,");
+        let set = SequenceSet::try_from("7:5,1,2:3,9:*").unwrap();
+        assert_eq!(uids_in(&set, 10).collect::<Vec<_>>(), vec![1, 2, 3, 5, 6, 7, 9, 10]);
+        assert_eq!(uids_in(&set, 6).collect::<Vec<_>>(), vec![1, 2, 3, 5, 6]);
     }
 
     #[test]

@@ -49,3 +49,15 @@ impl MailService {
         Ok(Email::of(&record, placement.mailbox(), Listing::default()))
     }
 }
+
+impl MailService {
+    /// A live message's node-local modseq (CONDSTORE's MODSEQ, RFC 7162): the modseq of its last
+    /// change here, in the sequence its mailbox's [`MailService::changes`] counts.
+    pub fn email_modseq(&self, account: &str, id: MessageId) -> Result<u64, ServiceError> {
+        let container = MailboxKey::emails(account)?;
+        match self.inner.store.local_state(container.id(), id)? {
+            Some(state) if state.listing.is_some() => Ok(state.modseq),
+            _ => Err(ServiceError::NoSuchMessage(id)),
+        }
+    }
+}

@@ -7,6 +7,11 @@
 //! Numbers are handed out lazily, when an IMAP session looks at the mailbox, and kept in a small
 //! RocksDB database of their own (`uids/` under the data dir), so they survive a restart.
 //!
+//! When a numbered message leaves the mailbox its UID is kept as a vanished entry under the
+//! modseq the numbering pass reached (never below the expunge's own modseq), so QRESYNC can say
+//! which UIDs vanished since a client's modseq (RFC 7162 VANISHED (EARLIER)); it may name a few
+//! that vanished just before, which the RFC allows.
+//!
 //! Each mailbox has a UIDVALIDITY (seconds since the epoch when its numbering began). If the map
 //! is lost, or the store's log for the mailbox was rebuilt so that this map can no longer follow
 //! it, the mailbox is numbered afresh under a new, larger UIDVALIDITY, and clients resync.
@@ -22,10 +27,12 @@ use rocksdb::{Direction, IteratorMode, WriteBatch, DB};
 use super::{MailService, ServiceError};
 use crate::model::MessageId;
 
-/// Key prefixes: the mailbox's numbering, UID -> message, message -> UID.
+/// Key prefixes: the mailbox's numbering, UID -> message, message -> UID, and (modseq, UID) of
+/// the UIDs that vanished.
 const META: u8 = b'm';
 const BY_UID: u8 = b'u';
 const BY_MESSAGE: u8 = b'i';
+const VANISHED: u8 = b'x';
 
 /// Why the UID map could not be opened or used.
 #[derive(Debug, thiserror::Error)]
@@ -132,11 +139,41 @@ impl UidIndex {
         Ok(messages)
     }
 
+    /// The UIDs that vanished from a mailbox at a modseq above `since`, ascending, with the
+    /// keys they are kept under.
+    fn vanished_after(&self, mailbox: &[u8; 16], since: u64) -> Result<Vec<(u32, Vec<u8>)>, UidError> {
+        let start = key(VANISHED, mailbox, &since.saturating_add(1).to_be_bytes());
+        let end = key(VANISHED, mailbox, &[0xff; 13]);
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(end);
+        let mut vanished = Vec::new();
+        if since == u64::MAX {
+            return Ok(vanished);
+        }
+        for item in self
+            .db
+            .iterator_opt(IteratorMode::From(&start, Direction::Forward), options)
+        {
+            let (key, _) = item?;
+            let uid = key
+                .get(25..29)
+                .and_then(|bytes| bytes.try_into().ok())
+                .map(u32::from_be_bytes)
+                .ok_or(UidError::Corrupt("vanished key"))?;
+            vanished.push((uid, key.to_vec()));
+        }
+        vanished.sort_unstable();
+        Ok(vanished)
+    }
+
     /// Forgets a mailbox's numbering (every UID, and the numbering itself).
     fn forget(&self, mailbox: &[u8; 16], batch: &mut WriteBatch) -> Result<(), UidError> {
         for (uid, id) in self.list_after(mailbox, 0)? {
             batch.delete(key(BY_UID, mailbox, &uid.to_be_bytes()));
             batch.delete(key(BY_MESSAGE, mailbox, &id.0.to_be_bytes()));
+        }
+        for (_, key) in self.vanished_after(mailbox, 0)? {
+            batch.delete(key);
         }
         Ok(())
     }
@@ -216,10 +253,18 @@ impl MailService {
                 ));
             }
         }
+        // The pass reaches the log's modseq, which is at or above every expunge it lists.
+        let reached = changes.modseq.max(state.modseq);
         for id in changes.expunged {
+            if renumbered {
+                break; // the old numbering is gone whole
+            }
             if let Some(uid) = uids.uid_of(&name, id)? {
                 batch.delete(key(BY_UID, &name, &uid.to_be_bytes()));
                 batch.delete(key(BY_MESSAGE, &name, &id.0.to_be_bytes()));
+                let mut vanished = reached.to_be_bytes().to_vec();
+                vanished.extend_from_slice(&uid.to_be_bytes());
+                batch.put(key(VANISHED, &name, &vanished), []);
             }
         }
         for id in changes.created.into_iter().chain(changes.updated) {
@@ -236,7 +281,7 @@ impl MailService {
             );
             state.uid_next += 1;
         }
-        state.modseq = changes.modseq.max(state.modseq);
+        state.modseq = reached;
         if stored != Some(state) {
             let mut meta = Vec::with_capacity(16);
             meta.extend_from_slice(&state.uid_validity.to_be_bytes());
@@ -251,6 +296,27 @@ impl MailService {
             uids.list_after(&name, after)?
         };
         Ok(UidSnapshot { state, messages })
+    }
+
+    /// The UIDs that left the mailbox since `since` (a modseq of this node), ascending, after
+    /// numbering what is new; may include some that left a little before.
+    pub fn vanished_since(
+        &self,
+        uids: &UidIndex,
+        account: &str,
+        mailbox: &str,
+        since: u64,
+    ) -> Result<Vec<u32>, ServiceError> {
+        self.uid_sync(uids, account, mailbox)?;
+        let mailbox_id = self.find_mailbox(account, mailbox)?;
+        let _guard = uids.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut vanished: Vec<u32> = uids
+            .vanished_after(&mailbox_key(account, mailbox_id), since)?
+            .into_iter()
+            .map(|(uid, _)| uid)
+            .collect();
+        vanished.dedup();
+        Ok(vanished)
     }
 
     /// The UID of a live message, once numbered.
