@@ -12,7 +12,8 @@
 //! which UIDs vanished since a client's modseq (RFC 7162 VANISHED (EARLIER)); it may name a few
 //! that vanished just before, which the RFC allows.
 //!
-//! Each mailbox has a UIDVALIDITY (seconds since the epoch when its numbering began). If the map
+//! Each mailbox has a UIDVALIDITY (seconds since the epoch when its numbering began, shifted by an
+//! offset of up to 18 hours fixed per node, so two nodes' numberings of one mailbox differ). If the map
 //! is lost, or the store's log for the mailbox was rebuilt so that this map can no longer follow
 //! it, the mailbox is numbered afresh under a new, larger UIDVALIDITY, and clients resync.
 //!
@@ -202,6 +203,19 @@ pub fn mailbox_key(account: &str, mailbox: crate::model::MailboxId) -> [u8; 16] 
 /// Changes a mailbox's log may list in one numbering pass (a fresh 100,000-message mailbox fits).
 const NUMBERING_PAGE: usize = 10_000_000;
 
+/// The clock UIDVALIDITY values are read from: seconds since the epoch, shifted by up to 18 hours
+/// by an offset fixed per node. Every node numbers a replicated mailbox on its own, and they all
+/// do it within the same second when mail arrives; with the bare clock their UIDVALIDITYs would
+/// match, and a client moved to another node would keep UIDs that name other messages there.
+/// With the offset two nodes share a value only if their offsets collide (1 in 65,536), while on
+/// one node the values still only grow, as a renumbering needs.
+fn validity_clock(now_millis: u64, node: u64) -> u32 {
+    let offset = blake3::hash(&node.to_be_bytes()).as_bytes()[..2]
+        .iter()
+        .fold(0u64, |value, byte| value << 8 | u64::from(*byte));
+    (now_millis / 1000 + offset).clamp(1, u64::from(u32::MAX)) as u32
+}
+
 impl MailService {
     /// Numbers every message of the mailbox that has no UID yet and returns the numbering.
     pub fn uid_sync(&self, uids: &UidIndex, account: &str, mailbox: &str) -> Result<UidState, ServiceError> {
@@ -222,7 +236,7 @@ impl MailService {
         let mailbox_id = self.find_mailbox(account, mailbox)?;
         let name = mailbox_key(account, mailbox_id);
         let _guard = uids.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let now_seconds = (self.inner.environment.now_millis() / 1000).clamp(1, u32::MAX as u64) as u32;
+        let now_seconds = validity_clock(self.inner.environment.now_millis(), self.inner.store.node().0);
         let mut batch = WriteBatch::default();
         let stored = uids.meta(&name)?;
         let mut state = stored.unwrap_or(UidState {
@@ -329,5 +343,22 @@ impl MailService {
     ) -> Result<Option<u32>, ServiceError> {
         let mailbox_id = self.find_mailbox(account, mailbox)?;
         Ok(uids.uid_of(&mailbox_key(account, mailbox_id), id)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::validity_clock;
+
+    #[test]
+    fn nodes_numbering_in_the_same_second_get_their_own_uidvalidity_and_each_only_grows() {
+        let now = 1_780_000_000_123;
+        let validities: std::collections::BTreeSet<u32> = (1..=64u64).map(|node| validity_clock(now, node)).collect();
+        assert_eq!(validities.len(), 64, "two of 64 nodes share a UIDVALIDITY");
+        for node in [1, 77, u64::MAX] {
+            assert!(validity_clock(now + 1_000, node) > validity_clock(now, node));
+            let shift = u64::from(validity_clock(now, node)) - now / 1000;
+            assert!(shift < 65_536);
+        }
     }
 }
