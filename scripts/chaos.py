@@ -85,7 +85,10 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import chaos_check  # noqa: E402
 
-PREFIX_FAMILY = "mmc-"
+# Every namespace of a run is named PREFIX_FAMILY + 6 hex digits + a suffix; --cleanup removes the
+# family. `cargo test` (tests/partition.rs) uses its own family, so that a batch of runs cleaning up
+# between runs leaves a test's namespaces alone, and the other way round.
+PREFIX_FAMILY = os.environ.get("CHAOS_PREFIX_FAMILY", "mmc-")
 CLONE_NEWNET = 0x40000000
 HTTP_PORT = 8080
 P2P_PORT = 4801
@@ -1092,24 +1095,27 @@ def draw_fault(rng, kind, count, length):
     return parameters, length
 
 
-def make_schedule(seed, duration, count):
+def make_schedule(seed, duration, count, kinds=None):
     """The faults of a run, drawn from the seed alone: [(start, kind, parameters, length)]. The
-    last one lasts until the load stops, so that the final heal heals a real fault."""
+    last one lasts until the load stops, so that the final heal heals a real fault. `kinds`
+    (default: all) limits the faults drawn."""
     rng = random.Random(seed)
+    weights = {kind: weight for kind, weight in FAULT_WEIGHTS.items() if kinds is None or kind in kinds}
+    finals = [kind for kind in ("isolate", "halves", "bridge", "pause", "kill") if kind in weights] or list(weights)
     schedule = []
     moment = rng.uniform(2, 5)
     wipes = 0
     final_start = max(moment, duration - 8)
     while moment < final_start - 4:
-        kind = rng.choices(list(FAULT_WEIGHTS), list(FAULT_WEIGHTS.values()))[0]
+        kind = rng.choices(list(weights), list(weights.values()))[0]
         if kind == "wipe" and wipes >= 2:
-            kind = "kill"
+            kind = "kill" if "kill" in weights else rng.choice(finals)
         wipes += kind == "wipe"
         parameters, length = draw_fault(rng, kind, count, rng.uniform(3, 12))
         length = min(length, max(1.0, final_start - 2 - moment))
         schedule.append((round(moment, 3), kind, parameters, round(length, 3)))
         moment += length + rng.uniform(1, 5)
-    kind = rng.choice(["isolate", "halves", "bridge", "pause", "kill"])
+    kind = rng.choice(finals)
     parameters, _ = draw_fault(rng, kind, count, 0)
     parameters.pop("crash", None)
     parameters.pop("crash_offset_ms", None)
@@ -1322,6 +1328,8 @@ def main():
                         help="change-feed clients, spread over the accounts (0: none)")
     parser.add_argument("--feed-bad-token-rate", type=float, default=0.0,
                         help="share of feed catch-ups that send a malformed token (expect 410, then a resync)")
+    parser.add_argument("--only-faults", default=None,
+                        help=f"comma-separated fault kinds to draw from ({','.join(FAULT_WEIGHTS)}; default all)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir even when the run passes")
     parser.add_argument("--cleanup", action="store_true", help=f"remove namespaces named {PREFIX_FAMILY}* and exit")
     arguments = parser.parse_args()
@@ -1343,7 +1351,13 @@ def main():
         signal.signal(number, on_signal)
     history = History(os.path.join(root, "history.jsonl"))
     write_credentials(arguments.binary, root)
-    schedule = make_schedule(seed, arguments.duration, arguments.nodes)
+    kinds = None
+    if arguments.only_faults:
+        kinds = set(arguments.only_faults.split(","))
+        unknown = kinds - set(FAULT_WEIGHTS)
+        if unknown or not kinds:
+            raise SystemExit(f"--only-faults takes a comma-separated subset of {','.join(FAULT_WEIGHTS)}")
+    schedule = make_schedule(seed, arguments.duration, arguments.nodes, kinds)
     history.write({"type": "run", "seed": seed, "prefix": prefix, "nodes": arguments.nodes,
                    "duration": arguments.duration, "binary": arguments.binary, "schedule": schedule,
                    "accounts": ACCOUNTS, "mailbox_pool": MAILBOX_POOL, "feed_clients": arguments.feed_clients})
