@@ -50,7 +50,16 @@ fn a_real_partition_in_halves_loses_nothing_and_converges() {
     let output = Command::new("python3")
         .env("CHAOS_PREFIX_FAMILY", PREFIX_FAMILY)
         .arg(&script)
-        .args(["--seed", "1", "--duration", "8", "--nodes", "3", "--only-faults", "halves"])
+        .args([
+            "--seed",
+            "1",
+            "--duration",
+            "8",
+            "--nodes",
+            "3",
+            "--only-faults",
+            "halves",
+        ])
         .args(["--feed-clients", "1", "--converge-deadline", "90"])
         .arg("--binary")
         .arg(env!("CARGO_BIN_EXE_mailmesh"))
@@ -73,7 +82,10 @@ fn a_real_partition_in_halves_loses_nothing_and_converges() {
     for count in ["lost", "resurrected", "divergent", "duplicates"] {
         assert_eq!(summary[count], 0, "{count}: {summary}");
     }
-    assert_eq!(summary["faults"]["halves"], 1, "the run must have split the cluster: {summary}");
+    assert_eq!(
+        summary["faults"]["halves"], 1,
+        "the run must have split the cluster: {summary}"
+    );
     assert!(summary["acknowledged"].as_u64().unwrap() > 0, "{summary}");
     assert_eq!(summary["converged"], true, "{summary}");
 }
