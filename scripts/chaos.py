@@ -33,22 +33,29 @@ until the load stops, so the final heal heals something real. The schedule is dr
 alone before the run and written to the history, so `--seed S --duration D` replays the same faults
 (thread timing still varies).
 
-Clients: one per node, each appending, changing one flag, or expunging, with a 3 s timeout. Every
-request is a line of history.jsonl with its outcome: ok (acknowledged), fail (refused before it
-could apply: connection refused, or a 4xx answer) or unknown (timeout, reset, 5xx). Flag changes
-read the record's 8-byte state hash (GET .../sync/ids?lo=ID&hi=ID) on their node just before and
-just after: the checker uses these hashes as causal evidence to name the flag value the stamps must
-make win (see chaos_check.py). A reader lists one mailbox on one node every ~second and records
-what appeared and vanished since that node's last complete listing; a poller records "barriers",
-moments when all nodes reported one digest.
+Clients: one per node. Each appends over HTTP (to INBOX or a path from a small pool, created when
+missing), delivers over LMTP (each node listens on 10.78.I.1:2424; to `user@` or `user+detail@`),
+changes one flag, expunges, moves an email to another mailbox, and creates, renames (also under
+another mailbox) or deletes (a childless) mailbox, with a 3 s timeout. Every request is a line of
+history.jsonl with its outcome: ok (acknowledged), fail (refused before it could apply: connection
+refused, a 4xx answer, an LMTP 5xx or a refusal before DATA, or a lookup before it that failed) or
+unknown (timeout, reset, 5xx, an LMTP 4xx after DATA). Operations on an email first ask their node
+where it is (GET /v1/accounts/A/emails/ID); mailbox operations first list the account's mailboxes
+on their node and keep that list (`seen`), and a delete keeps the listing of the mailbox it read just
+before (`pre_listing`): the emails the node must destroy. Flag changes and moves read the record's
+8-byte state hash (GET .../sync/ids?lo=ID&hi=ID) on their node just before and just after: the
+checker uses these hashes as causal evidence to name the value the stamps must make win (see
+chaos_check.py). A reader lists one mailbox (by its ID, through its path, checked before and after)
+of one account on one node every ~second and records what appeared and vanished since that node's
+last complete listing of it; a poller records "barriers", moments when all nodes reported one digest.
 
 End: clients stop, every fault is healed (`heal` event), and the run waits (--converge-deadline)
-until every node reports the same digest; then it reads every node's mailboxes, listings and
-message bytes into final.json and runs the checker. One JSON summary line goes to stdout. A run
+until every node reports the same digest; then it reads every node's mailboxes (ID, path, parent, role), listings and
+message bytes into final.json, with what GET /v1/accounts/A/emails/ID answers for each acknowledged
+ID a node does not list (orphans), and runs the checker. One JSON summary line goes to stdout. A run
 with a problem keeps its work dir (history.jsonl, final.json, logs/nodeI.log) and prints the seed.
 
-Adding operations (mailbox create/rename/delete, moves, LMTP delivery, being built elsewhere): each
-operation kind is a class in OPERATION_KINDS with `choose` (draw a request from the shared model),
+Adding operations: each operation kind is a class in OPERATION_KINDS with `choose` (draw a request from the shared model),
 `perform` (send it, return the outcome) and `learn` (update the model from an acknowledgement); add
 one there with a weight, read what it needs into final.json in `read_final_state`, and add a rule
 to chaos_check.RULES. Nothing else has to change.
@@ -65,6 +72,7 @@ import os
 import random
 import shutil
 import signal
+import smtplib
 import socket
 import subprocess
 import sys
@@ -77,14 +85,24 @@ sys.dont_write_bytecode = True
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import chaos_check  # noqa: E402
 
-PREFIX_FAMILY = "mmc-"
+# Every namespace of a run is named PREFIX_FAMILY + 6 hex digits + a suffix; --cleanup removes the
+# family. `cargo test` (tests/partition.rs) uses its own family, so that a batch of runs cleaning up
+# between runs leaves a test's namespaces alone, and the other way round.
+PREFIX_FAMILY = os.environ.get("CHAOS_PREFIX_FAMILY", "mmc-")
 CLONE_NEWNET = 0x40000000
 HTTP_PORT = 8080
 P2P_PORT = 4801
 CLIENT_TIMEOUT = 3.0
-MAILBOXES = [("alice@chaos.test", "INBOX"), ("alice@chaos.test", "Archive"), ("bob@chaos.test", "INBOX")]
+LMTP_PORT = 2424
+# Mailbox paths clients create, append to and rename to: few, so that nodes contend for the same
+# names (concurrent creates of one name, renames onto one path) while apart.
+MAILBOX_POOL = ["Archive", "Work", "Lists", "Travel", "Work/Reports", "Lists/Rust"]
 FLAGS = ["\\Seen", "\\Flagged", "\\Answered", "$Work"]
 HOUR_MS = 3_600_000
+# Every node reads one accounts file (so that LMTP's user+detail@ finds the account and files into
+# `detail`, and other addresses are refused) and one operator token, sent with every HTTP request.
+TOKEN = "chaos-operator-token-" + "0123456789abcdef"
+ACCOUNTS = ["alice@chaos.test", "bob@chaos.test"]
 
 
 def log(message):
@@ -123,6 +141,10 @@ class Network:
     @staticmethod
     def http_address(index):
         return f"10.78.{index}.1:{HTTP_PORT}"
+
+    @staticmethod
+    def lmtp_address(index):
+        return f"10.78.{index}.1:{LMTP_PORT}"
 
     def ip(self, namespace, *arguments, check=True):
         return run(["ip", "-n", namespace, *arguments], check=check)
@@ -234,6 +256,8 @@ class NodeProcess:
     """One node: its namespace, config, data dir, log, process and offsets over its lives."""
 
     def __init__(self, index, network, binary, root, gossip_interval_ms):
+        self.accounts_file = os.path.join(root, "accounts")
+        self.token_file = os.path.join(root, "token")
         self.index = index
         self.name = f"node{index}"
         self.network = network
@@ -242,6 +266,7 @@ class NodeProcess:
         self.data_dir = os.path.join(self.directory, "data")
         self.log_path = os.path.join(root, "logs", f"{self.name}.log")
         self.http = network.http_address(index)
+        self.lmtp = network.lmtp_address(index)
         self.gossip_interval_ms = gossip_interval_ms
         self.process = None
         self.offset_ms = 0
@@ -258,6 +283,10 @@ class NodeProcess:
             f'data_dir = "{self.data_dir}"',
             f'listen = ["/ip4/{Network.cluster_address(self.index)}/tcp/{P2P_PORT}"]',
             f'http = "{self.http}"',
+            f'lmtp_listen = "{self.lmtp}"',
+            f'accounts_file = "{self.accounts_file}"',
+            f'http_token_file = "{self.token_file}"',
+            "allow_plaintext_auth = true",
             "peers = [" + ", ".join(f'"{peer}"' for peer in peers) + "]",
             'cluster = "chaos"',
             f"gossip_interval_ms = {self.gossip_interval_ms}",
@@ -339,7 +368,7 @@ def http_request(address, method, path, body=None, timeout=CLIENT_TIMEOUT, heade
             connection.connect()
         except OSError as error:
             raise Unsent(str(error)) from error
-        connection.request(method, path, body=body, headers=headers or {})
+        connection.request(method, path, body=body, headers={"Authorization": f"Bearer {TOKEN}", **(headers or {})})
         response = connection.getresponse()
         return response.status, response.read()
     finally:
@@ -401,27 +430,62 @@ class Model:
 
     def __init__(self):
         self.lock = threading.Lock()
-        self.messages = []  # (account, mailbox, id)
+        self.messages = []  # (account, id), in the order they were acknowledged
         self.expunged = set()
 
-    def add(self, key):
+    def add(self, account, message_id):
         with self.lock:
-            self.messages.append(key)
+            self.messages.append((account, message_id))
 
     def pick(self, rng):
         with self.lock:
-            live = [key for key in self.messages[-30:] if key[2] not in self.expunged]
+            live = [key for key in self.messages[-30:] if key[1] not in self.expunged]
             if live and rng.random() < 0.8:
                 return rng.choice(live)
-            candidates = [key for key in self.messages if key[2] not in self.expunged]
+            candidates = [key for key in self.messages if key[1] not in self.expunged]
             return rng.choice(candidates) if candidates else None
 
 
-def state_hash(node, account, mailbox, message_id):
-    """The record's 8-byte state hash on `node`, or None."""
+def account_path(account):
+    return f"/v1/accounts/{urllib.parse.quote(account, safe='')}"
+
+
+def fetch_mailboxes(node, account, timeout=1.5):
+    """The account's visible mailboxes on `node` ([{id, mailbox, parent, role}]), or None."""
+    try:
+        status, body = http_request(node.http, "GET", f"{account_path(account)}/mailboxes", timeout=timeout)
+        if status != 200:
+            return None
+        return [{"id": entry["id"], "mailbox": entry["mailbox"], "parent": entry.get("parent"),
+                 "role": entry.get("role")} for entry in json.loads(body)["mailboxes"]]
+    except (OSError, http.client.HTTPException, ValueError, KeyError):
+        return None
+
+
+def seen_of(mailboxes):
+    """A mailbox list as the history keeps it: [[id, path, parent]]."""
+    return [[entry["id"], entry["mailbox"], entry["parent"]] for entry in mailboxes]
+
+
+def email_location(node, account, message_id, timeout=1.5):
+    """(mailbox id, mailbox path) of a live email on `node`, or None."""
+    try:
+        status, body = http_request(node.http, "GET", f"{account_path(account)}/emails/{message_id}",
+                                    timeout=timeout)
+        if status != 200:
+            return None
+        answer = json.loads(body)
+        return answer.get("mailbox_id"), answer.get("mailbox")
+    except (OSError, http.client.HTTPException, ValueError):
+        return None
+
+
+def state_hash(node, account, message_id):
+    """The record's 8-byte state hash on `node`, or None. The ranges cover the account's whole
+    emails trie; the route only needs a mailbox that exists, and INBOX always does."""
     query = urllib.parse.urlencode({"lo": message_id, "hi": message_id, "limit": 1})
     try:
-        status, body = http_request(node.http, "GET", f"{mailbox_path(account, mailbox)}/sync/ids?{query}",
+        status, body = http_request(node.http, "GET", f"{mailbox_path(account, 'INBOX')}/sync/ids?{query}",
                                     timeout=1.5)
     except (OSError, http.client.HTTPException, Unsent):
         return None
@@ -431,22 +495,44 @@ def state_hash(node, account, mailbox, message_id):
     return ids[0]["state"] if ids and ids[0].get("id") == message_id else None
 
 
-class Append:
+def make_message(tag, sender, recipient, size):
+    """A message whose subject (and Message-ID) names the operation that sent it."""
+    subject = f"chaos {tag}"
+    text = (f"From: {sender}\r\nTo: {recipient}\r\nSubject: {subject}\r\n"
+            f"Message-ID: <{tag}@chaos.test>\r\nDate: Tue, 01 Dec 2026 09:00:00 +0000\r\n\r\n")
+    filler = hashlib.sha256(tag.encode()).hexdigest()
+    return subject, (text + (filler * (size // 64 + 1))[:size] + "\r\n").encode()
+
+
+def not_sent(why):
+    """The outcome of an operation that could not be sent (a lookup before it failed)."""
+    return "fail", None, f"unsent: {why}", {}
+
+
+SIZES = [200, 800, 3000, 12000, 70000]
+
+
+class Operation:
+    """An operation kind: `choose` draws a request, `perform` sends it, `learn` updates the shared
+    model from an acknowledgement (most kinds learn nothing)."""
+
+    def learn(self, model, request, result):
+        pass
+
+
+class Append(Operation):
+    """POST a message to a mailbox by path (created when missing: the route's PathOrCreate)."""
     kind = "append"
-    weight = 45
+    weight = 28
 
     def choose(self, model, rng, client):
-        account, mailbox = rng.choice(MAILBOXES)
-        size = rng.choice([200, 800, 3000, 12000, 70000])
-        return {"account": account, "mailbox": mailbox, "size": size}
+        account = rng.choice(ACCOUNTS)
+        mailbox = "INBOX" if rng.random() < 0.5 else rng.choice(MAILBOX_POOL)
+        return {"account": account, "mailbox": mailbox, "size": rng.choice(SIZES)}
 
     def perform(self, node, request, client, history):
         tag = f"{client.prefix}-op{client.number}-{client.sequence}"
-        subject = f"chaos {tag}"
-        text = (f"From: client{client.number}@chaos.test\r\nTo: {request['account']}\r\nSubject: {subject}\r\n"
-                f"Message-ID: <{tag}@chaos.test>\r\nDate: Tue, 01 Dec 2026 09:00:00 +0000\r\n\r\n")
-        filler = hashlib.sha256(tag.encode()).hexdigest()
-        body = (text + (filler * (request["size"] // 64 + 1))[:request["size"]] + "\r\n").encode()
+        subject, body = make_message(tag, f"client{client.number}@chaos.test", request["account"], request["size"])
         request["subject"] = subject
         request["sha256"] = hashlib.sha256(body).hexdigest()
         path = f"{mailbox_path(request['account'], request['mailbox'])}/messages"
@@ -454,29 +540,92 @@ class Append:
         result = {}
         if outcome == "ok":
             try:
-                result["id"] = json.loads(answer)["id"]
+                document = json.loads(answer)
+                result["id"], result["mailbox_id"] = document["id"], document.get("mailbox_id")
             except (ValueError, KeyError):
                 outcome, error = "unknown", f"unparsable answer {answer[:100]!r}"
         return outcome, status, error, result
 
     def learn(self, model, request, result):
-        model.add((request["account"], request["mailbox"], result["id"]))
+        model.add(request["account"], result["id"])
 
 
-class OnMessage:
-    """An operation on one acknowledged message, mostly a recent one (so that clients contend)."""
+class Deliver(Operation):
+    """An LMTP delivery (RFC 2033) to the node's listener: to the INBOX, or to `user+detail@`,
+    which the node files in the mailbox `detail` when the account has one (else the INBOX). The
+    250 for the recipient is the acknowledgement; a 5xx (or a refusal before DATA) is a failure;
+    a 4xx after DATA, a timeout or a reset once the message was sent are unknown."""
+    kind = "deliver"
+    weight = 15
+
+    def choose(self, model, rng, client):
+        account = rng.choice(ACCOUNTS)
+        detail = None if rng.random() < 0.4 else rng.choice([path for path in MAILBOX_POOL if "/" not in path])
+        return {"account": account, "detail": detail, "size": rng.choice(SIZES)}
+
+    def perform(self, node, request, client, history):
+        tag = f"{client.prefix}-lmtp{client.number}-{client.sequence}"
+        local, domain = request["account"].split("@", 1)
+        recipient = f"{local}+{request['detail']}@{domain}" if request["detail"] else request["account"]
+        subject, body = make_message(tag, f"sender{client.number}@chaos.test", recipient, request["size"])
+        request.update(subject=subject, sha256=hashlib.sha256(body).hexdigest(), recipient=recipient)
+        host, port = node.lmtp.rsplit(":", 1)
+        step = "connect"
+        connection = None
+        try:
+            connection = smtplib.LMTP(host, int(port), timeout=CLIENT_TIMEOUT)
+            step = "envelope"
+            connection.ehlo("chaos.test")
+            code, reply = connection.mail(f"sender{client.number}@chaos.test")
+            if code != 250:
+                return "fail", code, f"MAIL: {reply[:200]!r}", {}
+            code, reply = connection.rcpt(recipient)
+            if code != 250:
+                return "fail", code, f"RCPT: {reply[:200]!r}", {}
+            code, reply = connection.docmd("DATA")
+            if code != 354:
+                return "fail", code, f"DATA: {reply[:200]!r}", {}
+            step = "data"
+            connection.send(body + b".\r\n")  # no line of the body starts with a dot
+            code, reply = connection.getreply()
+        except (OSError, smtplib.SMTPException) as error:
+            outcome = "unknown" if step == "data" else "fail"
+            return outcome, None, f"{step}: {type(error).__name__}: {error}", {}
+        finally:
+            if connection is not None:
+                try:
+                    connection.close()
+                except OSError:
+                    pass
+        if code == 250:
+            return "ok", code, None, {}
+        return ("fail" if code >= 500 else "unknown"), code, f"after DATA: {reply[:200]!r}", {}
+
+
+class OnMessage(Operation):
+    """An operation on one acknowledged message, mostly a recent one (so that clients contend).
+    `perform` first asks its node where the email is now (it moves, and its mailbox is renamed)."""
 
     def choose(self, model, rng, client):
         target = model.pick(rng)
         if target is None:
             return None
-        account, mailbox, message_id = target
-        return {"account": account, "mailbox": mailbox, "id": message_id}
+        account, message_id = target
+        return {"account": account, "id": message_id}
+
+    @staticmethod
+    def locate(node, request):
+        """Fills in the email's mailbox on `node`; False when the node does not show it."""
+        location = email_location(node, request["account"], request["id"])
+        if location is None:
+            return False
+        request["mailbox_id"], request["mailbox"] = location
+        return True
 
 
 class SetFlag(OnMessage):
     kind = "flags"
-    weight = 45
+    weight = 25
 
     def choose(self, model, rng, client):
         request = super().choose(model, rng, client)
@@ -485,10 +634,12 @@ class SetFlag(OnMessage):
         return request
 
     def perform(self, node, request, client, history):
-        account, mailbox, message_id = request["account"], request["mailbox"], request["id"]
-        request["pre_state"] = state_hash(node, account, mailbox, message_id)
+        account, message_id = request["account"], request["id"]
+        request["pre_state"] = state_hash(node, account, message_id)
+        if not self.locate(node, request):
+            return not_sent("the node does not show the email")
         change = {"add" if request["set"] else "remove": [request["flag"]]}
-        path = f"{mailbox_path(account, mailbox)}/messages/{message_id}/flags"
+        path = f"{mailbox_path(account, request['mailbox'])}/messages/{message_id}/flags"
         outcome, status, answer, error = outcome_of(lambda: http_request(
             node.http, "POST", path, json.dumps(change).encode(), headers={"Content-Type": "application/json"}))
         result = {}
@@ -497,18 +648,17 @@ class SetFlag(OnMessage):
                 result["flags"] = sorted(json.loads(answer).get("flags", []))
             except ValueError:
                 pass
-            result["post_state"] = state_hash(node, account, mailbox, message_id)
+            result["post_state"] = state_hash(node, account, message_id)
         return outcome, status, error, result
-
-    def learn(self, model, request, result):
-        pass
 
 
 class Expunge(OnMessage):
     kind = "expunge"
-    weight = 10
+    weight = 6
 
     def perform(self, node, request, client, history):
+        if not self.locate(node, request):
+            return not_sent("the node does not show the email")
         path = f"{mailbox_path(request['account'], request['mailbox'])}/messages/{request['id']}"
         outcome, status, _, error = outcome_of(lambda: http_request(node.http, "DELETE", path))
         return outcome, status, error, {}
@@ -518,7 +668,134 @@ class Expunge(OnMessage):
             model.expunged.add(request["id"])
 
 
-OPERATION_KINDS = [Append(), SetFlag(), Expunge()]
+class Move(OnMessage):
+    """POST /v1/accounts/A/emails/ID/move to another visible mailbox of the node; the email keeps
+    its ID. The state hashes read before and after are causal evidence, as for flag changes."""
+    kind = "move"
+    weight = 12
+
+    def perform(self, node, request, client, history):
+        account, message_id = request["account"], request["id"]
+        mailboxes = fetch_mailboxes(node, account)
+        request["pre_state"] = state_hash(node, account, message_id)
+        if mailboxes is None or not self.locate(node, request):
+            return not_sent("the node does not show the email or its mailboxes")
+        targets = [entry for entry in mailboxes if entry["id"] != request["mailbox_id"]]
+        if not targets:
+            return not_sent("no other mailbox")
+        target = client.rng.choice(targets)
+        request.update(to_id=target["id"], to_path=target["mailbox"], seen=seen_of(mailboxes))
+        outcome, status, error, result = json_call(
+            node, "POST", f"{account_path(account)}/emails/{message_id}/move", {"mailbox": target["id"]},
+            lambda answer: {"moved_to": json.loads(answer)["mailbox_id"],
+                            "moved_to_path": json.loads(answer).get("mailbox")})
+        if outcome == "ok":
+            result["post_state"] = state_hash(node, account, message_id)
+        return outcome, status, error, result
+
+
+def json_call(node, method, path, document=None, parse=lambda answer: {}):
+    """Sends a JSON request: (outcome, status, error, result), with result = parse(answer) when
+    acknowledged (an answer that does not parse makes the outcome unknown)."""
+    body = None if document is None else json.dumps(document).encode()
+    headers = {} if document is None else {"Content-Type": "application/json"}
+    outcome, status, answer, error = outcome_of(lambda: http_request(node.http, method, path, body, headers=headers))
+    result = {}
+    if outcome == "ok":
+        try:
+            result = parse(answer)
+        except (ValueError, KeyError, TypeError) as problem:
+            outcome, error = "unknown", f"unparsable answer ({problem}): {answer[:100]!r}"
+    return outcome, status, error, result
+
+
+def mailbox_answer(answer):
+    """The fields of a mailbox the history keeps from an answer: id, path, parent."""
+    document = json.loads(answer)
+    return {"result_id": document["id"], "result_path": document["mailbox"], "result_parent": document.get("parent")}
+
+
+class CreateMailbox(Operation):
+    """POST /v1/accounts/A/mailboxes with a path from the small pool (levels above are created)."""
+    kind = "create"
+    weight = 5
+
+    def choose(self, model, rng, client):
+        return {"account": rng.choice(ACCOUNTS), "path": rng.choice(MAILBOX_POOL)}
+
+    def perform(self, node, request, client, history):
+        return json_call(node, "POST", f"{account_path(request['account'])}/mailboxes", {"name": request["path"]},
+                         mailbox_answer)
+
+
+class OnMailbox(Operation):
+    """An operation on one of the account's mailboxes as its node lists them now (never the INBOX)."""
+
+    def choose(self, model, rng, client):
+        return {"account": rng.choice(ACCOUNTS)}
+
+    @staticmethod
+    def candidates(node, request, leaves_only):
+        """(the node's mailboxes, those the operation may pick), or None when it lists none."""
+        mailboxes = fetch_mailboxes(node, request["account"])
+        if mailboxes is None:
+            return None
+        parents = {entry["parent"] for entry in mailboxes}
+        return mailboxes, [entry for entry in mailboxes
+                           if entry["role"] != "inbox" and entry["mailbox"] != "INBOX"
+                           and not (leaves_only and entry["id"] in parents)]
+
+
+class RenameMailbox(OnMailbox):
+    """PATCH a mailbox (by ID) to a new path: a pool path (nodes contend for it), a fresh name under
+    another mailbox (a move in the tree, which can make cycles when nodes are apart), or a fresh
+    top-level name."""
+    kind = "rename"
+    weight = 4
+
+    def perform(self, node, request, client, history):
+        account = request["account"]
+        mailboxes, candidates = self.candidates(node, request, leaves_only=False) or (None, [])
+        if not candidates:
+            return not_sent("no mailbox list, or no mailbox to rename")
+        rng = client.rng
+        target = rng.choice(candidates)
+        fresh = f"R{client.number}x{client.sequence}"
+        draw = rng.random()
+        others = [entry for entry in candidates if entry["id"] != target["id"]]
+        if draw < 0.4:
+            path = rng.choice(MAILBOX_POOL)
+        elif draw < 0.75 and others:
+            path = f"{rng.choice(others)['mailbox']}/{fresh}"
+        else:
+            path = fresh
+        request.update(id=target["id"], from_path=target["mailbox"], path=path, seen=seen_of(mailboxes))
+        return json_call(node, "PATCH", f"{account_path(account)}/mailboxes/{target['id']}", {"name": path},
+                         mailbox_answer)
+
+
+class DeleteMailbox(OnMailbox):
+    """DELETE a childless mailbox (by ID). Just before, the client lists it on the same node: those
+    emails the node must destroy (unless a move of one was under way), see chaos_check."""
+    kind = "delete"
+    weight = 1.5
+
+    def perform(self, node, request, client, history):
+        account = request["account"]
+        mailboxes, leaves = self.candidates(node, request, leaves_only=True) or (None, [])
+        if not leaves:
+            return not_sent("no mailbox list, or no childless mailbox to delete")
+        target = client.rng.choice(leaves)
+        request.update(id=target["id"], path=target["mailbox"], seen=seen_of(mailboxes))
+        listed = list_mailbox_by_id(node, account, target, timeout=1.5)
+        request["pre_listing"] = sorted(listed or [])
+        request["pre_complete"] = listed is not None
+        return json_call(node, "DELETE", f"{account_path(account)}/mailboxes/{target['id']}",
+                         parse=lambda answer: {"destroyed": json.loads(answer)["destroyed"]})
+
+
+OPERATION_KINDS = [Append(), Deliver(), SetFlag(), Expunge(), Move(), CreateMailbox(), RenameMailbox(),
+                   DeleteMailbox()]
 
 
 class Client(threading.Thread):
@@ -571,11 +848,10 @@ class Client(threading.Thread):
 
 
 def list_mailbox(node, account, mailbox, timeout=CLIENT_TIMEOUT):
-    """(complete, total, items) of one listing page of up to 1000 messages; raises on errors."""
+    """(complete, total, items) of one listing page of up to 1000 messages; raises on errors
+    (a 404 too: the path may have been renamed away, which says nothing of its emails)."""
     status, body = http_request(node.http, "GET", f"{mailbox_path(account, mailbox)}/messages?limit=1000",
                                 timeout=timeout)
-    if status == 404:
-        return True, 0, []
     if status != 200:
         raise OSError(f"listing answered {status}")
     document = json.loads(body)
@@ -583,9 +859,25 @@ def list_mailbox(node, account, mailbox, timeout=CLIENT_TIMEOUT):
     return document.get("total", 0) == len(items), document.get("total", 0), items
 
 
+def list_mailbox_by_id(node, account, mailbox, timeout=CLIENT_TIMEOUT):
+    """Lists the visible mailbox {id, mailbox} by its path, and checks that the path named the
+    same mailbox before and after (a rename may move another mailbox onto it meanwhile): the
+    listed ids, or None when the listing is incomplete or the path moved."""
+    try:
+        complete, _, items = list_mailbox(node, account, mailbox["mailbox"], timeout=timeout)
+    except (OSError, http.client.HTTPException, Unsent, ValueError):
+        return None
+    after = fetch_mailboxes(node, account, timeout=timeout)
+    if not complete or after is None or not any(entry["id"] == mailbox["id"] and entry["mailbox"] == mailbox["mailbox"]
+                                                for entry in after):
+        return None
+    return {item["id"] for item in items}
+
+
 class Reader(threading.Thread):
     """Lists a random mailbox on a random node about every second; records what appeared and
-    vanished since that node member's previous complete listing of the mailbox."""
+    vanished since that node member's previous complete listing of the mailbox (by its ID, which
+    renames keep)."""
 
     def __init__(self, nodes, history, stop, seed):
         super().__init__(daemon=True, name="reader")
@@ -596,26 +888,27 @@ class Reader(threading.Thread):
     def run(self):
         while not self.stop_event.wait(self.rng.uniform(0.5, 1.2)):
             node = self.rng.choice(self.nodes)
-            account, mailbox = self.rng.choice(MAILBOXES)
+            account = self.rng.choice(ACCOUNTS)
             member = node.member
             invoked = self.history.now()
-            try:
-                complete, total, items = list_mailbox(node, account, mailbox, timeout=2.0)
-            except (OSError, http.client.HTTPException, Unsent, ValueError):
+            mailboxes = fetch_mailboxes(node, account, timeout=2.0)
+            if not mailboxes:
                 continue
+            mailbox = self.rng.choice(mailboxes)
+            ids = list_mailbox_by_id(node, account, mailbox, timeout=2.0)
             completed = self.history.now()
-            if not complete:
+            if ids is None:
                 continue
-            ids = {item["id"] for item in items}
-            key = (node.index, member, account, mailbox)
+            key = (node.index, member, account, mailbox["id"])
             before = self.previous.get(key, set())
             self.previous[key] = ids
             self.history.write({"type": "read", "node": node.index, "member": member, "account": account,
-                                "mailbox": mailbox, "invoked": round(invoked, 4), "completed": round(completed, 4),
-                                "count": len(ids), "added": sorted(ids - before), "removed": sorted(before - ids)})
+                                "mailbox": mailbox["mailbox"], "mailbox_id": mailbox["id"],
+                                "invoked": round(invoked, 4), "completed": round(completed, 4),
+                                "count": len(ids), "added": sorted(ids - before), "removed": sorted(before - ids),
+                                "seen": seen_of(mailboxes)})
 
 
-ACCOUNTS = sorted({account for account, _ in MAILBOXES})
 FEED_LIMITS = [7, 40, 500]  # small pages make has_more and tokens taken mid-listing common
 FEED_PAGE_CAP = 400  # pages in one catch-up before the client gives up (an endless has_more)
 
@@ -643,7 +936,7 @@ class FeedClient(threading.Thread):
         self.stop_event = stop
         self.rng = random.Random(seed * 1000 + 500 + number)
         self.state = None
-        self.view = {}  # id -> mailbox
+        self.view = {}  # id -> mailbox id
         self.catch_ups = 0
         self.error = None
 
@@ -680,8 +973,8 @@ class FeedClient(threading.Thread):
         if outcome == "ok":
             try:
                 answer = json.loads(body)
-                created = [[item["id"], item.get("mailbox")] for item in answer["created"]]
-                updated = [[item["id"], item.get("mailbox")] for item in answer["updated"]]
+                created = [[item["id"], item.get("mailbox_id")] for item in answer["created"]]
+                updated = [[item["id"], item.get("mailbox_id")] for item in answer["updated"]]
                 destroyed = list(answer["destroyed"])
                 state, has_more = answer["state"], bool(answer["has_more"])
             except (ValueError, KeyError, TypeError) as problem:
@@ -802,24 +1095,27 @@ def draw_fault(rng, kind, count, length):
     return parameters, length
 
 
-def make_schedule(seed, duration, count):
+def make_schedule(seed, duration, count, kinds=None):
     """The faults of a run, drawn from the seed alone: [(start, kind, parameters, length)]. The
-    last one lasts until the load stops, so that the final heal heals a real fault."""
+    last one lasts until the load stops, so that the final heal heals a real fault. `kinds`
+    (default: all) limits the faults drawn."""
     rng = random.Random(seed)
+    weights = {kind: weight for kind, weight in FAULT_WEIGHTS.items() if kinds is None or kind in kinds}
+    finals = [kind for kind in ("isolate", "halves", "bridge", "pause", "kill") if kind in weights] or list(weights)
     schedule = []
     moment = rng.uniform(2, 5)
     wipes = 0
     final_start = max(moment, duration - 8)
     while moment < final_start - 4:
-        kind = rng.choices(list(FAULT_WEIGHTS), list(FAULT_WEIGHTS.values()))[0]
+        kind = rng.choices(list(weights), list(weights.values()))[0]
         if kind == "wipe" and wipes >= 2:
-            kind = "kill"
+            kind = "kill" if "kill" in weights else rng.choice(finals)
         wipes += kind == "wipe"
         parameters, length = draw_fault(rng, kind, count, rng.uniform(3, 12))
         length = min(length, max(1.0, final_start - 2 - moment))
         schedule.append((round(moment, 3), kind, parameters, round(length, 3)))
         moment += length + rng.uniform(1, 5)
-    kind = rng.choice(["isolate", "halves", "bridge", "pause", "kill"])
+    kind = rng.choice(finals)
     parameters, _ = draw_fault(rng, kind, count, 0)
     parameters.pop("crash", None)
     parameters.pop("crash_offset_ms", None)
@@ -921,35 +1217,70 @@ def wait_converged(nodes, limit):
 # Final state
 # ------------------------------------------------------------------------------------------------
 
-def read_final_state(nodes):
-    """Every node's mailboxes, every listed message with its flags and the sha256 of its bytes."""
+def below_trace(raw):
+    """The bytes a client sent: an LMTP copy has trace headers (Return-Path, Delivered-To,
+    Received) on top of them; every message chaos sends begins with its From: line."""
+    if raw.startswith(b"From: "):
+        return raw
+    start = raw.find(b"\r\nFrom: ")
+    return raw[start + 2:] if start >= 0 else raw
+
+
+def read_final_state(nodes, known_ids):
+    """Every node's view of each account: its visible mailboxes (ID, path, parent, role) and every
+    listed email with its mailbox, flags and the sha256 of its bytes; plus, for each acknowledged
+    email ID a node does not list, what GET /v1/accounts/A/emails/ID answers there (a live email
+    that no listing shows is an orphan)."""
     final = {}
     for node in nodes:
         status, body = http_request(node.http, "GET", "/v1/status", timeout=10)
         document = json.loads(body)
-        status, body = http_request(node.http, "GET", "/v1/mailboxes", timeout=10)
-        mailboxes = json.loads(body).get("mailboxes", [])
         state = {"digest": document.get("digest"), "peer_id": document.get("peer_id"), "member": node.member,
-                 "mailboxes": {}}
-        for entry in mailboxes:
-            account, mailbox = entry["account"], entry["mailbox"]
-            items, position = [], 0
-            while True:
-                status, body = http_request(
-                    node.http, "GET", f"{mailbox_path(account, mailbox)}/messages?limit=1000&position={position}",
-                    timeout=10)
-                page = json.loads(body).get("items", [])
-                if not page:
-                    break
-                items.extend(page)
-                position += len(page)
-            listed = []
-            for item in items:
-                raw_status, raw = http_request(
-                    node.http, "GET", f"{mailbox_path(account, mailbox)}/messages/{item['id']}/raw", timeout=10)
-                listed.append({"id": item["id"], "subject": item.get("subject"), "flags": sorted(item.get("flags", [])),
-                               "sha256": hashlib.sha256(raw).hexdigest() if raw_status == 200 else None})
-            state["mailboxes"][f"{account}/{mailbox}"] = {"count": entry.get("count"), "messages": listed}
+                 "accounts": {}, "probes": {}}
+        listed = set()
+        for account in ACCOUNTS:
+            status, body = http_request(node.http, "GET", f"{account_path(account)}/mailboxes", timeout=10)
+            if status != 200:
+                raise RuntimeError(f"{node.name}: mailboxes of {account} answered {status}")
+            mailboxes = json.loads(body)["mailboxes"]
+            messages = []
+            for entry in mailboxes:
+                items, position = [], 0
+                while True:
+                    status, body = http_request(
+                        node.http, "GET",
+                        f"{mailbox_path(account, entry['mailbox'])}/messages?limit=1000&position={position}",
+                        timeout=10)
+                    if status != 200:
+                        raise RuntimeError(f"{node.name}: listing {account}/{entry['mailbox']} answered {status}")
+                    page = json.loads(body).get("items", [])
+                    if not page:
+                        break
+                    items.extend(page)
+                    position += len(page)
+                for item in items:
+                    raw_status, raw = http_request(
+                        node.http, "GET", f"{mailbox_path(account, entry['mailbox'])}/messages/{item['id']}/raw",
+                        timeout=10)
+                    messages.append({"id": item["id"], "mailbox_id": entry["id"], "mailbox": entry["mailbox"],
+                                     "subject": item.get("subject"), "flags": sorted(item.get("flags", [])),
+                                     "sha256": hashlib.sha256(raw).hexdigest() if raw_status == 200 else None,
+                                     "body_sha256": hashlib.sha256(below_trace(raw)).hexdigest()
+                                     if raw_status == 200 else None})
+                    listed.add(item["id"])
+            state["accounts"][account] = {
+                "mailboxes": [{"id": entry["id"], "mailbox": entry["mailbox"], "parent": entry.get("parent"),
+                               "role": entry.get("role"), "count": entry.get("count")} for entry in mailboxes],
+                "messages": messages}
+        for account, message_id in known_ids:
+            if message_id in listed:
+                continue
+            status, body = http_request(node.http, "GET", f"{account_path(account)}/emails/{message_id}", timeout=10)
+            probe = {"status": status}
+            if status == 200:
+                answer = json.loads(body)
+                probe.update(mailbox_id=answer.get("mailbox_id"), mailbox=answer.get("mailbox"))
+            state["probes"][message_id] = probe
         final[str(node.index)] = state
     return final
 
@@ -964,6 +1295,19 @@ class Interrupted(Exception):
 
 def on_signal(number, _frame):
     raise Interrupted(f"signal {number}")
+
+
+def write_credentials(binary, root):
+    """The accounts file (`mailmesh passwd --user NAME` makes each line) and the token file."""
+    lines = []
+    for account in ACCOUNTS:
+        made = subprocess.run([binary, "passwd", "--user", account], input="chaos-password\n", capture_output=True,
+                              text=True, check=True)
+        lines.append(made.stdout.strip())
+    with open(os.path.join(root, "accounts"), "w") as handle:
+        handle.write("\n".join(lines) + "\n")
+    with open(os.path.join(root, "token"), "w") as handle:
+        handle.write(TOKEN + "\n")
 
 
 def default_binary():
@@ -984,6 +1328,8 @@ def main():
                         help="change-feed clients, spread over the accounts (0: none)")
     parser.add_argument("--feed-bad-token-rate", type=float, default=0.0,
                         help="share of feed catch-ups that send a malformed token (expect 410, then a resync)")
+    parser.add_argument("--only-faults", default=None,
+                        help=f"comma-separated fault kinds to draw from ({','.join(FAULT_WEIGHTS)}; default all)")
     parser.add_argument("--keep", action="store_true", help="keep the work dir even when the run passes")
     parser.add_argument("--cleanup", action="store_true", help=f"remove namespaces named {PREFIX_FAMILY}* and exit")
     arguments = parser.parse_args()
@@ -1004,10 +1350,17 @@ def main():
     for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, on_signal)
     history = History(os.path.join(root, "history.jsonl"))
-    schedule = make_schedule(seed, arguments.duration, arguments.nodes)
+    write_credentials(arguments.binary, root)
+    kinds = None
+    if arguments.only_faults:
+        kinds = set(arguments.only_faults.split(","))
+        unknown = kinds - set(FAULT_WEIGHTS)
+        if unknown or not kinds:
+            raise SystemExit(f"--only-faults takes a comma-separated subset of {','.join(FAULT_WEIGHTS)}")
+    schedule = make_schedule(seed, arguments.duration, arguments.nodes, kinds)
     history.write({"type": "run", "seed": seed, "prefix": prefix, "nodes": arguments.nodes,
                    "duration": arguments.duration, "binary": arguments.binary, "schedule": schedule,
-                   "mailboxes": MAILBOXES, "feed_clients": arguments.feed_clients})
+                   "accounts": ACCOUNTS, "mailbox_pool": MAILBOX_POOL, "feed_clients": arguments.feed_clients})
     log(f"seed {seed}, prefix {prefix}, work dir {root}, {len(schedule)} faults")
     network = Network(prefix, arguments.nodes)
     nodes = []
@@ -1057,7 +1410,7 @@ def main():
         converged_after = wait_converged(nodes, arguments.converge_deadline)
         history.event("converged" if converged_after is not None else "not-converged",
                       seconds=None if converged_after is None else round(history.now() - healed, 3))
-        final = read_final_state(nodes)
+        final = read_final_state(nodes, list(model.messages))
         final["feed_final"] = final_feed_catch_ups(feed_clients, nodes, seed)
         final["converged_seconds"] = None if converged_after is None else round(history.now() - healed, 3)
         final["digest_after_reading"] = all_same_digest(nodes)

@@ -5,33 +5,59 @@ summary line; `--totals FILE` sums summary lines (one per run) into the totals o
     scripts/chaos_check.py WORKDIR          # re-check a kept run
     scripts/chaos_check.py --totals runs.jsonl
 
+The mail model (core/src/mailbox.rs): each account has replicated mailboxes with stable IDs; an
+email lives in one mailbox and keeps its ID when it moves; deleting a mailbox destroys the emails
+the deleting node shows in it, and an email delivered or moved into it elsewhere meanwhile is shown
+in the INBOX instead (the rescue rule). Live siblings with one name are one mailbox (aliases of the
+one created first), so a mailbox ID seen in the history may later hide behind another: the checker
+groups the IDs ever shown at one path of an account into one class (a union over the run, so it
+over-approximates "may have been the same mailbox", which only ever excuses, never accuses).
+
 Rules (each is a function in RULES; a new operation kind adds its own):
-- lost: an acknowledged append absent from the final listing of some node (or present with other
-  bytes: `corrupt`), unless an expunge of it was acknowledged or has an unknown outcome;
-- resurrected: a message whose expunge was acknowledged, listed by some node at the end; or listed
-  by a node again after that node's complete listing had stopped showing it; or listed by the node
-  that acknowledged its expunge, after the acknowledgement;
-- divergent: a message listed on some nodes and not others, or with other flags or mailbox;
-  plus every flag whose final value differs from the value the stamps must make win (below);
-- duplicates: one ID listed twice by a node, or one append (its unique subject) listed under two IDs;
-- stale reads: a node's complete listing without a message that node had acknowledged appending
-  (same member, no expunge of it begun before);
-- unexpected: a listed message that no append of this run sent.
+- lost: an acknowledged append (by ID) or LMTP delivery (by its unique subject) absent from the
+  final listing of some node (or with other bytes: `corrupt`), unless an expunge of it was
+  acknowledged or has an unknown outcome, or a mailbox delete that may have applied began after
+  it, of a mailbox in the class of one it may have been in (appended, delivered or moved to). A
+  delivery to `user+detail@` may land in `detail` or the INBOX, which is never deleted;
+- resurrected: a message whose expunge was acknowledged, listed by some node at the end; a message
+  the deleting node listed in the mailbox just before an acknowledged delete (with no move of it
+  begun before the delete ended), listed again anywhere at the end or by that node afterwards; or
+  listed by a node again after that node's complete listing of its mailbox (by ID) had stopped
+  showing it, when it was never moved;
+- divergent: an email listed on some nodes and not others, or with other flags or mailbox; a
+  mailbox (ID, path, parent, role) shown differently by two nodes; a flag or location or mailbox
+  placement whose final value differs from the one the stamps must make win (below); a broken tree
+  (a parent that is not shown, a path that is not the parent's path plus the name, a cycle); an
+  orphan (GET /v1/accounts/A/emails/ID answers 200 on a node that lists it in no mailbox); an email
+  shown in a mailbox it was never sent or moved to, other than the INBOX (misplaced);
+- duplicates: one ID listed twice by a node, one append (its unique subject) listed under two IDs,
+  or two visible mailboxes with one path on a node (concurrent creates must converge to one);
+- stale reads: a node's complete listing of a mailbox without a message that node had acknowledged
+  appending there (same member, no expunge, move or mailbox delete of it begun before);
+- unexpected: a listed message that no append or delivery of this run sent.
 
-Flag winners. The API does not expose flag stamps, so the expected winner of a (message, flag)
-register comes from the history where it is unambiguous. A change Y is known to come after X when
-Y's node held X's effect when Y was stamped (the node's clock is then past X's stamp): X and Y on
-the same node member with X acknowledged (or X's process dead, for an unknown X) before Y began;
-or the record's state hash read on Y's node just before Y equals one read just after X (or after a
-change known to follow X); or a barrier (every node reporting one digest) fell between X's end and
-Y's start with Y's node the same member as at the barrier. When one acknowledged change follows
-every other change of the register that may have applied, its value must win on every node; when
-all such changes set the same value and one of them was acknowledged, that value must win; otherwise (concurrent, or unknown
-changes) the checker only requires agreement, and the summary counts both kinds.
+Winners. The API does not expose stamps, so the expected winner of a register comes from the
+history where it is unambiguous. A change Y is known to come after X when Y's node held X's effect
+when Y was stamped (the node's clock is then past X's stamp): X and Y on the same node member with
+X acknowledged (or X's process dead, for an unknown X) before Y began; or the record's state hash
+read on Y's node just before Y equals one read just after X (or after a change known to follow X);
+or a barrier (every node reporting one digest) fell between X's end and Y's start with Y's node the
+same member as at the barrier.
+- flags: when one acknowledged change follows every other change of the register that may have
+  applied, its value must win on every node; when all such changes set the same value and one of
+  them was acknowledged, that value must win; otherwise only agreement is required.
+- locations: with no move that may have applied, an email stays where it was appended; when one
+  acknowledged move follows every other, its target wins. If that mailbox is shown at the end the
+  email must be in it; if an acknowledged delete removed it, the email must be in the INBOX (the
+  rescue rule); otherwise (it became an alias) only agreement is required.
+- mailbox placements: when one acknowledged rename of a mailbox follows every other rename of it,
+  no rename concurrent with it moves a mailbox under another (no cycle to cut), and its parent is
+  still shown, the mailbox must end under that parent with that name.
 
-Elements, as in Jepsen's set checker: every append is `stable` (acknowledged and present on every
-node, or legitimately expunged), `lost`, `unknown_applied` / `never_read` (outcome unknown, then
-present / absent everywhere).
+Elements, as in Jepsen's set checker: every append or delivery is `stable` (acknowledged and
+present on every node), `destroyed` (acknowledged, absent, legitimately expunged or deleted with
+its mailbox), `lost`, `unknown_applied` / `never_read` (outcome unknown, then present / absent
+everywhere).
 """
 
 import collections
@@ -40,6 +66,34 @@ import os
 import sys
 
 FLAGS = ["\\Seen", "\\Flagged", "\\Answered", "$Work"]
+Entry = collections.namedtuple("Entry", "account mailbox_id path flags sha256 subject")
+
+
+class Classes:
+    """Union-find over an account's mailbox IDs and the paths they were shown at."""
+
+    def __init__(self):
+        self.parent = {}
+
+    def find(self, key):
+        self.parent.setdefault(key, key)
+        while self.parent[key] != key:
+            self.parent[key] = self.parent[self.parent[key]]
+            key = self.parent[key]
+        return key
+
+    def union(self, account, mailbox_id, path):
+        if mailbox_id and path:
+            self.parent[self.find(("id", account, mailbox_id))] = self.find(("path", account, path))
+
+    def same(self, account, first, second):
+        return self.find(("id", account, first)) == self.find(("id", account, second))
+
+    def of_path(self, account, path):
+        return self.find(("path", account, path))
+
+    def of_id(self, account, mailbox_id):
+        return self.find(("id", account, mailbox_id))
 
 
 class Run:
@@ -70,24 +124,43 @@ class Run:
         with open(os.path.join(directory, "final.json")) as handle:
             self.final = json.load(handle)
         self.node_keys = sorted(key for key in self.final if key.isdigit())
-        # Final listings: node -> id -> (mailbox, flags, sha256, subject), and duplicates found.
-        self.listed = {}
-        self.duplicate_ids = []
+        # Final state: node -> id -> Entry; node -> account -> mailbox id -> (path, parent, role).
+        self.listed, self.mailboxes, self.inbox = {}, {}, {}
+        self.duplicate_ids, self.duplicate_paths = [], []
         for node in self.node_keys:
-            by_id = {}
-            for mailbox, content in self.final[node]["mailboxes"].items():
+            by_id, trees = {}, {}
+            for account, content in self.final[node]["accounts"].items():
+                tree = {}
+                for mailbox in content["mailboxes"]:
+                    tree[mailbox["id"]] = (mailbox["mailbox"], mailbox["parent"], mailbox["role"])
+                    if mailbox["mailbox"] == "INBOX":
+                        self.inbox[account] = mailbox["id"]
+                paths = collections.Counter(path for path, _, _ in tree.values())
+                self.duplicate_paths += [(node, account, path) for path, count in paths.items() if count > 1]
+                trees[account] = tree
                 for message in content["messages"]:
                     if message["id"] in by_id:
                         self.duplicate_ids.append((node, message["id"]))
-                    by_id[message["id"]] = (mailbox, tuple(message["flags"]), message["sha256"], message["subject"])
-            self.listed[node] = by_id
-        self.appends = [op for op in self.ops if op["kind"] == "append"]
+                    by_id[message["id"]] = Entry(account, message["mailbox_id"], message["mailbox"],
+                                                 tuple(message["flags"]),
+                                                 message.get("body_sha256") or message["sha256"], message["subject"])
+            self.listed[node], self.mailboxes[node] = by_id, trees
+        self.by_subject = {node: {entry.subject: message_id for message_id, entry in self.listed[node].items()}
+                           for node in self.node_keys}
+        self.appends = [op for op in self.ops if op["kind"] in ("append", "deliver")]
         self.append_by_id = {op["id"]: op for op in self.appends if op["outcome"] == "ok" and "id" in op}
         self.append_by_subject = {op["subject"]: op for op in self.appends if "subject" in op}
-        self.expunges = collections.defaultdict(list)
+        self.expunges, self.moves = collections.defaultdict(list), collections.defaultdict(list)
         for op in self.ops:
-            if op["kind"] == "expunge":
+            if op["kind"] == "expunge" and "mailbox" in op:
                 self.expunges[op["id"]].append(op)
+            elif op["kind"] == "move" and "to_id" in op:
+                self.moves[op["id"]].append(op)
+        self.deletes = [op for op in self.ops if op["kind"] == "delete" and "id" in op]
+        self.renames = [op for op in self.ops if op["kind"] == "rename" and "id" in op]
+        self.deleted_ids = {(op["account"], op["id"]) for op in self.deletes if op["outcome"] == "ok"}
+        self.classes = Classes()
+        self.collect_classes()
         # When each life of each node ended (its next start), to bound unknown operations.
         starts = collections.defaultdict(dict)
         for event in self.events:
@@ -95,15 +168,63 @@ class Run:
                 starts[event["node"]][event["life"]] = event["time"]
         self.life_ended = {(node, life - 1): moment for node, lives in starts.items() for life, moment in lives.items()}
 
+    def collect_classes(self):
+        union = self.classes.union
+        for record in self.ops + self.reads:
+            account = record["account"]
+            for mailbox_id, path, _ in record.get("seen", []):
+                union(account, mailbox_id, path)
+            kind = record.get("kind")
+            if kind == "append":
+                union(account, record.get("mailbox_id"), record["mailbox"])
+            elif kind in ("flags", "expunge", "move"):
+                union(account, record.get("mailbox_id"), record.get("mailbox"))
+                union(account, record.get("to_id"), record.get("to_path"))
+                union(account, record.get("moved_to"), record.get("moved_to_path"))
+            elif kind in ("create", "rename", "delete"):
+                union(account, record.get("result_id"), record.get("result_path"))
+                union(account, record.get("id"), record.get("from_path"))
+                if kind in ("rename", "delete"):
+                    union(account, record.get("id"), record.get("path"))
+            elif record.get("type") == "read":
+                union(account, record.get("mailbox_id"), record.get("mailbox"))
+        for node in self.node_keys:
+            for account, tree in self.mailboxes[node].items():
+                for mailbox_id, (path, _, _) in tree.items():
+                    union(account, mailbox_id, path)
+
     def expunge_may_have_applied(self, message_id):
         return any(op["outcome"] in ("ok", "unknown") for op in self.expunges.get(message_id, []))
 
     def expunge_acknowledged(self, message_id):
         return [op for op in self.expunges.get(message_id, []) if op["outcome"] == "ok"]
 
+    def possible_classes(self, op):
+        """The classes of the mailboxes an appended or delivered email may have been in."""
+        account = op["account"]
+        if op["kind"] == "deliver":
+            return {self.classes.of_path(account, op["detail"])} if op.get("detail") else set()
+        classes = set()
+        if op.get("mailbox_id"):
+            classes.add(self.classes.of_id(account, op["mailbox_id"]))
+        classes.add(self.classes.of_path(account, op["mailbox"]))
+        for move in self.moves.get(op.get("id"), []):
+            if move["outcome"] != "fail":
+                classes.add(self.classes.of_id(account, move["to_id"]))
+        return classes
 
-def mailbox_of(op):
-    return f"{op['account']}/{op['mailbox']}"
+    def delete_may_have_destroyed(self, op):
+        """A mailbox delete that may have applied, begun after `op` began, of a mailbox in the class
+        of one the email may have been in (a delete begun before it cannot have known it)."""
+        classes = self.possible_classes(op)
+        return [delete for delete in self.deletes
+                if delete["account"] == op["account"] and delete["outcome"] != "fail"
+                and delete["invoked"] > op["invoked"] and self.classes.of_id(delete["account"], delete["id"]) in classes]
+
+    def locate(self, node, op):
+        """The final Entry of an append (by ID) or delivery (by subject) on `node`, or None."""
+        message_id = op.get("id") if op["kind"] == "append" else self.by_subject[node].get(op["subject"])
+        return self.listed[node].get(message_id) if message_id else None
 
 
 # ------------------------------------------------------------------------------------------------
@@ -111,15 +232,13 @@ def mailbox_of(op):
 # ------------------------------------------------------------------------------------------------
 
 def rule_appends(run):
-    lost, corrupt, details = set(), set(), []
+    lost, corrupt, misplaced, details = set(), set(), 0, []
     elements = collections.Counter()
     for op in run.appends:
-        message_id = op.get("id")
         if op["outcome"] == "fail":
             continue
         if op["outcome"] == "unknown":
-            present = [node for node in run.node_keys
-                       if any(entry[3] == op["subject"] for entry in run.listed[node].values())]
+            present = [node for node in run.node_keys if op["subject"] in run.by_subject[node]]
             if len(present) == len(run.node_keys):
                 elements["unknown_applied"] += 1
             elif not present:
@@ -127,39 +246,68 @@ def rule_appends(run):
             else:
                 elements["unknown_partial"] += 1  # counted as divergent by rule_divergence
             continue
-        expunged = run.expunge_may_have_applied(message_id)
-        missing = []
+        key = op.get("id") or op["subject"]
+        excused = (op["kind"] == "append" and run.expunge_may_have_applied(op["id"])) \
+            or bool(run.delete_may_have_destroyed(op))
+        missing, present = [], 0
+        classes = run.possible_classes(op)
         for node in run.node_keys:
-            entry = run.listed[node].get(message_id)
+            entry = run.locate(node, op)
             if entry is None:
-                if not expunged:
-                    missing.append(node)
+                missing.append(node)
                 continue
-            if entry[0] != mailbox_of(op) or entry[2] != op["sha256"]:
-                corrupt.add(message_id)
-                details.append({"corrupt": message_id, "node": node, "listed": entry[:3:2], "op": op["index"]})
-        if missing:
-            lost.add(message_id)
-            details.append({"lost": message_id, "missing_on": missing, "op": op["index"], "node": op["node"]})
+            present += 1
+            if entry.sha256 != op["sha256"]:
+                corrupt.add(key)
+                details.append({"corrupt": key, "node": node, "op": op["index"]})
+            if entry.mailbox_id != run.inbox.get(op["account"]) \
+                    and run.classes.of_id(op["account"], entry.mailbox_id) not in classes:
+                misplaced += 1
+                details.append({"misplaced": key, "node": node, "in": entry.path, "op": op["index"]})
+        if missing and not excused:
+            lost.add(key)
+            details.append({"lost": key, "missing_on": missing, "op": op["index"], "node": op["node"],
+                            "kind": op["kind"]})
             elements["lost"] += 1
+        elif missing and not present:
+            elements["destroyed"] += 1
+        elif missing:
+            elements["partly_destroyed"] += 1  # divergent
         else:
             elements["stable"] += 1
-    return {"lost": len(lost), "corrupt": len(corrupt), "elements": dict(elements), "details": details[:20]}
+    return {"lost": len(lost), "corrupt": len(corrupt), "misplaced": misplaced, "elements": dict(elements),
+            "details": details[:20]}
 
 
 def replay_reads(run):
-    """Yields (read, listed ids after it) per (node, member, mailbox), in history order."""
+    """Yields (read, listed ids after it) per (node, member, account, mailbox id), in history order."""
     state = {}
     for read in run.reads:
-        key = (read["node"], read["member"], read["account"], read["mailbox"])
+        key = (read["node"], read["member"], read["account"], read["mailbox_id"])
         ids = state.setdefault(key, set())
         ids.difference_update(read["removed"])
         ids.update(read["added"])
         yield read, ids
 
 
+def destroyed_by_deletes(run):
+    """id -> the acknowledged delete that must have destroyed it: the deleting node listed it in the
+    mailbox just before, and no move of it began before the delete ended."""
+    destroyed = {}
+    for delete in run.deletes:
+        if delete["outcome"] != "ok" or not delete.get("pre_complete"):
+            continue
+        for message_id in delete["pre_listing"]:
+            if any(move["outcome"] != "fail" and move["invoked"] < delete["completed"]
+                   for move in run.moves.get(message_id, [])):
+                continue
+            destroyed.setdefault(message_id, delete)
+    return destroyed
+
+
 def rule_resurrection(run):
     resurrected, details = set(), []
+    destroyed = destroyed_by_deletes(run)
     for node in run.node_keys:
         for message_id in run.listed[node]:
             acknowledged = run.expunge_acknowledged(message_id)
@@ -167,22 +315,28 @@ def rule_resurrection(run):
                 resurrected.add(message_id)
                 details.append({"resurrected": message_id, "listed_at_end_on": node,
                                 "expunge_ops": [op["index"] for op in acknowledged]})
+            if message_id in destroyed:
+                resurrected.add(message_id)
+                details.append({"resurrected": message_id, "listed_at_end_on": node,
+                                "destroyed_by_delete_op": destroyed[message_id]["index"]})
     gone = collections.defaultdict(set)
-    expunged_here = collections.defaultdict(dict)  # (node, member) -> id -> completion time
+    gone_here = collections.defaultdict(dict)  # (node, member) -> id -> completion time
     for op in run.ops:
         if op["kind"] == "expunge" and op["outcome"] == "ok":
-            expunged_here[(op["node"], op["member"])][op["id"]] = op["completed"]
+            gone_here[(op["node"], op["member"])][op["id"]] = op["completed"]
+    for message_id, delete in destroyed.items():
+        gone_here[(delete["node"], delete["member"])].setdefault(message_id, delete["completed"])
     for read, ids in replay_reads(run):
-        key = (read["node"], read["member"], read["account"], read["mailbox"])
-        back = set(read["added"]) & gone[key]
+        key = (read["node"], read["member"], read["account"], read["mailbox_id"])
+        back = {message_id for message_id in set(read["added"]) & gone[key] if not run.moves.get(message_id)}
         for message_id in back:
             resurrected.add(message_id)
             details.append({"resurrected": message_id, "listed_again_by_read": read["index"]})
         gone[key].update(read["removed"])
-        for message_id, completed in expunged_here[(read["node"], read["member"])].items():
+        for message_id, completed in gone_here[(read["node"], read["member"])].items():
             if message_id in ids and completed < read["invoked"]:
                 resurrected.add(message_id)
-                details.append({"resurrected": message_id, "listed_after_local_expunge_by_read": read["index"]})
+                details.append({"resurrected": message_id, "listed_after_local_destroy_by_read": read["index"]})
     return {"resurrected": len(resurrected), "details": details[:20]}
 
 
@@ -190,15 +344,16 @@ def rule_stale_reads(run):
     stale, details = 0, []
     acknowledged = collections.defaultdict(list)
     for op in run.appends:
-        if op["outcome"] == "ok":
-            acknowledged[(op["node"], op["member"], op["account"], op["mailbox"])].append(op)
+        if op["outcome"] == "ok" and op["kind"] == "append":
+            acknowledged[(op["node"], op["member"], op["account"], op["mailbox_id"])].append(op)
     for read, ids in replay_reads(run):
-        key = (read["node"], read["member"], read["account"], read["mailbox"])
+        key = (read["node"], read["member"], read["account"], read["mailbox_id"])
         for op in acknowledged[key]:
             if op["completed"] >= read["invoked"] or op["id"] in ids:
                 continue
-            if any(other["invoked"] < read["completed"] and other["outcome"] != "fail"
-                   for other in run.expunges.get(op["id"], [])):
+            changed = run.expunges.get(op["id"], []) + run.moves.get(op["id"], []) \
+                + [delete for delete in run.deletes if delete["account"] == op["account"]]
+            if any(other["invoked"] < read["completed"] and other["outcome"] != "fail" for other in changed):
                 continue
             stale += 1
             if len(details) < 10:
@@ -208,9 +363,11 @@ def rule_stale_reads(run):
 
 def rule_duplicates(run):
     duplicates, details = len(run.duplicate_ids), [{"duplicate_id": pair} for pair in run.duplicate_ids[:10]]
+    duplicates += len(run.duplicate_paths)
+    details += [{"duplicate_mailbox_path": triple} for triple in run.duplicate_paths[:10]]
     unexpected = 0
     for node in run.node_keys:
-        subjects = collections.Counter(entry[3] for entry in run.listed[node].values())
+        subjects = collections.Counter(entry.subject for entry in run.listed[node].values())
         for subject, count in subjects.items():
             if subject not in run.append_by_subject:
                 unexpected += count
@@ -221,27 +378,69 @@ def rule_duplicates(run):
     return {"duplicates": duplicates, "unexpected": unexpected, "details": details[:20]}
 
 
+def tree_problems(tree):
+    """What is wrong with one node's mailbox tree of one account (id -> (path, parent, role))."""
+    problems = []
+    for mailbox_id, (path, parent, _) in tree.items():
+        if parent is None:
+            if "/" in path:
+                problems.append({"top_level_path_with_separator": mailbox_id, "path": path})
+            continue
+        if parent not in tree:
+            problems.append({"parent_not_shown": mailbox_id, "parent": parent})
+            continue
+        if path.rsplit("/", 1)[0] != tree[parent][0]:
+            problems.append({"path_not_under_parent": mailbox_id, "path": path, "parent_path": tree[parent][0]})
+        walked, step = {mailbox_id}, parent
+        while step is not None and step in tree:
+            if step in walked:
+                problems.append({"cycle": mailbox_id})
+                break
+            walked.add(step)
+            step = tree[step][1]
+    return problems
+
+
 def rule_divergence(run):
     divergent, details = set(), []
     everything = set()
     for node in run.node_keys:
         everything.update(run.listed[node])
     for message_id in sorted(everything):
-        views = {node: run.listed[node].get(message_id, (None, None))[:2] for node in run.node_keys}
+        views = {node: run.listed[node][message_id][1:4:2] if message_id in run.listed[node] else None
+                 for node in run.node_keys}
         if len(set(views.values())) > 1:
             divergent.add(message_id)
-            details.append({"divergent": message_id, "views": {node: list(view) if view[0] else None
+            details.append({"divergent": message_id, "views": {node: list(view) if view else None
                                                                for node, view in views.items()}})
+    mailbox_divergent, tree_errors = 0, 0
+    accounts = sorted({account for node in run.node_keys for account in run.mailboxes[node]})
+    for account in accounts:
+        trees = {node: run.mailboxes[node].get(account, {}) for node in run.node_keys}
+        identifiers = set().union(*[set(tree) for tree in trees.values()])
+        for mailbox_id in sorted(identifiers):
+            views = {node: trees[node].get(mailbox_id) for node in run.node_keys}
+            if len(set(views.values())) > 1:
+                mailbox_divergent += 1
+                details.append({"divergent_mailbox": mailbox_id, "account": account, "views": views})
+        for node, tree in trees.items():
+            for problem in tree_problems(tree):
+                tree_errors += 1
+                details.append({**problem, "node": node, "account": account})
+    orphans = 0
+    for node in run.node_keys:
+        for message_id, probe in run.final[node].get("probes", {}).items():
+            if probe["status"] == 200:
+                orphans += 1
+                details.append({"orphan": message_id, "node": node, "probe": probe})
     digests = {run.final[node]["digest"] for node in run.node_keys}
-    return {"divergent": len(divergent), "digests_differ": len(digests) > 1, "details": details[:20]}
+    return {"divergent": len(divergent), "mailbox_divergent": mailbox_divergent, "tree_errors": tree_errors,
+            "orphans": orphans, "digests_differ": len(digests) > 1, "details": details[:20]}
 
 
-def flag_order(run, message_id):
-    """Flag changes of one message (that may have applied) and `before(x, y)`: x known to precede y."""
-    changes = [op for op in run.ops if op["kind"] == "flags" and op.get("id") == message_id
-               and op["outcome"] in ("ok", "unknown")]
-    changes.sort(key=lambda op: op["invoked"])
-
+def causal_order(run, changes):
+    """`before(x, y)`: change x known to precede change y (see the docstring), over `changes`
+    (those that may have applied), from same-node order, barriers and state hashes."""
     def done_by(op):
         """When op's effect, if any, was certainly on its node: its acknowledgement, or the death
         of the process that held it unanswered."""
@@ -280,7 +479,23 @@ def flag_order(run, message_id):
                     includes[x["index"]] |= extra
                     follows[x["index"]] |= further
                     changed = True
-    return changes, lambda x, y: y["index"] in follows[x["index"]]
+    return lambda x, y: y["index"] in follows[x["index"]]
+
+
+def flag_order(run, message_id):
+    """Flag changes of one message (that may have applied) and their `before(x, y)`."""
+    changes = [op for op in run.ops if op["kind"] == "flags" and op.get("id") == message_id
+               and op["outcome"] in ("ok", "unknown") and "mailbox" in op]
+    changes.sort(key=lambda op: op["invoked"])
+    return changes, causal_order(run, changes)
+
+
+def last_of(candidates, before):
+    """The acknowledged change that follows every other candidate, or None."""
+    for last in candidates:
+        if last["outcome"] == "ok" and all(other is last or before(other, last) for other in candidates):
+            return last
+    return None
 
 
 def rule_flag_winners(run):
@@ -303,17 +518,15 @@ def rule_flag_winners(run):
                 expected = candidates[0]["set"]
             else:
                 contested += 1
-                for last in candidates:
-                    if last["outcome"] == "ok" and all(other is last or before(other, last) for other in candidates):
-                        expected = last["set"]
-                        break
+                last = last_of(candidates, before)
+                expected = None if last is None else last["set"]
             if expected is None:
                 agreement_only += 1
                 continue
             checked += 1
             for node in run.node_keys:
                 entry = run.listed[node].get(message_id)
-                if entry is not None and (flag in entry[1]) != expected:
+                if entry is not None and (flag in entry.flags) != expected:
                     wrong += 1
                     details.append({"wrong_flag_winner": message_id, "flag": flag, "node": node,
                                     "expected": expected, "changes": [op["index"] for op in candidates]})
@@ -322,10 +535,82 @@ def rule_flag_winners(run):
             "wrong_flag_winner": wrong, "details": details[:20]}
 
 
+def rule_location_winners(run):
+    """Where each live appended email must be (see the docstring: locations)."""
+    checked, agreement_only, wrong, rescued, details = 0, 0, 0, 0, []
+    for message_id, op in sorted(run.append_by_id.items()):
+        if op["kind"] != "append" or not any(message_id in run.listed[node] for node in run.node_keys):
+            continue
+        account = op["account"]
+        moves = sorted((move for move in run.moves.get(message_id, []) if move["outcome"] != "fail"),
+                       key=lambda move: move["invoked"])
+        if not moves:
+            expected = op.get("mailbox_id")
+        else:
+            last = last_of(moves, causal_order(run, moves))
+            expected = None if last is None else (last.get("moved_to") or last["to_id"])
+        if expected is None:
+            agreement_only += 1
+            continue
+        for node in run.node_keys:
+            entry = run.listed[node].get(message_id)
+            if entry is None:
+                continue
+            if expected in run.mailboxes[node].get(account, {}):
+                want = expected
+            elif (account, expected) in run.deleted_ids:
+                want = run.inbox.get(account)
+            else:
+                agreement_only += 1
+                break
+            checked += 1
+            rescued += want != expected
+            if entry.mailbox_id != want:
+                wrong += 1
+                details.append({"wrong_location": message_id, "node": node, "in": entry.path, "expected": want,
+                                "moves": [move["index"] for move in moves], "append_op": op["index"]})
+            break
+    return {"locations_checked": checked, "locations_agreement_only": agreement_only, "locations_rescued": rescued,
+            "wrong_location": wrong, "details": details[:20]}
+
+
+def rule_placement_winners(run):
+    """Where each renamed mailbox must be (see the docstring: mailbox placements)."""
+    checked, agreement_only, wrong, details = 0, 0, 0, []
+    for account in sorted({op["account"] for op in run.renames}):
+        renames = sorted((op for op in run.renames if op["account"] == account and op["outcome"] != "fail"),
+                         key=lambda op: op["invoked"])
+        before = causal_order(run, renames)
+        for mailbox_id in sorted({op["id"] for op in renames}):
+            node = run.node_keys[0]
+            tree = run.mailboxes[node].get(account, {})
+            if mailbox_id not in tree:
+                continue
+            own = [op for op in renames if op["id"] == mailbox_id]
+            last = last_of(own, before)
+            # A cycle to cut needs a rename concurrent with this one that moves a mailbox under
+            # another; renames to the top level cannot make one.
+            concurrent_nesting = last is not None and any(
+                not before(other, last) and not before(last, other) and "/" in other["path"]
+                for other in renames if other is not last)
+            if last is None or "result_path" not in last or concurrent_nesting \
+                    or (last["result_parent"] is not None and last["result_parent"] not in tree):
+                agreement_only += 1
+                continue
+            checked += 1
+            path, parent, _ = tree[mailbox_id]
+            if parent != last["result_parent"] or path.rsplit("/", 1)[-1] != last["result_path"].rsplit("/", 1)[-1]:
+                wrong += 1
+                details.append({"wrong_placement": mailbox_id, "account": account, "path": path, "parent": parent,
+                                "expected": [last["result_path"], last["result_parent"]], "rename_op": last["index"]})
+    return {"placements_checked": checked, "placements_agreement_only": agreement_only, "wrong_placement": wrong,
+            "details": details[:20]}
+
+
 def account_listing(run, node, account):
-    """id -> mailbox of one account's messages in a node's final listing."""
-    return {message_id: entry[0].split("/", 1)[1] for message_id, entry in run.listed.get(node, {}).items()
-            if entry[0].split("/", 1)[0] == account}
+    """id -> mailbox id of one account's messages in a node's final listing."""
+    return {message_id: entry.mailbox_id for message_id, entry in run.listed.get(node, {}).items()
+            if entry.account == account}
 
 
 def feed_sequences(records):
@@ -370,7 +655,7 @@ def rule_feed(run):
             local_expunges[(op["node"], op["member"], op["account"])].append(op)
     writes = collections.defaultdict(list)  # id -> when flag changes or expunges of it were invoked
     for op in run.ops:
-        if op["kind"] in ("flags", "expunge") and op["outcome"] != "fail" and "id" in op:
+        if op["kind"] in ("flags", "expunge", "move") and op["outcome"] != "fail" and "id" in op:
             writes[op["id"]].append(op["invoked"])
     final_ends = run.final.get("feed_final", {})
     counts["clients"] = len(by_client)
@@ -467,7 +752,7 @@ def rule_feed(run):
                 if op["completed"] >= first["invoked"] or op["id"] in view:
                     continue
                 if any(other["invoked"] < last["completed"] and other["outcome"] != "fail"
-                       for other in run.expunges.get(op["id"], [])):
+                       for other in run.expunges.get(op["id"], []) + run.delete_may_have_destroyed(op)):
                     continue
                 calls = [record["index"] for record in sequence]
                 if op["completed"] >= pass_start["invoked"]:
@@ -497,6 +782,14 @@ def rule_feed(run):
         live = account_listing(run, str(finals[-1]["node"]), account)
         missing, extra = sorted(set(live) - set(view)), sorted(set(view) - set(live))
         moved = sorted(message_id for message_id in set(live) & set(view) if live[message_id] != view[message_id])
+        # The feed names the mailbox an email was shown in when it last changed. When that mailbox
+        # later became an alias (a same-named one created earlier arrived) or was deleted (the
+        # email rescued to the INBOX), the email's record did not change and the feed does not
+        # report it again: counted apart (the client sees the mailbox change in `mailboxes`).
+        shown = run.mailboxes.get(str(finals[-1]["node"]), {}).get(account, {})
+        hidden = [message_id for message_id in moved if view[message_id] not in shown]
+        counts["mailbox_hidden_since"] += len(hidden)
+        moved = [message_id for message_id in moved if view[message_id] in shown]
         if missing or extra or moved:
             counts["mismatches"] += 1
             details.append({"feed_mismatch": client, "account": account, "node": finals[-1]["node"],
@@ -507,7 +800,7 @@ def rule_feed(run):
 
 
 RULES = [rule_appends, rule_resurrection, rule_stale_reads, rule_duplicates, rule_divergence, rule_flag_winners,
-         rule_feed]
+         rule_location_winners, rule_placement_winners, rule_feed]
 
 
 def check(directory):
@@ -531,7 +824,21 @@ def check(directory):
         "acknowledged": sum(counts["ok"] for counts in operations.values()),
         "lost": results["lost"],
         "resurrected": results["resurrected"],
-        "divergent": results["divergent"] + results["wrong_flag_winner"],
+        "divergent": sum(results[name] for name in ("divergent", "wrong_flag_winner", "wrong_location",
+                                                     "wrong_placement", "mailbox_divergent", "tree_errors",
+                                                     "orphans", "misplaced")),
+        "divergent_emails": results["divergent"],
+        "mailbox_divergent": results["mailbox_divergent"],
+        "tree_errors": results["tree_errors"],
+        "orphans": results["orphans"],
+        "misplaced": results["misplaced"],
+        "wrong_location": results["wrong_location"],
+        "wrong_placement": results["wrong_placement"],
+        "locations": {"checked_against_causal_order": results["locations_checked"],
+                      "agreement_only": results["locations_agreement_only"],
+                      "rescued_to_inbox": results["locations_rescued"]},
+        "placements": {"checked_against_causal_order": results["placements_checked"],
+                       "agreement_only": results["placements_agreement_only"]},
         "duplicates": results["duplicates"],
         "corrupt": results["corrupt"],
         "unexpected": results["unexpected"],
@@ -578,18 +885,26 @@ def totals(path):
     runs = [json.loads(line) for line in open(path) if line.strip().startswith("{")]
     total = {"runs": len(runs), "operations": 0, "acknowledged": 0, "lost": 0, "resurrected": 0, "divergent": 0,
              "duplicates": 0, "corrupt": 0, "stale_reads": 0, "not_converged": 0, "max_heal_seconds": 0.0,
+             "orphans": 0, "mailbox_divergent": 0, "wrong_location": 0, "wrong_placement": 0, "misplaced": 0,
+             "elements": collections.Counter(), "locations_checked": 0, "locations_rescued": 0,
+             "placements_checked": 0,
              "runs_with_problems": [], "faults": collections.Counter(), "outcomes": collections.Counter(),
              "feed_clients": 0, "feed_calls": 0, "feed_answers": 0, "feed_410s": 0, "feed_resyncs": 0,
              "feed_mismatches": 0, "feed_created_twice": 0, "feed_missing_local": 0, "feed_final_incomplete": 0,
              "feed_updated_repeats": 0, "feed_updated_repeats_without_new_write": 0, "feed_over_limit": 0,
              "feed_deferred_past_has_more_false": 0, "feed_complete_catch_ups_holding_a_destroyed_id": 0,
-             "feed_max_listing": 0}
+             "feed_max_listing": 0, "feed_mailbox_hidden_since": 0}
     for run in runs:
         for counts in run["operations"].values():
             total["operations"] += sum(counts.values())
             total["outcomes"].update(counts)
-        for key in ("acknowledged", "lost", "resurrected", "divergent", "duplicates", "corrupt", "stale_reads"):
-            total[key] += run[key]
+        for key in ("acknowledged", "lost", "resurrected", "divergent", "duplicates", "corrupt", "stale_reads",
+                    "orphans", "mailbox_divergent", "wrong_location", "wrong_placement", "misplaced"):
+            total[key] += run.get(key, 0)
+        total["elements"].update(run.get("elements", {}))
+        total["locations_checked"] += run.get("locations", {}).get("checked_against_causal_order", 0)
+        total["locations_rescued"] += run.get("locations", {}).get("rescued_to_inbox", 0)
+        total["placements_checked"] += run.get("placements", {}).get("checked_against_causal_order", 0)
         total["not_converged"] += not run["converged"]
         if run["heal_to_convergence_seconds"] is not None:
             total["max_heal_seconds"] = max(total["max_heal_seconds"], run["heal_to_convergence_seconds"])
@@ -600,7 +915,7 @@ def totals(path):
                           ("created_twice", "feed_created_twice"), ("missing_local", "feed_missing_local"),
                           ("final_incomplete", "feed_final_incomplete"), ("updated_repeats", "feed_updated_repeats"),
                           ("updated_repeats_without_new_write", "feed_updated_repeats_without_new_write"),
-                          ("over_limit", "feed_over_limit"),
+                          ("over_limit", "feed_over_limit"), ("mailbox_hidden_since", "feed_mailbox_hidden_since"),
                           ("deferred_past_has_more_false", "feed_deferred_past_has_more_false"),
                           ("complete_catch_ups_holding_a_destroyed_id",
                            "feed_complete_catch_ups_holding_a_destroyed_id")):
@@ -610,6 +925,7 @@ def totals(path):
             total["runs_with_problems"].append({"seed": run["seed"], "problems": run["problems"],
                                                 "workdir": run.get("workdir")})
     total["faults"], total["outcomes"] = dict(total["faults"]), dict(total["outcomes"])
+    total["elements"] = dict(total["elements"])
     return total
 
 
