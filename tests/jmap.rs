@@ -206,6 +206,16 @@ async fn start_node(
     name: &str,
     peers: Vec<libp2p::Multiaddr>,
 ) -> (Running, tokio::sync::watch::Sender<bool>) {
+    start_member(directory, name, peers, None).await
+}
+
+/// A node as [`start_node`] makes, in a closed cluster of `members` when they are given.
+async fn start_member(
+    directory: &std::path::Path,
+    name: &str,
+    peers: Vec<libp2p::Multiaddr>,
+    members: Option<std::collections::HashSet<libp2p::PeerId>>,
+) -> (Running, tokio::sync::watch::Sender<bool>) {
     let accounts = directory.join(format!("{name}-accounts"));
     std::fs::write(&accounts, format!("{ALICE}:{SECRET_HASH}\n")).unwrap();
     let config = NodeConfig {
@@ -218,6 +228,7 @@ async fn start_node(
         gossip_interval: std::time::Duration::from_millis(200),
         search_commit_interval: std::time::Duration::from_millis(100),
         accounts_file: Some(accounts),
+        allowed_peers: members,
         ..NodeConfig::default()
     };
     let (stop_sender, stop) = tokio::sync::watch::channel(false);
@@ -1378,4 +1389,87 @@ async fn email_query_changes_rebuild_the_results_of_a_mailbox_query() {
         let quiet = request.send_query_email_changes().await.unwrap();
         assert!(quiet.removed().is_empty() && quiet.added().is_empty(), "{quiet:?}");
     }
+}
+
+/// Issue 14: a state older than a purged tombstone gets cannotCalculateChanges, on every node and
+/// from every /changes and /queryChanges, while a state taken after the purge works. Two nodes of
+/// a closed cluster purge a tombstone as soon as both hold it (the acknowledged cut), so the
+/// state from before the destroy falls behind the horizon within the test.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_state_from_before_a_purged_tombstone_cannot_calculate_changes() {
+    let directory = tempfile::tempdir().unwrap();
+    let mut members = std::collections::HashSet::new();
+    for name in ["a", "b"] {
+        std::fs::create_dir_all(directory.path().join(name)).unwrap();
+        let keypair =
+            mailmesh::node::load_or_create_identity(&directory.path().join(name).join("identity.key")).unwrap();
+        members.insert(keypair.public().to_peer_id());
+    }
+    let (a, _stop_a) = start_member(directory.path(), "a", Vec::new(), Some(members.clone())).await;
+    let seeds = a.engine.listen_addresses().await;
+    let (b, _stop_b) = start_member(directory.path(), "b", seeds, Some(members)).await;
+    let kept = deliver(&a, "INBOX", message("carol@example.net", "Kept", "k"), JUNE).await;
+    let gone = deliver(&a, "INBOX", message("carol@example.net", "Gone", "g"), JUNE + 1).await;
+    converge("delivered", &[&a, &b]).await;
+    let inbox_id = a.service.find_mailbox(ALICE, "INBOX").unwrap().to_string();
+    let at_a = connect(&a).await;
+    let mut request = at_a.build();
+    request.query_email().filter(Filter::in_mailbox(&inbox_id));
+    let before = request.send_query_email().await.unwrap();
+    assert_eq!(before.ids().len(), 2);
+    let old_state = before.query_state().to_owned();
+
+    at_a.email_destroy(&gone).await.unwrap();
+    converge("destroyed", &[&a, &b]).await;
+    let calls = |state: &str| {
+        mail_request(json!([
+            ["Email/changes", {"sinceState": state}, "e"],
+            ["Mailbox/changes", {"sinceState": state}, "m"],
+            ["Email/queryChanges", {"sinceQueryState": state, "filter": {"inMailbox": inbox_id}}, "q"],
+            ["Mailbox/queryChanges", {"sinceQueryState": state}, "n"],
+        ]))
+    };
+    // Until both members hold the tombstone and purge it, the old state still lists the destroy.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let answer = call(a.http, &calls(&old_state)).await;
+        let email = method_response(&answer, 0);
+        if email[0] == "error" {
+            assert_eq!(email[1]["type"], "cannotCalculateChanges", "{email}");
+            break;
+        }
+        assert_eq!(email[1]["destroyed"], json!([gone]), "before the purge: {email}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tombstone was not purged within 60 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    converge("purged", &[&a, &b]).await;
+    for node in [&a, &b] {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let answer = loop {
+            let answer = call(node.http, &calls(&old_state)).await;
+            if method_response(&answer, 0)[0] == "error" || std::time::Instant::now() > deadline {
+                break answer;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        for index in 0..4 {
+            let response = method_response(&answer, index);
+            assert_eq!(response[0], "error", "{index}: {response}");
+            assert_eq!(response[1]["type"], "cannotCalculateChanges", "{index}: {response}");
+        }
+        // A fresh state works on that node.
+        let fresh = node.service.account_state(ALICE).unwrap();
+        let answer = call(node.http, &calls(&fresh)).await;
+        for index in 0..4 {
+            let response = method_response(&answer, index);
+            assert_ne!(response[0], "error", "{index}: {response}");
+        }
+        assert_eq!(method_response(&answer, 0)[1]["destroyed"], json!([]));
+    }
+    let mut request = at_a.build();
+    request.query_email().filter(Filter::in_mailbox(&inbox_id));
+    assert_eq!(request.send_query_email().await.unwrap().ids(), [kept]);
 }
