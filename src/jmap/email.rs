@@ -10,13 +10,18 @@
 //!   the header properties parse the message, so they cost a read of its bytes.
 //! - threadId is the email's own id, and Thread/get answers one-email threads, until threads
 //!   are computed from the replicated mail.
-//! - Email/query: the `inMailbox` and `text` filter conditions (no operator trees yet), one sort
-//!   comparator of receivedAt, sentAt, size, from or subject, position (negative too), `anchor`
-//!   with `anchorOffset`, limit and calculateTotal; anything else gets `unsupportedFilter` or
-//!   `unsupportedSort`. Sorting and search run near the data in the service; without `inMailbox`
-//!   every mailbox's window is merged here. An anchor in an `inMailbox` query without text is
-//!   placed by the service in O(log n); otherwise it is looked for page by page in the first
-//!   [`MAX_ANCHOR_SCAN`] results.
+//! - Email/query: the filter conditions inMailbox, inMailboxOtherThan, text, from, subject,
+//!   before, after, minSize, maxSize, hasKeyword and notKeyword under AND, OR and NOT; one sort
+//!   comparator of receivedAt, sentAt, size, from or subject; position (negative too), `anchor`
+//!   with `anchorOffset`, limit and calculateTotal. Anything else (to, cc, bcc, body, header,
+//!   hasAttachment, collations, several comparators) gets `unsupportedFilter` or
+//!   `unsupportedSort`. `inMailbox` and `text` are answered near the data by the service, and
+//!   only at the filter's top level (or directly under a top-level AND); the other conditions are
+//!   checked here on each listed email (from and subject as the listing holds them, without
+//!   regard to case), at most [`MAX_FILTER_SCAN`] emails per query. Without `inMailbox` every
+//!   mailbox's window is merged here. An anchor in an `inMailbox` query without other
+//!   conditions is placed by the service in O(log n); otherwise it is looked for in the results
+//!   (the first [`MAX_ANCHOR_SCAN`] of an unfiltered one).
 //! - Email/queryChanges ([`query_changes`]) for an `inMailbox` query without text
 //!   (`canCalculateChanges` says which queries), from the portable change feed; other queries get
 //!   cannotCalculateChanges.
@@ -41,8 +46,9 @@ use super::blobs;
 use super::mailbox;
 use super::{
     check_in_state, check_set_size, file_update, flag_argument, ids_argument, max_changes_argument, method_error,
-    object_argument, optional_count, properties_argument, query_changes_response, query_window, required_string,
-    service_error, set_error, Jmap, MethodResult, QueryWindow, SetOutcome, MAX_OBJECTS_IN_GET, MAX_OBJECTS_IN_SET,
+    object_argument, optional_count, parse_filter, properties_argument, query_changes_response, query_window,
+    required_string, service_error, set_error, FilterTree, Jmap, MethodResult, QueryWindow, SetOutcome,
+    MAX_OBJECTS_IN_GET, MAX_OBJECTS_IN_SET,
 };
 
 /// The sorts Email/query serves, as advertised in `emailQuerySortOptions`.
@@ -339,6 +345,8 @@ pub struct QueryRequest {
     /// Its name, once looked up.
     mailbox: Option<String>,
     text: Option<String>,
+    /// The filter's other conditions, checked on each listed email.
+    rest: Option<EmailFilter>,
     sort: SortKey,
     descending: bool,
     window: QueryWindow,
@@ -346,29 +354,7 @@ pub struct QueryRequest {
 
 /// Reads Email/query's arguments (no service needed: the fuzz target runs it on any input).
 pub fn query_request(arguments: &Map<String, Value>) -> Result<QueryRequest, Value> {
-    let mut mailbox_id = None;
-    let mut text = None;
-    match arguments.get("filter") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(filter)) => {
-            for (condition, value) in filter {
-                match (condition.as_str(), value) {
-                    ("inMailbox", Value::String(id)) => mailbox_id = Some(id.clone()),
-                    ("text", Value::String(words)) => text = Some(words.clone()),
-                    ("inMailbox" | "text", _) => {
-                        return Err(method_error("invalidArguments", format!("{condition} is not a string")))
-                    }
-                    _ => {
-                        return Err(method_error(
-                            "unsupportedFilter",
-                            format!("the filter condition {condition} is not served yet (inMailbox and text are)"),
-                        ))
-                    }
-                }
-            }
-        }
-        Some(_) => return Err(method_error("invalidArguments", "filter is not an object")),
-    }
+    let (mailbox_id, text, rest) = split_filter(parse_filter(arguments.get("filter"), &mut read_condition)?)?;
     let (sort, descending) = match arguments.get("sort") {
         None | Some(Value::Null) => (SortKey::Received, true),
         Some(Value::Array(comparators)) if comparators.is_empty() => (SortKey::Received, true),
@@ -415,17 +401,213 @@ pub fn query_request(arguments: &Map<String, Value>) -> Result<QueryRequest, Val
         mailbox_id,
         mailbox: None,
         text,
+        rest,
         sort,
         descending,
         window: query_window(arguments)?,
     })
 }
 
+/// One condition of an Email/query filter (RFC 8621 §4.4.1) that the listing answers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EmailCondition {
+    InMailbox(String),
+    InMailboxOtherThan(Vec<String>),
+    Text(String),
+    /// Lower case, looked for in the From header as listed.
+    From(String),
+    Subject(String),
+    Before(u64),
+    After(u64),
+    MinSize(u64),
+    MaxSize(u64),
+    HasKeyword(String),
+    NotKeyword(String),
+}
+
+/// A filter condition object: every condition it names must hold.
+fn read_condition(object: &Map<String, Value>) -> Result<Vec<EmailCondition>, Value> {
+    let mut conditions = Vec::with_capacity(object.len());
+    for (property, value) in object {
+        let text = || {
+            value
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| method_error("invalidArguments", format!("{property} is not a string")))
+        };
+        let size = || {
+            value
+                .as_u64()
+                .ok_or_else(|| method_error("invalidArguments", format!("{property} is not a size")))
+        };
+        let date = || -> Result<u64, Value> {
+            let invalid = || method_error("invalidArguments", format!("{property} is not a UTCDate"));
+            let parsed = value
+                .as_str()
+                .and_then(mail_parser::DateTime::parse_rfc3339)
+                .ok_or_else(invalid)?;
+            Ok(u64::try_from(parsed.to_timestamp()).unwrap_or(0).saturating_mul(1000))
+        };
+        conditions.push(match property.as_str() {
+            "inMailbox" => EmailCondition::InMailbox(text()?),
+            "inMailboxOtherThan" => EmailCondition::InMailboxOtherThan(
+                value
+                    .as_array()
+                    .and_then(|ids| ids.iter().map(|id| id.as_str().map(str::to_owned)).collect())
+                    .ok_or_else(|| method_error("invalidArguments", "inMailboxOtherThan is not a list of ids"))?,
+            ),
+            "text" => EmailCondition::Text(text()?),
+            "from" => EmailCondition::From(text()?.to_lowercase()),
+            "subject" => EmailCondition::Subject(text()?.to_lowercase()),
+            "before" => EmailCondition::Before(date()?),
+            "after" => EmailCondition::After(date()?),
+            "minSize" => EmailCondition::MinSize(size()?),
+            "maxSize" => EmailCondition::MaxSize(size()?),
+            "hasKeyword" => EmailCondition::HasKeyword(text()?.to_ascii_lowercase()),
+            "notKeyword" => EmailCondition::NotKeyword(text()?.to_ascii_lowercase()),
+            _ => {
+                return Err(method_error(
+                    "unsupportedFilter",
+                    format!(
+                        "the filter condition {property} is not served (inMailbox, inMailboxOtherThan, text, from, \
+                         subject, before, after, minSize, maxSize, hasKeyword and notKeyword are)"
+                    ),
+                ))
+            }
+        });
+    }
+    Ok(conditions)
+}
+
+type EmailFilter = FilterTree<Vec<EmailCondition>>;
+
+/// Takes `inMailbox` and `text` out of the filter's top level (a condition object, or the objects
+/// directly under a top-level AND), where the service answers them near the data; what is left is
+/// checked here on each listed email. Elsewhere in the tree they are refused.
+fn split_filter(filter: Option<EmailFilter>) -> Result<(Option<String>, Option<String>, Option<EmailFilter>), Value> {
+    let Some(filter) = filter else {
+        return Ok((None, None, None));
+    };
+    let mut mailbox = None;
+    let mut text = None;
+    let mut take = |conditions: Vec<EmailCondition>| -> Result<Vec<EmailCondition>, Value> {
+        let mut kept = Vec::new();
+        for condition in conditions {
+            let slot = match &condition {
+                EmailCondition::InMailbox(id) => Some((&mut mailbox, id.clone())),
+                EmailCondition::Text(words) => Some((&mut text, words.clone())),
+                _ => None,
+            };
+            match slot {
+                Some((slot, value)) => {
+                    if slot.as_ref().is_some_and(|held: &String| *held != value) {
+                        return Err(method_error(
+                            "unsupportedFilter",
+                            "one inMailbox and one text condition at most",
+                        ));
+                    }
+                    *slot = Some(value);
+                }
+                None => kept.push(condition),
+            }
+        }
+        Ok(kept)
+    };
+    let rest = match filter {
+        FilterTree::Condition(conditions) => {
+            let kept = take(conditions)?;
+            (!kept.is_empty()).then_some(FilterTree::Condition(kept))
+        }
+        FilterTree::All(parts) => {
+            let mut kept_parts = Vec::with_capacity(parts.len());
+            for part in parts {
+                match part {
+                    FilterTree::Condition(conditions) => {
+                        let kept = take(conditions)?;
+                        if !kept.is_empty() {
+                            kept_parts.push(FilterTree::Condition(kept));
+                        }
+                    }
+                    other => kept_parts.push(other),
+                }
+            }
+            (!kept_parts.is_empty()).then_some(FilterTree::All(kept_parts))
+        }
+        other => Some(other),
+    };
+    let nested = rest.as_ref().is_some_and(|rest| {
+        rest.conditions().iter().any(|conditions| {
+            conditions
+                .iter()
+                .any(|condition| matches!(condition, EmailCondition::InMailbox(_) | EmailCondition::Text(_)))
+        })
+    });
+    if nested {
+        return Err(method_error(
+            "unsupportedFilter",
+            "inMailbox and text are served at the filter's top level or directly under a top-level AND",
+        ));
+    }
+    Ok((mailbox, text, rest))
+}
+
+fn holds(condition: &EmailCondition, email: &Email) -> bool {
+    let has_keyword = |keyword: &str| email.flags.iter().filter_map(keyword_of).any(|held| held == keyword);
+    match condition {
+        EmailCondition::InMailbox(id) => email.mailbox.to_string() == *id,
+        EmailCondition::InMailboxOtherThan(ids) => !ids.contains(&email.mailbox.to_string()),
+        // Searched by the service before the filter runs.
+        EmailCondition::Text(_) => true,
+        EmailCondition::From(words) => email.from.to_lowercase().contains(words.as_str()),
+        EmailCondition::Subject(words) => email.subject.to_lowercase().contains(words.as_str()),
+        EmailCondition::Before(millis) => email.received_millis < *millis,
+        EmailCondition::After(millis) => email.received_millis >= *millis,
+        EmailCondition::MinSize(size) => email.size >= *size,
+        EmailCondition::MaxSize(size) => email.size < *size,
+        EmailCondition::HasKeyword(keyword) => has_keyword(keyword),
+        EmailCondition::NotKeyword(keyword) => !has_keyword(keyword),
+    }
+}
+
+/// The most emails a filter beyond inMailbox and text is checked on, one by one: past it the
+/// query is refused rather than answered from part of the mailbox.
+pub const MAX_FILTER_SCAN: usize = 200_000;
+
+/// Every email of the query's listing that passes the rest of its filter, in order.
+async fn filtered(service: &MailService, account: &str, request: &QueryRequest) -> Result<Vec<Email>, Value> {
+    let Some(rest) = &request.rest else {
+        return Ok(Vec::new());
+    };
+    let mut passing = Vec::new();
+    let mut start = 0;
+    loop {
+        let (emails, total) = base_window(service, account, request, start, MAX_QUERY_LIMIT)
+            .await
+            .map_err(service_error)?;
+        if total > MAX_FILTER_SCAN {
+            return Err(method_error(
+                "unsupportedFilter",
+                format!("this filter is checked email by email, on at most {MAX_FILTER_SCAN} emails: narrow it with inMailbox or text"),
+            ));
+        }
+        let count = emails.len();
+        passing.extend(emails.into_iter().filter(|email| {
+            rest.matches(&mut |conditions: &Vec<EmailCondition>| {
+                conditions.iter().all(|condition| holds(condition, email))
+            })
+        }));
+        if count < MAX_QUERY_LIMIT {
+            return Ok(passing);
+        }
+        start += count;
+    }
+}
+
 impl QueryRequest {
     /// Whether Email/queryChanges can answer for this query: one mailbox, no search (the
     /// service knows where an email stands in a mailbox's listing, not in a search's hits).
     fn can_calculate_changes(&self) -> bool {
-        self.mailbox_id.is_some() && self.text.is_none()
+        self.mailbox_id.is_some() && self.text.is_none() && self.rest.is_none()
     }
 }
 
@@ -444,8 +626,27 @@ fn sort_bytes(email: &Email, sort: SortKey) -> Vec<u8> {
     }
 }
 
-/// One window of the account's emails (of one mailbox, or merged over all of them).
+/// One window of the query's results, and their count.
 async fn window(
+    service: &MailService,
+    account: &str,
+    request: &QueryRequest,
+    position: usize,
+    limit: usize,
+) -> Result<(Vec<Email>, usize), Value> {
+    if request.rest.is_some() {
+        let passing = filtered(service, account, request).await?;
+        let total = passing.len();
+        return Ok((passing.into_iter().skip(position).take(limit).collect(), total));
+    }
+    base_window(service, account, request, position, limit)
+        .await
+        .map_err(service_error)
+}
+
+/// One window of the account's emails (of one mailbox, or merged over all of them), searched for
+/// the text condition, before the rest of the filter.
+async fn base_window(
     service: &MailService,
     account: &str,
     request: &QueryRequest,
@@ -497,7 +698,7 @@ pub async fn query(service: &MailService, account: &str, arguments: &Map<String,
     } else {
         let needs_total = request.window.position < 0 || request.window.anchor.is_some();
         let total = if needs_total {
-            Some(window(service, account, &request, 0, 0).await.map_err(service_error)?.1)
+            Some(window(service, account, &request, 0, 0).await?.1)
         } else {
             None
         };
@@ -506,9 +707,7 @@ pub async fn query(service: &MailService, account: &str, arguments: &Map<String,
             None => None,
         };
         let position = request.window.start(total.unwrap_or(0), anchor)?;
-        let (emails, total) = window(service, account, &request, position, request.window.limit)
-            .await
-            .map_err(service_error)?;
+        let (emails, total) = window(service, account, &request, position, request.window.limit).await?;
         let ids: Vec<String> = emails.iter().map(|email| email.id.to_string()).collect();
         (position, ids, total)
     };
@@ -552,13 +751,15 @@ async fn anchor_index(
             return Ok(positions.first().copied().flatten());
         }
     }
+    if request.rest.is_some() {
+        let passing = filtered(service, account, request).await?;
+        return Ok(passing.iter().position(|email| email.id == id));
+    }
     // Page through the results.
     let page = MAX_QUERY_LIMIT;
     let mut start = 0;
     while start < total.min(MAX_ANCHOR_SCAN) {
-        let (emails, _) = window(service, account, request, start, page)
-            .await
-            .map_err(service_error)?;
+        let (emails, _) = window(service, account, request, start, page).await?;
         if let Some(offset) = emails.iter().position(|email| email.id == id) {
             return Ok(Some(start + offset));
         }
