@@ -206,8 +206,12 @@ pub fn jmap_request(input: &[u8]) {
 fn jmap_arguments(name: &str, arguments: &serde_json::Map<String, serde_json::Value>) {
     use crate::jmap::{email, push};
     match name {
-        "Email/query" => {
+        "Email/query" | "Email/queryChanges" => {
             let _ = email::query_request(arguments);
+        }
+        "Mailbox/query" | "Mailbox/queryChanges" => {
+            let _ = crate::jmap::mailbox::mailbox_query(arguments);
+            let _ = crate::jmap::query_window(arguments);
         }
         "Email/set" => {
             let current = std::collections::BTreeSet::from(["$seen".to_owned()]);

@@ -28,7 +28,9 @@
 //!   changes (the item was listed for another origin's change) would then never be told when that
 //!   change arrives. The node-hopping property test fails on exactly that mistake.
 //! - The price is duplicates: changes in the window between two nodes' frontiers may be listed
-//!   again, always as "updated" (RFC 8620 allows an id in `updated` the client already knows).
+//!   again. A live item comes again as "updated" (RFC 8620 allows an id in `updated` the client
+//!   already knows); a destroyed one may come again as "destroyed" after a hop to another node
+//!   (harmless: the client drops an id it no longer holds).
 //! - An item whose creation the client may have seen (creation time ≤ `max(F, S)` of its origin)
 //!   is reported as updated, never as created twice. An item created and destroyed since the token
 //!   is left out.

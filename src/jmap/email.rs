@@ -10,17 +10,26 @@
 //!   the header properties parse the message, so they cost a read of its bytes.
 //! - threadId is the email's own id, and Thread/get answers one-email threads, until threads
 //!   are computed from the replicated mail.
-//! - Email/query: the `inMailbox` and `text` filter conditions (no operator trees yet), one sort
-//!   comparator of receivedAt, sentAt, size, from or subject, position (negative too), limit and
-//!   calculateTotal; anything else gets `unsupportedFilter` or `unsupportedSort`, and an
-//!   `anchor` gets `invalidArguments`. Sorting and search run near the data in the service;
-//!   without `inMailbox` every mailbox's window is merged here. queryChanges is not served
-//!   (`canCalculateChanges` is false).
+//! - Email/query: the filter conditions inMailbox, inMailboxOtherThan, text, from, subject,
+//!   before, after, minSize, maxSize, hasKeyword and notKeyword under AND, OR and NOT; one sort
+//!   comparator of receivedAt, sentAt, size, from or subject; position (negative too), `anchor`
+//!   with `anchorOffset`, limit and calculateTotal. Anything else (to, cc, bcc, body, header,
+//!   hasAttachment, collations, several comparators) gets `unsupportedFilter` or
+//!   `unsupportedSort`. `inMailbox` and `text` are answered near the data by the service, and
+//!   only at the filter's top level (or directly under a top-level AND); the other conditions are
+//!   checked here on each listed email (from and subject as the listing holds them, without
+//!   regard to case), at most [`MAX_FILTER_SCAN`] emails per query. Without `inMailbox` every
+//!   mailbox's window is merged here. An anchor in an `inMailbox` query without other
+//!   conditions is placed by the service in O(log n); otherwise it is looked for in the results
+//!   (the first [`MAX_ANCHOR_SCAN`] of an unfiltered one).
+//! - Email/queryChanges ([`query_changes`]) for an `inMailbox` query without text
+//!   (`canCalculateChanges` says which queries), from the portable change feed; other queries get
+//!   cannotCalculateChanges.
 //! - Email/changes reads the account's portable change feed: its states are accepted by every
 //!   node of the cluster.
-//! - Email/set: keywords (whole or as patches) and destroy. Moves (a changed `mailboxIds`) and
-//!   create are refused per object until the service has them; Email/import stores an uploaded
-//!   blob.
+//! - Email/set: keywords (whole or as patches), mailboxIds (a move: an email is in exactly one
+//!   mailbox) and destroy. Create is refused per object (`forbidden`); Email/import stores an
+//!   uploaded blob.
 //!
 //! Keywords map to IMAP flags: `$seen` is `\Seen`, `$answered` `\Answered`, `$flagged`
 //! `\Flagged`, `$draft` `\Draft`; `\Deleted` is not shown (JMAP destroys instead); other
@@ -36,8 +45,10 @@ use crate::service::{Delivery, Email, MailService, Query, ServiceError, SortKey}
 use super::blobs;
 use super::mailbox;
 use super::{
-    ids_argument, method_error, optional_count, properties_argument, required_string, service_error, Jmap,
-    MethodResult, MAX_OBJECTS_IN_GET, MAX_OBJECTS_IN_SET,
+    check_in_state, check_set_size, file_update, flag_argument, ids_argument, max_changes_argument, method_error,
+    object_argument, optional_count, parse_filter, properties_argument, query_changes_response, query_window,
+    required_string, service_error, set_error, FilterTree, Jmap, MethodResult, QueryWindow, SetOutcome,
+    MAX_OBJECTS_IN_GET, MAX_OBJECTS_IN_SET,
 };
 
 /// The sorts Email/query serves, as advertised in `emailQuerySortOptions`.
@@ -334,39 +345,16 @@ pub struct QueryRequest {
     /// Its name, once looked up.
     mailbox: Option<String>,
     text: Option<String>,
+    /// The filter's other conditions, checked on each listed email.
+    rest: Option<EmailFilter>,
     sort: SortKey,
     descending: bool,
-    position: i64,
-    limit: usize,
-    limit_cut: bool,
-    calculate_total: bool,
+    window: QueryWindow,
 }
 
 /// Reads Email/query's arguments (no service needed: the fuzz target runs it on any input).
 pub fn query_request(arguments: &Map<String, Value>) -> Result<QueryRequest, Value> {
-    let mut mailbox_id = None;
-    let mut text = None;
-    match arguments.get("filter") {
-        None | Some(Value::Null) => {}
-        Some(Value::Object(filter)) => {
-            for (condition, value) in filter {
-                match (condition.as_str(), value) {
-                    ("inMailbox", Value::String(id)) => mailbox_id = Some(id.clone()),
-                    ("text", Value::String(words)) => text = Some(words.clone()),
-                    ("inMailbox" | "text", _) => {
-                        return Err(method_error("invalidArguments", format!("{condition} is not a string")))
-                    }
-                    _ => {
-                        return Err(method_error(
-                            "unsupportedFilter",
-                            format!("the filter condition {condition} is not served yet (inMailbox and text are)"),
-                        ))
-                    }
-                }
-            }
-        }
-        Some(_) => return Err(method_error("invalidArguments", "filter is not an object")),
-    }
+    let (mailbox_id, text, rest) = split_filter(parse_filter(arguments.get("filter"), &mut read_condition)?)?;
     let (sort, descending) = match arguments.get("sort") {
         None | Some(Value::Null) => (SortKey::Received, true),
         Some(Value::Array(comparators)) if comparators.is_empty() => (SortKey::Received, true),
@@ -409,36 +397,218 @@ pub fn query_request(arguments: &Map<String, Value>) -> Result<QueryRequest, Val
         }
         Some(_) => return Err(method_error("invalidArguments", "sort is not an array")),
     };
-    if arguments.get("anchor").is_some_and(|anchor| !anchor.is_null()) {
-        return Err(method_error(
-            "invalidArguments",
-            "anchor is not served yet: page with position",
-        ));
-    }
-    let position = match arguments.get("position") {
-        None | Some(Value::Null) => 0,
-        Some(value) => value
-            .as_i64()
-            .ok_or_else(|| method_error("invalidArguments", "position is not an integer"))?,
-    };
-    let asked = optional_count(arguments, "limit")?;
-    let limit = asked.map_or(MAX_QUERY_LIMIT, |limit| (limit as usize).min(MAX_QUERY_LIMIT));
-    let calculate_total = match arguments.get("calculateTotal") {
-        None | Some(Value::Null) => false,
-        Some(Value::Bool(value)) => *value,
-        Some(_) => return Err(method_error("invalidArguments", "calculateTotal is not a boolean")),
-    };
     Ok(QueryRequest {
         mailbox_id,
         mailbox: None,
         text,
+        rest,
         sort,
         descending,
-        position,
-        limit,
-        limit_cut: asked.is_none_or(|asked| asked as usize > MAX_QUERY_LIMIT),
-        calculate_total,
+        window: query_window(arguments)?,
     })
+}
+
+/// One condition of an Email/query filter (RFC 8621 §4.4.1) that the listing answers.
+#[derive(Clone, Debug, PartialEq)]
+pub enum EmailCondition {
+    InMailbox(String),
+    InMailboxOtherThan(Vec<String>),
+    Text(String),
+    /// Lower case, looked for in the From header as listed.
+    From(String),
+    Subject(String),
+    Before(u64),
+    After(u64),
+    MinSize(u64),
+    MaxSize(u64),
+    HasKeyword(String),
+    NotKeyword(String),
+}
+
+/// A filter condition object: every condition it names must hold.
+fn read_condition(object: &Map<String, Value>) -> Result<Vec<EmailCondition>, Value> {
+    let mut conditions = Vec::with_capacity(object.len());
+    for (property, value) in object {
+        let text = || {
+            value
+                .as_str()
+                .map(str::to_owned)
+                .ok_or_else(|| method_error("invalidArguments", format!("{property} is not a string")))
+        };
+        let size = || {
+            value
+                .as_u64()
+                .ok_or_else(|| method_error("invalidArguments", format!("{property} is not a size")))
+        };
+        let date = || -> Result<u64, Value> {
+            let invalid = || method_error("invalidArguments", format!("{property} is not a UTCDate"));
+            let parsed = value
+                .as_str()
+                .and_then(mail_parser::DateTime::parse_rfc3339)
+                .ok_or_else(invalid)?;
+            Ok(u64::try_from(parsed.to_timestamp()).unwrap_or(0).saturating_mul(1000))
+        };
+        conditions.push(match property.as_str() {
+            "inMailbox" => EmailCondition::InMailbox(text()?),
+            "inMailboxOtherThan" => EmailCondition::InMailboxOtherThan(
+                value
+                    .as_array()
+                    .and_then(|ids| ids.iter().map(|id| id.as_str().map(str::to_owned)).collect())
+                    .ok_or_else(|| method_error("invalidArguments", "inMailboxOtherThan is not a list of ids"))?,
+            ),
+            "text" => EmailCondition::Text(text()?),
+            "from" => EmailCondition::From(text()?.to_lowercase()),
+            "subject" => EmailCondition::Subject(text()?.to_lowercase()),
+            "before" => EmailCondition::Before(date()?),
+            "after" => EmailCondition::After(date()?),
+            "minSize" => EmailCondition::MinSize(size()?),
+            "maxSize" => EmailCondition::MaxSize(size()?),
+            "hasKeyword" => EmailCondition::HasKeyword(text()?.to_ascii_lowercase()),
+            "notKeyword" => EmailCondition::NotKeyword(text()?.to_ascii_lowercase()),
+            _ => {
+                return Err(method_error(
+                    "unsupportedFilter",
+                    format!(
+                        "the filter condition {property} is not served (inMailbox, inMailboxOtherThan, text, from, \
+                         subject, before, after, minSize, maxSize, hasKeyword and notKeyword are)"
+                    ),
+                ))
+            }
+        });
+    }
+    Ok(conditions)
+}
+
+type EmailFilter = FilterTree<Vec<EmailCondition>>;
+
+/// Takes `inMailbox` and `text` out of the filter's top level (a condition object, or the objects
+/// directly under a top-level AND), where the service answers them near the data; what is left is
+/// checked here on each listed email. Elsewhere in the tree they are refused.
+fn split_filter(filter: Option<EmailFilter>) -> Result<(Option<String>, Option<String>, Option<EmailFilter>), Value> {
+    let Some(filter) = filter else {
+        return Ok((None, None, None));
+    };
+    let mut mailbox = None;
+    let mut text = None;
+    let mut take = |conditions: Vec<EmailCondition>| -> Result<Vec<EmailCondition>, Value> {
+        let mut kept = Vec::new();
+        for condition in conditions {
+            let slot = match &condition {
+                EmailCondition::InMailbox(id) => Some((&mut mailbox, id.clone())),
+                EmailCondition::Text(words) => Some((&mut text, words.clone())),
+                _ => None,
+            };
+            match slot {
+                Some((slot, value)) => {
+                    if slot.as_ref().is_some_and(|held: &String| *held != value) {
+                        return Err(method_error(
+                            "unsupportedFilter",
+                            "one inMailbox and one text condition at most",
+                        ));
+                    }
+                    *slot = Some(value);
+                }
+                None => kept.push(condition),
+            }
+        }
+        Ok(kept)
+    };
+    let rest = match filter {
+        FilterTree::Condition(conditions) => {
+            let kept = take(conditions)?;
+            (!kept.is_empty()).then_some(FilterTree::Condition(kept))
+        }
+        FilterTree::All(parts) => {
+            let mut kept_parts = Vec::with_capacity(parts.len());
+            for part in parts {
+                match part {
+                    FilterTree::Condition(conditions) => {
+                        let kept = take(conditions)?;
+                        if !kept.is_empty() {
+                            kept_parts.push(FilterTree::Condition(kept));
+                        }
+                    }
+                    other => kept_parts.push(other),
+                }
+            }
+            (!kept_parts.is_empty()).then_some(FilterTree::All(kept_parts))
+        }
+        other => Some(other),
+    };
+    let nested = rest.as_ref().is_some_and(|rest| {
+        rest.conditions().iter().any(|conditions| {
+            conditions
+                .iter()
+                .any(|condition| matches!(condition, EmailCondition::InMailbox(_) | EmailCondition::Text(_)))
+        })
+    });
+    if nested {
+        return Err(method_error(
+            "unsupportedFilter",
+            "inMailbox and text are served at the filter's top level or directly under a top-level AND",
+        ));
+    }
+    Ok((mailbox, text, rest))
+}
+
+fn holds(condition: &EmailCondition, email: &Email) -> bool {
+    let has_keyword = |keyword: &str| email.flags.iter().filter_map(keyword_of).any(|held| held == keyword);
+    match condition {
+        EmailCondition::InMailbox(id) => email.mailbox.to_string() == *id,
+        EmailCondition::InMailboxOtherThan(ids) => !ids.contains(&email.mailbox.to_string()),
+        // Searched by the service before the filter runs.
+        EmailCondition::Text(_) => true,
+        EmailCondition::From(words) => email.from.to_lowercase().contains(words.as_str()),
+        EmailCondition::Subject(words) => email.subject.to_lowercase().contains(words.as_str()),
+        EmailCondition::Before(millis) => email.received_millis < *millis,
+        EmailCondition::After(millis) => email.received_millis >= *millis,
+        EmailCondition::MinSize(size) => email.size >= *size,
+        EmailCondition::MaxSize(size) => email.size < *size,
+        EmailCondition::HasKeyword(keyword) => has_keyword(keyword),
+        EmailCondition::NotKeyword(keyword) => !has_keyword(keyword),
+    }
+}
+
+/// The most emails a filter beyond inMailbox and text is checked on, one by one: past it the
+/// query is refused rather than answered from part of the mailbox.
+pub const MAX_FILTER_SCAN: usize = 200_000;
+
+/// Every email of the query's listing that passes the rest of its filter, in order.
+async fn filtered(service: &MailService, account: &str, request: &QueryRequest) -> Result<Vec<Email>, Value> {
+    let Some(rest) = &request.rest else {
+        return Ok(Vec::new());
+    };
+    let mut passing = Vec::new();
+    let mut start = 0;
+    loop {
+        let (emails, total) = base_window(service, account, request, start, MAX_QUERY_LIMIT)
+            .await
+            .map_err(service_error)?;
+        if total > MAX_FILTER_SCAN {
+            return Err(method_error(
+                "unsupportedFilter",
+                format!("this filter is checked email by email, on at most {MAX_FILTER_SCAN} emails: narrow it with inMailbox or text"),
+            ));
+        }
+        let count = emails.len();
+        passing.extend(emails.into_iter().filter(|email| {
+            rest.matches(&mut |conditions: &Vec<EmailCondition>| {
+                conditions.iter().all(|condition| holds(condition, email))
+            })
+        }));
+        if count < MAX_QUERY_LIMIT {
+            return Ok(passing);
+        }
+        start += count;
+    }
+}
+
+impl QueryRequest {
+    /// Whether Email/queryChanges can answer for this query: one mailbox, no search (the
+    /// service knows where an email stands in a mailbox's listing, not in a search's hits).
+    fn can_calculate_changes(&self) -> bool {
+        self.mailbox_id.is_some() && self.text.is_none() && self.rest.is_none()
+    }
 }
 
 /// The bytes an email sorts by under `sort`, as the store's sort indexes order them.
@@ -456,8 +626,27 @@ fn sort_bytes(email: &Email, sort: SortKey) -> Vec<u8> {
     }
 }
 
-/// One window of the account's emails (of one mailbox, or merged over all of them).
+/// One window of the query's results, and their count.
 async fn window(
+    service: &MailService,
+    account: &str,
+    request: &QueryRequest,
+    position: usize,
+    limit: usize,
+) -> Result<(Vec<Email>, usize), Value> {
+    if request.rest.is_some() {
+        let passing = filtered(service, account, request).await?;
+        let total = passing.len();
+        return Ok((passing.into_iter().skip(position).take(limit).collect(), total));
+    }
+    base_window(service, account, request, position, limit)
+        .await
+        .map_err(service_error)
+}
+
+/// One window of the account's emails (of one mailbox, or merged over all of them), searched for
+/// the text condition, before the rest of the filter.
+async fn base_window(
     service: &MailService,
     account: &str,
     request: &QueryRequest,
@@ -500,36 +689,192 @@ pub async fn query(service: &MailService, account: &str, arguments: &Map<String,
         request.mailbox = mailbox::name_of(service, account, id).map_err(service_error)?;
         mailbox_missing = request.mailbox.is_none();
     }
+    if mailbox_missing && request.window.anchor.is_some() {
+        return Err(method_error("anchorNotFound", "the anchor is not in the results"));
+    }
     let state = service.account_state(account).map_err(service_error)?;
     let (position, ids, total) = if mailbox_missing {
         (0, Vec::new(), 0)
     } else {
-        let position = if request.position < 0 {
-            let (_, total) = window(service, account, &request, 0, 0).await.map_err(service_error)?;
-            total.saturating_sub(request.position.unsigned_abs() as usize)
+        let needs_total = request.window.position < 0 || request.window.anchor.is_some();
+        let total = if needs_total {
+            Some(window(service, account, &request, 0, 0).await?.1)
         } else {
-            request.position as usize
+            None
         };
-        let (emails, total) = window(service, account, &request, position, request.limit)
-            .await
-            .map_err(service_error)?;
+        let anchor = match &request.window.anchor {
+            Some(anchor) => anchor_index(service, account, &request, anchor, total.unwrap_or(0)).await?,
+            None => None,
+        };
+        let position = request.window.start(total.unwrap_or(0), anchor)?;
+        let (emails, total) = window(service, account, &request, position, request.window.limit).await?;
         let ids: Vec<String> = emails.iter().map(|email| email.id.to_string()).collect();
         (position, ids, total)
     };
     let mut response = json!({
         "accountId": account,
         "queryState": state,
-        "canCalculateChanges": false,
+        "canCalculateChanges": request.can_calculate_changes(),
         "position": position,
         "ids": ids,
     });
-    if request.calculate_total {
+    if request.window.calculate_total {
         response["total"] = json!(total);
     }
-    if request.limit_cut {
-        response["limit"] = json!(request.limit);
+    if request.window.limit_cut {
+        response["limit"] = json!(request.window.limit);
     }
     Ok(response)
+}
+
+/// The most results an anchor is looked for in when the service cannot place it directly (a
+/// search, or every mailbox at once): past it the anchor is not found.
+const MAX_ANCHOR_SCAN: usize = 100_000;
+
+/// The index of the anchor in the query's results, if it is there.
+async fn anchor_index(
+    service: &MailService,
+    account: &str,
+    request: &QueryRequest,
+    anchor: &str,
+    total: usize,
+) -> Result<Option<usize>, Value> {
+    let Some(id) = parse_email_id(anchor) else {
+        return Ok(None);
+    };
+    if request.can_calculate_changes() {
+        if let Some(name) = &request.mailbox {
+            let mailbox = service.find_mailbox(account, name).map_err(service_error)?;
+            let positions = service
+                .positions_in_listing(account, mailbox, request.sort, request.descending, &[id])
+                .map_err(service_error)?;
+            return Ok(positions.first().copied().flatten());
+        }
+    }
+    if request.rest.is_some() {
+        let passing = filtered(service, account, request).await?;
+        return Ok(passing.iter().position(|email| email.id == id));
+    }
+    // Page through the results.
+    let page = MAX_QUERY_LIMIT;
+    let mut start = 0;
+    while start < total.min(MAX_ANCHOR_SCAN) {
+        let (emails, _) = window(service, account, request, start, page).await?;
+        if let Some(offset) = emails.iter().position(|email| email.id == id) {
+            return Ok(Some(start + offset));
+        }
+        if emails.len() < page {
+            break;
+        }
+        start += page;
+    }
+    Ok(None)
+}
+
+/// Email/queryChanges (RFC 8620 §5.6) for a query of one mailbox without search, from the
+/// account's change feed: every email changed since the query state is removed, and added again
+/// at its index when it is in the mailbox now. The sorts are on properties an email never changes
+/// (receivedAt, sentAt, size, from, subject), so the emails that did not change keep their order
+/// and the client that applies the answer holds the new results exactly. `upToId` is ignored:
+/// membership of a mailbox changes with moves, so RFC 8620 lets the server ignore it.
+///
+/// Refused with cannotCalculateChanges: other queries, a state from before the tombstone horizon,
+/// more than [`super::mailbox::MAX_QUERY_CHANGES_FEED`] feed entries, and a state across which a
+/// mailbox was deleted or merged with a same-named one (emails then change mailbox without a
+/// change of their own).
+pub fn query_changes(service: &MailService, account: &str, arguments: &Map<String, Value>) -> MethodResult {
+    let since = required_string(arguments, "sinceQueryState")?;
+    let max_changes = max_changes_argument(arguments)?;
+    if flag_argument(arguments, "collapseThreads")? {
+        return Err(method_error("unsupportedFilter", "collapseThreads is not served"));
+    }
+    let request = query_request(arguments)?;
+    if !request.can_calculate_changes() {
+        return Err(method_error(
+            "cannotCalculateChanges",
+            "query changes are calculated for an inMailbox query without text: query again",
+        ));
+    }
+    let calculate_total = request.window.calculate_total;
+    let Some(mailbox_id) = request.mailbox_id.as_deref() else {
+        return Err(method_error("cannotCalculateChanges", "no inMailbox"));
+    };
+    let mailbox = mailbox_id
+        .parse::<MailboxId>()
+        .ok()
+        .and_then(|id| service.mailbox(account, id).ok())
+        .ok_or_else(|| method_error("cannotCalculateChanges", "the mailbox is gone: query again"))?;
+    let mut state = since.to_owned();
+    let mut changed: BTreeSet<MessageId> = BTreeSet::new();
+    let mut shown_here: BTreeSet<MessageId> = BTreeSet::new();
+    let mut changed_mailboxes = BTreeSet::new();
+    loop {
+        let page = service
+            .account_changes(account, Some(&state), DEFAULT_MAX_CHANGES)
+            .map_err(service_error)?;
+        for email in page.created.iter().chain(&page.updated) {
+            changed.insert(email.id);
+            if email.mailbox == Some(mailbox.id) {
+                shown_here.insert(email.id);
+            } else {
+                shown_here.remove(&email.id);
+            }
+        }
+        for id in &page.destroyed {
+            changed.insert(*id);
+            shown_here.remove(id);
+        }
+        changed_mailboxes.extend(page.mailboxes.iter().copied());
+        state = page.new_state;
+        if max_changes.is_some_and(|max| changed.len() > max) {
+            return Err(method_error(
+                "tooManyChanges",
+                format!("more than {} changes", max_changes.unwrap_or_default()),
+            ));
+        }
+        if !page.has_more {
+            break;
+        }
+        if changed.len() > super::mailbox::MAX_QUERY_CHANGES_FEED {
+            return Err(method_error(
+                "cannotCalculateChanges",
+                "too much changed since this state: query again",
+            ));
+        }
+    }
+    if !changed_mailboxes.is_empty() {
+        let visible: BTreeSet<MailboxId> = service
+            .mailboxes(account)
+            .map_err(service_error)?
+            .into_iter()
+            .map(|summary| summary.id)
+            .collect();
+        if changed_mailboxes.iter().any(|id| !visible.contains(id)) {
+            return Err(method_error(
+                "cannotCalculateChanges",
+                "a mailbox was deleted or merged since this state: query again",
+            ));
+        }
+    }
+    let candidates: Vec<MessageId> = shown_here.into_iter().collect();
+    let positions = service
+        .positions_in_listing(account, mailbox.id, request.sort, request.descending, &candidates)
+        .map_err(service_error)?;
+    let mut added: Vec<(usize, MessageId)> = candidates
+        .iter()
+        .zip(positions)
+        .filter_map(|(id, position)| position.map(|index| (index, *id)))
+        .collect();
+    added.sort();
+    query_changes_response(
+        account,
+        since,
+        &state,
+        changed.iter().map(MessageId::to_string).collect(),
+        added.into_iter().map(|(index, id)| (id.to_string(), index)).collect(),
+        max_changes,
+        calculate_total.then_some(mailbox.total as usize),
+    )
 }
 
 /// Email/changes (RFC 8620 §5.2) on the account's portable change feed.
@@ -557,33 +902,6 @@ pub fn changes(service: &MailService, account: &str, arguments: &Map<String, Val
     }))
 }
 
-/// A SetError object (RFC 8620 §5.3).
-fn set_error(kind: &str, description: impl Into<String>) -> Value {
-    json!({ "type": kind, "description": description.into() })
-}
-
-fn check_in_state(service: &MailService, account: &str, arguments: &Map<String, Value>) -> Result<String, Value> {
-    let state = service.account_state(account).map_err(service_error)?;
-    match arguments.get("ifInState") {
-        None | Some(Value::Null) => Ok(state),
-        Some(Value::String(asked)) if *asked == state => Ok(state),
-        Some(Value::String(_)) => Err(method_error(
-            "stateMismatch",
-            "ifInState does not match the current state",
-        )),
-        Some(_) => Err(method_error("invalidArguments", "ifInState is not a string")),
-    }
-}
-
-fn object_argument<'a>(arguments: &'a Map<String, Value>, name: &str) -> Result<Option<&'a Map<String, Value>>, Value> {
-    match arguments.get(name) {
-        None | Some(Value::Null) => Ok(None),
-        Some(Value::Object(map)) => Ok(Some(map)),
-        Some(_) => Err(method_error("invalidArguments", format!("{name} is not an object"))),
-    }
-}
-
-/// The keywords a patch leaves, from the current ones; `Err` is the SetError.
 /// The keywords and the one mailbox an Email/set patch leaves an email with (`mailbox_id` is the
 /// mailbox it is in now; an email is in exactly one, `maxMailboxesPerEmail` is 1).
 pub fn patched_keywords(
@@ -709,22 +1027,9 @@ async fn update_one(service: &MailService, account: &str, text: &str, patch: &Va
     }
 }
 
-fn count_objects(arguments: &Map<String, Value>) -> usize {
-    ["create", "update"]
-        .iter()
-        .filter_map(|name| arguments.get(*name).and_then(Value::as_object).map(Map::len))
-        .sum::<usize>()
-        + arguments.get("destroy").and_then(Value::as_array).map_or(0, Vec::len)
-}
-
 /// Email/set (RFC 8620 §5.3, RFC 8621 §4.6): keyword changes and destroy.
 pub async fn set(service: &MailService, account: &str, arguments: &Map<String, Value>) -> MethodResult {
-    if count_objects(arguments) > MAX_OBJECTS_IN_SET {
-        return Err(method_error(
-            "requestTooLarge",
-            format!("at most {MAX_OBJECTS_IN_SET} objects in one /set (maxObjectsInSet)"),
-        ));
-    }
+    check_set_size(arguments)?;
     let old_state = check_in_state(service, account, arguments)?;
     let mut not_created = Map::new();
     if let Some(create) = object_argument(arguments, "create")? {
@@ -742,14 +1047,12 @@ pub async fn set(service: &MailService, account: &str, arguments: &Map<String, V
     let mut not_updated = Map::new();
     if let Some(update) = object_argument(arguments, "update")? {
         for (id, patch) in update {
-            match update_one(service, account, id, patch).await {
-                Ok(()) => {
-                    updated.insert(id.clone(), Value::Null);
-                }
-                Err(error) => {
-                    not_updated.insert(id.clone(), error);
-                }
-            }
+            file_update(
+                update_one(service, account, id, patch).await,
+                id,
+                &mut updated,
+                &mut not_updated,
+            );
         }
     }
     let mut destroyed = Vec::new();
@@ -782,18 +1085,15 @@ pub async fn set(service: &MailService, account: &str, arguments: &Map<String, V
         }
         Some(_) => return Err(method_error("invalidArguments", "destroy is not an array")),
     }
-    let new_state = service.account_state(account).map_err(service_error)?;
-    Ok(json!({
-        "accountId": account,
-        "oldState": old_state,
-        "newState": new_state,
-        "created": {},
-        "notCreated": not_created,
-        "updated": updated,
-        "notUpdated": not_updated,
-        "destroyed": destroyed,
-        "notDestroyed": not_destroyed,
-    }))
+    SetOutcome {
+        created: Map::new(),
+        not_created,
+        updated,
+        not_updated,
+        destroyed,
+        not_destroyed,
+    }
+    .respond(service, account, old_state)
 }
 
 /// What one Email/import entry asks for, checked; `Err` is the SetError.

@@ -2,8 +2,9 @@
 //!
 //! This module is the protocol's frame: the session resource, the API endpoint with batched
 //! method calls, result references and the request-level and method-level errors. The methods
-//! live beside it: [`mailbox`] (Mailbox/get and /changes), [`email`] (Email/get, /query,
-//! /changes, /set, /import and single-email Thread/get), [`blobs`] (upload and download, RFC 8620
+//! live beside it: [`mailbox`] (Mailbox/get, /changes, /set, /query and /queryChanges),
+//! [`email`] (Email/get, /query, /queryChanges, /changes, /set, /import and single-email
+//! Thread/get), [`blobs`] (upload and download, RFC 8620
 //! §6) and [`push`] (the EventSource of §7.3). Like every protocol here it calls only
 //! [`MailService`]: logins go through the accounts file with its throttling, and nothing reaches
 //! the store, the network or the sync core.
@@ -188,8 +189,7 @@ async fn session(
                         "maxSizeMailboxName": 255,
                         "maxSizeAttachmentsPerEmail": jmap.service.max_message_bytes(),
                         "emailQuerySortOptions": email::SORT_OPTIONS,
-                        // Mailbox/set is not served yet: mailboxes are created, renamed and deleted over IMAP or the HTTP API.
-                        "mayCreateTopLevelMailbox": false,
+                        "mayCreateTopLevelMailbox": true,
                     }
                 },
             }
@@ -322,10 +322,18 @@ pub fn check_request(request: &Value) -> Result<(Vec<String>, Vec<MethodCall>), 
 async fn answer(jmap: &Jmap, account: &str, request: &Value) -> Result<Value, Response> {
     let (using, calls) = check_request(request).map_err(RequestError::into_response)?;
     let using: Vec<&str> = using.iter().map(String::as_str).collect();
+    // Creation ids are request-wide (RFC 8620 §3.3): the request may bring some, and every /set
+    // adds the ones it creates, for later calls to reference as "#id".
+    let given_created_ids = request.get("createdIds");
+    let mut created_ids: CreatedIds = match given_created_ids {
+        None | Some(Value::Null) => CreatedIds::new(),
+        Some(value) => serde_json::from_value(value.clone())
+            .map_err(|_| RequestError::new("notRequest", "createdIds is not a map of ids").into_response())?,
+    };
     let mut responses: Vec<Value> = Vec::with_capacity(calls.len());
     for call in calls {
         let outcome = match resolve_references(&call.arguments, &responses) {
-            Ok(arguments) => call_method(jmap, account, &using, &call.name, arguments).await,
+            Ok(arguments) => call_method(jmap, account, &using, &call.name, arguments, &mut created_ids).await,
             Err(error) => Err(error),
         };
         match outcome {
@@ -333,8 +341,15 @@ async fn answer(jmap: &Jmap, account: &str, request: &Value) -> Result<Value, Re
             Err(error) => responses.push(json!(["error", error, call.call_id])),
         }
     }
-    Ok(json!({ "methodResponses": responses, "sessionState": "0" }))
+    let mut response = json!({ "methodResponses": responses, "sessionState": "0" });
+    if given_created_ids.is_some_and(|value| !value.is_null()) {
+        response["createdIds"] = json!(created_ids);
+    }
+    Ok(response)
 }
+
+/// The creation ids of a request and the ids of what they created.
+pub(crate) type CreatedIds = HashMap<String, String>;
 
 /// A method-level error object (RFC 8620 §3.6.2).
 pub(crate) fn method_error(kind: &str, description: impl Into<String>) -> Value {
@@ -361,6 +376,7 @@ async fn call_method(
     using: &[&str],
     name: &str,
     arguments: Map<String, Value>,
+    created_ids: &mut CreatedIds,
 ) -> MethodResult {
     if let Some(asked) = arguments.get("accountId") {
         if asked.as_str() != Some(account) {
@@ -380,9 +396,13 @@ async fn call_method(
     match name {
         "Mailbox/get" => mailbox::get(service, account, &arguments),
         "Mailbox/changes" => mailbox::changes(service, account, &arguments),
+        "Mailbox/set" => mailbox::set(service, account, &arguments, created_ids).await,
+        "Mailbox/query" => mailbox::query(service, account, &arguments),
+        "Mailbox/queryChanges" => mailbox::query_changes(service, account, &arguments),
         "Email/get" => email::get(service, account, &arguments),
         "Email/query" => email::query(service, account, &arguments).await,
         "Email/changes" => email::changes(service, account, &arguments),
+        "Email/queryChanges" => email::query_changes(service, account, &arguments),
         "Email/set" => email::set(service, account, &arguments).await,
         "Email/import" => email::import(jmap, account, &arguments).await,
         "Thread/get" => email::thread_get(service, account, &arguments),
@@ -456,6 +476,303 @@ pub(crate) fn properties_argument(
             Ok(Some(properties))
         }
         Some(_) => Err(method_error("invalidArguments", "properties is not an array")),
+    }
+}
+
+/// A SetError object (RFC 8620 §5.3).
+pub(crate) fn set_error(kind: &str, description: impl Into<String>) -> Value {
+    json!({ "type": kind, "description": description.into() })
+}
+
+/// An `invalidProperties` SetError naming the property at fault.
+pub(crate) fn invalid_property(property: &str, description: impl Into<String>) -> Value {
+    let mut error = set_error("invalidProperties", description);
+    error["properties"] = json!([property]);
+    error
+}
+
+/// Checks `ifInState` against the account's state and returns that state (a /set's oldState).
+pub(crate) fn check_in_state(
+    service: &MailService,
+    account: &str,
+    arguments: &Map<String, Value>,
+) -> Result<String, Value> {
+    let state = service.account_state(account).map_err(service_error)?;
+    match arguments.get("ifInState") {
+        None | Some(Value::Null) => Ok(state),
+        Some(Value::String(asked)) if *asked == state => Ok(state),
+        Some(Value::String(_)) => Err(method_error(
+            "stateMismatch",
+            "ifInState does not match the current state",
+        )),
+        Some(_) => Err(method_error("invalidArguments", "ifInState is not a string")),
+    }
+}
+
+/// An optional object argument.
+pub(crate) fn object_argument<'a>(
+    arguments: &'a Map<String, Value>,
+    name: &str,
+) -> Result<Option<&'a Map<String, Value>>, Value> {
+    match arguments.get(name) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Object(map)) => Ok(Some(map)),
+        Some(_) => Err(method_error("invalidArguments", format!("{name} is not an object"))),
+    }
+}
+
+/// An optional boolean argument, false when absent.
+pub(crate) fn flag_argument(arguments: &Map<String, Value>, name: &str) -> Result<bool, Value> {
+    match arguments.get(name) {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(value)) => Ok(*value),
+        Some(_) => Err(method_error("invalidArguments", format!("{name} is not a boolean"))),
+    }
+}
+
+/// The objects of one /set: creations, updates and destroys, refused over [`MAX_OBJECTS_IN_SET`].
+pub(crate) fn check_set_size(arguments: &Map<String, Value>) -> Result<(), Value> {
+    let count = ["create", "update"]
+        .iter()
+        .filter_map(|name| arguments.get(*name).and_then(Value::as_object).map(Map::len))
+        .sum::<usize>()
+        + arguments.get("destroy").and_then(Value::as_array).map_or(0, Vec::len);
+    if count > MAX_OBJECTS_IN_SET {
+        return Err(method_error(
+            "requestTooLarge",
+            format!("at most {MAX_OBJECTS_IN_SET} objects in one /set (maxObjectsInSet)"),
+        ));
+    }
+    Ok(())
+}
+
+/// What one /set did, object by object.
+pub(crate) struct SetOutcome {
+    pub created: Map<String, Value>,
+    pub not_created: Map<String, Value>,
+    pub updated: Map<String, Value>,
+    pub not_updated: Map<String, Value>,
+    pub destroyed: Vec<Value>,
+    pub not_destroyed: Map<String, Value>,
+}
+
+impl SetOutcome {
+    /// The /set response (RFC 8620 §5.3), with the account's state after the writes.
+    pub(crate) fn respond(self, service: &MailService, account: &str, old_state: String) -> MethodResult {
+        let new_state = service.account_state(account).map_err(service_error)?;
+        Ok(json!({
+            "accountId": account,
+            "oldState": old_state,
+            "newState": new_state,
+            "created": self.created,
+            "notCreated": self.not_created,
+            "updated": self.updated,
+            "notUpdated": self.not_updated,
+            "destroyed": self.destroyed,
+            "notDestroyed": self.not_destroyed,
+        }))
+    }
+}
+
+/// Files one /set update's outcome under `updated` or `notUpdated`.
+pub(crate) fn file_update(
+    outcome: Result<(), Value>,
+    id: &str,
+    updated: &mut Map<String, Value>,
+    not_updated: &mut Map<String, Value>,
+) {
+    match outcome {
+        Ok(()) => {
+            updated.insert(id.to_owned(), Value::Null);
+        }
+        Err(error) => {
+            not_updated.insert(id.to_owned(), error);
+        }
+    }
+}
+
+/// A /queryChanges' `maxChanges`: `None` for no limit; zero is refused.
+pub(crate) fn max_changes_argument(arguments: &Map<String, Value>) -> Result<Option<usize>, Value> {
+    match optional_count(arguments, "maxChanges")? {
+        Some(0) => Err(method_error("invalidArguments", "maxChanges must be positive")),
+        other => Ok(other.map(|max| max as usize)),
+    }
+}
+
+/// A /queryChanges response (RFC 8620 §5.6), or tooManyChanges when the removed and added
+/// entries together exceed `max_changes`.
+pub(crate) fn query_changes_response(
+    account: &str,
+    since: &str,
+    new_state: &str,
+    removed: Vec<String>,
+    added: Vec<(String, usize)>,
+    max_changes: Option<usize>,
+    total: Option<usize>,
+) -> MethodResult {
+    let count = removed.len() + added.len();
+    if max_changes.is_some_and(|max| count > max) {
+        return Err(method_error(
+            "tooManyChanges",
+            format!("{count} changes, more than maxChanges"),
+        ));
+    }
+    let added: Vec<Value> = added
+        .into_iter()
+        .map(|(id, index)| json!({ "id": id, "index": index }))
+        .collect();
+    let mut response = json!({
+        "accountId": account,
+        "oldQueryState": since,
+        "newQueryState": new_state,
+        "removed": removed,
+        "added": added,
+    });
+    if let Some(total) = total {
+        response["total"] = json!(total);
+    }
+    Ok(response)
+}
+
+/// How deep a filter's operator tree may nest.
+const MAX_FILTER_DEPTH: usize = 16;
+
+/// A /query filter (RFC 8620 §5.5): conditions under AND, OR and NOT operators.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FilterTree<Condition> {
+    Condition(Condition),
+    All(Vec<FilterTree<Condition>>),
+    Any(Vec<FilterTree<Condition>>),
+    /// None of them.
+    Not(Vec<FilterTree<Condition>>),
+}
+
+impl<Condition> FilterTree<Condition> {
+    /// Whether an object passes, `test` deciding each condition.
+    pub fn matches(&self, test: &mut impl FnMut(&Condition) -> bool) -> bool {
+        match self {
+            FilterTree::Condition(condition) => test(condition),
+            FilterTree::All(parts) => parts.iter().all(|part| part.matches(test)),
+            FilterTree::Any(parts) => parts.iter().any(|part| part.matches(test)),
+            FilterTree::Not(parts) => !parts.iter().any(|part| part.matches(test)),
+        }
+    }
+
+    /// The conditions, anywhere in the tree.
+    pub fn conditions(&self) -> Vec<&Condition> {
+        match self {
+            FilterTree::Condition(condition) => vec![condition],
+            FilterTree::All(parts) | FilterTree::Any(parts) | FilterTree::Not(parts) => {
+                parts.iter().flat_map(FilterTree::conditions).collect()
+            }
+        }
+    }
+}
+
+/// Reads a filter: an object with `operator` is an operator over `conditions`, any other object a
+/// condition read by `condition`. `None` for no filter.
+pub fn parse_filter<Condition>(
+    value: Option<&Value>,
+    condition: &mut impl FnMut(&Map<String, Value>) -> Result<Condition, Value>,
+) -> Result<Option<FilterTree<Condition>>, Value> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(value) => parse_filter_at(value, condition, 0).map(Some),
+    }
+}
+
+fn parse_filter_at<Condition>(
+    value: &Value,
+    condition: &mut impl FnMut(&Map<String, Value>) -> Result<Condition, Value>,
+    depth: usize,
+) -> Result<FilterTree<Condition>, Value> {
+    let Some(object) = value.as_object() else {
+        return Err(method_error("invalidArguments", "a filter is not an object"));
+    };
+    let Some(operator) = object.get("operator") else {
+        return condition(object).map(FilterTree::Condition);
+    };
+    if depth >= MAX_FILTER_DEPTH {
+        return Err(method_error(
+            "unsupportedFilter",
+            format!("filters nest at most {MAX_FILTER_DEPTH} operators deep"),
+        ));
+    }
+    let parts = match object.get("conditions") {
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .map(|part| parse_filter_at(part, condition, depth + 1))
+            .collect::<Result<Vec<_>, _>>()?,
+        _ => return Err(method_error("invalidArguments", "an operator needs a conditions array")),
+    };
+    if object.keys().any(|key| key != "operator" && key != "conditions") {
+        return Err(method_error(
+            "invalidArguments",
+            "an operator has only operator and conditions",
+        ));
+    }
+    match operator.as_str() {
+        Some("AND") => Ok(FilterTree::All(parts)),
+        Some("OR") => Ok(FilterTree::Any(parts)),
+        Some("NOT") => Ok(FilterTree::Not(parts)),
+        _ => Err(method_error("unsupportedFilter", "the operator is not AND, OR or NOT")),
+    }
+}
+
+/// The window a /query asks for (RFC 8620 §5.5): a position or an anchor, and a limit.
+#[derive(Clone, Debug, PartialEq)]
+pub struct QueryWindow {
+    pub position: i64,
+    pub anchor: Option<String>,
+    pub anchor_offset: i64,
+    pub limit: usize,
+    /// The client asked for more than [`MAX_OBJECTS_IN_GET`] (or named no limit): the response
+    /// says the limit used.
+    pub limit_cut: bool,
+    pub calculate_total: bool,
+}
+
+/// Reads a /query's position, anchor, anchorOffset, limit and calculateTotal.
+pub fn query_window(arguments: &Map<String, Value>) -> Result<QueryWindow, Value> {
+    let integer = |name: &str| -> Result<i64, Value> {
+        match arguments.get(name) {
+            None | Some(Value::Null) => Ok(0),
+            Some(value) => value
+                .as_i64()
+                .ok_or_else(|| method_error("invalidArguments", format!("{name} is not an integer"))),
+        }
+    };
+    let anchor = match arguments.get("anchor") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(anchor)) => Some(anchor.clone()),
+        Some(_) => return Err(method_error("invalidArguments", "anchor is not an id")),
+    };
+    let asked = optional_count(arguments, "limit")?;
+    let limit = asked.map_or(MAX_OBJECTS_IN_GET, |limit| (limit as usize).min(MAX_OBJECTS_IN_GET));
+    Ok(QueryWindow {
+        position: integer("position")?,
+        anchor,
+        anchor_offset: integer("anchorOffset")?,
+        limit,
+        limit_cut: asked.is_none_or(|asked| asked as usize > MAX_OBJECTS_IN_GET),
+        calculate_total: flag_argument(arguments, "calculateTotal")?,
+    })
+}
+
+impl QueryWindow {
+    /// Where the window starts in results of `total` items: from the anchor's index (found by
+    /// `anchor_index`) plus the offset, or from the position (negative: from the end), clamped.
+    pub fn start(&self, total: usize, anchor_index: Option<usize>) -> Result<usize, Value> {
+        let start = match &self.anchor {
+            Some(_) => {
+                let index =
+                    anchor_index.ok_or_else(|| method_error("anchorNotFound", "the anchor is not in the results"))?;
+                (index as i64).saturating_add(self.anchor_offset).max(0)
+            }
+            None if self.position < 0 => (total as i64).saturating_add(self.position).max(0),
+            None => self.position,
+        };
+        Ok(start as usize)
     }
 }
 
