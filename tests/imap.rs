@@ -57,6 +57,32 @@ async fn start(config: NodeConfig) -> Node {
     let running = mailmesh::server::start(config, mailmesh::environment::system(), receiver)
         .await
         .expect("the node starts");
+    node_of(running, stop, &data_dir)
+}
+
+/// Starts a node again on a data dir whose previous node was just stopped: its background tasks
+/// let go of the store a moment later, so the start is retried until the store opens (not a
+/// sleep: it goes on as soon as the condition holds).
+async fn start_again(directory: &Path) -> Node {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let config = config(directory, |_| {});
+        let data_dir = config.data_dir.clone();
+        let (stop, receiver) = watch::channel(false);
+        match mailmesh::server::start(config, mailmesh::environment::system(), receiver).await {
+            Ok(running) => return node_of(running, stop, &data_dir),
+            Err(error) => {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the node never started again: {error}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+fn node_of(running: mailmesh::server::Running, stop: watch::Sender<bool>, data_dir: &Path) -> Node {
     let read = |name: &str| {
         std::fs::read_to_string(data_dir.join(name))
             .ok()
@@ -396,9 +422,8 @@ async fn uids_survive_a_restart_and_a_lost_map_means_a_new_uidvalidity() {
     drop(client);
     let _ = node.stop.send(true);
     drop(node);
-    tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let node = start(config(directory.path(), |_| {})).await;
+    let node = start_again(directory.path()).await;
     let mut client = logged_in(node.imap, "bob@example.org").await;
     assert_eq!(select(&client.ok("SELECT INBOX").await), validity);
     assert_eq!(client.ok("UID FETCH 1:* (UID ENVELOPE)").await, before);
@@ -407,12 +432,11 @@ async fn uids_survive_a_restart_and_a_lost_map_means_a_new_uidvalidity() {
     drop(client);
     let _ = node.stop.send(true);
     drop(node);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    std::fs::remove_dir_all(directory.path().join("node").join("uids")).unwrap();
-    // UIDVALIDITY is in seconds: make sure the next one is a later second.
+    // UIDVALIDITY is in seconds: make sure the next one is a later second (a time the value
+    // depends on, not synchronisation).
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let node = start(config(directory.path(), |_| {})).await;
+    std::fs::remove_dir_all(directory.path().join("node").join("uids")).unwrap();
+    let node = start_again(directory.path()).await;
     let mut client = logged_in(node.imap, "bob@example.org").await;
     let renumbered = select(&client.ok("SELECT INBOX").await);
     assert!(renumbered > validity, "{renumbered} after {validity}");
