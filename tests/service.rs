@@ -276,6 +276,33 @@ async fn recipients_resolve_to_accounts_and_detail_mailboxes() {
 }
 
 #[tokio::test]
+async fn without_an_accounts_file_plus_detail_files_into_the_base_accounts_mailbox() {
+    // Open mode: every address is an account, so `bob+lists@` must not become an account of
+    // its own (found by the chaos runs' LMTP deliveries).
+    let fixture = fixture(None, 1 << 20);
+    let service = &fixture.service;
+    service
+        .deliver(delivery("bob@example.org", "lists", &message("first", "list mail")))
+        .await
+        .unwrap();
+    let resolved = |address: &str| service.resolve_recipient(address).map(|r| (r.account, r.mailbox));
+    let bob = "bob@example.org".to_owned();
+    assert_eq!(
+        resolved("bob+lists@example.org").unwrap(),
+        (bob.clone(), "lists".into())
+    );
+    assert_eq!(
+        resolved("bob+nosuch@example.org").unwrap(),
+        (bob.clone(), "INBOX".into())
+    );
+    assert_eq!(resolved("bob@example.org").unwrap(), (bob, "INBOX".into()));
+    assert_eq!(
+        resolved("carol@example.org").unwrap(),
+        ("carol@example.org".into(), "INBOX".into())
+    );
+}
+
+#[tokio::test]
 async fn queries_sort_and_search_near_the_data_and_changes_follow_writes() {
     let fixture = fixture(None, 1 << 20);
     let service = &fixture.service;

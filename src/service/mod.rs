@@ -415,12 +415,20 @@ impl MailService {
             Some((base, detail)) if !base.is_empty() => (base, Some(detail)),
             _ => (local, None),
         };
-        let candidates = [
-            (address.to_owned(), None),
-            (address.to_lowercase(), None),
+        let whole = [(address.to_owned(), None), (address.to_lowercase(), None)];
+        let stripped = [
             (format!("{base}@{domain}"), detail),
             (format!("{base}@{domain}").to_lowercase(), detail),
         ];
+        // With an accounts file, an account literally named `user+detail@domain` wins over
+        // `user@domain`. Without one every address is an account, so the whole address would
+        // always win and `+detail` would never file into a mailbox: `+` is then the delimiter.
+        let open = self.inner.accounts.is_none();
+        let candidates: Vec<(String, Option<&str>)> = if open && detail.is_some() {
+            stripped.into_iter().collect()
+        } else {
+            whole.into_iter().chain(stripped).collect()
+        };
         for (account, detail) in candidates {
             if !self.account_exists(&account)? {
                 continue;
