@@ -240,11 +240,7 @@ impl<'a> Parsed<'a> {
                 out.push(b' ');
                 parameters(out, part);
                 out.push(b' ');
-                disposition(out, part);
-                out.push(b' ');
-                language(out, part);
-                out.push(b' ');
-                nstring(out, part.content_location().map(str::as_bytes));
+                extension_tail(out, part);
             }
             out.push(b')');
             return;
@@ -291,11 +287,7 @@ impl<'a> Parsed<'a> {
         }
         if extended {
             out.extend_from_slice(b" NIL ");
-            disposition(out, part);
-            out.push(b' ');
-            language(out, part);
-            out.push(b' ');
-            nstring(out, part.content_location().map(str::as_bytes));
+            extension_tail(out, part);
         }
         out.push(b')');
     }
@@ -334,6 +326,15 @@ fn attribute_list(out: &mut Vec<u8>, attributes: Option<&[mail_parser::Attribute
         }
         _ => out.extend_from_slice(b"NIL"),
     }
+}
+
+/// The extension data every body part ends with: disposition, language and location.
+fn extension_tail(out: &mut Vec<u8>, part: &MessagePart<'_>) {
+    disposition(out, part);
+    out.push(b' ');
+    language(out, part);
+    out.push(b' ');
+    nstring(out, part.content_location().map(str::as_bytes));
 }
 
 fn disposition(out: &mut Vec<u8>, part: &MessagePart<'_>) {
