@@ -3,8 +3,11 @@
 //! It was a hand-written HTTP/1.1 client (one request per connection); it is now a thin layer over
 //! ureq, a maintained client, so that keep-alive, chunked bodies and header parsing are somebody's
 //! tested code. What is left here is what every caller wants the same way: an error status is an
-//! answer to look at, not an error; the bearer token; percent-encoded path segments.
+//! answer to look at, not an error; the bearer token; percent-encoded path segments; HTTPS to a
+//! node with `tls_cert_file` set, trusting the system's roots or a CA file the operator names.
 
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, NON_ALPHANUMERIC};
@@ -21,6 +24,76 @@ pub enum ClientError {
     /// The connection broke or the answer was not HTTP.
     #[error("talking to {address}: {reason}")]
     Transport { address: String, reason: String },
+    /// The CA file named to trust the node's certificate cannot be used.
+    #[error("the CA file {path}: {reason}")]
+    Trust { path: PathBuf, reason: String },
+}
+
+/// The certificates an HTTPS client trusts: those of a CA file (a self-signed node certificate,
+/// or a private CA), else the system's bundle (`SSL_CERT_FILE`, else
+/// /etc/ssl/certs/ca-certificates.crt). Plain `http://` addresses never look at it.
+#[derive(Clone, Debug, Default)]
+pub struct Trust {
+    roots: Option<Arc<Vec<ureq::tls::Certificate<'static>>>>,
+}
+
+impl Trust {
+    /// Trusts only the certificates in the PEM file at `path`.
+    pub fn from_ca_file(path: &Path) -> Result<Trust, ClientError> {
+        let refuse = |reason: String| ClientError::Trust {
+            path: path.to_owned(),
+            reason,
+        };
+        let text = std::fs::read(path).map_err(|error| refuse(error.to_string()))?;
+        let certificates = read_certificates(&text).map_err(refuse)?;
+        if certificates.is_empty() {
+            return Err(refuse("it holds no PEM certificate".to_owned()));
+        }
+        Ok(Trust {
+            roots: Some(Arc::new(certificates)),
+        })
+    }
+
+    fn roots(&self) -> ureq::tls::RootCerts {
+        static SYSTEM: std::sync::OnceLock<Arc<Vec<ureq::tls::Certificate<'static>>>> = std::sync::OnceLock::new();
+        let roots = self.roots.clone().unwrap_or_else(|| {
+            SYSTEM
+                .get_or_init(|| {
+                    let path = std::env::var_os("SSL_CERT_FILE")
+                        .map(PathBuf::from)
+                        .unwrap_or_else(|| PathBuf::from("/etc/ssl/certs/ca-certificates.crt"));
+                    let certificates = std::fs::read(path)
+                        .ok()
+                        .and_then(|text| read_certificates(&text).ok())
+                        .unwrap_or_default();
+                    Arc::new(certificates)
+                })
+                .clone()
+        });
+        ureq::tls::RootCerts::Specific(roots)
+    }
+}
+
+fn read_certificates(pem: &[u8]) -> Result<Vec<ureq::tls::Certificate<'static>>, String> {
+    let mut certificates = Vec::new();
+    for item in ureq::tls::parse_pem(pem) {
+        match item.map_err(|error| error.to_string())? {
+            ureq::tls::PemItem::Certificate(certificate) => certificates.push(certificate),
+            _ => continue,
+        }
+    }
+    Ok(certificates)
+}
+
+/// The URL of `path` on the node at `address`: `host:port` and `http://host:port` speak plain
+/// HTTP, `https://host:port` speaks HTTPS.
+pub fn url(address: &str, path: &str) -> String {
+    let base = address.trim_end_matches('/');
+    if base.starts_with("http://") || base.starts_with("https://") {
+        format!("{base}{path}")
+    } else {
+        format!("http://{base}{path}")
+    }
 }
 
 /// An answer: status code and body.
@@ -65,9 +138,21 @@ pub fn encode_query_value(value: &str) -> String {
 
 /// An agent with the settings every caller wants: 4xx and 5xx are answers, a 60 s limit on each
 /// read (a stalled node), no redirects. An agent keeps its connections alive between requests;
-/// give each thread that sends concurrently an agent of its own.
+/// give each thread that sends concurrently an agent of its own. HTTPS trusts the system's roots.
 pub fn agent() -> ureq::Agent {
+    agent_trusting(&Trust::default())
+}
+
+/// An agent like [`agent`] whose HTTPS trusts `trust` (TLS by rustls on ring, the provider the
+/// node's own TLS uses).
+pub fn agent_trusting(trust: &Trust) -> ureq::Agent {
+    let tls = ureq::tls::TlsConfig::builder()
+        .provider(ureq::tls::TlsProvider::Rustls)
+        .unversioned_rustls_crypto_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .root_certs(trust.roots())
+        .build();
     ureq::Agent::config_builder()
+        .tls_config(tls)
         .http_status_as_error(false)
         .max_redirects(0)
         .timeout_connect(Some(Duration::from_secs(10)))
@@ -76,7 +161,7 @@ pub fn agent() -> ureq::Agent {
         .new_agent()
 }
 
-/// Sends one request to `address` (host:port) and reads the whole answer.
+/// Sends one request to `address` (see [`url`]) and reads the whole answer.
 pub fn request(
     agent: &ureq::Agent,
     address: &str,
@@ -85,7 +170,7 @@ pub fn request(
     body: &[u8],
     bearer: Option<&str>,
 ) -> Result<Response, ClientError> {
-    let uri = format!("http://{address}{path}");
+    let uri = url(address, path);
     let mut builder = ureq::http::Request::builder().method(method).uri(&uri);
     if let Some(token) = bearer {
         builder = builder.header("Authorization", format!("Bearer {token}"));
@@ -157,6 +242,28 @@ mod tests {
         assert_eq!(encode_segment("Entwürfe"), "Entw%C3%BCrfe");
         assert_eq!(encode_query_value("\\Seen"), "%5CSeen");
         assert_eq!(encode_query_value("$label"), "%24label");
+    }
+
+    #[test]
+    fn an_address_with_a_scheme_keeps_it_and_one_without_speaks_plain_http() {
+        assert_eq!(url("127.0.0.1:4800", "/v1/status"), "http://127.0.0.1:4800/v1/status");
+        assert_eq!(
+            url("https://mail.example:4800/", "/v1/status"),
+            "https://mail.example:4800/v1/status"
+        );
+        assert_eq!(url("http://[::1]:4800", "/x"), "http://[::1]:4800/x");
+    }
+
+    #[test]
+    fn a_ca_file_without_certificates_is_refused_with_its_path() {
+        let directory = tempfile::tempdir().unwrap();
+        let path = directory.path().join("empty.pem");
+        std::fs::write(&path, "not a certificate\n").unwrap();
+        let error = Trust::from_ca_file(&path).unwrap_err();
+        assert!(error.to_string().contains("empty.pem"), "{error}");
+        assert!(error.to_string().contains("no PEM certificate"), "{error}");
+        let missing = Trust::from_ca_file(&directory.path().join("missing.pem")).unwrap_err();
+        assert!(missing.to_string().contains("missing.pem"), "{missing}");
     }
 
     #[test]

@@ -61,6 +61,14 @@ pub struct ConfigFile {
     pub search_commit_interval_ms: Option<u64>,
     /// Where the LMTP server listens: `HOST:PORT`, or a unix socket path (`/...` or `unix:...`).
     pub lmtp_listen: Option<String>,
+    /// LMTP sessions at once (default 100); more are answered 421 and closed.
+    pub lmtp_max_connections: Option<usize>,
+    /// Recipients accepted in one LMTP transaction (default 100, the least RFC 5321 allows).
+    pub lmtp_max_recipients: Option<usize>,
+    /// Seconds an LMTP read waits for the client before 421 (default 300).
+    pub lmtp_idle_timeout_seconds: Option<u64>,
+    /// Seconds one LMTP connection may last in all before 421 (default 3600).
+    pub lmtp_session_timeout_seconds: Option<u64>,
     /// Where the IMAP server listens: `HOST:PORT` (STARTTLS offered when TLS is configured).
     pub imap_listen: Option<String>,
     /// Where the IMAP server listens with implicit TLS (needs tls_cert_file and tls_key_file).
@@ -192,6 +200,18 @@ impl ConfigFile {
         }
         if let Some(text) = self.lmtp_listen {
             config.lmtp_listen = Some(parse_lmtp_address(&text)?);
+        }
+        if let Some(count) = self.lmtp_max_connections {
+            config.lmtp_max_connections = count;
+        }
+        if let Some(count) = self.lmtp_max_recipients {
+            config.lmtp_max_recipients = count;
+        }
+        if let Some(seconds) = self.lmtp_idle_timeout_seconds {
+            config.lmtp_idle_timeout = Duration::from_secs(seconds);
+        }
+        if let Some(seconds) = self.lmtp_session_timeout_seconds {
+            config.lmtp_session_deadline = Duration::from_secs(seconds);
         }
         if let Some(text) = self.imap_listen {
             config.imap_listen = Some(parse_socket_address("imap_listen", &text)?);
@@ -326,6 +346,19 @@ pub fn validate(config: &NodeConfig) -> Result<(), ConfigError> {
             reason: "implicit TLS needs tls_cert_file and tls_key_file".into(),
         });
     }
+    for (key, positive) in [
+        ("lmtp_max_connections", config.lmtp_max_connections > 0),
+        ("lmtp_max_recipients", config.lmtp_max_recipients > 0),
+        ("lmtp_idle_timeout_seconds", !config.lmtp_idle_timeout.is_zero()),
+        ("lmtp_session_timeout_seconds", !config.lmtp_session_deadline.is_zero()),
+    ] {
+        if !positive {
+            return Err(ConfigError::Invalid {
+                key,
+                reason: "must be positive".into(),
+            });
+        }
+    }
     if config.inline_blob_bytes > 512 * 1024 {
         return Err(ConfigError::Invalid {
             key: "inline_blob_bytes",
@@ -338,6 +371,25 @@ pub fn validate(config: &NodeConfig) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lmtp_limits_come_from_their_keys_and_zero_is_refused() {
+        let file: ConfigFile = toml::from_str(
+            "lmtp_max_connections = 7\nlmtp_max_recipients = 250\nlmtp_idle_timeout_seconds = 60\nlmtp_session_timeout_seconds = 900",
+        )
+        .unwrap();
+        let config = file.into_node_config().unwrap();
+        assert_eq!(config.lmtp_max_connections, 7);
+        assert_eq!(config.lmtp_max_recipients, 250);
+        assert_eq!(config.lmtp_idle_timeout, Duration::from_secs(60));
+        assert_eq!(config.lmtp_session_deadline, Duration::from_secs(900));
+        let defaults: ConfigFile = toml::from_str("").unwrap();
+        let defaults = defaults.into_node_config().unwrap();
+        assert_eq!(defaults.lmtp_session_deadline, Duration::from_secs(3600));
+        let zero: ConfigFile = toml::from_str("lmtp_session_timeout_seconds = 0").unwrap();
+        let error = zero.into_node_config().unwrap_err().to_string();
+        assert!(error.contains("lmtp_session_timeout_seconds"), "{error}");
+    }
 
     #[test]
     fn the_example_configuration_parses() {

@@ -59,8 +59,10 @@ pub enum MaildirDate {
 /// How to import.
 #[derive(Debug, Clone)]
 pub struct ImportOptions {
-    /// The node's HTTP address, host:port.
+    /// The node's HTTP address: host:port, or https://host:port for a node with TLS.
     pub http: String,
+    /// The certificates HTTPS trusts (the system's unless a CA file is named).
+    pub trust: api_client::Trust,
     pub account: String,
     /// The mailbox of an mbox file or of a Maildir's root (INBOX); sub-folders keep their names.
     pub mailbox: String,
@@ -83,6 +85,7 @@ impl ImportOptions {
     pub fn new(http: &str, account: &str) -> ImportOptions {
         ImportOptions {
             http: http.to_owned(),
+            trust: api_client::Trust::default(),
             account: account.to_owned(),
             mailbox: "INBOX".to_owned(),
             token: None,
@@ -784,7 +787,7 @@ fn send(agent: &ureq::Agent, shared: &Shared, job: &Job) -> Result<Sent, ImportE
 }
 
 fn work(shared: &Shared, queue: &Mutex<std::sync::mpsc::Receiver<Job>>) {
-    let agent = api_client::agent();
+    let agent = api_client::agent_trusting(&shared.options.trust);
     loop {
         let job = {
             let receiver = queue.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
@@ -1025,7 +1028,7 @@ pub fn role_of_folder(mailbox: &str) -> Option<&'static str> {
 /// the account holds it already: the mailbox is created with the role, or the role is set on the
 /// existing mailbox. A role the node refuses is logged and the import goes on.
 fn assign_roles(options: &ImportOptions, sources: &[Source]) -> Result<(), ImportError> {
-    let agent = api_client::agent();
+    let agent = api_client::agent_trusting(&options.trust);
     let base = format!("/v1/accounts/{}/mailboxes", encode_segment(&options.account));
     let token = options.token.as_deref();
     let listed = api_client::request(&agent, &options.http, "GET", &base, &[], token)?;

@@ -21,9 +21,13 @@ enum CommandLine {
     Node(NodeArguments),
     /// Show a running node, its peers and whether they agree; exits 1 when some peer disagrees.
     Status {
-        /// The node's HTTP address.
+        /// The node's HTTP address: host:port, or https://host:port for a node with TLS.
         #[arg(long, default_value = "127.0.0.1:4800")]
         http: String,
+        /// A PEM file of the certificates to trust for https:// (the node's self-signed
+        /// certificate, or its CA); without it, the system's roots.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
         /// Print the status document as JSON.
         #[arg(long)]
         json: bool,
@@ -31,9 +35,12 @@ enum CommandLine {
     /// Import a Maildir++ tree, a Maildir, an mbox file or a directory of mbox files into a running
     /// node, keeping flags and received dates. A re-run adds only what is missing.
     Import {
-        /// The node's HTTP address.
+        /// The node's HTTP address: host:port, or https://host:port for a node with TLS.
         #[arg(long, default_value = "127.0.0.1:4800")]
         http: String,
+        /// A PEM file of the certificates to trust for https://; without it, the system's roots.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
         #[arg(long)]
         account: String,
         /// The mailbox of an mbox file or of a Maildir's root; Maildir++ folders (.Sent,
@@ -160,9 +167,10 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         CommandLine::Node(arguments) => run_node(arguments),
-        CommandLine::Status { http, json } => status(&http, json),
+        CommandLine::Status { http, ca_file, json } => status(&http, trust(ca_file.as_deref())?, json),
         CommandLine::Import {
             http,
+            ca_file,
             account,
             mailbox,
             token_file,
@@ -172,6 +180,7 @@ fn main() -> anyhow::Result<()> {
             path,
         } => {
             let mut options = mailmesh::import::ImportOptions::new(&http, &account);
+            options.trust = trust(ca_file.as_deref())?;
             options.mailbox = mailbox;
             options.workers = workers;
             options.show_progress = !quiet && std::io::IsTerminal::is_terminal(&std::io::stderr());
@@ -243,8 +252,15 @@ fn import(options: &mailmesh::import::ImportOptions, path: &std::path::Path) -> 
     Ok(())
 }
 
-fn status(http: &str, json: bool) -> anyhow::Result<()> {
-    let agent = mailmesh::api_client::agent();
+fn trust(ca_file: Option<&std::path::Path>) -> anyhow::Result<mailmesh::api_client::Trust> {
+    Ok(match ca_file {
+        Some(path) => mailmesh::api_client::Trust::from_ca_file(path)?,
+        None => mailmesh::api_client::Trust::default(),
+    })
+}
+
+fn status(http: &str, trust: mailmesh::api_client::Trust, json: bool) -> anyhow::Result<()> {
+    let agent = mailmesh::api_client::agent_trusting(&trust);
     let response = mailmesh::api_client::request(&agent, http, "GET", "/v1/status", &[], None)?;
     if response.status != 200 {
         anyhow::bail!(

@@ -106,6 +106,14 @@ pub struct NodeConfig {
     pub search_commit_interval: Duration,
     /// Where the LMTP server listens (`lmtp_listen`, `--lmtp`); none when unset.
     pub lmtp_listen: Option<crate::lmtp::ListenAddress>,
+    /// LMTP sessions at once (`lmtp_max_connections`); more are answered 421.
+    pub lmtp_max_connections: usize,
+    /// Recipients in one LMTP transaction (`lmtp_max_recipients`); more get 452.
+    pub lmtp_max_recipients: usize,
+    /// How long an LMTP read waits for the client (`lmtp_idle_timeout_seconds`).
+    pub lmtp_idle_timeout: Duration,
+    /// How long one LMTP connection may last in all (`lmtp_session_timeout_seconds`).
+    pub lmtp_session_deadline: Duration,
     /// Where the IMAP server listens in the clear, with STARTTLS when TLS is configured
     /// (`imap_listen`, `--imap`), and with implicit TLS (`imaps_listen`); none when unset.
     pub imap_listen: Option<SocketAddr>,
@@ -151,6 +159,10 @@ impl Default for NodeConfig {
             max_requests_in_flight_per_peer: 256,
             search_commit_interval: Duration::from_secs(5),
             lmtp_listen: None,
+            lmtp_max_connections: crate::lmtp::ServerLimits::default().max_connections,
+            lmtp_max_recipients: crate::lmtp::ServerLimits::default().session.max_recipients,
+            lmtp_idle_timeout: crate::lmtp::ServerLimits::default().idle_timeout,
+            lmtp_session_deadline: crate::lmtp::ServerLimits::default().session_deadline,
             imap_listen: None,
             imaps_listen: None,
             imap_allow_plaintext: false,

@@ -155,6 +155,12 @@ pub async fn start(
         std::fs::write(config.data_dir.join("lmtp.addr"), listener.local_address())?;
         tracing::info!(address = %listener.local_address(), "LMTP listening");
         let server = crate::lmtp::LmtpServer::new(service.clone(), &config.name, Some(metrics));
+        let mut limits = server.limits();
+        limits.max_connections = config.lmtp_max_connections;
+        limits.idle_timeout = config.lmtp_idle_timeout;
+        limits.session_deadline = config.lmtp_session_deadline;
+        limits.session.max_recipients = config.lmtp_max_recipients;
+        let server = server.with_limits(limits);
         tokio::spawn(server.serve(listener, stop.clone()));
     }
 

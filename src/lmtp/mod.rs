@@ -8,7 +8,9 @@
 //! copy is durable here; replication takes it to the other nodes from the commit feed.
 //!
 //! Limits: connections at once ([`ServerLimits::max_connections`]), an idle timeout on every
-//! read, and the session's own limits on line length, message size and recipients.
+//! read, a deadline on the whole session (a client that sends one byte before each idle timeout
+//! cannot hold a connection for ever), and the session's own limits on line length, message size
+//! and recipients. The operator sets them with the `lmtp_*` configuration keys.
 
 pub mod session;
 
@@ -82,6 +84,9 @@ pub struct ServerLimits {
     pub max_connections: usize,
     /// How long a read may wait for the client (RFC 5321 4.5.3.2 suggests minutes).
     pub idle_timeout: Duration,
+    /// How long one connection may last in all; then it is answered `421` and closed, and a
+    /// transaction whose data was not all read is dropped (the MTA retries it).
+    pub session_deadline: Duration,
     pub session: Limits,
 }
 
@@ -90,6 +95,7 @@ impl Default for ServerLimits {
         ServerLimits {
             max_connections: 100,
             idle_timeout: Duration::from_secs(300),
+            session_deadline: Duration::from_secs(3600),
             session: Limits::default(),
         }
     }
@@ -197,7 +203,12 @@ impl<M: Mailboxes> LmtpServer<M> {
         }
     }
 
-    /// Replaces the limits (tests use short timeouts and small sizes).
+    /// The limits in force.
+    pub fn limits(&self) -> ServerLimits {
+        self.limits
+    }
+
+    /// Replaces the limits (the configuration's `lmtp_*` keys; tests use short timeouts).
     pub fn with_limits(mut self, limits: ServerLimits) -> Self {
         self.limits = limits;
         self
@@ -264,6 +275,7 @@ impl<M: Mailboxes> LmtpServer<M> {
         writer.flush().await?;
         let mut buffer: Vec<u8> = Vec::with_capacity(16 * 1024);
         let mut chunk = vec![0u8; 64 * 1024];
+        let deadline = tokio::time::Instant::now() + self.limits.session_deadline;
         loop {
             // Answer everything already read (pipelined commands), then flush once.
             loop {
@@ -302,8 +314,9 @@ impl<M: Mailboxes> LmtpServer<M> {
             self.count(session.take_outcomes(), 0);
             writer.flush().await?;
             // (The stop flag's guard is dropped inside the select, so the future stays Send.)
+            let idle_until = (tokio::time::Instant::now() + self.limits.idle_timeout).min(deadline);
             let read = tokio::select! {
-                read = tokio::time::timeout(self.limits.idle_timeout, reader.read(&mut chunk)) => Some(read),
+                read = tokio::time::timeout_at(idle_until, reader.read(&mut chunk)) => Some(read),
                 _ = stop.wait_for(|stopped| *stopped) => None,
             };
             let Some(read) = read else {
@@ -313,9 +326,12 @@ impl<M: Mailboxes> LmtpServer<M> {
             };
             match read {
                 Err(_) => {
-                    writer
-                        .write_all(b"421 4.4.2 Idle timeout, closing the connection\r\n")
-                        .await?;
+                    let reply: &[u8] = if tokio::time::Instant::now() >= deadline {
+                        b"421 4.4.2 Session time limit reached, closing the connection\r\n"
+                    } else {
+                        b"421 4.4.2 Idle timeout, closing the connection\r\n"
+                    };
+                    writer.write_all(reply).await?;
                     writer.flush().await?;
                     return Ok(());
                 }
@@ -464,6 +480,47 @@ mod tests {
         let closing = read_until(&mut client, "\r\n").await;
         assert_eq!(closing, "421 4.4.2 Idle timeout, closing the connection\r\n");
         session.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_session_that_trickles_its_data_past_the_deadline_is_closed_and_stores_nothing() {
+        let memory = Memory::default();
+        let limits = ServerLimits {
+            idle_timeout: Duration::from_secs(5),
+            session_deadline: Duration::from_millis(400),
+            ..ServerLimits::default()
+        };
+        let server = LmtpServer::new(memory.clone(), "node-1", None).with_limits(limits);
+        let (mut client, server_side) = tokio::io::duplex(4096);
+        let (_stop_sender, stop) = watch::channel(false);
+        let session = tokio::spawn(async move { server.run_session(server_side, "[::1]".into(), stop).await });
+        assert!(read_until(&mut client, "\r\n").await.starts_with("220 node-1"));
+        client
+            .write_all(b"LHLO x\r\nMAIL FROM:<a@example.net>\r\nRCPT TO:<alice@example.org>\r\nDATA\r\n")
+            .await
+            .unwrap();
+        assert!(read_until(&mut client, "354").await.contains("354"));
+        read_until(&mut client, "\r\n").await;
+        // One line every 50 ms: never idle for long, but never done either.
+        let trickle = async {
+            for line in 0..1000 {
+                if client.write_all(format!("line {line}\r\n").as_bytes()).await.is_err() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        };
+        let _ = tokio::time::timeout(Duration::from_secs(2), trickle).await;
+        let closing = read_until(&mut client, "\r\n").await;
+        assert_eq!(
+            closing,
+            "421 4.4.2 Session time limit reached, closing the connection\r\n"
+        );
+        session.await.unwrap().unwrap();
+        assert!(
+            memory.copies.lock().unwrap().is_empty(),
+            "a cut-off transaction stores nothing"
+        );
     }
 
     #[tokio::test]
