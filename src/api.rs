@@ -395,6 +395,7 @@ async fn status(State(state): State<ApiState>) -> Result<Json<Value>, ApiError> 
         "peer_id": node.peer_id().to_string(),
         "name": node.name(),
         "listen": listen,
+        "announce": node.announce_statuses(&peers),
         "peers": peers,
         "digest": node.digest_hex()?,
         "mailboxes": node.directory()?.count,

@@ -27,6 +27,8 @@ pub struct ConfigFile {
     pub listen: Option<Vec<String>>,
     pub http: Option<String>,
     pub peers: Option<Vec<String>>,
+    /// Addresses peers should dial this node at (NAT, containers, other namespaces).
+    pub announce: Option<Vec<String>>,
     pub cluster: Option<String>,
     pub gossip_interval_ms: Option<u64>,
     pub max_message_bytes: Option<u64>,
@@ -110,6 +112,9 @@ impl ConfigFile {
         }
         if let Some(peers) = self.peers {
             config.peers = parse_addresses("peers", &peers)?;
+        }
+        if let Some(announce) = self.announce {
+            config.announce = parse_addresses("announce", &announce)?;
         }
         if let Some(cluster) = self.cluster {
             config.cluster = cluster;

@@ -102,6 +102,10 @@ struct NodeArguments {
     /// Peer multiaddr to bootstrap from (repeatable), with or without /p2p/<peer id>.
     #[arg(long)]
     peer: Vec<String>,
+    /// Multiaddr peers should dial this node at (repeatable), when the listen address is not
+    /// reachable from them: behind NAT, in a container or another namespace.
+    #[arg(long)]
+    announce: Vec<String>,
     #[arg(long)]
     cluster: Option<String>,
     #[arg(long)]
@@ -331,6 +335,19 @@ fn status(http: &str, trust: mailmesh::api_client::Trust, json: bool) -> anyhow:
                 );
             }
         }
+        for announce in status["announce"].as_array().cloned().unwrap_or_default() {
+            let verdict = announce["verdict"].as_str().unwrap_or("?");
+            let note = match verdict {
+                "unconfirmed" => " <- WARNING: no connected peer sees this node at this host; is the announce right?",
+                _ => "",
+            };
+            println!(
+                "announce {}  {} ({} peers see this host){note}",
+                announce["address"].as_str().unwrap_or("?"),
+                verdict,
+                announce["seen_by_peers"]
+            );
+        }
         println!("peers    {}", peers.len());
         for peer in &peers {
             let verdict = if peer["agrees"].as_bool().unwrap_or(false) {
@@ -431,6 +448,9 @@ fn run_node(arguments: NodeArguments) -> anyhow::Result<()> {
         node_config
             .peers
             .extend(config::parse_addresses("peer", &arguments.peer)?);
+    }
+    if !arguments.announce.is_empty() {
+        node_config.announce = config::parse_addresses("announce", &arguments.announce)?;
     }
     if let Some(cluster) = arguments.cluster {
         node_config.cluster = cluster;

@@ -16,6 +16,11 @@
 //! * Requests arrive as [`NetworkEvent::Request`] and are answered with
 //!   [`NetworkClient::respond`].
 //!
+//! * Discovery: peers learn each other through the cluster (Kademlia, fed with the addresses
+//!   identify reports), so a node that knew only one bootstrap peer ends up connected to all of
+//!   them and stays so when that peer goes away; the peers it was connected to are kept on disk
+//!   ([`peer_book`]) for the next start. `announce` addresses replace the listen addresses in
+//!   what the node tells its peers (behind NAT, in a container or another namespace).
 //! * Access control sits below all protocols: an optional allow list of peer ids, a block
 //!   list with expiry ([`NetworkClient::block`]), connection limits, and an optional
 //!   pre-shared key (libp2p pnet over TCP) that keeps nodes of other clusters from even
@@ -30,6 +35,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::future::Future;
 use std::io;
+use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime};
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
@@ -49,7 +55,12 @@ use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, Protoco
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionDenied, ConnectionId, DialError, ListenError, NetworkBehaviour, SwarmEvent};
-use libp2p::{connection_limits, identify, identity, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder};
+use libp2p::{
+    connection_limits, identify, identity, kad, noise, ping, tcp, yamux, StreamProtocol, Swarm, SwarmBuilder,
+};
+
+mod peer_book;
+use peer_book::PeerBook;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -90,6 +101,17 @@ const MAX_REDIAL_DELAY: Duration = Duration::from_secs(10);
 /// connection that flaps faster keeps growing the delay instead of redialing every second.
 const STABLE_CONNECTION: Duration = Duration::from_secs(10);
 const REDIAL_TICK: Duration = Duration::from_millis(250);
+/// How often Kademlia asks the cluster for its members (also once at the first peer).
+const DISCOVERY_INTERVAL: Duration = Duration::from_secs(60);
+/// The peer book is written at most this often.
+const PEER_BOOK_SAVE_INTERVAL: Duration = Duration::from_secs(5);
+
+fn unix_seconds() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0)
+}
 const MAX_ADDRESSES_PER_PEER: usize = 16;
 /// Longer blocks are cut to this (and `Instant` arithmetic cannot overflow).
 const MAX_BLOCK_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 60 * 60);
@@ -120,6 +142,11 @@ pub struct NetworkConfig {
     pub listen: Vec<Multiaddr>,
     /// Peers to dial at start and to keep redialing; with or without `/p2p/<peer id>`.
     pub bootstrap: Vec<Multiaddr>,
+    /// The addresses peers should dial this node at, when the listen addresses are not (NAT, a
+    /// container, another namespace). When set, only these are told to peers.
+    pub announce: Vec<Multiaddr>,
+    /// Where the peers this node was connected to are kept between runs; none: not kept.
+    pub peer_book: Option<PathBuf>,
     /// Topics are `mailmesh/<cluster>/operations` and `mailmesh/<cluster>/digests`.
     pub cluster: String,
     pub max_request_bytes: usize,
@@ -158,6 +185,8 @@ impl fmt::Debug for NetworkConfig {
             .field("keypair", &self.keypair)
             .field("listen", &self.listen)
             .field("bootstrap", &self.bootstrap)
+            .field("announce", &self.announce)
+            .field("peer_book", &self.peer_book)
             .field("cluster", &self.cluster)
             .field("max_request_bytes", &self.max_request_bytes)
             .field("max_response_bytes", &self.max_response_bytes)
@@ -231,6 +260,8 @@ impl NetworkConfig {
             keypair,
             listen: Vec::new(),
             bootstrap: Vec::new(),
+            announce: Vec::new(),
+            peer_book: None,
             cluster: cluster.into(),
             max_request_bytes: 1024 * 1024,
             max_response_bytes: 8 * 1024 * 1024,
@@ -331,6 +362,8 @@ pub struct PeerInfo {
     /// From identify, once the peer has answered it.
     pub agent_version: Option<String>,
     pub protocol_version: Option<String>,
+    /// The address this peer says it sees this node at (identify's observed address).
+    pub observed_address: Option<Multiaddr>,
 }
 
 /// Everything that can go wrong in the network layer.
@@ -911,6 +944,7 @@ struct Behaviour {
     gossipsub: GossipBehaviour,
     sync: request_response::Behaviour<FrameCodec>,
     identify: identify::Behaviour,
+    kademlia: kad::Behaviour<kad::store::MemoryStore>,
     ping: ping::Behaviour,
 }
 
@@ -1066,8 +1100,21 @@ pub fn new(
     );
     let identify = identify::Behaviour::new(
         identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_string(), config.keypair.public())
-            .with_agent_version(format!("mailmesh/{}", env!("CARGO_PKG_VERSION"))),
+            .with_agent_version(format!("mailmesh/{}", env!("CARGO_PKG_VERSION")))
+            .with_hide_listen_addrs(!config.announce.is_empty()),
     );
+    // Kademlia only to find the cluster's members: no records are stored or served. Its protocol
+    // name carries the cluster, so nodes of two clusters never fill each other's tables.
+    let kademlia_protocol = StreamProtocol::try_from_owned(format!("/mailmesh/{}/kad/1.0.0", config.cluster))
+        .map_err(|error| NetworkError::InvalidConfiguration(format!("cluster name: {error}")))?;
+    let mut kademlia_config = kad::Config::new(kademlia_protocol);
+    kademlia_config.set_periodic_bootstrap_interval(Some(DISCOVERY_INTERVAL));
+    let mut kademlia = kad::Behaviour::with_config(
+        local_peer_id,
+        kad::store::MemoryStore::new(local_peer_id),
+        kademlia_config,
+    );
+    kademlia.set_mode(Some(kad::Mode::Server));
     let allowed = config.allowed_peers.as_ref().map(|peers| {
         let mut allowed = allow_block_list::Behaviour::<AllowedPeers>::default();
         for peer in peers {
@@ -1087,6 +1134,7 @@ pub fn new(
         gossipsub,
         sync,
         identify,
+        kademlia,
         ping: ping::Behaviour::new(ping::Config::new()),
     };
 
@@ -1121,6 +1169,10 @@ pub fn new(
             reason: error.to_string(),
         })?;
     }
+    for address in &config.announce {
+        tracing::info!(%address, "announcing this address to peers");
+        swarm.add_external_address(address.clone());
+    }
 
     let limits = Limits {
         max_request_bytes: config.max_request_bytes,
@@ -1147,9 +1199,22 @@ pub fn new(
         allowed: config.allowed_peers.clone(),
         blocks: HashMap::new(),
         private_network: config.pre_shared_key.is_some(),
+        book: PeerBook::default(),
+        book_path: config.peer_book.clone(),
+        book_changed: false,
+        book_saved_at: Instant::now(),
     };
     for address in config.bootstrap {
         event_loop.add_bootstrap(address);
+    }
+    if let Some(path) = &config.peer_book {
+        event_loop.book = PeerBook::load(path, unix_seconds());
+        if !event_loop.book.is_empty() {
+            tracing::info!(peers = event_loop.book.len(), "dialing the peers of the last run too");
+        }
+        for address in event_loop.book.addresses() {
+            event_loop.add_bootstrap(address);
+        }
     }
 
     let client = NetworkClient {
@@ -1212,7 +1277,8 @@ struct PeerRecord {
     connected_at: Option<(Instant, SystemTime)>,
     agent_version: Option<String>,
     protocol_version: Option<String>,
-    /// Bootstrap or previously connected: keep it connected.
+    observed_address: Option<Multiaddr>,
+    /// Bootstrap, discovered or previously connected: keep it connected.
     redial: bool,
     dialing: Option<ConnectionId>,
     backoff: Backoff,
@@ -1226,6 +1292,7 @@ impl PeerRecord {
             connected_at: None,
             agent_version: None,
             protocol_version: None,
+            observed_address: None,
             redial: false,
             dialing: None,
             backoff: Backoff::new(),
@@ -1361,6 +1428,12 @@ pub struct EventLoop {
     /// Blocked peers and when each block ends (the `blocked` behaviour enforces them).
     blocks: HashMap<PeerId, Instant>,
     private_network: bool,
+    /// The peers connected to, with an address to dial them at, saved to `book_path` at most
+    /// every [`PEER_BOOK_SAVE_INTERVAL`] when it changed, and when the loop stops.
+    book: PeerBook,
+    book_path: Option<PathBuf>,
+    book_changed: bool,
+    book_saved_at: Instant,
 }
 
 impl EventLoop {
@@ -1395,10 +1468,70 @@ impl EventLoop {
                 _ = redial_tick.tick() => {
                     self.expire_blocks();
                     self.redial_due();
+                    if self.book_saved_at.elapsed() >= PEER_BOOK_SAVE_INTERVAL {
+                        self.save_peer_book();
+                    }
                 }
             }
         }
+        // Peers still connected were seen now, however old their entries are.
+        let connected: Vec<(PeerId, Multiaddr)> = self
+            .peers
+            .iter()
+            .filter(|(_, record)| record.connections > 0)
+            .filter_map(|(peer, record)| Some((*peer, record.addresses.first()?.clone())))
+            .collect();
+        for (peer, address) in connected {
+            self.note_in_book(peer, &address);
+        }
+        self.save_peer_book();
         tracing::info!(peer = %self.swarm.local_peer_id(), "network event loop stopped");
+    }
+
+    fn save_peer_book(&mut self) {
+        self.book_saved_at = Instant::now();
+        let Some(path) = &self.book_path else { return };
+        if !self.book_changed {
+            return;
+        }
+        match self.book.save(path, unix_seconds()) {
+            Ok(()) => self.book_changed = false,
+            Err(error) => tracing::warn!(path = %path.display(), %error, "could not save the peer book"),
+        }
+    }
+
+    fn note_in_book(&mut self, peer: PeerId, address: &Multiaddr) {
+        if is_dialable(address) && peer != *self.swarm.local_peer_id() {
+            self.book.note(peer, address.clone(), unix_seconds());
+            self.book_changed = true;
+        }
+    }
+
+    /// A member of the cluster that discovery found: keep it connected, like a bootstrap peer.
+    fn learn_peer(&mut self, peer: PeerId, addresses: Vec<Multiaddr>) {
+        if peer == *self.swarm.local_peer_id()
+            || self.allowed.as_ref().is_some_and(|allowed| !allowed.contains(&peer))
+            || self.blocks.contains_key(&peer)
+        {
+            return;
+        }
+        let addresses: Vec<Multiaddr> = addresses
+            .into_iter()
+            .map(|address| split_peer_id(&address).0)
+            .filter(is_dialable)
+            .collect();
+        if addresses.is_empty() {
+            return;
+        }
+        let record = self.peers.entry(peer).or_insert_with(PeerRecord::new);
+        for address in addresses {
+            record.add_address(address);
+        }
+        if !record.redial {
+            tracing::info!(%peer, "discovered a cluster member");
+            record.redial = true;
+            record.backoff.due_now();
+        }
     }
 
     fn add_bootstrap(&mut self, address: Multiaddr) {
@@ -1587,6 +1720,7 @@ impl EventLoop {
                             connections: record.connections,
                             agent_version: record.agent_version.clone(),
                             protocol_version: record.protocol_version.clone(),
+                            observed_address: record.observed_address.clone(),
                         })
                     })
                     .collect();
@@ -1864,6 +1998,12 @@ impl EventLoop {
                 self.metrics.libp2p.record(&event);
                 self.handle_identify_event(event);
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Kademlia(event)) => {
+                self.metrics.libp2p.record(&event);
+                if let kad::Event::RoutingUpdated { peer, addresses, .. } = event {
+                    self.learn_peer(peer, addresses.into_vec());
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(event)) => {
                 self.metrics.libp2p.record(&event);
                 if let Err(error) = &event.result {
@@ -1979,8 +2119,10 @@ impl EventLoop {
         record.backoff.cancel();
         if let ConnectedPoint::Dialer { address, .. } = endpoint {
             let (plain, _) = split_peer_id(address);
-            record.add_address(plain);
+            record.add_address(plain.clone());
+            self.note_in_book(peer, &plain);
         }
+        let record = self.peers.entry(peer).or_insert_with(PeerRecord::new);
         if num_established == 1 {
             record.connected_at = Some((Instant::now(), SystemTime::now()));
             tracing::info!(%peer, address = %endpoint.get_remote_address(), "connected");
@@ -2081,6 +2223,13 @@ impl EventLoop {
                 }
                 for address in &announced {
                     self.swarm.add_peer_address(peer_id, address.clone());
+                    self.swarm
+                        .behaviour_mut()
+                        .kademlia
+                        .add_address(&peer_id, address.clone());
+                }
+                if let Some(first) = announced.first() {
+                    self.note_in_book(peer_id, &first.clone());
                 }
                 let record = self.peers.entry(peer_id).or_insert_with(PeerRecord::new);
                 for address in announced {
@@ -2088,6 +2237,7 @@ impl EventLoop {
                 }
                 record.agent_version = Some(info.agent_version);
                 record.protocol_version = Some(info.protocol_version);
+                record.observed_address = Some(info.observed_addr);
             }
             identify::Event::Error { peer_id, error, .. } => {
                 tracing::debug!(peer = %peer_id, %error, "identify failed");

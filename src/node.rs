@@ -53,6 +53,9 @@ pub struct NodeConfig {
     pub listen: Vec<Multiaddr>,
     pub http: SocketAddr,
     pub peers: Vec<Multiaddr>,
+    /// Addresses peers should dial this node at, when the listen addresses are not reachable
+    /// from them (`announce`, `--announce`); when set, only these are told to peers.
+    pub announce: Vec<Multiaddr>,
     pub cluster: String,
     pub gossip_interval: Duration,
     pub max_message_bytes: u64,
@@ -130,6 +133,7 @@ impl Default for NodeConfig {
             listen: vec!["/ip4/0.0.0.0/tcp/4801".parse().expect("valid multiaddr")],
             http: SocketAddr::from(([127, 0, 0, 1], 4800)),
             peers: Vec::new(),
+            announce: Vec::new(),
             cluster: "default".into(),
             gossip_interval: Duration::from_millis(1000),
             max_message_bytes: 25 * 1024 * 1024,
@@ -223,6 +227,20 @@ pub struct PeerStatus {
     pub last_digest: Option<String>,
     pub agrees: bool,
     pub differs_seconds: Option<u64>,
+    /// The address this peer sees this node at (identify's observed address).
+    pub observed_address: Option<String>,
+}
+
+/// Whether an `announce` address looks right, judged by the addresses connected peers see
+/// this node at: a wrong announce (a typo, a stale NAT address) is seen by no peer.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct AnnounceStatus {
+    pub address: String,
+    /// Connected peers that see this node at the announced host.
+    pub seen_by_peers: usize,
+    /// `confirmed`, `unconfirmed` (no connected peer sees this node there: check it),
+    /// `no peers` (nothing to judge by yet) or `not comparable` (a DNS name).
+    pub verdict: &'static str,
 }
 
 struct NodeInner {
@@ -408,6 +426,8 @@ impl Node {
         let mut network_config = NetworkConfig::new(keypair, config.cluster.clone());
         network_config.listen = config.listen.clone();
         network_config.bootstrap = config.peers.clone();
+        network_config.announce = config.announce.clone();
+        network_config.peer_book = Some(config.data_dir.join("peers"));
         network_config.max_gossip_bytes = config.max_gossip_bytes.max(config.inline_blob_bytes + 64 * 1024);
         network_config.max_request_bytes = config.max_request_bytes.max(config.inline_blob_bytes + 64 * 1024);
         network_config.max_response_bytes = config.max_response_bytes.max(wire::MAX_BLOB_CHUNK as usize + 64 * 1024);
@@ -652,6 +672,11 @@ impl Node {
     }
 
     /// The connected peers and whether each agrees with us.
+    /// Each `announce` address with what the connected peers say about it.
+    pub fn announce_statuses(&self, peers: &[PeerStatus]) -> Vec<AnnounceStatus> {
+        announce_statuses(&self.inner.config.announce, peers)
+    }
+
     pub async fn peer_statuses(&self) -> Vec<PeerStatus> {
         let my_digest = self.inner.store.digest().map(|aggregate| aggregate.root_hash()).ok();
         let infos = self.inner.network.peers().await.unwrap_or_default();
@@ -676,6 +701,7 @@ impl Node {
                         .and_then(|state| state.differs_since)
                         .and_then(|since| now.duration_since(since).ok())
                         .map(|d| d.as_secs()),
+                    observed_address: info.observed_address.as_ref().map(|address| address.to_string()),
                 }
             })
             .collect()
@@ -2816,4 +2842,78 @@ fn chunk_elements(elements: Vec<Element>) -> Vec<Vec<Element>> {
         chunks.push(current);
     }
     chunks
+}
+
+/// The host part (IP address) of a multiaddr, if it has one.
+fn host_of(address: &Multiaddr) -> Option<std::net::IpAddr> {
+    address.iter().find_map(|protocol| match protocol {
+        libp2p::multiaddr::Protocol::Ip4(ip) => Some(std::net::IpAddr::V4(ip)),
+        libp2p::multiaddr::Protocol::Ip6(ip) => Some(std::net::IpAddr::V6(ip)),
+        _ => None,
+    })
+}
+
+/// Judges each announced address by the hosts connected peers observe this node at.
+pub fn announce_statuses(announce: &[Multiaddr], peers: &[PeerStatus]) -> Vec<AnnounceStatus> {
+    let observed: Vec<std::net::IpAddr> = peers
+        .iter()
+        .filter_map(|peer| peer.observed_address.as_deref()?.parse::<Multiaddr>().ok())
+        .filter_map(|address| host_of(&address))
+        .collect();
+    announce
+        .iter()
+        .map(|address| {
+            let host = host_of(address);
+            let seen_by_peers = host.map_or(0, |host| observed.iter().filter(|seen| **seen == host).count());
+            let verdict = match host {
+                None => "not comparable",
+                Some(_) if observed.is_empty() => "no peers",
+                Some(_) if seen_by_peers > 0 => "confirmed",
+                Some(_) => "unconfirmed",
+            };
+            AnnounceStatus {
+                address: address.to_string(),
+                seen_by_peers,
+                verdict,
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen_at(observed: &str) -> PeerStatus {
+        PeerStatus {
+            peer_id: "peer".into(),
+            name: None,
+            addresses: Vec::new(),
+            connected_seconds: 1,
+            last_digest: None,
+            agrees: true,
+            differs_seconds: None,
+            observed_address: Some(observed.into()),
+        }
+    }
+
+    #[test]
+    fn an_announce_no_peer_sees_is_unconfirmed_and_a_right_one_confirmed() {
+        let announce: Vec<Multiaddr> = vec![
+            "/ip4/10.88.0.2/tcp/4801".parse().unwrap(),
+            "/ip4/10.88.0.99/tcp/4801".parse().unwrap(),
+            "/dns4/mail.example.org/tcp/4801".parse().unwrap(),
+        ];
+        let peers = [seen_at("/ip4/10.88.0.2/tcp/53412"), seen_at("/ip4/10.88.0.2/tcp/53999")];
+        let verdicts: Vec<(&str, usize)> = announce_statuses(&announce, &peers)
+            .iter()
+            .map(|status| (status.verdict, status.seen_by_peers))
+            .collect();
+        assert_eq!(
+            verdicts,
+            vec![("confirmed", 2), ("unconfirmed", 0), ("not comparable", 0)]
+        );
+        let alone = announce_statuses(&announce[..1], &[]);
+        assert_eq!(alone[0].verdict, "no peers");
+    }
 }
