@@ -90,6 +90,9 @@ fn main() {
         total.trie_sessions += report.trie_sessions;
         total.sketch_sessions += report.sketch_sessions;
         total.sketch_abandoned += report.sketch_abandoned;
+        total.sketch_decoded += report.sketch_decoded;
+        total.records_merged += report.records_merged;
+        total.states_merged += report.states_merged;
         total.protocol_errors += report.protocol_errors;
         total.unquiet_pulls += report.unquiet_pulls;
         not_converged += u64::from(!report.converged);
@@ -124,6 +127,9 @@ fn main() {
         "trie_sessions": total.trie_sessions,
         "sketch_sessions": total.sketch_sessions,
         "sketch_sessions_abandoned": total.sketch_abandoned,
+        "sketch_sessions_decoded": total.sketch_decoded,
+        "records_merged": total.records_merged,
+        "states_merged": total.states_merged,
         "protocol_errors": total.protocol_errors,
         "unquiet_pulls": total.unquiet_pulls,
         "not_converged": not_converged,

@@ -144,6 +144,11 @@ pub struct ScheduleReport {
     pub sketch_sessions: u64,
     /// Sketch sessions that ended early (stale cells, a decoder error, the deadline).
     pub sketch_abandoned: u64,
+    /// Sketch sessions whose cells decoded the difference (the rest went by trie descent).
+    pub sketch_decoded: u64,
+    /// Records merged from pulls (whole records) and from states (a `Differ`, a settlement).
+    pub records_merged: u64,
+    pub states_merged: u64,
     /// Messages a receiver could not decode or that broke the protocol (none from honest nodes).
     pub protocol_errors: u64,
     /// Rounds of sessions the heal took until every node held the same records.
@@ -440,6 +445,17 @@ struct World {
     pulls: u64,
 }
 
+/// A clock offset within half the bound (less five minutes) either way, or none (three in ten),
+/// so any two nodes are within the bound of each other.
+fn draw_skew(random: &mut SeededRandom) -> i64 {
+    let half = (CLOCK_BOUND_MILLIS / 2 - 5 * 60 * 1000) as i64;
+    if random.per_mille(300) {
+        0
+    } else {
+        random.below(2 * half as u64 + 1) as i64 - half
+    }
+}
+
 /// Runs one schedule from its seed; with `trace`, the report carries the events behind any
 /// problem found. The same seed always gives the same report.
 pub fn run(seed: u64, trace: bool) -> ScheduleReport {
@@ -447,13 +463,7 @@ pub fn run(seed: u64, trace: bool) -> ScheduleReport {
     let settings = Settings::draw(&mut random);
     let nodes = (0..settings.nodes)
         .map(|index| {
-            // Within half the bound either way, so any two nodes are within the bound.
-            let half = (CLOCK_BOUND_MILLIS / 2 - 5 * 60 * 1000) as i64;
-            let skew = if random.per_mille(300) {
-                0
-            } else {
-                random.below(2 * half as u64 + 1) as i64 - half
-            };
+            let skew = draw_skew(&mut random);
             let store = Store {
                 emails: Container::new(),
                 mailboxes: Container::new(),
@@ -629,12 +639,22 @@ impl World {
 
     fn crash(&mut self, node: usize) {
         let down = self.random.below(3_000);
+        // Half the restarts come back with another clock offset (as an operator's
+        // `MAILMESH_CLOCK_OFFSET_MS` or an NTP step would), backwards too.
+        if self.random.below(2) == 0 {
+            self.nodes[node].skew = self.draw_skew();
+        }
         self.report.restarts += 1;
         let target = &mut self.nodes[node];
         target.up = false;
         target.down_until = self.now + down;
         target.volatile.askers.clear();
         self.note(&[], || format!("node {} crashes for {down} ms", node + 1));
+    }
+
+    /// A clock offset within half the bound either way, so any two nodes are within the bound.
+    fn draw_skew(&mut self) -> i64 {
+        draw_skew(&mut self.random)
     }
 
     fn partition(&mut self) {
@@ -1261,6 +1281,7 @@ impl World {
             running.cells = Self::cells_of(container, Self::session_key(&running.salt, space));
             running.built = Some(root);
         }
+        let by_cells = matches!(reply, Some(Message::Cells { .. } | Message::Settled { .. }));
         let step = match running.asker.on_reply(&container.tree, &running.cells, reply, now) {
             Ok(step) => step,
             Err(_) => {
@@ -1289,6 +1310,9 @@ impl World {
                 );
             }
             Step::Finished { last } => {
+                if by_cells {
+                    self.report.sketch_decoded += 1;
+                }
                 let outcome = running.asker.outcome();
                 let they_lack: BTreeSet<u128> = match &last {
                     Some(Message::YouLack(keys)) => keys.iter().copied().collect(),
@@ -1397,7 +1421,9 @@ impl World {
         for bytes in records {
             match cbor4ii::serde::from_slice::<MessageRecord>(&bytes) {
                 Ok(record) => {
-                    self.merge_record(to, space, record);
+                    if self.merge_record(to, space, record) {
+                        self.report.records_merged += 1;
+                    }
                 }
                 Err(_) => self.report.protocol_errors += 1,
             }
@@ -1447,7 +1473,9 @@ impl World {
     fn merge_state(&mut self, node: usize, space: Space, key: u128, state: &RecordState) -> Option<RecordState> {
         let mine = self.nodes[node].container(space).records.get(&MessageId(key))?.clone();
         let (_, back) = sync::merge_state(&mine, state);
-        self.merge_record(node, space, state.applied_to(&mine));
+        if self.merge_record(node, space, state.applied_to(&mine)) {
+            self.report.states_merged += 1;
+        }
         back
     }
 
@@ -1676,6 +1704,10 @@ impl World {
         self.report.wrong_winners = wrong.iter().map(|(id, _)| *id).collect::<BTreeSet<_>>().len() as u64;
         self.report.orphans = orphans.iter().map(|(id, _)| *id).collect::<BTreeSet<_>>().len() as u64;
         self.report.forged_accepted = forged;
+        if self.report.protocol_errors > 0 {
+            let errors = self.report.protocol_errors;
+            self.problem(format!("{errors} messages between honest nodes broke the protocol"));
+        }
         if forged > 0 {
             self.problem(format!("{forged} records hold a stamp past the clock bound"));
         }
