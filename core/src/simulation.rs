@@ -122,7 +122,7 @@ pub struct ScheduleReport {
     /// Expunged emails live again on some node.
     pub resurrected: u64,
     /// Records (emails or mailbox snapshots) that differ between nodes at the end, plus mailbox
-    /// trees that resolve differently.
+    /// trees that resolve differently, and paths shown twice, hidden parents or cycles.
     pub divergent: u64,
     /// Flags, locations, expunges or mailbox records that converged to something other than the
     /// winner the history's stamps say.
@@ -1621,6 +1621,35 @@ impl World {
         }
         if tree_divergence > 0 {
             self.problem(format!("{tree_divergence} nodes resolve another mailbox tree"));
+        }
+        // The tree every node shows: one mailbox per path, every parent visible, no cycle.
+        let (tree, _) = &trees[0];
+        let mut paths = BTreeSet::new();
+        let mut malformed = Vec::new();
+        for shown in tree.mailboxes().values() {
+            if !paths.insert(shown.path.clone()) {
+                malformed.push(format!("two visible mailboxes at {:?}", shown.path));
+            }
+            let mut parent = shown.parent;
+            let mut depth = 0;
+            while let Some(id) = parent {
+                depth += 1;
+                match tree.get(id) {
+                    Some(up) if depth <= tree.mailboxes().len() => parent = up.parent,
+                    Some(_) => {
+                        malformed.push(format!("{:?} sits in a cycle", shown.path));
+                        break;
+                    }
+                    None => {
+                        malformed.push(format!("{:?} has a parent that is not shown", shown.path));
+                        break;
+                    }
+                }
+            }
+        }
+        self.report.divergent += malformed.len() as u64;
+        for text in malformed {
+            self.problem(text);
         }
 
         // Every node against the history.
