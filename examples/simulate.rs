@@ -82,6 +82,7 @@ fn main() {
         total.forged_sent += report.forged_sent;
         total.forged_accepted += report.forged_accepted;
         total.refused_stamps += report.refused_stamps;
+        total.refused_honest += report.refused_honest;
         total.messages += report.messages;
         total.dropped += report.dropped;
         total.duplicated += report.duplicated;
@@ -119,6 +120,7 @@ fn main() {
         "forged_stamps_sent": total.forged_sent,
         "forged_stamps_accepted": total.forged_accepted,
         "refused_stamps": total.refused_stamps,
+        "refused_honest_stamps": total.refused_honest,
         "messages": total.messages,
         "dropped": total.dropped,
         "duplicated": total.duplicated,

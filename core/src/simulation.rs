@@ -132,8 +132,10 @@ pub struct ScheduleReport {
     /// Stamps beyond the clock bound a hostile peer sent, and how many of them some node took.
     pub forged_sent: u64,
     pub forged_accepted: u64,
-    /// Merges refused by the clock check (the forged ones, and any other).
+    /// Merges refused by the clock check: of forged records, and of honest ones (a clock that
+    /// refuses an honest peer's stamps within the bound would keep the cluster apart).
     pub refused_stamps: u64,
+    pub refused_honest: u64,
     /// Messages sent, dropped (by chance, a partition or a node that is down), duplicated.
     pub messages: u64,
     pub dropped: u64,
@@ -1439,6 +1441,9 @@ impl World {
         if let Some(latest) = latest {
             if simulated.volatile.clock.check(latest.time, now).is_err() {
                 self.report.refused_stamps += 1;
+                if !record.flags.keys().any(|flag| flag.as_str() == FORGED_KEYWORD) {
+                    self.report.refused_honest += 1;
+                }
                 let ids = [record.id.to_string()];
                 self.note(&ids, || {
                     format!("node {} refuses {} stamped {latest:?}", node + 1, record.id)
