@@ -677,8 +677,8 @@ impl World {
                     order.swap(index, other);
                 }
                 self.groups = vec![0; count];
-                for position in 0..count / 2 {
-                    self.groups[order[position]] = 1;
+                for node in &order[..count / 2] {
+                    self.groups[*node] = 1;
                 }
                 if kind == 2 {
                     self.bridge = Some(order[count - 1]);
