@@ -11,6 +11,7 @@
 //! - [`sync`]: the range-reconciliation state machine and its CBOR wire form;
 //! - [`sketch`]: rateless set sketches (coded cells of (ID, state) elements) and their decoder;
 //! - [`sketch_session`]: reconciliation that picks sketches or trie descent, as a pure state machine;
+//! - [`simulation`]: a seeded, single-threaded simulation of whole clusters over a faulty network;
 //! - [`varint`]: the LEB128 numbers of the compact wire forms;
 //! - [`position`]: counted blocks that find deep pages of a sort index in O(log n).
 
@@ -20,6 +21,7 @@ pub mod mailbox;
 pub mod merkle;
 pub mod model;
 pub mod position;
+pub mod simulation;
 pub mod sketch;
 pub mod sketch_session;
 pub mod sync;
