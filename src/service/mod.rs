@@ -777,8 +777,9 @@ impl MailService {
     /// record does not: its mailbox became an alias of a same-named one (two sites created the
     /// name while apart), or was deleted and the email is rescued to the INBOX, or its mailbox's
     /// record arrived after it. When a page lists a mailbox's change, it lists the emails of each
-    /// such mailbox; what does not fit is carried in the state ([`PendingMailboxes`]) and listed
-    /// first by the next page, in `(received, ID)` order, the same on every node.
+    /// such mailbox; what does not fit is carried in the state
+    /// ([`crate::changes::PendingMailboxes`]) and listed first by the next page, in
+    /// `(received, ID)` order, the same on every node (see [`feed`]).
     pub fn account_changes(
         &self,
         account: &str,
