@@ -1945,6 +1945,46 @@ impl Store {
             .map(|bytes| MailboxId(u128::from_be_bytes(bytes))))
     }
 
+    /// The live emails located in `view`, ordered by `(received time, ID)`, after `after`, at
+    /// most `limit`: what the account's change feed lists when the mailbox they are shown in
+    /// changes while their own records do not (the mailbox became an alias, or was deleted and
+    /// they are rescued). The order is the same on every node, so a position carries over.
+    pub fn view_emails_after(
+        &self,
+        view: MailboxId,
+        after: Option<(u64, MessageId)>,
+        limit: usize,
+    ) -> Result<Vec<(u64, MessageId)>, StoreError> {
+        let (lower, upper) = index_bounds(view, SortKey::Received);
+        let start = match after {
+            Some((received, id)) => index_key(view, SortKey::Received, &received.to_be_bytes(), id),
+            None => lower.clone(),
+        };
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_lower_bound(lower);
+        options.set_iterate_upper_bound(upper);
+        let mut emails = Vec::new();
+        let mode = IteratorMode::From(&start, Direction::Forward);
+        for item in self.db.iterator_cf_opt(self.family(INDEX)?, options, mode) {
+            if emails.len() >= limit {
+                break;
+            }
+            let (key, _) = item?;
+            if after.is_some() && key.as_ref() == start.as_slice() {
+                continue;
+            }
+            let (Some(received), Some(id)) = (key.get(17..25), key.get(25..41)) else {
+                return Err(StoreError::Corrupt(
+                    "a received-time index key of the wrong length".into(),
+                ));
+            };
+            let received = u64::from_be_bytes(received.try_into().unwrap_or_default());
+            let id = MessageId(u128::from_be_bytes(id.try_into().unwrap_or_default()));
+            emails.push((received, id));
+        }
+        Ok(emails)
+    }
+
     /// Takes one value from the clock and persists it: every stamp this store makes afterwards,
     /// even after a restart or a wall clock stepping back, is greater. Members report it with
     /// their digest so that a cut below every report is final.

@@ -9,12 +9,12 @@ use std::sync::Arc;
 use mailmesh::accounts::{Accounts, Password, RateLimits};
 use mailmesh::environment::Environment;
 use mailmesh::metrics::NodeMetrics;
-use mailmesh::model::{Flag, NodeId};
+use mailmesh::model::{Flag, MailboxKey, MessageId, NodeId};
 use mailmesh::search::SearchIndex;
 use mailmesh::service::{
     Delivery, MailService, MailboxTarget, MailboxUpdate, Notice, Query, ServiceError, ServiceParts, SortKey,
 };
-use mailmesh::store::{CommitQueue, Store, StoreOptions};
+use mailmesh::store::{CommitQueue, Operation, Store, StoreOptions};
 
 /// 2026-06-01T00:00:00Z.
 const NOW: u64 = 1_780_272_000_000;
@@ -45,11 +45,16 @@ struct Fixture {
 }
 
 fn fixture(accounts: Option<&str>, max_message_bytes: u64) -> Fixture {
+    fixture_on(1, NOW, accounts, max_message_bytes)
+}
+
+/// A fixture for node `node` whose clock stands at `now`.
+fn fixture_on(node: u64, now: u64, accounts: Option<&str>, max_message_bytes: u64) -> Fixture {
     let directory = tempfile::tempdir().unwrap();
     let store = Arc::new(
         Store::open(
             &directory.path().join("store"),
-            NodeId(1),
+            NodeId(node),
             StoreOptions {
                 max_message_bytes,
                 sync_writes: false,
@@ -73,7 +78,7 @@ fn fixture(accounts: Option<&str>, max_message_bytes: u64) -> Fixture {
         search,
         accounts,
         environment: Arc::new(TestEnvironment {
-            now: AtomicU64::new(NOW),
+            now: AtomicU64::new(now),
             random: AtomicU64::new(1),
         }),
         metrics,
@@ -715,4 +720,141 @@ async fn an_empty_mailbox_follows_its_accounts_modseq_so_a_later_state_is_still_
     let again = service.changes(account, empty, first.modseq, 100).unwrap();
     assert!(!again.cannot_calculate, "{again:?}");
     assert!(again.created.is_empty() && again.expunged.is_empty());
+}
+
+/// Gives `to` every record of one of `from`'s containers the way a pull does: blob, then record.
+fn copy_container(from: &Store, to: &Store, container: &MailboxKey) {
+    for record in from
+        .records_in_range(container.id(), MessageId(0), MessageId(u128::MAX), usize::MAX)
+        .unwrap()
+    {
+        if let Some(bytes) = from.blob(&record.blob).unwrap() {
+            to.apply_one(Operation::PutBlob {
+                expected: record.blob,
+                bytes,
+            })
+            .unwrap();
+        }
+        to.apply_one(Operation::Merge {
+            mailbox: container.clone(),
+            record,
+            now_millis: NOW,
+        })
+        .unwrap();
+    }
+}
+
+/// Reads the account's change feed from `state` to the end in pages of `limit`, checking that no
+/// page holds more: the emails listed as updated with the mailbox each is shown in, and the state.
+fn updated_since(
+    service: &MailService,
+    account: &str,
+    state: &str,
+    limit: usize,
+) -> (Vec<(MessageId, Option<mailmesh::model::MailboxId>)>, String) {
+    let mut state = state.to_owned();
+    let mut updated = Vec::new();
+    for _ in 0..100 {
+        let page = service.account_changes(account, Some(&state), limit).unwrap();
+        let size = page.created.len() + page.updated.len() + page.destroyed.len();
+        assert!(size <= limit, "a page of limit {limit} held {size} emails");
+        updated.extend(page.updated.iter().map(|email| (email.id, email.mailbox)));
+        state = page.new_state;
+        if !page.has_more {
+            return (updated, state);
+        }
+    }
+    panic!("the feed never ended");
+}
+
+/// Found by the chaos runs' feed checker: an email whose mailbox became an alias of a same-named
+/// mailbox created earlier on another site kept its old mailbox in a JMAP client, because its
+/// own record did not change and the feed did not list it.
+#[tokio::test]
+async fn the_feed_lists_the_emails_of_a_mailbox_that_became_an_alias() {
+    let account = "alice@example.org";
+    let first = fixture_on(1, NOW, None, 1 << 20);
+    let second = fixture_on(2, NOW + 60_000, None, 1 << 20);
+    let earlier = first.service.create_mailbox(account, "Work", None).await.unwrap().id;
+    let later = second.service.create_mailbox(account, "Work", None).await.unwrap().id;
+    let mut ids = Vec::new();
+    for subject in ["one", "two", "three"] {
+        let delivery = Delivery {
+            mailbox: MailboxTarget::Id(later),
+            ..delivery(account, "unused", &message(subject, "x"))
+        };
+        ids.push(second.service.deliver(delivery).await.unwrap().id);
+    }
+    let start = second.service.account_changes(account, None, 100).unwrap();
+    assert!(start.created.iter().all(|email| email.mailbox == Some(later)));
+    assert!(!start.has_more);
+
+    copy_container(&first.store, &second.store, &MailboxKey::mailboxes(account).unwrap());
+    assert_eq!(second.service.find_mailbox(account, "Work").unwrap(), earlier);
+    for id in &ids {
+        assert_eq!(
+            second.service.email(account, *id).unwrap().mailbox,
+            earlier,
+            "Email/get"
+        );
+    }
+    // Pages of two: the three emails do not fit beside the mailbox's change on one page.
+    let (updated, state) = updated_since(&second.service, account, &start.new_state, 2);
+    let mut listed: Vec<_> = updated.iter().filter(|(id, _)| ids.contains(id)).copied().collect();
+    listed.sort();
+    listed.dedup();
+    ids.sort();
+    assert_eq!(listed, ids.iter().map(|id| (*id, Some(earlier))).collect::<Vec<_>>());
+    let after = second.service.account_changes(account, Some(&state), 100).unwrap();
+    assert!(after.created.is_empty() && after.updated.is_empty() && after.destroyed.is_empty());
+}
+
+/// Found by the chaos runs' feed checker: an email delivered on one site into a mailbox another
+/// site deleted meanwhile is rescued to the INBOX, and the feed must say so.
+#[tokio::test]
+async fn the_feed_lists_the_emails_rescued_from_a_deleted_mailbox() {
+    let account = "alice@example.org";
+    let deleting = fixture_on(1, NOW, None, 1 << 20);
+    let delivering = fixture_on(2, NOW + 60_000, None, 1 << 20);
+    let mailboxes = MailboxKey::mailboxes(account).unwrap();
+    let trips = deleting
+        .service
+        .create_mailbox(account, "Trips", None)
+        .await
+        .unwrap()
+        .id;
+    copy_container(&deleting.store, &delivering.store, &mailboxes);
+    let mut ids = Vec::new();
+    for index in 0..5 {
+        let delivery = Delivery {
+            mailbox: MailboxTarget::Id(trips),
+            ..delivery(account, "unused", &message(&format!("trip {index}"), "x"))
+        };
+        ids.push(delivering.service.deliver(delivery).await.unwrap().id);
+    }
+    let start = delivering.service.account_changes(account, None, 100).unwrap();
+    assert_eq!(start.created.len(), 5);
+
+    assert_eq!(deleting.service.delete_mailbox(account, trips).await.unwrap(), 0);
+    copy_container(&deleting.store, &delivering.store, &mailboxes);
+    ids.sort();
+    let inbox = inbox(&delivering.service, account);
+    for id in &ids {
+        assert_eq!(
+            delivering.service.email(account, *id).unwrap().mailbox,
+            inbox,
+            "Email/get"
+        );
+    }
+    for limit in [1, 2, 3, 100] {
+        let (updated, _) = updated_since(&delivering.service, account, &start.new_state, limit);
+        let mut listed: Vec<_> = updated.iter().filter(|(id, _)| ids.contains(id)).copied().collect();
+        listed.sort();
+        listed.dedup();
+        assert_eq!(
+            listed,
+            ids.iter().map(|id| (*id, Some(inbox))).collect::<Vec<_>>(),
+            "pages of {limit}"
+        );
+    }
 }

@@ -21,6 +21,7 @@ mod mailboxes;
 
 pub use mailboxes::{decode_snapshot, fold as fold_snapshots, AccountMailboxes, MailboxUpdate, MAX_MAILBOX_WRITES};
 
+mod feed;
 mod jmap_support;
 
 pub mod imap;
@@ -770,35 +771,75 @@ impl MailService {
 
     /// What changed in `account` since `since` (a state this or any other node of the cluster
     /// returned; `None`: since the beginning): emails created, updated and destroyed, and the
-    /// mailboxes whose records changed, at most about `limit` entries.
+    /// mailboxes whose records changed, at most `limit` emails.
+    ///
+    /// An email is also listed (as updated) when the mailbox it is shown in changes while its own
+    /// record does not: its mailbox became an alias of a same-named one (two sites created the
+    /// name while apart), or was deleted and the email is rescued to the INBOX, or its mailbox's
+    /// record arrived after it. When a page lists a mailbox's change, it lists the emails of each
+    /// such mailbox; what does not fit is carried in the state
+    /// ([`crate::changes::PendingMailboxes`]) and listed first by the next page, in
+    /// `(received, ID)` order, the same on every node (see [`feed`]).
     pub fn account_changes(
         &self,
         account: &str,
         since: Option<&str>,
         limit: usize,
     ) -> Result<AccountChanges, ServiceError> {
+        let limit = limit.max(1);
         let emails = Self::emails_of(account)?.id();
         let mailbox_container = MailboxKey::mailboxes(account)?.id();
         let store = &self.inner.store;
         // The frontier is read before the log: every change it covers is then in what is read.
         let frontier = store.frontier()?;
         // A client that starts from nothing cannot have missed an expunge whose tombstone is gone.
-        let (since, purged) = match since {
+        let (mut since, purged) = match since {
             Some(text) => (ChangeState::decode(text)?, store.purged_by_origin()?),
             None => (ChangeState::default(), Default::default()),
         };
+        let mailboxes = self.account_mailboxes(account)?;
+        let mut views = feed::ViewListing::new(since.pending.take());
+        // Mailbox listings an earlier page left unfinished come first.
+        let mut expanded = Vec::new();
+        views.list(
+            store,
+            emails,
+            &since,
+            limit,
+            &std::collections::BTreeSet::new(),
+            &mut expanded,
+        )?;
+        if views.is_pending() || expanded.len() >= limit {
+            // The page is full before the change log was read: the next page reads it.
+            let mut new_state = since.clone();
+            new_state.pending = views.pending();
+            let named = |id: &MessageId| feed::named_email(store, &mailboxes, emails, *id);
+            return Ok(AccountChanges {
+                created: Vec::new(),
+                updated: expanded.iter().map(named).collect::<Result<_, _>>()?,
+                destroyed: Vec::new(),
+                mailboxes: Vec::new(),
+                new_state: new_state.encode(),
+                has_more: true,
+            });
+        }
         let changes = crate::changes::changes_since(
             &since,
             store.node(),
             &frontier,
             &purged,
             &store.account_log(account),
-            limit.max(1),
+            limit - expanded.len(),
         )?;
-        let mailboxes = self.account_mailboxes(account)?;
         let mut changed_mailboxes = std::collections::BTreeSet::new();
+        // The changed mailboxes whose emails this page lists: a snapshot new to the client, or
+        // one at or below the frontier. A snapshot above it is listed again by every call until
+        // the frontier passes it (the core's price for node hopping), and its mailbox's emails
+        // with it would make a feed that never ends; the call whose bound passes it lists it at
+        // or below the frontier, and its emails then.
+        let mut moved_mailboxes = std::collections::BTreeSet::new();
         // Snapshot records name the mailbox they changed inside their bytes.
-        let mut is_snapshot = |item: &u128| -> Result<bool, ServiceError> {
+        let mut is_snapshot = |item: &u128, created: bool| -> Result<bool, ServiceError> {
             let id = MessageId(*item);
             if store.email_mailbox(account, id)? != Some(mailbox_container) {
                 return Ok(false);
@@ -809,46 +850,53 @@ impl MailService {
                     .and_then(|bytes| mailboxes::decode_snapshot(&bytes))
                 {
                     changed_mailboxes.insert(snapshot.id);
+                    let covered = record
+                        .stamps_by_origin()
+                        .iter()
+                        .all(|(origin, time)| *time <= frontier.get(*origin));
+                    if created || covered {
+                        moved_mailboxes.insert(snapshot.id);
+                    }
                 }
             }
             Ok(true)
         };
         let mut created_items = Vec::new();
         for item in &changes.created {
-            if !is_snapshot(item)? {
-                created_items.push(*item);
+            if !is_snapshot(item, true)? {
+                created_items.push(MessageId(*item));
             }
         }
         let mut updated_items = Vec::new();
         for item in &changes.updated {
-            if !is_snapshot(item)? {
-                updated_items.push(*item);
+            if !is_snapshot(item, false)? {
+                updated_items.push(MessageId(*item));
             }
         }
-        let named = |item: &u128| -> Result<ChangedEmail, ServiceError> {
-            let id = MessageId(*item);
-            let mailbox = match store.record(emails, id)? {
-                Some(record) if record.is_live() => mailboxes
-                    .tree
-                    .place(record.location.mailbox)
-                    .map(|placement| placement.mailbox()),
-                _ => None,
-            };
-            Ok(ChangedEmail {
-                id,
-                mailbox,
-                mailbox_name: mailbox
-                    .and_then(|mailbox| mailboxes.tree.get(mailbox))
-                    .map(|shown| shown.path.clone()),
-            })
-        };
+        let destroyed: Vec<MessageId> = changes.destroyed.iter().map(|item| MessageId(*item)).collect();
+        // The emails of each changed mailbox now shown elsewhere, as far as the page has room.
+        views.queue_changed(&mailboxes, &moved_mailboxes, &since);
+        let mut listed: std::collections::BTreeSet<MessageId> = created_items
+            .iter()
+            .chain(&updated_items)
+            .chain(&destroyed)
+            .copied()
+            .collect();
+        expanded.retain(|id| !listed.contains(id));
+        listed.extend(expanded.iter().copied());
+        let room = limit.saturating_sub(listed.len());
+        views.list(store, emails, &since, room, &listed, &mut expanded)?;
+        updated_items.extend(expanded);
+        let mut new_state = changes.new_state;
+        new_state.pending = views.pending();
+        let named = |id: &MessageId| feed::named_email(store, &mailboxes, emails, *id);
         Ok(AccountChanges {
             created: created_items.iter().map(named).collect::<Result<_, _>>()?,
             updated: updated_items.iter().map(named).collect::<Result<_, _>>()?,
-            destroyed: changes.destroyed.iter().map(|item| MessageId(*item)).collect(),
+            destroyed,
             mailboxes: changed_mailboxes.into_iter().collect(),
-            new_state: changes.new_state.encode(),
-            has_more: changes.has_more,
+            has_more: changes.has_more || new_state.pending.is_some(),
+            new_state: new_state.encode(),
         })
     }
 
