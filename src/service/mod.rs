@@ -24,6 +24,7 @@ pub use mailboxes::{decode_snapshot, fold as fold_snapshots, AccountMailboxes, M
 mod jmap_support;
 
 pub mod imap;
+pub mod threads;
 pub mod uids;
 
 use std::net::IpAddr;
