@@ -233,7 +233,12 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         b"\x07\x00s1 UID SEARCH RETURN (MIN MAX COUNT ALL) UNSEEN\r\ns2 SEARCH RETURN () {3}\r\nALL\r\ns3 SELECT INBOX (QRESYNC (1 5 1:9 (1:3 2:4)))\r\ns4 UID FETCH 1:* (FLAGS) (CHANGEDSINCE 4 VANISHED)\r\ns5 STORE 1 (UNCHANGEDSINCE 3) +FLAGS (\\Seen)\r\n".to_vec(),
         b"\x10\x00From: a@b\r\nContent-Type: multipart/mixed; boundary=z\r\n\r\n--z\r\nContent-Type: message/rfc822\r\n\r\nSubject: in\r\n\r\nbody\r\n--z--\r\n".to_vec(),
     ];
+    let jmap_seeds = vec![
+        br##"{"using":["urn:ietf:params:jmap:core","urn:ietf:params:jmap:mail"],"methodCalls":[["Email/query",{"filter":{"operator":"OR","conditions":[{"to":"a","header":["X-Tag","two"]},{"hasAttachment":true,"body":"x","text":"y"}]}},"q"],["Email/get",{"#ids":{"resultOf":"q","name":"Email/query","path":"/ids"},"properties":["bodyStructure","header:To:asAddresses:all"],"bodyProperties":["partId","headers"],"fetchAllBodyValues":true,"maxBodyValueBytes":5},"g"]]}"##.to_vec(),
+        br##"{"using":["urn:ietf:params:jmap:mail"],"methodCalls":[["SearchSnippet/get",{"filter":{"operator":"AND","conditions":[{"text":"budget plan"},{"subject":"x"}]},"emailIds":["a"]},"s"],["Email/parse",{"blobIds":["PMx-1","U0"],"fetchTextBodyValues":true},"p"],["Email/queryChanges",{"sinceQueryState":"s","upToId":"x"},"c"]]}"##.to_vec(),
+    ];
     vec![
+        ("jmap", jmap_seeds),
         ("snapshots", snapshot_seeds),
         ("imap", imap_seeds),
         ("lmtp", lmtp_seeds),
@@ -359,7 +364,9 @@ fn run_target(target: &str, input: &[u8]) {
         "lmtp" => mailmesh::fuzzing::lmtp_session(input),
         "snapshots" => mailmesh::fuzzing::mailbox_snapshot(input),
         "imap" => mailmesh::fuzzing::imap_session(input),
+        "jmap" => mailmesh::fuzzing::jmap_request(input),
         "mail" => {
+            mailmesh::fuzzing::jmap_message(input);
             let _ = mailmesh::mail::listing(input);
             let text = mailmesh::mail::search_text(input);
             let _ = mailmesh::mail::subject_sort_key(&text.subject);
@@ -437,6 +444,7 @@ fn fuzz_targets_for(group: &str) -> &'static [&'static str] {
         "lmtp" => &["lmtp_session"],
         "snapshots" => &["mailbox_snapshot"],
         "imap" => &["imap_session"],
+        "jmap" => &["jmap_request"],
         _ => &["text_parsers"],
     }
 }

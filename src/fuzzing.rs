@@ -184,7 +184,8 @@ pub fn sketch_symbols(input: &[u8]) {
 /// What the cargo-fuzz target `jmap_request` runs on one input: a JMAP request body through
 /// the shape check, then every call's result references against the echoes of the calls before,
 /// and the argument readers of the mail methods that need no service (Email/query's filter and
-/// sort, Email/set's keyword patches, Email/get's properties, the EventSource query string).
+/// sort, Email/set's keyword patches, Email/get's properties and body arguments, Email/parse's
+/// part blobIds, SearchSnippet/get's filter, the EventSource query string).
 pub fn jmap_request(input: &[u8]) {
     let Ok(request) = serde_json::from_slice::<serde_json::Value>(input) else {
         return;
@@ -201,6 +202,51 @@ pub fn jmap_request(input: &[u8]) {
     if let Some(path) = request.get("path").and_then(|path| path.as_str()) {
         let _ = crate::jmap::evaluate_pointer(&request, path);
     }
+}
+
+/// What JMAP reads out of a stored message, on any bytes: the body properties, every header form,
+/// the thread id, a part's blob and the search snippet marking. Run by `examples/fuzz_decoders`
+/// in its `mail` group.
+pub fn jmap_message(input: &[u8]) {
+    use crate::jmap::{body, snippet};
+    let id = crate::model::MessageId(1);
+    let _ = crate::service::threads::thread_id(input, id);
+    let options = body::BodyOptions {
+        properties: body::BODY_PROPERTIES.iter().map(|name| (*name).to_owned()).collect(),
+        fetch_text: true,
+        fetch_html: true,
+        fetch_all: true,
+        max_bytes: 7,
+    };
+    if let Some(message) = mail_parser::MessageParser::default().parse(input) {
+        for property in body::BODY_EMAIL_PROPERTIES {
+            let _ = body::body_property(&message, "Mx", property, &options);
+        }
+        let _ = body::message_headers(&message);
+        for form in [
+            "asRaw",
+            "asText",
+            "asAddresses",
+            "asGroupedAddresses",
+            "asMessageIds",
+            "asDate",
+            "asURLs",
+        ] {
+            for all in ["", ":all"] {
+                let property = format!("header:X-Any:{form}{all}");
+                if let Ok(header) = body::parse_header_property(&property) {
+                    let _ = body::header_value(&message, &header);
+                }
+            }
+        }
+        for index in 0..message.parts.len().min(8) {
+            let _ = body::part_blob(input, index);
+        }
+    }
+    let words: std::collections::HashSet<String> = ["plan".to_owned(), "a".to_owned()].into();
+    let text = String::from_utf8_lossy(input);
+    let _ = snippet::mark(&text, &words);
+    let _ = snippet::preview(&text, &words);
 }
 
 fn jmap_arguments(name: &str, arguments: &serde_json::Map<String, serde_json::Value>) {
@@ -240,6 +286,22 @@ fn jmap_arguments(name: &str, arguments: &serde_json::Map<String, serde_json::Va
             {
                 let _ = email::parse_header_property(property);
             }
+            let _ = crate::jmap::body::body_options(arguments);
+        }
+        "Email/parse" => {
+            let _ = crate::jmap::body::body_options(arguments);
+            for blob_id in arguments
+                .get("blobIds")
+                .and_then(|ids| ids.as_array())
+                .into_iter()
+                .flatten()
+                .filter_map(|id| id.as_str())
+            {
+                let _ = crate::jmap::body::split_part_blob_id(blob_id);
+            }
+        }
+        "SearchSnippet/get" => {
+            let _ = crate::jmap::snippet::marked_words(arguments.get("filter"));
         }
         "EventSource" => {
             let query = arguments

@@ -69,6 +69,23 @@ pub enum Commit {
     After(Duration),
 }
 
+/// The words of `text` as the index cuts its text fields into terms (tantivy's default
+/// tokenizer: runs of letters and digits, lower-cased, words over 40 bytes dropped), each with
+/// its byte range in `text`: what a search snippet marks.
+pub fn words(text: &str) -> Vec<(std::ops::Range<usize>, String)> {
+    use tantivy::tokenizer::TokenStream as _;
+    let Some(mut analyzer) = tantivy::tokenizer::TokenizerManager::default().get("default") else {
+        return Vec::new();
+    };
+    let mut stream = analyzer.token_stream(text);
+    let mut found = Vec::new();
+    while stream.advance() {
+        let token = stream.token();
+        found.push((token.offset_from..token.offset_to, token.text.clone()));
+    }
+    found
+}
+
 /// The node's full-text index.
 pub struct SearchIndex {
     index: Index,

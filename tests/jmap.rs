@@ -615,7 +615,7 @@ async fn jmap_mail_methods_refuse_what_they_do_not_serve_and_enforce_limits() {
             ["Email/query", {"filter": {"operator": "AND", "conditions": []}}, "b"],
             ["Email/query", {"sort": [{"property": "to"}]}, "c"],
             ["Email/query", {"anchor": "nothing"}, "d"],
-            ["Email/get", {"ids": [id], "properties": ["bodyStructure"]}, "e"],
+            ["Email/get", {"ids": [id], "properties": ["header:Subject:asDate"]}, "e"],
             ["Email/changes", {"sinceState": "m1garbage"}, "f"],
             ["Email/set", {"ifInState": "m1old", "destroy": [id]}, "g"],
             ["Email/set", {"create": {"k": {}}, "update": {"nope": {"keywords/$seen": true}}}, "h"],
@@ -644,8 +644,8 @@ async fn jmap_mail_methods_refuse_what_they_do_not_serve_and_enforce_limits() {
         response(10)[1]["list"][0],
         json!({"id": id, "subject": "One", "header:Subject:asText": "One", "header:X-Missing": null})
     );
-    assert_eq!(response(11)[1]["list"], json!([{"id": id, "emailIds": [id]}]));
-    assert_eq!(response(11)[1]["notFound"], json!(["nothing"]));
+    assert_eq!(response(11)[1]["list"], json!([]), "an email id is not a thread id");
+    assert_eq!(response(11)[1]["notFound"], json!([id, "nothing"]));
     // The message still exists: the refused set destroyed nothing.
     assert!(running
         .service
@@ -1580,7 +1580,7 @@ async fn email_query_filters_by_sender_subject_dates_sizes_keywords_and_operator
     let answer = call(
         running.http,
         &mail_request(json!([
-            ["Email/query", {"filter": {"to": "alice"}}, "a"],
+            ["Email/query", {"filter": {"priority": "high"}}, "a"],
             ["Email/query", {"filter": {"operator": "OR", "conditions": [{"inMailbox": inbox_id}, {"subject": "x"}]}}, "b"],
             ["Email/query", {"filter": {"before": "yesterday"}}, "c"],
             ["Email/query", {"filter": {"operator": "XOR", "conditions": []}}, "d"],
@@ -1591,4 +1591,540 @@ async fn email_query_filters_by_sender_subject_dates_sizes_keywords_and_operator
     assert_eq!(method_response(&answer, 1)[1]["type"], "unsupportedFilter");
     assert_eq!(method_response(&answer, 2)[1]["type"], "invalidArguments");
     assert_eq!(method_response(&answer, 3)[1]["type"], "unsupportedFilter");
+}
+
+fn threaded(message_id: &str, references: &[&str], subject: &str) -> Vec<u8> {
+    let mut headers = format!(
+        "From: carol@example.net\r\nTo: alice@example.org\r\nSubject: {subject}\r\nMessage-ID: <{message_id}>\r\n"
+    );
+    if let Some(parent) = references.last() {
+        headers.push_str(&format!("In-Reply-To: <{parent}>\r\n"));
+        let list: Vec<String> = references.iter().map(|id| format!("<{id}>")).collect();
+        headers.push_str(&format!("References: {}\r\n", list.join(" ")));
+    }
+    format!("{headers}Date: Mon, 1 Jun 2026 10:00:00 +0000\r\n\r\nabout {subject}\r\n").into_bytes()
+}
+
+/// Threads from References and In-Reply-To: a parent and two replies, the deeper reply
+/// delivered first on one node and the parent on the other, are one thread with the same id on
+/// both nodes, through Email/get, Thread/get (jmap-client) and Thread/changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parent_and_its_replies_share_one_thread_on_every_node() {
+    let directory = tempfile::tempdir().unwrap();
+    let (a, _stop_a) = start_node(directory.path(), "a", Vec::new()).await;
+    let seeds = a.engine.listen_addresses().await;
+    let (b, _stop_b) = start_node(directory.path(), "b", seeds).await;
+    let unrelated = deliver(&a, "INBOX", message("dave@example.net", "Lunch", "l"), JUNE).await;
+    converge("before", &[&a, &b]).await;
+    let before = a.service.account_state(ALICE).unwrap();
+    // The second reply arrives first (on a), then the parent (on b), then the first reply (on a).
+    let second = deliver(
+        &a,
+        "INBOX",
+        threaded(
+            "r2@example.net",
+            &["root@example.net", "r1@example.net"],
+            "Re: Re: Plan",
+        ),
+        JUNE + 3000,
+    )
+    .await;
+    let parent = deliver(&b, "Work", threaded("root@example.net", &[], "Plan"), JUNE + 1000).await;
+    let first = deliver(
+        &a,
+        "INBOX",
+        threaded("r1@example.net", &["root@example.net"], "RE: Plan"),
+        JUNE + 2000,
+    )
+    .await;
+    converge("delivered", &[&a, &b]).await;
+    let mut thread_ids = Vec::new();
+    for node in [&a, &b] {
+        let client = connect(node).await;
+        let mut request = client.build();
+        request
+            .get_email()
+            .ids([parent.as_str(), first.as_str(), second.as_str(), unrelated.as_str()])
+            .properties([Property::Id, Property::ThreadId]);
+        let got = request.send_get_email().await.unwrap();
+        let threads: Vec<String> = got
+            .list()
+            .iter()
+            .map(|email| email.thread_id().unwrap().to_owned())
+            .collect();
+        assert_eq!(threads[0], threads[1], "{threads:?}");
+        assert_eq!(threads[0], threads[2], "{threads:?}");
+        assert_ne!(threads[0], threads[3], "{threads:?}");
+        let thread = client.thread_get(&threads[0]).await.unwrap().unwrap();
+        assert_eq!(
+            thread.email_ids(),
+            [parent.clone(), first.clone(), second.clone()],
+            "oldest first"
+        );
+        let lunch = client.thread_get(&threads[3]).await.unwrap().unwrap();
+        assert_eq!(lunch.email_ids(), [unrelated.clone()]);
+        assert!(client.thread_get("Tnothing").await.unwrap().is_none());
+        // Since the state before the three: the thread is created, the other untouched.
+        let mut request = client.build();
+        request.changes_thread(&before);
+        let changes = request.send_changes_thread().await.unwrap();
+        // (A feed read from another node's state may list an older change again: only the
+        // thread's own entry is asserted.)
+        assert!(changes.created().contains(&threads[0]), "{:?}", changes.created());
+        assert!(!changes.updated().contains(&threads[0]) && !changes.destroyed().contains(&threads[0]));
+        thread_ids.push(threads[0].clone());
+    }
+    assert_eq!(thread_ids[0], thread_ids[1], "both nodes give the same thread id");
+
+    // A destroy: the thread is updated while a reply is left, destroyed with its last email.
+    let at_a = connect(&a).await;
+    let after_delivery = a.service.account_state(ALICE).unwrap();
+    at_a.email_destroy(&second).await.unwrap();
+    let answer = call(
+        a.http,
+        &mail_request(json!([
+            ["Thread/changes", {"sinceState": after_delivery}, "c"],
+            ["Thread/get", {"ids": [thread_ids[0]]}, "g"],
+            ["Thread/changes", {"sinceState": "garbage"}, "e"],
+            ["Thread/changes", {"sinceState": after_delivery, "maxChanges": 0}, "z"],
+            ["Thread/get", {"ids": [thread_ids[0]], "properties": ["subject"]}, "p"],
+        ])),
+    )
+    .await;
+    let changes = method_response(&answer, 0);
+    assert!(
+        changes[1]["updated"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(thread_ids[0])),
+        "{changes}"
+    );
+    assert!(
+        !changes[1]["destroyed"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(thread_ids[0])),
+        "{changes}"
+    );
+    assert_eq!(
+        method_response(&answer, 1)[1]["list"][0]["emailIds"],
+        json!([parent, first])
+    );
+    assert_eq!(method_response(&answer, 2)[1]["type"], "cannotCalculateChanges");
+    assert_eq!(method_response(&answer, 3)[1]["type"], "invalidArguments");
+    assert_eq!(method_response(&answer, 4)[1]["type"], "invalidArguments");
+    let before_destroys = a.service.account_state(ALICE).unwrap();
+    at_a.email_destroy(&parent).await.unwrap();
+    at_a.email_destroy(&first).await.unwrap();
+    let answer = call(
+        a.http,
+        &mail_request(json!([["Thread/changes", {"sinceState": before_destroys}, "c"]])),
+    )
+    .await;
+    let changes = method_response(&answer, 0);
+    assert!(
+        changes[1]["destroyed"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(thread_ids[0])),
+        "{changes}"
+    );
+    assert!(
+        !changes[1]["updated"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(thread_ids[0])),
+        "{changes}"
+    );
+}
+
+/// Waits until the full-text index finds `id` for `text`.
+async fn wait_for_search(address: std::net::SocketAddr, text: &str, id: &str) {
+    let search = mail_request(json!([["Email/query", {"filter": {"text": text}}, "t"]]));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !method_response(&call(address, &search).await, 0)[1]["ids"]
+        .as_array()
+        .is_some_and(|ids| ids.contains(&json!(id)))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the search index never found {id}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}
+
+/// SearchSnippet/get through jmap-client and raw JSON: the words of text, subject and body
+/// conditions marked, everything else HTML-escaped, null where nothing matches, and its errors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_snippets_mark_the_words_searched_for() {
+    let directory = tempfile::tempdir().unwrap();
+    let (running, _stop) = start_node(directory.path(), "snippets", Vec::new()).await;
+    let body = format!(
+        "{}The <new> budget plan & more is ready.\r\n{}",
+        "Filler words. ".repeat(30),
+        "Tail. ".repeat(80)
+    );
+    let planned = deliver(
+        &running,
+        "INBOX",
+        message("carol@example.net", "Budget plan", &body),
+        JUNE,
+    )
+    .await;
+    let other = deliver(
+        &running,
+        "INBOX",
+        message("dave@example.net", "Lunch", "sandwiches"),
+        JUNE + 1,
+    )
+    .await;
+    wait_for_search(running.http, "budget", &planned).await;
+    let client = connect(&running).await;
+    let snippets = client
+        .search_snippet_get(
+            Some(Filter::text("budget")),
+            [planned.as_str(), other.as_str(), "nothing"],
+        )
+        .await
+        .unwrap();
+    let snippet = snippets.snippet(&planned).unwrap();
+    assert_eq!(snippet.subject(), Some("<mark>Budget</mark> plan"));
+    let preview = snippet.preview().unwrap();
+    assert!(
+        preview.contains("The &lt;new&gt; <mark>budget</mark> plan &amp; more is ready."),
+        "{preview}"
+    );
+    assert!(preview.chars().count() <= 260, "{preview}");
+    let lunch = snippets.snippet(&other).unwrap();
+    assert_eq!((lunch.subject(), lunch.preview()), (None, None));
+    assert_eq!(snippets.not_found(), Some(&["nothing".to_owned()][..]));
+
+    let answer = call(
+        running.http,
+        &mail_request(json!([
+            ["SearchSnippet/get", {"filter": {"subject": "plan"}, "emailIds": [planned]}, "s"],
+            ["SearchSnippet/get", {"filter": {"operator": "OR", "conditions": [{"body": "sandwiches"}, {"from": "x"}]}, "emailIds": [planned, other]}, "b"],
+            ["SearchSnippet/get", {"filter": {"text": 7}, "emailIds": [planned]}, "e1"],
+            ["SearchSnippet/get", {"filter": {"text": "x"}}, "e2"],
+            ["SearchSnippet/get", {"filter": {"operator": "XOR", "conditions": []}, "emailIds": []}, "e3"],
+        ])),
+    )
+    .await;
+    let subject_only = method_response(&answer, 0);
+    assert_eq!(subject_only[1]["list"][0]["subject"], "Budget <mark>plan</mark>");
+    assert_eq!(
+        subject_only[1]["list"][0]["preview"],
+        json!(null),
+        "subject words are not marked in the body"
+    );
+    let body_only = method_response(&answer, 1);
+    assert_eq!(body_only[1]["list"][0]["preview"], json!(null));
+    assert_eq!(body_only[1]["list"][1]["preview"], "<mark>sandwiches</mark>");
+    assert_eq!(body_only[1]["list"][1]["subject"], json!(null));
+    assert_eq!(method_response(&answer, 2)[1]["type"], "invalidArguments");
+    assert_eq!(method_response(&answer, 3)[1]["type"], "invalidArguments");
+    assert_eq!(method_response(&answer, 4)[1]["type"], "unsupportedFilter");
+}
+
+const MULTIPART: &str = "From: Carol <carol@example.net>\r\nTo: \"Alice A.\" <alice@example.org>, bob@example.org\r\nCc: Team: dave@example.net, erin@example.net;\r\nSubject: =?utf-8?q?Caf=C3=A9?= plan\r\nDate: Mon, 1 Jun 2026 10:00:00 +0200\r\nMessage-ID: <mixed@example.net>\r\nList-Unsubscribe: <mailto:leave@example.net>\r\nX-Tag: one\r\nX-Tag: two\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"outer\"\r\n\r\n--outer\r\nContent-Type: multipart/alternative; boundary=\"inner\"\r\n\r\n--inner\r\nContent-Type: text/plain; charset=utf-8\r\n\r\nHello in plain text, with a café.\r\n--inner\r\nContent-Type: text/html; charset=utf-8\r\n\r\n<p>Hello in <b>HTML</b></p>\r\n--inner--\r\n--outer\r\nContent-Type: application/pdf; name=\"plan.pdf\"\r\nContent-Disposition: attachment; filename=\"plan.pdf\"\r\nContent-Transfer-Encoding: base64\r\n\r\nJVBERi0xLjQK\r\n--outer--\r\n";
+
+/// Email/get's body properties (bodyStructure, textBody, htmlBody, attachments, bodyValues with
+/// its fetch and truncation arguments, hasAttachment) and the header forms, through jmap-client
+/// and raw JSON; a part's blobId downloads its decoded content.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_get_serves_bodies_parts_and_every_header_form() {
+    let directory = tempfile::tempdir().unwrap();
+    let (running, _stop) = start_node(directory.path(), "bodies", Vec::new()).await;
+    let id = deliver(&running, "INBOX", MULTIPART.as_bytes().to_vec(), JUNE).await;
+    let plain = deliver(
+        &running,
+        "INBOX",
+        message("dave@example.net", "Plain", "just text"),
+        JUNE + 1,
+    )
+    .await;
+    let client = connect(&running).await;
+    let mut request = client.build();
+    request
+        .get_email()
+        .ids([id.as_str(), plain.as_str()])
+        .properties([
+            Property::Id,
+            Property::HasAttachment,
+            Property::TextBody,
+            Property::HtmlBody,
+            Property::Attachments,
+            Property::BodyValues,
+        ])
+        .arguments()
+        .fetch_text_body_values(true)
+        .fetch_html_body_values(true)
+        .max_body_value_bytes(12);
+    let got = request.send_get_email().await.unwrap();
+    let email = &got.list()[0];
+    assert!(email.has_attachment());
+    let text_part = email.text_body().unwrap()[0].part_id().unwrap().to_owned();
+    let html_part = email.html_body().unwrap()[0].part_id().unwrap().to_owned();
+    assert_ne!(text_part, html_part);
+    assert_eq!(email.body_value(&text_part).unwrap().value(), "Hello in pla");
+    assert!(email.body_value(&text_part).unwrap().is_truncated());
+    assert_eq!(email.body_value(&html_part).unwrap().value(), "<p>Hello in ");
+    let attachment = &email.attachments().unwrap()[0];
+    assert_eq!(attachment.name(), Some("plan.pdf"));
+    assert_eq!(attachment.content_type(), Some("application/pdf"));
+    let downloaded = client.download(attachment.blob_id().unwrap()).await.unwrap();
+    assert_eq!(downloaded, b"%PDF-1.4\n");
+    assert!(!got.list()[1].has_attachment());
+
+    let answer = call(
+        running.http,
+        &mail_request(json!([
+            ["Email/get", {"ids": [id], "properties": [
+                "bodyStructure", "bodyValues",
+                "header:Subject:asText", "header:To:asAddresses", "header:Cc:asGroupedAddresses",
+                "header:Message-ID:asMessageIds", "header:Date:asDate", "header:List-Unsubscribe:asURLs",
+                "header:X-Tag:all", "header:x-tag", "header:X-Tag:asText:all", "header:From:asRaw"
+            ], "bodyProperties": ["partId", "type", "charset", "size", "headers"], "fetchAllBodyValues": true}, "g"],
+            ["Email/get", {"ids": [id], "properties": ["header:From:asDate"]}, "e1"],
+            ["Email/get", {"ids": [id], "properties": ["header:X:asNothing"]}, "e2"],
+            ["Email/get", {"ids": [id], "properties": ["bodyStructure"], "bodyProperties": ["nope"]}, "e3"],
+            ["Email/get", {"ids": [id], "properties": ["bodyValues"], "maxBodyValueBytes": -1}, "e4"],
+        ])),
+    )
+    .await;
+    let email = method_response(&answer, 0)[1]["list"][0].clone();
+    let structure = &email["bodyStructure"];
+    assert_eq!(structure["type"], "multipart/mixed");
+    assert_eq!(structure["partId"], json!(null));
+    assert_eq!(structure["subParts"][0]["type"], "multipart/alternative");
+    assert_eq!(structure["subParts"][0]["subParts"][0]["type"], "text/plain");
+    assert_eq!(structure["subParts"][0]["subParts"][0]["charset"], "utf-8");
+    assert_eq!(structure["subParts"][1]["size"], 9);
+    assert!(structure["subParts"][1]["headers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|header| header["name"]
+            .as_str()
+            .unwrap()
+            .eq_ignore_ascii_case("Content-Transfer-Encoding")));
+    assert_eq!(
+        email["bodyValues"].as_object().unwrap().len(),
+        2,
+        "{}",
+        email["bodyValues"]
+    );
+    assert!(email["bodyValues"]
+        .as_object()
+        .unwrap()
+        .values()
+        .any(|value| value["value"].as_str().unwrap().contains("café")));
+    assert_eq!(email["header:Subject:asText"], "Café plan");
+    assert_eq!(
+        email["header:To:asAddresses"],
+        json!([{"name": "Alice A.", "email": "alice@example.org"}, {"name": null, "email": "bob@example.org"}])
+    );
+    assert_eq!(email["header:Cc:asGroupedAddresses"][0]["name"], "Team");
+    assert_eq!(
+        email["header:Cc:asGroupedAddresses"][0]["addresses"][1]["email"],
+        "erin@example.net"
+    );
+    assert_eq!(email["header:Message-ID:asMessageIds"], json!(["mixed@example.net"]));
+    assert_eq!(email["header:Date:asDate"], "2026-06-01T10:00:00+02:00");
+    assert_eq!(
+        email["header:List-Unsubscribe:asURLs"],
+        json!(["mailto:leave@example.net"])
+    );
+    assert_eq!(email["header:X-Tag:all"], json!([" one", " two"]));
+    assert_eq!(email["header:x-tag"], " two", "the last one, raw");
+    assert_eq!(email["header:X-Tag:asText:all"], json!(["one", "two"]));
+    assert_eq!(email["header:From:asRaw"], " Carol <carol@example.net>");
+    for index in 1..=4 {
+        assert_eq!(
+            method_response(&answer, index)[1]["type"],
+            "invalidArguments",
+            "{index}"
+        );
+    }
+}
+
+/// Email/query's filters that read the message (to, cc, bcc, body, header, hasAttachment, and a
+/// text condition inside an operator) through jmap-client, their bad arguments, and
+/// Email/queryChanges' upToId.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_query_filters_read_recipients_bodies_headers_and_attachments() {
+    let directory = tempfile::tempdir().unwrap();
+    let (running, _stop) = start_node(directory.path(), "message-filters", Vec::new()).await;
+    let mixed = deliver(&running, "INBOX", MULTIPART.as_bytes().to_vec(), JUNE).await;
+    let lunch = deliver(
+        &running,
+        "INBOX",
+        message("carol@example.net", "Lunch", "sandwiches at noon"),
+        JUNE + 1,
+    )
+    .await;
+    let client = connect(&running).await;
+    let query = |filter: jmap_client::core::query::Filter<Filter>| {
+        let client = &client;
+        async move {
+            client
+                .email_query(Some(filter), Some([Comparator::received_at().ascending()]))
+                .await
+                .unwrap()
+                .ids()
+                .to_vec()
+        }
+    };
+    let none: Vec<String> = Vec::new();
+    assert_eq!(query(Filter::to("BOB@example").into()).await, [mixed.clone()]);
+    assert_eq!(query(Filter::to("alice").into()).await, [mixed.clone(), lunch.clone()]);
+    assert_eq!(query(Filter::cc("erin").into()).await, [mixed.clone()]);
+    assert_eq!(query(Filter::bcc("alice").into()).await, none);
+    assert_eq!(query(Filter::body("Sandwiches").into()).await, [lunch.clone()]);
+    assert_eq!(
+        query(Filter::body("html").into()).await,
+        [mixed.clone()],
+        "HTML parts are body text"
+    );
+    assert_eq!(query(Filter::has_attachment(true).into()).await, [mixed.clone()]);
+    assert_eq!(query(Filter::has_attachment(false).into()).await, [lunch.clone()]);
+    assert_eq!(
+        query(Filter::header("x-tag", None::<String>).into()).await,
+        [mixed.clone()]
+    );
+    assert_eq!(
+        query(Filter::header("X-Tag", Some("TWO")).into()).await,
+        [mixed.clone()]
+    );
+    assert_eq!(query(Filter::header("X-Tag", Some("three")).into()).await, none);
+    assert_eq!(
+        query(jmap_client::core::query::Filter::or([
+            Filter::text("noon"),
+            Filter::cc("dave")
+        ]))
+        .await,
+        [mixed.clone(), lunch.clone()],
+        "a text condition inside an operator"
+    );
+    assert_eq!(
+        query(jmap_client::core::query::Filter::not([Filter::text("carol")])).await,
+        none,
+        "both are from carol"
+    );
+    let inbox_id = running.service.find_mailbox(ALICE, "INBOX").unwrap().to_string();
+    let state = running.service.account_state(ALICE).unwrap();
+    let answer = call(
+        running.http,
+        &mail_request(json!([
+            ["Email/query", {"filter": {"header": ["a", "b", "c"]}}, "a"],
+            ["Email/query", {"filter": {"header": []}}, "b"],
+            ["Email/query", {"filter": {"hasAttachment": "yes"}}, "c"],
+            ["Email/query", {"filter": {"to": 1}}, "d"],
+            ["Email/queryChanges", {"sinceQueryState": state, "filter": {"inMailbox": inbox_id}, "upToId": 5}, "e"],
+            ["Email/queryChanges", {"sinceQueryState": state, "filter": {"inMailbox": inbox_id}, "upToId": mixed}, "f"],
+        ])),
+    )
+    .await;
+    for index in 0..5 {
+        assert_eq!(
+            method_response(&answer, index)[1]["type"],
+            "invalidArguments",
+            "{index}"
+        );
+    }
+    let changes = method_response(&answer, 5);
+    assert_eq!(changes[0], "Email/queryChanges", "{changes}");
+    assert_eq!(changes[1]["added"], json!([]));
+}
+
+/// Email/parse of an uploaded message through jmap-client (properties, body parts and values,
+/// a part's blob downloadable), its notFound and notParsable, and Email/copy's errors for a
+/// login that reaches one account (RFC 8620 §5.4).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_parse_reads_uploads_and_email_copy_answers_with_one_account() {
+    let directory = tempfile::tempdir().unwrap();
+    let (running, _stop) = start_node(directory.path(), "parse-copy", Vec::new()).await;
+    let stored = deliver(&running, "INBOX", message("carol@example.net", "Stored", "s"), JUNE).await;
+    let client = connect(&running).await;
+    let upload = client
+        .upload(None, MULTIPART.as_bytes().to_vec(), Some("message/rfc822"))
+        .await
+        .unwrap();
+    let blob = upload.blob_id().to_owned();
+    let parsed = client
+        .email_parse(
+            &blob,
+            Some([
+                Property::Subject,
+                Property::From,
+                Property::Cc,
+                Property::HasAttachment,
+                Property::TextBody,
+                Property::Attachments,
+                Property::BodyValues,
+                Property::Size,
+                Property::ThreadId,
+            ]),
+            None::<Vec<jmap_client::email::BodyProperty>>,
+            Some(5),
+        )
+        .await
+        .unwrap();
+    assert_eq!(parsed.subject(), Some("Café plan"));
+    assert_eq!(parsed.from().unwrap()[0].email(), "carol@example.net");
+    assert_eq!(parsed.cc().unwrap().len(), 2, "the group's members");
+    assert!(parsed.has_attachment());
+    assert_eq!(parsed.size(), MULTIPART.len());
+    assert_eq!(parsed.thread_id(), None, "only stored emails have threads");
+    let text_part = parsed.text_body().unwrap()[0].part_id().unwrap().to_owned();
+    assert_eq!(parsed.body_value(&text_part).unwrap().value(), "Hello");
+    let attachment = parsed.attachments().unwrap()[0].blob_id().unwrap().to_owned();
+    assert_eq!(client.download(&attachment).await.unwrap(), b"%PDF-1.4\n");
+    let not_mail = client
+        .upload(None, b"\x00\x01 no headers".to_vec(), Some("application/octet-stream"))
+        .await
+        .unwrap();
+
+    let answer = call(
+        running.http,
+        &mail_request(json!([
+            ["Email/parse", {"blobIds": [not_mail.blob_id(), "Unothing", format!("M{stored}")], "properties": ["subject", "blobId"]}, "p"],
+            ["Email/parse", {"blobIds": "x"}, "e1"],
+            ["Email/parse", {"blobIds": [blob], "properties": ["header:From:asDate"]}, "e2"],
+            ["Email/copy", {"fromAccountId": ALICE, "accountId": ALICE, "create": {"c": {"id": stored, "mailboxIds": {}}}}, "c1"],
+            ["Email/copy", {"fromAccountId": "bob@example.org", "accountId": ALICE, "create": {}}, "c2"],
+            ["Email/copy", {"fromAccountId": ALICE, "accountId": "bob@example.org", "create": {}}, "c3"],
+            ["Email/copy", {"accountId": ALICE, "create": {}}, "c4"],
+        ])),
+    )
+    .await;
+    let parse = method_response(&answer, 0);
+    assert_eq!(parse[1]["notParsable"], json!([not_mail.blob_id()]), "{parse}");
+    assert_eq!(parse[1]["notFound"], json!(["Unothing"]));
+    assert_eq!(
+        parse[1]["parsed"][format!("M{stored}")],
+        json!({"subject": "Stored", "blobId": format!("M{stored}")})
+    );
+    assert_eq!(method_response(&answer, 1)[1]["type"], "invalidArguments");
+    assert_eq!(method_response(&answer, 2)[1]["type"], "invalidArguments");
+    assert_eq!(method_response(&answer, 3)[1]["type"], "invalidArguments");
+    assert_eq!(method_response(&answer, 4)[1]["type"], "fromAccountNotFound");
+    assert_eq!(method_response(&answer, 5)[1]["type"], "accountNotFound");
+    assert_eq!(method_response(&answer, 6)[1]["type"], "invalidArguments");
+    // jmap-client's copy from another account gets the same error.
+    let error = client
+        .email_copy(
+            "bob@example.org",
+            &stored,
+            [running.service.find_mailbox(ALICE, "INBOX").unwrap().to_string()],
+            None::<Vec<String>>,
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        error.to_string().contains("fromAccountNotFound") || format!("{error:?}").contains("FromAccountNotFound"),
+        "{error:?}"
+    );
 }

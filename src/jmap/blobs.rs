@@ -1,7 +1,8 @@
 //! Blob upload and download (RFC 8620 §6) for JMAP.
 //!
 //! An email's blob is its message bytes: its blobId is `M` and the email's id, so a download
-//! finds it through the service within the logged-in account only. An upload is held in this
+//! finds it through the service within the logged-in account only. A body part's blob is its
+//! decoded content, cut out of its message's blob on each download (see [`super::body`]). An upload is held in this
 //! node's memory (not replicated, not kept across a restart) for [`UPLOAD_LIFETIME`], with at
 //! most [`MAX_HELD_UPLOAD_BYTES`] held at once (the oldest go first): it exists to be turned into
 //! an email by Email/import, which stores and replicates it like any delivery.
@@ -96,6 +97,13 @@ fn blob(jmap: &Jmap, account: &str, blob_id: &str) -> Result<Option<(Vec<u8>, St
     }
     if blob_id.starts_with(UPLOAD_BLOB_PREFIX) {
         return Ok(jmap.uploads.get(account, blob_id));
+    }
+    if let Some((message, index)) = super::body::split_part_blob_id(blob_id) {
+        // One level: a part's blobId names the blob of a message, not of another part.
+        if message.starts_with(super::body::PART_BLOB_PREFIX) {
+            return Ok(None);
+        }
+        return Ok(blob(jmap, account, message)?.and_then(|(raw, _)| super::body::part_blob(&raw, index)));
     }
     Ok(None)
 }

@@ -1,35 +1,43 @@
-//! JMAP Email objects (RFC 8621 §4): Email/get, /query, /changes, /set and /import, and
-//! Thread/get, over the mail service.
+//! JMAP Email objects (RFC 8621 §4): Email/get, /query, /changes, /set, /import, /copy and
+//! /parse, over the mail service.
 //!
 //! What is served and what is not, so the capability object and the README can say it:
 //! - Email/get: id, blobId, threadId, mailboxIds, keywords, size, receivedAt, subject, sentAt,
 //!   from, to, cc, bcc, replyTo, sender, messageId, inReplyTo, references, hasAttachment,
-//!   preview, and `header:Name` in the `asRaw` and `asText` forms (with `:all`). The body
-//!   properties (bodyStructure, textBody, htmlBody, attachments, bodyValues) are not served yet
-//!   and are refused as unknown properties. The list properties come from the service's listing;
-//!   the header properties parse the message, so they cost a read of its bytes.
-//! - threadId is the email's own id, and Thread/get answers one-email threads, until threads
-//!   are computed from the replicated mail.
-//! - Email/query: the filter conditions inMailbox, inMailboxOtherThan, text, from, subject,
-//!   before, after, minSize, maxSize, hasKeyword and notKeyword under AND, OR and NOT; one sort
-//!   comparator of receivedAt, sentAt, size, from or subject; position (negative too), `anchor`
-//!   with `anchorOffset`, limit and calculateTotal. Anything else (to, cc, bcc, body, header,
-//!   hasAttachment, collations, several comparators) gets `unsupportedFilter` or
-//!   `unsupportedSort`. `inMailbox` and `text` are answered near the data by the service, and
-//!   only at the filter's top level (or directly under a top-level AND); the other conditions are
-//!   checked here on each listed email (from and subject as the listing holds them, without
-//!   regard to case), at most [`MAX_FILTER_SCAN`] emails per query. Without `inMailbox` every
-//!   mailbox's window is merged here. An anchor in an `inMailbox` query without other
-//!   conditions is placed by the service in O(log n); otherwise it is looked for in the results
-//!   (the first [`MAX_ANCHOR_SCAN`] of an unfiltered one).
+//!   preview, headers, the body properties (bodyStructure, textBody, htmlBody, attachments and
+//!   bodyValues, with bodyProperties, fetchTextBodyValues, fetchHTMLBodyValues,
+//!   fetchAllBodyValues and maxBodyValueBytes) and `header:Name` in every form of RFC 8621
+//!   §4.1.2 (asRaw, asText, asAddresses, asGroupedAddresses, asMessageIds, asDate, asURLs, with
+//!   `:all`), shaped in [`super::body`]. The list properties come from the service's listing;
+//!   the others parse the message, so they cost a read of its bytes.
+//! - threadId is computed from the email's own References, In-Reply-To, Message-ID and subject
+//!   ([`crate::service::threads`]), so it is the same on every node; Thread/get and
+//!   Thread/changes are in [`super::thread`].
+//! - Email/query: the filter conditions inMailbox, inMailboxOtherThan, text, from, to, cc, bcc,
+//!   subject, body, header, before, after, minSize, maxSize, hasAttachment, hasKeyword and
+//!   notKeyword under AND, OR and NOT; one sort comparator of receivedAt, sentAt, size, from or
+//!   subject; position (negative too), `anchor` with `anchorOffset`, limit and calculateTotal.
+//!   Collations, several comparators and collapseThreads get `unsupportedSort` or
+//!   `unsupportedFilter`. `inMailbox` is answered near the data by the service and only at the
+//!   filter's top level (or directly under a top-level AND); so is `text` there, through the
+//!   full-text index. Every other condition is checked here on each listed email, at most
+//!   [`MAX_FILTER_SCAN`] emails per query: from and subject as the listing holds them; to, cc,
+//!   bcc, body, header, hasAttachment and a `text` deeper in the tree by reading the message
+//!   (substrings, without regard to case; text looks in From, To, Cc, Bcc, Subject and the body
+//!   text). Without `inMailbox` every mailbox's window is merged here. An anchor in an
+//!   `inMailbox` query without other conditions is placed by the service in O(log n); otherwise
+//!   it is looked for in the results (the first [`MAX_ANCHOR_SCAN`] of an unfiltered one).
 //! - Email/queryChanges ([`query_changes`]) for an `inMailbox` query without text
 //!   (`canCalculateChanges` says which queries), from the portable change feed; other queries get
-//!   cannotCalculateChanges.
+//!   cannotCalculateChanges. `upToId` is checked and ignored, as RFC 8620 §5.6 says for a filter
+//!   on a mutable property (inMailbox).
 //! - Email/changes reads the account's portable change feed: its states are accepted by every
 //!   node of the cluster.
 //! - Email/set: keywords (whole or as patches), mailboxIds (a move: an email is in exactly one
 //!   mailbox) and destroy. Create is refused per object (`forbidden`); Email/import stores an
 //!   uploaded blob.
+//! - Email/copy ([`copy`]) answers the errors RFC 8620 §5.4 gives when there is no second
+//!   account to copy from; Email/parse ([`parse`]) reads uploaded blobs into Email objects.
 //!
 //! Keywords map to IMAP flags: `$seen` is `\Seen`, `$answered` `\Answered`, `$flagged`
 //! `\Flagged`, `$draft` `\Draft`; `\Deleted` is not shown (JMAP destroys instead); other
@@ -81,13 +89,18 @@ const PROPERTIES: &[&str] = &[
     "sentAt",
     "hasAttachment",
     "preview",
+    "headers",
+    "bodyStructure",
+    "textBody",
+    "htmlBody",
+    "attachments",
+    "bodyValues",
 ];
 
 /// Properties answered from the listing alone, without reading the message's bytes.
 const LISTING_PROPERTIES: &[&str] = &[
     "id",
     "blobId",
-    "threadId",
     "mailboxIds",
     "keywords",
     "size",
@@ -150,7 +163,7 @@ fn email_blob_id(id: MessageId) -> String {
 /// The part of an email object answered from the listing.
 fn listing_value(email: &Email, property: &str) -> Result<Value, ServiceError> {
     Ok(match property {
-        "id" | "threadId" => json!(email.id.to_string()),
+        "id" => json!(email.id.to_string()),
         "blobId" => json!(email_blob_id(email.id)),
         "mailboxIds" => json!({ email.mailbox.to_string(): true }),
         "keywords" => keywords_object(&email.flags),
@@ -166,25 +179,6 @@ fn listing_value(email: &Email, property: &str) -> Result<Value, ServiceError> {
     })
 }
 
-fn addresses(address: Option<&mail_parser::Address<'_>>) -> Value {
-    match address {
-        None => Value::Null,
-        Some(address) => Value::Array(
-            address
-                .clone()
-                .into_list()
-                .into_iter()
-                .map(|addr| {
-                    json!({
-                        "name": addr.name().map(|name| name.trim().to_owned()).filter(|name| !name.is_empty()),
-                        "email": addr.address().unwrap_or_default().trim(),
-                    })
-                })
-                .collect(),
-        ),
-    }
-}
-
 fn text_list(value: &mail_parser::HeaderValue<'_>) -> Value {
     match value.as_text_list() {
         Some(items) if !items.is_empty() => json!(items.iter().map(|item| item.as_ref()).collect::<Vec<&str>>()),
@@ -192,40 +186,17 @@ fn text_list(value: &mail_parser::HeaderValue<'_>) -> Value {
     }
 }
 
-/// A `header:Name[:asRaw|:asText][:all]` property, split.
-pub struct HeaderProperty<'a> {
-    name: &'a str,
-    text: bool,
-    all: bool,
-}
+use super::body::addresses;
+pub use super::body::{parse_header_property, HeaderProperty};
 
-pub fn parse_header_property(property: &str) -> Result<HeaderProperty<'_>, Value> {
-    let rest = property.strip_prefix("header:").unwrap_or(property);
-    let mut parts = rest.split(':');
-    let name = parts.next().unwrap_or_default();
-    let mut text = false;
-    let mut all = false;
-    for part in parts {
-        match part {
-            "asRaw" if !text && !all => {}
-            "asText" if !text && !all => text = true,
-            "all" if !all => all = true,
-            _ => {
-                return Err(method_error(
-                    "invalidArguments",
-                    format!("{property}: only the asRaw and asText forms are served"),
-                ))
-            }
-        }
-    }
-    if name.is_empty() || !name.bytes().all(|byte| byte.is_ascii_graphic() && byte != b':') {
-        return Err(method_error("invalidArguments", format!("{property} names no header")));
-    }
-    Ok(HeaderProperty { name, text, all })
-}
-
-/// The part of an email object that needs the parsed message.
-fn message_value(message: &mail_parser::Message<'_>, property: &str) -> Value {
+/// The part of an email object that needs the parsed message; `blob_of` is the blobId of the
+/// message's bytes (the parts' blobIds are made from it).
+pub(crate) fn message_value(
+    message: &mail_parser::Message<'_>,
+    property: &str,
+    blob_of: &str,
+    options: &super::body::BodyOptions,
+) -> Value {
     match property {
         "from" => addresses(message.from()),
         "to" => addresses(message.to()),
@@ -237,41 +208,39 @@ fn message_value(message: &mail_parser::Message<'_>, property: &str) -> Value {
         "inReplyTo" => text_list(message.in_reply_to()),
         "references" => text_list(message.references()),
         "hasAttachment" => json!(message.attachment_count() > 0),
+        "headers" => super::body::message_headers(message),
         // White space runs (line breaks too) shown as one space, as a preview line wants.
         "preview" => json!(message
             .body_preview(PREVIEW_CHARACTERS)
             .map(|preview| preview.split_whitespace().collect::<Vec<_>>().join(" "))
             .unwrap_or_default()),
+        "subject" => message
+            .subject()
+            .map(|subject| json!(subject.trim()))
+            .unwrap_or(Value::Null),
+        "sentAt" => message
+            .date()
+            .filter(|date| date.is_valid())
+            .map(|date| json!(date.to_rfc3339()))
+            .unwrap_or(Value::Null),
+        body if super::body::BODY_EMAIL_PROPERTIES.contains(&body) => {
+            super::body::body_property(message, blob_of, body, options)
+        }
         _ => match parse_header_property(property) {
-            Ok(header) => {
-                let raw: Vec<&str> = message
-                    .headers_raw()
-                    .filter(|(name, _)| name.eq_ignore_ascii_case(header.name))
-                    .map(|(_, value)| value)
-                    .collect();
-                let form = |value: &str| -> Value {
-                    if header.text {
-                        let unfolded: String = value.replace("\r\n", "").replace('\n', "");
-                        json!(unfolded.trim())
-                    } else {
-                        json!(value)
-                    }
-                };
-                if header.all {
-                    Value::Array(raw.into_iter().map(form).collect())
-                } else {
-                    raw.last().map(|value| form(value)).unwrap_or(Value::Null)
-                }
-            }
+            Ok(header) => super::body::header_value(message, &header),
             Err(_) => Value::Null,
         },
     }
 }
 
-/// The properties Email/get serves when the client names none (RFC 8621 §4.2's default, less
-/// the body properties not served yet).
+/// The properties Email/get serves when the client names none (RFC 8621 §4.2's default: all
+/// but headers and bodyStructure).
 fn default_properties() -> Vec<String> {
-    PROPERTIES.iter().map(|name| (*name).to_owned()).collect()
+    PROPERTIES
+        .iter()
+        .filter(|name| !matches!(**name, "headers" | "bodyStructure"))
+        .map(|name| (*name).to_owned())
+        .collect()
 }
 
 /// Email/get (RFC 8620 §5.1, RFC 8621 §4.2).
@@ -289,6 +258,7 @@ pub fn get(service: &MailService, account: &str, arguments: &Map<String, Value>)
     if !properties.iter().any(|property| property == "id") {
         properties.insert(0, "id".to_owned());
     }
+    let options = super::body::body_options(arguments)?;
     let needs_message = properties
         .iter()
         .any(|property| !LISTING_PROPERTIES.contains(&property.as_str()));
@@ -325,9 +295,14 @@ pub fn get(service: &MailService, account: &str, arguments: &Map<String, Value>)
         for property in &properties {
             let value = if LISTING_PROPERTIES.contains(&property.as_str()) {
                 listing_value(&email, property).map_err(service_error)?
+            } else if property == "threadId" {
+                // From the email's own headers: the same on every node (see service::threads).
+                raw.as_deref()
+                    .map(|raw| json!(crate::service::threads::thread_id(raw, email.id)))
+                    .unwrap_or(Value::Null)
             } else {
                 match &message {
-                    Some(message) => message_value(message, property),
+                    Some(message) => message_value(message, property, &email_blob_id(email.id), &options),
                     None => Value::Null,
                 }
             };
@@ -423,6 +398,15 @@ pub enum EmailCondition {
     MaxSize(u64),
     HasKeyword(String),
     NotKeyword(String),
+    /// Lower case, looked for in the To, Cc or Bcc header (names and addresses).
+    To(String),
+    Cc(String),
+    Bcc(String),
+    /// Lower case, looked for in the text of the body parts.
+    Body(String),
+    /// A header by name (lower case), and text its value must contain (lower case), if any.
+    Header(String, Option<String>),
+    HasAttachment(bool),
 }
 
 /// A filter condition object: every condition it names must hold.
@@ -465,12 +449,38 @@ fn read_condition(object: &Map<String, Value>) -> Result<Vec<EmailCondition>, Va
             "maxSize" => EmailCondition::MaxSize(size()?),
             "hasKeyword" => EmailCondition::HasKeyword(text()?.to_ascii_lowercase()),
             "notKeyword" => EmailCondition::NotKeyword(text()?.to_ascii_lowercase()),
+            "to" => EmailCondition::To(text()?.to_lowercase()),
+            "cc" => EmailCondition::Cc(text()?.to_lowercase()),
+            "bcc" => EmailCondition::Bcc(text()?.to_lowercase()),
+            "body" => EmailCondition::Body(text()?.to_lowercase()),
+            "hasAttachment" => EmailCondition::HasAttachment(
+                value
+                    .as_bool()
+                    .ok_or_else(|| method_error("invalidArguments", "hasAttachment is not a boolean"))?,
+            ),
+            "header" => {
+                let invalid = || method_error("invalidArguments", "header is [name] or [name, text]");
+                let items = value.as_array().ok_or_else(invalid)?;
+                let strings: Vec<&str> = items
+                    .iter()
+                    .map(Value::as_str)
+                    .collect::<Option<_>>()
+                    .ok_or_else(invalid)?;
+                match strings.as_slice() {
+                    [name] if !name.is_empty() => EmailCondition::Header(name.to_ascii_lowercase(), None),
+                    [name, text] if !name.is_empty() => {
+                        EmailCondition::Header(name.to_ascii_lowercase(), Some(text.to_lowercase()))
+                    }
+                    _ => return Err(invalid()),
+                }
+            }
             _ => {
                 return Err(method_error(
                     "unsupportedFilter",
                     format!(
                         "the filter condition {property} is not served (inMailbox, inMailboxOtherThan, text, from, \
-                         subject, before, after, minSize, maxSize, hasKeyword and notKeyword are)"
+                         to, cc, bcc, subject, body, header, before, after, minSize, maxSize, hasAttachment, \
+                         hasKeyword and notKeyword are)"
                     ),
                 ))
             }
@@ -539,25 +549,137 @@ fn split_filter(filter: Option<EmailFilter>) -> Result<(Option<String>, Option<S
         rest.conditions().iter().any(|conditions| {
             conditions
                 .iter()
-                .any(|condition| matches!(condition, EmailCondition::InMailbox(_) | EmailCondition::Text(_)))
+                .any(|condition| matches!(condition, EmailCondition::InMailbox(_)))
         })
     });
     if nested {
         return Err(method_error(
             "unsupportedFilter",
-            "inMailbox and text are served at the filter's top level or directly under a top-level AND",
+            "inMailbox is served at the filter's top level or directly under a top-level AND",
         ));
     }
     Ok((mailbox, text, rest))
 }
 
-fn holds(condition: &EmailCondition, email: &Email) -> bool {
+/// What the conditions that look inside a message need of it, read once per email.
+#[derive(Default)]
+struct MessageFacts {
+    from: String,
+    to: String,
+    cc: String,
+    bcc: String,
+    subject: String,
+    body: String,
+    /// Each header's name (lower case) and value (unfolded, lower case).
+    headers: Vec<(String, String)>,
+    has_attachment: bool,
+}
+
+fn address_words(address: Option<&mail_parser::Address<'_>>) -> String {
+    let Some(address) = address else {
+        return String::new();
+    };
+    let list: Vec<&mail_parser::Addr<'_>> = match address {
+        mail_parser::Address::List(list) => list.iter().collect(),
+        mail_parser::Address::Group(groups) => groups.iter().flat_map(|group| group.addresses.iter()).collect(),
+    };
+    list.iter()
+        .map(|addr| {
+            format!(
+                "{} <{}>",
+                addr.name().unwrap_or_default(),
+                addr.address().unwrap_or_default()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+        .to_lowercase()
+}
+
+impl MessageFacts {
+    fn of(raw: &[u8]) -> MessageFacts {
+        let searched = crate::mail::search_text(raw);
+        let Some(message) = mail_parser::MessageParser::default().parse(raw) else {
+            return MessageFacts {
+                body: searched.body.to_lowercase(),
+                ..MessageFacts::default()
+            };
+        };
+        MessageFacts {
+            from: address_words(message.from()),
+            to: address_words(message.to()),
+            cc: address_words(message.cc()),
+            bcc: address_words(message.bcc()),
+            subject: message.subject().unwrap_or_default().to_lowercase(),
+            body: searched.body.to_lowercase(),
+            headers: message
+                .headers_raw()
+                .map(|(name, value)| {
+                    let unfolded: String = value.replace(['\r', '\n'], "");
+                    (name.to_ascii_lowercase(), unfolded.trim().to_lowercase())
+                })
+                .collect(),
+            has_attachment: message.attachment_count() > 0,
+        }
+    }
+}
+
+/// Whether a condition needs the message's bytes, not just its listing.
+fn needs_message(condition: &EmailCondition) -> bool {
+    matches!(
+        condition,
+        EmailCondition::Text(_)
+            | EmailCondition::To(_)
+            | EmailCondition::Cc(_)
+            | EmailCondition::Bcc(_)
+            | EmailCondition::Body(_)
+            | EmailCondition::Header(..)
+            | EmailCondition::HasAttachment(_)
+    )
+}
+
+/// Whether an email passes a condition; `facts` reads the message when a condition needs it
+/// (`None`: its bytes are not here, and such a condition does not hold).
+fn holds(
+    condition: &EmailCondition,
+    email: &Email,
+    facts: &mut impl FnMut() -> Option<std::rc::Rc<MessageFacts>>,
+) -> bool {
     let has_keyword = |keyword: &str| email.flags.iter().filter_map(keyword_of).any(|held| held == keyword);
+    if needs_message(condition) {
+        let Some(facts) = facts() else {
+            return false;
+        };
+        return match condition {
+            // A text condition left in the tree (not at its top, where the index answers it).
+            EmailCondition::Text(words) => {
+                let words = words.to_lowercase();
+                [
+                    &facts.from,
+                    &facts.to,
+                    &facts.cc,
+                    &facts.bcc,
+                    &facts.subject,
+                    &facts.body,
+                ]
+                .iter()
+                .any(|field| field.contains(words.as_str()))
+            }
+            EmailCondition::To(words) => facts.to.contains(words.as_str()),
+            EmailCondition::Cc(words) => facts.cc.contains(words.as_str()),
+            EmailCondition::Bcc(words) => facts.bcc.contains(words.as_str()),
+            EmailCondition::Body(words) => facts.body.contains(words.as_str()),
+            EmailCondition::Header(name, words) => facts
+                .headers
+                .iter()
+                .any(|(held, value)| held == name && words.as_ref().is_none_or(|words| value.contains(words.as_str()))),
+            EmailCondition::HasAttachment(wanted) => facts.has_attachment == *wanted,
+            _ => false,
+        };
+    }
     match condition {
         EmailCondition::InMailbox(id) => email.mailbox.to_string() == *id,
         EmailCondition::InMailboxOtherThan(ids) => !ids.contains(&email.mailbox.to_string()),
-        // Searched by the service before the filter runs.
-        EmailCondition::Text(_) => true,
         EmailCondition::From(words) => email.from.to_lowercase().contains(words.as_str()),
         EmailCondition::Subject(words) => email.subject.to_lowercase().contains(words.as_str()),
         EmailCondition::Before(millis) => email.received_millis < *millis,
@@ -566,6 +688,7 @@ fn holds(condition: &EmailCondition, email: &Email) -> bool {
         EmailCondition::MaxSize(size) => email.size < *size,
         EmailCondition::HasKeyword(keyword) => has_keyword(keyword),
         EmailCondition::NotKeyword(keyword) => !has_keyword(keyword),
+        _ => false,
     }
 }
 
@@ -591,11 +714,30 @@ async fn filtered(service: &MailService, account: &str, request: &QueryRequest) 
             ));
         }
         let count = emails.len();
-        passing.extend(emails.into_iter().filter(|email| {
-            rest.matches(&mut |conditions: &Vec<EmailCondition>| {
-                conditions.iter().all(|condition| holds(condition, email))
-            })
-        }));
+        for email in emails {
+            let mut read: Option<Option<std::rc::Rc<MessageFacts>>> = None;
+            let mut failure = None;
+            let mut facts = || {
+                read.get_or_insert_with(|| match service.raw(account, email.id) {
+                    Ok(raw) => Some(std::rc::Rc::new(MessageFacts::of(&raw))),
+                    Err(ServiceError::BodyNotYetHere | ServiceError::NoSuchMessage(_)) => None,
+                    Err(other) => {
+                        failure = Some(other);
+                        None
+                    }
+                })
+                .clone()
+            };
+            let passes = rest.matches(&mut |conditions: &Vec<EmailCondition>| {
+                conditions.iter().all(|condition| holds(condition, &email, &mut facts))
+            });
+            if let Some(error) = failure {
+                return Err(service_error(error));
+            }
+            if passes {
+                passing.push(email);
+            }
+        }
         if count < MAX_QUERY_LIMIT {
             return Ok(passing);
         }
@@ -785,6 +927,12 @@ async fn anchor_index(
 pub fn query_changes(service: &MailService, account: &str, arguments: &Map<String, Value>) -> MethodResult {
     let since = required_string(arguments, "sinceQueryState")?;
     let max_changes = max_changes_argument(arguments)?;
+    if !matches!(
+        arguments.get("upToId"),
+        None | Some(Value::Null) | Some(Value::String(_))
+    ) {
+        return Err(method_error("invalidArguments", "upToId is not an id"));
+    }
     if flag_argument(arguments, "collapseThreads")? {
         return Err(method_error("unsupportedFilter", "collapseThreads is not served"));
     }
@@ -1157,6 +1305,7 @@ async fn import_one(jmap: &Jmap, account: &str, entry: &Value) -> Result<Value, 
     let raw = blobs::bytes(jmap, account, blob_id)
         .map_err(service_error)?
         .ok_or_else(|| set_error("blobNotFound", format!("no blob {blob_id}")))?;
+    let thread_key = crate::service::threads::ThreadKey::of(&raw);
     let delivered = service
         .deliver(Delivery {
             account: account.to_owned(),
@@ -1173,7 +1322,8 @@ async fn import_one(jmap: &Jmap, account: &str, entry: &Value) -> Result<Value, 
             other => service_error(other),
         })?;
     let id = delivered.id.to_string();
-    Ok(json!({ "id": id, "blobId": email_blob_id(delivered.id), "threadId": id, "size": delivered.size }))
+    let thread = thread_key.thread_id(delivered.id);
+    Ok(json!({ "id": id, "blobId": email_blob_id(delivered.id), "threadId": thread, "size": delivered.size }))
 }
 
 /// Email/import (RFC 8621 §4.8): stores uploaded blobs as emails.
@@ -1210,23 +1360,113 @@ pub(crate) async fn import(jmap: &Jmap, account: &str, arguments: &Map<String, V
     }))
 }
 
-/// Thread/get (RFC 8621 §3.1): every email is its own thread until threads are computed.
-pub fn thread_get(service: &MailService, account: &str, arguments: &Map<String, Value>) -> MethodResult {
-    let Some(ids) = ids_argument(arguments)? else {
-        return Err(method_error("requestTooLarge", "Thread/get needs ids"));
-    };
-    let state = service.account_state(account).map_err(service_error)?;
-    let mut list = Vec::new();
-    let mut not_found = Vec::new();
-    for text in ids {
-        let found = match parse_email_id(&text) {
-            Some(id) => service.find_email(account, id).map_err(service_error)?,
-            None => None,
-        };
-        match found {
-            Some(_) => list.push(json!({ "id": text, "emailIds": [text] })),
-            None => not_found.push(Value::String(text)),
-        }
+/// Email/copy (RFC 8620 §5.4, RFC 8621 §4.7). A copy goes between two different accounts
+/// (`fromAccountId` MUST differ from `accountId`; within one account Email/set's mailboxIds is
+/// the way), and a login here reaches one account: its own. So a copy naming the login's
+/// account twice gets invalidArguments, one from any other account fromAccountNotFound, and one
+/// into another account accountNotFound (checked for every method before it runs).
+pub fn copy(account: &str, arguments: &Map<String, Value>) -> MethodResult {
+    let from = required_string(arguments, "fromAccountId")?;
+    let to = required_string(arguments, "accountId")?;
+    if from == to {
+        return Err(method_error(
+            "invalidArguments",
+            "fromAccountId must differ from accountId (RFC 8620 §5.4): within one account, change mailboxIds with \
+             Email/set",
+        ));
     }
-    Ok(json!({ "accountId": account, "state": state, "list": list, "notFound": not_found }))
+    Err(method_error(
+        "fromAccountNotFound",
+        format!("{from} is not an account this login can read (it reaches only {account})"),
+    ))
+}
+
+/// Whether bytes open with a header field: a field name of printable ASCII other than the
+/// colon, then a colon.
+fn starts_with_header_field(raw: &[u8]) -> bool {
+    let name_length = raw
+        .iter()
+        .take_while(|byte| (33..=126).contains(*byte) && **byte != b':')
+        .count();
+    name_length > 0 && raw.get(name_length) == Some(&b':')
+}
+
+/// The properties Email/parse gives when the client names none (RFC 8621 §4.9): Email/get's
+/// default, less what only a stored email has and the blob's id and size.
+fn parse_default_properties() -> Vec<String> {
+    default_properties()
+        .into_iter()
+        .filter(|name| {
+            !matches!(
+                name.as_str(),
+                "id" | "blobId" | "threadId" | "mailboxIds" | "keywords" | "size" | "receivedAt"
+            )
+        })
+        .collect()
+}
+
+/// Email/parse (RFC 8621 §4.9): uploaded blobs (or emails' blobs) of message/rfc822 read into
+/// Email objects without storing them. Properties only a stored email has (id, mailboxIds,
+/// keywords, receivedAt, threadId) are null; a blob with no header at all is notParsable.
+pub(crate) fn parse(jmap: &Jmap, account: &str, arguments: &Map<String, Value>) -> MethodResult {
+    let blob_ids = match arguments.get("blobIds") {
+        Some(Value::Array(ids)) => ids,
+        _ => return Err(method_error("invalidArguments", "blobIds is missing or not an array")),
+    };
+    if blob_ids.len() > MAX_OBJECTS_IN_GET {
+        return Err(method_error(
+            "requestTooLarge",
+            format!("at most {MAX_OBJECTS_IN_GET} blobIds in one Email/parse (maxObjectsInGet)"),
+        ));
+    }
+    let properties = properties_argument(arguments, PROPERTIES)?.unwrap_or_else(parse_default_properties);
+    for property in properties.iter().filter(|property| property.starts_with("header:")) {
+        parse_header_property(property)?;
+    }
+    let options = super::body::body_options(arguments)?;
+    let mut parsed = Map::new();
+    let mut not_parsable = Vec::new();
+    let mut not_found = Vec::new();
+    for blob_id in blob_ids {
+        let Some(blob_id) = blob_id.as_str() else {
+            return Err(method_error("invalidArguments", "blobIds holds a non-string"));
+        };
+        let Some(raw) = blobs::bytes(jmap, account, blob_id).map_err(service_error)? else {
+            not_found.push(json!(blob_id));
+            continue;
+        };
+        // mail-parser reads anything as a message: bytes that do not start with a header field
+        // (RFC 5322 §2.2: a name of printable ASCII, then a colon) are not one.
+        let message = starts_with_header_field(&raw)
+            .then(|| mail_parser::MessageParser::default().parse(&raw))
+            .flatten();
+        let Some(message) = message else {
+            not_parsable.push(json!(blob_id));
+            continue;
+        };
+        let mut object = Map::new();
+        for property in &properties {
+            let value = match property.as_str() {
+                "id" | "mailboxIds" | "keywords" | "receivedAt" | "threadId" => Value::Null,
+                "blobId" => json!(blob_id),
+                "size" => json!(raw.len()),
+                other => message_value(&message, other, blob_id, &options),
+            };
+            object.insert(property.clone(), value);
+        }
+        parsed.insert(blob_id.to_owned(), Value::Object(object));
+    }
+    let or_null = |list: Vec<Value>| {
+        if list.is_empty() {
+            Value::Null
+        } else {
+            Value::Array(list)
+        }
+    };
+    Ok(json!({
+        "accountId": account,
+        "parsed": if parsed.is_empty() { Value::Null } else { Value::Object(parsed) },
+        "notParsable": or_null(not_parsable),
+        "notFound": or_null(not_found),
+    }))
 }

@@ -3,8 +3,8 @@
 //! This module is the protocol's frame: the session resource, the API endpoint with batched
 //! method calls, result references and the request-level and method-level errors. The methods
 //! live beside it: [`mailbox`] (Mailbox/get, /changes, /set, /query and /queryChanges),
-//! [`email`] (Email/get, /query, /queryChanges, /changes, /set, /import and single-email
-//! Thread/get), [`blobs`] (upload and download, RFC 8620
+//! [`email`] (Email/get, /query, /queryChanges, /changes, /set, /import, /copy and /parse), [`thread`]
+//! (Thread/get and /changes), [`snippet`] (SearchSnippet/get), [`blobs`] (upload and download, RFC 8620
 //! §6) and [`push`] (the EventSource of §7.3). Like every protocol here it calls only
 //! [`MailService`]: logins go through the accounts file with its throttling, and nothing reaches
 //! the store, the network or the sync core.
@@ -19,9 +19,12 @@
 //! [`MAX_OBJECTS_IN_SET`] objects gets `requestTooLarge`.
 
 pub mod blobs;
+pub mod body;
 pub mod email;
 pub mod mailbox;
 pub mod push;
+pub mod snippet;
+pub mod thread;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -65,6 +68,7 @@ pub fn routes(service: MailService, allow_plaintext_auth: bool) -> Router {
             service,
             allow_plaintext_auth,
             uploads: Arc::new(blobs::Uploads::default()),
+            threads: Arc::new(crate::service::threads::ThreadIndex::default()),
         })
 }
 
@@ -73,6 +77,8 @@ pub(crate) struct Jmap {
     service: MailService,
     allow_plaintext_auth: bool,
     uploads: Arc<blobs::Uploads>,
+    /// The thread index, a cache over the service (see [`crate::service::threads`]).
+    threads: Arc<crate::service::threads::ThreadIndex>,
 }
 
 /// A request-level error (RFC 8620 §3.6.1), answered as RFC 7807 problem details.
@@ -405,7 +411,11 @@ async fn call_method(
         "Email/queryChanges" => email::query_changes(service, account, &arguments),
         "Email/set" => email::set(service, account, &arguments).await,
         "Email/import" => email::import(jmap, account, &arguments).await,
-        "Thread/get" => email::thread_get(service, account, &arguments),
+        "Email/copy" => email::copy(account, &arguments),
+        "Email/parse" => email::parse(jmap, account, &arguments),
+        "Thread/get" => thread::get(jmap, account, &arguments),
+        "Thread/changes" => thread::changes(jmap, account, &arguments),
+        "SearchSnippet/get" => snippet::get(jmap, account, &arguments),
         _ => Err(method_error("unknownMethod", format!("{name} is not supported"))),
     }
 }

@@ -25,6 +25,7 @@ mod feed;
 mod jmap_support;
 
 pub mod imap;
+pub mod threads;
 pub mod uids;
 
 use std::net::IpAddr;
