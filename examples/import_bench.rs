@@ -343,6 +343,12 @@ fn main() {
         let examples = std::env::current_exe().unwrap();
         examples.parent().unwrap().parent().unwrap().join("mailmesh")
     });
+    // The machine as it was, not a fixed label: other builds on 2 cores halve the figures.
+    let cores = std::thread::available_parallelism().map_or(0, |count| count.get());
+    let load_at_start = std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|text| text.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".into());
     let _ = std::fs::remove_dir_all(&directory);
     std::fs::create_dir_all(&directory).unwrap();
     let node = LocalNode::spawn(
@@ -387,7 +393,7 @@ fn main() {
 
     let report = json!({
         "benchmark": "import_bench",
-        "machine": "2 cores, shared with other builds",
+        "machine": format!("{} cores, load average {} when the run began", cores, load_at_start),
         "node": "one mailmesh node process on 127.0.0.1, durable appends, search indexing",
         "throughput_mbox": throughput,
         "throughput_maildir": maildir_phase,

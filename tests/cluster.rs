@@ -1290,7 +1290,13 @@ fn mailbox_writes_made_apart_merge_by_the_laws_once_the_nodes_meet() {
         r#"{"mailbox":"X"}"#,
         200,
     );
-    std::thread::sleep(Duration::from_millis(20));
+    // b's move must carry the later stamp. a's stamp is at most a's wall clock when it answered
+    // (no skew here, no later stamp seen), and both nodes read this machine's clock: so b's move
+    // is made once the clock shows a later millisecond than the one a answered in.
+    let answered = wall_millis();
+    while wall_millis() <= answered {
+        std::thread::yield_now();
+    }
     mailbox_write(
         &b,
         "POST",
@@ -1343,4 +1349,12 @@ fn mailbox_writes_made_apart_merge_by_the_laws_once_the_nodes_meet() {
         "a delivery made into a mailbox deleted concurrently is shown in the INBOX"
     );
     assert!(!tree["INBOX"].2.contains(&shared));
+}
+
+/// This machine's wall clock in milliseconds since the Unix epoch, as the nodes read it.
+fn wall_millis() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
 }

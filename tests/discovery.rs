@@ -18,7 +18,16 @@ fn binary() -> &'static Path {
 }
 
 fn start(directory: &Path, name: &str, peers: &[String], extra: &[String]) -> LocalNode {
-    LocalNode::spawn(binary(), name, &directory.join(name), "discovery-test", peers, 200, extra).unwrap()
+    LocalNode::spawn(
+        binary(),
+        name,
+        &directory.join(name),
+        "discovery-test",
+        peers,
+        200,
+        extra,
+    )
+    .unwrap()
 }
 
 fn peer_ids(node: &LocalNode) -> Vec<String> {
@@ -74,7 +83,11 @@ fn a_node_that_knew_only_a_vanished_bootstrap_peer_still_finds_the_cluster() {
     // The only peer c was told of goes away for good.
     b.kill();
     let from_c = c
-        .append(ACCOUNT, "INBOX", &sample_message("c@example.org", "from c", "while b is gone"))
+        .append(
+            ACCOUNT,
+            "INBOX",
+            &sample_message("c@example.org", "from c", "while b is gone"),
+        )
         .unwrap();
     assert!(
         wait_until(Duration::from_secs(60), || holds(&a, &from_c)).is_some(),
@@ -87,28 +100,41 @@ fn a_node_that_knew_only_a_vanished_bootstrap_peer_still_finds_the_cluster() {
     let new_address = c.listen_address().unwrap();
     assert_ne!(old_address, new_address, "the restart should listen on a new port");
     assert!(
-        wait_until(Duration::from_secs(60), || peer_ids(&c).contains(&a_id) && peer_ids(&a).contains(&c_id)).is_some(),
+        wait_until(Duration::from_secs(60), || peer_ids(&c).contains(&a_id)
+            && peer_ids(&a).contains(&c_id))
+        .is_some(),
         "c did not find a again from its peer book: c's peers {:?}",
         peer_ids(&c)
     );
     let from_a = a
-        .append(ACCOUNT, "INBOX", &sample_message("a@example.org", "from a", "after c came back"))
+        .append(
+            ACCOUNT,
+            "INBOX",
+            &sample_message("a@example.org", "from a", "after c came back"),
+        )
         .unwrap();
     assert!(
         wait_until(Duration::from_secs(60), || holds(&c, &from_a)).is_some(),
         "c never got a's message after its restart"
     );
     // a dials c at the address c has now (identify told it), not only the old one.
-    let new_port = new_address.split("/tcp/").nth(1).unwrap().split('/').next().unwrap().to_owned();
+    let new_port = new_address
+        .split("/tcp/")
+        .nth(1)
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_owned();
     let a_knows_new_address = || {
         a.status().is_ok_and(|status| {
             status["peers"].as_array().into_iter().flatten().any(|peer| {
                 peer["peer_id"] == c_id.as_str()
-                    && peer["addresses"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .any(|address| address.as_str().is_some_and(|text| text.contains(&format!("/tcp/{new_port}"))))
+                    && peer["addresses"].as_array().into_iter().flatten().any(|address| {
+                        address
+                            .as_str()
+                            .is_some_and(|text| text.contains(&format!("/tcp/{new_port}")))
+                    })
             })
         })
     };
