@@ -360,3 +360,26 @@ pub fn sample_message(from: &str, subject: &str, body: &str) -> Vec<u8> {
     )
     .into_bytes()
 }
+
+/// Gives `to` a record of `from` the way a pull does: its blob (when `from` has it), then the
+/// record merged in. For tests that replicate between two stores without a network.
+pub fn pull_record(
+    from: &crate::store::Store,
+    to: &crate::store::Store,
+    mailbox: &crate::model::MailboxKey,
+    record: crate::model::MessageRecord,
+    now_millis: u64,
+) -> Result<(), crate::store::StoreError> {
+    if let Some(bytes) = from.blob(&record.blob)? {
+        to.apply_one(crate::store::Operation::PutBlob {
+            expected: record.blob,
+            bytes,
+        })?;
+    }
+    to.apply_one(crate::store::Operation::Merge {
+        mailbox: mailbox.clone(),
+        record,
+        now_millis,
+    })?;
+    Ok(())
+}

@@ -2229,7 +2229,7 @@ impl EventLoop {
                         .add_address(&peer_id, address.clone());
                 }
                 if let Some(first) = announced.first() {
-                    self.note_in_book(peer_id, &first.clone());
+                    self.note_in_book(peer_id, first);
                 }
                 let record = self.peers.entry(peer_id).or_insert_with(PeerRecord::new);
                 for address in announced {

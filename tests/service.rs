@@ -14,7 +14,7 @@ use mailmesh::search::SearchIndex;
 use mailmesh::service::{
     Delivery, MailService, MailboxTarget, MailboxUpdate, Notice, Query, ServiceError, ServiceParts, SortKey,
 };
-use mailmesh::store::{CommitQueue, Operation, Store, StoreOptions};
+use mailmesh::store::{CommitQueue, Store, StoreOptions};
 
 /// 2026-06-01T00:00:00Z.
 const NOW: u64 = 1_780_272_000_000;
@@ -728,19 +728,7 @@ fn copy_container(from: &Store, to: &Store, container: &MailboxKey) {
         .records_in_range(container.id(), MessageId(0), MessageId(u128::MAX), usize::MAX)
         .unwrap()
     {
-        if let Some(bytes) = from.blob(&record.blob).unwrap() {
-            to.apply_one(Operation::PutBlob {
-                expected: record.blob,
-                bytes,
-            })
-            .unwrap();
-        }
-        to.apply_one(Operation::Merge {
-            mailbox: container.clone(),
-            record,
-            now_millis: NOW,
-        })
-        .unwrap();
+        mailmesh::harness::pull_record(from, to, container, record, NOW).unwrap();
     }
 }
 

@@ -44,19 +44,7 @@ fn append(store: &Store, mailbox: &MailboxKey, index: usize) -> MessageId {
 
 /// Gives `to` a record of `from` the way a pull does: its blob (when `from` has it), then the record.
 fn copy_record(from: &Store, to: &Store, mailbox: &MailboxKey, record: MessageRecord) {
-    if let Some(bytes) = from.blob(&record.blob).unwrap() {
-        to.apply_one(Operation::PutBlob {
-            expected: record.blob,
-            bytes,
-        })
-        .unwrap();
-    }
-    to.apply_one(Operation::Merge {
-        mailbox: mailbox.clone(),
-        record,
-        now_millis: NOW,
-    })
-    .unwrap();
+    mailmesh::harness::pull_record(from, to, mailbox, record, NOW).unwrap();
 }
 
 /// The store's trie must equal a memory trie built from its records.

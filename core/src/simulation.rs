@@ -524,6 +524,21 @@ impl World {
         self.groups[from] == self.groups[to] || self.bridge == Some(from) || self.bridge == Some(to)
     }
 
+    /// Sends an asker's sketch-session message in its wire bytes.
+    fn send_sketch(&mut self, from: usize, to: usize, session: u64, space: Space, salt: [u8; 16], message: &Message) {
+        let message = sketch_session::encode(message);
+        self.send(
+            from,
+            to,
+            Payload::Sketch {
+                session,
+                space,
+                salt,
+                message,
+            },
+        );
+    }
+
     fn send(&mut self, from: usize, to: usize, payload: Payload) {
         self.report.messages += 1;
         if matches!(payload, Payload::Pull { .. }) {
@@ -1084,16 +1099,7 @@ impl World {
                 opened_at: now,
             },
         );
-        self.send(
-            node,
-            peer,
-            Payload::Sketch {
-                session,
-                space,
-                salt,
-                message: sketch_session::encode(&message),
-            },
-        );
+        self.send_sketch(node, peer, session, space, salt, &message);
     }
 
     fn handle(&mut self, from: usize, to: usize, payload: Payload) {
@@ -1300,16 +1306,7 @@ impl World {
                 running.rounds += 1;
                 let salt = running.salt;
                 self.nodes[to].volatile.askers.insert(session, running);
-                self.send(
-                    to,
-                    from,
-                    Payload::Sketch {
-                        session,
-                        space,
-                        salt,
-                        message: sketch_session::encode(&message),
-                    },
-                );
+                self.send_sketch(to, from, session, space, salt, &message);
             }
             Step::Finished { last } => {
                 if by_cells {
@@ -1361,16 +1358,7 @@ impl World {
                 }
                 let only_mine: Vec<u128> = they_lack.iter().copied().filter(|key| !both.contains(key)).collect();
                 if !only_mine.is_empty() {
-                    self.send(
-                        to,
-                        from,
-                        Payload::Sketch {
-                            session,
-                            space,
-                            salt: running.salt,
-                            message: sketch_session::encode(&Message::YouLack(only_mine)),
-                        },
-                    );
+                    self.send_sketch(to, from, session, space, running.salt, &Message::YouLack(only_mine));
                 }
             }
         }
