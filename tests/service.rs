@@ -846,3 +846,70 @@ async fn the_feed_lists_the_emails_rescued_from_a_deleted_mailbox() {
         );
     }
 }
+
+/// The live snapshot records in the account's mailboxes container.
+fn live_snapshots(store: &Store, account: &str) -> usize {
+    store
+        .records_in_range(
+            MailboxKey::mailboxes(account).unwrap().id(),
+            MessageId(0),
+            MessageId(u128::MAX),
+            usize::MAX,
+        )
+        .unwrap()
+        .iter()
+        .filter(|record| record.expunged.is_none())
+        .count()
+}
+
+/// Snapshot records used to pile up, one per mailbox write for ever (a hostile peer could fill
+/// the container up to its fold limit). A write now collects the snapshots it folded.
+#[tokio::test]
+async fn a_mailbox_write_collects_the_snapshots_it_supersedes_and_the_feed_destroys_no_email() {
+    let account = "alice@example.org";
+    let fixture = fixture(None, 1 << 20);
+    let service = &fixture.service;
+    let work = service.create_mailbox(account, "Work", None).await.unwrap().id;
+    let start = service.account_changes(account, None, 100).unwrap();
+    for round in 0..30 {
+        let name = if round % 2 == 0 { "Jobs" } else { "Work" };
+        service.rename_mailbox(account, work, name).await.unwrap();
+    }
+    service
+        .update_mailbox(account, work, MailboxUpdate { sort_order: Some(7), ..MailboxUpdate::default() })
+        .await
+        .unwrap();
+    assert_eq!(live_snapshots(&fixture.store, account), 1, "one live snapshot per mailbox");
+    let shown = service.mailbox(account, work).unwrap();
+    assert_eq!((shown.name.as_str(), shown.sort_order), ("Work", 7));
+    let changes = service.account_changes(account, Some(&start.new_state), 100).unwrap();
+    assert!(changes.destroyed.is_empty(), "collected snapshots are no emails: {changes:?}");
+    assert_eq!(changes.mailboxes, vec![work]);
+
+    // Two sites write the same mailbox while apart: each collects only what it folded, so both
+    // new snapshots stay live, and both decisions show once they meet.
+    let other = fixture_on(2, NOW + 1_000, None, 1 << 20);
+    let container = MailboxKey::mailboxes(account).unwrap();
+    copy_container(&fixture.store, &other.store, &container);
+    service.rename_mailbox(account, work, "Projects").await.unwrap();
+    other
+        .service
+        .update_mailbox(account, work, MailboxUpdate { subscribed: Some(false), ..MailboxUpdate::default() })
+        .await
+        .unwrap();
+    copy_container(&fixture.store, &other.store, &container);
+    copy_container(&other.store, &fixture.store, &container);
+    for (site, store) in [(service, &fixture.store), (&other.service, &other.store)] {
+        let shown = site.mailbox(account, work).unwrap();
+        assert_eq!((shown.name.as_str(), shown.subscribed, shown.sort_order), ("Projects", false, 7));
+        assert_eq!(live_snapshots(store, account), 2, "neither concurrent snapshot dominates");
+    }
+    // The next write on either site folds both and collects both.
+    other.service.rename_mailbox(account, work, "Done").await.unwrap();
+    copy_container(&other.store, &fixture.store, &container);
+    for (site, store) in [(service, &fixture.store), (&other.service, &other.store)] {
+        let shown = site.mailbox(account, work).unwrap();
+        assert_eq!((shown.name.as_str(), shown.subscribed, shown.sort_order), ("Done", false, 7));
+        assert_eq!(live_snapshots(store, account), 1);
+    }
+}

@@ -16,6 +16,15 @@
 //! property-tested in the pure core. The folded tree is cached per account and recomputed when the
 //! container's root changes.
 //!
+//! Snapshots are collected as they are superseded: a mailbox write folds every snapshot of that
+//! mailbox this node holds into the new one, so the new snapshot is at least the join of them all
+//! (merge is a join), and the node then expunges the ones it folded. Any node that holds the new
+//! snapshot folds the same record without them; a node that receives an expunge before the
+//! snapshot that superseded it folds without both until the snapshot arrives (the same wait as for
+//! any record still in transit). Concurrent writes on two sites each collect only what they
+//! folded, so two snapshots that neither dominates both stay live. Expunged snapshots are skipped
+//! by the fold, and their tombstones go the way of every tombstone (the horizon, then the cut).
+//!
 //! A mailbox as clients see it may be the union of several records (same-named creates from two
 //! sites; the INBOX also shows emails rescued from deleted mailboxes): its listing is the union of
 //! those records' listings ([`MailService::views`]), merged by sort key, and its counters are sums.
@@ -39,6 +48,9 @@ pub struct AccountMailboxes {
     pub tree: MailboxTree,
     /// Each mailbox record, merged over its snapshots.
     pub records: BTreeMap<MailboxId, MailboxRecord>,
+    /// The live snapshot records each mailbox record was merged from: what a new snapshot of
+    /// that mailbox supersedes.
+    pub sources: BTreeMap<MailboxId, Vec<MessageId>>,
 }
 
 /// The per-account cache of folded trees, keyed by the mailboxes container's root.
@@ -142,16 +154,26 @@ impl MailService {
         )?;
         let mut complete = true;
         let mut snapshots = Vec::with_capacity(records.len());
-        for record in &records {
+        for record in records.iter().filter(|record| record.expunged.is_none()) {
             match store.blob(&record.blob)? {
-                Some(bytes) => snapshots.extend(decode_snapshot(&bytes)),
+                Some(bytes) => {
+                    if let Some(snapshot) = decode_snapshot(&bytes) {
+                        snapshots.push((record.id, snapshot));
+                    }
+                }
                 // Replicated here but its bytes are still on the way: fold without it for now.
                 None => complete = false,
             }
         }
-        let records = fold(snapshots);
+        let records = fold(snapshots.iter().map(|(_, snapshot)| snapshot.clone()));
+        let mut sources: BTreeMap<MailboxId, Vec<MessageId>> = BTreeMap::new();
+        for (source, snapshot) in &snapshots {
+            if records.get(&snapshot.id).is_some_and(|folded| folded.created == snapshot.created) {
+                sources.entry(snapshot.id).or_default().push(*source);
+            }
+        }
         let tree = mailbox::resolve(account, records.values());
-        let folded = Arc::new(AccountMailboxes { tree, records });
+        let folded = Arc::new(AccountMailboxes { tree, records, sources });
         if complete {
             crate::store::lock(&self.trees.entries).insert(account.to_owned(), (root, folded.clone()));
         }
@@ -273,8 +295,14 @@ impl MailService {
         Ok(all)
     }
 
-    /// Writes one snapshot of a mailbox record.
-    async fn write_snapshot(&self, account: &str, record: &MailboxRecord) -> Result<(), ServiceError> {
+    /// Writes one snapshot of a mailbox record, then expunges the snapshots it supersedes (the
+    /// ones `record` was folded from, so it is at least their join; see the module doc).
+    async fn write_snapshot(
+        &self,
+        account: &str,
+        record: &MailboxRecord,
+        supersedes: &[MessageId],
+    ) -> Result<(), ServiceError> {
         let container = MailboxKey::mailboxes(account)?;
         let count = self
             .inner
@@ -291,7 +319,7 @@ impl MailService {
             .inner
             .queue
             .submit(Operation::Append {
-                mailbox: container,
+                mailbox: container.clone(),
                 location: None,
                 unless_held_in: Vec::new(),
                 raw: encode_snapshot(record),
@@ -301,12 +329,25 @@ impl MailService {
                 random: self.inner.environment.random(),
             })
             .await?;
-        match applied {
-            Applied::Appended { .. } => Ok(()),
-            _ => Err(ServiceError::Unavailable(
+        if !matches!(applied, Applied::Appended { .. }) {
+            return Err(ServiceError::Unavailable(
                 "the store answered a mailbox write with no record".into(),
-            )),
+            ));
         }
+        // Only once the new snapshot is durable: a failure here leaves an extra snapshot, never
+        // a lost decision.
+        let now_millis = self.inner.environment.now_millis();
+        let collections = supersedes.iter().map(|id| {
+            self.inner.queue.submit(Operation::Expunge {
+                mailbox: container.clone(),
+                id: *id,
+                now_millis,
+            })
+        });
+        for result in futures::future::join_all(collections).await {
+            result?;
+        }
+        Ok(())
     }
 
     fn stamp(&self) -> Stamp {
@@ -352,7 +393,7 @@ impl MailService {
         let now = self.inner.environment.now_millis();
         let id = MailboxId::from_parts(now, self.inner.environment.random());
         let record = MailboxRecord::new(id, parent, name, role, self.stamp());
-        self.write_snapshot(account, &record).await?;
+        self.write_snapshot(account, &record, &[]).await?;
         Ok(id)
     }
 
@@ -398,7 +439,8 @@ impl MailService {
                 .cloned()
                 .unwrap_or_else(|| MailboxRecord::default_inbox(account));
             change(&mut record, stamp);
-            self.write_snapshot(account, &record).await?;
+            let supersedes = mailboxes.sources.get(&member).map(Vec::as_slice).unwrap_or(&[]);
+            self.write_snapshot(account, &record, supersedes).await?;
         }
         Ok(())
     }

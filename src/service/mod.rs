@@ -874,7 +874,14 @@ impl MailService {
                 updated_items.push(MessageId(*item));
             }
         }
-        let destroyed: Vec<MessageId> = changes.destroyed.iter().map(|item| MessageId(*item)).collect();
+        // A destroyed snapshot record is a superseded mailbox snapshot, collected: its mailbox
+        // is listed as changed, never its ID as a destroyed email.
+        let mut destroyed = Vec::new();
+        for item in &changes.destroyed {
+            if !is_snapshot(item, false)? {
+                destroyed.push(MessageId(*item));
+            }
+        }
         // The emails of each changed mailbox now shown elsewhere, as far as the page has room.
         views.queue_changed(&mailboxes, &moved_mailboxes, &since);
         let mut listed: std::collections::BTreeSet<MessageId> = created_items
