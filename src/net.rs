@@ -332,6 +332,9 @@ pub enum NetworkEvent {
         topic: Topic,
         message_id: MessageId,
         propagation_source: PeerId,
+        /// Who wrote and signed the message (gossipsub checks the signature before this event):
+        /// not the neighbour that forwarded it, which is `propagation_source`.
+        author: Option<PeerId>,
         data: Vec<u8>,
     },
     /// A request from a peer; answer it with [`NetworkClient::respond`] within the request
@@ -2278,6 +2281,7 @@ impl EventLoop {
                     topic,
                     message_id,
                     propagation_source,
+                    author: message.source,
                     data: message.data,
                 });
             }
@@ -2528,6 +2532,7 @@ mod tests {
                         message_id,
                         propagation_source,
                         data,
+                        ..
                     } => {
                         client
                             .report_validation(message_id, propagation_source, true)

@@ -783,11 +783,12 @@ impl Node {
                 topic,
                 message_id,
                 propagation_source,
+                author,
                 data,
             } => {
                 let node = self.clone();
                 tokio::spawn(async move {
-                    let valid = node.on_gossip(topic, propagation_source, &data).await;
+                    let valid = node.on_gossip(topic, propagation_source, author, &data).await;
                     let _ = node
                         .inner
                         .network
@@ -965,7 +966,9 @@ impl Node {
             .inc();
     }
 
-    async fn on_gossip(&self, topic: Topic, source: PeerId, data: &[u8]) -> bool {
+    /// Handles one gossip message; `source` forwarded it, `author` signed it. Returns whether it
+    /// is valid (and so forwarded on).
+    async fn on_gossip(&self, topic: Topic, source: PeerId, author: Option<PeerId>, data: &[u8]) -> bool {
         let gossip: Gossip = match wire::decode(data) {
             Ok(gossip) => gossip,
             Err(WireError::UnsupportedVersion(theirs)) => {
@@ -1023,6 +1026,15 @@ impl Node {
                 },
             ) => {
                 let Ok(peer) = peer.parse::<PeerId>() else { return false };
+                // A digest speaks for its signer only: a member that could report for another
+                // could move the acknowledged tombstone cut in that member's name.
+                if author != Some(peer) {
+                    if let Some(author) = author {
+                        let detail = format!("signed a digest in the name of {peer}");
+                        self.penalise(author, "digest_for_another_peer", &detail).await;
+                    }
+                    return false;
+                }
                 let Ok(digest) = <[u8; 32]>::try_from(digest.0.as_slice()) else {
                     return false;
                 };

@@ -338,6 +338,68 @@ async fn assert_dropped_for_answering(garbage: Vec<u8>, cluster: &str, why: &str
     );
 }
 
+/// A digest in another member's name could move the acknowledged tombstone cut for that member
+/// (and so purge tombstones early). Gossipsub checks who signed a message; the node now checks
+/// that the signer is the peer the digest names, and blocks a signer that is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_digest_signed_in_another_peers_name_is_refused_and_its_signer_blocked() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = tokio::task::spawn_blocking({
+        let path = directory.path().join("node");
+        move || LocalNode::spawn(binary(), "target", &path, "test-forged-digest", &[], 200, &[]).unwrap()
+    })
+    .await
+    .unwrap();
+    let address = node.listen_address().unwrap();
+    let mut hostile = hostile_peer(&address, "test-forged-digest").await;
+    let victim = Keypair::generate_ed25519().public().to_peer_id();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut disconnected = false;
+    let mut sequence = 0u64;
+    while tokio::time::Instant::now() < deadline && !disconnected {
+        sequence += 1;
+        let _ = hostile
+            .client
+            .publish(Topic::Digests, differing_digest_of(victim, "forger", sequence))
+            .await;
+        match tokio::time::timeout(Duration::from_millis(300), hostile.events.recv()).await {
+            Ok(Some(NetworkEvent::PeerDisconnected(_))) => disconnected = true,
+            Ok(Some(NetworkEvent::Gossip {
+                message_id,
+                propagation_source,
+                ..
+            })) => {
+                let _ = hostile
+                    .client
+                    .report_validation(message_id, propagation_source, true)
+                    .await;
+            }
+            _ => {}
+        }
+    }
+    assert!(disconnected, "the node kept a peer that signed digests in another's name");
+    let metrics = String::from_utf8_lossy(&node.get("/metrics").unwrap().body).into_owned();
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line.starts_with("mailmesh_peers_penalised_total{reason=\"digest_for_another_peer\"} ")),
+        "no penalty counted for the forged digest"
+    );
+    let status = node.status().unwrap();
+    let hostile_id = hostile.client.local_peer_id().to_string();
+    assert!(
+        status["blocked"]
+            .as_array()
+            .is_some_and(|blocked| blocked.iter().any(|entry| entry["peer_id"] == hostile_id.as_str())),
+        "the signer is not blocked: {status}"
+    );
+    let peers = status["peers"].as_array().cloned().unwrap_or_default();
+    assert!(
+        peers.iter().all(|entry| entry["peer_id"] != victim.to_string().as_str()),
+        "the forged digest made the node believe in a peer it never met: {peers:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_that_answers_out_of_protocol_is_disconnected_and_counted() {
     let wrong_kind = wire::encode(&Response::Records {
