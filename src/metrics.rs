@@ -125,7 +125,8 @@ impl NodeMetrics {
             "sketch_sessions",
             "Sketch sessions opened by this node on large mailboxes, by how they ended: decoded (settled by cells), \
              trie_by_responder (the responder chose trie descent), trie_after_cells (the cells did not settle it), \
-             refused, stale (a mailbox changed under the cells) or rounds_exhausted",
+             refused, stale (a mailbox changed under the cells) or rounds_exhausted; and over_budget: a peer's \
+             session this node answered by trie because the peer had used up its cell builds",
             metrics.sketch_sessions.clone(),
         );
         registry.register(

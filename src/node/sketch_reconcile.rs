@@ -22,7 +22,10 @@
 //!   [`SKETCH_MAXIMUM_RECORDS`] use sketches.
 //! - **Bounds**: the responder keeps no session state, only a cache of the cells it built
 //!   (at most [`CACHE_ENTRIES`], [`CACHE_ENTRIES_PER_PEER`] per peer, dropped after
-//!   [`CACHE_SECONDS`]), so a `More` does not rebuild them. An asker runs at most
+//!   [`CACHE_SECONDS`]), so a `More` does not rebuild them. A peer may make it build at most
+//!   [`BUILDS_PER_PEER`] cell sets per [`CACHE_SECONDS`] (a fresh salt per message would
+//!   otherwise cost an O(n) read each): past that budget its openings are answered by trie
+//!   descent and its requests for more cells are refused. An asker runs at most
 //!   [`SKETCH_SESSIONS_AT_ONCE`] sketch sessions; its decoder is bounded by [`SessionLimits`],
 //!   its session by a deadline and [`MAX_SKETCH_ROUNDS`]; every decoded element is checked
 //!   against the store before it is believed, and every count on the wire is checked against
@@ -60,6 +63,9 @@ pub(super) const CACHE_ENTRIES: usize = 8;
 pub(super) const CACHE_ENTRIES_PER_PEER: usize = 4;
 /// Sketch sessions this node runs as the asker at once (each holds its cells and a decoder).
 pub(super) const SKETCH_SESSIONS_AT_ONCE: usize = 4;
+/// Cell sets one peer may make a responder build per [`CACHE_SECONDS`]: a session reconciles at
+/// most a few mailboxes at once and reuses its cells, so honest peers stay far below it.
+pub(super) const BUILDS_PER_PEER: usize = 8;
 /// How long a responder keeps a cell set it built.
 pub(super) const CACHE_SECONDS: u64 = 60;
 /// The most sketch messages one session sends before it gives up on sketches.
@@ -82,6 +88,38 @@ pub(super) struct CachedCells {
 #[derive(Default)]
 pub(super) struct SketchCache {
     entries: Vec<CachedCells>,
+    budget: BuildBudget,
+}
+
+/// When each peer last made this responder build cells: at most [`BUILDS_PER_PEER`] builds in
+/// any window of [`CACHE_SECONDS`].
+#[derive(Default)]
+pub(super) struct BuildBudget {
+    builds: Vec<(PeerId, Instant)>,
+}
+
+impl BuildBudget {
+    /// Whether `peer` may have one more cell set built at `now`; counts it if so.
+    fn take(&mut self, peer: PeerId, now: Instant) -> bool {
+        let window = Duration::from_secs(CACHE_SECONDS);
+        self.builds
+            .retain(|(_, at)| now.checked_duration_since(*at).is_some_and(|age| age < window));
+        if self.builds.iter().filter(|(builder, _)| *builder == peer).count() >= BUILDS_PER_PEER {
+            return false;
+        }
+        self.builds.push((peer, now));
+        true
+    }
+}
+
+/// What a responder has for a peer's sketch message.
+enum ResponderCells {
+    Ready(Arc<SketchCells>),
+    /// Cells of this session were sent before the mailbox changed: the cells that follow would
+    /// not continue them.
+    Stale,
+    /// The peer used up its build budget.
+    OverBudget,
 }
 
 /// The key both sides of a session hash under.
@@ -453,16 +491,15 @@ impl Node {
     }
 
     /// The cells this responder computes for a peer's session: from the cache while the mailbox
-    /// is unchanged, else built (and cached, replacing the peer's oldest set or the oldest).
-    /// `None` when cells of this session were sent before the mailbox changed: the cells that
-    /// follow would not continue them.
+    /// is unchanged, else built within the peer's budget (and cached, replacing the peer's
+    /// oldest set or the oldest).
     fn responder_cells<V: TreeView>(
         &self,
         peer: PeerId,
         mailbox: MailboxId,
         salt: [u8; 16],
         view: &V,
-    ) -> Result<Option<Arc<SketchCells>>, NodeError>
+    ) -> Result<ResponderCells, NodeError>
     where
         NodeError: From<V::Error>,
     {
@@ -476,9 +513,13 @@ impl Node {
                 .iter()
                 .find(|entry| entry.peer == peer && entry.mailbox == mailbox && entry.salt == salt);
             match session {
-                Some(entry) if entry.root == root => return Ok(Some(entry.cells.clone())),
-                Some(_) => return Ok(None),
+                Some(entry) if entry.root == root => return Ok(ResponderCells::Ready(entry.cells.clone())),
+                Some(_) => return Ok(ResponderCells::Stale),
                 None => {}
+            }
+            if !cache.budget.take(peer, Instant::now()) {
+                tracing::debug!(%peer, "a peer asked for more sketch cell builds than its budget");
+                return Ok(ResponderCells::OverBudget);
             }
         }
         let started = Instant::now();
@@ -505,7 +546,7 @@ impl Node {
             built: Instant::now(),
             cells: cells.clone(),
         });
-        Ok(Some(cells))
+        Ok(ResponderCells::Ready(cells))
     }
 
     /// Answers one sketch message from a peer.
@@ -556,15 +597,17 @@ impl Node {
                 let empty = SketchCells::new(session_key(&salt, key.id()), SketchCells::length_for(count));
                 match respond(&empty)? {
                     (Some(Message::Cells { .. }), _) => match self.responder_cells(peer, key.id(), salt, &view)? {
-                        Some(cells) => respond(&cells)?,
-                        None => return Ok(stale()),
+                        ResponderCells::Ready(cells) => respond(&cells)?,
+                        ResponderCells::Stale => return Ok(stale()),
+                        ResponderCells::OverBudget => return self.answer_over_budget(peer, key, opening.as_ref()).await,
                     },
                     answer => answer,
                 }
             }
             _ => match self.responder_cells(peer, key.id(), salt, &view)? {
-                Some(cells) => respond(&cells)?,
-                None => return Ok(stale()),
+                ResponderCells::Ready(cells) => respond(&cells)?,
+                ResponderCells::Stale => return Ok(stale()),
+                ResponderCells::OverBudget => return self.answer_over_budget(peer, key, opening.as_ref()).await,
             },
         };
         if !self.is_stale() {
@@ -613,6 +656,27 @@ impl Node {
                 message: ByteString(sketch_session::encode(&reply)),
                 records: Vec::new(),
                 blobs: Vec::new(),
+            }),
+        }
+    }
+
+    /// Answers a peer past its build budget: an opening goes on by trie descent (at no cost to
+    /// the asker, since the opening carries its trie message); a request for more cells is
+    /// refused.
+    async fn answer_over_budget(
+        &self,
+        peer: PeerId,
+        key: &MailboxKey,
+        opening: Option<&sync::Element>,
+    ) -> Result<Response, NodeError> {
+        self.count_sketch("over_budget");
+        match opening {
+            Some(trie) => {
+                let message = sync::encode(&sketch_session::opening_chain(trie));
+                self.answer_sketch_by_trie(peer, key, &message).await
+            }
+            None => Ok(Response::Error {
+                message: "too many sketch cell builds asked of this node: go on by trie descent".into(),
             }),
         }
     }
@@ -717,6 +781,21 @@ mod tests {
     fn salts_and_mailboxes_give_their_own_keys() {
         assert_ne!(session_key(&[1; 16], MailboxId(1)), session_key(&[2; 16], MailboxId(1)));
         assert_ne!(session_key(&[1; 16], MailboxId(1)), session_key(&[1; 16], MailboxId(2)));
+    }
+
+    #[test]
+    fn a_peer_gets_a_bounded_number_of_cell_builds_per_window() {
+        let mut budget = BuildBudget::default();
+        let (greedy, other) = (PeerId::random(), PeerId::random());
+        let start = Instant::now();
+        for build in 0..BUILDS_PER_PEER {
+            assert!(budget.take(greedy, start), "build {build} is within the budget");
+        }
+        assert!(!budget.take(greedy, start), "one more is refused");
+        assert!(budget.take(other, start), "another peer has its own budget");
+        let almost = start + Duration::from_secs(CACHE_SECONDS) - Duration::from_millis(1);
+        assert!(!budget.take(greedy, almost), "still inside the window");
+        assert!(budget.take(greedy, start + Duration::from_secs(CACHE_SECONDS)), "the window moved on");
     }
 
     #[test]
