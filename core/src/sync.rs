@@ -67,6 +67,11 @@ pub const SYNC_VERSION: u8 = 3;
 pub struct SyncLimits {
     /// A differing node with at most this many leaves is listed instead of split.
     pub leaf_threshold: u64,
+    /// A node of at most this many leaves whose differing children would each go by position
+    /// (`Tags`: equal counts on both sides, as after a flag heal) goes as one `Tags` element
+    /// over the whole node when that is fewer bytes than one element per child. Capped by
+    /// `exact_threshold`.
+    pub tag_threshold: u64,
     /// A received leaf list is compared directly when this side holds at most this many leaves
     /// in the same prefix; above it, this side splits the prefix instead.
     pub exact_threshold: u64,
@@ -90,6 +95,7 @@ impl Default for SyncLimits {
     fn default() -> Self {
         SyncLimits {
             leaf_threshold: 12,
+            tag_threshold: 128,
             exact_threshold: 256,
             initial_list_threshold: 48,
             max_elements: 50_000,
@@ -298,23 +304,43 @@ fn on_children<V: TreeView>(
         their_children[usize::from(*index & 15)] = Some(*summary);
     }
     let mine = view.child_aggregates(prefix).map_err(store_error)?;
+    // Children that go by position (`Tags`, or a `TagRequest` when asking), with their counts,
+    // and whether every child either agrees or goes that way (then all of `prefix` may go as one
+    // element instead, see below).
+    let mut by_position: Vec<(Prefix, u64)> = Vec::new();
+    let mut only_by_position = true;
+    let mut total = 0u64;
+    let start = reply.len();
     for index in 0..16u8 {
         let Some(child) = prefix.child(index) else { continue };
+        let my_aggregate = mine[usize::from(index)];
+        total = total.saturating_add(my_aggregate.count);
         if expanded.contains(&child) {
+            only_by_position = false;
             continue; // the sender described this child in the same message
         }
-        let my_aggregate = mine[usize::from(index)];
         match their_children[usize::from(index)] {
             None if my_aggregate.is_empty() => {}
-            None => reply.push(Element::YouLackAll { prefix: child }),
+            None => {
+                only_by_position = false;
+                reply.push(Element::YouLackAll { prefix: child })
+            }
             Some(summary) if summary.count == 0 && my_aggregate.is_empty() => {}
             Some(summary) if summary == my_aggregate.summary() => {}
-            Some(_) if my_aggregate.is_empty() => outcome.need_prefixes.push(child),
+            Some(_) if my_aggregate.is_empty() => {
+                only_by_position = false;
+                outcome.need_prefixes.push(child)
+            }
             Some(summary) => {
                 let they_list = summary.count <= limits.leaf_threshold && my_aggregate.count <= limits.exact_threshold;
                 // Equal counts: most likely the same keys in other states (a flag heal), so the
                 // list goes by position.
                 let same_count = summary.count == my_aggregate.count;
+                if same_count && my_aggregate.count <= limits.leaf_threshold {
+                    by_position.push((child, my_aggregate.count));
+                } else {
+                    only_by_position = false;
+                }
                 if my_aggregate.count <= limits.leaf_threshold && !(limits.asks && they_list) {
                     reply.push(if same_count {
                         tags_element(view, child, limits.leaf_threshold)?
@@ -332,6 +358,27 @@ fn on_children<V: TreeView>(
                 }
             }
         }
+    }
+    // Where differences are dense (a clustered flag heal: the newest messages, read), most
+    // children differ and each would go as its own small element, about 25 bytes of prefix,
+    // check and framing beside 8 bytes a leaf. One element over the whole prefix (its agreeing
+    // children's tags included) is sent instead when that costs fewer bytes. Both sides count as
+    // many leaves in `prefix`, since every child either agrees or has equal counts.
+    const ELEMENT_BYTES: u64 = 25;
+    let separate: u64 = by_position.iter().map(|(_, count)| count * 8 + ELEMENT_BYTES).sum();
+    let whole = total * 8 + ELEMENT_BYTES;
+    if only_by_position
+        && by_position.len() > 1
+        && total <= limits.tag_threshold.min(limits.exact_threshold)
+        && whole < separate
+    {
+        reply.truncate(start);
+        // An asking side requests the lists it would have requested child by child.
+        reply.push(if limits.asks {
+            Element::TagRequest { prefix }
+        } else {
+            tags_element(view, prefix, limits.tag_threshold.min(limits.exact_threshold))?
+        });
     }
     Ok(())
 }
@@ -1620,6 +1667,64 @@ mod tests {
             assert_eq!(a_needs.need_keys, changed, "asks {asks}");
             assert_eq!(b_needs.need_keys, changed, "asks {asks}");
             assert!(a_needs.need_prefixes.is_empty() && b_needs.need_prefixes.is_empty());
+        }
+    }
+
+    /// The bytes of a flag heal of the newest `changed` of `total` time-ordered IDs (IDs made as
+    /// the store makes them: the millisecond, then 80 random bits), for each layout seed.
+    fn flag_heal_bytes(total: u64, changed: u64, scattered: bool, per_millisecond: u64, seed: u64, limits: SyncLimits) -> usize {
+        let mut random = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut next = move || {
+            random ^= random << 13;
+            random ^= random >> 7;
+            random ^= random << 17;
+            random
+        };
+        let mut a = MemoryTree::new(StoredDepth::MAILBOX);
+        let mut b = MemoryTree::new(StoredDepth::MAILBOX);
+        for value in 0..total {
+            let millis = 1_767_000_000_000u64 + value / per_millisecond;
+            let key = (u128::from(millis) << 80) | (u128::from(next()) << 16) | u128::from(next() & 0xffff);
+            a.insert(key, leaf(key, 0));
+            let differs = if scattered {
+                (value * 2_654_435_761) % total < changed
+            } else {
+                value >= total - changed
+            };
+            b.insert(key, leaf(key, u8::from(differs)));
+        }
+        let (messages, a_needs, b_needs) = session_messages(&a, &b, limits);
+        assert_eq!(a_needs.need_keys.len() as u64, changed);
+        assert_eq!(b_needs.need_keys.len() as u64, changed);
+        messages.iter().map(|message| encode(message).len()).sum()
+    }
+
+    /// Found measuring the two-node heal: with the newest 100 of a large mailbox read, how many
+    /// bytes the trie walk took depended on where those IDs fell on nibble boundaries (up to 6.8
+    /// KB at 100,000 records), mostly for one small `Tags` element per child of a dense node.
+    /// Whole-node `Tags` must bring every layout down, and never cost more where differences
+    /// are scattered.
+    #[test]
+    fn a_dense_flag_heal_lists_whole_nodes_and_costs_the_same_in_every_layout() {
+        let single = |limits: SyncLimits| SyncLimits { tag_threshold: 0, ..limits };
+        for asks in [false, true] {
+            let limits = SyncLimits { asks, ..SyncLimits::default() };
+            let mut worst = 0;
+            for rate in [1u64, 2, 5, 20, 60] {
+                let merged = flag_heal_bytes(20_000, 100, false, rate, 3, limits);
+                let apart = flag_heal_bytes(20_000, 100, false, rate, 3, single(limits));
+                println!("asks {asks}, {rate} IDs/ms: {merged} B with whole-node tags, {apart} B without");
+                assert!(merged <= apart, "asks {asks}, {rate}/ms: {merged} > {apart}");
+                worst = worst.max(merged);
+            }
+            assert!(worst <= 3_200, "asks {asks}: a layout took {worst} B");
+            for (total, changed) in [(2_000u64, 5u64), (2_000, 50), (4_000, 40)] {
+                assert_eq!(
+                    flag_heal_bytes(total, changed, true, 2, 3, limits),
+                    flag_heal_bytes(total, changed, true, 2, 3, single(limits)),
+                    "scattered {changed} of {total}"
+                );
+            }
         }
     }
 
