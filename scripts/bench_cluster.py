@@ -10,8 +10,10 @@ What it does, in order, and what it measures (all in one JSON object, printed as
    reading its listen address from /v1/status (the `listen` list) and told to --peer every node
    started before it, so no port is chosen by binding and releasing. With --latency-ms or --relay,
    each node is told to --peer the relay in front of every other node (scripts/latency_relay.py,
-   one relay process per destination node, L ms one-way delay per direction); relays need their
-   ports before the nodes start, so there the ports are still probed free (bind and release).
+   one relay process per destination node, L ms one-way delay per direction). The relays listen
+   on port 0 and report their ports, the nodes start told of those, and each relay learns its
+   node's port once that node reports it (relays hold connections until then): no port is
+   chosen by binding and releasing.
    Waits until each node has N-1 peers.
 2. Appends K messages (RFC 5322 text, log-normal sizes, median 4 KiB) to M mailboxes at random
    nodes from --clients threads. `appends.per_second` = acknowledged appends / wall time.
@@ -73,7 +75,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -104,14 +105,6 @@ def record_information_bytes(account, mailbox):
 
 def rounded(value, digits=3):
     return None if value is None else round(value, digits)
-
-
-def free_port():
-    """A port that was free a moment ago (bind and release; racy). Only the relays use it: they
-    need their ports before the nodes that dial them start."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -329,16 +322,26 @@ class Relay:
     """One latency_relay.py process: every link into one destination node."""
 
     def __init__(self, script, delay_ms, links, root, name):
+        """`links`: the link IDs. Each listens on a port the kernel chooses (`self.ports`, ID ->
+        port) and holds its connections until `set_target` names the destination's port."""
         arguments = [sys.executable, script, "--delay-ms", str(delay_ms)]
-        for ident, listen_port, target_port in links:
-            arguments += ["--link", f"{ident}:{listen_port}:{target_port}"]
+        for ident in links:
+            arguments += ["--link", f"{ident}:0:0"]
         self.log = open(os.path.join(root, f"{name}.log"), "ab")
         self.process = subprocess.Popen(arguments, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                         stderr=self.log, text=True, bufsize=1)
         line = self.process.stdout.readline().strip()
-        if line != "ready":
+        if not line.startswith("ready "):
             raise RuntimeError(f"relay {name} did not start: {line!r}")
+        self.ports = json.loads(line[len("ready "):])
+        self.links = list(links)
         self.lock = threading.Lock()
+
+    def set_target(self, port):
+        for ident in self.links:
+            answer = self.command(f"target {ident} {port}")
+            if answer != "ok":
+                raise RuntimeError(f"relay link {ident} refused its target: {answer!r}")
 
     def command(self, text):
         with self.lock:
@@ -654,27 +657,24 @@ class Cluster:
         nodes = self.nodes
         started = time.monotonic()
         if self.relayed:
-            # The relays need their destinations' ports before anything starts: probe them.
-            for node in nodes:
-                node.listen_port = free_port()
+            # Relays first, on ports the kernel chooses; then the nodes, told of the relays' ports;
+            # each relay learns its node's port (port 0 too) once the node reports it.
             script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "latency_relay.py")
             for destination in nodes:
-                links = []
-                for source in nodes:
-                    if source is destination:
-                        continue
-                    ident = f"{source.index}-{destination.index}"
-                    port = free_port()
-                    links.append((ident, port, destination.listen_port))
-                    self.link_ids[(source.index, destination.index)] = ident
-                    source.peers.append(f"/ip4/127.0.0.1/tcp/{port}")
+                links = [f"{source.index}-{destination.index}" for source in nodes if source is not destination]
                 relay = Relay(script, self.options.latency_ms or 0, links, self.root, f"relay{destination.index}")
+                for source in nodes:
+                    if source is not destination:
+                        ident = f"{source.index}-{destination.index}"
+                        self.link_ids[(source.index, destination.index)] = ident
+                        source.peers.append(f"/ip4/127.0.0.1/tcp/{relay.ports[ident]}")
                 self.relays.append(relay)
                 self.relay_of[destination.index] = relay
             for node in nodes:
                 node.start()
             for node in nodes:
                 node.wait_healthy(self.http)
+                self.relay_of[node.index].set_target(node.listen_port)
         else:
             # One after another: each node dials the reported addresses of those before it, so
             # every pair is dialled once and no port is guessed.

@@ -8,15 +8,18 @@ at time t are written at t + delay, in order, with no bandwidth limit.
 
     latency_relay.py --delay-ms 100 --link ID:LISTEN_PORT:TARGET_PORT [--link ...]
 
-Prints one line "ready" on stdout once every link listens. Commands, one per line on stdin:
+LISTEN_PORT 0 lets the kernel choose the port; TARGET_PORT 0 means the target is not known yet
+(set it with `target`). Prints one line "ready {ID: listening port, ...}" (JSON after the word)
+on stdout once every link listens. Commands, one per line on stdin:
 
+    target ID PORT      forward the link to PORT from now on (answers "ok")
     block ID [ID ...]   drop the links' connections and refuse new ones (a partition)
     unblock             accept on every link again
     stats               print {"links": {ID: {"bytes_forward", "bytes_back", "connections",
                         "accepted", "refused"}}} as one JSON line
 
-A connection accepted while its target is not listening yet is held, and the target is retried
-for up to --connect-timeout seconds, so nodes may start in any order. End of input (or SIGTERM)
+A connection accepted while its target is not known or not listening yet is held, and the target
+is retried for up to --connect-timeout seconds, so nodes may start in any order. End of input (or SIGTERM)
 stops the relay. Python 3.11 standard library only.
 """
 
@@ -108,6 +111,8 @@ async def serve_link(link, delay, connect_timeout):
         target = None
         while target is None:
             try:
+                if not link.target_port:
+                    raise ConnectionRefusedError("the link's target is not known yet")
                 target = await asyncio.open_connection("127.0.0.1", link.target_port)
             except OSError:
                 if loop.time() > deadline or link.blocked:
@@ -154,7 +159,8 @@ async def main():
         ident, listen_port, target_port = text.split(":")
         links[ident] = Link(ident, int(listen_port), int(target_port))
     servers = [await serve_link(link, delay, arguments.connect_timeout) for link in links.values()]
-    print("ready", flush=True)
+    ports = {ident: server.sockets[0].getsockname()[1] for ident, server in zip(links, servers)}
+    print("ready " + json.dumps(ports), flush=True)
 
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
@@ -172,7 +178,13 @@ async def main():
             words = line.decode().split()
             if not words:
                 continue
-            if words[0] == "block":
+            if words[0] == "target":
+                if len(words) == 3 and words[1] in links and words[2].isdigit():
+                    links[words[1]].target_port = int(words[2])
+                    print("ok", flush=True)
+                else:
+                    print(json.dumps({"error": "usage: target ID PORT, with the ID of a link"}), flush=True)
+            elif words[0] == "block":
                 for ident in words[1:]:
                     if ident in links:
                         links[ident].blocked = True

@@ -256,7 +256,8 @@ class Browser:
         return result["result"].get("value")
 
     def dom(self):
-        return self.evaluate("document.documentElement.outerHTML")
+        # Empty while a navigation has not made a document yet.
+        return self.evaluate("document.documentElement ? document.documentElement.outerHTML : ''")
 
     def screenshot(self, path):
         metrics = self.send("Page.getLayoutMetrics")
@@ -377,6 +378,28 @@ def writer(nodes, stop, counts):
         stop.wait(0.2)
 
 
+def wait_for_page(browser, seconds, check):
+    """Reads the page's DOM every 250 ms until `check(PageDom)` holds or `seconds` pass. Returns
+    (html, held): the last DOM read, and whether the condition held in it."""
+    deadline = time.time() + seconds
+    while True:
+        html = browser.dom()
+        if check(PageDom(html)):
+            return html, True
+        if time.time() >= deadline:
+            return html, False
+        time.sleep(0.25)
+
+
+def samples_shown(dom):
+    return int(dom.attr("chart-sync", "data-samples") or 0)
+
+
+def peer_rows(dom):
+    """{peer name: its data-agrees} as the page's peer table shows them."""
+    return {row.get("data-name"): row.get("data-agrees") for row in dom.peer_rows}
+
+
 def all_agree(nodes):
     digests = {node.status()["digest"] for node in nodes}
     peers_ok = all(
@@ -408,18 +431,25 @@ def run(args, root, failures):
         browser = Browser(args.chromium, os.path.join(root, "chromium-profile"), args.width, args.height)
         log(f"opening {alpha.url('/')} in headless Chromium")
         browser.open(alpha.url("/"))
-        time.sleep(4)
+        # Not a fixed pause: wait until the page has drawn three samples of alpha alone (past its
+        # "collecting samples" state), so its charts have a baseline before the catch-up starts.
+        if not wait_for_page(browser, 30, lambda dom: samples_shown(dom) >= 3)[1]:
+            failures.append("the page drew fewer than 3 samples within 30 s of opening")
 
         seed = alpha.listen_address()
         stop = threading.Event()
         counts = {"append": 0, "flags": 0, "expunge": 0, "errors": 0}
         log("joining bravo to alpha")
         bravo.start([seed])
-        time.sleep(4)
+        # Until the page lists bravo, so the page has seen the first join before the second.
+        if not wait_for_page(browser, 60, lambda dom: "bravo" in peer_rows(dom))[1]:
+            failures.append("the page did not list bravo within 60 s of its join")
         log("joining charlie to alpha; writing on all three")
         charlie.start([seed])
         thread = threading.Thread(target=writer, args=(nodes, stop, counts), daemon=True)
         thread.start()
+        # The length of the write load, not a wait for anything: the page must watch writes
+        # stream in for this long.
         time.sleep(args.write_seconds)
         stop.set()
         thread.join()
@@ -432,9 +462,12 @@ def run(args, root, failures):
             failures.append("the three nodes did not agree within 60 s")
             for node in nodes:
                 log(f"  {node.name}: {node.status()}")
-        time.sleep(3)   # a few more polls, so the page shows the settled state
-
-        html = browser.dom()
+        # Until the page shows the settled state: alpha's current digest, three of three agreeing
+        # (check_agreeing below then checks every element and says what it found).
+        settled_digest = alpha.status()["digest"]
+        html, _ = wait_for_page(browser, 30, lambda dom: dom.text("self-digest") == settled_digest
+                                and dom.attr("agreement", "data-agreeing") == "3"
+                                and set(peer_rows(dom).values()) == {"true"})
         with open(os.path.join(root, "page.html"), "w") as handle:
             handle.write(html)
         browser.screenshot(args.screenshot)
@@ -447,9 +480,11 @@ def run(args, root, failures):
         log("freezing charlie (SIGSTOP) and writing on alpha")
         charlie.pause()
         alpha.append("ops@example.org", "INBOX", message("alpha@example.org", "while charlie is frozen", "diverge"))
-        wait_until(10, lambda: bravo.status()["digest"] == alpha.status()["digest"])
-        time.sleep(3)
-        html = browser.dom()
+        if not wait_until(30, lambda: bravo.status()["digest"] == alpha.status()["digest"]):
+            failures.append("bravo did not take alpha's write within 30 s while charlie was frozen")
+        # Until the page shows charlie disagreeing (check_diverged below checks the rest).
+        html, _ = wait_for_page(browser, 30, lambda dom: peer_rows(dom).get("charlie") == "false"
+                                and peer_rows(dom).get("bravo") == "true")
         diverged_path = os.path.splitext(args.screenshot)[0] + "-diverged.png"
         browser.screenshot(diverged_path)
         log(f"screenshot with charlie frozen: {diverged_path}")
@@ -496,7 +531,7 @@ def check_agreeing(dom, alpha, failures):
 
 
 def check_diverged(dom, failures):
-    rows = {row.get("data-name"): row.get("data-agrees") for row in dom.peer_rows}
+    rows = peer_rows(dom)
     check(failures, rows.get("charlie") == "false", f"frozen charlie is shown disagreeing (rows {rows})")
     check(failures, rows.get("bravo") == "true", "bravo still agrees")
     check(failures, dom.attr("agreement", "data-agreeing") == "2" and "bad" in (dom.attr("agreement", "class") or "").split(),

@@ -51,6 +51,8 @@ def log(message):
 
 
 def free_port():
+    """A port that was free a moment ago (bind and release, so racy). Only Postfix's SMTP listener
+    uses it: Postfix cannot report a port the kernel chose. The node's LMTP listens on port 0."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -218,6 +220,7 @@ class Postfix:
     """A private Postfix instance: its own config, queue and data directories."""
 
     def __init__(self, root, smtp_port, lmtp_port, socket_path):
+        """`lmtp_port`: the port the node reported (data_dir/lmtp.addr) after binding port 0."""
         self.root = os.path.join(root, "postfix")
         self.config = os.path.join(self.root, "etc")
         self.smtp_port = smtp_port
@@ -305,7 +308,7 @@ def check_copy(raw, recipient, sender, body, server="alpha"):
 
 
 def run_checks(binary, directory):
-    lmtp_port, smtp_port = free_port(), free_port()
+    smtp_port = free_port()
     accounts = os.path.join(directory, "accounts")
     with open(accounts, "w") as handle:
         handle.writelines(f"{account}:{SECRET_HASH}\n" for account in ACCOUNTS)
@@ -316,16 +319,21 @@ def run_checks(binary, directory):
     with open(full_disk, "w") as handle:
         handle.write("min_free_bytes = 1000000000000000000\n")
     common = ["--accounts-file", accounts, "--http-token-file", token]
-    lmtp = f"127.0.0.1:{lmtp_port}"
     socket_path = os.path.join(directory, "delta-lmtp.sock")
 
     alpha, bravo, charlie, delta = (Node(binary, name, directory, common)
                                     for name in ("alpha", "bravo", "charlie", "delta"))
     nodes = [alpha, bravo, charlie, delta]
-    postfix = Postfix(directory, smtp_port, lmtp_port, socket_path)
+    postfix = None
     checks = []
     try:
-        alpha.start(lmtp=lmtp)
+        # alpha's LMTP listens on a port the kernel chooses; its restarts keep that port, as a
+        # deployed node's would, so Postfix's configuration stays right.
+        alpha.start(lmtp="127.0.0.1:0")
+        with open(os.path.join(alpha.data_dir, "lmtp.addr")) as handle:
+            lmtp = handle.read().strip()
+        lmtp_port = int(lmtp.rsplit(":", 1)[1])
+        postfix = Postfix(directory, smtp_port, lmtp_port, socket_path)
         bravo.start(peers=[alpha.listen_address()])
         charlie.start(peers=[alpha.listen_address()])
         peers_of_alpha = [bravo.listen_address(), charlie.listen_address()]
@@ -423,7 +431,8 @@ def run_checks(binary, directory):
                                lambda: alpha.start(peers=peers_of_alpha, lmtp=lmtp)))
         check("lmtp:unix: transport to a fourth node, replicated", unix_socket)
     finally:
-        postfix.stop()
+        if postfix:
+            postfix.stop()
         for node in nodes:
             node.stop()
     return checks

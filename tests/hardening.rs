@@ -1527,6 +1527,8 @@ async fn relay(
     node_of(&mut front).await;
     let (copies, requests) = tokio::sync::mpsc::unbounded_channel();
     let publisher = front.client.clone();
+    // Not a wait: the relay keeps announcing a differing digest, as a peer's heartbeat would, so
+    // the target keeps opening sessions with it; nothing below waits on this cadence.
     tokio::spawn(async move {
         for sequence in 1u64.. {
             let _ = publisher
