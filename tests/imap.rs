@@ -826,3 +826,81 @@ async fn subscriptions_are_kept_and_esearch_answers_what_was_asked() {
     assert_eq!(untagged, vec![format!("* ESEARCH (TAG \"{tag}\") ALL 1,3")]);
     let _ = node.stop.send(true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_list_selects_by_subscription_and_use_and_returns_children_and_status() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = start(config(directory.path(), |_| {})).await;
+    let (_, greeting) = connect(node.imap).await;
+    assert!(
+        greeting.contains(" LIST-EXTENDED ") && greeting.contains(" LIST-STATUS "),
+        "{greeting}"
+    );
+    let mut client = logged_in(node.imap, "alice@example.org").await;
+    for name in ["Fruit", "Fruit/Apple", "Fruit/Banana", "Tofu", "Sent"] {
+        client.ok(&format!("CREATE {name}")).await;
+    }
+    for name in ["Fruit", "Fruit/Apple", "Tofu"] {
+        client.ok(&format!("UNSUBSCRIBE {name}")).await;
+    }
+    client.append("INBOX", "\\Seen", MESSAGE).await;
+    client.append("INBOX", "", MESSAGE).await;
+
+    // SUBSCRIBED selects, and implies the \Subscribed attribute.
+    let subscribed = client.ok("LIST (SUBSCRIBED) \"\" \"*\"").await;
+    assert_eq!(
+        subscribed,
+        vec![
+            "* LIST (\\HasNoChildren \\Subscribed) \"/\" \"INBOX\"",
+            "* LIST (\\HasNoChildren \\Subscribed) \"/\" \"Fruit/Banana\"",
+            "* LIST (\\HasNoChildren \\Sent \\Subscribed) \"/\" \"Sent\"",
+        ]
+    );
+    // RECURSIVEMATCH: Fruit is not subscribed but has a subscribed child "%" does not list.
+    let recursive = client.ok("LIST (SUBSCRIBED RECURSIVEMATCH) \"\" \"%\"").await;
+    assert_eq!(
+        recursive,
+        vec![
+            "* LIST (\\HasNoChildren \\Subscribed) \"/\" \"INBOX\"",
+            "* LIST (\\HasChildren) \"/\" \"Fruit\" (\"CHILDINFO\" (\"SUBSCRIBED\"))",
+            "* LIST (\\HasNoChildren \\Sent \\Subscribed) \"/\" \"Sent\"",
+        ]
+    );
+    // Several patterns, and the subscription state returned for each mailbox listed.
+    let patterns = client
+        .ok("LIST \"\" (\"INBOX\" \"Fruit/%\") RETURN (CHILDREN SUBSCRIBED)")
+        .await;
+    assert_eq!(
+        patterns,
+        vec![
+            "* LIST (\\HasNoChildren \\Subscribed) \"/\" \"INBOX\"",
+            "* LIST (\\HasNoChildren) \"/\" \"Fruit/Apple\"",
+            "* LIST (\\HasNoChildren \\Subscribed) \"/\" \"Fruit/Banana\"",
+        ]
+    );
+    let special = client.ok("LIST (SPECIAL-USE) \"\" \"*\" RETURN (SPECIAL-USE)").await;
+    assert_eq!(special, vec!["* LIST (\\HasNoChildren \\Sent) \"/\" \"Sent\""]);
+    // LIST-STATUS: a STATUS after each mailbox listed.
+    let status = client
+        .ok("LIST \"\" \"INBOX\" RETURN (STATUS (MESSAGES UNSEEN UIDNEXT))")
+        .await;
+    assert_eq!(
+        status,
+        vec![
+            "* LIST (\\HasNoChildren) \"/\" \"INBOX\"",
+            "* STATUS \"INBOX\" (MESSAGES 2 UNSEEN 1 UIDNEXT 3)",
+        ]
+    );
+    for refused in [
+        "LIST (RECURSIVEMATCH) \"\" \"*\"",
+        "LIST (FLAVOURED) \"\" \"*\"",
+        "LIST \"\" \"*\" RETURN (STATUS (SIZE))",
+    ] {
+        let (_, tagged) = client.command(refused).await;
+        assert!(tagged.contains(" BAD "), "{refused} -> {tagged}");
+    }
+    // The basic forms are as they were.
+    let lsub = client.ok("LSUB \"\" \"Fruit/*\"").await;
+    assert_eq!(lsub, vec!["* LSUB (\\HasNoChildren) \"/\" \"Fruit/Banana\""]);
+    let _ = node.stop.send(true);
+}

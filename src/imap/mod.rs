@@ -293,7 +293,7 @@ impl ImapServer {
                     }
                 }
                 Event::Command(request) => {
-                    let next = session.handle(request.command, request.search_return).await;
+                    let next = session.handle(*request).await;
                     transport.write_all(&session.take_output()).await?;
                     match next {
                         Next::Continue => {}

@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use imap_codec::imap_types::command::{Command, CommandBody, FetchModifier, SelectParameter, StoreModifier};
+use imap_codec::imap_types::command::{CommandBody, FetchModifier, SelectParameter, StoreModifier};
 use imap_codec::imap_types::core::AString;
 use imap_codec::imap_types::extensions::sort::{SortCriterion, SortKey as ImapSortKey};
 use imap_codec::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItemName, Section};
@@ -29,7 +29,7 @@ use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
 use imap_codec::imap_types::status::StatusDataItemName;
 
 use super::message::{self, Parsed, SectionText};
-use super::reader::SearchReturn;
+use super::reader::{ListOptions, Request, SearchReturn};
 use crate::accounts::Password;
 use crate::model::{Flag, MessageId};
 use crate::service::uids::UidIndex;
@@ -199,7 +199,7 @@ impl Session {
     fn capabilities(&self) -> String {
         let mut capabilities = vec!["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"];
         capabilities.extend(["UNSELECT", "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN", "SORT"]);
-        capabilities.extend(["CONDSTORE", "QRESYNC", "ESEARCH"]);
+        capabilities.extend(["CONDSTORE", "QRESYNC", "ESEARCH", "LIST-EXTENDED", "LIST-STATUS"]);
         if matches!(self.state, State::NotAuthenticated) {
             if self.connection.tls_available {
                 capabilities.push("STARTTLS");
@@ -233,10 +233,16 @@ impl Session {
         }
     }
 
-    /// Runs one command; `search_return` holds a SEARCH's `RETURN (...)` options (ESEARCH).
-    pub async fn handle(&mut self, command: Command<'static>, search_return: Option<SearchReturn>) -> Next {
+    /// Runs one command, with what the reader found beside it (ESEARCH's `RETURN (...)`, an
+    /// extended LIST's options).
+    pub async fn handle(&mut self, request: Request) -> Next {
+        let Request {
+            command,
+            search_return,
+            list,
+        } = request;
         let tag = command.tag.inner().to_owned();
-        let (result, next) = self.dispatch(&tag, command.body, search_return).await;
+        let (result, next) = self.dispatch(&tag, command.body, search_return, list).await;
         match result {
             Ok(text) => self.tagged(&tag, "OK", &text),
             Err(Failure::No(text)) => self.tagged(&tag, "NO", &text),
@@ -251,6 +257,7 @@ impl Session {
         tag: &str,
         body: CommandBody<'static>,
         search_return: Option<SearchReturn>,
+        list: Option<ListOptions>,
     ) -> (Outcome, Next) {
         let authenticated = !matches!(self.state, State::NotAuthenticated | State::LoggedOut);
         let selected = matches!(self.state, State::Selected { .. });
@@ -334,14 +341,21 @@ impl Session {
             CommandBody::List {
                 reference,
                 mailbox_wildcard,
-            } if authenticated => self.list(&reference, &mailbox_wildcard, "LIST"),
+            } if authenticated => match list {
+                Some(options) => self.list(&reference, &options.patterns.clone(), "LIST", Some(&options)),
+                None => self.list(&reference, &[pattern_bytes(&mailbox_wildcard)], "LIST", None),
+            },
             CommandBody::Lsub {
                 reference,
                 mailbox_wildcard,
-            } if authenticated => self.list(&reference, &mailbox_wildcard, "LSUB"),
+            } if authenticated => self.list(&reference, &[pattern_bytes(&mailbox_wildcard)], "LSUB", None),
             CommandBody::Subscribe { mailbox } if authenticated => self.subscribe(&mailbox, true).await,
             CommandBody::Unsubscribe { mailbox } if authenticated => self.subscribe(&mailbox, false).await,
-            CommandBody::Status { mailbox, item_names } if authenticated => self.status(&mailbox, &item_names),
+            CommandBody::Status { mailbox, item_names } if authenticated => {
+                let account = self.account().unwrap_or_default().to_owned();
+                self.status(&account, &mailbox_name(&mailbox), &item_names)
+                    .map(|()| "STATUS done".to_owned())
+            }
             CommandBody::Select { mailbox, parameters } if authenticated => {
                 self.select(&mailbox, false, parameters).await
             }
@@ -505,37 +519,67 @@ impl Session {
     // Mailboxes
     // ---------------------------------------------------------------------------------------------
 
-    fn list(&mut self, reference: &Mailbox<'_>, pattern: &ListMailbox<'_>, kind: &str) -> Outcome {
+    /// LIST and LSUB (RFC 3501 6.3.8, 6.3.9), and the extended LIST (RFC 5258) when `options` are
+    /// given: several patterns, selection by subscription or special use, RECURSIVEMATCH's
+    /// CHILDINFO, and a STATUS after each mailbox (RFC 5819). Every listed mailbox says whether it
+    /// has children and its special use, asked or not (both RFCs allow it).
+    fn list(&mut self, reference: &Mailbox<'_>, patterns: &[Vec<u8>], kind: &str, options: Option<&ListOptions>) -> Outcome {
         let account = self.account().unwrap_or_default().to_owned();
         let reference = mailbox_name(reference);
-        let pattern = match pattern {
-            ListMailbox::Token(token) => String::from_utf8_lossy(token.as_ref()).into_owned(),
-            ListMailbox::String(string) => String::from_utf8_lossy(string.as_ref()).into_owned(),
-        };
-        if pattern.is_empty() {
+        let options = options.cloned().unwrap_or_default();
+        if patterns.iter().all(|pattern| pattern.is_empty()) {
             self.untagged(&format!("{kind} (\\Noselect) \"{DELIMITER}\" \"\""));
             return Ok(format!("{kind} done"));
         }
-        let pattern = crate::import::decode_modified_utf7(&format!("{reference}{pattern}"));
+        let patterns: Vec<String> = patterns
+            .iter()
+            .filter(|pattern| !pattern.is_empty())
+            .map(|pattern| {
+                crate::import::decode_modified_utf7(&format!("{reference}{}", String::from_utf8_lossy(pattern)))
+            })
+            .collect();
         let mailboxes = self.service.mailboxes(&account)?;
-        let names: Vec<String> = mailboxes.iter().map(|mailbox| mailbox.name.clone()).collect();
+        let selected = |mailbox: &crate::service::MailboxSummary| {
+            (!options.subscribed || mailbox.subscribed)
+                && (!options.special_use || special_use(mailbox).is_some())
+                && (kind != "LSUB" || mailbox.subscribed)
+        };
+        let matches = |name: &str| patterns.iter().any(|pattern| wildcard_matches(pattern, name));
+        let below = |parent: &str, name: &str| {
+            name.len() > parent.len() && name.starts_with(parent) && name[parent.len()..].starts_with(DELIMITER)
+        };
         for mailbox in &mailboxes {
             let name = &mailbox.name;
-            if !wildcard_matches(&pattern, name) || (kind == "LSUB" && !mailbox.subscribed) {
+            if !matches(name) {
                 continue;
             }
-            let children = names.iter().any(|other| {
-                other.len() > name.len()
-                    && other.starts_with(name.as_str())
-                    && other[name.len()..].starts_with(DELIMITER)
-            });
+            let selected_below: Vec<&crate::service::MailboxSummary> = mailboxes
+                .iter()
+                .filter(|other| below(name, &other.name) && selected(other))
+                .collect();
+            // RFC 5258 3.3: a parent that is not selected is listed only for a selected
+            // descendant the patterns do not list themselves.
+            if !selected(mailbox)
+                && !(options.recursive_match && selected_below.iter().any(|other| !matches(&other.name)))
+            {
+                continue;
+            }
+            let children = mailboxes.iter().any(|other| below(name, &other.name));
             let mut attributes = vec![if children { "\\HasChildren" } else { "\\HasNoChildren" }];
-            attributes.extend(special_use(name));
-            let mut line = format!("{kind} ({}) \"{DELIMITER}\" ", attributes.join(" ")).into_bytes();
+            attributes.extend(special_use(mailbox));
+            if options.return_subscribed && mailbox.subscribed {
+                attributes.push("\\Subscribed");
+            }
+            let mut line = format!("* {kind} ({}) \"{DELIMITER}\" ", attributes.join(" ")).into_bytes();
             message::string(&mut line, encode_modified_utf7(name).as_bytes());
-            self.output.extend_from_slice(b"* ");
+            if options.recursive_match && !selected_below.is_empty() {
+                line.extend_from_slice(b" (\"CHILDINFO\" (\"SUBSCRIBED\"))");
+            }
+            line.extend_from_slice(b"\r\n");
             self.output.extend_from_slice(&line);
-            self.output.extend_from_slice(b"\r\n");
+            if !options.status.is_empty() {
+                self.status(&account, name, &options.status)?;
+            }
         }
         Ok(format!("{kind} done"))
     }
@@ -553,11 +597,10 @@ impl Session {
         Ok(format!("{} done", if subscribed { "SUBSCRIBE" } else { "UNSUBSCRIBE" }))
     }
 
-    fn status(&mut self, mailbox: &Mailbox<'_>, items: &[StatusDataItemName]) -> Outcome {
-        let account = self.account().unwrap_or_default().to_owned();
-        let name = mailbox_name(mailbox);
-        let summary = self.service.mailbox_at(&account, &name)?;
-        let numbering = self.service.uid_sync(&self.uids, &account, &name)?;
+    /// A STATUS response for a mailbox (for STATUS, and after each mailbox of LIST-STATUS).
+    fn status(&mut self, account: &str, name: &str, items: &[StatusDataItemName]) -> Result<(), Failure> {
+        let summary = self.service.mailbox_at(account, name)?;
+        let numbering = self.service.uid_sync(&self.uids, account, name)?;
         let mut values = Vec::new();
         for item in items {
             match item {
@@ -574,10 +617,10 @@ impl Session {
             }
         }
         let mut line = b"* STATUS ".to_vec();
-        message::string(&mut line, encode_modified_utf7(&name).as_bytes());
+        message::string(&mut line, encode_modified_utf7(name).as_bytes());
         line.extend_from_slice(format!(" ({})\r\n", values.join(" ")).as_bytes());
         self.output.extend_from_slice(&line);
-        Ok("STATUS done".into())
+        Ok(())
     }
 
     async fn select(&mut self, mailbox: &Mailbox<'_>, read_only: bool, parameters: Vec<SelectParameter>) -> Outcome {
@@ -1851,6 +1894,14 @@ fn set_contains(set: &SequenceSet, number: u32, largest: u32) -> bool {
     })
 }
 
+/// A LIST pattern's bytes.
+fn pattern_bytes(pattern: &ListMailbox<'_>) -> Vec<u8> {
+    match pattern {
+        ListMailbox::Token(token) => token.as_ref().to_vec(),
+        ListMailbox::String(string) => string.as_ref().to_vec(),
+    }
+}
+
 /// A mailbox name as the service knows it: `INBOX` in any case is INBOX, modified UTF-7 decoded.
 pub fn mailbox_name(mailbox: &Mailbox<'_>) -> String {
     match mailbox {
@@ -1867,9 +1918,19 @@ pub fn mailbox_name(mailbox: &Mailbox<'_>) -> String {
     }
 }
 
-/// The special-use attribute a well-known mailbox name gets (RFC 6154).
-fn special_use(name: &str) -> Option<&'static str> {
-    match name.to_ascii_lowercase().as_str() {
+/// A mailbox's special-use attribute (RFC 6154): from its role (which JMAP sets too), else from
+/// a well-known name.
+fn special_use(mailbox: &crate::service::MailboxSummary) -> Option<&'static str> {
+    use crate::mailbox::Role;
+    match mailbox.role {
+        Some(Role::Sent) => return Some("\\Sent"),
+        Some(Role::Drafts) => return Some("\\Drafts"),
+        Some(Role::Trash) => return Some("\\Trash"),
+        Some(Role::Junk) => return Some("\\Junk"),
+        Some(Role::Archive) => return Some("\\Archive"),
+        Some(Role::Inbox) | None => {}
+    }
+    match mailbox.name.to_ascii_lowercase().as_str() {
         "sent" | "sent items" | "sent messages" => Some("\\Sent"),
         "drafts" => Some("\\Drafts"),
         "trash" | "deleted items" => Some("\\Trash"),
