@@ -904,3 +904,34 @@ async fn extended_list_selects_by_subscription_and_use_and_returns_children_and_
     assert_eq!(lsub, vec!["* LSUB (\\HasNoChildren) \"/\" \"Fruit/Banana\""]);
     let _ = node.stop.send(true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_past_the_accounts_session_limit_is_refused_until_one_ends() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = start(config(directory.path(), |config| {
+        config.imap_connections.per_account = 2;
+    }))
+    .await;
+    let mut first = logged_in(node.imap, "alice@example.org").await;
+    let _second = logged_in(node.imap, "alice@example.org").await;
+    let (mut third, _) = connect(node.imap).await;
+    let (_, refused) = third.command("LOGIN alice@example.org secret").await;
+    assert!(refused.contains(" NO [LIMIT]"), "{refused}");
+    // Another account is not held back, and the refused session may still log in later.
+    let _bob = logged_in(node.imap, "bob@example.org").await;
+    first.ok("LOGOUT").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, tagged) = third.command("LOGIN alice@example.org secret").await;
+        if tagged.contains(" OK ") {
+            break;
+        }
+        assert!(tagged.contains(" NO [LIMIT]"), "{tagged}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ended session never gave its place back"
+        );
+        tokio::task::yield_now().await;
+    }
+    let _ = node.stop.send(true);
+}

@@ -125,6 +125,12 @@ pub struct Session {
     /// does not repeat the same FETCH unsolicited.
     reported: HashMap<MessageId, String>,
     output: Vec<u8>,
+    /// The server's count of logged-in sessions per account, if it limits them.
+    account_counts: Option<super::Counts<String>>,
+    /// This session's place in that count, once logged in: held for its drop, which gives the
+    /// place back when the session ends.
+    #[allow(dead_code)]
+    account_slot: Option<super::Slot<String>>,
 }
 
 /// A command's failure, as the tagged answer says it.
@@ -161,7 +167,15 @@ impl Session {
             enabled: Enabled::default(),
             reported: HashMap::new(),
             output: Vec::new(),
+            account_counts: None,
+            account_slot: None,
         }
+    }
+
+    /// Refuses a login (`NO [LIMIT]`) once the account has as many sessions as `counts` allows.
+    pub fn with_account_limit(mut self, counts: super::Counts<String>) -> Session {
+        self.account_counts = Some(counts);
+        self
     }
 
     /// The greeting, with the capabilities.
@@ -467,6 +481,16 @@ impl Session {
             .await
         {
             Ok(account) => {
+                if let Some(counts) = &self.account_counts {
+                    match counts.take(account.as_str().to_owned()) {
+                        Some(slot) => self.account_slot = Some(slot),
+                        None => {
+                            return Err(Failure::No(
+                                "[LIMIT] this account has too many sessions open; log out of one first".into(),
+                            ))
+                        }
+                    }
+                }
                 self.state = State::Authenticated {
                     account: account.as_str().to_owned(),
                 };
