@@ -935,3 +935,57 @@ async fn a_login_past_the_accounts_session_limit_is_refused_until_one_ends() {
     }
     let _ = node.stop.send(true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_since_lets_exactly_one_of_concurrent_writers_store() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = start(config(directory.path(), |_| {})).await;
+    let mut client = logged_in(node.imap, "alice@example.org").await;
+    client.append("INBOX", "", MESSAGE).await;
+    client.ok("SELECT INBOX").await;
+    let fetched = client.ok("UID FETCH 1 (MODSEQ)").await;
+    let modseq = number_after(&fetched[0], "MODSEQ");
+    for round in 0..5 {
+        let mut writers = Vec::new();
+        for _ in 0..8 {
+            let mut writer = logged_in(node.imap, "alice@example.org").await;
+            writer.ok("SELECT INBOX").await;
+            writers.push(writer);
+        }
+        let fetched = client.ok("UID FETCH 1 (MODSEQ)").await;
+        let modseq = fetched
+            .iter()
+            .filter(|line| line.contains("MODSEQ"))
+            .map(|line| number_after(line, "MODSEQ"))
+            .fold(modseq, u64::max);
+        // Every writer sends before any answer is read: the STOREs reach the server together.
+        for (index, writer) in writers.iter_mut().enumerate() {
+            writer
+                .send(
+                    format!("w UID STORE 1 (UNCHANGEDSINCE {modseq}) +FLAGS.SILENT (r{round}w{index})\r\n")
+                        .as_bytes(),
+                )
+                .await;
+        }
+        let mut stored = Vec::new();
+        for (index, writer) in writers.iter_mut().enumerate() {
+            let (_, tagged) = writer.until_tagged("w").await;
+            assert!(tagged.starts_with("w OK"), "{tagged}");
+            if !tagged.contains("[MODIFIED 1]") {
+                stored.push(index);
+            }
+        }
+        assert_eq!(stored.len(), 1, "round {round}: writers {stored:?} all stored");
+        let flags = client.ok("UID FETCH 1 (FLAGS)").await;
+        let keywords: std::collections::HashSet<&str> = flags
+            .iter()
+            .flat_map(|line| line.split([' ', '(', ')']))
+            .filter(|word| word.starts_with(&format!("r{round}w")))
+            .collect();
+        assert_eq!(keywords.len(), 1, "round {round}: {flags:?}");
+        for mut writer in writers {
+            writer.ok("LOGOUT").await;
+        }
+    }
+    let _ = node.stop.send(true);
+}

@@ -1299,19 +1299,6 @@ impl Session {
         let answer = response == StoreResponse::Answer || unchanged_since.is_some();
         let mut modified = Vec::new();
         for (sequence, uid, id) in self.chosen(set, by_uid) {
-            if let Some(limit) = unchanged_since {
-                // Checked, then written: a change from elsewhere in between wins as a normal
-                // concurrent write does (the service has no compare-and-set).
-                match self.service.email_modseq(&account, id) {
-                    Ok(modseq) if modseq > limit => {
-                        modified.push(if by_uid { uid } else { sequence });
-                        continue;
-                    }
-                    Ok(_) => {}
-                    Err(ServiceError::NoSuchMessage(_)) => continue,
-                    Err(error) => return Err(error.into()),
-                }
-            }
             let (add, remove) = match kind {
                 StoreType::Add => (flags.clone(), Vec::new()),
                 StoreType::Remove => (Vec::new(), flags.clone()),
@@ -1325,8 +1312,21 @@ impl Session {
                     (flags.clone(), remove)
                 }
             };
-            let email = match self.service.set_flags(&account, id, add, remove).await {
-                Ok(email) => email,
+            // UNCHANGEDSINCE is checked where the change is written (the store's single writer),
+            // so a concurrent writer cannot change the message between the check and the STORE.
+            let written = match unchanged_since {
+                Some(limit) => self
+                    .service
+                    .set_flags_unchanged_since(&account, id, add, remove, limit)
+                    .await,
+                None => self.service.set_flags(&account, id, add, remove).await.map(Some),
+            };
+            let email = match written {
+                Ok(Some(email)) => email,
+                Ok(None) => {
+                    modified.push(if by_uid { uid } else { sequence });
+                    continue;
+                }
                 Err(ServiceError::NoSuchMessage(_)) => continue,
                 Err(error) => return Err(error.into()),
             };
