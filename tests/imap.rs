@@ -989,3 +989,33 @@ async fn unchanged_since_lets_exactly_one_of_concurrent_writers_store() {
     }
     let _ = node.stop.send(true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_fetches_decode_the_parts_transfer_encoding() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = start(config(directory.path(), |_| {})).await;
+    let mut client = logged_in(node.imap, "alice@example.org").await;
+    let message = "From: carol@example.net\r\nSubject: parts\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\nAAECaGk=\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9\r\n--b\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: x-frob\r\n\r\n???\r\n--b--\r\n";
+    client.append("INBOX", "", message).await;
+    client.ok("SELECT INBOX").await;
+    let capability = client.ok("CAPABILITY").await;
+    assert!(capability[0].contains(" BINARY"), "{capability:?}");
+    let fetched = client
+        .ok("FETCH 1 (BINARY.SIZE[1] BINARY.PEEK[1] BINARY.PEEK[2]<1.4>)")
+        .await;
+    assert_eq!(
+        fetched,
+        vec!["* 1 FETCH (BINARY.SIZE[1] 5 BINARY[1] ~{5}\r\n\u{0}\u{1}\u{2}hi BINARY[2]<1> {4}\r\naf\u{e9})"]
+    );
+    let flags = client.ok("FETCH 1 (FLAGS)").await;
+    assert!(!flags[0].contains("\\Seen"), "BINARY.PEEK leaves \\Seen: {flags:?}");
+    let (_, unknown) = client.command("FETCH 1 (BINARY[3])").await;
+    assert!(unknown.contains(" NO [UNKNOWN-CTE]"), "{unknown}");
+    let read = client.ok("FETCH 1 (BINARY[2])").await;
+    assert!(read[0].contains("BINARY[2] {5}\r\ncafé"), "{read:?}");
+    assert!(
+        read.iter().any(|line| line.contains("\\Seen")),
+        "BINARY sets \\Seen: {read:?}"
+    );
+    let _ = node.stop.send(true);
+}

@@ -213,7 +213,7 @@ impl Session {
     fn capabilities(&self) -> String {
         let mut capabilities = vec!["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"];
         capabilities.extend(["UNSELECT", "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN", "SORT"]);
-        capabilities.extend(["CONDSTORE", "QRESYNC", "ESEARCH", "LIST-EXTENDED", "LIST-STATUS"]);
+        capabilities.extend(["CONDSTORE", "QRESYNC", "ESEARCH", "LIST-EXTENDED", "LIST-STATUS", "BINARY"]);
         if matches!(self.state, State::NotAuthenticated) {
             if self.connection.tls_available {
                 capabilities.push("STARTTLS");
@@ -1251,7 +1251,7 @@ impl Session {
                     line.push(b' ');
                 }
                 first = false;
-                write_item(&mut line, item, uid, modseq, &email, raw.as_deref(), parsed.as_ref());
+                write_item(&mut line, item, uid, modseq, &email, raw.as_deref(), parsed.as_ref())?;
                 flags_written |= matches!(item, MessageDataItemName::Flags);
                 modseq_written |= matches!(item, MessageDataItemName::ModSeq);
             }
@@ -1728,7 +1728,7 @@ fn collect_texts(key: &SearchKey<'_>, texts: &mut Vec<String>) {
     }
 }
 
-/// Writes one FETCH data item.
+/// Writes one FETCH data item; fails only for a BINARY part that cannot be decoded.
 fn write_item(
     out: &mut Vec<u8>,
     item: &MessageDataItemName<'_>,
@@ -1737,7 +1737,7 @@ fn write_item(
     email: &Email,
     raw: Option<&[u8]>,
     parsed: Option<&Parsed<'_>>,
-) {
+) -> Result<(), Failure> {
     let raw = raw.unwrap_or_default();
     match item {
         MessageDataItemName::Uid => out.extend_from_slice(format!("UID {uid}").as_bytes()),
@@ -1789,40 +1789,57 @@ fn write_item(
                 .and_then(|parsed| parsed.section(&path, &text))
                 .unwrap_or_default();
             out.extend_from_slice(format!("BODY[{label}]").as_bytes());
-            write_partial(out, &bytes, *partial);
+            write_partial(out, &bytes, *partial, message::literal);
         }
         MessageDataItemName::Binary { section, partial, .. } => {
             let path: Vec<u32> = section.iter().map(|number| number.get()).collect();
             let label = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
-            let bytes = parsed
-                .and_then(|parsed| parsed.section(&path, &SectionText::Full))
-                .unwrap_or_default();
+            let bytes = decoded(parsed, &path)?;
             out.extend_from_slice(format!("BINARY[{label}]").as_bytes());
-            write_partial(out, &bytes, *partial);
+            write_partial(out, &bytes, *partial, message::binary_literal);
         }
         MessageDataItemName::BinarySize { section } => {
             let path: Vec<u32> = section.iter().map(|number| number.get()).collect();
             let label = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
-            let size = parsed
-                .and_then(|parsed| parsed.section(&path, &SectionText::Full))
-                .map(|bytes| bytes.len())
-                .unwrap_or(0);
+            let size = decoded(parsed, &path)?.len();
             out.extend_from_slice(format!("BINARY.SIZE[{label}] {size}").as_bytes());
         }
     }
+    Ok(())
 }
 
-fn write_partial(out: &mut Vec<u8>, bytes: &[u8], partial: Option<(u32, NonZeroU32)>) {
+/// BINARY's content of a part (RFC 3516): decoded, or the answer that refuses the FETCH.
+fn decoded(parsed: Option<&Parsed<'_>>, path: &[u32]) -> Result<Vec<u8>, Failure> {
+    match parsed.map(|parsed| parsed.binary(path)) {
+        Some(Ok(Some(bytes))) => Ok(bytes),
+        Some(Ok(None)) | None => Err(Failure::No(format!(
+            "the message has no part {}",
+            path.iter().map(u32::to_string).collect::<Vec<_>>().join(".")
+        ))),
+        Some(Err(message::BinaryError::UnknownEncoding(encoding))) => Err(Failure::No(format!(
+            "[UNKNOWN-CTE] the part's Content-Transfer-Encoding {encoding} is not known here"
+        ))),
+        Some(Err(message::BinaryError::Corrupt(reason))) => Err(Failure::No(format!("[PARSE] {reason}"))),
+    }
+}
+
+/// Writes a section's data, or the `<origin>` part of it asked for, with `literal`.
+fn write_partial(
+    out: &mut Vec<u8>,
+    bytes: &[u8],
+    partial: Option<(u32, NonZeroU32)>,
+    literal: fn(&mut Vec<u8>, &[u8]),
+) {
     match partial {
         Some((origin, length)) => {
             let start = (origin as usize).min(bytes.len());
             let end = start.saturating_add(length.get() as usize).min(bytes.len());
             out.extend_from_slice(format!("<{origin}> ").as_bytes());
-            message::literal(out, &bytes[start..end]);
+            literal(out, &bytes[start..end]);
         }
         None => {
             out.push(b' ');
-            message::literal(out, bytes);
+            literal(out, bytes);
         }
     }
 }
