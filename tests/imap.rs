@@ -52,12 +52,32 @@ fn config(directory: &Path, extra: impl FnOnce(&mut NodeConfig)) -> NodeConfig {
 }
 
 async fn start(config: NodeConfig) -> Node {
+    start_on(config, mailmesh::environment::system()).await
+}
+
+async fn start_on(config: NodeConfig, environment: Arc<dyn mailmesh::environment::Environment>) -> Node {
     let data_dir = config.data_dir.clone();
     let (stop, receiver) = watch::channel(false);
-    let running = mailmesh::server::start(config, mailmesh::environment::system(), receiver)
+    let running = mailmesh::server::start(config, environment, receiver)
         .await
         .expect("the node starts");
     node_of(running, stop, &data_dir)
+}
+
+/// The wall clock moved ahead by what the test says: the node's time can jump past a horizon.
+#[derive(Default)]
+struct AheadClock {
+    ahead_millis: std::sync::atomic::AtomicU64,
+}
+
+impl mailmesh::environment::Environment for AheadClock {
+    fn now_millis(&self) -> u64 {
+        mailmesh::environment::now_millis() + self.ahead_millis.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn random(&self) -> u128 {
+        rand::random()
+    }
 }
 
 /// Starts a node again on a data dir whose previous node was just stopped: its background tasks
@@ -1017,5 +1037,61 @@ async fn binary_fetches_decode_the_parts_transfer_encoding() {
         read.iter().any(|line| line.contains("\\Seen")),
         "BINARY sets \\Seen: {read:?}"
     );
+    let _ = node.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_uids_past_the_tombstone_horizon_are_pruned_and_older_clients_get_every_gap() {
+    let directory = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AheadClock::default());
+    let node = start_on(config(directory.path(), |_| {}), clock.clone()).await;
+    let mut writer = logged_in(node.imap, "alice@example.org").await;
+    for subject in ["one", "two", "three", "four"] {
+        writer.append("INBOX", "", &MESSAGE.replace("Lunch", subject)).await;
+    }
+    let selected = writer.ok("SELECT INBOX").await;
+    let validity = number_after(
+        selected.iter().find(|line| line.contains("UIDVALIDITY")).unwrap(),
+        "[UIDVALIDITY",
+    );
+    let highest = |lines: &[String]| {
+        number_after(
+            lines.iter().find(|line| line.contains("HIGHESTMODSEQ")).unwrap(),
+            "[HIGHESTMODSEQ",
+        )
+    };
+    writer.ok("UID STORE 1 +FLAGS.SILENT (\\Deleted)").await;
+    writer.ok("UID EXPUNGE 1").await;
+    let before_second = highest(&writer.ok("SELECT INBOX").await);
+    writer.ok("UID STORE 2 +FLAGS.SILENT (\\Deleted)").await;
+    writer.ok("UID EXPUNGE 2").await;
+    let before_third = highest(&writer.ok("SELECT INBOX").await);
+
+    let mut client = logged_in(node.imap, "alice@example.org").await;
+    client.ok("ENABLE QRESYNC").await;
+    let resync = |modseq: u64| format!("EXAMINE INBOX (QRESYNC ({validity} {modseq}))");
+    let exact = client.ok(&resync(before_second)).await;
+    assert!(exact.contains(&"* VANISHED (EARLIER) 2".to_owned()), "{exact:?}");
+
+    // A horizon later the first two entries are pruned when the third expunge is numbered.
+    clock.ahead_millis.store(
+        mailmesh::store::DEFAULT_TOMBSTONE_HORIZON_MILLIS + 60_000,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    writer.ok("UID STORE 3 +FLAGS.SILENT (\\Deleted)").await;
+    writer.ok("UID EXPUNGE 3").await;
+    let after = highest(&writer.ok("SELECT INBOX").await);
+    // Older than what was pruned: every UID that is not here, 1 included (a full resync).
+    let full = client.ok(&resync(before_second)).await;
+    assert!(full.contains(&"* VANISHED (EARLIER) 1:3".to_owned()), "{full:?}");
+    // Newer: still exact, from the entry that was kept.
+    let kept = client.ok(&resync(before_third)).await;
+    assert!(kept.contains(&"* VANISHED (EARLIER) 3".to_owned()), "{kept:?}");
+    let fetched = client
+        .ok(&format!("UID FETCH 1:* (FLAGS) (CHANGEDSINCE {before_second} VANISHED)"))
+        .await;
+    assert_eq!(fetched[0], "* VANISHED (EARLIER) 1:3", "{fetched:?}");
+    let current = client.ok(&resync(after)).await;
+    assert!(current.iter().all(|line| !line.contains("VANISHED")), "{current:?}");
     let _ = node.stop.send(true);
 }
