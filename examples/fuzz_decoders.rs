@@ -231,6 +231,7 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         b"\x05\x00a1 CAPABILITY\r\na2 LOGIN {5}\r\nalice \"secret\"\r\na3 SELECT INBOX\r\na4 UID FETCH 1:* (FLAGS BODY.PEEK[HEADER.FIELDS (SUBJECT)]<0.10>)\r\na5 APPEND INBOX (\\Seen) {12+}\r\nSubject: x\r\n\r\na6 IDLE\r\nDONE\r\n".to_vec(),
         b"\x03\xffa AUTHENTICATE PLAIN\r\nAGFsaWNlAHNlY3JldA==\r\nb SEARCH OR FROM x NOT SEEN\r\nc APPEND INBOX {99999}\r\n".to_vec(),
         b"\x07\x00s1 UID SEARCH RETURN (MIN MAX COUNT ALL) UNSEEN\r\ns2 SEARCH RETURN () {3}\r\nALL\r\ns3 SELECT INBOX (QRESYNC (1 5 1:9 (1:3 2:4)))\r\ns4 UID FETCH 1:* (FLAGS) (CHANGEDSINCE 4 VANISHED)\r\ns5 STORE 1 (UNCHANGEDSINCE 3) +FLAGS (\\Seen)\r\n".to_vec(),
+        b"\x09\x00l1 LIST (SUBSCRIBED RECURSIVEMATCH) \"\" (\"INBOX\" Sent/% {3+}\r\nA/*) RETURN (CHILDREN STATUS (MESSAGES UNSEEN))\r\nl2 LIST () {0}\r\n %\r\nl3 LIST (X) \"\" (\r\nf1 FETCH 1 (BINARY.PEEK[1]<0.9> BINARY.SIZE[2])\r\n".to_vec(),
         b"\x10\x00From: a@b\r\nContent-Type: multipart/mixed; boundary=z\r\n\r\n--z\r\nContent-Type: message/rfc822\r\n\r\nSubject: in\r\n\r\nbody\r\n--z--\r\n".to_vec(),
     ];
     let jmap_seeds = vec![

@@ -18,7 +18,12 @@ chooses, read back from data_dir/imap.addr) with one accounts file, then checks:
      no errors, both sides hold the same messages, nothing duplicated;
   6. offlineimap (Debian's offlineimap3): a two-way sync of INBOX with a Maildir of its own, a new
      message on each side and a flag set on the server, then two more runs: no errors, both sides
-     equal, nothing duplicated.
+     equal, nothing duplicated;
+  7. LIST-EXTENDED and LIST-STATUS with imaplib: LIST (SUBSCRIBED) with RETURN (CHILDREN STATUS
+     (...)), whose STATUS must agree with SELECT, and RECURSIVEMATCH's CHILDINFO;
+  8. imapclient (PyPI, in the virtualenv scripts/imap-clients.sh makes): IDLE on alpha sees a
+     message appended on bravo, then FETCH (CHANGEDSINCE) names it, folder_status agrees with
+     SEARCH, and BINARY.PEEK[1] gives its body.
 
 Prints one line per check and a JSON summary; exit status 0 when every check passes, 1 otherwise.
 The nodes are always stopped and the temporary directory removed (unless --keep).
@@ -547,6 +552,72 @@ def check_offlineimap(alpha, directory):
     return {"messages": len(server), "third_run_output": third[-200:]}
 
 
+def check_list_extended(alpha):
+    client = alpha.client()
+    check(*client.create("Extended/Child"), "CREATE Extended/Child")
+    check(*client.unsubscribe("Extended"), "UNSUBSCRIBE Extended")
+    typ, data = client.select("INBOX", readonly=True)
+    messages = int(check(typ, data, "EXAMINE")[0])
+    client.untagged_responses.clear()
+    typ, data = client._simple_command("LIST", "(SUBSCRIBED)", '""', '"*"', "RETURN",
+                                       "(CHILDREN STATUS (MESSAGES UNSEEN))")
+    check(typ, data, "LIST (SUBSCRIBED) ... RETURN (CHILDREN STATUS (...))")
+    lists = [line.decode() for line in client.untagged_responses.pop("LIST", [])]
+    statuses = [line.decode() for line in client.untagged_responses.pop("STATUS", [])]
+    expect(any(line.endswith('"INBOX"') and "\\Subscribed" in line for line in lists), f"LIST {lists}")
+    expect(not any(line.endswith('"Extended"') for line in lists), f"unsubscribed Extended listed: {lists}")
+    inbox = [line for line in statuses if line.startswith('"INBOX" ')]
+    expect(inbox and f"MESSAGES {messages}" in inbox[0], f"STATUS {statuses} for {messages} messages")
+    typ, data = client._simple_command("LIST", "(SUBSCRIBED RECURSIVEMATCH)", '""', '"Extended"')
+    check(typ, data, "LIST (SUBSCRIBED RECURSIVEMATCH)")
+    recursive = [line.decode() for line in client.untagged_responses.pop("LIST", [])]
+    expect(recursive == ['(\\HasChildren) "/" "Extended" ("CHILDINFO" ("SUBSCRIBED"))'], f"LIST {recursive}")
+    client.logout()
+    return {"list": lists, "status": statuses, "recursive": recursive}
+
+
+def check_imapclient(alpha, bravo):
+    try:
+        import imapclient
+    except ImportError:
+        raise CheckFailed("imapclient is not installed (scripts/imap-clients.sh puts it in a virtualenv)")
+    client = imapclient.IMAPClient(alpha.imap[0], port=alpha.imap[1], ssl=False, timeout=WAIT_SECONDS)
+    client.login(ACCOUNT, "secret")
+    capabilities = set(client.capabilities())
+    for wanted in (b"IDLE", b"CONDSTORE", b"QRESYNC", b"LIST-EXTENDED", b"LIST-STATUS", b"BINARY"):
+        expect(wanted in capabilities, f"{wanted} not in {sorted(capabilities)}")
+    selected = client.select_folder("INBOX")
+    modseq = selected[b"HIGHESTMODSEQ"]
+    client.idle()
+    writer = bravo.client()
+    started = time.time()
+    check(*writer.append("INBOX", None, None, message("for imapclient", "imapclient-1")), "APPEND on bravo")
+    writer.logout()
+    deadline = time.time() + WAIT_SECONDS
+    seen = False
+    while not seen and time.time() < deadline:
+        for response in client.idle_check(timeout=1):
+            seen |= len(response) > 1 and response[1] == b"EXISTS"
+    idle_seconds = time.time() - started
+    client.idle_done()
+    expect(seen, "IDLE on alpha never told the message appended on bravo")
+    changed = client.fetch(client.search(["ALL"]), ["FLAGS", "BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)]"],
+                           modifiers=[f"CHANGEDSINCE {modseq}"])
+    new = [uid for uid, data in changed.items()
+           if b"imapclient-1" in data.get(b"BODY[HEADER.FIELDS (MESSAGE-ID)]", b"")]
+    expect(len(new) == 1, f"CHANGEDSINCE {modseq} gave {changed}")
+    expect(all(b"MODSEQ" in data for data in changed.values()), f"MODSEQ missing in {changed}")
+    body = client.fetch(new, ["BINARY.PEEK[1]"])[new[0]].get(b"BINARY[1]")
+    expect(body == b"Body of imapclient-1\r\n", f"BINARY.PEEK[1] gave {body!r}")
+    status = client.folder_status("INBOX", [b"MESSAGES", b"UNSEEN", b"HIGHESTMODSEQ"])
+    everything = client.search(["ALL"])
+    expect(status[b"MESSAGES"] == len(everything), f"STATUS {status} against {len(everything)} messages")
+    expect(status[b"HIGHESTMODSEQ"] > modseq, f"HIGHESTMODSEQ {status} did not pass {modseq}")
+    client.logout()
+    return {"imapclient": imapclient.__version__, "idle_seconds_from_append_on_bravo": round(idle_seconds, 3),
+            "changed_since": len(changed)}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--binary", required=True)
@@ -569,6 +640,8 @@ def main():
             ("replication into a selected session", lambda: check_replication(alpha, bravo)),
             ("imaplib CONDSTORE/QRESYNC resync after changes on another node", lambda: check_qresync(alpha, bravo)),
             ("subscriptions replicate to LSUB on another node", lambda: check_subscriptions(alpha, bravo)),
+            ("imaplib LIST-EXTENDED and LIST-STATUS", lambda: check_list_extended(alpha)),
+            ("imapclient IDLE, CHANGEDSINCE, STATUS and BINARY across nodes", lambda: check_imapclient(alpha, bravo)),
         ]
         if shutil.which("mbsync"):
             checks.append(("mbsync two-way", lambda: check_mbsync(alpha, directory, [bravo.listen_address()])))

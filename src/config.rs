@@ -77,6 +77,12 @@ pub struct ConfigFile {
     pub imaps_listen: Option<String>,
     /// Accept IMAP logins without TLS from hosts other than loopback (off by default).
     pub imap_allow_plaintext: Option<bool>,
+    /// IMAP sessions at once (default 500); more are answered BYE and closed.
+    pub imap_max_connections: Option<usize>,
+    /// IMAP sessions at once from one address (default 50); more are answered BYE and closed.
+    pub imap_max_connections_per_address: Option<usize>,
+    /// Logged-in IMAP sessions of one account (default 20); one more login gets `NO [LIMIT]`.
+    pub imap_max_connections_per_account: Option<usize>,
 }
 
 impl ConfigFile {
@@ -227,6 +233,15 @@ impl ConfigFile {
         if let Some(allow) = self.imap_allow_plaintext {
             config.imap_allow_plaintext = allow;
         }
+        if let Some(count) = self.imap_max_connections {
+            config.imap_connections.total = count;
+        }
+        if let Some(count) = self.imap_max_connections_per_address {
+            config.imap_connections.per_address = count;
+        }
+        if let Some(count) = self.imap_max_connections_per_account {
+            config.imap_connections.per_account = count;
+        }
         validate(&config)?;
         Ok(config)
     }
@@ -356,6 +371,9 @@ pub fn validate(config: &NodeConfig) -> Result<(), ConfigError> {
         ("lmtp_max_recipients", config.lmtp_max_recipients > 0),
         ("lmtp_idle_timeout_seconds", !config.lmtp_idle_timeout.is_zero()),
         ("lmtp_session_timeout_seconds", !config.lmtp_session_deadline.is_zero()),
+        ("imap_max_connections", config.imap_connections.total > 0),
+        ("imap_max_connections_per_address", config.imap_connections.per_address > 0),
+        ("imap_max_connections_per_account", config.imap_connections.per_account > 0),
     ] {
         if !positive {
             return Err(ConfigError::Invalid {
@@ -394,6 +412,31 @@ mod tests {
         let zero: ConfigFile = toml::from_str("lmtp_session_timeout_seconds = 0").unwrap();
         let error = zero.into_node_config().unwrap_err().to_string();
         assert!(error.contains("lmtp_session_timeout_seconds"), "{error}");
+    }
+
+    #[test]
+    fn imap_connection_limits_come_from_their_keys_and_zero_is_refused() {
+        let file: ConfigFile = toml::from_str(
+            "imap_max_connections = 900\nimap_max_connections_per_address = 30\nimap_max_connections_per_account = 4",
+        )
+        .unwrap();
+        let config = file.into_node_config().unwrap();
+        assert_eq!(
+            config.imap_connections,
+            crate::imap::ConnectionLimits {
+                total: 900,
+                per_address: 30,
+                per_account: 4
+            }
+        );
+        let defaults: ConfigFile = toml::from_str("").unwrap();
+        assert_eq!(
+            defaults.into_node_config().unwrap().imap_connections,
+            crate::imap::ConnectionLimits::default()
+        );
+        let zero: ConfigFile = toml::from_str("imap_max_connections_per_account = 0").unwrap();
+        let error = zero.into_node_config().unwrap_err().to_string();
+        assert!(error.contains("imap_max_connections_per_account"), "{error}");
     }
 
     #[test]

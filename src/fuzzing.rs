@@ -424,7 +424,8 @@ pub fn lmtp_session(input: &[u8]) {
 /// What the cargo-fuzz target `imap_session` runs on one input: the whole input as an IMAP
 /// client's bytes, fed to the session's reader in pieces whose size the first byte chooses, in
 /// command mode or raw-line mode as the second byte's bits say; then the same bytes as a message
-/// whose ENVELOPE, BODYSTRUCTURE and sections are rendered. The reader must never panic, must
+/// whose ENVELOPE, BODYSTRUCTURE, sections and BINARY decodings are rendered (extended LIST
+/// lines go through the reader's own LIST-EXTENDED parser). The reader must never panic, must
 /// stop at a line over the limit, and every rendered section must lie inside the message.
 pub fn imap_session(input: &[u8]) {
     use crate::imap::message::{Parsed, SectionText};
@@ -467,6 +468,10 @@ pub fn imap_session(input: &[u8]) {
             if let Some(section) = parsed.section(path, &text) {
                 assert!(section.len() <= input.len() + 2, "a section is larger than its message");
             }
+        }
+        // BINARY's decoding: base64 only shrinks; quoted-printable may turn bare LFs into CRLFs.
+        if let Ok(Some(decoded)) = parsed.binary(path) {
+            assert!(decoded.len() <= 2 * input.len() + 2, "a decoded part is too large");
         }
     }
 }

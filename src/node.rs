@@ -123,6 +123,8 @@ pub struct NodeConfig {
     pub imaps_listen: Option<SocketAddr>,
     /// Accept IMAP logins without TLS from hosts other than loopback (`imap_allow_plaintext`).
     pub imap_allow_plaintext: bool,
+    /// IMAP sessions at once, per address and per account (`imap_max_connections...`).
+    pub imap_connections: crate::imap::ConnectionLimits,
 }
 
 impl Default for NodeConfig {
@@ -170,6 +172,7 @@ impl Default for NodeConfig {
             imap_listen: None,
             imaps_listen: None,
             imap_allow_plaintext: false,
+            imap_connections: crate::imap::ConnectionLimits::default(),
         }
     }
 }

@@ -172,6 +172,7 @@ pub async fn start(
         );
         let mut settings = crate::imap::ImapSettings::for_service(&service);
         settings.allow_plaintext = config.imap_allow_plaintext;
+        settings.connections = config.imap_connections;
         // The HTTP listener's configuration announces ALPN http/1.1; IMAP's announces imap (RFC 9051).
         let imap_tls = tls.as_ref().map(|tls| {
             let mut config = (**tls).clone();

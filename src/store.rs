@@ -216,6 +216,12 @@ pub enum Operation {
         id: MessageId,
         add: Vec<Flag>,
         remove: Vec<Flag>,
+        /// A node-local modseq: if the message changed here after it (its [`LocalState::modseq`]
+        /// is above, or this batch changed it already), nothing is written and the answer is
+        /// [`Applied::ChangedSince`]. Checked by the single writer, so no write can come between
+        /// the check and the change (IMAP's `STORE (UNCHANGEDSINCE n)`, RFC 7162 3.1.3). `None`:
+        /// always write.
+        unless_changed_since: Option<u64>,
         now_millis: u64,
     },
     /// Moves a live email to another mailbox of its account, keeping its ID (idempotent).
@@ -263,6 +269,9 @@ pub enum Applied {
     Blob { hash: BlobHash, new: bool },
     /// A tombstone was purged (false when it was not one to purge).
     Purged(bool),
+    /// A conditional flag change wrote nothing: the message changed after the modseq it named.
+    /// `modseq` is its modseq now (`u64::MAX` when the same batch changed it first).
+    ChangedSince { record: MessageRecord, modseq: u64 },
 }
 
 /// A mailbox's entry in the directory: its key, counters and current root.
@@ -886,6 +895,7 @@ impl Store {
                 id,
                 add,
                 remove,
+                unless_changed_since,
                 now_millis,
             } => {
                 let mailbox_id = mailbox.id();
@@ -897,6 +907,16 @@ impl Store {
                     })?;
                 if !old.is_live() {
                     return Err(StoreError::Expunged(id));
+                }
+                if let Some(limit) = unless_changed_since {
+                    let modseq = if staging.records.contains_key(&(mailbox_id, id)) {
+                        u64::MAX
+                    } else {
+                        self.local_state(mailbox_id, id)?.map(|state| state.modseq).unwrap_or(0)
+                    };
+                    if modseq > limit {
+                        return Ok(Applied::ChangedSince { record: old, modseq });
+                    }
                 }
                 let stamp = Stamp {
                     time: state.clock.tick(now_millis),

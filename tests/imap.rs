@@ -52,12 +52,32 @@ fn config(directory: &Path, extra: impl FnOnce(&mut NodeConfig)) -> NodeConfig {
 }
 
 async fn start(config: NodeConfig) -> Node {
+    start_on(config, mailmesh::environment::system()).await
+}
+
+async fn start_on(config: NodeConfig, environment: Arc<dyn mailmesh::environment::Environment>) -> Node {
     let data_dir = config.data_dir.clone();
     let (stop, receiver) = watch::channel(false);
-    let running = mailmesh::server::start(config, mailmesh::environment::system(), receiver)
+    let running = mailmesh::server::start(config, environment, receiver)
         .await
         .expect("the node starts");
     node_of(running, stop, &data_dir)
+}
+
+/// The wall clock moved ahead by what the test says: the node's time can jump past a horizon.
+#[derive(Default)]
+struct AheadClock {
+    ahead_millis: std::sync::atomic::AtomicU64,
+}
+
+impl mailmesh::environment::Environment for AheadClock {
+    fn now_millis(&self) -> u64 {
+        mailmesh::environment::now_millis() + self.ahead_millis.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn random(&self) -> u128 {
+        rand::random()
+    }
 }
 
 /// Starts a node again on a data dir whose previous node was just stopped: its background tasks
@@ -824,5 +844,254 @@ async fn subscriptions_are_kept_and_esearch_answers_what_was_asked() {
     let (untagged, tagged) = client.command("SEARCH SEEN").await;
     let tag = tagged.split(' ').next().unwrap();
     assert_eq!(untagged, vec![format!("* ESEARCH (TAG \"{tag}\") ALL 1,3")]);
+    let _ = node.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_list_selects_by_subscription_and_use_and_returns_children_and_status() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = start(config(directory.path(), |_| {})).await;
+    let (_, greeting) = connect(node.imap).await;
+    assert!(
+        greeting.contains(" LIST-EXTENDED ") && greeting.contains(" LIST-STATUS "),
+        "{greeting}"
+    );
+    let mut client = logged_in(node.imap, "alice@example.org").await;
+    for name in ["Fruit", "Fruit/Apple", "Fruit/Banana", "Tofu", "Sent"] {
+        client.ok(&format!("CREATE {name}")).await;
+    }
+    for name in ["Fruit", "Fruit/Apple", "Tofu"] {
+        client.ok(&format!("UNSUBSCRIBE {name}")).await;
+    }
+    client.append("INBOX", "\\Seen", MESSAGE).await;
+    client.append("INBOX", "", MESSAGE).await;
+
+    // SUBSCRIBED selects, and implies the \Subscribed attribute.
+    let subscribed = client.ok("LIST (SUBSCRIBED) \"\" \"*\"").await;
+    assert_eq!(
+        subscribed,
+        vec![
+            "* LIST (\\HasNoChildren \\Subscribed) \"/\" \"INBOX\"",
+            "* LIST (\\HasNoChildren \\Subscribed) \"/\" \"Fruit/Banana\"",
+            "* LIST (\\HasNoChildren \\Sent \\Subscribed) \"/\" \"Sent\"",
+        ]
+    );
+    // RECURSIVEMATCH: Fruit is not subscribed but has a subscribed child "%" does not list.
+    let recursive = client.ok("LIST (SUBSCRIBED RECURSIVEMATCH) \"\" \"%\"").await;
+    assert_eq!(
+        recursive,
+        vec![
+            "* LIST (\\HasNoChildren \\Subscribed) \"/\" \"INBOX\"",
+            "* LIST (\\HasChildren) \"/\" \"Fruit\" (\"CHILDINFO\" (\"SUBSCRIBED\"))",
+            "* LIST (\\HasNoChildren \\Sent \\Subscribed) \"/\" \"Sent\"",
+        ]
+    );
+    // Several patterns, and the subscription state returned for each mailbox listed.
+    let patterns = client
+        .ok("LIST \"\" (\"INBOX\" \"Fruit/%\") RETURN (CHILDREN SUBSCRIBED)")
+        .await;
+    assert_eq!(
+        patterns,
+        vec![
+            "* LIST (\\HasNoChildren \\Subscribed) \"/\" \"INBOX\"",
+            "* LIST (\\HasNoChildren) \"/\" \"Fruit/Apple\"",
+            "* LIST (\\HasNoChildren \\Subscribed) \"/\" \"Fruit/Banana\"",
+        ]
+    );
+    let special = client.ok("LIST (SPECIAL-USE) \"\" \"*\" RETURN (SPECIAL-USE)").await;
+    assert_eq!(special, vec!["* LIST (\\HasNoChildren \\Sent) \"/\" \"Sent\""]);
+    // LIST-STATUS: a STATUS after each mailbox listed.
+    let status = client
+        .ok("LIST \"\" \"INBOX\" RETURN (STATUS (MESSAGES UNSEEN UIDNEXT))")
+        .await;
+    assert_eq!(
+        status,
+        vec![
+            "* LIST (\\HasNoChildren) \"/\" \"INBOX\"",
+            "* STATUS \"INBOX\" (MESSAGES 2 UNSEEN 1 UIDNEXT 3)",
+        ]
+    );
+    for refused in [
+        "LIST (RECURSIVEMATCH) \"\" \"*\"",
+        "LIST (FLAVOURED) \"\" \"*\"",
+        "LIST \"\" \"*\" RETURN (STATUS (SIZE))",
+    ] {
+        let (_, tagged) = client.command(refused).await;
+        assert!(tagged.contains(" BAD "), "{refused} -> {tagged}");
+    }
+    // The basic forms are as they were.
+    let lsub = client.ok("LSUB \"\" \"Fruit/*\"").await;
+    assert_eq!(lsub, vec!["* LSUB (\\HasNoChildren) \"/\" \"Fruit/Banana\""]);
+    let _ = node.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_login_past_the_accounts_session_limit_is_refused_until_one_ends() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = start(config(directory.path(), |config| {
+        config.imap_connections.per_account = 2;
+    }))
+    .await;
+    let mut first = logged_in(node.imap, "alice@example.org").await;
+    let _second = logged_in(node.imap, "alice@example.org").await;
+    let (mut third, _) = connect(node.imap).await;
+    let (_, refused) = third.command("LOGIN alice@example.org secret").await;
+    assert!(refused.contains(" NO [LIMIT]"), "{refused}");
+    // Another account is not held back, and the refused session may still log in later.
+    let _bob = logged_in(node.imap, "bob@example.org").await;
+    first.ok("LOGOUT").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, tagged) = third.command("LOGIN alice@example.org secret").await;
+        if tagged.contains(" OK ") {
+            break;
+        }
+        assert!(tagged.contains(" NO [LIMIT]"), "{tagged}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the ended session never gave its place back"
+        );
+        tokio::task::yield_now().await;
+    }
+    let _ = node.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unchanged_since_lets_exactly_one_of_concurrent_writers_store() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = start(config(directory.path(), |_| {})).await;
+    let mut client = logged_in(node.imap, "alice@example.org").await;
+    client.append("INBOX", "", MESSAGE).await;
+    client.ok("SELECT INBOX").await;
+    let fetched = client.ok("UID FETCH 1 (MODSEQ)").await;
+    let modseq = number_after(&fetched[0], "MODSEQ");
+    for round in 0..5 {
+        let mut writers = Vec::new();
+        for _ in 0..8 {
+            let mut writer = logged_in(node.imap, "alice@example.org").await;
+            writer.ok("SELECT INBOX").await;
+            writers.push(writer);
+        }
+        let fetched = client.ok("UID FETCH 1 (MODSEQ)").await;
+        let modseq = fetched
+            .iter()
+            .filter(|line| line.contains("MODSEQ"))
+            .map(|line| number_after(line, "MODSEQ"))
+            .fold(modseq, u64::max);
+        // Every writer sends before any answer is read: the STOREs reach the server together.
+        for (index, writer) in writers.iter_mut().enumerate() {
+            writer
+                .send(
+                    format!("w UID STORE 1 (UNCHANGEDSINCE {modseq}) +FLAGS.SILENT (r{round}w{index})\r\n")
+                        .as_bytes(),
+                )
+                .await;
+        }
+        let mut stored = Vec::new();
+        for (index, writer) in writers.iter_mut().enumerate() {
+            let (_, tagged) = writer.until_tagged("w").await;
+            assert!(tagged.starts_with("w OK"), "{tagged}");
+            if !tagged.contains("[MODIFIED 1]") {
+                stored.push(index);
+            }
+        }
+        assert_eq!(stored.len(), 1, "round {round}: writers {stored:?} all stored");
+        let flags = client.ok("UID FETCH 1 (FLAGS)").await;
+        let keywords: std::collections::HashSet<&str> = flags
+            .iter()
+            .flat_map(|line| line.split([' ', '(', ')']))
+            .filter(|word| word.starts_with(&format!("r{round}w")))
+            .collect();
+        assert_eq!(keywords.len(), 1, "round {round}: {flags:?}");
+        for mut writer in writers {
+            writer.ok("LOGOUT").await;
+        }
+    }
+    let _ = node.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binary_fetches_decode_the_parts_transfer_encoding() {
+    let directory = tempfile::tempdir().unwrap();
+    let node = start(config(directory.path(), |_| {})).await;
+    let mut client = logged_in(node.imap, "alice@example.org").await;
+    let message = "From: carol@example.net\r\nSubject: parts\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\nAAECaGk=\r\n--b\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: quoted-printable\r\n\r\ncaf=C3=A9\r\n--b\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: x-frob\r\n\r\n???\r\n--b--\r\n";
+    client.append("INBOX", "", message).await;
+    client.ok("SELECT INBOX").await;
+    let capability = client.ok("CAPABILITY").await;
+    assert!(capability[0].contains(" BINARY"), "{capability:?}");
+    let fetched = client
+        .ok("FETCH 1 (BINARY.SIZE[1] BINARY.PEEK[1] BINARY.PEEK[2]<1.4>)")
+        .await;
+    assert_eq!(
+        fetched,
+        vec!["* 1 FETCH (BINARY.SIZE[1] 5 BINARY[1] ~{5}\r\n\u{0}\u{1}\u{2}hi BINARY[2]<1> {4}\r\naf\u{e9})"]
+    );
+    let flags = client.ok("FETCH 1 (FLAGS)").await;
+    assert!(!flags[0].contains("\\Seen"), "BINARY.PEEK leaves \\Seen: {flags:?}");
+    let (_, unknown) = client.command("FETCH 1 (BINARY[3])").await;
+    assert!(unknown.contains(" NO [UNKNOWN-CTE]"), "{unknown}");
+    let read = client.ok("FETCH 1 (BINARY[2])").await;
+    assert!(read[0].contains("BINARY[2] {5}\r\ncafé"), "{read:?}");
+    assert!(
+        read.iter().any(|line| line.contains("\\Seen")),
+        "BINARY sets \\Seen: {read:?}"
+    );
+    let _ = node.stop.send(true);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn vanished_uids_past_the_tombstone_horizon_are_pruned_and_older_clients_get_every_gap() {
+    let directory = tempfile::tempdir().unwrap();
+    let clock = Arc::new(AheadClock::default());
+    let node = start_on(config(directory.path(), |_| {}), clock.clone()).await;
+    let mut writer = logged_in(node.imap, "alice@example.org").await;
+    for subject in ["one", "two", "three", "four"] {
+        writer.append("INBOX", "", &MESSAGE.replace("Lunch", subject)).await;
+    }
+    let selected = writer.ok("SELECT INBOX").await;
+    let validity = number_after(
+        selected.iter().find(|line| line.contains("UIDVALIDITY")).unwrap(),
+        "[UIDVALIDITY",
+    );
+    let highest = |lines: &[String]| {
+        number_after(
+            lines.iter().find(|line| line.contains("HIGHESTMODSEQ")).unwrap(),
+            "[HIGHESTMODSEQ",
+        )
+    };
+    writer.ok("UID STORE 1 +FLAGS.SILENT (\\Deleted)").await;
+    writer.ok("UID EXPUNGE 1").await;
+    let before_second = highest(&writer.ok("SELECT INBOX").await);
+    writer.ok("UID STORE 2 +FLAGS.SILENT (\\Deleted)").await;
+    writer.ok("UID EXPUNGE 2").await;
+    let before_third = highest(&writer.ok("SELECT INBOX").await);
+
+    let mut client = logged_in(node.imap, "alice@example.org").await;
+    client.ok("ENABLE QRESYNC").await;
+    let resync = |modseq: u64| format!("EXAMINE INBOX (QRESYNC ({validity} {modseq}))");
+    let exact = client.ok(&resync(before_second)).await;
+    assert!(exact.contains(&"* VANISHED (EARLIER) 2".to_owned()), "{exact:?}");
+
+    // A horizon later the first two entries are pruned when the third expunge is numbered.
+    clock.ahead_millis.store(
+        mailmesh::store::DEFAULT_TOMBSTONE_HORIZON_MILLIS + 60_000,
+        std::sync::atomic::Ordering::SeqCst,
+    );
+    writer.ok("UID STORE 3 +FLAGS.SILENT (\\Deleted)").await;
+    writer.ok("UID EXPUNGE 3").await;
+    let after = highest(&writer.ok("SELECT INBOX").await);
+    // Older than what was pruned: every UID that is not here, 1 included (a full resync).
+    let full = client.ok(&resync(before_second)).await;
+    assert!(full.contains(&"* VANISHED (EARLIER) 1:3".to_owned()), "{full:?}");
+    // Newer: still exact, from the entry that was kept.
+    let kept = client.ok(&resync(before_third)).await;
+    assert!(kept.contains(&"* VANISHED (EARLIER) 3".to_owned()), "{kept:?}");
+    let fetched = client
+        .ok(&format!("UID FETCH 1:* (FLAGS) (CHANGEDSINCE {before_second} VANISHED)"))
+        .await;
+    assert_eq!(fetched[0], "* VANISHED (EARLIER) 1:3", "{fetched:?}");
+    let current = client.ok(&resync(after)).await;
+    assert!(current.iter().all(|line| !line.contains("VANISHED")), "{current:?}");
     let _ = node.stop.send(true);
 }

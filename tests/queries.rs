@@ -397,6 +397,7 @@ fn the_change_log_names_created_updated_and_expunged_messages() {
             id: ids[1],
             add: vec![Flag::Flagged],
             remove: vec![],
+            unless_changed_since: None,
             now_millis: NOW,
         })
         .unwrap();

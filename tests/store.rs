@@ -120,6 +120,7 @@ fn appends_flags_and_expunges_keep_the_tree_and_counters_in_step() {
                 id: *id,
                 add: vec![Flag::Seen, "$Work".parse().unwrap()],
                 remove: vec![],
+                unless_changed_since: None,
                 now_millis: NOW + 1000,
             })
             .unwrap();
@@ -140,6 +141,7 @@ fn appends_flags_and_expunges_keep_the_tree_and_counters_in_step() {
         id: ids[0],
         add: vec![Flag::Flagged],
         remove: vec![],
+        unless_changed_since: None,
         now_millis: NOW + 3000,
     });
     assert!(matches!(refused, Err(StoreError::Expunged(_))), "{refused:?}");
@@ -170,6 +172,7 @@ fn digests_and_roots_are_independent_of_arrival_order() {
                     id,
                     add: vec![Flag::Answered],
                     remove: vec![],
+                    unless_changed_since: None,
                     now_millis: NOW + 5000,
                 })
                 .unwrap();
@@ -340,6 +343,7 @@ fn two_stores_find_differing_mailboxes_then_differing_messages() {
         id: flagged,
         add: vec![Flag::Flagged],
         remove: vec![],
+        unless_changed_since: None,
         now_millis: NOW + 20,
     })
     .unwrap();

@@ -1,5 +1,5 @@
 //! What IMAP says about one message's bytes: ENVELOPE, BODYSTRUCTURE, and the BODY[...] sections
-//! (RFC 3501 6.4.5 and 7.4.2), from mail-parser's MIME tree.
+//! (RFC 3501 6.4.5 and 7.4.2), from mail-parser's MIME tree, and BINARY's decoded parts (RFC 3516).
 //!
 //! A message/rfc822 part is parsed again from its own bytes, so every offset used here is relative
 //! to the bytes it was parsed from. Responses are written with [`string`], which quotes what is
@@ -31,6 +31,23 @@ pub fn string(out: &mut Vec<u8>, bytes: &[u8]) {
 pub fn literal(out: &mut Vec<u8>, bytes: &[u8]) {
     out.extend_from_slice(format!("{{{}}}\r\n", bytes.len()).as_bytes());
     out.extend_from_slice(bytes);
+}
+
+/// Writes BINARY's data: a literal, or a literal8 (`~{length}`, RFC 3516) when it holds a NUL.
+pub fn binary_literal(out: &mut Vec<u8>, bytes: &[u8]) {
+    if bytes.contains(&0) {
+        out.push(b'~');
+    }
+    literal(out, bytes);
+}
+
+/// Why a part cannot be given decoded (BINARY, RFC 3516 4.3).
+#[derive(Debug, PartialEq, Eq)]
+pub enum BinaryError {
+    /// A Content-Transfer-Encoding this server does not know (`NO [UNKNOWN-CTE]`).
+    UnknownEncoding(String),
+    /// The part does not decode in its own encoding.
+    Corrupt(&'static str),
 }
 
 /// Writes an nstring: NIL or a string.
@@ -131,6 +148,33 @@ impl<'a> Parsed<'a> {
         }
         // Deeper: the part must be a multipart.
         self.nested(index, rest, text)
+    }
+
+    /// A section's content with its Content-Transfer-Encoding undone (BINARY[path]): the whole
+    /// message as it is for the empty path, base64 and quoted-printable decoded, 7bit, 8bit and
+    /// binary as they are. `Ok(None)` when the message has no such part.
+    pub fn binary(&self, path: &PartPath) -> Result<Option<Vec<u8>>, BinaryError> {
+        let Some(body) = self.section(path, &SectionText::Full) else {
+            return Ok(None);
+        };
+        if path.is_empty() {
+            return Ok(Some(body));
+        }
+        let encoding = self
+            .section(path, &SectionText::Mime)
+            .and_then(|header| header_value(&header, "Content-Transfer-Encoding"))
+            .map(|value| value.trim().to_ascii_lowercase())
+            .unwrap_or_default();
+        match encoding.as_str() {
+            "" | "7bit" | "8bit" | "binary" => Ok(Some(body)),
+            "base64" => mail_parser::decoders::base64::base64_decode(&body)
+                .map(Some)
+                .ok_or(BinaryError::Corrupt("the part is not valid base64")),
+            "quoted-printable" => mail_parser::decoders::quoted_printable::quoted_printable_decode(&body)
+                .map(Some)
+                .ok_or(BinaryError::Corrupt("the part is not valid quoted-printable")),
+            other => Err(BinaryError::UnknownEncoding(other.to_owned())),
+        }
     }
 
     fn nested(&self, index: usize, path: &PartPath, text: &SectionText) -> Option<Vec<u8>> {
@@ -519,6 +563,27 @@ mod tests {
         let inner_header = parsed.section(&[2], &SectionText::Header).unwrap();
         assert_eq!(inner_header, b"Subject: inner\r\n\r\n");
         assert_eq!(parsed.section(&[2, 1], &SectionText::Full).unwrap(), b"inner body");
+    }
+
+    #[test]
+    fn binary_undoes_the_transfer_encoding_of_a_part() {
+        let message = b"From: a@example.org\r\nMIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"b\"\r\n\r\n--b\r\nContent-Type: application/octet-stream\r\nContent-Transfer-Encoding: base64\r\n\r\nAAECaGk=\r\n--b\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: Quoted-Printable\r\n\r\ncaf=C3=A9 =\r\nau lait\r\n--b\r\nContent-Type: text/plain\r\n\r\nplain\r\n--b\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: x-uuencode\r\n\r\nbegin\r\n--b--\r\n";
+        let parsed = Parsed::new(message);
+        assert_eq!(parsed.binary(&[1]).unwrap().unwrap(), b"\x00\x01\x02hi");
+        assert_eq!(parsed.binary(&[2]).unwrap().unwrap(), "café au lait".as_bytes());
+        assert_eq!(parsed.binary(&[3]).unwrap().unwrap(), b"plain");
+        assert_eq!(
+            parsed.binary(&[4]),
+            Err(BinaryError::UnknownEncoding("x-uuencode".into()))
+        );
+        assert_eq!(parsed.binary(&[5]), Ok(None));
+        assert_eq!(parsed.binary(&[]).unwrap().unwrap(), message);
+        // A single-part message's part 1 is its body, encoded as its header says.
+        let single = Parsed::new(b"Subject: x\r\nContent-Transfer-Encoding: base64\r\n\r\naGVsbG8=\r\n");
+        assert_eq!(single.binary(&[1]).unwrap().unwrap(), b"hello");
+        let mut out = Vec::new();
+        binary_literal(&mut out, b"a\x00b");
+        assert_eq!(out, b"~{3}\r\na\x00b");
     }
 
     #[test]

@@ -4,7 +4,8 @@
 //! and `imaps_listen` (implicit TLS), runs one [`session::Session`] per connection and calls
 //! nothing but [`crate::service::MailService`] (UIDs come from the service's node-local map,
 //! [`crate::service::uids`]). [`reader::Reader`] turns bytes into commands without IO; this
-//! module does the IO: TLS, the idle timeout, IDLE's wait for changes, and the connection limits.
+//! module does the IO: TLS, the idle timeout, IDLE's wait for changes, and the connection limits
+//! (in all, per address, and per account once logged in: [`ConnectionLimits`]).
 //!
 //! Credentials are refused in the clear (LOGINDISABLED) except from loopback or when the operator
 //! set `imap_allow_plaintext`; failed logins are rate-limited by the accounts file's limits.
@@ -14,6 +15,7 @@ pub mod reader;
 pub mod session;
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -40,13 +42,34 @@ pub enum ImapError {
     },
 }
 
+/// How many IMAP sessions may be open at once (the keys `imap_max_connections`,
+/// `imap_max_connections_per_address` and `imap_max_connections_per_account`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Sessions at once; more are answered BYE and closed.
+    pub total: usize,
+    /// Sessions at once from one address; more are answered BYE and closed.
+    pub per_address: usize,
+    /// Logged-in sessions of one account; a login past it is refused with `NO [LIMIT]`.
+    pub per_account: usize,
+}
+
+impl Default for ConnectionLimits {
+    /// 500 in all, 50 per address (a NAT or a webmail host), 20 per account (a few devices, each
+    /// with the five connections Thunderbird opens by default, and IDLE on several mailboxes).
+    fn default() -> Self {
+        ConnectionLimits {
+            total: 500,
+            per_address: 50,
+            per_account: 20,
+        }
+    }
+}
+
 /// Limits and policy of the server.
 #[derive(Clone, Debug)]
 pub struct ImapSettings {
-    /// Sessions at once; more are answered BYE and closed.
-    pub max_connections: usize,
-    /// Sessions at once from one address.
-    pub max_connections_per_address: usize,
+    pub connections: ConnectionLimits,
     /// How long the client may stay silent, IDLE included (RFC 9051: at least 30 minutes).
     pub idle_timeout: Duration,
     /// Accept LOGIN and AUTHENTICATE without TLS from any address, not only loopback.
@@ -58,8 +81,7 @@ impl ImapSettings {
     /// The defaults, with literals up to the service's message limit.
     pub fn for_service(service: &MailService) -> ImapSettings {
         ImapSettings {
-            max_connections: 500,
-            max_connections_per_address: 50,
+            connections: ConnectionLimits::default(),
             idle_timeout: Duration::from_secs(31 * 60),
             allow_plaintext: false,
             reader: Limits {
@@ -78,7 +100,8 @@ pub struct ImapServer {
     tls: Option<Arc<ServerConfig>>,
     settings: ImapSettings,
     connections: Arc<Semaphore>,
-    per_address: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    per_address: Counts<IpAddr>,
+    per_account: Counts<String>,
 }
 
 /// The byte stream of a connection, plain or TLS (STARTTLS turns one into the other).
@@ -118,19 +141,50 @@ impl Transport {
     }
 }
 
-/// Frees a connection's place in the per-address count when it ends.
-struct AddressSlot {
-    map: Arc<Mutex<HashMap<IpAddr, usize>>>,
-    address: IpAddr,
+/// Sessions at once per key (an address, an account), each at most `limit`.
+#[derive(Clone, Debug)]
+pub struct Counts<K: Hash + Eq + Clone> {
+    map: Arc<Mutex<HashMap<K, usize>>>,
+    limit: usize,
 }
 
-impl Drop for AddressSlot {
-    fn drop(&mut self) {
+impl<K: Hash + Eq + Clone> Counts<K> {
+    pub fn new(limit: usize) -> Counts<K> {
+        Counts {
+            map: Default::default(),
+            limit,
+        }
+    }
+
+    /// A place for one more session of `key`, or `None` when it has `limit` already.
+    pub fn take(&self, key: K) -> Option<Slot<K>> {
         let mut map = self.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(count) = map.get_mut(&self.address) {
+        let count = map.entry(key.clone()).or_default();
+        if *count >= self.limit {
+            return None;
+        }
+        *count += 1;
+        Some(Slot {
+            counts: self.clone(),
+            key,
+        })
+    }
+}
+
+/// One session's place in a [`Counts`], given back when it is dropped.
+#[derive(Debug)]
+pub struct Slot<K: Hash + Eq + Clone> {
+    counts: Counts<K>,
+    key: K,
+}
+
+impl<K: Hash + Eq + Clone> Drop for Slot<K> {
+    fn drop(&mut self) {
+        let mut map = self.counts.map.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(count) = map.get_mut(&self.key) {
             *count -= 1;
             if *count == 0 {
-                map.remove(&self.address);
+                map.remove(&self.key);
             }
         }
     }
@@ -145,12 +199,13 @@ impl ImapServer {
         settings: ImapSettings,
     ) -> Self {
         ImapServer {
-            connections: Arc::new(Semaphore::new(settings.max_connections)),
+            connections: Arc::new(Semaphore::new(settings.connections.total)),
+            per_address: Counts::new(settings.connections.per_address),
+            per_account: Counts::new(settings.connections.per_account),
             service,
             uids,
             tls,
             settings,
-            per_address: Default::default(),
         }
     }
 
@@ -197,19 +252,7 @@ impl ImapServer {
         let mut transport = Transport::Plain(stream);
         let ip = address.ip().to_canonical();
         let permit = self.connections.clone().try_acquire_owned();
-        let slot = {
-            let mut map = self.per_address.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            let count = map.entry(ip).or_default();
-            if *count >= self.settings.max_connections_per_address {
-                None
-            } else {
-                *count += 1;
-                Some(AddressSlot {
-                    map: self.per_address.clone(),
-                    address: ip,
-                })
-            }
-        };
+        let slot = self.per_address.take(ip);
         if implicit_tls {
             let Some(tls) = &self.tls else {
                 return Ok(());
@@ -239,7 +282,8 @@ impl ImapServer {
             tls_available: !implicit_tls && self.tls.is_some(),
             plaintext_allowed: self.settings.allow_plaintext || ip.is_loopback(),
         };
-        let mut session = Session::new(self.service.clone(), self.uids.clone(), connection);
+        let mut session = Session::new(self.service.clone(), self.uids.clone(), connection)
+            .with_account_limit(self.per_account.clone());
         transport.write_all(&session.greeting()).await?;
         self.run(&mut transport, &mut session, stop).await
     }
@@ -293,7 +337,7 @@ impl ImapServer {
                     }
                 }
                 Event::Command(request) => {
-                    let next = session.handle(request.command, request.search_return).await;
+                    let next = session.handle(*request).await;
                     transport.write_all(&session.take_output()).await?;
                     match next {
                         Next::Continue => {}

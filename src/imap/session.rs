@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use std::num::NonZeroU32;
 use std::sync::Arc;
 
-use imap_codec::imap_types::command::{Command, CommandBody, FetchModifier, SelectParameter, StoreModifier};
+use imap_codec::imap_types::command::{CommandBody, FetchModifier, SelectParameter, StoreModifier};
 use imap_codec::imap_types::core::AString;
 use imap_codec::imap_types::extensions::sort::{SortCriterion, SortKey as ImapSortKey};
 use imap_codec::imap_types::fetch::{MacroOrMessageDataItemNames, MessageDataItemName, Section};
@@ -29,7 +29,7 @@ use imap_codec::imap_types::sequence::{SeqOrUid, Sequence, SequenceSet};
 use imap_codec::imap_types::status::StatusDataItemName;
 
 use super::message::{self, Parsed, SectionText};
-use super::reader::SearchReturn;
+use super::reader::{ListOptions, Request, SearchReturn};
 use crate::accounts::Password;
 use crate::model::{Flag, MessageId};
 use crate::service::uids::UidIndex;
@@ -125,6 +125,12 @@ pub struct Session {
     /// does not repeat the same FETCH unsolicited.
     reported: HashMap<MessageId, String>,
     output: Vec<u8>,
+    /// The server's count of logged-in sessions per account, if it limits them.
+    account_counts: Option<super::Counts<String>>,
+    /// This session's place in that count, once logged in: held for its drop, which gives the
+    /// place back when the session ends.
+    #[allow(dead_code)]
+    account_slot: Option<super::Slot<String>>,
 }
 
 /// A command's failure, as the tagged answer says it.
@@ -161,7 +167,15 @@ impl Session {
             enabled: Enabled::default(),
             reported: HashMap::new(),
             output: Vec::new(),
+            account_counts: None,
+            account_slot: None,
         }
+    }
+
+    /// Refuses a login (`NO [LIMIT]`) once the account has as many sessions as `counts` allows.
+    pub fn with_account_limit(mut self, counts: super::Counts<String>) -> Session {
+        self.account_counts = Some(counts);
+        self
     }
 
     /// The greeting, with the capabilities.
@@ -199,7 +213,7 @@ impl Session {
     fn capabilities(&self) -> String {
         let mut capabilities = vec!["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"];
         capabilities.extend(["UNSELECT", "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN", "SORT"]);
-        capabilities.extend(["CONDSTORE", "QRESYNC", "ESEARCH"]);
+        capabilities.extend(["CONDSTORE", "QRESYNC", "ESEARCH", "LIST-EXTENDED", "LIST-STATUS", "BINARY"]);
         if matches!(self.state, State::NotAuthenticated) {
             if self.connection.tls_available {
                 capabilities.push("STARTTLS");
@@ -233,10 +247,16 @@ impl Session {
         }
     }
 
-    /// Runs one command; `search_return` holds a SEARCH's `RETURN (...)` options (ESEARCH).
-    pub async fn handle(&mut self, command: Command<'static>, search_return: Option<SearchReturn>) -> Next {
+    /// Runs one command, with what the reader found beside it (ESEARCH's `RETURN (...)`, an
+    /// extended LIST's options).
+    pub async fn handle(&mut self, request: Request) -> Next {
+        let Request {
+            command,
+            search_return,
+            list,
+        } = request;
         let tag = command.tag.inner().to_owned();
-        let (result, next) = self.dispatch(&tag, command.body, search_return).await;
+        let (result, next) = self.dispatch(&tag, command.body, search_return, list).await;
         match result {
             Ok(text) => self.tagged(&tag, "OK", &text),
             Err(Failure::No(text)) => self.tagged(&tag, "NO", &text),
@@ -251,6 +271,7 @@ impl Session {
         tag: &str,
         body: CommandBody<'static>,
         search_return: Option<SearchReturn>,
+        list: Option<ListOptions>,
     ) -> (Outcome, Next) {
         let authenticated = !matches!(self.state, State::NotAuthenticated | State::LoggedOut);
         let selected = matches!(self.state, State::Selected { .. });
@@ -334,14 +355,21 @@ impl Session {
             CommandBody::List {
                 reference,
                 mailbox_wildcard,
-            } if authenticated => self.list(&reference, &mailbox_wildcard, "LIST"),
+            } if authenticated => match list {
+                Some(options) => self.list(&reference, &options.patterns.clone(), "LIST", Some(&options)),
+                None => self.list(&reference, &[pattern_bytes(&mailbox_wildcard)], "LIST", None),
+            },
             CommandBody::Lsub {
                 reference,
                 mailbox_wildcard,
-            } if authenticated => self.list(&reference, &mailbox_wildcard, "LSUB"),
+            } if authenticated => self.list(&reference, &[pattern_bytes(&mailbox_wildcard)], "LSUB", None),
             CommandBody::Subscribe { mailbox } if authenticated => self.subscribe(&mailbox, true).await,
             CommandBody::Unsubscribe { mailbox } if authenticated => self.subscribe(&mailbox, false).await,
-            CommandBody::Status { mailbox, item_names } if authenticated => self.status(&mailbox, &item_names),
+            CommandBody::Status { mailbox, item_names } if authenticated => {
+                let account = self.account().unwrap_or_default().to_owned();
+                self.status(&account, &mailbox_name(&mailbox), &item_names)
+                    .map(|()| "STATUS done".to_owned())
+            }
             CommandBody::Select { mailbox, parameters } if authenticated => {
                 self.select(&mailbox, false, parameters).await
             }
@@ -453,6 +481,16 @@ impl Session {
             .await
         {
             Ok(account) => {
+                if let Some(counts) = &self.account_counts {
+                    match counts.take(account.as_str().to_owned()) {
+                        Some(slot) => self.account_slot = Some(slot),
+                        None => {
+                            return Err(Failure::No(
+                                "[LIMIT] this account has too many sessions open; log out of one first".into(),
+                            ))
+                        }
+                    }
+                }
                 self.state = State::Authenticated {
                     account: account.as_str().to_owned(),
                 };
@@ -505,37 +543,67 @@ impl Session {
     // Mailboxes
     // ---------------------------------------------------------------------------------------------
 
-    fn list(&mut self, reference: &Mailbox<'_>, pattern: &ListMailbox<'_>, kind: &str) -> Outcome {
+    /// LIST and LSUB (RFC 3501 6.3.8, 6.3.9), and the extended LIST (RFC 5258) when `options` are
+    /// given: several patterns, selection by subscription or special use, RECURSIVEMATCH's
+    /// CHILDINFO, and a STATUS after each mailbox (RFC 5819). Every listed mailbox says whether it
+    /// has children and its special use, asked or not (both RFCs allow it).
+    fn list(&mut self, reference: &Mailbox<'_>, patterns: &[Vec<u8>], kind: &str, options: Option<&ListOptions>) -> Outcome {
         let account = self.account().unwrap_or_default().to_owned();
         let reference = mailbox_name(reference);
-        let pattern = match pattern {
-            ListMailbox::Token(token) => String::from_utf8_lossy(token.as_ref()).into_owned(),
-            ListMailbox::String(string) => String::from_utf8_lossy(string.as_ref()).into_owned(),
-        };
-        if pattern.is_empty() {
+        let options = options.cloned().unwrap_or_default();
+        if patterns.iter().all(|pattern| pattern.is_empty()) {
             self.untagged(&format!("{kind} (\\Noselect) \"{DELIMITER}\" \"\""));
             return Ok(format!("{kind} done"));
         }
-        let pattern = crate::import::decode_modified_utf7(&format!("{reference}{pattern}"));
+        let patterns: Vec<String> = patterns
+            .iter()
+            .filter(|pattern| !pattern.is_empty())
+            .map(|pattern| {
+                crate::import::decode_modified_utf7(&format!("{reference}{}", String::from_utf8_lossy(pattern)))
+            })
+            .collect();
         let mailboxes = self.service.mailboxes(&account)?;
-        let names: Vec<String> = mailboxes.iter().map(|mailbox| mailbox.name.clone()).collect();
+        let selected = |mailbox: &crate::service::MailboxSummary| {
+            (!options.subscribed || mailbox.subscribed)
+                && (!options.special_use || special_use(mailbox).is_some())
+                && (kind != "LSUB" || mailbox.subscribed)
+        };
+        let matches = |name: &str| patterns.iter().any(|pattern| wildcard_matches(pattern, name));
+        let below = |parent: &str, name: &str| {
+            name.len() > parent.len() && name.starts_with(parent) && name[parent.len()..].starts_with(DELIMITER)
+        };
         for mailbox in &mailboxes {
             let name = &mailbox.name;
-            if !wildcard_matches(&pattern, name) || (kind == "LSUB" && !mailbox.subscribed) {
+            if !matches(name) {
                 continue;
             }
-            let children = names.iter().any(|other| {
-                other.len() > name.len()
-                    && other.starts_with(name.as_str())
-                    && other[name.len()..].starts_with(DELIMITER)
-            });
+            let selected_below: Vec<&crate::service::MailboxSummary> = mailboxes
+                .iter()
+                .filter(|other| below(name, &other.name) && selected(other))
+                .collect();
+            // RFC 5258 3.3: a parent that is not selected is listed only for a selected
+            // descendant the patterns do not list themselves.
+            if !selected(mailbox)
+                && !(options.recursive_match && selected_below.iter().any(|other| !matches(&other.name)))
+            {
+                continue;
+            }
+            let children = mailboxes.iter().any(|other| below(name, &other.name));
             let mut attributes = vec![if children { "\\HasChildren" } else { "\\HasNoChildren" }];
-            attributes.extend(special_use(name));
-            let mut line = format!("{kind} ({}) \"{DELIMITER}\" ", attributes.join(" ")).into_bytes();
+            attributes.extend(special_use(mailbox));
+            if options.return_subscribed && mailbox.subscribed {
+                attributes.push("\\Subscribed");
+            }
+            let mut line = format!("* {kind} ({}) \"{DELIMITER}\" ", attributes.join(" ")).into_bytes();
             message::string(&mut line, encode_modified_utf7(name).as_bytes());
-            self.output.extend_from_slice(b"* ");
+            if options.recursive_match && !selected_below.is_empty() {
+                line.extend_from_slice(b" (\"CHILDINFO\" (\"SUBSCRIBED\"))");
+            }
+            line.extend_from_slice(b"\r\n");
             self.output.extend_from_slice(&line);
-            self.output.extend_from_slice(b"\r\n");
+            if !options.status.is_empty() {
+                self.status(&account, name, &options.status)?;
+            }
         }
         Ok(format!("{kind} done"))
     }
@@ -553,11 +621,10 @@ impl Session {
         Ok(format!("{} done", if subscribed { "SUBSCRIBE" } else { "UNSUBSCRIBE" }))
     }
 
-    fn status(&mut self, mailbox: &Mailbox<'_>, items: &[StatusDataItemName]) -> Outcome {
-        let account = self.account().unwrap_or_default().to_owned();
-        let name = mailbox_name(mailbox);
-        let summary = self.service.mailbox_at(&account, &name)?;
-        let numbering = self.service.uid_sync(&self.uids, &account, &name)?;
+    /// A STATUS response for a mailbox (for STATUS, and after each mailbox of LIST-STATUS).
+    fn status(&mut self, account: &str, name: &str, items: &[StatusDataItemName]) -> Result<(), Failure> {
+        let summary = self.service.mailbox_at(account, name)?;
+        let numbering = self.service.uid_sync(&self.uids, account, name)?;
         let mut values = Vec::new();
         for item in items {
             match item {
@@ -574,10 +641,10 @@ impl Session {
             }
         }
         let mut line = b"* STATUS ".to_vec();
-        message::string(&mut line, encode_modified_utf7(&name).as_bytes());
+        message::string(&mut line, encode_modified_utf7(name).as_bytes());
         line.extend_from_slice(format!(" ({})\r\n", values.join(" ")).as_bytes());
         self.output.extend_from_slice(&line);
-        Ok("STATUS done".into())
+        Ok(())
     }
 
     async fn select(&mut self, mailbox: &Mailbox<'_>, read_only: bool, parameters: Vec<SelectParameter>) -> Outcome {
@@ -1184,7 +1251,7 @@ impl Session {
                     line.push(b' ');
                 }
                 first = false;
-                write_item(&mut line, item, uid, modseq, &email, raw.as_deref(), parsed.as_ref());
+                write_item(&mut line, item, uid, modseq, &email, raw.as_deref(), parsed.as_ref())?;
                 flags_written |= matches!(item, MessageDataItemName::Flags);
                 modseq_written |= matches!(item, MessageDataItemName::ModSeq);
             }
@@ -1232,19 +1299,6 @@ impl Session {
         let answer = response == StoreResponse::Answer || unchanged_since.is_some();
         let mut modified = Vec::new();
         for (sequence, uid, id) in self.chosen(set, by_uid) {
-            if let Some(limit) = unchanged_since {
-                // Checked, then written: a change from elsewhere in between wins as a normal
-                // concurrent write does (the service has no compare-and-set).
-                match self.service.email_modseq(&account, id) {
-                    Ok(modseq) if modseq > limit => {
-                        modified.push(if by_uid { uid } else { sequence });
-                        continue;
-                    }
-                    Ok(_) => {}
-                    Err(ServiceError::NoSuchMessage(_)) => continue,
-                    Err(error) => return Err(error.into()),
-                }
-            }
             let (add, remove) = match kind {
                 StoreType::Add => (flags.clone(), Vec::new()),
                 StoreType::Remove => (Vec::new(), flags.clone()),
@@ -1258,8 +1312,21 @@ impl Session {
                     (flags.clone(), remove)
                 }
             };
-            let email = match self.service.set_flags(&account, id, add, remove).await {
-                Ok(email) => email,
+            // UNCHANGEDSINCE is checked where the change is written (the store's single writer),
+            // so a concurrent writer cannot change the message between the check and the STORE.
+            let written = match unchanged_since {
+                Some(limit) => self
+                    .service
+                    .set_flags_unchanged_since(&account, id, add, remove, limit)
+                    .await,
+                None => self.service.set_flags(&account, id, add, remove).await.map(Some),
+            };
+            let email = match written {
+                Ok(Some(email)) => email,
+                Ok(None) => {
+                    modified.push(if by_uid { uid } else { sequence });
+                    continue;
+                }
                 Err(ServiceError::NoSuchMessage(_)) => continue,
                 Err(error) => return Err(error.into()),
             };
@@ -1661,7 +1728,7 @@ fn collect_texts(key: &SearchKey<'_>, texts: &mut Vec<String>) {
     }
 }
 
-/// Writes one FETCH data item.
+/// Writes one FETCH data item; fails only for a BINARY part that cannot be decoded.
 fn write_item(
     out: &mut Vec<u8>,
     item: &MessageDataItemName<'_>,
@@ -1670,7 +1737,7 @@ fn write_item(
     email: &Email,
     raw: Option<&[u8]>,
     parsed: Option<&Parsed<'_>>,
-) {
+) -> Result<(), Failure> {
     let raw = raw.unwrap_or_default();
     match item {
         MessageDataItemName::Uid => out.extend_from_slice(format!("UID {uid}").as_bytes()),
@@ -1722,40 +1789,57 @@ fn write_item(
                 .and_then(|parsed| parsed.section(&path, &text))
                 .unwrap_or_default();
             out.extend_from_slice(format!("BODY[{label}]").as_bytes());
-            write_partial(out, &bytes, *partial);
+            write_partial(out, &bytes, *partial, message::literal);
         }
         MessageDataItemName::Binary { section, partial, .. } => {
             let path: Vec<u32> = section.iter().map(|number| number.get()).collect();
             let label = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
-            let bytes = parsed
-                .and_then(|parsed| parsed.section(&path, &SectionText::Full))
-                .unwrap_or_default();
+            let bytes = decoded(parsed, &path)?;
             out.extend_from_slice(format!("BINARY[{label}]").as_bytes());
-            write_partial(out, &bytes, *partial);
+            write_partial(out, &bytes, *partial, message::binary_literal);
         }
         MessageDataItemName::BinarySize { section } => {
             let path: Vec<u32> = section.iter().map(|number| number.get()).collect();
             let label = path.iter().map(u32::to_string).collect::<Vec<_>>().join(".");
-            let size = parsed
-                .and_then(|parsed| parsed.section(&path, &SectionText::Full))
-                .map(|bytes| bytes.len())
-                .unwrap_or(0);
+            let size = decoded(parsed, &path)?.len();
             out.extend_from_slice(format!("BINARY.SIZE[{label}] {size}").as_bytes());
         }
     }
+    Ok(())
 }
 
-fn write_partial(out: &mut Vec<u8>, bytes: &[u8], partial: Option<(u32, NonZeroU32)>) {
+/// BINARY's content of a part (RFC 3516): decoded, or the answer that refuses the FETCH.
+fn decoded(parsed: Option<&Parsed<'_>>, path: &[u32]) -> Result<Vec<u8>, Failure> {
+    match parsed.map(|parsed| parsed.binary(path)) {
+        Some(Ok(Some(bytes))) => Ok(bytes),
+        Some(Ok(None)) | None => Err(Failure::No(format!(
+            "the message has no part {}",
+            path.iter().map(u32::to_string).collect::<Vec<_>>().join(".")
+        ))),
+        Some(Err(message::BinaryError::UnknownEncoding(encoding))) => Err(Failure::No(format!(
+            "[UNKNOWN-CTE] the part's Content-Transfer-Encoding {encoding} is not known here"
+        ))),
+        Some(Err(message::BinaryError::Corrupt(reason))) => Err(Failure::No(format!("[PARSE] {reason}"))),
+    }
+}
+
+/// Writes a section's data, or the `<origin>` part of it asked for, with `literal`.
+fn write_partial(
+    out: &mut Vec<u8>,
+    bytes: &[u8],
+    partial: Option<(u32, NonZeroU32)>,
+    literal: fn(&mut Vec<u8>, &[u8]),
+) {
     match partial {
         Some((origin, length)) => {
             let start = (origin as usize).min(bytes.len());
             let end = start.saturating_add(length.get() as usize).min(bytes.len());
             out.extend_from_slice(format!("<{origin}> ").as_bytes());
-            message::literal(out, &bytes[start..end]);
+            literal(out, &bytes[start..end]);
         }
         None => {
             out.push(b' ');
-            message::literal(out, bytes);
+            literal(out, bytes);
         }
     }
 }
@@ -1851,6 +1935,14 @@ fn set_contains(set: &SequenceSet, number: u32, largest: u32) -> bool {
     })
 }
 
+/// A LIST pattern's bytes.
+fn pattern_bytes(pattern: &ListMailbox<'_>) -> Vec<u8> {
+    match pattern {
+        ListMailbox::Token(token) => token.as_ref().to_vec(),
+        ListMailbox::String(string) => string.as_ref().to_vec(),
+    }
+}
+
 /// A mailbox name as the service knows it: `INBOX` in any case is INBOX, modified UTF-7 decoded.
 pub fn mailbox_name(mailbox: &Mailbox<'_>) -> String {
     match mailbox {
@@ -1867,9 +1959,19 @@ pub fn mailbox_name(mailbox: &Mailbox<'_>) -> String {
     }
 }
 
-/// The special-use attribute a well-known mailbox name gets (RFC 6154).
-fn special_use(name: &str) -> Option<&'static str> {
-    match name.to_ascii_lowercase().as_str() {
+/// A mailbox's special-use attribute (RFC 6154): from its role (which JMAP sets too), else from
+/// a well-known name.
+fn special_use(mailbox: &crate::service::MailboxSummary) -> Option<&'static str> {
+    use crate::mailbox::Role;
+    match mailbox.role {
+        Some(Role::Sent) => return Some("\\Sent"),
+        Some(Role::Drafts) => return Some("\\Drafts"),
+        Some(Role::Trash) => return Some("\\Trash"),
+        Some(Role::Junk) => return Some("\\Junk"),
+        Some(Role::Archive) => return Some("\\Archive"),
+        Some(Role::Inbox) | None => {}
+    }
+    match mailbox.name.to_ascii_lowercase().as_str() {
         "sent" | "sent items" | "sent messages" => Some("\\Sent"),
         "drafts" => Some("\\Drafts"),
         "trash" | "deleted items" => Some("\\Trash"),

@@ -573,6 +573,34 @@ impl MailService {
         add: Vec<Flag>,
         remove: Vec<Flag>,
     ) -> Result<Email, ServiceError> {
+        self.write_flags(account, id, add, remove, None)
+            .await?
+            .ok_or_else(|| ServiceError::Unavailable("the store refused an unconditional flag change".into()))
+    }
+
+    /// Sets and clears flags as [`MailService::set_flags`] does, unless the email changed on this
+    /// node after `modseq` (a modseq of [`MailService::email_modseq`]): then nothing is written
+    /// and the answer is `None`. The store's single writer checks and writes in one step, so a
+    /// concurrent change can never slip in between (IMAP's `STORE (UNCHANGEDSINCE n)`).
+    pub async fn set_flags_unchanged_since(
+        &self,
+        account: &str,
+        id: MessageId,
+        add: Vec<Flag>,
+        remove: Vec<Flag>,
+        modseq: u64,
+    ) -> Result<Option<Email>, ServiceError> {
+        self.write_flags(account, id, add, remove, Some(modseq)).await
+    }
+
+    async fn write_flags(
+        &self,
+        account: &str,
+        id: MessageId,
+        add: Vec<Flag>,
+        remove: Vec<Flag>,
+        unless_changed_since: Option<u64>,
+    ) -> Result<Option<Email>, ServiceError> {
         let container = Self::emails_of(account)?;
         self.email(account, id)?;
         let applied = self
@@ -583,18 +611,22 @@ impl MailService {
                 id,
                 add,
                 remove,
+                unless_changed_since,
                 now_millis: self.inner.environment.now_millis(),
             })
             .await?;
-        let Applied::Record { changed, .. } = applied else {
-            return Err(ServiceError::Unavailable(
+        match applied {
+            Applied::Record { changed, .. } => {
+                if changed {
+                    self.count_write("flags");
+                }
+                self.email(account, id).map(Some)
+            }
+            Applied::ChangedSince { .. } => Ok(None),
+            _ => Err(ServiceError::Unavailable(
                 "the store answered a flag change with no record".into(),
-            ));
-        };
-        if changed {
-            self.count_write("flags");
+            )),
         }
-        self.email(account, id)
     }
 
     /// Moves a live email to another mailbox of its account; its ID stays. Concurrent moves

@@ -8,9 +8,13 @@
 //! RocksDB database of their own (`uids/` under the data dir), so they survive a restart.
 //!
 //! When a numbered message leaves the mailbox its UID is kept as a vanished entry under the
-//! modseq the numbering pass reached (never below the expunge's own modseq), so QRESYNC can say
-//! which UIDs vanished since a client's modseq (RFC 7162 VANISHED (EARLIER)); it may name a few
-//! that vanished just before, which the RFC allows.
+//! modseq the numbering pass reached (never below the expunge's own modseq), with the time it was
+//! seen to leave, so QRESYNC can say which UIDs vanished since a client's modseq (RFC 7162
+//! VANISHED (EARLIER)); it may name a few that vanished just before, which the RFC allows.
+//! Entries older than the store's tombstone horizon are pruned (the store forgets those expunges
+//! too), and the mailbox remembers the highest modseq pruned: a client whose modseq is older is
+//! told every UID below UIDNEXT that is not in the mailbox, the answer RFC 7162 4.1 allows a
+//! server that keeps no expunged UIDs at all (its client then resyncs the message list).
 //!
 //! Each mailbox has a UIDVALIDITY (seconds since the epoch when its numbering began, shifted by an
 //! offset of up to 18 hours fixed per node, so two nodes' numberings of one mailbox differ). If the map
@@ -34,6 +38,10 @@ const META: u8 = b'm';
 const BY_UID: u8 = b'u';
 const BY_MESSAGE: u8 = b'i';
 const VANISHED: u8 = b'x';
+/// The highest modseq of the mailbox's pruned vanished entries.
+const PRUNED: u8 = b'p';
+/// Vanished entries one numbering pass prunes at most (the rest wait for the next pass).
+const PRUNE_BATCH: usize = 10_000;
 
 /// Why the UID map could not be opened or used.
 #[derive(Debug, thiserror::Error)]
@@ -167,6 +175,55 @@ impl UidIndex {
         Ok(vanished)
     }
 
+    /// The highest modseq whose vanished entries may have been pruned (0: none).
+    fn pruned(&self, mailbox: &[u8; 16]) -> Result<u64, UidError> {
+        match self.db.get(key(PRUNED, mailbox, &[]))? {
+            Some(value) => Ok(u64::from_be_bytes(
+                value
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| UidError::Corrupt("pruned modseq"))?,
+            )),
+            None => Ok(0),
+        }
+    }
+
+    /// Deletes the oldest vanished entries seen to leave before `cutoff_millis` (in modseq order,
+    /// so the first one kept ends the scan) and raises the mailbox's pruned modseq past them.
+    /// Entries from before times were kept get `now_millis`, to be pruned a horizon from now.
+    fn prune(&self, mailbox: &[u8; 16], cutoff_millis: u64, now_millis: u64, batch: &mut WriteBatch) -> Result<(), UidError> {
+        let start = key(VANISHED, mailbox, &[]);
+        let end = key(VANISHED, mailbox, &[0xff; 13]);
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(end);
+        let mut pruned = None;
+        for item in self
+            .db
+            .iterator_opt(IteratorMode::From(&start, Direction::Forward), options)
+            .take(PRUNE_BATCH)
+        {
+            let (key, value) = item?;
+            let modseq = key
+                .get(17..25)
+                .and_then(|bytes| bytes.try_into().ok())
+                .map(u64::from_be_bytes)
+                .ok_or(UidError::Corrupt("vanished key"))?;
+            match <[u8; 8]>::try_from(value.as_ref()) {
+                Ok(seen) if u64::from_be_bytes(seen) < cutoff_millis => {
+                    batch.delete(&key);
+                    pruned = Some(modseq);
+                }
+                Ok(_) => break,
+                Err(_) => batch.put(&key, now_millis.to_be_bytes()),
+            }
+        }
+        if let Some(modseq) = pruned {
+            let floor = self.pruned(mailbox)?.max(modseq);
+            batch.put(self::key(PRUNED, mailbox, &[]), floor.to_be_bytes());
+        }
+        Ok(())
+    }
+
     /// Forgets a mailbox's numbering (every UID, and the numbering itself).
     fn forget(&self, mailbox: &[u8; 16], batch: &mut WriteBatch) -> Result<(), UidError> {
         for (uid, id) in self.list_after(mailbox, 0)? {
@@ -176,6 +233,7 @@ impl UidIndex {
         for (_, key) in self.vanished_after(mailbox, 0)? {
             batch.delete(key);
         }
+        batch.delete(key(PRUNED, mailbox, &[]));
         Ok(())
     }
 }
@@ -236,7 +294,8 @@ impl MailService {
         let mailbox_id = self.find_mailbox(account, mailbox)?;
         let name = mailbox_key(account, mailbox_id);
         let _guard = uids.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-        let now_seconds = validity_clock(self.inner.environment.now_millis(), self.inner.store.node().0);
+        let now_millis = self.inner.environment.now_millis();
+        let now_seconds = validity_clock(now_millis, self.inner.store.node().0);
         let mut batch = WriteBatch::default();
         let stored = uids.meta(&name)?;
         let mut state = stored.unwrap_or(UidState {
@@ -278,7 +337,7 @@ impl MailService {
                 batch.delete(key(BY_MESSAGE, &name, &id.0.to_be_bytes()));
                 let mut vanished = reached.to_be_bytes().to_vec();
                 vanished.extend_from_slice(&uid.to_be_bytes());
-                batch.put(key(VANISHED, &name, &vanished), []);
+                batch.put(key(VANISHED, &name, &vanished), now_millis.to_be_bytes());
             }
         }
         for id in changes.created.into_iter().chain(changes.updated) {
@@ -296,12 +355,17 @@ impl MailService {
             state.uid_next += 1;
         }
         state.modseq = reached;
+        if !renumbered {
+            uids.prune(&name, self.inner.store.tombstone_cutoff(now_millis), now_millis, &mut batch)?;
+        }
         if stored != Some(state) {
             let mut meta = Vec::with_capacity(16);
             meta.extend_from_slice(&state.uid_validity.to_be_bytes());
             meta.extend_from_slice(&state.uid_next.to_be_bytes());
             meta.extend_from_slice(&state.modseq.to_be_bytes());
             batch.put(key(META, &name, &[]), meta);
+        }
+        if !batch.is_empty() {
             uids.db.write(batch).map_err(UidError::from)?;
         }
         let messages = if after == u32::MAX {
@@ -313,7 +377,8 @@ impl MailService {
     }
 
     /// The UIDs that left the mailbox since `since` (a modseq of this node), ascending, after
-    /// numbering what is new; may include some that left a little before.
+    /// numbering what is new; may include some that left a little before. For a `since` older
+    /// than the pruned entries: every UID below UIDNEXT that is not in the mailbox now.
     pub fn vanished_since(
         &self,
         uids: &UidIndex,
@@ -321,11 +386,23 @@ impl MailService {
         mailbox: &str,
         since: u64,
     ) -> Result<Vec<u32>, ServiceError> {
-        self.uid_sync(uids, account, mailbox)?;
+        let state = self.uid_sync(uids, account, mailbox)?;
         let mailbox_id = self.find_mailbox(account, mailbox)?;
+        let name = mailbox_key(account, mailbox_id);
         let _guard = uids.lock.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if since < uids.pruned(&name)? {
+            let live = uids.list_after(&name, 0)?;
+            let mut live = live.iter().map(|(uid, _)| *uid).peekable();
+            let mut gone = Vec::new();
+            for uid in 1..state.uid_next {
+                if live.next_if_eq(&uid).is_none() {
+                    gone.push(uid);
+                }
+            }
+            return Ok(gone);
+        }
         let mut vanished: Vec<u32> = uids
-            .vanished_after(&mailbox_key(account, mailbox_id), since)?
+            .vanished_after(&name, since)?
             .into_iter()
             .map(|(uid, _)| uid)
             .collect();
