@@ -634,7 +634,9 @@ async fn jmap_mail_methods_refuse_what_they_do_not_serve_and_enforce_limits() {
     assert_eq!(response(4)[1]["type"], "invalidArguments");
     assert_eq!(response(5)[1]["type"], "cannotCalculateChanges");
     assert_eq!(response(6)[1]["type"], "stateMismatch");
-    assert_eq!(response(7)[1]["notCreated"]["k"]["type"], "forbidden");
+    // A creation with no mailbox is refused, naming the property.
+    assert_eq!(response(7)[1]["notCreated"]["k"]["type"], "invalidProperties");
+    assert_eq!(response(7)[1]["notCreated"]["k"]["properties"], json!(["mailboxIds"]));
     assert_eq!(response(7)[1]["notUpdated"]["nope"]["type"], "notFound");
     assert_eq!(response(8)[1]["type"], "unknownMethod");
     assert_eq!(response(9)[1]["ids"], json!([id]), "{}", response(9));
@@ -2128,3 +2130,142 @@ async fn email_parse_reads_uploads_and_email_copy_answers_with_one_account() {
         "{error:?}"
     );
 }
+
+/// Email/set create (RFC 8621 §4.6) through jmap-client: an email given by its properties
+/// (addresses, subject, date, keywords, a text and an HTML body from bodyValues, an attachment
+/// from an uploaded blob) is written as a real MIME message and stored; Email/get reads back what
+/// was given, and the stored bytes parse as that message. A creation may name a mailbox created
+/// earlier in the same request; creations that would inject a header, set a Content-* header or
+/// name a missing blob are refused one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_set_creates_a_message_from_its_properties() {
+    use jmap_client::email::{EmailAddress, EmailBodyPart};
+    let directory = tempfile::tempdir().unwrap();
+    let (running, _stop) = start_node(directory.path(), "create", Vec::new()).await;
+    let client = connect(&running).await;
+    let inbox = running.service.find_mailbox(ALICE, "INBOX").unwrap().to_string();
+    let attachment = client
+        .upload(None, b"%PDF-1.4 not really\x00\xff".to_vec(), Some("application/pdf"))
+        .await
+        .unwrap();
+
+    let mut request = client.build();
+    request
+        .set_email()
+        .create_with_id("draft")
+        .mailbox_ids([inbox.as_str()])
+        .keywords(["$seen", "$draft"])
+        .from([EmailAddress::from(("Alice Liddell", "alice@example.org"))])
+        .to([EmailAddress::from(("Bob", "bob@example.net"))])
+        .subject("Plans for Zürich")
+        .sent_at(1_780_308_000)
+        .received_at((JUNE / 1000) as i64)
+        .text_body(EmailBodyPart::new().part_id("text"))
+        .html_body(EmailBodyPart::new().part_id("html"))
+        .attachment(
+            EmailBodyPart::new()
+                .blob_id(attachment.blob_id())
+                .content_type("application/pdf")
+                .name("plan.pdf"),
+        )
+        .body_value("text".into(), "Let us meet at noon.\nSee you")
+        .body_value("html".into(), "<p>Let us meet at <b>noon</b>.</p>");
+    let mut response = request.send_set_email().await.unwrap();
+    let created = response.created("draft").expect("the email is created");
+    let id = created.id().unwrap().to_owned();
+    assert!(created.thread_id().is_some());
+    assert!(created.size() > 0);
+
+    let email = client
+        .email_get(
+            &id,
+            Some([
+                Property::Subject,
+                Property::From,
+                Property::To,
+                Property::Keywords,
+                Property::ReceivedAt,
+                Property::SentAt,
+                Property::MailboxIds,
+                Property::HasAttachment,
+                Property::Attachments,
+                Property::Preview,
+            ]),
+        )
+        .await
+        .unwrap()
+        .expect("Email/get finds the created email");
+    assert_eq!(email.subject(), Some("Plans for Zürich"));
+    assert_eq!(email.from().unwrap()[0].email(), "alice@example.org");
+    assert_eq!(email.from().unwrap()[0].name(), Some("Alice Liddell"));
+    assert_eq!(email.to().unwrap()[0].email(), "bob@example.net");
+    let mut keywords = email.keywords();
+    keywords.sort();
+    assert_eq!(keywords, ["$draft", "$seen"]);
+    assert_eq!(email.received_at(), Some((JUNE / 1000) as i64));
+    assert_eq!(email.sent_at(), Some(1_780_308_000));
+    assert_eq!(email.mailbox_ids(), [inbox.as_str()]);
+    assert!(email.has_attachment());
+    assert_eq!(email.attachments().unwrap()[0].name(), Some("plan.pdf"));
+    assert!(email.preview().unwrap().starts_with("Let us meet at noon."), "{:?}", email.preview());
+
+    // The stored bytes are a real MIME message: alternative text and HTML, the attachment's
+    // bytes intact.
+    let raw = running.service.raw(ALICE, id.parse().unwrap()).unwrap();
+    let message = mail_parser::MessageParser::default().parse(&raw).unwrap();
+    assert_eq!(message.subject(), Some("Plans for Zürich"));
+    assert_eq!(
+        message.body_text(0).unwrap().replace("\r\n", "\n").trim_end(),
+        "Let us meet at noon.\nSee you"
+    );
+    assert!(message.body_html(0).unwrap().contains("<b>noon</b>"));
+    assert_eq!(message.attachment(0).unwrap().contents(), b"%PDF-1.4 not really\x00\xff");
+    assert!(message.message_id().is_some(), "the writer gives the message a Message-ID");
+
+    // A mailbox created in the same request, then errors, one creation at a time.
+    let answer = call(
+        running.http,
+        &mail_request(json!([
+            ["Mailbox/set", {"create": {"m": {"name": "Drafts", "role": "drafts"}}}, "0"],
+            ["Email/set", {"create": {
+                "good": {"mailboxIds": {"#m": true}, "subject": "Draft", "header:X-Trace:asText": "kept",
+                         "bodyStructure": {"type": "multipart/mixed", "subParts": [
+                             {"partId": "1", "type": "text/plain"},
+                             {"blobId": attachment.blob_id(), "type": "text/plain", "disposition": "attachment", "name": "notes.txt"}
+                         ]},
+                         "bodyValues": {"1": {"value": "inside"}}},
+                "injected": {"mailboxIds": {"#m": true}, "subject": "Hi\r\nBcc: eve@example.net"},
+                "content": {"mailboxIds": {"#m": true}, "header:Content-Type": "text/html"},
+                "missing": {"mailboxIds": {"#m": true}, "attachments": [{"blobId": "Unothere", "type": "image/png"}]},
+                "server": {"mailboxIds": {"#m": true}, "threadId": "T1"},
+                "two": {"mailboxIds": {"#m": true, (inbox.as_str()): true}},
+            }}, "1"],
+        ])),
+    )
+    .await;
+    let set = method_response(&answer, 1)[1].clone();
+    let good = set["created"]["good"]["id"].as_str().expect("the good creation is stored").to_owned();
+    for (creation, kind, property) in [
+        ("injected", "invalidProperties", Some("subject")),
+        ("content", "invalidProperties", Some("header:Content-Type")),
+        ("missing", "blobNotFound", None),
+        ("server", "invalidProperties", Some("threadId")),
+        ("two", "invalidProperties", Some("mailboxIds")),
+    ] {
+        assert_eq!(set["notCreated"][creation]["type"], kind, "{creation}: {set}");
+        if let Some(property) = property {
+            assert_eq!(set["notCreated"][creation]["properties"], json!([property]), "{creation}: {set}");
+        }
+    }
+    let drafts = running.service.find_mailbox(ALICE, "Drafts").unwrap();
+    let stored = running.service.find_email(ALICE, good.parse().unwrap()).unwrap().unwrap();
+    assert_eq!(stored.1.mailbox, drafts);
+    let raw = running.service.raw(ALICE, good.parse().unwrap()).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(!text.contains("eve@example.net"), "no injected header");
+    let message = mail_parser::MessageParser::default().parse(&raw).unwrap();
+    assert_eq!(message.header("X-Trace").and_then(|value| value.as_text()), Some("kept"));
+    use mail_parser::MimeHeaders;
+    assert_eq!(message.attachment(0).unwrap().attachment_name(), Some("notes.txt"));
+}
+

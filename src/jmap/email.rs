@@ -34,8 +34,8 @@
 //! - Email/changes reads the account's portable change feed: its states are accepted by every
 //!   node of the cluster.
 //! - Email/set: keywords (whole or as patches), mailboxIds (a move: an email is in exactly one
-//!   mailbox) and destroy. Create is refused per object (`forbidden`); Email/import stores an
-//!   uploaded blob.
+//!   mailbox), destroy, and create from properties ([`super::create`] writes the message);
+//!   Email/import stores an uploaded blob.
 //! - Email/copy ([`copy`]) answers the errors RFC 8620 §5.4 gives when there is no second
 //!   account to copy from; Email/parse ([`parse`]) reads uploaded blobs into Email objects.
 //!
@@ -1175,20 +1175,32 @@ async fn update_one(service: &MailService, account: &str, text: &str, patch: &Va
     }
 }
 
-/// Email/set (RFC 8620 §5.3, RFC 8621 §4.6): keyword changes and destroy.
-pub async fn set(service: &MailService, account: &str, arguments: &Map<String, Value>) -> MethodResult {
+/// Email/set (RFC 8620 §5.3, RFC 8621 §4.6): create (see [`super::create`]), keyword changes,
+/// moves and destroy.
+pub(crate) async fn set(
+    jmap: &Jmap,
+    account: &str,
+    arguments: &Map<String, Value>,
+    created_ids: &mut super::CreatedIds,
+) -> MethodResult {
+    let service = &jmap.service;
     check_set_size(arguments)?;
     let old_state = check_in_state(service, account, arguments)?;
+    let mut created = Map::new();
     let mut not_created = Map::new();
     if let Some(create) = object_argument(arguments, "create")? {
-        for creation in create.keys() {
-            not_created.insert(
-                creation.clone(),
-                set_error(
-                    "forbidden",
-                    "Email/set create is not served yet: upload the message and use Email/import",
-                ),
-            );
+        for (creation, object) in create {
+            match create_one(jmap, account, object, created_ids).await {
+                Ok(email) => {
+                    if let Some(id) = email["id"].as_str() {
+                        created_ids.insert(creation.clone(), id.to_owned());
+                    }
+                    created.insert(creation.clone(), email);
+                }
+                Err(error) => {
+                    not_created.insert(creation.clone(), error);
+                }
+            }
         }
     }
     let mut updated = Map::new();
@@ -1234,7 +1246,7 @@ pub async fn set(service: &MailService, account: &str, arguments: &Map<String, V
         Some(_) => return Err(method_error("invalidArguments", "destroy is not an array")),
     }
     SetOutcome {
-        created: Map::new(),
+        created,
         not_created,
         updated,
         not_updated,
@@ -1242,6 +1254,86 @@ pub async fn set(service: &MailService, account: &str, arguments: &Map<String, V
         not_destroyed,
     }
     .respond(service, account, old_state)
+}
+
+/// One Email/set creation: the message written from its properties, then stored like an
+/// import; `Err` is the SetError.
+async fn create_one(
+    jmap: &Jmap,
+    account: &str,
+    object: &Value,
+    created_ids: &super::CreatedIds,
+) -> Result<Value, Value> {
+    let service = &jmap.service;
+    let mut lookup =
+        |blob_id: &str| -> Result<Option<Vec<u8>>, Value> { blobs::bytes(jmap, account, blob_id).map_err(service_error) };
+    let draft = super::create::build(object, &mut lookup)?;
+    let invalid_mailbox = || {
+        let mut error = set_error("invalidProperties", format!("no mailbox {}", draft.mailbox));
+        error["properties"] = json!(["mailboxIds"]);
+        error
+    };
+    let mailbox_id = match draft.mailbox.strip_prefix('#') {
+        Some(creation) => created_ids.get(creation).cloned().ok_or_else(invalid_mailbox)?,
+        None => draft.mailbox.clone(),
+    };
+    let mailbox_name = mailbox::name_of(service, account, &mailbox_id)
+        .map_err(service_error)?
+        .ok_or_else(invalid_mailbox)?;
+    let mut flags = Vec::with_capacity(draft.keywords.len());
+    for keyword in &draft.keywords {
+        flags.push(flag_of(keyword).map_err(|error| {
+            let mut error = set_error("invalidProperties", error.to_string());
+            error["properties"] = json!(["keywords"]);
+            error
+        })?);
+    }
+    store_message(
+        service,
+        account,
+        mailbox_name,
+        draft.raw,
+        flags,
+        draft.received_millis,
+        "invalidProperties",
+    )
+    .await
+}
+
+/// Stores a message for Email/set create or Email/import and answers the created object (id,
+/// blobId, threadId, size); a message the store refuses as invalid gets the SetError
+/// `invalid_kind`.
+async fn store_message(
+    service: &MailService,
+    account: &str,
+    mailbox_name: String,
+    raw: Vec<u8>,
+    flags: Vec<Flag>,
+    received_millis: Option<u64>,
+    invalid_kind: &str,
+) -> Result<Value, Value> {
+    let thread_key = crate::service::threads::ThreadKey::of(&raw);
+    let delivered = service
+        .deliver(Delivery {
+            account: account.to_owned(),
+            mailbox: crate::service::MailboxTarget::Path(mailbox_name),
+            raw,
+            flags,
+            received_millis,
+            skip_duplicate: false,
+        })
+        .await
+        .map_err(|error| match error {
+            ServiceError::TooLarge { .. } => set_error("tooLarge", error.to_string()),
+            ServiceError::Invalid(_) => set_error(invalid_kind, error.to_string()),
+            other => service_error(other),
+        })?;
+    Ok(json!({
+        "id": delivered.id.to_string(),
+        "blobId": email_blob_id(delivered.id),
+        "threadId": thread_key.thread_id(delivered.id),
+        "size": delivered.size,
+    }))
 }
 
 /// What one Email/import entry asks for, checked; `Err` is the SetError.
@@ -1305,25 +1397,7 @@ async fn import_one(jmap: &Jmap, account: &str, entry: &Value) -> Result<Value, 
     let raw = blobs::bytes(jmap, account, blob_id)
         .map_err(service_error)?
         .ok_or_else(|| set_error("blobNotFound", format!("no blob {blob_id}")))?;
-    let thread_key = crate::service::threads::ThreadKey::of(&raw);
-    let delivered = service
-        .deliver(Delivery {
-            account: account.to_owned(),
-            mailbox: crate::service::MailboxTarget::Path(mailbox_name),
-            raw,
-            flags,
-            received_millis,
-            skip_duplicate: false,
-        })
-        .await
-        .map_err(|error| match error {
-            ServiceError::TooLarge { .. } => set_error("tooLarge", error.to_string()),
-            ServiceError::Invalid(_) => set_error("invalidEmail", error.to_string()),
-            other => service_error(other),
-        })?;
-    let id = delivered.id.to_string();
-    let thread = thread_key.thread_id(delivered.id);
-    Ok(json!({ "id": id, "blobId": email_blob_id(delivered.id), "threadId": thread, "size": delivered.size }))
+    store_message(service, account, mailbox_name, raw, flags, received_millis, "invalidEmail").await
 }
 
 /// Email/import (RFC 8621 §4.8): stores uploaded blobs as emails.

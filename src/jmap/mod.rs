@@ -20,6 +20,7 @@
 
 pub mod blobs;
 pub mod body;
+pub mod create;
 pub mod email;
 pub mod mailbox;
 pub mod push;
@@ -409,7 +410,7 @@ async fn call_method(
         "Email/query" => email::query(service, account, &arguments).await,
         "Email/changes" => email::changes(service, account, &arguments),
         "Email/queryChanges" => email::query_changes(service, account, &arguments),
-        "Email/set" => email::set(service, account, &arguments).await,
+        "Email/set" => email::set(jmap, account, &arguments, created_ids).await,
         "Email/import" => email::import(jmap, account, &arguments).await,
         "Email/copy" => email::copy(account, &arguments),
         "Email/parse" => email::parse(jmap, account, &arguments),
