@@ -613,7 +613,7 @@ async fn jmap_mail_methods_refuse_what_they_do_not_serve_and_enforce_limits() {
         &mail(json!([
             ["Email/query", {"filter": {"hasKeyword": "$seen"}}, "a"],
             ["Email/query", {"filter": {"operator": "AND", "conditions": []}}, "b"],
-            ["Email/query", {"sort": [{"property": "to"}]}, "c"],
+            ["Email/query", {"sort": [{"property": "color"}]}, "c"],
             ["Email/query", {"anchor": "nothing"}, "d"],
             ["Email/get", {"ids": [id], "properties": ["header:Subject:asDate"]}, "e"],
             ["Email/changes", {"sinceState": "m1garbage"}, "f"],
@@ -2269,3 +2269,108 @@ async fn email_set_creates_a_message_from_its_properties() {
     assert_eq!(message.attachment(0).unwrap().attachment_name(), Some("notes.txt"));
 }
 
+/// Email/query sorted by several comparators, by `to` and by keywords (on the email and across
+/// its thread), and with collapseThreads: one email per thread, the first in the sort, with the
+/// total counting threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_query_sorts_by_several_comparators_and_collapses_threads() {
+    let directory = tempfile::tempdir().unwrap();
+    let (running, _stop) = start_node(directory.path(), "sorts", Vec::new()).await;
+    let client = connect(&running).await;
+    let inbox = running.service.find_mailbox(ALICE, "INBOX").unwrap().to_string();
+    let to = |recipient: &str, subject: &str, id: &str| {
+        format!(
+            "From: carol@example.net\r\nTo: {recipient}\r\nSubject: {subject}\r\nMessage-ID: <{id}>\r\nDate: Mon, 1 Jun 2026 10:00:00 +0000\r\n\r\nx\r\n"
+        )
+        .into_bytes()
+    };
+    // Subjects pair up so that a second comparator decides within each pair.
+    let zed = deliver(&running, "INBOX", to("Zed <zed@example.net>", "Same", "a@x"), JUNE).await;
+    let amy = deliver(&running, "INBOX", to("amy@example.net", "Same", "b@x"), JUNE + 1000).await;
+    let bea = deliver(&running, "INBOX", to("Bea <bea@example.net>", "Other", "c@x"), JUNE + 2000).await;
+    // A thread of two: the root and a reply, the reply flagged.
+    let root = deliver(&running, "INBOX", threaded("root@x", &[], "Plan"), JUNE + 3000).await;
+    let reply = deliver(&running, "INBOX", threaded("reply@x", &["root@x"], "Re: Plan"), JUNE + 4000).await;
+    client.email_set_keyword(&reply, "$flagged", true).await.unwrap();
+
+    let query = |arguments: Value| {
+        let address = running.http;
+        let inbox = inbox.clone();
+        async move {
+            let mut arguments = arguments;
+            arguments["filter"] = json!({"inMailbox": inbox});
+            let answer = call(address, &mail_request(json!([["Email/query", arguments, "q"]]))).await;
+            method_response(&answer, 0)[1].clone()
+        }
+    };
+    let ids = |response: &Value| -> Vec<String> {
+        response["ids"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{response}"))
+            .iter()
+            .map(|id| id.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let by_subject_then_newest = query(json!({"sort": [
+        {"property": "subject"},
+        {"property": "receivedAt", "isAscending": false}
+    ]}))
+    .await;
+    // "Re: Plan" sorts as "Plan": the newer of the two first.
+    assert_eq!(ids(&by_subject_then_newest), [bea.clone(), reply.clone(), root.clone(), amy.clone(), zed.clone()]);
+    assert_eq!(by_subject_then_newest["canCalculateChanges"], false);
+    let by_to = query(json!({"sort": [{"property": "to"}, {"property": "receivedAt"}]})).await;
+    // By name, else address, without regard to case: alice (the threaded ones, oldest first), amy, Bea, Zed.
+    assert_eq!(ids(&by_to), [root.clone(), reply.clone(), amy.clone(), bea.clone(), zed.clone()]);
+    let flagged_first = query(json!({"sort": [
+        {"property": "hasKeyword", "keyword": "$flagged", "isAscending": false},
+        {"property": "receivedAt"}
+    ]}))
+    .await;
+    assert_eq!(ids(&flagged_first), [reply.clone(), zed.clone(), amy.clone(), bea.clone(), root.clone()]);
+    let thread_flagged_first = query(json!({"sort": [
+        {"property": "someInThreadHaveKeyword", "keyword": "$flagged", "isAscending": false},
+        {"property": "receivedAt"}
+    ]}))
+    .await;
+    assert_eq!(ids(&thread_flagged_first), [root.clone(), reply.clone(), zed.clone(), amy.clone(), bea.clone()]);
+    let all_flagged = query(json!({"sort": [
+        {"property": "allInThreadHaveKeyword", "keyword": "$flagged", "isAscending": false},
+        {"property": "receivedAt"}
+    ]}))
+    .await;
+    assert_eq!(ids(&all_flagged), [zed.clone(), amy.clone(), bea.clone(), root.clone(), reply.clone()]);
+
+    // collapseThreads through jmap-client: the newest of the thread stands for it.
+    let mut request = client.build();
+    let collapsed = request
+        .query_email()
+        .filter(Filter::in_mailbox(inbox.as_str()))
+        .sort([Comparator::received_at().descending()])
+        .calculate_total(true);
+    collapsed.arguments().collapse_threads(true);
+    let collapsed = request.send_query_email().await.unwrap();
+    assert_eq!(collapsed.ids(), [reply.clone(), bea.clone(), amy.clone(), zed.clone()]);
+    assert_eq!(collapsed.total(), Some(4));
+    // A window of a collapsed query, and the same sorted here.
+    let window = query(json!({"collapseThreads": true, "position": 1, "limit": 2})).await;
+    assert_eq!(ids(&window), [bea.clone(), amy.clone()]);
+    let sorted_here = query(json!({"collapseThreads": true, "calculateTotal": true, "sort": [
+        {"property": "subject"}, {"property": "receivedAt"}
+    ]}))
+    .await;
+    // The two "Same" emails are threads of their own; the reply is collapsed into its root.
+    assert_eq!(ids(&sorted_here), [bea, root, zed, amy]);
+    assert_eq!(sorted_here["total"], 4);
+    // Changes of a query sorted here cannot be calculated; a keyword comparator needs a keyword.
+    let answer = call(
+        running.http,
+        &mail_request(json!([
+            ["Email/queryChanges", {"filter": {"inMailbox": inbox}, "collapseThreads": true, "sinceQueryState": "x"}, "a"],
+            ["Email/query", {"sort": [{"property": "hasKeyword"}]}, "b"],
+        ])),
+    )
+    .await;
+    assert_eq!(method_response(&answer, 0)[1]["type"], "cannotCalculateChanges");
+    assert_eq!(method_response(&answer, 1)[1]["type"], "invalidArguments");
+}

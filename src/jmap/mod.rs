@@ -407,7 +407,7 @@ async fn call_method(
         "Mailbox/query" => mailbox::query(service, account, &arguments),
         "Mailbox/queryChanges" => mailbox::query_changes(service, account, &arguments),
         "Email/get" => email::get(service, account, &arguments),
-        "Email/query" => email::query(service, account, &arguments).await,
+        "Email/query" => email::query(jmap, account, &arguments).await,
         "Email/changes" => email::changes(service, account, &arguments),
         "Email/queryChanges" => email::query_changes(service, account, &arguments),
         "Email/set" => email::set(jmap, account, &arguments, created_ids).await,
