@@ -2207,7 +2207,11 @@ async fn email_set_creates_a_message_from_its_properties() {
     assert_eq!(email.mailbox_ids(), [inbox.as_str()]);
     assert!(email.has_attachment());
     assert_eq!(email.attachments().unwrap()[0].name(), Some("plan.pdf"));
-    assert!(email.preview().unwrap().starts_with("Let us meet at noon."), "{:?}", email.preview());
+    assert!(
+        email.preview().unwrap().starts_with("Let us meet at noon."),
+        "{:?}",
+        email.preview()
+    );
 
     // The stored bytes are a real MIME message: alternative text and HTML, the attachment's
     // bytes intact.
@@ -2219,8 +2223,14 @@ async fn email_set_creates_a_message_from_its_properties() {
         "Let us meet at noon.\nSee you"
     );
     assert!(message.body_html(0).unwrap().contains("<b>noon</b>"));
-    assert_eq!(message.attachment(0).unwrap().contents(), b"%PDF-1.4 not really\x00\xff");
-    assert!(message.message_id().is_some(), "the writer gives the message a Message-ID");
+    assert_eq!(
+        message.attachment(0).unwrap().contents(),
+        b"%PDF-1.4 not really\x00\xff"
+    );
+    assert!(
+        message.message_id().is_some(),
+        "the writer gives the message a Message-ID"
+    );
 
     // A mailbox created in the same request, then errors, one creation at a time.
     let answer = call(
@@ -2244,7 +2254,10 @@ async fn email_set_creates_a_message_from_its_properties() {
     )
     .await;
     let set = method_response(&answer, 1)[1].clone();
-    let good = set["created"]["good"]["id"].as_str().expect("the good creation is stored").to_owned();
+    let good = set["created"]["good"]["id"]
+        .as_str()
+        .expect("the good creation is stored")
+        .to_owned();
     for (creation, kind, property) in [
         ("injected", "invalidProperties", Some("subject")),
         ("content", "invalidProperties", Some("header:Content-Type")),
@@ -2254,17 +2267,28 @@ async fn email_set_creates_a_message_from_its_properties() {
     ] {
         assert_eq!(set["notCreated"][creation]["type"], kind, "{creation}: {set}");
         if let Some(property) = property {
-            assert_eq!(set["notCreated"][creation]["properties"], json!([property]), "{creation}: {set}");
+            assert_eq!(
+                set["notCreated"][creation]["properties"],
+                json!([property]),
+                "{creation}: {set}"
+            );
         }
     }
     let drafts = running.service.find_mailbox(ALICE, "Drafts").unwrap();
-    let stored = running.service.find_email(ALICE, good.parse().unwrap()).unwrap().unwrap();
+    let stored = running
+        .service
+        .find_email(ALICE, good.parse().unwrap())
+        .unwrap()
+        .unwrap();
     assert_eq!(stored.1.mailbox, drafts);
     let raw = running.service.raw(ALICE, good.parse().unwrap()).unwrap();
     let text = String::from_utf8_lossy(&raw);
     assert!(!text.contains("eve@example.net"), "no injected header");
     let message = mail_parser::MessageParser::default().parse(&raw).unwrap();
-    assert_eq!(message.header("X-Trace").and_then(|value| value.as_text()), Some("kept"));
+    assert_eq!(
+        message.header("X-Trace").and_then(|value| value.as_text()),
+        Some("kept")
+    );
     use mail_parser::MimeHeaders;
     assert_eq!(message.attachment(0).unwrap().attachment_name(), Some("notes.txt"));
 }
@@ -2287,10 +2311,22 @@ async fn email_query_sorts_by_several_comparators_and_collapses_threads() {
     // Subjects pair up so that a second comparator decides within each pair.
     let zed = deliver(&running, "INBOX", to("Zed <zed@example.net>", "Same", "a@x"), JUNE).await;
     let amy = deliver(&running, "INBOX", to("amy@example.net", "Same", "b@x"), JUNE + 1000).await;
-    let bea = deliver(&running, "INBOX", to("Bea <bea@example.net>", "Other", "c@x"), JUNE + 2000).await;
+    let bea = deliver(
+        &running,
+        "INBOX",
+        to("Bea <bea@example.net>", "Other", "c@x"),
+        JUNE + 2000,
+    )
+    .await;
     // A thread of two: the root and a reply, the reply flagged.
     let root = deliver(&running, "INBOX", threaded("root@x", &[], "Plan"), JUNE + 3000).await;
-    let reply = deliver(&running, "INBOX", threaded("reply@x", &["root@x"], "Re: Plan"), JUNE + 4000).await;
+    let reply = deliver(
+        &running,
+        "INBOX",
+        threaded("reply@x", &["root@x"], "Re: Plan"),
+        JUNE + 4000,
+    )
+    .await;
     client.email_set_keyword(&reply, "$flagged", true).await.unwrap();
 
     let query = |arguments: Value| {
@@ -2317,29 +2353,44 @@ async fn email_query_sorts_by_several_comparators_and_collapses_threads() {
     ]}))
     .await;
     // "Re: Plan" sorts as "Plan": the newer of the two first.
-    assert_eq!(ids(&by_subject_then_newest), [bea.clone(), reply.clone(), root.clone(), amy.clone(), zed.clone()]);
+    assert_eq!(
+        ids(&by_subject_then_newest),
+        [bea.clone(), reply.clone(), root.clone(), amy.clone(), zed.clone()]
+    );
     assert_eq!(by_subject_then_newest["canCalculateChanges"], false);
     let by_to = query(json!({"sort": [{"property": "to"}, {"property": "receivedAt"}]})).await;
     // By name, else address, without regard to case: alice (the threaded ones, oldest first), amy, Bea, Zed.
-    assert_eq!(ids(&by_to), [root.clone(), reply.clone(), amy.clone(), bea.clone(), zed.clone()]);
+    assert_eq!(
+        ids(&by_to),
+        [root.clone(), reply.clone(), amy.clone(), bea.clone(), zed.clone()]
+    );
     let flagged_first = query(json!({"sort": [
         {"property": "hasKeyword", "keyword": "$flagged", "isAscending": false},
         {"property": "receivedAt"}
     ]}))
     .await;
-    assert_eq!(ids(&flagged_first), [reply.clone(), zed.clone(), amy.clone(), bea.clone(), root.clone()]);
+    assert_eq!(
+        ids(&flagged_first),
+        [reply.clone(), zed.clone(), amy.clone(), bea.clone(), root.clone()]
+    );
     let thread_flagged_first = query(json!({"sort": [
         {"property": "someInThreadHaveKeyword", "keyword": "$flagged", "isAscending": false},
         {"property": "receivedAt"}
     ]}))
     .await;
-    assert_eq!(ids(&thread_flagged_first), [root.clone(), reply.clone(), zed.clone(), amy.clone(), bea.clone()]);
+    assert_eq!(
+        ids(&thread_flagged_first),
+        [root.clone(), reply.clone(), zed.clone(), amy.clone(), bea.clone()]
+    );
     let all_flagged = query(json!({"sort": [
         {"property": "allInThreadHaveKeyword", "keyword": "$flagged", "isAscending": false},
         {"property": "receivedAt"}
     ]}))
     .await;
-    assert_eq!(ids(&all_flagged), [zed.clone(), amy.clone(), bea.clone(), root.clone(), reply.clone()]);
+    assert_eq!(
+        ids(&all_flagged),
+        [zed.clone(), amy.clone(), bea.clone(), root.clone(), reply.clone()]
+    );
 
     // collapseThreads through jmap-client: the newest of the thread stands for it.
     let mut request = client.build();

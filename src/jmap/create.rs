@@ -92,7 +92,10 @@ fn raw_value(property: &str, value: &Value) -> Result<String, Value> {
             _ => true,
         };
         if !folded {
-            return Err(invalid(property, format!("{property} holds a line break that is not folding")));
+            return Err(invalid(
+                property,
+                format!("{property} holds a line break that is not folding"),
+            ));
         }
     }
     // JMAP's raw form keeps the space after the colon; the writer puts its own.
@@ -159,7 +162,10 @@ fn message_ids(property: &str, value: &Value) -> Result<MessageIdHeader<'static>
         .map(|item| {
             let id = one_line(property, item)?;
             if id.is_empty() || id.contains(['<', '>', ' ']) {
-                return Err(invalid(property, format!("{id:?} is not a message id (no angle brackets)")));
+                return Err(invalid(
+                    property,
+                    format!("{id:?} is not a message id (no angle brackets)"),
+                ));
             }
             Ok(id.to_owned())
         })
@@ -264,7 +270,8 @@ impl Headers {
 
     /// A `header:Name[:asForm][:all]` property.
     fn add_property(&mut self, property: &str, value: &Value) -> Result<(), Value> {
-        let header = parse_header_property(property).map_err(|_| invalid(property, format!("{property} is not a header property")))?;
+        let header = parse_header_property(property)
+            .map_err(|_| invalid(property, format!("{property} is not a header property")))?;
         if header.all {
             let items = value
                 .as_array()
@@ -313,7 +320,10 @@ impl BodyReader<'_, '_> {
     fn part(&mut self, property: &str, value: &Value, depth: usize) -> Result<MimePart<'static>, Value> {
         self.parts += 1;
         if self.parts > MAX_PARTS || depth > MAX_PART_DEPTH {
-            return Err(invalid(property, format!("at most {MAX_PARTS} parts, {MAX_PART_DEPTH} deep")));
+            return Err(invalid(
+                property,
+                format!("at most {MAX_PARTS} parts, {MAX_PART_DEPTH} deep"),
+            ));
         }
         let object = value
             .as_object()
@@ -377,7 +387,10 @@ impl BodyReader<'_, '_> {
                 if !kind.starts_with("text/") {
                     return Err(invalid(property, "a part with a partId is text/*"));
                 }
-                if charset.as_deref().is_some_and(|charset| !charset.eq_ignore_ascii_case("utf-8")) {
+                if charset
+                    .as_deref()
+                    .is_some_and(|charset| !charset.eq_ignore_ascii_case("utf-8"))
+                {
                     return Err(invalid(property, "a part with a partId is UTF-8"));
                 }
                 BodyPart::Text(Cow::Owned(self.text_of(property, part_id)?))
@@ -458,7 +471,12 @@ impl BodyReader<'_, '_> {
     }
 
     /// `textBody` or `htmlBody`: at most one part, of the given type.
-    fn single(&mut self, object: &Map<String, Value>, property: &str, kind: &str) -> Result<Option<MimePart<'static>>, Value> {
+    fn single(
+        &mut self,
+        object: &Map<String, Value>,
+        property: &str,
+        kind: &str,
+    ) -> Result<Option<MimePart<'static>>, Value> {
         let parts = match object.get(property) {
             None | Some(Value::Null) => return Ok(None),
             Some(Value::Array(parts)) => parts,
@@ -505,7 +523,10 @@ pub fn build(object: &Value, blobs: &mut BlobLookup<'_>) -> Result<Draft, Value>
                     chosen.push(id.clone());
                 }
                 let [one] = <[String; 1]>::try_from(chosen).map_err(|_| {
-                    invalid(property, "an email is in exactly one mailbox here (maxMailboxesPerEmail is 1)")
+                    invalid(
+                        property,
+                        "an email is in exactly one mailbox here (maxMailboxesPerEmail is 1)",
+                    )
                 })?;
                 mailbox = Some(one);
             }
@@ -546,7 +567,11 @@ pub fn build(object: &Value, blobs: &mut BlobLookup<'_>) -> Result<Draft, Value>
             }
             "subject" => {
                 if !value.is_null() {
-                    headers.add(property, "Subject", Text::new(one_line(property, value)?.to_owned()).into())?;
+                    headers.add(
+                        property,
+                        "Subject",
+                        Text::new(one_line(property, value)?.to_owned()).into(),
+                    )?;
                 }
             }
             "sentAt" => {
@@ -579,7 +604,11 @@ pub fn build(object: &Value, blobs: &mut BlobLookup<'_>) -> Result<Draft, Value>
         Some(Value::Object(values)) => Some(values),
         Some(_) => return Err(invalid("bodyValues", "bodyValues is an object")),
     };
-    let mut reader = BodyReader { values, blobs, parts: 0 };
+    let mut reader = BodyReader {
+        values,
+        blobs,
+        parts: 0,
+    };
     let structure = object.get("bodyStructure").filter(|value| !value.is_null());
     let body = match structure {
         Some(structure) => {
@@ -626,10 +655,12 @@ pub fn build(object: &Value, blobs: &mut BlobLookup<'_>) -> Result<Draft, Value>
     for (name, value) in headers.list {
         builder = builder.header(name, value);
     }
-    let raw = builder
-        .body(body)
-        .write_to_vec()
-        .map_err(|error| super::set_error("invalidProperties", format!("the message could not be written: {error}")))?;
+    let raw = builder.body(body).write_to_vec().map_err(|error| {
+        super::set_error(
+            "invalidProperties",
+            format!("the message could not be written: {error}"),
+        )
+    })?;
     Ok(Draft {
         raw,
         mailbox,

@@ -1533,8 +1533,9 @@ async fn create_one(
     created_ids: &super::CreatedIds,
 ) -> Result<Value, Value> {
     let service = &jmap.service;
-    let mut lookup =
-        |blob_id: &str| -> Result<Option<Vec<u8>>, Value> { blobs::bytes(jmap, account, blob_id).map_err(service_error) };
+    let mut lookup = |blob_id: &str| -> Result<Option<Vec<u8>>, Value> {
+        blobs::bytes(jmap, account, blob_id).map_err(service_error)
+    };
     let draft = super::create::build(object, &mut lookup)?;
     let invalid_mailbox = || {
         let mut error = set_error("invalidProperties", format!("no mailbox {}", draft.mailbox));
@@ -1665,7 +1666,16 @@ async fn import_one(jmap: &Jmap, account: &str, entry: &Value) -> Result<Value, 
     let raw = blobs::bytes(jmap, account, blob_id)
         .map_err(service_error)?
         .ok_or_else(|| set_error("blobNotFound", format!("no blob {blob_id}")))?;
-    store_message(service, account, mailbox_name, raw, flags, received_millis, "invalidEmail").await
+    store_message(
+        service,
+        account,
+        mailbox_name,
+        raw,
+        flags,
+        received_millis,
+        "invalidEmail",
+    )
+    .await
 }
 
 /// Email/import (RFC 8621 §4.8): stores uploaded blobs as emails.
