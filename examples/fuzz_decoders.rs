@@ -236,6 +236,7 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     ];
     let jmap_seeds = vec![
         br##"{"using":["urn:ietf:params:jmap:core","urn:ietf:params:jmap:mail"],"methodCalls":[["Email/query",{"filter":{"operator":"OR","conditions":[{"to":"a","header":["X-Tag","two"]},{"hasAttachment":true,"body":"x","text":"y"}]}},"q"],["Email/get",{"#ids":{"resultOf":"q","name":"Email/query","path":"/ids"},"properties":["bodyStructure","header:To:asAddresses:all"],"bodyProperties":["partId","headers"],"fetchAllBodyValues":true,"maxBodyValueBytes":5},"g"]]}"##.to_vec(),
+        br##"{"using":["urn:ietf:params:jmap:mail"],"methodCalls":[["Email/set",{"create":{"c":{"mailboxIds":{"#m":true},"from":[{"name":"Ann","email":"a@b"}],"subject":"Hi","header:X-A:asText":"v","headers":[{"name":"X-B","value":" raw\r\n folded"}],"bodyStructure":{"type":"multipart/mixed","subParts":[{"partId":"1"},{"blobId":"U1","type":"image/png","disposition":"inline","cid":"<x@y>","name":"p.png"}]},"bodyValues":{"1":{"value":"text"}}}}},"s"],["Email/query",{"collapseThreads":true,"sort":[{"property":"hasKeyword","keyword":"$seen"},{"property":"to","isAscending":false}]},"q"]]}"##.to_vec(),
         br##"{"using":["urn:ietf:params:jmap:mail"],"methodCalls":[["SearchSnippet/get",{"filter":{"operator":"AND","conditions":[{"text":"budget plan"},{"subject":"x"}]},"emailIds":["a"]},"s"],["Email/parse",{"blobIds":["PMx-1","U0"],"fetchTextBodyValues":true},"p"],["Email/queryChanges",{"sinceQueryState":"s","upToId":"x"},"c"]]}"##.to_vec(),
     ];
     vec![

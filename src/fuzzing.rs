@@ -184,7 +184,8 @@ pub fn sketch_symbols(input: &[u8]) {
 /// What the cargo-fuzz target `jmap_request` runs on one input: a JMAP request body through
 /// the shape check, then every call's result references against the echoes of the calls before,
 /// and the argument readers of the mail methods that need no service (Email/query's filter and
-/// sort, Email/set's keyword patches, Email/get's properties and body arguments, Email/parse's
+/// sort, Email/set's keyword patches and creations (each written as a message and parsed back),
+/// Email/get's properties and body arguments, Email/parse's
 /// part blobIds, SearchSnippet/get's filter, the EventSource query string).
 pub fn jmap_request(input: &[u8]) {
     let Ok(request) = serde_json::from_slice::<serde_json::Value>(input) else {
@@ -260,6 +261,20 @@ fn jmap_arguments(name: &str, arguments: &serde_json::Map<String, serde_json::Va
             let _ = crate::jmap::query_window(arguments);
         }
         "Email/set" => {
+            // Each creation written as a message, its blobs found (the bytes of a small one).
+            for creation in arguments
+                .get("create")
+                .and_then(|create| create.as_object())
+                .into_iter()
+                .flat_map(|create| create.values())
+            {
+                let mut blobs = |blob_id: &str| -> Result<Option<Vec<u8>>, serde_json::Value> {
+                    Ok((!blob_id.is_empty()).then(|| blob_id.as_bytes().to_vec()))
+                };
+                if let Ok(draft) = crate::jmap::create::build(creation, &mut blobs) {
+                    let _ = mail_parser::MessageParser::default().parse(&draft.raw);
+                }
+            }
             let current = std::collections::BTreeSet::from(["$seen".to_owned()]);
             for patch in arguments
                 .get("update")

@@ -613,7 +613,7 @@ async fn jmap_mail_methods_refuse_what_they_do_not_serve_and_enforce_limits() {
         &mail(json!([
             ["Email/query", {"filter": {"hasKeyword": "$seen"}}, "a"],
             ["Email/query", {"filter": {"operator": "AND", "conditions": []}}, "b"],
-            ["Email/query", {"sort": [{"property": "to"}]}, "c"],
+            ["Email/query", {"sort": [{"property": "color"}]}, "c"],
             ["Email/query", {"anchor": "nothing"}, "d"],
             ["Email/get", {"ids": [id], "properties": ["header:Subject:asDate"]}, "e"],
             ["Email/changes", {"sinceState": "m1garbage"}, "f"],
@@ -634,7 +634,9 @@ async fn jmap_mail_methods_refuse_what_they_do_not_serve_and_enforce_limits() {
     assert_eq!(response(4)[1]["type"], "invalidArguments");
     assert_eq!(response(5)[1]["type"], "cannotCalculateChanges");
     assert_eq!(response(6)[1]["type"], "stateMismatch");
-    assert_eq!(response(7)[1]["notCreated"]["k"]["type"], "forbidden");
+    // A creation with no mailbox is refused, naming the property.
+    assert_eq!(response(7)[1]["notCreated"]["k"]["type"], "invalidProperties");
+    assert_eq!(response(7)[1]["notCreated"]["k"]["properties"], json!(["mailboxIds"]));
     assert_eq!(response(7)[1]["notUpdated"]["nope"]["type"], "notFound");
     assert_eq!(response(8)[1]["type"], "unknownMethod");
     assert_eq!(response(9)[1]["ids"], json!([id]), "{}", response(9));
@@ -2127,4 +2129,299 @@ async fn email_parse_reads_uploads_and_email_copy_answers_with_one_account() {
         error.to_string().contains("fromAccountNotFound") || format!("{error:?}").contains("FromAccountNotFound"),
         "{error:?}"
     );
+}
+
+/// Email/set create (RFC 8621 §4.6) through jmap-client: an email given by its properties
+/// (addresses, subject, date, keywords, a text and an HTML body from bodyValues, an attachment
+/// from an uploaded blob) is written as a real MIME message and stored; Email/get reads back what
+/// was given, and the stored bytes parse as that message. A creation may name a mailbox created
+/// earlier in the same request; creations that would inject a header, set a Content-* header or
+/// name a missing blob are refused one by one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_set_creates_a_message_from_its_properties() {
+    use jmap_client::email::{EmailAddress, EmailBodyPart};
+    let directory = tempfile::tempdir().unwrap();
+    let (running, _stop) = start_node(directory.path(), "create", Vec::new()).await;
+    let client = connect(&running).await;
+    let inbox = running.service.find_mailbox(ALICE, "INBOX").unwrap().to_string();
+    let attachment = client
+        .upload(None, b"%PDF-1.4 not really\x00\xff".to_vec(), Some("application/pdf"))
+        .await
+        .unwrap();
+
+    let mut request = client.build();
+    request
+        .set_email()
+        .create_with_id("draft")
+        .mailbox_ids([inbox.as_str()])
+        .keywords(["$seen", "$draft"])
+        .from([EmailAddress::from(("Alice Liddell", "alice@example.org"))])
+        .to([EmailAddress::from(("Bob", "bob@example.net"))])
+        .subject("Plans for Zürich")
+        .sent_at(1_780_308_000)
+        .received_at((JUNE / 1000) as i64)
+        .text_body(EmailBodyPart::new().part_id("text"))
+        .html_body(EmailBodyPart::new().part_id("html"))
+        .attachment(
+            EmailBodyPart::new()
+                .blob_id(attachment.blob_id())
+                .content_type("application/pdf")
+                .name("plan.pdf"),
+        )
+        .body_value("text".into(), "Let us meet at noon.\nSee you")
+        .body_value("html".into(), "<p>Let us meet at <b>noon</b>.</p>");
+    let mut response = request.send_set_email().await.unwrap();
+    let created = response.created("draft").expect("the email is created");
+    let id = created.id().unwrap().to_owned();
+    assert!(created.thread_id().is_some());
+    assert!(created.size() > 0);
+
+    let email = client
+        .email_get(
+            &id,
+            Some([
+                Property::Subject,
+                Property::From,
+                Property::To,
+                Property::Keywords,
+                Property::ReceivedAt,
+                Property::SentAt,
+                Property::MailboxIds,
+                Property::HasAttachment,
+                Property::Attachments,
+                Property::Preview,
+            ]),
+        )
+        .await
+        .unwrap()
+        .expect("Email/get finds the created email");
+    assert_eq!(email.subject(), Some("Plans for Zürich"));
+    assert_eq!(email.from().unwrap()[0].email(), "alice@example.org");
+    assert_eq!(email.from().unwrap()[0].name(), Some("Alice Liddell"));
+    assert_eq!(email.to().unwrap()[0].email(), "bob@example.net");
+    let mut keywords = email.keywords();
+    keywords.sort();
+    assert_eq!(keywords, ["$draft", "$seen"]);
+    assert_eq!(email.received_at(), Some((JUNE / 1000) as i64));
+    assert_eq!(email.sent_at(), Some(1_780_308_000));
+    assert_eq!(email.mailbox_ids(), [inbox.as_str()]);
+    assert!(email.has_attachment());
+    assert_eq!(email.attachments().unwrap()[0].name(), Some("plan.pdf"));
+    assert!(
+        email.preview().unwrap().starts_with("Let us meet at noon."),
+        "{:?}",
+        email.preview()
+    );
+
+    // The stored bytes are a real MIME message: alternative text and HTML, the attachment's
+    // bytes intact.
+    let raw = running.service.raw(ALICE, id.parse().unwrap()).unwrap();
+    let message = mail_parser::MessageParser::default().parse(&raw).unwrap();
+    assert_eq!(message.subject(), Some("Plans for Zürich"));
+    assert_eq!(
+        message.body_text(0).unwrap().replace("\r\n", "\n").trim_end(),
+        "Let us meet at noon.\nSee you"
+    );
+    assert!(message.body_html(0).unwrap().contains("<b>noon</b>"));
+    assert_eq!(
+        message.attachment(0).unwrap().contents(),
+        b"%PDF-1.4 not really\x00\xff"
+    );
+    assert!(
+        message.message_id().is_some(),
+        "the writer gives the message a Message-ID"
+    );
+
+    // A mailbox created in the same request, then errors, one creation at a time.
+    let answer = call(
+        running.http,
+        &mail_request(json!([
+            ["Mailbox/set", {"create": {"m": {"name": "Drafts", "role": "drafts"}}}, "0"],
+            ["Email/set", {"create": {
+                "good": {"mailboxIds": {"#m": true}, "subject": "Draft", "header:X-Trace:asText": "kept",
+                         "bodyStructure": {"type": "multipart/mixed", "subParts": [
+                             {"partId": "1", "type": "text/plain"},
+                             {"blobId": attachment.blob_id(), "type": "text/plain", "disposition": "attachment", "name": "notes.txt"}
+                         ]},
+                         "bodyValues": {"1": {"value": "inside"}}},
+                "injected": {"mailboxIds": {"#m": true}, "subject": "Hi\r\nBcc: eve@example.net"},
+                "content": {"mailboxIds": {"#m": true}, "header:Content-Type": "text/html"},
+                "missing": {"mailboxIds": {"#m": true}, "attachments": [{"blobId": "Unothere", "type": "image/png"}]},
+                "server": {"mailboxIds": {"#m": true}, "threadId": "T1"},
+                "two": {"mailboxIds": {"#m": true, (inbox.as_str()): true}},
+            }}, "1"],
+        ])),
+    )
+    .await;
+    let set = method_response(&answer, 1)[1].clone();
+    let good = set["created"]["good"]["id"]
+        .as_str()
+        .expect("the good creation is stored")
+        .to_owned();
+    for (creation, kind, property) in [
+        ("injected", "invalidProperties", Some("subject")),
+        ("content", "invalidProperties", Some("header:Content-Type")),
+        ("missing", "blobNotFound", None),
+        ("server", "invalidProperties", Some("threadId")),
+        ("two", "invalidProperties", Some("mailboxIds")),
+    ] {
+        assert_eq!(set["notCreated"][creation]["type"], kind, "{creation}: {set}");
+        if let Some(property) = property {
+            assert_eq!(
+                set["notCreated"][creation]["properties"],
+                json!([property]),
+                "{creation}: {set}"
+            );
+        }
+    }
+    let drafts = running.service.find_mailbox(ALICE, "Drafts").unwrap();
+    let stored = running
+        .service
+        .find_email(ALICE, good.parse().unwrap())
+        .unwrap()
+        .unwrap();
+    assert_eq!(stored.1.mailbox, drafts);
+    let raw = running.service.raw(ALICE, good.parse().unwrap()).unwrap();
+    let text = String::from_utf8_lossy(&raw);
+    assert!(!text.contains("eve@example.net"), "no injected header");
+    let message = mail_parser::MessageParser::default().parse(&raw).unwrap();
+    assert_eq!(
+        message.header("X-Trace").and_then(|value| value.as_text()),
+        Some("kept")
+    );
+    use mail_parser::MimeHeaders;
+    assert_eq!(message.attachment(0).unwrap().attachment_name(), Some("notes.txt"));
+}
+
+/// Email/query sorted by several comparators, by `to` and by keywords (on the email and across
+/// its thread), and with collapseThreads: one email per thread, the first in the sort, with the
+/// total counting threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn email_query_sorts_by_several_comparators_and_collapses_threads() {
+    let directory = tempfile::tempdir().unwrap();
+    let (running, _stop) = start_node(directory.path(), "sorts", Vec::new()).await;
+    let client = connect(&running).await;
+    let inbox = running.service.find_mailbox(ALICE, "INBOX").unwrap().to_string();
+    let to = |recipient: &str, subject: &str, id: &str| {
+        format!(
+            "From: carol@example.net\r\nTo: {recipient}\r\nSubject: {subject}\r\nMessage-ID: <{id}>\r\nDate: Mon, 1 Jun 2026 10:00:00 +0000\r\n\r\nx\r\n"
+        )
+        .into_bytes()
+    };
+    // Subjects pair up so that a second comparator decides within each pair.
+    let zed = deliver(&running, "INBOX", to("Zed <zed@example.net>", "Same", "a@x"), JUNE).await;
+    let amy = deliver(&running, "INBOX", to("amy@example.net", "Same", "b@x"), JUNE + 1000).await;
+    let bea = deliver(
+        &running,
+        "INBOX",
+        to("Bea <bea@example.net>", "Other", "c@x"),
+        JUNE + 2000,
+    )
+    .await;
+    // A thread of two: the root and a reply, the reply flagged.
+    let root = deliver(&running, "INBOX", threaded("root@x", &[], "Plan"), JUNE + 3000).await;
+    let reply = deliver(
+        &running,
+        "INBOX",
+        threaded("reply@x", &["root@x"], "Re: Plan"),
+        JUNE + 4000,
+    )
+    .await;
+    client.email_set_keyword(&reply, "$flagged", true).await.unwrap();
+
+    let query = |arguments: Value| {
+        let address = running.http;
+        let inbox = inbox.clone();
+        async move {
+            let mut arguments = arguments;
+            arguments["filter"] = json!({"inMailbox": inbox});
+            let answer = call(address, &mail_request(json!([["Email/query", arguments, "q"]]))).await;
+            method_response(&answer, 0)[1].clone()
+        }
+    };
+    let ids = |response: &Value| -> Vec<String> {
+        response["ids"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{response}"))
+            .iter()
+            .map(|id| id.as_str().unwrap().to_owned())
+            .collect()
+    };
+    let by_subject_then_newest = query(json!({"sort": [
+        {"property": "subject"},
+        {"property": "receivedAt", "isAscending": false}
+    ]}))
+    .await;
+    // "Re: Plan" sorts as "Plan": the newer of the two first.
+    assert_eq!(
+        ids(&by_subject_then_newest),
+        [bea.clone(), reply.clone(), root.clone(), amy.clone(), zed.clone()]
+    );
+    assert_eq!(by_subject_then_newest["canCalculateChanges"], false);
+    let by_to = query(json!({"sort": [{"property": "to"}, {"property": "receivedAt"}]})).await;
+    // By name, else address, without regard to case: alice (the threaded ones, oldest first), amy, Bea, Zed.
+    assert_eq!(
+        ids(&by_to),
+        [root.clone(), reply.clone(), amy.clone(), bea.clone(), zed.clone()]
+    );
+    let flagged_first = query(json!({"sort": [
+        {"property": "hasKeyword", "keyword": "$flagged", "isAscending": false},
+        {"property": "receivedAt"}
+    ]}))
+    .await;
+    assert_eq!(
+        ids(&flagged_first),
+        [reply.clone(), zed.clone(), amy.clone(), bea.clone(), root.clone()]
+    );
+    let thread_flagged_first = query(json!({"sort": [
+        {"property": "someInThreadHaveKeyword", "keyword": "$flagged", "isAscending": false},
+        {"property": "receivedAt"}
+    ]}))
+    .await;
+    assert_eq!(
+        ids(&thread_flagged_first),
+        [root.clone(), reply.clone(), zed.clone(), amy.clone(), bea.clone()]
+    );
+    let all_flagged = query(json!({"sort": [
+        {"property": "allInThreadHaveKeyword", "keyword": "$flagged", "isAscending": false},
+        {"property": "receivedAt"}
+    ]}))
+    .await;
+    assert_eq!(
+        ids(&all_flagged),
+        [zed.clone(), amy.clone(), bea.clone(), root.clone(), reply.clone()]
+    );
+
+    // collapseThreads through jmap-client: the newest of the thread stands for it.
+    let mut request = client.build();
+    let collapsed = request
+        .query_email()
+        .filter(Filter::in_mailbox(inbox.as_str()))
+        .sort([Comparator::received_at().descending()])
+        .calculate_total(true);
+    collapsed.arguments().collapse_threads(true);
+    let collapsed = request.send_query_email().await.unwrap();
+    assert_eq!(collapsed.ids(), [reply.clone(), bea.clone(), amy.clone(), zed.clone()]);
+    assert_eq!(collapsed.total(), Some(4));
+    // A window of a collapsed query, and the same sorted here.
+    let window = query(json!({"collapseThreads": true, "position": 1, "limit": 2})).await;
+    assert_eq!(ids(&window), [bea.clone(), amy.clone()]);
+    let sorted_here = query(json!({"collapseThreads": true, "calculateTotal": true, "sort": [
+        {"property": "subject"}, {"property": "receivedAt"}
+    ]}))
+    .await;
+    // The two "Same" emails are threads of their own; the reply is collapsed into its root.
+    assert_eq!(ids(&sorted_here), [bea, root, zed, amy]);
+    assert_eq!(sorted_here["total"], 4);
+    // Changes of a query sorted here cannot be calculated; a keyword comparator needs a keyword.
+    let answer = call(
+        running.http,
+        &mail_request(json!([
+            ["Email/queryChanges", {"filter": {"inMailbox": inbox}, "collapseThreads": true, "sinceQueryState": "x"}, "a"],
+            ["Email/query", {"sort": [{"property": "hasKeyword"}]}, "b"],
+        ])),
+    )
+    .await;
+    assert_eq!(method_response(&answer, 0)[1]["type"], "cannotCalculateChanges");
+    assert_eq!(method_response(&answer, 1)[1]["type"], "invalidArguments");
 }

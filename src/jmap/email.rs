@@ -15,10 +15,12 @@
 //!   Thread/changes are in [`super::thread`].
 //! - Email/query: the filter conditions inMailbox, inMailboxOtherThan, text, from, to, cc, bcc,
 //!   subject, body, header, before, after, minSize, maxSize, hasAttachment, hasKeyword and
-//!   notKeyword under AND, OR and NOT; one sort comparator of receivedAt, sentAt, size, from or
-//!   subject; position (negative too), `anchor` with `anchorOffset`, limit and calculateTotal.
-//!   Collations, several comparators and collapseThreads get `unsupportedSort` or
-//!   `unsupportedFilter`. `inMailbox` is answered near the data by the service and only at the
+//!   notKeyword under AND, OR and NOT; sorts by receivedAt, sentAt, size, from, subject (one of
+//!   them alone is the store's sort index), to, hasKeyword, allInThreadHaveKeyword and
+//!   someInThreadHaveKeyword, several comparators in order (sorted here, [`sort_here`]);
+//!   collapseThreads ([`collapse`], on the node's thread index); position (negative too),
+//!   `anchor` with `anchorOffset`, limit and calculateTotal. Collations get `unsupportedSort`.
+//!   `inMailbox` is answered near the data by the service and only at the
 //!   filter's top level (or directly under a top-level AND); so is `text` there, through the
 //!   full-text index. Every other condition is checked here on each listed email, at most
 //!   [`MAX_FILTER_SCAN`] emails per query: from and subject as the listing holds them; to, cc,
@@ -34,8 +36,8 @@
 //! - Email/changes reads the account's portable change feed: its states are accepted by every
 //!   node of the cluster.
 //! - Email/set: keywords (whole or as patches), mailboxIds (a move: an email is in exactly one
-//!   mailbox) and destroy. Create is refused per object (`forbidden`); Email/import stores an
-//!   uploaded blob.
+//!   mailbox), destroy, and create from properties ([`super::create`] writes the message);
+//!   Email/import stores an uploaded blob.
 //! - Email/copy ([`copy`]) answers the errors RFC 8620 §5.4 gives when there is no second
 //!   account to copy from; Email/parse ([`parse`]) reads uploaded blobs into Email objects.
 //!
@@ -60,7 +62,19 @@ use super::{
 };
 
 /// The sorts Email/query serves, as advertised in `emailQuerySortOptions`.
-pub const SORT_OPTIONS: [&str; 5] = ["receivedAt", "sentAt", "size", "from", "subject"];
+pub const SORT_OPTIONS: [&str; 9] = [
+    "receivedAt",
+    "sentAt",
+    "size",
+    "from",
+    "subject",
+    "to",
+    "hasKeyword",
+    "allInThreadHaveKeyword",
+    "someInThreadHaveKeyword",
+];
+/// The most comparators one Email/query may give.
+const MAX_COMPARATORS: usize = 8;
 /// The most ids one Email/query returns; a larger `limit` is cut to it (and said so).
 pub const MAX_QUERY_LIMIT: usize = MAX_OBJECTS_IN_GET;
 /// The most changes one Email/changes lists when the client sets no `maxChanges`.
@@ -322,55 +336,98 @@ pub struct QueryRequest {
     text: Option<String>,
     /// The filter's other conditions, checked on each listed email.
     rest: Option<EmailFilter>,
+    /// The order the service lists in: the first comparator when the store indexes it, else
+    /// receivedAt, newest first.
     sort: SortKey,
     descending: bool,
+    /// Every comparator, each with whether it is descending.
+    comparators: Vec<(Comparator, bool)>,
+    collapse_threads: bool,
     window: QueryWindow,
+}
+
+/// One Email/query sort comparator (RFC 8621 §4.4.2).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Comparator {
+    /// A property the store keeps a sort index of.
+    Indexed(SortKey),
+    /// The first To address's name, else its email (read from the message).
+    To,
+    /// A keyword (lower case) on the email: without it first.
+    HasKeyword(String),
+    /// A keyword on every email of the email's thread.
+    AllInThreadHaveKeyword(String),
+    /// A keyword on some email of the email's thread.
+    SomeInThreadHaveKeyword(String),
+}
+
+/// Reads the `sort` argument.
+fn read_comparators(sort: Option<&Value>) -> Result<Vec<(Comparator, bool)>, Value> {
+    let comparators = match sort {
+        None | Some(Value::Null) => return Ok(vec![(Comparator::Indexed(SortKey::Received), true)]),
+        Some(Value::Array(comparators)) if comparators.is_empty() => {
+            return Ok(vec![(Comparator::Indexed(SortKey::Received), true)])
+        }
+        Some(Value::Array(comparators)) => comparators,
+        Some(_) => return Err(method_error("invalidArguments", "sort is not an array")),
+    };
+    if comparators.len() > MAX_COMPARATORS {
+        return Err(method_error(
+            "unsupportedSort",
+            format!("at most {MAX_COMPARATORS} sort comparators"),
+        ));
+    }
+    let mut read = Vec::with_capacity(comparators.len());
+    for comparator in comparators {
+        let comparator = comparator
+            .as_object()
+            .ok_or_else(|| method_error("invalidArguments", "a sort comparator is not an object"))?;
+        let property = required_string(comparator, "property")?;
+        let keyword = || -> Result<String, Value> {
+            let keyword = required_string(comparator, "keyword")?;
+            flag_of(keyword).map_err(|error| method_error("invalidArguments", error.to_string()))?;
+            Ok(keyword.to_ascii_lowercase())
+        };
+        let kind = match property {
+            "receivedAt" => Comparator::Indexed(SortKey::Received),
+            "sentAt" => Comparator::Indexed(SortKey::Date),
+            "size" => Comparator::Indexed(SortKey::Size),
+            "from" => Comparator::Indexed(SortKey::From),
+            "subject" => Comparator::Indexed(SortKey::Subject),
+            "to" => Comparator::To,
+            "hasKeyword" => Comparator::HasKeyword(keyword()?),
+            "allInThreadHaveKeyword" => Comparator::AllInThreadHaveKeyword(keyword()?),
+            "someInThreadHaveKeyword" => Comparator::SomeInThreadHaveKeyword(keyword()?),
+            _ => {
+                return Err(method_error(
+                    "unsupportedSort",
+                    format!("sorting by {property} is not served (these are: {SORT_OPTIONS:?})"),
+                ))
+            }
+        };
+        if comparator
+            .get("collation")
+            .is_some_and(|collation| !collation.is_null())
+        {
+            return Err(method_error("unsupportedSort", "no collation algorithms are served"));
+        }
+        let ascending = match comparator.get("isAscending") {
+            None | Some(Value::Null) => true,
+            Some(Value::Bool(ascending)) => *ascending,
+            Some(_) => return Err(method_error("invalidArguments", "isAscending is not a boolean")),
+        };
+        read.push((kind, !ascending));
+    }
+    Ok(read)
 }
 
 /// Reads Email/query's arguments (no service needed: the fuzz target runs it on any input).
 pub fn query_request(arguments: &Map<String, Value>) -> Result<QueryRequest, Value> {
     let (mailbox_id, text, rest) = split_filter(parse_filter(arguments.get("filter"), &mut read_condition)?)?;
-    let (sort, descending) = match arguments.get("sort") {
-        None | Some(Value::Null) => (SortKey::Received, true),
-        Some(Value::Array(comparators)) if comparators.is_empty() => (SortKey::Received, true),
-        Some(Value::Array(comparators)) if comparators.len() == 1 => {
-            let comparator = comparators[0]
-                .as_object()
-                .ok_or_else(|| method_error("invalidArguments", "a sort comparator is not an object"))?;
-            let property = required_string(comparator, "property")?;
-            let sort = match property {
-                "receivedAt" => SortKey::Received,
-                "sentAt" => SortKey::Date,
-                "size" => SortKey::Size,
-                "from" => SortKey::From,
-                "subject" => SortKey::Subject,
-                _ => {
-                    return Err(method_error(
-                        "unsupportedSort",
-                        format!("sorting by {property} is not served (these are: {SORT_OPTIONS:?})"),
-                    ))
-                }
-            };
-            if comparator
-                .get("collation")
-                .is_some_and(|collation| !collation.is_null())
-            {
-                return Err(method_error("unsupportedSort", "no collation algorithms are served"));
-            }
-            if comparator.get("keyword").is_some() {
-                return Err(method_error("unsupportedSort", "sorting by keyword is not served"));
-            }
-            let ascending = match comparator.get("isAscending") {
-                None | Some(Value::Null) => true,
-                Some(Value::Bool(ascending)) => *ascending,
-                Some(_) => return Err(method_error("invalidArguments", "isAscending is not a boolean")),
-            };
-            (sort, !ascending)
-        }
-        Some(Value::Array(_)) => {
-            return Err(method_error("unsupportedSort", "only one sort comparator is served"));
-        }
-        Some(_) => return Err(method_error("invalidArguments", "sort is not an array")),
+    let comparators = read_comparators(arguments.get("sort"))?;
+    let (sort, descending) = match comparators.first() {
+        Some((Comparator::Indexed(sort), descending)) => (*sort, *descending),
+        _ => (SortKey::Received, true),
     };
     Ok(QueryRequest {
         mailbox_id,
@@ -379,6 +436,8 @@ pub fn query_request(arguments: &Map<String, Value>) -> Result<QueryRequest, Val
         rest,
         sort,
         descending,
+        comparators,
+        collapse_threads: flag_argument(arguments, "collapseThreads")?,
         window: query_window(arguments)?,
     })
 }
@@ -696,60 +755,265 @@ fn holds(
 /// query is refused rather than answered from part of the mailbox.
 pub const MAX_FILTER_SCAN: usize = 200_000;
 
-/// Every email of the query's listing that passes the rest of its filter, in order.
-async fn filtered(service: &MailService, account: &str, request: &QueryRequest) -> Result<Vec<Email>, Value> {
-    let Some(rest) = &request.rest else {
-        return Ok(Vec::new());
-    };
-    let mut passing = Vec::new();
+/// The emails of one page of the listing that pass the rest of the filter, in order.
+fn filter_page(
+    service: &MailService,
+    account: &str,
+    rest: &EmailFilter,
+    emails: Vec<Email>,
+) -> Result<Vec<Email>, Value> {
+    let mut passing = Vec::with_capacity(emails.len());
+    for email in emails {
+        let mut read: Option<Option<std::rc::Rc<MessageFacts>>> = None;
+        let mut failure = None;
+        let mut facts = || {
+            read.get_or_insert_with(|| match service.raw(account, email.id) {
+                Ok(raw) => Some(std::rc::Rc::new(MessageFacts::of(&raw))),
+                Err(ServiceError::BodyNotYetHere | ServiceError::NoSuchMessage(_)) => None,
+                Err(other) => {
+                    failure = Some(other);
+                    None
+                }
+            })
+            .clone()
+        };
+        let passes = rest.matches(&mut |conditions: &Vec<EmailCondition>| {
+            conditions.iter().all(|condition| holds(condition, &email, &mut facts))
+        });
+        if let Some(error) = failure {
+            return Err(service_error(error));
+        }
+        if passes {
+            passing.push(email);
+        }
+    }
+    Ok(passing)
+}
+
+/// The query's results worked out here rather than by the service's listing alone: the rest of
+/// the filter checked email by email, comparators the store has no index for, collapseThreads.
+/// The listing is read page by page in its order; with `wanted`, and when that order is the
+/// results' order, reading stops once that many results are found. Otherwise the whole listing
+/// is read, at most [`MAX_FILTER_SCAN`] emails.
+async fn results(
+    jmap: &Jmap,
+    account: &str,
+    request: &QueryRequest,
+    wanted: Option<usize>,
+) -> Result<Vec<Email>, Value> {
+    let service = &jmap.service;
+    let early = wanted.filter(|_| !request.sorted_here());
+    let mut kept = Vec::new();
+    let mut threads_seen = std::collections::HashSet::new();
     let mut start = 0;
     loop {
         let (emails, total) = base_window(service, account, request, start, MAX_QUERY_LIMIT)
             .await
             .map_err(service_error)?;
-        if total > MAX_FILTER_SCAN {
+        if total > MAX_FILTER_SCAN && early.is_none() {
             return Err(method_error(
                 "unsupportedFilter",
-                format!("this filter is checked email by email, on at most {MAX_FILTER_SCAN} emails: narrow it with inMailbox or text"),
+                format!(
+                    "this filter or sort is worked out email by email, on at most {MAX_FILTER_SCAN} emails: narrow it \
+                     with inMailbox or text"
+                ),
             ));
         }
         let count = emails.len();
-        for email in emails {
-            let mut read: Option<Option<std::rc::Rc<MessageFacts>>> = None;
-            let mut failure = None;
-            let mut facts = || {
-                read.get_or_insert_with(|| match service.raw(account, email.id) {
-                    Ok(raw) => Some(std::rc::Rc::new(MessageFacts::of(&raw))),
-                    Err(ServiceError::BodyNotYetHere | ServiceError::NoSuchMessage(_)) => None,
-                    Err(other) => {
-                        failure = Some(other);
-                        None
-                    }
-                })
-                .clone()
-            };
-            let passes = rest.matches(&mut |conditions: &Vec<EmailCondition>| {
-                conditions.iter().all(|condition| holds(condition, &email, &mut facts))
-            });
-            if let Some(error) = failure {
-                return Err(service_error(error));
-            }
-            if passes {
-                passing.push(email);
-            }
+        let passing = match &request.rest {
+            Some(rest) => filter_page(service, account, rest, emails)?,
+            None => emails,
+        };
+        if request.collapse_threads && !request.sorted_here() {
+            collapse(jmap, account, passing, &mut threads_seen, &mut kept)?;
+        } else {
+            kept.extend(passing);
         }
-        if count < MAX_QUERY_LIMIT {
-            return Ok(passing);
+        if count < MAX_QUERY_LIMIT || early.is_some_and(|wanted| kept.len() >= wanted) {
+            break;
         }
         start += count;
     }
+    if request.sorted_here() {
+        sort_here(jmap, account, &request.comparators, &mut kept)?;
+        if request.collapse_threads {
+            let sorted = std::mem::take(&mut kept);
+            collapse(jmap, account, sorted, &mut threads_seen, &mut kept)?;
+        }
+    }
+    Ok(kept)
+}
+
+/// Keeps, of `emails` in order, the first of each thread not seen before.
+fn collapse(
+    jmap: &Jmap,
+    account: &str,
+    emails: Vec<Email>,
+    seen: &mut std::collections::HashSet<String>,
+    kept: &mut Vec<Email>,
+) -> Result<(), Value> {
+    let ids: Vec<MessageId> = emails.iter().map(|email| email.id).collect();
+    let threads = jmap
+        .threads
+        .threads_of(&jmap.service, account, &ids)
+        .map_err(service_error)?;
+    for (email, thread) in emails.into_iter().zip(threads) {
+        // An email whose bytes are not here yet has no known thread: it stands alone.
+        let thread = thread.unwrap_or_else(|| email.id.to_string());
+        if seen.insert(thread) {
+            kept.push(email);
+        }
+    }
+    Ok(())
+}
+
+/// The bytes an email sorts by under one comparator, ascending.
+fn comparator_key(
+    jmap: &Jmap,
+    account: &str,
+    comparator: &Comparator,
+    email: &Email,
+    threads: &mut ThreadKeywords,
+) -> Result<Vec<u8>, Value> {
+    let has = |flags: &[Flag], keyword: &str| flags.iter().filter_map(keyword_of).any(|held| held == keyword);
+    Ok(match comparator {
+        Comparator::Indexed(sort) => sort_bytes(email, *sort),
+        Comparator::To => {
+            let raw = match jmap.service.raw(account, email.id) {
+                Ok(raw) => raw,
+                Err(ServiceError::BodyNotYetHere | ServiceError::NoSuchMessage(_)) => Vec::new(),
+                Err(other) => return Err(service_error(other)),
+            };
+            let first = mail_parser::MessageParser::default()
+                .parse_headers(&raw)
+                .and_then(|message| {
+                    message.to().and_then(|to| to.first()).map(|address| {
+                        address
+                            .name()
+                            .filter(|name| !name.trim().is_empty())
+                            .or(address.address())
+                            .unwrap_or_default()
+                            .trim()
+                            .to_owned()
+                    })
+                })
+                .unwrap_or_default();
+            crate::mail::text_sort_key(&first)
+        }
+        Comparator::HasKeyword(keyword) => vec![u8::from(has(&email.flags, keyword))],
+        Comparator::AllInThreadHaveKeyword(keyword) => {
+            let (all, _) = threads.of(jmap, account, email, keyword)?;
+            vec![u8::from(all)]
+        }
+        Comparator::SomeInThreadHaveKeyword(keyword) => {
+            let (_, some) = threads.of(jmap, account, email, keyword)?;
+            vec![u8::from(some)]
+        }
+    })
+}
+
+/// Whether all and whether some emails of a thread have a keyword, worked out once per thread
+/// and keyword in a query.
+#[derive(Default)]
+struct ThreadKeywords {
+    answers: std::collections::HashMap<(String, String), (bool, bool)>,
+}
+
+impl ThreadKeywords {
+    fn of(&mut self, jmap: &Jmap, account: &str, email: &Email, keyword: &str) -> Result<(bool, bool), Value> {
+        let service = &jmap.service;
+        let thread = jmap
+            .threads
+            .threads_of(service, account, &[email.id])
+            .map_err(service_error)?
+            .pop()
+            .flatten();
+        let has = |flags: &[Flag]| flags.iter().filter_map(keyword_of).any(|held| held == keyword);
+        let Some(thread) = thread else {
+            let own = has(&email.flags);
+            return Ok((own, own));
+        };
+        if let Some(answer) = self.answers.get(&(thread.clone(), keyword.to_owned())) {
+            return Ok(*answer);
+        }
+        let members = jmap
+            .threads
+            .threads(service, account, std::slice::from_ref(&thread))
+            .map_err(service_error)?
+            .pop()
+            .flatten()
+            .map(|thread| thread.emails)
+            .unwrap_or_else(|| vec![email.id]);
+        let (mut all, mut some) = (true, false);
+        for member in members {
+            let flags = if member == email.id {
+                email.flags.clone()
+            } else {
+                match service.email(account, member) {
+                    Ok(found) => found.flags,
+                    Err(ServiceError::NoSuchMessage(_)) => continue,
+                    Err(other) => return Err(service_error(other)),
+                }
+            };
+            let held = has(&flags);
+            all &= held;
+            some |= held;
+        }
+        self.answers.insert((thread, keyword.to_owned()), (all, some));
+        Ok((all, some))
+    }
+}
+
+/// Sorts the results by every comparator, in order; ties keep the listing's order.
+fn sort_here(
+    jmap: &Jmap,
+    account: &str,
+    comparators: &[(Comparator, bool)],
+    emails: &mut Vec<Email>,
+) -> Result<(), Value> {
+    let mut threads = ThreadKeywords::default();
+    let mut keyed = Vec::with_capacity(emails.len());
+    for email in emails.drain(..) {
+        let mut keys = Vec::with_capacity(comparators.len());
+        for (comparator, _) in comparators {
+            keys.push(comparator_key(jmap, account, comparator, &email, &mut threads)?);
+        }
+        keyed.push((keys, email));
+    }
+    keyed.sort_by(|(left, _), (right, _)| {
+        for ((left, right), (_, descending)) in left.iter().zip(right).zip(comparators) {
+            let order = if *descending { right.cmp(left) } else { left.cmp(right) };
+            if order != std::cmp::Ordering::Equal {
+                return order;
+            }
+        }
+        std::cmp::Ordering::Equal
+    });
+    emails.extend(keyed.into_iter().map(|(_, email)| email));
+    Ok(())
 }
 
 impl QueryRequest {
-    /// Whether Email/queryChanges can answer for this query: one mailbox, no search (the
-    /// service knows where an email stands in a mailbox's listing, not in a search's hits).
+    /// Whether Email/queryChanges can answer for this query: one mailbox, no search, the
+    /// listing's own order (the service knows where an email stands in a mailbox's listing,
+    /// not in a search's hits or an order worked out here).
     fn can_calculate_changes(&self) -> bool {
-        self.mailbox_id.is_some() && self.text.is_none() && self.rest.is_none()
+        self.mailbox_id.is_some()
+            && self.text.is_none()
+            && self.rest.is_none()
+            && !self.sorted_here()
+            && !self.collapse_threads
+    }
+
+    /// Whether the results are sorted here, not in the listing's order: several comparators, or
+    /// one the store has no index for.
+    fn sorted_here(&self) -> bool {
+        !matches!(self.comparators.as_slice(), [(Comparator::Indexed(_), _)])
+    }
+
+    /// Whether the service's listing answers the query alone, window and total.
+    fn listed_by_service(&self) -> bool {
+        self.rest.is_none() && !self.sorted_here() && !self.collapse_threads
     }
 }
 
@@ -768,20 +1032,23 @@ fn sort_bytes(email: &Email, sort: SortKey) -> Vec<u8> {
     }
 }
 
-/// One window of the query's results, and their count.
+/// One window of the query's results, and their count (exact when `whole`, else at least the
+/// window's end).
 async fn window(
-    service: &MailService,
+    jmap: &Jmap,
     account: &str,
     request: &QueryRequest,
     position: usize,
     limit: usize,
+    whole: bool,
 ) -> Result<(Vec<Email>, usize), Value> {
-    if request.rest.is_some() {
-        let passing = filtered(service, account, request).await?;
-        let total = passing.len();
-        return Ok((passing.into_iter().skip(position).take(limit).collect(), total));
+    if !request.listed_by_service() {
+        let wanted = (!whole).then(|| position.saturating_add(limit));
+        let found = results(jmap, account, request, wanted).await?;
+        let total = found.len();
+        return Ok((found.into_iter().skip(position).take(limit).collect(), total));
     }
-    base_window(service, account, request, position, limit)
+    base_window(&jmap.service, account, request, position, limit)
         .await
         .map_err(service_error)
 }
@@ -824,7 +1091,8 @@ async fn base_window(
 }
 
 /// Email/query (RFC 8620 §5.5, RFC 8621 §4.4).
-pub async fn query(service: &MailService, account: &str, arguments: &Map<String, Value>) -> MethodResult {
+pub(crate) async fn query(jmap: &Jmap, account: &str, arguments: &Map<String, Value>) -> MethodResult {
+    let service = &jmap.service;
     let mut request = query_request(arguments)?;
     let mut mailbox_missing = false;
     if let Some(id) = &request.mailbox_id {
@@ -839,17 +1107,18 @@ pub async fn query(service: &MailService, account: &str, arguments: &Map<String,
         (0, Vec::new(), 0)
     } else {
         let needs_total = request.window.position < 0 || request.window.anchor.is_some();
+        let whole = needs_total || request.window.calculate_total;
         let total = if needs_total {
-            Some(window(service, account, &request, 0, 0).await?.1)
+            Some(window(jmap, account, &request, 0, 0, true).await?.1)
         } else {
             None
         };
         let anchor = match &request.window.anchor {
-            Some(anchor) => anchor_index(service, account, &request, anchor, total.unwrap_or(0)).await?,
+            Some(anchor) => anchor_index(jmap, account, &request, anchor, total.unwrap_or(0)).await?,
             None => None,
         };
         let position = request.window.start(total.unwrap_or(0), anchor)?;
-        let (emails, total) = window(service, account, &request, position, request.window.limit).await?;
+        let (emails, total) = window(jmap, account, &request, position, request.window.limit, whole).await?;
         let ids: Vec<String> = emails.iter().map(|email| email.id.to_string()).collect();
         (position, ids, total)
     };
@@ -875,12 +1144,13 @@ const MAX_ANCHOR_SCAN: usize = 100_000;
 
 /// The index of the anchor in the query's results, if it is there.
 async fn anchor_index(
-    service: &MailService,
+    jmap: &Jmap,
     account: &str,
     request: &QueryRequest,
     anchor: &str,
     total: usize,
 ) -> Result<Option<usize>, Value> {
+    let service = &jmap.service;
     let Some(id) = parse_email_id(anchor) else {
         return Ok(None);
     };
@@ -893,15 +1163,15 @@ async fn anchor_index(
             return Ok(positions.first().copied().flatten());
         }
     }
-    if request.rest.is_some() {
-        let passing = filtered(service, account, request).await?;
-        return Ok(passing.iter().position(|email| email.id == id));
+    if !request.listed_by_service() {
+        let found = results(jmap, account, request, None).await?;
+        return Ok(found.iter().position(|email| email.id == id));
     }
     // Page through the results.
     let page = MAX_QUERY_LIMIT;
     let mut start = 0;
     while start < total.min(MAX_ANCHOR_SCAN) {
-        let (emails, _) = window(service, account, request, start, page).await?;
+        let (emails, _) = window(jmap, account, request, start, page, false).await?;
         if let Some(offset) = emails.iter().position(|email| email.id == id) {
             return Ok(Some(start + offset));
         }
@@ -933,14 +1203,12 @@ pub fn query_changes(service: &MailService, account: &str, arguments: &Map<Strin
     ) {
         return Err(method_error("invalidArguments", "upToId is not an id"));
     }
-    if flag_argument(arguments, "collapseThreads")? {
-        return Err(method_error("unsupportedFilter", "collapseThreads is not served"));
-    }
     let request = query_request(arguments)?;
     if !request.can_calculate_changes() {
         return Err(method_error(
             "cannotCalculateChanges",
-            "query changes are calculated for an inMailbox query without text: query again",
+            "query changes are calculated for an inMailbox query without text, sorted by one indexed property, \
+             threads not collapsed: query again",
         ));
     }
     let calculate_total = request.window.calculate_total;
@@ -1175,20 +1443,32 @@ async fn update_one(service: &MailService, account: &str, text: &str, patch: &Va
     }
 }
 
-/// Email/set (RFC 8620 §5.3, RFC 8621 §4.6): keyword changes and destroy.
-pub async fn set(service: &MailService, account: &str, arguments: &Map<String, Value>) -> MethodResult {
+/// Email/set (RFC 8620 §5.3, RFC 8621 §4.6): create (see [`super::create`]), keyword changes,
+/// moves and destroy.
+pub(crate) async fn set(
+    jmap: &Jmap,
+    account: &str,
+    arguments: &Map<String, Value>,
+    created_ids: &mut super::CreatedIds,
+) -> MethodResult {
+    let service = &jmap.service;
     check_set_size(arguments)?;
     let old_state = check_in_state(service, account, arguments)?;
+    let mut created = Map::new();
     let mut not_created = Map::new();
     if let Some(create) = object_argument(arguments, "create")? {
-        for creation in create.keys() {
-            not_created.insert(
-                creation.clone(),
-                set_error(
-                    "forbidden",
-                    "Email/set create is not served yet: upload the message and use Email/import",
-                ),
-            );
+        for (creation, object) in create {
+            match create_one(jmap, account, object, created_ids).await {
+                Ok(email) => {
+                    if let Some(id) = email["id"].as_str() {
+                        created_ids.insert(creation.clone(), id.to_owned());
+                    }
+                    created.insert(creation.clone(), email);
+                }
+                Err(error) => {
+                    not_created.insert(creation.clone(), error);
+                }
+            }
         }
     }
     let mut updated = Map::new();
@@ -1234,7 +1514,7 @@ pub async fn set(service: &MailService, account: &str, arguments: &Map<String, V
         Some(_) => return Err(method_error("invalidArguments", "destroy is not an array")),
     }
     SetOutcome {
-        created: Map::new(),
+        created,
         not_created,
         updated,
         not_updated,
@@ -1242,6 +1522,87 @@ pub async fn set(service: &MailService, account: &str, arguments: &Map<String, V
         not_destroyed,
     }
     .respond(service, account, old_state)
+}
+
+/// One Email/set creation: the message written from its properties, then stored like an
+/// import; `Err` is the SetError.
+async fn create_one(
+    jmap: &Jmap,
+    account: &str,
+    object: &Value,
+    created_ids: &super::CreatedIds,
+) -> Result<Value, Value> {
+    let service = &jmap.service;
+    let mut lookup = |blob_id: &str| -> Result<Option<Vec<u8>>, Value> {
+        blobs::bytes(jmap, account, blob_id).map_err(service_error)
+    };
+    let draft = super::create::build(object, &mut lookup)?;
+    let invalid_mailbox = || {
+        let mut error = set_error("invalidProperties", format!("no mailbox {}", draft.mailbox));
+        error["properties"] = json!(["mailboxIds"]);
+        error
+    };
+    let mailbox_id = match draft.mailbox.strip_prefix('#') {
+        Some(creation) => created_ids.get(creation).cloned().ok_or_else(invalid_mailbox)?,
+        None => draft.mailbox.clone(),
+    };
+    let mailbox_name = mailbox::name_of(service, account, &mailbox_id)
+        .map_err(service_error)?
+        .ok_or_else(invalid_mailbox)?;
+    let mut flags = Vec::with_capacity(draft.keywords.len());
+    for keyword in &draft.keywords {
+        flags.push(flag_of(keyword).map_err(|error| {
+            let mut error = set_error("invalidProperties", error.to_string());
+            error["properties"] = json!(["keywords"]);
+            error
+        })?);
+    }
+    store_message(
+        service,
+        account,
+        mailbox_name,
+        draft.raw,
+        flags,
+        draft.received_millis,
+        "invalidProperties",
+    )
+    .await
+}
+
+/// Stores a message for Email/set create or Email/import and answers the created object (id,
+/// blobId, threadId, size); a message the store refuses as invalid gets the SetError
+/// `invalid_kind`.
+async fn store_message(
+    service: &MailService,
+    account: &str,
+    mailbox_name: String,
+    raw: Vec<u8>,
+    flags: Vec<Flag>,
+    received_millis: Option<u64>,
+    invalid_kind: &str,
+) -> Result<Value, Value> {
+    let thread_key = crate::service::threads::ThreadKey::of(&raw);
+    let delivered = service
+        .deliver(Delivery {
+            account: account.to_owned(),
+            mailbox: crate::service::MailboxTarget::Path(mailbox_name),
+            raw,
+            flags,
+            received_millis,
+            skip_duplicate: false,
+        })
+        .await
+        .map_err(|error| match error {
+            ServiceError::TooLarge { .. } => set_error("tooLarge", error.to_string()),
+            ServiceError::Invalid(_) => set_error(invalid_kind, error.to_string()),
+            other => service_error(other),
+        })?;
+    Ok(json!({
+        "id": delivered.id.to_string(),
+        "blobId": email_blob_id(delivered.id),
+        "threadId": thread_key.thread_id(delivered.id),
+        "size": delivered.size,
+    }))
 }
 
 /// What one Email/import entry asks for, checked; `Err` is the SetError.
@@ -1305,25 +1666,16 @@ async fn import_one(jmap: &Jmap, account: &str, entry: &Value) -> Result<Value, 
     let raw = blobs::bytes(jmap, account, blob_id)
         .map_err(service_error)?
         .ok_or_else(|| set_error("blobNotFound", format!("no blob {blob_id}")))?;
-    let thread_key = crate::service::threads::ThreadKey::of(&raw);
-    let delivered = service
-        .deliver(Delivery {
-            account: account.to_owned(),
-            mailbox: crate::service::MailboxTarget::Path(mailbox_name),
-            raw,
-            flags,
-            received_millis,
-            skip_duplicate: false,
-        })
-        .await
-        .map_err(|error| match error {
-            ServiceError::TooLarge { .. } => set_error("tooLarge", error.to_string()),
-            ServiceError::Invalid(_) => set_error("invalidEmail", error.to_string()),
-            other => service_error(other),
-        })?;
-    let id = delivered.id.to_string();
-    let thread = thread_key.thread_id(delivered.id);
-    Ok(json!({ "id": id, "blobId": email_blob_id(delivered.id), "threadId": thread, "size": delivered.size }))
+    store_message(
+        service,
+        account,
+        mailbox_name,
+        raw,
+        flags,
+        received_millis,
+        "invalidEmail",
+    )
+    .await
 }
 
 /// Email/import (RFC 8621 §4.8): stores uploaded blobs as emails.

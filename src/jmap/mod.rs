@@ -20,6 +20,7 @@
 
 pub mod blobs;
 pub mod body;
+pub mod create;
 pub mod email;
 pub mod mailbox;
 pub mod push;
@@ -406,10 +407,10 @@ async fn call_method(
         "Mailbox/query" => mailbox::query(service, account, &arguments),
         "Mailbox/queryChanges" => mailbox::query_changes(service, account, &arguments),
         "Email/get" => email::get(service, account, &arguments),
-        "Email/query" => email::query(service, account, &arguments).await,
+        "Email/query" => email::query(jmap, account, &arguments).await,
         "Email/changes" => email::changes(service, account, &arguments),
         "Email/queryChanges" => email::query_changes(service, account, &arguments),
-        "Email/set" => email::set(service, account, &arguments).await,
+        "Email/set" => email::set(jmap, account, &arguments, created_ids).await,
         "Email/import" => email::import(jmap, account, &arguments).await,
         "Email/copy" => email::copy(account, &arguments),
         "Email/parse" => email::parse(jmap, account, &arguments),

@@ -44,9 +44,13 @@ impl MailService {
     /// A live email of the account found by its ID, with the path of its mailbox.
     pub fn find_email(&self, account: &str, id: MessageId) -> Result<Option<(String, Email)>, ServiceError> {
         match self.email(account, id) {
+            // The path from the folded tree: a whole summary (counters read from the store) for
+            // each email of an Email/get would cost more than the email.
             Ok(email) => Ok(self
-                .mailbox_name_by_id(account, email.mailbox)?
-                .map(|name| (name, email))),
+                .account_mailboxes(account)?
+                .tree
+                .get(email.mailbox)
+                .map(|shown| (shown.path.clone(), email))),
             Err(ServiceError::NoSuchMessage(_)) => Ok(None),
             Err(other) => Err(other),
         }

@@ -48,9 +48,45 @@ pub struct AccountMailboxes {
     pub tree: MailboxTree,
     /// Each mailbox record, merged over its snapshots.
     pub records: BTreeMap<MailboxId, MailboxRecord>,
+    /// The listings each visible mailbox shows ([`views_of`]), worked out once per fold: asking
+    /// the tree for one mailbox's members walks every record, so a listing of 1,000 mailboxes
+    /// would walk a million.
+    views: HashMap<MailboxId, Vec<MailboxId>>,
     /// The live snapshot records each mailbox record was merged from: what a new snapshot of
     /// that mailbox supersedes.
     pub sources: BTreeMap<MailboxId, Vec<MessageId>>,
+}
+
+impl AccountMailboxes {
+    fn new(
+        tree: MailboxTree,
+        records: BTreeMap<MailboxId, MailboxRecord>,
+        sources: BTreeMap<MailboxId, Vec<MessageId>>,
+    ) -> AccountMailboxes {
+        // Every record the tree may name as a member: the folded ones and the INBOX, which the
+        // tree holds even before its record exists. In ID order, so each list comes out sorted
+        // as the tree's members are.
+        let candidates: std::collections::BTreeSet<MailboxId> =
+            records.keys().copied().chain(std::iter::once(tree.inbox())).collect();
+        let mut views: HashMap<MailboxId, Vec<MailboxId>> = HashMap::new();
+        for member in candidates {
+            if let Some(canonical) = tree.canonical(member) {
+                views.entry(canonical).or_default().push(member);
+            }
+        }
+        let mut folded = AccountMailboxes {
+            tree,
+            records,
+            views: HashMap::new(),
+            sources,
+        };
+        for id in folded.tree.mailboxes().keys() {
+            let members = views.remove(id).unwrap_or_default();
+            let listing = views_from_members(&folded, *id, members);
+            folded.views.insert(*id, listing);
+        }
+        folded
+    }
 }
 
 /// The per-account cache of folded trees, keyed by the mailboxes container's root.
@@ -61,6 +97,33 @@ pub(crate) struct TreeCache {
     /// make one mailbox, not two records that the tree then shows as one (what two sites apart
     /// do, and what the fold resolves; here it would only waste records).
     writes: tokio::sync::Mutex<()>,
+}
+
+/// What every mailbox summary of an account says about its emails container.
+struct ContainerFacts {
+    tombstones: u64,
+    root: String,
+}
+
+impl ContainerFacts {
+    fn read(service: &MailService, account: &str) -> Result<ContainerFacts, ServiceError> {
+        let entry = service
+            .inner
+            .store
+            .mailbox_entry(MailService::emails_container(account)?.id())?;
+        Ok(ContainerFacts {
+            tombstones: entry
+                .as_ref()
+                .map(|entry| entry.records.saturating_sub(entry.live))
+                .unwrap_or(0),
+            root: format!(
+                "{:?}",
+                entry
+                    .map(|entry| entry.root)
+                    .unwrap_or(FixedBytes(crate::merkle::Aggregate::default().root_hash()))
+            ),
+        })
+    }
 }
 
 /// What a mailbox update changes (absent fields stay as they are).
@@ -118,7 +181,14 @@ pub fn fold(snapshots: impl IntoIterator<Item = MailboxRecord>) -> BTreeMap<Mail
 /// The listings (store views) a visible mailbox shows: its records and, for the INBOX, the
 /// deleted mailboxes whose emails were rescued.
 pub(crate) fn views_of(mailboxes: &AccountMailboxes, id: MailboxId) -> Vec<MailboxId> {
-    let mut views = mailboxes.tree.members(id);
+    match mailboxes.views.get(&id) {
+        Some(views) => views.clone(),
+        None => views_from_members(mailboxes, id, mailboxes.tree.members(id)),
+    }
+}
+
+/// [`views_of`] from a mailbox's members.
+fn views_from_members(mailboxes: &AccountMailboxes, id: MailboxId, mut views: Vec<MailboxId>) -> Vec<MailboxId> {
     if id == mailboxes.tree.inbox() {
         views.extend(mailboxes.tree.deleted().iter().copied());
     }
@@ -173,7 +243,7 @@ impl MailService {
             }
         }
         let tree = mailbox::resolve(account, records.values());
-        let folded = Arc::new(AccountMailboxes { tree, records, sources });
+        let folded = Arc::new(AccountMailboxes::new(tree, records, sources));
         if complete {
             crate::store::lock(&self.trees.entries).insert(account.to_owned(), (root, folded.clone()));
         }
@@ -211,6 +281,18 @@ impl MailService {
         mailboxes: &AccountMailboxes,
         id: MailboxId,
     ) -> Result<MailboxSummary, ServiceError> {
+        let container = ContainerFacts::read(self, account)?;
+        self.summary_in(account, mailboxes, id, &container)
+    }
+
+    /// [`Self::summary`] with the account's container facts read once for many mailboxes.
+    fn summary_in(
+        &self,
+        account: &str,
+        mailboxes: &AccountMailboxes,
+        id: MailboxId,
+        container: &ContainerFacts,
+    ) -> Result<MailboxSummary, ServiceError> {
         let shown = mailboxes
             .tree
             .get(id)
@@ -222,7 +304,6 @@ impl MailService {
                 unseen += entry.unseen;
             }
         }
-        let container = self.inner.store.mailbox_entry(Self::emails_container(account)?.id())?;
         Ok(MailboxSummary {
             account: account.to_owned(),
             id,
@@ -233,16 +314,8 @@ impl MailService {
             sort_order: shown.sort_order,
             total,
             unseen,
-            tombstones: container
-                .as_ref()
-                .map(|entry| entry.records.saturating_sub(entry.live))
-                .unwrap_or(0),
-            root: format!(
-                "{:?}",
-                container
-                    .map(|entry| entry.root)
-                    .unwrap_or(FixedBytes(crate::merkle::Aggregate::default().root_hash()))
-            ),
+            tombstones: container.tombstones,
+            root: container.root.clone(),
         })
     }
 
@@ -251,11 +324,12 @@ impl MailService {
     pub fn mailboxes(&self, account: &str) -> Result<Vec<MailboxSummary>, ServiceError> {
         self.check_account(account)?;
         let mailboxes = self.account_mailboxes(account)?;
+        let container = ContainerFacts::read(self, account)?;
         let mut summaries = mailboxes
             .tree
             .mailboxes()
             .keys()
-            .map(|id| self.summary(account, &mailboxes, *id))
+            .map(|id| self.summary_in(account, &mailboxes, *id, &container))
             .collect::<Result<Vec<_>, _>>()?;
         let inbox = mailboxes.tree.inbox();
         summaries.sort_by(|left, right| (left.id != inbox, &left.name).cmp(&(right.id != inbox, &right.name)));
@@ -288,8 +362,9 @@ impl MailService {
         let mut all = Vec::new();
         for account in self.accounts()? {
             let mailboxes = self.account_mailboxes(&account)?;
+            let container = ContainerFacts::read(self, &account)?;
             for id in mailboxes.tree.mailboxes().keys() {
-                all.push(self.summary(&account, &mailboxes, *id)?);
+                all.push(self.summary_in(&account, &mailboxes, *id, &container)?);
             }
         }
         Ok(all)
@@ -632,6 +707,12 @@ mod tests {
             let left = mailbox::resolve("alice@example.org", one.values());
             let right = mailbox::resolve("alice@example.org", other.values());
             proptest::prop_assert_eq!(left.mailboxes(), right.mailboxes());
+            // The listings worked out once per fold are the ones the tree gives mailbox by mailbox.
+            let folded = AccountMailboxes::new(left.clone(), one.clone(), BTreeMap::new());
+            for id in left.mailboxes().keys() {
+                let from_tree = views_from_members(&folded, *id, left.members(*id));
+                proptest::prop_assert_eq!(views_of(&folded, *id), from_tree);
+            }
         }
     }
 

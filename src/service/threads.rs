@@ -265,6 +265,23 @@ impl ThreadIndex {
         })
     }
 
+    /// The thread id of each of these live emails (`None` where its bytes are not here, or it
+    /// is not live), all read under one catch-up with the feed: what collapseThreads needs for a
+    /// page of a listing.
+    pub fn threads_of(
+        &self,
+        service: &MailService,
+        account: &str,
+        ids: &[MessageId],
+    ) -> Result<Vec<Option<String>>, ServiceError> {
+        self.with_account(service, account, |threads| {
+            Ok(ids
+                .iter()
+                .map(|id| threads.thread_of.get(id).map(|(thread, _)| thread.clone()))
+                .collect())
+        })
+    }
+
     /// The threads whose emails changed since `since` (a state of the account's feed, from any
     /// node), at most `max` of them: a thread with no live email now is destroyed, one made only
     /// of emails created since is created, any other is updated (a flag change or move of one of
