@@ -435,10 +435,23 @@ fn run_case(
         copy_directory(&template.join(side), &case.join(side))?;
     }
     let error = |error: mailmesh::harness::HarnessError| error.to_string();
-    let mut first =
-        LocalNode::spawn(&arguments.binary, "a", &case.join("a"), CLUSTER, &[], 1000, &[]).map_err(error)?;
-    let relay = Relay::start(listen_port(&first)?)?;
+    // Each node announces only an address that goes through the relay (the first) or that no
+    // one listens on (the second), so neither learns the other's real listen address from
+    // identify, discovery or its peer book and dials it straight, past the relay.
+    let relay = Relay::start(0)?;
     let relay_address = format!("/ip4/127.0.0.1/tcp/{}", relay.port);
+    let announce = |address: &str| vec!["--announce".to_string(), address.to_string()];
+    let mut first = LocalNode::spawn(
+        &arguments.binary,
+        "a",
+        &case.join("a"),
+        CLUSTER,
+        &[],
+        1000,
+        &announce(&relay_address),
+    )
+    .map_err(error)?;
+    relay.target.store(listen_port(&first)?, Ordering::SeqCst);
     let mut second = LocalNode::spawn(
         &arguments.binary,
         "b",
@@ -446,7 +459,7 @@ fn run_case(
         CLUSTER,
         std::slice::from_ref(&relay_address),
         1000,
-        &[],
+        &announce("/ip4/127.0.0.1/tcp/1"),
     )
     .map_err(error)?;
     let connected = |node: &LocalNode| {

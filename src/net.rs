@@ -1216,6 +1216,13 @@ pub fn new(
             tracing::info!(peers = event_loop.book.len(), "dialing the peers of the last run too");
         }
         for address in event_loop.book.addresses() {
+            // A bootstrap address is dialed already: dialing the peer the book found there as
+            // well would open two connections to it at every start (found measuring a heal:
+            // two noise, identify and gossipsub handshakes through one relay).
+            let (plain, _) = split_peer_id(&address);
+            if event_loop.address_targets.iter().any(|target| target.address == plain) {
+                continue;
+            }
             event_loop.add_bootstrap(address);
         }
     }
@@ -2749,6 +2756,42 @@ mod tests {
             .await
             .expect("a request to the restarted A");
         assert_eq!(response, b"got 5 bytes");
+    }
+
+    /// Found measuring a heal through a counting relay: a node whose peer book named the peer
+    /// found at its bootstrap address dialed that address twice at start, for two connections
+    /// and two sets of handshakes.
+    #[tokio::test]
+    async fn a_peer_book_entry_at_a_bootstrap_address_is_not_dialed_twice() {
+        init_tracing();
+        let a = Node::start(config(&identity::Keypair::generate_ed25519(), Vec::new())).await;
+        let a_peer = a.peer_id();
+        let directory = tempfile::tempdir().expect("a temporary directory");
+        let path = directory.path().join("peers");
+        let b_key = identity::Keypair::generate_ed25519();
+        let b_config = || {
+            let mut config = config(&b_key, vec![a.address.clone()]);
+            config.peer_book = Some(path.clone());
+            config
+        };
+        let mut b = Node::start(b_config()).await;
+        b.wait_connected(a_peer).await;
+        b.stop().await;
+        assert!(path.exists(), "the peer book was written at stop");
+        let mut b = Node::start(b_config()).await;
+        b.wait_connected(a_peer).await;
+        // Two dials would have started together; watch long enough for a second one to land.
+        let watch_until = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < watch_until {
+            let peers = b.client.peers().await.expect("peers");
+            let connections = peers
+                .iter()
+                .find(|peer| peer.peer_id == a_peer)
+                .map(|peer| peer.connections)
+                .unwrap_or(0);
+            assert!(connections <= 1, "{connections} connections to the bootstrap peer");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     #[tokio::test]
