@@ -372,8 +372,14 @@ pub fn validate(config: &NodeConfig) -> Result<(), ConfigError> {
         ("lmtp_idle_timeout_seconds", !config.lmtp_idle_timeout.is_zero()),
         ("lmtp_session_timeout_seconds", !config.lmtp_session_deadline.is_zero()),
         ("imap_max_connections", config.imap_connections.total > 0),
-        ("imap_max_connections_per_address", config.imap_connections.per_address > 0),
-        ("imap_max_connections_per_account", config.imap_connections.per_account > 0),
+        (
+            "imap_max_connections_per_address",
+            config.imap_connections.per_address > 0,
+        ),
+        (
+            "imap_max_connections_per_account",
+            config.imap_connections.per_account > 0,
+        ),
     ] {
         if !positive {
             return Err(ConfigError::Invalid {

@@ -377,7 +377,10 @@ async fn a_digest_signed_in_another_peers_name_is_refused_and_its_signer_blocked
             _ => {}
         }
     }
-    assert!(disconnected, "the node kept a peer that signed digests in another's name");
+    assert!(
+        disconnected,
+        "the node kept a peer that signed digests in another's name"
+    );
     let metrics = String::from_utf8_lossy(&node.get("/metrics").unwrap().body).into_owned();
     assert!(
         metrics
@@ -395,7 +398,9 @@ async fn a_digest_signed_in_another_peers_name_is_refused_and_its_signer_blocked
     );
     let peers = status["peers"].as_array().cloned().unwrap_or_default();
     assert!(
-        peers.iter().all(|entry| entry["peer_id"] != victim.to_string().as_str()),
+        peers
+            .iter()
+            .all(|entry| entry["peer_id"] != victim.to_string().as_str()),
         "the forged digest made the node believe in a peer it never met: {peers:?}"
     );
 }

@@ -982,8 +982,7 @@ async fn unchanged_since_lets_exactly_one_of_concurrent_writers_store() {
         for (index, writer) in writers.iter_mut().enumerate() {
             writer
                 .send(
-                    format!("w UID STORE 1 (UNCHANGEDSINCE {modseq}) +FLAGS.SILENT (r{round}w{index})\r\n")
-                        .as_bytes(),
+                    format!("w UID STORE 1 (UNCHANGEDSINCE {modseq}) +FLAGS.SILENT (r{round}w{index})\r\n").as_bytes(),
                 )
                 .await;
         }
@@ -1088,7 +1087,9 @@ async fn vanished_uids_past_the_tombstone_horizon_are_pruned_and_older_clients_g
     let kept = client.ok(&resync(before_third)).await;
     assert!(kept.contains(&"* VANISHED (EARLIER) 3".to_owned()), "{kept:?}");
     let fetched = client
-        .ok(&format!("UID FETCH 1:* (FLAGS) (CHANGEDSINCE {before_second} VANISHED)"))
+        .ok(&format!(
+            "UID FETCH 1:* (FLAGS) (CHANGEDSINCE {before_second} VANISHED)"
+        ))
         .await;
     assert_eq!(fetched[0], "* VANISHED (EARLIER) 1:3", "{fetched:?}");
     let current = client.ok(&resync(after)).await;

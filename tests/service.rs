@@ -876,14 +876,28 @@ async fn a_mailbox_write_collects_the_snapshots_it_supersedes_and_the_feed_destr
         service.rename_mailbox(account, work, name).await.unwrap();
     }
     service
-        .update_mailbox(account, work, MailboxUpdate { sort_order: Some(7), ..MailboxUpdate::default() })
+        .update_mailbox(
+            account,
+            work,
+            MailboxUpdate {
+                sort_order: Some(7),
+                ..MailboxUpdate::default()
+            },
+        )
         .await
         .unwrap();
-    assert_eq!(live_snapshots(&fixture.store, account), 1, "one live snapshot per mailbox");
+    assert_eq!(
+        live_snapshots(&fixture.store, account),
+        1,
+        "one live snapshot per mailbox"
+    );
     let shown = service.mailbox(account, work).unwrap();
     assert_eq!((shown.name.as_str(), shown.sort_order), ("Work", 7));
     let changes = service.account_changes(account, Some(&start.new_state), 100).unwrap();
-    assert!(changes.destroyed.is_empty(), "collected snapshots are no emails: {changes:?}");
+    assert!(
+        changes.destroyed.is_empty(),
+        "collected snapshots are no emails: {changes:?}"
+    );
     assert_eq!(changes.mailboxes, vec![work]);
 
     // Two sites write the same mailbox while apart: each collects only what it folded, so both
@@ -894,22 +908,39 @@ async fn a_mailbox_write_collects_the_snapshots_it_supersedes_and_the_feed_destr
     service.rename_mailbox(account, work, "Projects").await.unwrap();
     other
         .service
-        .update_mailbox(account, work, MailboxUpdate { subscribed: Some(false), ..MailboxUpdate::default() })
+        .update_mailbox(
+            account,
+            work,
+            MailboxUpdate {
+                subscribed: Some(false),
+                ..MailboxUpdate::default()
+            },
+        )
         .await
         .unwrap();
     copy_container(&fixture.store, &other.store, &container);
     copy_container(&other.store, &fixture.store, &container);
     for (site, store) in [(service, &fixture.store), (&other.service, &other.store)] {
         let shown = site.mailbox(account, work).unwrap();
-        assert_eq!((shown.name.as_str(), shown.subscribed, shown.sort_order), ("Projects", false, 7));
-        assert_eq!(live_snapshots(store, account), 2, "neither concurrent snapshot dominates");
+        assert_eq!(
+            (shown.name.as_str(), shown.subscribed, shown.sort_order),
+            ("Projects", false, 7)
+        );
+        assert_eq!(
+            live_snapshots(store, account),
+            2,
+            "neither concurrent snapshot dominates"
+        );
     }
     // The next write on either site folds both and collects both.
     other.service.rename_mailbox(account, work, "Done").await.unwrap();
     copy_container(&other.store, &fixture.store, &container);
     for (site, store) in [(service, &fixture.store), (&other.service, &other.store)] {
         let shown = site.mailbox(account, work).unwrap();
-        assert_eq!((shown.name.as_str(), shown.subscribed, shown.sort_order), ("Done", false, 7));
+        assert_eq!(
+            (shown.name.as_str(), shown.subscribed, shown.sort_order),
+            ("Done", false, 7)
+        );
         assert_eq!(live_snapshots(store, account), 1);
     }
 }

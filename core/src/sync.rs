@@ -1672,7 +1672,14 @@ mod tests {
 
     /// The bytes of a flag heal of the newest `changed` of `total` time-ordered IDs (IDs made as
     /// the store makes them: the millisecond, then 80 random bits), for each layout seed.
-    fn flag_heal_bytes(total: u64, changed: u64, scattered: bool, per_millisecond: u64, seed: u64, limits: SyncLimits) -> usize {
+    fn flag_heal_bytes(
+        total: u64,
+        changed: u64,
+        scattered: bool,
+        per_millisecond: u64,
+        seed: u64,
+        limits: SyncLimits,
+    ) -> usize {
         let mut random = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let mut next = move || {
             random ^= random << 13;
@@ -1706,9 +1713,15 @@ mod tests {
     /// are scattered.
     #[test]
     fn a_dense_flag_heal_lists_whole_nodes_and_costs_the_same_in_every_layout() {
-        let single = |limits: SyncLimits| SyncLimits { tag_threshold: 0, ..limits };
+        let single = |limits: SyncLimits| SyncLimits {
+            tag_threshold: 0,
+            ..limits
+        };
         for asks in [false, true] {
-            let limits = SyncLimits { asks, ..SyncLimits::default() };
+            let limits = SyncLimits {
+                asks,
+                ..SyncLimits::default()
+            };
             let mut worst = 0;
             for rate in [1u64, 2, 5, 20, 60] {
                 let merged = flag_heal_bytes(20_000, 100, false, rate, 3, limits);

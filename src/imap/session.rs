@@ -213,7 +213,14 @@ impl Session {
     fn capabilities(&self) -> String {
         let mut capabilities = vec!["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"];
         capabilities.extend(["UNSELECT", "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN", "SORT"]);
-        capabilities.extend(["CONDSTORE", "QRESYNC", "ESEARCH", "LIST-EXTENDED", "LIST-STATUS", "BINARY"]);
+        capabilities.extend([
+            "CONDSTORE",
+            "QRESYNC",
+            "ESEARCH",
+            "LIST-EXTENDED",
+            "LIST-STATUS",
+            "BINARY",
+        ]);
         if matches!(self.state, State::NotAuthenticated) {
             if self.connection.tls_available {
                 capabilities.push("STARTTLS");
@@ -547,7 +554,13 @@ impl Session {
     /// given: several patterns, selection by subscription or special use, RECURSIVEMATCH's
     /// CHILDINFO, and a STATUS after each mailbox (RFC 5819). Every listed mailbox says whether it
     /// has children and its special use, asked or not (both RFCs allow it).
-    fn list(&mut self, reference: &Mailbox<'_>, patterns: &[Vec<u8>], kind: &str, options: Option<&ListOptions>) -> Outcome {
+    fn list(
+        &mut self,
+        reference: &Mailbox<'_>,
+        patterns: &[Vec<u8>],
+        kind: &str,
+        options: Option<&ListOptions>,
+    ) -> Outcome {
         let account = self.account().unwrap_or_default().to_owned();
         let reference = mailbox_name(reference);
         let options = options.cloned().unwrap_or_default();
@@ -1315,10 +1328,11 @@ impl Session {
             // UNCHANGEDSINCE is checked where the change is written (the store's single writer),
             // so a concurrent writer cannot change the message between the check and the STORE.
             let written = match unchanged_since {
-                Some(limit) => self
-                    .service
-                    .set_flags_unchanged_since(&account, id, add, remove, limit)
-                    .await,
+                Some(limit) => {
+                    self.service
+                        .set_flags_unchanged_since(&account, id, add, remove, limit)
+                        .await
+                }
                 None => self.service.set_flags(&account, id, add, remove).await.map(Some),
             };
             let email = match written {

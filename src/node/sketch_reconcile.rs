@@ -599,7 +599,9 @@ impl Node {
                     (Some(Message::Cells { .. }), _) => match self.responder_cells(peer, key.id(), salt, &view)? {
                         ResponderCells::Ready(cells) => respond(&cells)?,
                         ResponderCells::Stale => return Ok(stale()),
-                        ResponderCells::OverBudget => return self.answer_over_budget(peer, key, opening.as_ref()).await,
+                        ResponderCells::OverBudget => {
+                            return self.answer_over_budget(peer, key, opening.as_ref()).await
+                        }
                     },
                     answer => answer,
                 }
@@ -795,7 +797,10 @@ mod tests {
         assert!(budget.take(other, start), "another peer has its own budget");
         let almost = start + Duration::from_secs(CACHE_SECONDS) - Duration::from_millis(1);
         assert!(!budget.take(greedy, almost), "still inside the window");
-        assert!(budget.take(greedy, start + Duration::from_secs(CACHE_SECONDS)), "the window moved on");
+        assert!(
+            budget.take(greedy, start + Duration::from_secs(CACHE_SECONDS)),
+            "the window moved on"
+        );
     }
 
     #[test]

@@ -238,7 +238,10 @@ impl MailService {
         let records = fold(snapshots.iter().map(|(_, snapshot)| snapshot.clone()));
         let mut sources: BTreeMap<MailboxId, Vec<MessageId>> = BTreeMap::new();
         for (source, snapshot) in &snapshots {
-            if records.get(&snapshot.id).is_some_and(|folded| folded.created == snapshot.created) {
+            if records
+                .get(&snapshot.id)
+                .is_some_and(|folded| folded.created == snapshot.created)
+            {
                 sources.entry(snapshot.id).or_default().push(*source);
             }
         }

@@ -191,7 +191,13 @@ impl UidIndex {
     /// Deletes the oldest vanished entries seen to leave before `cutoff_millis` (in modseq order,
     /// so the first one kept ends the scan) and raises the mailbox's pruned modseq past them.
     /// Entries from before times were kept get `now_millis`, to be pruned a horizon from now.
-    fn prune(&self, mailbox: &[u8; 16], cutoff_millis: u64, now_millis: u64, batch: &mut WriteBatch) -> Result<(), UidError> {
+    fn prune(
+        &self,
+        mailbox: &[u8; 16],
+        cutoff_millis: u64,
+        now_millis: u64,
+        batch: &mut WriteBatch,
+    ) -> Result<(), UidError> {
         let start = key(VANISHED, mailbox, &[]);
         let end = key(VANISHED, mailbox, &[0xff; 13]);
         let mut options = rocksdb::ReadOptions::default();
@@ -356,7 +362,12 @@ impl MailService {
         }
         state.modseq = reached;
         if !renumbered {
-            uids.prune(&name, self.inner.store.tombstone_cutoff(now_millis), now_millis, &mut batch)?;
+            uids.prune(
+                &name,
+                self.inner.store.tombstone_cutoff(now_millis),
+                now_millis,
+                &mut batch,
+            )?;
         }
         if stored != Some(state) {
             let mut meta = Vec::with_capacity(16);
