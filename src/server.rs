@@ -26,6 +26,8 @@ use crate::tls::{ClientAddress, TlsListener};
 
 /// The longest the background full-text indexer waits for reconciliation to finish.
 const INDEX_WAIT_LIMIT: Duration = Duration::from_secs(10);
+/// How long a stopping node waits for its store to close before the process exits anyway.
+const SHUTDOWN_LIMIT: Duration = Duration::from_secs(10);
 
 /// The running parts of one node.
 #[derive(Clone)]
@@ -33,6 +35,34 @@ pub struct Running {
     pub service: MailService,
     pub engine: Node,
     pub http: std::net::SocketAddr,
+    /// Tells when the store has closed after a stop.
+    pub closed: StoreClosed,
+}
+
+/// Watches the store of a node that is stopping: RocksDB closes (and its background threads
+/// end) once the last task lets go of it. A process must not exit before that, or RocksDB's
+/// threads run on while its statics are torn down.
+#[derive(Clone)]
+pub struct StoreClosed(std::sync::Weak<()>);
+
+impl StoreClosed {
+    /// Whether every holder has let go of the store, so it is closed.
+    pub fn is_closed(&self) -> bool {
+        self.0.strong_count() == 0
+    }
+
+    /// Waits, after the stop flag is set and the caller's own service and engine are dropped,
+    /// until the store has closed or `limit` has passed; says which.
+    pub async fn wait(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while !self.is_closed() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        true
+    }
 }
 
 /// Starts a node and runs it until `shutdown` resolves.
@@ -41,12 +71,18 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> Result<(), NodeError> {
     let (stop_sender, stop) = watch::channel(false);
-    let _running = start(config, environment::system(), stop.clone()).await?;
+    let running = start(config, environment::system(), stop.clone()).await?;
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_sender.send(true);
-    // Give the event loop and HTTP server a moment to close their sockets.
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Wait for the tasks to end and the store to close (open HTTP keep-alive or event-stream
+    // connections can hold it: after the limit the process exits anyway, as RocksDB's write
+    // ahead log keeps what was acknowledged).
+    let closed = running.closed.clone();
+    drop(running);
+    if !closed.wait(SHUTDOWN_LIMIT).await {
+        tracing::warn!("the store was still in use {SHUTDOWN_LIMIT:?} after the stop; exiting anyway");
+    }
     Ok(())
 }
 
@@ -71,6 +107,7 @@ pub async fn start(
             ..StoreOptions::default()
         },
     )?);
+    let closed = StoreClosed(store.closed_marker());
     let queue = CommitQueue::start(store.clone(), 512);
     let search = Arc::new(SearchIndex::open(&config.data_dir.join("search"))?);
     let mut registry = Registry::default();
@@ -228,7 +265,12 @@ pub async fn start(
             });
         }
     }
-    Ok(Running { service, engine, http })
+    Ok(Running {
+        service,
+        engine,
+        http,
+        closed,
+    })
 }
 
 /// Resolves once the stop flag is set (or its sender is gone).

@@ -584,6 +584,9 @@ pub struct Store {
     positions: Mutex<PositionCache>,
     /// Tombstones expunged before this millisecond are held by every member (0: none known).
     acknowledged_before: std::sync::atomic::AtomicU64,
+    /// Held by nothing else, and declared after `db` so it drops after it: once no strong
+    /// reference is left, RocksDB has closed (see [`Store::closed_marker`]).
+    closed_marker: Arc<()>,
 }
 
 /// The position cache: at most [`POSITION_CACHE_ENTRIES`] (mailbox, sort) pairs, least recently
@@ -707,7 +710,15 @@ impl Store {
             writer: Mutex::new(writer),
             positions: Mutex::new(PositionCache::default()),
             acknowledged_before: std::sync::atomic::AtomicU64::new(acknowledged_before),
+            closed_marker: Arc::new(()),
         })
+    }
+
+    /// A weak reference that loses its target only once this store has been dropped and
+    /// RocksDB has closed (the last `Arc<Store>` may drop on any thread; a process that exits
+    /// while RocksDB is still closing can abort).
+    pub fn closed_marker(&self) -> std::sync::Weak<()> {
+        Arc::downgrade(&self.closed_marker)
     }
 
     fn family(&self, name: &str) -> Result<&rocksdb::ColumnFamily, StoreError> {
@@ -2641,15 +2652,29 @@ pub struct CommitQueue {
 }
 
 impl CommitQueue {
-    /// Starts the writer thread for `store`. It stops when every queue handle is dropped.
+    /// Starts the writer thread for `store`. It stops when every queue handle is dropped, or
+    /// at its next batch once every other holder has dropped the store.
+    ///
+    /// The thread holds the store only while it writes a batch: otherwise the last reference
+    /// to the store would often be this thread's, and the process could exit while RocksDB
+    /// closes here (its background threads then abort the process at exit). The owner dropping
+    /// the store closes it on the owner's thread.
     pub fn start(store: Arc<Store>, max_batch: usize) -> CommitQueue {
         let (sender, receiver) = std::sync::mpsc::channel::<Submission>();
         let (feed, _) = tokio::sync::broadcast::channel(FEED_CAPACITY);
         let announcer = feed.clone();
+        let store = Arc::downgrade(&store);
         std::thread::Builder::new()
             .name("mailmesh-commit".into())
             .spawn(move || {
                 while let Ok(first) = receiver.recv() {
+                    let Some(store) = store.upgrade() else {
+                        let _ = first.2.send(Err(StoreError::Closed));
+                        while let Ok((_, _, reply)) = receiver.try_recv() {
+                            let _ = reply.send(Err(StoreError::Closed));
+                        }
+                        continue;
+                    };
                     let mut pending = vec![first];
                     while pending.len() < max_batch {
                         match receiver.try_recv() {

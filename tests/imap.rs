@@ -27,6 +27,18 @@ struct Node {
     imap: SocketAddr,
     imaps: Option<SocketAddr>,
     stop: watch::Sender<bool>,
+    closed: mailmesh::server::StoreClosed,
+}
+
+impl Node {
+    /// Stops the node and waits until its store has closed: a test that ends with RocksDB still
+    /// open can abort the test process at exit, and a restart needs the store's lock.
+    async fn close(self) {
+        let _ = self.stop.send(true);
+        let closed = self.closed.clone();
+        drop(self);
+        assert!(closed.wait(Duration::from_secs(30)).await, "the store never closed");
+    }
 }
 
 fn config(directory: &Path, extra: impl FnOnce(&mut NodeConfig)) -> NodeConfig {
@@ -113,6 +125,7 @@ fn node_of(running: mailmesh::server::Running, stop: watch::Sender<bool>, data_d
         imap: read("imap.addr").expect("imap.addr written"),
         imaps: read("imaps.addr"),
         stop,
+        closed: running.closed,
     }
 }
 
@@ -415,7 +428,7 @@ async fn a_client_logs_in_files_reads_searches_and_expunges() {
     let (bye, tagged) = client.command("LOGOUT").await;
     assert!(bye[0].starts_with("* BYE"), "{bye:?}");
     assert!(tagged.contains(" OK "), "{tagged}");
-    let _ = node.stop.send(true);
+    node.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,8 +453,7 @@ async fn uids_survive_a_restart_and_a_lost_map_means_a_new_uidvalidity() {
     client.ok("EXPUNGE").await;
     let before = client.ok("UID FETCH 1:* (UID ENVELOPE)").await;
     drop(client);
-    let _ = node.stop.send(true);
-    drop(node);
+    node.close().await;
 
     let node = start_again(directory.path()).await;
     let mut client = logged_in(node.imap, "bob@example.org").await;
@@ -450,8 +462,7 @@ async fn uids_survive_a_restart_and_a_lost_map_means_a_new_uidvalidity() {
     let appended = client.append("INBOX", "", &MESSAGE.replace("Lunch", "four")).await;
     assert_eq!(append_uid(&appended), (validity, 4), "UIDs are never reused");
     drop(client);
-    let _ = node.stop.send(true);
-    drop(node);
+    node.close().await;
     // UIDVALIDITY is in seconds: make sure the next one is a later second (a time the value
     // depends on, not synchronisation).
     tokio::time::sleep(Duration::from_millis(1100)).await;
@@ -462,7 +473,7 @@ async fn uids_survive_a_restart_and_a_lost_map_means_a_new_uidvalidity() {
     assert!(renumbered > validity, "{renumbered} after {validity}");
     let fetched = client.ok("UID FETCH 1:* (UID)").await;
     assert_eq!(fetched.len(), 3, "{fetched:?}");
-    let _ = node.stop.send(true);
+    node.close().await;
 }
 
 struct Certificate {
@@ -540,7 +551,7 @@ async fn starttls_and_imaps_with_the_configured_certificate() {
     );
     client.ok("LOGIN bob@example.org secret").await;
     client.ok("LOGOUT").await;
-    let _ = node.stop.send(true);
+    node.close().await;
 }
 
 /// This machine's address on its default route, when it has one.
@@ -573,7 +584,7 @@ async fn logins_are_disabled_in_the_clear_from_other_hosts() {
         .command("AUTHENTICATE PLAIN AGFsaWNlQGV4YW1wbGUub3JnAHNlY3JldA==")
         .await;
     assert!(refused.starts_with("t2 NO"), "{refused}");
-    let _ = node.stop.send(true);
+    node.close().await;
 
     let directory = tempfile::tempdir().unwrap();
     let node = start(config(directory.path(), |config| {
@@ -583,7 +594,7 @@ async fn logins_are_disabled_in_the_clear_from_other_hosts() {
     .await;
     let mut client = logged_in(node.imap, "alice@example.org").await;
     client.ok("LOGOUT").await;
-    let _ = node.stop.send(true);
+    node.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -600,7 +611,7 @@ async fn oversized_literals_and_lines_are_refused() {
     client.send(&vec![b'a'; 70 * 1024]).await;
     let bye = client.line().await;
     assert!(bye.starts_with("* BYE"), "{bye}");
-    let _ = node.stop.send(true);
+    node.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -797,7 +808,7 @@ async fn condstore_and_qresync_resync_a_client_from_its_modseq() {
     let noop = client.ok("NOOP").await;
     assert!(noop.contains(&"* VANISHED 6".to_owned()), "{noop:?}");
     assert!(noop.iter().all(|line| !line.ends_with("EXPUNGE")), "{noop:?}");
-    let _ = node.stop.send(true);
+    node.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -844,7 +855,7 @@ async fn subscriptions_are_kept_and_esearch_answers_what_was_asked() {
     let (untagged, tagged) = client.command("SEARCH SEEN").await;
     let tag = tagged.split(' ').next().unwrap();
     assert_eq!(untagged, vec![format!("* ESEARCH (TAG \"{tag}\") ALL 1,3")]);
-    let _ = node.stop.send(true);
+    node.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -922,7 +933,7 @@ async fn extended_list_selects_by_subscription_and_use_and_returns_children_and_
     // The basic forms are as they were.
     let lsub = client.ok("LSUB \"\" \"Fruit/*\"").await;
     assert_eq!(lsub, vec!["* LSUB (\\HasNoChildren) \"/\" \"Fruit/Banana\""]);
-    let _ = node.stop.send(true);
+    node.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -953,7 +964,7 @@ async fn a_login_past_the_accounts_session_limit_is_refused_until_one_ends() {
         );
         tokio::task::yield_now().await;
     }
-    let _ = node.stop.send(true);
+    node.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1006,7 +1017,7 @@ async fn unchanged_since_lets_exactly_one_of_concurrent_writers_store() {
             writer.ok("LOGOUT").await;
         }
     }
-    let _ = node.stop.send(true);
+    node.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1036,7 +1047,7 @@ async fn binary_fetches_decode_the_parts_transfer_encoding() {
         read.iter().any(|line| line.contains("\\Seen")),
         "BINARY sets \\Seen: {read:?}"
     );
-    let _ = node.stop.send(true);
+    node.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1094,5 +1105,5 @@ async fn vanished_uids_past_the_tombstone_horizon_are_pruned_and_older_clients_g
     assert_eq!(fetched[0], "* VANISHED (EARLIER) 1:3", "{fetched:?}");
     let current = client.ok(&resync(after)).await;
     assert!(current.iter().all(|line| !line.contains("VANISHED")), "{current:?}");
-    let _ = node.stop.send(true);
+    node.close().await;
 }
