@@ -2663,17 +2663,21 @@ mod tests {
     #[tokio::test]
     async fn gossip_reaches_a_peer_two_hops_away() {
         init_tracing();
-        let a = Node::start(config(&identity::Keypair::generate_ed25519(), Vec::new())).await;
-        let mut b = Node::start(config(
-            &identity::Keypair::generate_ed25519(),
-            vec![a.address_with_peer_id()],
-        ))
-        .await;
-        let c = Node::start(config(
-            &identity::Keypair::generate_ed25519(),
-            vec![b.address_with_peer_id()],
-        ))
-        .await;
+        // A and C allow only B: discovery would otherwise connect them directly (B tells each
+        // of the other), and then the gossip would not need two hops.
+        let b_key = identity::Keypair::generate_ed25519();
+        let only_b = || {
+            let mut allowed = HashSet::new();
+            allowed.insert(b_key.public().to_peer_id());
+            Some(allowed)
+        };
+        let mut a_config = config(&identity::Keypair::generate_ed25519(), Vec::new());
+        a_config.allowed_peers = only_b();
+        let a = Node::start(a_config).await;
+        let mut b = Node::start(config(&b_key, vec![a.address_with_peer_id()])).await;
+        let mut c_config = config(&identity::Keypair::generate_ed25519(), vec![b.address_with_peer_id()]);
+        c_config.allowed_peers = only_b();
+        let c = Node::start(c_config).await;
         b.wait_connected(a.peer_id()).await;
         b.wait_connected(c.peer_id()).await;
         let (a_peer, b_peer, c_peer) = (a.peer_id(), b.peer_id(), c.peer_id());
