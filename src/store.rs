@@ -293,6 +293,10 @@ pub struct MailboxEntry {
     /// renumbers every record above it, so a client state issued before it cannot be calculated.
     #[serde(default)]
     pub rebuilt_at: u64,
+    /// The highest modseq whose change-log entry a tombstone purge deleted: a client state
+    /// below it may miss that expunge, so its changes cannot be calculated exactly.
+    #[serde(default)]
+    pub purged_through: u64,
 }
 
 /// What the node keeps locally about one record: its listing while live, and its modseqs.
@@ -508,6 +512,10 @@ pub struct Changes {
     pub modseq: u64,
     /// True when the node cannot say exactly (the modseq is not one this node issued).
     pub cannot_calculate: bool,
+    /// With `cannot_calculate`: only because tombstones expunged since `since` were purged and
+    /// took their change-log entries with them. `created` and `updated` are then complete, but
+    /// `expunged` may lack those: compare what the caller holds with what is live instead.
+    pub expunges_purged: bool,
 }
 
 /// Which trie: the directory of mailboxes or one mailbox.
@@ -1101,6 +1109,8 @@ impl Store {
         let tombstones = self.family(TOMBSTONES)?;
         let account_log = self.family(ACCOUNT_LOG)?;
         let mut purged_by_origin: Option<BTreeMap<NodeId, u64>> = None;
+        // Per container: the highest modseq of a change-log entry deleted with its tombstone.
+        let mut purged_through: HashMap<MailboxId, u64> = HashMap::new();
         // Index changes of mailboxes whose positions are cached, applied once the batch is written.
         let tracked: HashSet<MailboxId> = lock(&self.positions)
             .entries
@@ -1117,6 +1127,8 @@ impl Store {
             }
             if let Some(local_state) = self.local_state(*mailbox_id, record.id)? {
                 batch.delete_cf(changes, change_key(MailboxId(local_state.view), local_state.modseq));
+                let through = purged_through.entry(*mailbox_id).or_insert(0);
+                *through = (*through).max(local_state.modseq);
             }
             batch.delete_cf(local, record_key(*mailbox_id, record.id));
             if let Some(stamp) = record.expunged {
@@ -1317,9 +1329,13 @@ impl Store {
                 root: crate::model::FixedBytes([0; 32]),
                 modseq: 0,
                 rebuilt_at: 0,
+                purged_through: 0,
             });
             if let Some(modseq) = modseqs.get(&mailbox_id) {
                 entry.modseq = *modseq;
+            }
+            if let Some(through) = purged_through.get(&mailbox_id) {
+                entry.purged_through = entry.purged_through.max(*through);
             }
             entry.records = entry.records.wrapping_add_signed(records_delta);
             entry.live = entry.live.wrapping_add_signed(live_delta);
@@ -1857,6 +1873,12 @@ impl Store {
             result.cannot_calculate = true;
             return Ok(result);
         }
+        let purged_through = entry.as_ref().map(|entry| entry.purged_through).unwrap_or(0);
+        if since > 0 && since < purged_through {
+            // An expunge issued after `since` may have left the log with its purged tombstone.
+            result.cannot_calculate = true;
+            result.expunges_purged = true;
+        }
         let mut options = rocksdb::ReadOptions::default();
         options.set_iterate_upper_bound(change_key(mailbox, u64::MAX).to_vec());
         let start = change_key(mailbox, since.saturating_add(1));
@@ -1874,6 +1896,7 @@ impl Store {
             seen += 1;
             if seen > limit {
                 result.cannot_calculate = true;
+                result.expunges_purged = false;
                 break;
             }
             let id = MessageId::from_slice(&value).ok_or_else(|| StoreError::Corrupt("change value".into()))?;

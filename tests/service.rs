@@ -545,6 +545,64 @@ async fn a_state_older_than_a_purged_tombstone_cannot_be_calculated() {
     assert_eq!(created, vec![kept]);
 }
 
+/// The per-mailbox log (IMAP's CONDSTORE and UID map read it) loses an expunge's entry when its
+/// tombstone is purged: a modseq from before must not be answered as if nothing was expunged,
+/// and the UID map lets the UID go without renumbering the mailbox.
+#[tokio::test]
+async fn a_mailbox_modseq_older_than_a_purged_tombstone_cannot_be_calculated_and_the_uid_map_lets_its_uid_go() {
+    let fixture = fixture(None, 1 << 20);
+    let service = &fixture.service;
+    let account = "alice@example.org";
+    let kept = service
+        .deliver(delivery(account, "INBOX", &message("kept", "x")))
+        .await
+        .unwrap()
+        .id;
+    let gone = service
+        .deliver(delivery(account, "INBOX", &message("gone", "y")))
+        .await
+        .unwrap()
+        .id;
+    let uids_directory = tempfile::tempdir().unwrap();
+    let uids = mailmesh::service::uids::UidIndex::open(uids_directory.path()).unwrap();
+    let numbered = service.uid_snapshot_after(&uids, account, "INBOX", 0).unwrap();
+    assert_eq!(numbered.messages, vec![(1, kept), (2, gone)]);
+    let inbox = service.find_mailbox(account, "INBOX").unwrap();
+    let before = service.changes(account, inbox, 0, 100).unwrap().modseq;
+
+    service.destroy(account, gone).await.unwrap();
+    let exact = service.changes(account, inbox, before, 100).unwrap();
+    assert!(!exact.cannot_calculate);
+    assert_eq!(exact.expunged, vec![gone]);
+    let after = exact.modseq;
+
+    let later = NOW + mailmesh::store::DEFAULT_TOMBSTONE_HORIZON_MILLIS + 60_000;
+    assert_eq!(fixture.store.collect_tombstones(later, 100).unwrap(), 1);
+    let refused = service.changes(account, inbox, before, 100).unwrap();
+    assert!(refused.cannot_calculate, "{refused:?}");
+    assert!(refused.expunges_purged, "{refused:?}");
+    assert!(
+        refused.expunged.is_empty(),
+        "the purged expunge is not in the log: {refused:?}"
+    );
+    // The modseq taken after the expunge saw it: its changes are still exact.
+    let current = service.changes(account, inbox, after, 100).unwrap();
+    assert!(!current.cannot_calculate, "{current:?}");
+
+    // The UID map followed the log up to `before`: it lets UID 2 go, keeps UIDVALIDITY and
+    // numbers what came since.
+    let fresh = service
+        .deliver(delivery(account, "INBOX", &message("fresh", "z")))
+        .await
+        .unwrap()
+        .id;
+    let swept = service.uid_snapshot_after(&uids, account, "INBOX", 0).unwrap();
+    assert_eq!(swept.state.uid_validity, numbered.state.uid_validity);
+    assert_eq!(swept.messages, vec![(1, kept), (3, fresh)]);
+    let vanished = service.vanished_since(&uids, account, "INBOX", before).unwrap();
+    assert!(vanished.contains(&2), "{vanished:?}");
+}
+
 fn listing(service: &MailService, account: &str) -> Vec<(String, u64)> {
     service
         .mailboxes(account)

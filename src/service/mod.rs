@@ -791,14 +791,17 @@ impl MailService {
         let container = Self::emails_of(account)?.id();
         let mailboxes = self.account_mailboxes(account)?;
         let mut merged = Changes::default();
+        let mut other_reason = false;
         for view in mailboxes::views_of(&mailboxes, mailbox) {
             let changes = self.inner.store.changes_since_in(container, view, since, limit)?;
             merged.created.extend(changes.created);
             merged.updated.extend(changes.updated);
             merged.expunged.extend(changes.expunged);
             merged.cannot_calculate |= changes.cannot_calculate;
+            other_reason |= changes.cannot_calculate && !changes.expunges_purged;
             merged.modseq = merged.modseq.max(changes.modseq);
         }
+        merged.expunges_purged = merged.cannot_calculate && !other_reason;
         Ok(merged)
     }
 

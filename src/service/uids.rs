@@ -24,6 +24,7 @@
 //! Mailboxes are addressed by (account, name) through [`mailbox_key`] alone, so that moving to
 //! the store's stable mailbox IDs is a change to that one function.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -311,7 +312,11 @@ impl MailService {
         });
         let mut renumbered = false;
         let mut changes = self.changes(account, mailbox_id, state.modseq, NUMBERING_PAGE)?;
-        if changes.cannot_calculate {
+        // Tombstones purged since the map last followed the log took their expunges with them:
+        // what was created or changed is still listed, and the map is compared with what the
+        // mailbox holds (renumbering would needlessly make every client download it again).
+        let sweep = changes.cannot_calculate && changes.expunges_purged;
+        if changes.cannot_calculate && !sweep {
             // The log was rebuilt (or this map is from another store): number afresh.
             tracing::info!(
                 account,
@@ -359,6 +364,24 @@ impl MailService {
                 state.uid_next.to_be_bytes(),
             );
             state.uid_next += 1;
+        }
+        if sweep {
+            let everything = self.changes(account, mailbox_id, 0, NUMBERING_PAGE)?;
+            if everything.cannot_calculate {
+                return Err(ServiceError::Unavailable(
+                    "the mailbox's change log is too long to compare in one pass".into(),
+                ));
+            }
+            let live: HashSet<MessageId> = everything.created.into_iter().collect();
+            for (uid, id) in uids.list_after(&name, 0)? {
+                if !live.contains(&id) {
+                    batch.delete(key(BY_UID, &name, &uid.to_be_bytes()));
+                    batch.delete(key(BY_MESSAGE, &name, &id.0.to_be_bytes()));
+                    let mut vanished = reached.to_be_bytes().to_vec();
+                    vanished.extend_from_slice(&uid.to_be_bytes());
+                    batch.put(key(VANISHED, &name, &vanished), now_millis.to_be_bytes());
+                }
+            }
         }
         state.modseq = reached;
         if !renumbered {
