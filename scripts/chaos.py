@@ -812,6 +812,7 @@ class Client(threading.Thread):
         self.prefix = prefix
         self.sequence = 0
         self.error = None
+        self.busy = False  # set before it looks at `accepting`, cleared once a request is recorded
 
     def run(self):
         try:
@@ -822,29 +823,38 @@ class Client(threading.Thread):
     def loop(self):
         weights = [kind.weight for kind in OPERATION_KINDS]
         while not self.stop_event.is_set():
+            self.busy = True
             if not self.node.accepting:
+                self.busy = False
                 time.sleep(0.05)
                 continue
-            kind = self.rng.choices(OPERATION_KINDS, weights)[0]
-            request = kind.choose(self.model, self.rng, self)
-            if request is None:
-                kind, request = OPERATION_KINDS[0], OPERATION_KINDS[0].choose(self.model, self.rng, self)
-            self.sequence += 1
-            node = self.node
-            member, life = node.member, node.life
-            invoked = self.history.now()
-            outcome, status, error, result = kind.perform(node, request, self, self.history)
-            completed = self.history.now()
-            record = {"type": "op", "kind": kind.kind, "client": self.number, "node": node.index,
-                      "member": member, "life": life, "invoked": round(invoked, 4),
-                      "completed": round(completed, 4), "outcome": outcome, "status": status, **request,
-                      **result}
-            if error:
-                record["error"] = error
-            self.history.write(record)
-            if outcome == "ok":
-                kind.learn(self.model, request, result)
+            try:
+                self.one_request(weights)
+            finally:
+                self.busy = False
             time.sleep(self.rng.uniform(0.05, 0.3))
+
+    def one_request(self, weights):
+        """One operation sent and recorded in the history."""
+        kind = self.rng.choices(OPERATION_KINDS, weights)[0]
+        request = kind.choose(self.model, self.rng, self)
+        if request is None:
+            kind, request = OPERATION_KINDS[0], OPERATION_KINDS[0].choose(self.model, self.rng, self)
+        self.sequence += 1
+        node = self.node
+        member, life = node.member, node.life
+        invoked = self.history.now()
+        outcome, status, error, result = kind.perform(node, request, self, self.history)
+        completed = self.history.now()
+        record = {"type": "op", "kind": kind.kind, "client": self.number, "node": node.index,
+                  "member": member, "life": life, "invoked": round(invoked, 4),
+                  "completed": round(completed, 4), "outcome": outcome, "status": status, **request,
+                  **result}
+        if error:
+            record["error"] = error
+        self.history.write(record)
+        if outcome == "ok":
+            kind.learn(self.model, request, result)
 
 
 def list_mailbox(node, account, mailbox, timeout=CLIENT_TIMEOUT):
@@ -1128,8 +1138,8 @@ def make_schedule(seed, duration, count, kinds=None):
 class Nemesis:
     """Applies the schedule's faults one at a time and heals them."""
 
-    def __init__(self, network, nodes, history):
-        self.network, self.nodes, self.history = network, nodes, history
+    def __init__(self, network, nodes, history, clients):
+        self.network, self.nodes, self.history, self.clients = network, nodes, history, clients
 
     def apply(self, kind, parameters, length, stop):
         history = self.history
@@ -1161,7 +1171,11 @@ class Nemesis:
             # rests until the cluster agrees (or 20 s pass: then the node is only killed).
             for other in self.nodes:
                 other.accepting = False
-            time.sleep(2 * 1.5 + CLIENT_TIMEOUT + 0.5)  # a flag change's two reads and its write
+            # Each client finishes the request it is in (a flag change's two reads and its write
+            # at most), then rests.
+            deadline = time.monotonic() + 2 * 1.5 + CLIENT_TIMEOUT + 5.0
+            while any(client.busy for client in self.clients) and time.monotonic() < deadline:
+                time.sleep(0.02)
             drained = wait_converged(self.nodes, 20.0) is not None
             history.event("drained", node=node.index, converged=drained)
             node.kill()
@@ -1387,7 +1401,7 @@ def main():
         for thread in threads:
             thread.start()
         history.event("load-started")
-        nemesis = Nemesis(network, nodes, history)
+        nemesis = Nemesis(network, nodes, history, [thread for thread in threads if isinstance(thread, Client)])
         began = time.monotonic()
         for start, kind, parameters, length in schedule:
             delay = start - (time.monotonic() - began)

@@ -266,11 +266,21 @@ mod tests {
 
     #[test]
     fn attached_messages_nested_beyond_the_limit_do_not_recurse_forever() {
-        let mut raw = "Subject: innermost\r\n\r\ndeepest words\r\n".to_owned();
-        for _ in 0..50 {
-            raw = format!("Subject: layer\r\nContent-Type: message/rfc822\r\n\r\n{raw}");
-        }
-        let _ = search_text(raw.as_bytes());
+        let nested = |levels: usize| {
+            let mut raw = "Subject: innermost\r\n\r\ndeepest words\r\n".to_owned();
+            for level in 0..levels {
+                raw = format!("Subject: layer{level}\r\nContent-Type: message/rfc822\r\n\r\n{raw}");
+            }
+            search_text(raw.as_bytes())
+        };
+        // Within the limit, the innermost message's words are found.
+        let shallow = nested(3);
+        assert!(shallow.body.contains("deepest words"), "{:?}", shallow.body);
+        // Far beyond it, the reading stops at the limit: the outer layers only.
+        let deep = nested(50);
+        assert!(!deep.body.contains("deepest words"), "{:?}", deep.body);
+        assert!(deep.body.contains("layer48"), "{:?}", deep.body);
+        assert!(!deep.body.contains("layer20"), "{:?}", deep.body);
     }
 
     #[test]
