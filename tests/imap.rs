@@ -848,8 +848,16 @@ async fn subscriptions_are_kept_and_esearch_answers_what_was_asked() {
     let (untagged, _) = client.command("SEARCH RETURN (COUNT) ALL").await;
     assert!(untagged[0].ends_with(" COUNT 5"), "{untagged:?}");
 
-    // IMAP4rev2: SEARCH answers ESEARCH, SELECT has no RECENT.
-    client.ok("ENABLE IMAP4rev2").await;
+    // IMAP4rev2, advertised beside IMAP4rev1 (RFC 9051 6.3.1) and enabled: SEARCH answers
+    // ESEARCH, SELECT has no RECENT.
+    let capability = client.ok("CAPABILITY").await;
+    let words: Vec<&str> = capability[0].split(' ').collect();
+    assert!(
+        words.contains(&"IMAP4rev1") && words.contains(&"IMAP4rev2"),
+        "{capability:?}"
+    );
+    let enabled = client.ok("ENABLE IMAP4rev2").await;
+    assert_eq!(enabled[0], "* ENABLED IMAP4REV2", "{enabled:?}");
     let selected = client.ok("SELECT INBOX").await;
     assert!(selected.iter().all(|line| !line.contains("RECENT")), "{selected:?}");
     let (untagged, tagged) = client.command("SEARCH SEEN").await;

@@ -211,7 +211,17 @@ impl Session {
     }
 
     fn capabilities(&self) -> String {
-        let mut capabilities = vec!["IMAP4rev1", "LITERAL+", "SASL-IR", "ID", "ENABLE", "IDLE", "NAMESPACE"];
+        // Both revisions (RFC 9051 6.3.1): a client enables IMAP4rev2 with ENABLE.
+        let mut capabilities = vec![
+            "IMAP4rev1",
+            "IMAP4rev2",
+            "LITERAL+",
+            "SASL-IR",
+            "ID",
+            "ENABLE",
+            "IDLE",
+            "NAMESPACE",
+        ];
         capabilities.extend(["UNSELECT", "UIDPLUS", "MOVE", "SPECIAL-USE", "CHILDREN", "SORT"]);
         capabilities.extend([
             "CONDSTORE",
