@@ -2675,8 +2675,9 @@ pub struct CommitQueue {
 }
 
 impl CommitQueue {
-    /// Starts the writer thread for `store`. It stops when every queue handle is dropped, or
-    /// at its next batch once every other holder has dropped the store.
+    /// Starts the writer thread for `store`. It stops when every queue handle is dropped; once
+    /// every other holder has dropped the store, what is submitted is answered
+    /// [`StoreError::Closed`].
     ///
     /// The thread holds the store only while it writes a batch: otherwise the last reference
     /// to the store would often be this thread's, and the process could exit while RocksDB
