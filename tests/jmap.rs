@@ -812,7 +812,10 @@ async fn a_jmap_client_carries_its_email_state_from_node_to_node() {
         "step 2 at b: {} missing from {updated:?}",
         on_a[0]
     );
-    assert_eq!(destroyed, vec![on_a[1].clone()], "step 2 at b: destroyed");
+    // Listed at least once; a later page may list the destroy again (the window between two
+    // nodes' frontiers, as in step 3): harmless to a client, and nothing else may be there.
+    assert!(destroyed.contains(&on_a[1]), "step 2 at b: destroyed {destroyed:?}");
+    assert!(destroyed.iter().all(|id| *id == on_a[1]), "step 2 at b: {destroyed:?}");
     assert_eq!(hopper.known, truth, "step 2 at b");
 
     // Step 3: a keyword set over JMAP at c, a delivery on a; the client now asks c.
