@@ -514,21 +514,24 @@ async fn the_account_change_feed_lists_each_change_once_and_pages() {
     }
 }
 
+/// Two messages delivered to the INBOX: one the purge tests keep, one they destroy.
+async fn kept_and_gone(service: &MailService, account: &str) -> (MessageId, MessageId) {
+    let mut ids = Vec::new();
+    for (subject, body) in [("kept", "x"), ("gone", "y")] {
+        let delivered = service
+            .deliver(delivery(account, "INBOX", &message(subject, body)))
+            .await;
+        ids.push(delivered.unwrap().id);
+    }
+    (ids[0], ids[1])
+}
+
 #[tokio::test]
 async fn a_state_older_than_a_purged_tombstone_cannot_be_calculated() {
     let fixture = fixture(None, 1 << 20);
     let service = &fixture.service;
     let account = "alice@example.org";
-    let kept = service
-        .deliver(delivery(account, "INBOX", &message("kept", "x")))
-        .await
-        .unwrap()
-        .id;
-    let gone = service
-        .deliver(delivery(account, "INBOX", &message("gone", "y")))
-        .await
-        .unwrap()
-        .id;
+    let (kept, gone) = kept_and_gone(service, account).await;
     let before = service.account_changes(account, None, 100).unwrap().new_state;
     service.destroy(account, gone).await.unwrap();
     let after = service.account_changes(account, Some(&before), 100).unwrap();
@@ -553,16 +556,7 @@ async fn a_mailbox_modseq_older_than_a_purged_tombstone_cannot_be_calculated_and
     let fixture = fixture(None, 1 << 20);
     let service = &fixture.service;
     let account = "alice@example.org";
-    let kept = service
-        .deliver(delivery(account, "INBOX", &message("kept", "x")))
-        .await
-        .unwrap()
-        .id;
-    let gone = service
-        .deliver(delivery(account, "INBOX", &message("gone", "y")))
-        .await
-        .unwrap()
-        .id;
+    let (kept, gone) = kept_and_gone(service, account).await;
     let uids_directory = tempfile::tempdir().unwrap();
     let uids = mailmesh::service::uids::UidIndex::open(uids_directory.path()).unwrap();
     let numbered = service.uid_snapshot_after(&uids, account, "INBOX", 0).unwrap();

@@ -268,6 +268,16 @@ pub fn mailbox_key(account: &str, mailbox: crate::model::MailboxId) -> [u8; 16] 
 /// Changes a mailbox's log may list in one numbering pass (a fresh 100,000-message mailbox fits).
 const NUMBERING_PAGE: usize = 10_000_000;
 
+/// Lets a message's UID go: its two map entries are deleted and the UID is recorded as vanished
+/// at the modseq the numbering reached (for QRESYNC's VANISHED).
+fn let_go(batch: &mut WriteBatch, name: &[u8; 16], uid: u32, id: MessageId, reached: u64, now_millis: u64) {
+    batch.delete(key(BY_UID, name, &uid.to_be_bytes()));
+    batch.delete(key(BY_MESSAGE, name, &id.0.to_be_bytes()));
+    let mut vanished = reached.to_be_bytes().to_vec();
+    vanished.extend_from_slice(&uid.to_be_bytes());
+    batch.put(key(VANISHED, name, &vanished), now_millis.to_be_bytes());
+}
+
 /// The clock UIDVALIDITY values are read from: seconds since the epoch, shifted by up to 18 hours
 /// by an offset fixed per node. Every node numbers a replicated mailbox on its own, and they all
 /// do it within the same second when mail arrives; with the bare clock their UIDVALIDITYs would
@@ -344,11 +354,7 @@ impl MailService {
                 break; // the old numbering is gone whole
             }
             if let Some(uid) = uids.uid_of(&name, id)? {
-                batch.delete(key(BY_UID, &name, &uid.to_be_bytes()));
-                batch.delete(key(BY_MESSAGE, &name, &id.0.to_be_bytes()));
-                let mut vanished = reached.to_be_bytes().to_vec();
-                vanished.extend_from_slice(&uid.to_be_bytes());
-                batch.put(key(VANISHED, &name, &vanished), now_millis.to_be_bytes());
+                let_go(&mut batch, &name, uid, id, reached, now_millis);
             }
         }
         for id in changes.created.into_iter().chain(changes.updated) {
@@ -375,11 +381,7 @@ impl MailService {
             let live: HashSet<MessageId> = everything.created.into_iter().collect();
             for (uid, id) in uids.list_after(&name, 0)? {
                 if !live.contains(&id) {
-                    batch.delete(key(BY_UID, &name, &uid.to_be_bytes()));
-                    batch.delete(key(BY_MESSAGE, &name, &id.0.to_be_bytes()));
-                    let mut vanished = reached.to_be_bytes().to_vec();
-                    vanished.extend_from_slice(&uid.to_be_bytes());
-                    batch.put(key(VANISHED, &name, &vanished), now_millis.to_be_bytes());
+                    let_go(&mut batch, &name, uid, id, reached, now_millis);
                 }
             }
         }
