@@ -161,7 +161,8 @@ pub fn agent_trusting(trust: &Trust) -> ureq::Agent {
         .new_agent()
 }
 
-/// Sends one request to `address` (see [`url`]) and reads the whole answer.
+/// Sends one request to `address` (see [`url`]) with the operator's bearer token, if any, and
+/// reads the whole answer.
 pub fn request(
     agent: &ureq::Agent,
     address: &str,
@@ -170,10 +171,23 @@ pub fn request(
     body: &[u8],
     bearer: Option<&str>,
 ) -> Result<Response, ClientError> {
+    let authorization = bearer.map(|token| format!("Bearer {token}"));
+    request_with_authorization(agent, address, method, path, body, authorization.as_deref())
+}
+
+/// The same with any `Authorization` header value (`Basic …` for an account's login).
+pub fn request_with_authorization(
+    agent: &ureq::Agent,
+    address: &str,
+    method: &str,
+    path: &str,
+    body: &[u8],
+    authorization: Option<&str>,
+) -> Result<Response, ClientError> {
     let uri = url(address, path);
     let mut builder = ureq::http::Request::builder().method(method).uri(&uri);
-    if let Some(token) = bearer {
-        builder = builder.header("Authorization", format!("Bearer {token}"));
+    if let Some(authorization) = authorization {
+        builder = builder.header("Authorization", authorization);
     }
     let transport = |reason: String| ClientError::Transport {
         address: address.to_owned(),

@@ -318,6 +318,61 @@ impl LocalNode {
         let text = String::from_utf8_lossy(&self.get("/metrics")?.body).into_owned();
         Ok(api_client::metric_sum(&text, name))
     }
+
+    /// Sends `request` with HTTP Basic for `login` to `path` (a JMAP route) and parses the JSON
+    /// answer; any status but 200 is an error carrying the body.
+    pub fn jmap_send(
+        &self,
+        login: &str,
+        password: &str,
+        method: &str,
+        path: &str,
+        request: &Value,
+    ) -> Result<Value, HarnessError> {
+        use base64::Engine;
+        let basic = base64::engine::general_purpose::STANDARD.encode(format!("{login}:{password}"));
+        let body = if method == "GET" {
+            Vec::new()
+        } else {
+            request.to_string().into_bytes()
+        };
+        let response = api_client::request_with_authorization(
+            &self.agent,
+            &self.http,
+            method,
+            path,
+            &body,
+            Some(&format!("Basic {basic}")),
+        )?;
+        if response.status != 200 {
+            return Err(HarnessError::Unexpected(format!(
+                "{method} {path} on {} answered {}: {}",
+                self.name,
+                response.status,
+                response.text()
+            )));
+        }
+        serde_json::from_slice(&response.body)
+            .map_err(|error| HarnessError::Unexpected(format!("{path} on {} answered no JSON: {error}", self.name)))
+    }
+
+    /// Sends JMAP method calls (RFC 8620 §3.3, with the core and mail capabilities) as `login`
+    /// and returns the `methodResponses`; a method-level `error` answer is an error.
+    pub fn jmap(&self, login: &str, password: &str, method_calls: Value) -> Result<Vec<Value>, HarnessError> {
+        let request = serde_json::json!({
+            "using": ["urn:ietf:params:jmap:core", "urn:ietf:params:jmap:mail"],
+            "methodCalls": method_calls,
+        });
+        let answer = self.jmap_send(login, password, "POST", "/jmap/api", &request)?;
+        let responses = answer["methodResponses"].as_array().cloned().unwrap_or_default();
+        if let Some(error) = responses.iter().find(|response| response[0] == "error") {
+            return Err(HarnessError::Unexpected(format!(
+                "JMAP on {} answered {error}",
+                self.name
+            )));
+        }
+        Ok(responses)
+    }
 }
 
 impl Drop for LocalNode {
