@@ -20,6 +20,56 @@ pub struct Listing {
     pub from: String,
     /// The Subject: header as written.
     pub subject: String,
+    /// The From: header's addresses, so a list view's sender needs no read of the message.
+    /// `Unknown` in listings kept by builds before this field (a reindex fills it in).
+    #[serde(default)]
+    pub from_addresses: KeptAddresses,
+}
+
+/// An address header's addresses, groups flattened, as a listing keeps them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum KeptAddresses {
+    /// Not kept: read the message.
+    #[default]
+    Unknown,
+    /// The message has no such header.
+    Absent,
+    List(Vec<ListedAddress>),
+}
+
+/// One address of a header: its display name (trimmed, `None` when empty) and its address.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListedAddress {
+    pub name: Option<String>,
+    pub email: String,
+}
+
+impl ListedAddress {
+    pub(crate) fn of(address: &mail_parser::Addr<'_>) -> ListedAddress {
+        ListedAddress {
+            name: address
+                .name()
+                .map(|name| name.trim().to_owned())
+                .filter(|name| !name.is_empty()),
+            email: address.address().unwrap_or_default().trim().to_owned(),
+        }
+    }
+}
+
+/// The addresses of an address header (RFC 8621 §4.1.2.3's Addresses form: groups flattened),
+/// `Absent` when there is no such header.
+pub fn addresses_of(address: Option<&mail_parser::Address<'_>>) -> KeptAddresses {
+    match address {
+        None => KeptAddresses::Absent,
+        Some(mail_parser::Address::List(list)) => KeptAddresses::List(list.iter().map(ListedAddress::of).collect()),
+        Some(mail_parser::Address::Group(groups)) => KeptAddresses::List(
+            groups
+                .iter()
+                .flat_map(|group| group.addresses.iter())
+                .map(ListedAddress::of)
+                .collect(),
+        ),
+    }
 }
 
 /// Text for the search index.
@@ -60,6 +110,7 @@ pub fn listing(raw: &[u8]) -> Listing {
         date_millis,
         from: if name.is_empty() { address } else { name },
         subject: message.subject().unwrap_or_default().trim().to_owned(),
+        from_addresses: addresses_of(message.from()),
     }
 }
 
@@ -225,6 +276,46 @@ mod tests {
         assert_eq!(listing.subject, "Gr\u{fc}\u{df}e");
         let eight_bit = b"From: Ren\xc3\xa9 <r@example.fr>\r\nSubject: caf\xc3\xa9\r\n\r\nx";
         assert_eq!(super::listing(eight_bit).subject, "caf\u{e9}");
+    }
+
+    #[test]
+    fn a_listing_keeps_every_from_address_and_old_listings_read_as_unknown() {
+        let raw = b"From: \"Bob Smith \" <bob@example.org>, carol@example.org\r\nSubject: x\r\n\r\nbody";
+        assert_eq!(
+            listing(raw).from_addresses,
+            KeptAddresses::List(vec![
+                ListedAddress {
+                    name: Some("Bob Smith".into()),
+                    email: "bob@example.org".into()
+                },
+                ListedAddress {
+                    name: None,
+                    email: "carol@example.org".into()
+                },
+            ])
+        );
+        let group = b"From: Team: dave@example.org, erin@example.org;\r\n\r\nbody";
+        assert!(matches!(listing(group).from_addresses, KeptAddresses::List(list) if list.len() == 2));
+        assert_eq!(
+            listing(b"Subject: no sender\r\n\r\nbody").from_addresses,
+            KeptAddresses::Absent
+        );
+        // A listing written before the field existed: three fields only.
+        #[derive(Serialize)]
+        struct OldListing {
+            date_millis: Option<u64>,
+            from: String,
+            subject: String,
+        }
+        let old = OldListing {
+            date_millis: None,
+            from: "Bob".into(),
+            subject: "s".into(),
+        };
+        let bytes = cbor4ii::serde::to_vec(Vec::new(), &old).unwrap();
+        let read: Listing = cbor4ii::serde::from_slice(&bytes).unwrap();
+        assert_eq!(read.from, "Bob");
+        assert_eq!(read.from_addresses, KeptAddresses::Unknown);
     }
 
     fn body_of(raw: &str) -> String {

@@ -63,6 +63,13 @@ pub struct NodeMetrics {
     pub mailboxes_divergent: Counter,
     pub writes: Family<WriteLabel, Counter>,
     pub peers_agreeing: Gauge,
+    /// The store's compactions and flushes running, read when the metrics are (see
+    /// `Node::encode_metrics`): a node that just took a bulk import works on for minutes.
+    pub store_background_jobs: Gauge,
+    /// RocksDB's estimate of the bytes its compactions still have to rewrite.
+    pub store_pending_compaction_bytes: Gauge,
+    /// Stored messages not yet in the full-text index (search finds them once they are).
+    pub search_backlog: Gauge,
     pub reconcile_seconds: Histogram,
     pub replication_lag_seconds: Histogram,
     pub limits_hit: Family<LimitLabel, Counter>,
@@ -93,6 +100,9 @@ impl NodeMetrics {
             mailboxes_divergent: Counter::default(),
             writes: Family::default(),
             peers_agreeing: Gauge::default(),
+            store_background_jobs: Gauge::default(),
+            store_pending_compaction_bytes: Gauge::default(),
+            search_backlog: Gauge::default(),
             reconcile_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             replication_lag_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 18)),
             limits_hit: Family::default(),
@@ -168,6 +178,21 @@ impl NodeMetrics {
             "peers_agreeing",
             "Connected peers whose last digest equals ours",
             metrics.peers_agreeing.clone(),
+        );
+        registry.register(
+            "store_background_jobs",
+            "Compactions and flushes the store is running",
+            metrics.store_background_jobs.clone(),
+        );
+        registry.register(
+            "store_pending_compaction_bytes",
+            "Bytes the store's compactions still have to rewrite (RocksDB's estimate)",
+            metrics.store_pending_compaction_bytes.clone(),
+        );
+        registry.register(
+            "search_backlog",
+            "Index tasks (stored or expunged messages) the full-text index has not taken yet",
+            metrics.search_backlog.clone(),
         );
         registry.register(
             "reconcile_duration_seconds",

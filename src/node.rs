@@ -630,6 +630,19 @@ impl Node {
 
     /// Prometheus text for every registered metric.
     pub fn encode_metrics(&self) -> String {
+        if let Ok(work) = self.inner.store.background_work() {
+            let metrics = &self.inner.metrics;
+            metrics.store_background_jobs.set(work.jobs_running as i64);
+            metrics
+                .store_pending_compaction_bytes
+                .set(work.pending_compaction_bytes.min(i64::MAX as u64) as i64);
+        }
+        if let Ok(backlog) = self.inner.store.search_backlog() {
+            self.inner
+                .metrics
+                .search_backlog
+                .set(backlog.min(i64::MAX as u64) as i64);
+        }
         let mut text = String::new();
         if let Ok(registry) = self.inner.registry.lock() {
             let _ = prometheus_client::encoding::text::encode(&mut text, &registry);

@@ -81,6 +81,21 @@ const TOMBSTONES: &str = "tombstones";
 const ACCOUNT_LOG: &str = "account_log";
 const VIEWS: &str = "views";
 const LOCAL_FAMILIES: [&str; 7] = [LOCAL, INDEX, CHANGES, SEARCH_QUEUE, TOMBSTONES, ACCOUNT_LOG, VIEWS];
+/// The replicated families, then the node-local ones.
+const FAMILIES: [&str; 12] = [
+    RECORDS,
+    BLOBS,
+    TREE,
+    MAILBOXES,
+    META,
+    LOCAL,
+    INDEX,
+    CHANGES,
+    SEARCH_QUEUE,
+    TOMBSTONES,
+    ACCOUNT_LOG,
+    VIEWS,
+];
 const META_FRONTIER: &[u8] = b"frontier";
 const META_PURGED: &[u8] = b"purged_by_origin";
 const META_LAST_CONTACT: &[u8] = b"last_contact";
@@ -573,6 +588,13 @@ fn encode_cbor<T: Serialize>(value: &T) -> Vec<u8> {
 
 fn decode_cbor<T: for<'de> Deserialize<'de>>(bytes: &[u8], what: &str) -> Result<T, StoreError> {
     cbor4ii::serde::from_slice(bytes).map_err(|error| StoreError::Corrupt(format!("{what}: {error}")))
+}
+
+/// See [`Store::background_work`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackgroundWork {
+    pub jobs_running: u64,
+    pub pending_compaction_bytes: u64,
 }
 
 struct WriterState {
@@ -1544,6 +1566,43 @@ impl Store {
         Ok(())
     }
 
+    /// Records of a mailbox by ID, in the order asked (`None` where there is none), read in one
+    /// batch: an Email/get of a page of 100 costs one multi-get, not 100 lookups.
+    pub fn records_by_id(
+        &self,
+        mailbox: MailboxId,
+        ids: &[MessageId],
+    ) -> Result<Vec<Option<MessageRecord>>, StoreError> {
+        self.many(RECORDS, mailbox, ids, "record")
+    }
+
+    /// The node-local states of records, as [`Self::records_by_id`] reads records.
+    pub fn local_states_by_id(
+        &self,
+        mailbox: MailboxId,
+        ids: &[MessageId],
+    ) -> Result<Vec<Option<LocalState>>, StoreError> {
+        self.many(LOCAL, mailbox, ids, "local state")
+    }
+
+    fn many<T: for<'de> Deserialize<'de>>(
+        &self,
+        family: &str,
+        mailbox: MailboxId,
+        ids: &[MessageId],
+        what: &str,
+    ) -> Result<Vec<Option<T>>, StoreError> {
+        let keys: Vec<[u8; 32]> = ids.iter().map(|id| record_key(mailbox, *id)).collect();
+        self.db
+            .batched_multi_get_cf(self.family(family)?, &keys, false)
+            .into_iter()
+            .map(|found| match found? {
+                Some(bytes) => Ok(Some(decode_cbor(&bytes, what)?)),
+                None => Ok(None),
+            })
+            .collect()
+    }
+
     /// The node-local state of a record.
     pub fn local_state(&self, mailbox: MailboxId, id: MessageId) -> Result<Option<LocalState>, StoreError> {
         match self.db.get_pinned_cf(self.family(LOCAL)?, record_key(mailbox, id))? {
@@ -2153,6 +2212,28 @@ impl Store {
         Ok(tasks)
     }
 
+    /// How many queued full-text index tasks are not handled yet: the newest sequence written
+    /// less the oldest still queued (they are numbered without gaps).
+    pub fn search_backlog(&self) -> Result<u64, StoreError> {
+        let newest = self.writer.lock().map_err(|_| StoreError::Closed)?.search_sequence;
+        let oldest = match self
+            .db
+            .iterator_cf(self.family(SEARCH_QUEUE)?, IteratorMode::Start)
+            .next()
+        {
+            None => return Ok(0),
+            Some(item) => {
+                let (key, _) = item?;
+                u64::from_be_bytes(
+                    key.as_ref()
+                        .try_into()
+                        .map_err(|_| StoreError::Corrupt("queue key".into()))?,
+                )
+            }
+        };
+        Ok(newest.saturating_sub(oldest) + 1)
+    }
+
     /// Removes handled tasks (every sequence up to and including `last`) from the search queue,
     /// with one range deletion.
     pub fn finish_search_tasks(&self, last: u64) -> Result<(), StoreError> {
@@ -2291,6 +2372,26 @@ impl Store {
         batch.put_cf(self.family(META)?, META_SEARCH_SEQUENCE, sequence.to_be_bytes());
         self.db.write(batch)?;
         Ok(visited)
+    }
+
+    /// What RocksDB is doing in the background: compactions and flushes running, and the bytes
+    /// its compactions still have to rewrite, over every column family.
+    pub fn background_work(&self) -> Result<BackgroundWork, StoreError> {
+        let mut work = BackgroundWork {
+            jobs_running: self
+                .db
+                .property_int_value("rocksdb.num-running-compactions")?
+                .unwrap_or(0)
+                + self.db.property_int_value("rocksdb.num-running-flushes")?.unwrap_or(0),
+            pending_compaction_bytes: 0,
+        };
+        for name in FAMILIES {
+            work.pending_compaction_bytes += self
+                .db
+                .property_int_value_cf(self.family(name)?, "rocksdb.estimate-pending-compaction-bytes")?
+                .unwrap_or(0);
+        }
+        Ok(work)
     }
 
     /// Bytes on disk of the node-local index column families (estimated by RocksDB).

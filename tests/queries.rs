@@ -618,13 +618,20 @@ fn a_search_backlog_is_fed_and_committed_a_thousand_at_a_time() {
     let directory = tempfile::tempdir().unwrap();
     let store = open(&directory.path().join("store"), 1);
     let inbox = MailboxKey::new("gina", "INBOX").unwrap();
+    assert_eq!(store.search_backlog().unwrap(), 0, "nothing written, nothing queued");
     append_all(&store, &inbox, &samples(1_200, 9));
+    assert_eq!(
+        store.search_backlog().unwrap(),
+        1_200,
+        "the metric counts every queued task"
+    );
     let index = SearchIndex::open(&directory.path().join("search")).unwrap();
     let later = Commit::After(std::time::Duration::from_secs(3600));
     assert_eq!(index.update(&store, later, usize::MAX).unwrap(), 1_200);
     // The first thousand were committed before the rest was fed (tantivy's own queue never holds
     // the whole backlog); the last 200 wait for the commit interval, still queued in the store.
     assert_eq!(store.search_tasks(0, 2_000).unwrap().len(), 200);
+    assert_eq!(store.search_backlog().unwrap(), 200);
     assert_eq!(
         index
             .search(&store, inbox.id(), "number", SortKey::Received, false, 0, 10)
@@ -633,6 +640,7 @@ fn a_search_backlog_is_fed_and_committed_a_thousand_at_a_time() {
         1_200
     );
     assert!(store.search_tasks(0, 2_000).unwrap().is_empty());
+    assert_eq!(store.search_backlog().unwrap(), 0);
 }
 
 fn write_samples_to_mbox(path: &std::path::Path, samples: &[Vec<u8>]) {

@@ -123,24 +123,24 @@ pub fn parse_header_property(property: &str) -> Result<HeaderProperty<'_>, Value
 }
 
 fn address_object(address: &mail_parser::Addr<'_>) -> Value {
-    json!({
-        "name": address.name().map(|name| name.trim().to_owned()).filter(|name| !name.is_empty()),
-        "email": address.address().unwrap_or_default().trim(),
-    })
+    listed_address_object(&crate::mail::ListedAddress::of(address))
+}
+
+fn listed_address_object(address: &crate::mail::ListedAddress) -> Value {
+    json!({ "name": address.name, "email": address.email })
 }
 
 /// EmailAddress objects, groups flattened; null when there is no address header.
 pub fn addresses(address: Option<&Address<'_>>) -> Value {
-    match address {
-        None => Value::Null,
-        Some(Address::List(list)) => Value::Array(list.iter().map(address_object).collect()),
-        Some(Address::Group(groups)) => Value::Array(
-            groups
-                .iter()
-                .flat_map(|group| group.addresses.iter())
-                .map(address_object)
-                .collect(),
-        ),
+    kept_addresses(&crate::mail::addresses_of(address)).unwrap_or(Value::Null)
+}
+
+/// The EmailAddress objects of addresses a listing kept; `None` when it kept none.
+pub fn kept_addresses(kept: &crate::mail::KeptAddresses) -> Option<Value> {
+    match kept {
+        crate::mail::KeptAddresses::Unknown => None,
+        crate::mail::KeptAddresses::Absent => Some(Value::Null),
+        crate::mail::KeptAddresses::List(list) => Some(Value::Array(list.iter().map(listed_address_object).collect())),
     }
 }
 

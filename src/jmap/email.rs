@@ -273,21 +273,36 @@ pub fn get(service: &MailService, account: &str, arguments: &Map<String, Value>)
         properties.insert(0, "id".to_owned());
     }
     let options = super::body::body_options(arguments)?;
-    let needs_message = properties
-        .iter()
-        .any(|property| !LISTING_PROPERTIES.contains(&property.as_str()));
     let state = service.account_state(account).map_err(service_error)?;
+    // Everything but the body parts is in the header, so a request for no body property parses
+    // the header alone.
+    let needs_body = properties.iter().any(|property| {
+        matches!(property.as_str(), "hasAttachment" | "preview")
+            || super::body::BODY_EMAIL_PROPERTIES.contains(&property.as_str())
+    });
+    let parser = mail_parser::MessageParser::default();
+    let parsed: Vec<Option<MessageId>> = ids.iter().map(|text| parse_email_id(text)).collect();
+    let wanted: Vec<MessageId> = parsed.iter().flatten().copied().collect();
+    let mut found = service
+        .find_emails(account, &wanted)
+        .map_err(service_error)?
+        .into_iter();
     let mut list = Vec::with_capacity(ids.len());
     let mut not_found = Vec::new();
-    for text in ids {
-        let found = match parse_email_id(&text) {
-            Some(id) => service.find_email(account, id).map_err(service_error)?,
+    for (text, id) in ids.into_iter().zip(parsed) {
+        let found = match id {
+            Some(_) => found.next().flatten(),
             None => None,
         };
         let Some((_, email)) = found else {
             not_found.push(Value::String(text));
             continue;
         };
+        // `from` is in the listings this build keeps; an older one's needs the message.
+        let from_kept = email.from_addresses != crate::mail::KeptAddresses::Unknown;
+        let needs_message = properties
+            .iter()
+            .any(|property| !(LISTING_PROPERTIES.contains(&property.as_str()) || (property == "from" && from_kept)));
         let raw = if needs_message {
             match service.raw(account, email.id) {
                 Ok(raw) => Some(raw),
@@ -302,12 +317,23 @@ pub fn get(service: &MailService, account: &str, arguments: &Map<String, Value>)
         } else {
             None
         };
-        let message = raw
-            .as_deref()
-            .and_then(|raw| mail_parser::MessageParser::default().parse(raw));
+        let message = raw.as_deref().and_then(|raw| {
+            if needs_body {
+                parser.parse(raw)
+            } else {
+                parser.parse_headers(raw)
+            }
+        });
         let mut object = Map::new();
         for property in &properties {
-            let value = if LISTING_PROPERTIES.contains(&property.as_str()) {
+            let kept_from = if property == "from" {
+                super::body::kept_addresses(&email.from_addresses)
+            } else {
+                None
+            };
+            let value = if let Some(from) = kept_from {
+                from
+            } else if LISTING_PROPERTIES.contains(&property.as_str()) {
                 listing_value(&email, property).map_err(service_error)?
             } else if property == "threadId" {
                 // From the email's own headers: the same on every node (see service::threads).
@@ -324,7 +350,7 @@ pub fn get(service: &MailService, account: &str, arguments: &Map<String, Value>)
         }
         list.push(Value::Object(object));
     }
-    Ok(json!({ "accountId": account, "state": state, "list": list, "notFound": not_found }))
+    Ok(super::get_response(account, Some(state), list, not_found))
 }
 
 /// What an Email/query asks for, once checked.

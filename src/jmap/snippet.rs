@@ -189,7 +189,7 @@ pub(crate) fn get(jmap: &Jmap, account: &str, arguments: &Map<String, Value>) ->
         };
         list.push(json!({ "emailId": text, "subject": subject, "preview": preview }));
     }
-    Ok(json!({ "accountId": account, "list": list, "notFound": not_found }))
+    Ok(super::get_response(account, None, list, not_found))
 }
 
 #[cfg(test)]

@@ -46,7 +46,7 @@ pub(crate) fn get(jmap: &Jmap, account: &str, arguments: &Map<String, Value>) ->
             None => not_found.push(json!(id)),
         }
     }
-    Ok(json!({ "accountId": account, "state": state, "list": list, "notFound": not_found }))
+    Ok(super::get_response(account, Some(state), list, not_found))
 }
 
 /// Thread/changes (RFC 8620 §5.2) on the account's portable change feed.

@@ -41,6 +41,29 @@ impl MailService {
         Ok(self.find_email(account, id)?.map(|(name, _)| name))
     }
 
+    /// Live emails of the account by ID, each with the path of its mailbox, in the order asked
+    /// (`None` for one that is not live here, or whose mailbox is not shown). The same answers
+    /// as [`Self::find_email`] one by one, with the mailbox tree read once and the records and
+    /// listings in one batch each.
+    pub fn find_emails(&self, account: &str, ids: &[MessageId]) -> Result<Vec<Option<(String, Email)>>, ServiceError> {
+        let container = MailboxKey::emails(account)?;
+        let store = &self.inner.store;
+        let mailboxes = self.account_mailboxes(account)?;
+        let records = store.records_by_id(container.id(), ids)?;
+        let states = store.local_states_by_id(container.id(), ids)?;
+        Ok(records
+            .into_iter()
+            .zip(states)
+            .map(|(record, state)| {
+                let record = record.filter(|record| record.is_live())?;
+                let placement = mailboxes.tree.place(record.location.mailbox)?;
+                let shown = mailboxes.tree.get(placement.mailbox())?;
+                let listing = state.and_then(|state| state.listing).unwrap_or_default();
+                Some((shown.path.clone(), Email::of(&record, placement.mailbox(), listing)))
+            })
+            .collect())
+    }
+
     /// A live email of the account found by its ID, with the path of its mailbox.
     pub fn find_email(&self, account: &str, id: MessageId) -> Result<Option<(String, Email)>, ServiceError> {
         match self.email(account, id) {

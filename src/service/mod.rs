@@ -179,6 +179,8 @@ pub struct Email {
     pub date_millis: Option<u64>,
     pub from: String,
     pub subject: String,
+    /// The From: header's addresses, when the listing kept them.
+    pub from_addresses: crate::mail::KeptAddresses,
     pub flags: Vec<Flag>,
 }
 
@@ -193,6 +195,7 @@ impl Email {
             date_millis: listing.date_millis,
             from: listing.from,
             subject: listing.subject,
+            from_addresses: listing.from_addresses,
             flags: record.set_flags().into_iter().cloned().collect(),
         }
     }
