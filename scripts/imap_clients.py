@@ -35,23 +35,18 @@ import imaplib
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
 
+from client_checks import WAIT_SECONDS, CheckFailed, expect, run_checks, wait_for
+
 TOKEN = "imap-clients-check-token-0123456789"
 # `doveadm pw -s SHA512-CRYPT -p secret`
 SECRET_HASH = "{SHA512-CRYPT}$6$3d1jxbtsSUvkdMJd$BaSpHPEbL9a6Kr7aotyzcanEM22vEvv6JW1FUXXS9/OoWz/Q.Tvq/MR1BhXbNBe2D5X7YGGGLka2prNYroVB8."
 ACCOUNT = "alice@example.org"
-WAIT_SECONDS = 60
-
-
-class CheckFailed(Exception):
-    pass
 
 
 def log(message):
@@ -127,11 +122,6 @@ class Node:
         client = imaplib.IMAP4(*self.imap)
         client.login(ACCOUNT, "secret")
         return client
-
-
-def expect(ok, what):
-    if not ok:
-        raise CheckFailed(what)
 
 
 def check(typ, data, what):
@@ -250,15 +240,6 @@ def uid_set(text):
         elif part:
             uids.add(int(part))
     return uids
-
-
-def wait_for(what, predicate):
-    deadline = time.time() + WAIT_SECONDS
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise CheckFailed(f"{what} within {WAIT_SECONDS} s")
 
 
 def check_qresync(alpha, bravo):
@@ -631,11 +612,14 @@ def main():
     common = ["--accounts-file", os.path.join(directory, "accounts"), "--http-token-file", os.path.join(directory, "token")]
     alpha = Node(arguments.binary, "alpha", directory, common)
     bravo = Node(arguments.binary, "bravo", directory, common)
-    results, failures = {}, []
-    try:
+    failures = []
+
+    def start():
         alpha.start()
         bravo.start(peers=[alpha.listen_address()])
-        checks = [
+
+    def checks():
+        listed = [
             ("imaplib", lambda: check_imaplib(alpha)),
             ("replication into a selected session", lambda: check_replication(alpha, bravo)),
             ("imaplib CONDSTORE/QRESYNC resync after changes on another node", lambda: check_qresync(alpha, bravo)),
@@ -644,31 +628,16 @@ def main():
             ("imapclient IDLE, CHANGEDSINCE, STATUS and BINARY across nodes", lambda: check_imapclient(alpha, bravo)),
         ]
         if shutil.which("mbsync"):
-            checks.append(("mbsync two-way", lambda: check_mbsync(alpha, directory, [bravo.listen_address()])))
+            listed.append(("mbsync two-way", lambda: check_mbsync(alpha, directory, [bravo.listen_address()])))
         else:
             failures.append("mbsync is not installed")
         if shutil.which("offlineimap"):
-            checks.append(("offlineimap two-way", lambda: check_offlineimap(alpha, directory)))
+            listed.append(("offlineimap two-way", lambda: check_offlineimap(alpha, directory)))
         else:
             failures.append("offlineimap is not installed")
-        for name, run in checks:
-            try:
-                results[name] = run()
-                log(f"ok: {name}")
-            except Exception as error:  # every failure is reported, and the nodes still stopped
-                failures.append(f"{name}: {error}")
-                log(f"FAILED: {name}: {error}")
-    finally:
-        alpha.stop()
-        bravo.stop()
-        if arguments.keep:
-            log(f"kept {directory}")
-        else:
-            shutil.rmtree(directory, ignore_errors=True)
-    print(json.dumps({"passed": len(results), "failed": len(failures), "results": results, "failures": failures}, indent=2))
-    print(f"{len(results)} passed, {len(failures)} failed")
-    sys.exit(1 if failures else 0)
+        return listed
 
+    run_checks("imap-clients", [alpha, bravo], start, checks, directory, arguments.keep, failures)
 
 if __name__ == "__main__":
     main()
