@@ -7,11 +7,14 @@
 //! from sending a request to the last byte of its answer, this client's parsing left out):
 //! - for each of receivedAt (newest first), from and subject: Email/query of the top 100 of
 //!   INBOX followed by Email/get of their list properties, as two requests in a row
-//!   (`query_then_get`), and as one request with a result reference (`batched`); once with the
-//!   properties answered from the listing (id, subject, receivedAt, keywords, size, mailboxIds,
-//!   sentAt) and once adding `from` (which reads and parses each message);
+//!   (`query_then_get`, and each of the two alone: `query_alone`, `get_alone`), and as one
+//!   request with a result reference (`batched`); once with the properties answered from the
+//!   listing (id, subject, receivedAt, keywords, size, mailboxIds, sentAt) and once adding
+//!   `from` (kept in the listing too since de15505; older listings read the message);
 //! - Mailbox/get with counts for an account with `--mailboxes` mailboxes;
-//! - and the size in bytes of the Email/changes answer after 100 flag changes.
+//! - the size in bytes of the Email/changes answer after 100 flag changes;
+//! - and, under `while_measuring`, what else ran meanwhile: load average, the hypervisor's
+//!   steal and the CPU seconds of the node's background threads (compactions, index merges).
 //!
 //! After the fill it waits until the store's compactions and the full-text indexing are done
 //! (`--no-settle` measures at once, while they run). The fill goes through the mail service's delivery path (the same as LMTP's), 256 at a time;
@@ -165,6 +168,87 @@ fn settle(metrics_url: &str) -> f64 {
     started.elapsed().as_secs_f64()
 }
 
+/// What else the machine and this process did while the latencies were measured, so that a
+/// run's tails can be told apart from a busy neighbour or a background merge: the load average
+/// at the start, the share of CPU time the hypervisor gave to others (steal), and the CPU time
+/// of this process's threads other than the client and the node's request workers (RocksDB
+/// compactions, full-text index merges, the commit writer).
+struct MachineSample {
+    started: Instant,
+    load_average: f64,
+    steal_and_total: (u64, u64),
+    background_ticks: u64,
+}
+
+impl MachineSample {
+    fn now() -> MachineSample {
+        MachineSample {
+            started: Instant::now(),
+            load_average: std::fs::read_to_string("/proc/loadavg")
+                .ok()
+                .and_then(|text| text.split_whitespace().next()?.parse().ok())
+                .unwrap_or(f64::NAN),
+            steal_and_total: steal_and_total(),
+            background_ticks: background_ticks(),
+        }
+    }
+
+    fn until_now(&self) -> Value {
+        let (steal, total) = steal_and_total();
+        let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let round = |value: f64| (value * 10.0).round() / 10.0;
+        json!({
+            "seconds": round(self.started.elapsed().as_secs_f64()),
+            "cores": std::thread::available_parallelism().map_or(0, |cores| cores.get()),
+            "load_average_at_start": self.load_average,
+            "cpu_steal_percent": round(
+                100.0 * steal.saturating_sub(self.steal_and_total.0) as f64
+                    / total.saturating_sub(self.steal_and_total.1).max(1) as f64
+            ),
+            "background_cpu_seconds": round(
+                background_ticks().saturating_sub(self.background_ticks) as f64 / ticks_per_second
+            ),
+        })
+    }
+}
+
+/// The machine's steal and total CPU time so far, in clock ticks (the first line of /proc/stat).
+fn steal_and_total() -> (u64, u64) {
+    let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|field| field.parse().ok())
+        .collect();
+    (fields.get(7).copied().unwrap_or(0), fields.iter().sum())
+}
+
+/// The CPU time, in clock ticks, of this process's threads other than the main thread (the
+/// client) and the tokio workers (the node's request handling).
+fn background_ticks() -> u64 {
+    let main = std::process::id().to_string();
+    let Ok(threads) = std::fs::read_dir("/proc/self/task") else {
+        return 0;
+    };
+    threads
+        .flatten()
+        .filter(|thread| thread.file_name().to_string_lossy() != main)
+        .filter_map(|thread| std::fs::read_to_string(thread.path().join("stat")).ok())
+        .filter_map(|stat| {
+            let name = &stat[stat.find('(')? + 1..stat.rfind(')')?];
+            if name.starts_with("tokio-runtime") || name.starts_with("tokio-rt") {
+                return None;
+            }
+            let fields: Vec<&str> = stat[stat.rfind(')')? + 2..].split_whitespace().collect();
+            Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+        })
+        .sum()
+}
+
 fn milliseconds(samples: &mut [Duration]) -> Value {
     samples.sort();
     let at = |fraction: f64| {
@@ -276,6 +360,7 @@ fn main() {
         "sentAt",
         "from"
     ]);
+    let machine_before = MachineSample::now();
     let mut figures = serde_json::Map::new();
     for (name, sort) in [
         ("receivedAt", json!([{"property": "receivedAt", "isAscending": false}])),
@@ -286,6 +371,8 @@ fn main() {
         let mut sort_figures = serde_json::Map::new();
         for (variant, properties) in [("listing", &listing), ("with_from", &with_from)] {
             let mut two_requests = Vec::with_capacity(arguments.repeats);
+            let mut queries = Vec::with_capacity(arguments.repeats);
+            let mut gets = Vec::with_capacity(arguments.repeats);
             let mut batched = Vec::with_capacity(arguments.repeats);
             for _ in 0..arguments.repeats {
                 let (answer, _, query_took) = client.timed_call(json!([query]));
@@ -298,6 +385,8 @@ fn main() {
                     Some(100.min(arguments.emails))
                 );
                 two_requests.push(query_took + get_took);
+                queries.push(query_took);
+                gets.push(get_took);
                 let (answer, _, took) = client.timed_call(json!([
                     query,
                     ["Email/get", {"#ids": {"resultOf": "q", "name": "Email/query", "path": "/ids"}, "properties": properties}, "g"]
@@ -310,7 +399,12 @@ fn main() {
             }
             sort_figures.insert(
                 variant.into(),
-                json!({ "query_then_get_ms": milliseconds(&mut two_requests), "batched_ms": milliseconds(&mut batched) }),
+                json!({
+                    "query_then_get_ms": milliseconds(&mut two_requests),
+                    "query_alone_ms": milliseconds(&mut queries),
+                    "get_alone_ms": milliseconds(&mut gets),
+                    "batched_ms": milliseconds(&mut batched),
+                }),
             );
         }
         figures.insert(name.into(), Value::Object(sort_figures));
@@ -323,6 +417,7 @@ fn main() {
         mailbox_get.push(took);
         mailbox_count = answer["methodResponses"][0][1]["list"].as_array().map_or(0, Vec::len);
     }
+    let machine = machine_before.until_now();
 
     // Email/changes after 100 flag changes made over JMAP.
     let (answer, _) = client.call(json!([
@@ -356,6 +451,7 @@ fn main() {
         "settle_seconds": (settle_seconds * 10.0).round() / 10.0,
         "top_100_query_and_get": figures,
         "mailbox_get_ms": milliseconds(&mut mailbox_get),
+        "while_measuring": machine,
         "email_changes_after_100_flag_changes": { "updated": changed, "response_bytes": changes_bytes },
         "note": "end to end over HTTP on 127.0.0.1, one client, keep-alive; each time runs from sending the request to the last byte of the answer; when settled, measured once the store had no compaction or flush running or pending and the full-text index had taken every message (a mailbox grows over years, not in one bulk fill)",
     });

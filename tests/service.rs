@@ -355,6 +355,36 @@ async fn queries_sort_and_search_near_the_data_and_changes_follow_writes() {
         .unwrap();
     let found: Vec<_> = apples.emails.iter().map(|email| email.id).collect();
     assert_eq!((apples.total, found), (2, vec![ids[0], ids[2]]));
+    // The IDs alone (what Email/query answers with) are the same windows, read without the emails.
+    let subject_ids: Vec<_> = by_subject.emails.iter().map(|email| email.id).collect();
+    for (query, expected) in [
+        (
+            Query {
+                search: None,
+                sort: SortKey::Subject,
+                descending: false,
+                position: 1,
+                limit: 5,
+            },
+            (subject_ids, 3),
+        ),
+        (
+            Query {
+                search: Some("apples".into()),
+                sort: SortKey::Received,
+                descending: false,
+                position: 0,
+                limit: 10,
+            },
+            (vec![ids[0], ids[2]], 2),
+        ),
+    ] {
+        let listed = service
+            .query_ids(account, inbox(service, account), query)
+            .await
+            .unwrap();
+        assert_eq!(listed, expected);
+    }
 
     let before = service.changes(account, inbox(service, account), 0, 100).unwrap();
     assert_eq!(before.created, ids);
@@ -838,6 +868,27 @@ async fn the_feed_lists_the_emails_of_a_mailbox_that_became_an_alias() {
             "Email/get"
         );
     }
+    // A mailbox of two records: its listing merges both, and its IDs alone are the same window.
+    let window = Query {
+        sort: SortKey::Subject,
+        position: 1,
+        limit: 1,
+        ..everything()
+    };
+    let merged = second.service.query(account, earlier, window.clone()).await.unwrap();
+    assert_eq!(merged.total, 3);
+    assert_eq!(
+        merged
+            .emails
+            .iter()
+            .map(|email| email.subject.as_str())
+            .collect::<Vec<_>>(),
+        ["three"]
+    );
+    assert_eq!(
+        second.service.query_ids(account, earlier, window).await.unwrap(),
+        (vec![merged.emails[0].id], 3)
+    );
     // Pages of two: the three emails do not fit beside the mailbox's change on one page.
     let (updated, state) = updated_since(&second.service, account, &start.new_state, 2);
     let mut listed: Vec<_> = updated.iter().filter(|(id, _)| ids.contains(id)).copied().collect();
@@ -847,6 +898,76 @@ async fn the_feed_lists_the_emails_of_a_mailbox_that_became_an_alias() {
     assert_eq!(listed, ids.iter().map(|id| (*id, Some(earlier))).collect::<Vec<_>>());
     let after = second.service.account_changes(account, Some(&state), 100).unwrap();
     assert!(after.created.is_empty() && after.updated.is_empty() && after.destroyed.is_empty());
+}
+
+/// Found by the chaos runs' feed checker (seeds 301, 307 and 320): a wiped node got emails back
+/// before the record of their mailbox, an old one, and listed them without a mailbox. When the
+/// mailbox record arrived, only its own change was listed: the client had been shown later
+/// changes of the mailbox's origin, so the feed took the mailbox for one the client knew, and
+/// the emails' own records, covered by the client's state, never came again. They must.
+#[tokio::test]
+async fn emails_listed_before_their_mailbox_was_here_are_listed_again_once_it_is() {
+    let account = "alice@example.org";
+    let first = fixture_on(1, NOW, None, 1 << 20);
+    let third = fixture_on(3, NOW + 60_000, None, 1 << 20);
+    let second = fixture_on(2, NOW + 120_000, None, 1 << 20);
+    let work = first.service.create_mailbox(account, "Work", None).await.unwrap().id;
+    // A later change of the same origin, which the client will be shown.
+    first
+        .service
+        .deliver(delivery(account, "INBOX", &message("zero", "x")))
+        .await
+        .unwrap();
+    for container in [
+        MailboxKey::mailboxes(account).unwrap(),
+        MailboxKey::emails(account).unwrap(),
+    ] {
+        copy_container(&first.store, &third.store, &container);
+    }
+    let mut ids = Vec::new();
+    for subject in ["one", "two"] {
+        let delivery = Delivery {
+            mailbox: MailboxTarget::Id(work),
+            ..delivery(account, "unused", &message(subject, "x"))
+        };
+        ids.push(third.service.deliver(delivery).await.unwrap().id);
+    }
+    // The second node gets the emails, not the mailboxes, and every change of the third node.
+    copy_container(&third.store, &second.store, &MailboxKey::emails(account).unwrap());
+    second.store.adopt_frontier(&third.store.frontier().unwrap()).unwrap();
+    let start = second.service.account_changes(account, None, 100).unwrap();
+    assert!(!start.has_more);
+    for id in &ids {
+        let listed = start.created.iter().find(|email| email.id == *id).expect("listed");
+        assert_eq!(listed.mailbox, None, "the second node cannot place it yet");
+    }
+    let token = mailmesh::changes::ChangeState::decode(&start.new_state).unwrap();
+    assert_eq!(token.unplaced, std::collections::BTreeSet::from([work.0]));
+
+    // The mailbox record arrives: the emails come again, now in it.
+    copy_container(&first.store, &second.store, &MailboxKey::mailboxes(account).unwrap());
+    let after = second
+        .service
+        .account_changes(account, Some(&start.new_state), 100)
+        .unwrap();
+    for id in &ids {
+        let listed = after
+            .updated
+            .iter()
+            .chain(&after.created)
+            .find(|email| email.id == *id)
+            .unwrap_or_else(|| panic!("{id} listed again once its mailbox is here: {after:?}"));
+        assert_eq!(listed.mailbox, Some(work));
+        assert_eq!(listed.mailbox_name.as_deref(), Some("Work"));
+    }
+    let token = mailmesh::changes::ChangeState::decode(&after.new_state).unwrap();
+    assert!(token.unplaced.is_empty(), "{token:?}");
+    // Whatever later calls list again of them (the price of node hopping), they stay placed.
+    let (updated, _) = updated_since(&second.service, account, &after.new_state, 100);
+    assert!(updated
+        .iter()
+        .filter(|(id, _)| ids.contains(id))
+        .all(|(_, mailbox)| *mailbox == Some(work)));
 }
 
 /// Found by the chaos runs' feed checker: an email delivered on one site into a mailbox another

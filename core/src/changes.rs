@@ -62,7 +62,8 @@
 //! more than a page of a peer's changes above its frontier. A page holds at most `limit` items.
 //!
 //! A token may also carry mailboxes whose emails the service still has to list
-//! ([`PendingMailboxes`]); the core only carries them.
+//! ([`PendingMailboxes`]), and mailboxes the client was shown emails of before the listing node
+//! held the mailbox's record ([`ChangeState::unplaced`]); the core only carries them.
 //!
 //! # Forgetting
 //! Tombstones are purged after the tombstone horizon. A token whose bound for some origin is below
@@ -81,6 +82,8 @@ pub const MAX_TOKEN_ORIGINS: usize = 1024;
 pub const MAX_TOKEN_TEXT_BYTES: usize = 64 * 1024;
 /// The most mailboxes a token's pending listing may name.
 pub const MAX_PENDING_MAILBOXES: usize = 1024;
+/// The most mailboxes a token may name as unplaced (see [`ChangeState::unplaced`]).
+pub const MAX_UNPLACED_MAILBOXES: usize = 256;
 /// Tokens of the first form: origins and an optional cursor, nothing else.
 const TOKEN_PREFIX: &str = "m1";
 /// Tokens of the second form: origins, then a varint of flags saying what follows.
@@ -88,6 +91,7 @@ const TOKEN_PREFIX_FLAGGED: &str = "m2";
 const FLAG_CURSOR: u64 = 1;
 const FLAG_REVISIT: u64 = 2;
 const FLAG_PENDING: u64 = 4;
+const FLAG_UNPLACED: u64 = 8;
 
 /// Why changes could not be listed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -138,6 +142,10 @@ pub struct ChangeState {
     /// whose mailbox became an alias or was deleted is shown elsewhere though its own record did
     /// not change); the core only carries it.
     pub pending: Option<PendingMailboxes>,
+    /// Mailboxes the client was shown emails of while the node that listed them did not hold
+    /// the mailbox's record yet (so the emails were listed without a mailbox), for the service's
+    /// feed: once a node holds the record, it lists those emails again. The core only carries it.
+    pub unplaced: BTreeSet<u128>,
 }
 
 /// Mailboxes whose emails the service's feed still lists, and where it stopped in the first.
@@ -194,6 +202,7 @@ impl ChangeState {
             shown,
             cursor: None,
             pending: None,
+            unplaced: BTreeSet::new(),
         }
     }
 
@@ -228,7 +237,9 @@ impl ChangeState {
             put_varint(&mut bytes, self.shown_for(origin) - complete);
         }
         // A token needing nothing of the second form keeps the first, which every node reads.
-        let flagged = self.pending.is_some() || self.cursor.is_some_and(|cursor| cursor.revisit.is_some());
+        let flagged = self.pending.is_some()
+            || !self.unplaced.is_empty()
+            || self.cursor.is_some_and(|cursor| cursor.revisit.is_some());
         if flagged {
             let mut flags = 0;
             if let Some(cursor) = self.cursor {
@@ -239,6 +250,9 @@ impl ChangeState {
             }
             if self.pending.is_some() {
                 flags |= FLAG_PENDING;
+            }
+            if !self.unplaced.is_empty() {
+                flags |= FLAG_UNPLACED;
             }
             put_varint(&mut bytes, flags);
         }
@@ -264,6 +278,12 @@ impl ChangeState {
                     put_varint(&mut bytes, received);
                     bytes.extend_from_slice(&id.to_be_bytes());
                 }
+            }
+        }
+        if !self.unplaced.is_empty() {
+            put_varint(&mut bytes, self.unplaced.len() as u64);
+            for mailbox in &self.unplaced {
+                bytes.extend_from_slice(&mailbox.to_be_bytes());
             }
         }
         let prefix = if flagged { TOKEN_PREFIX_FLAGGED } else { TOKEN_PREFIX };
@@ -310,7 +330,7 @@ impl ChangeState {
         }
         let flags = if flagged {
             let flags = take_varint(&mut reader)?;
-            if flags & !(FLAG_CURSOR | FLAG_REVISIT | FLAG_PENDING) != 0
+            if flags & !(FLAG_CURSOR | FLAG_REVISIT | FLAG_PENDING | FLAG_UNPLACED) != 0
                 || (flags & FLAG_REVISIT != 0 && flags & FLAG_CURSOR == 0)
             {
                 return Err(ChangesError::InvalidToken("unknown flags"));
@@ -358,6 +378,19 @@ impl ChangeState {
                 _ => return Err(ChangesError::InvalidToken("bad pending position")),
             };
             state.pending = Some(PendingMailboxes { mailboxes, after });
+        }
+        if flags & FLAG_UNPLACED != 0 {
+            let count = take_varint(&mut reader)?;
+            if count == 0 || count > MAX_UNPLACED_MAILBOXES as u64 {
+                return Err(ChangesError::InvalidToken("bad count of unplaced mailboxes"));
+            }
+            for _ in 0..count {
+                let mailbox = take_u128(&mut reader)?;
+                if state.unplaced.last().is_some_and(|last| *last >= mailbox) {
+                    return Err(ChangesError::InvalidToken("unplaced mailboxes out of order"));
+                }
+                state.unplaced.insert(mailbox);
+            }
         }
         if !reader.is_empty() {
             return Err(ChangesError::InvalidToken("trailing bytes"));
@@ -622,6 +655,7 @@ pub fn changes_since(
         shown,
         cursor: next_cursor,
         pending: None,
+        unplaced: BTreeSet::new(),
     };
     Ok(changes)
 }
@@ -1164,6 +1198,7 @@ mod tests {
                 revisit: None,
             }),
             pending: None,
+            unplaced: BTreeSet::new(),
         };
         let text = state.encode();
         let back = ChangeState::decode(&text).unwrap();
@@ -1186,6 +1221,38 @@ mod tests {
             (flagged.cursor, &flagged.pending)
         );
         assert_eq!(flagged_back.encode(), flagged_text);
+        // Unplaced mailboxes, alone and beside the rest.
+        let mut unplaced = state.clone();
+        unplaced.cursor = None;
+        unplaced.unplaced = BTreeSet::from([3, u128::MAX]);
+        let unplaced_text = unplaced.encode();
+        assert!(unplaced_text.starts_with("m2"));
+        let unplaced_back = ChangeState::decode(&unplaced_text).unwrap();
+        assert_eq!(unplaced_back.unplaced, unplaced.unplaced);
+        assert_eq!(unplaced_back.encode(), unplaced_text);
+        flagged.unplaced = BTreeSet::from([5]);
+        let flagged_back = ChangeState::decode(&flagged.encode()).unwrap();
+        assert_eq!(
+            (flagged_back.cursor, &flagged_back.pending, &flagged_back.unplaced),
+            (flagged.cursor, &flagged.pending, &flagged.unplaced)
+        );
+        // Out of order or repeated, and claimed counts of none or past the bound, are refused.
+        let refused = |mailboxes: &[u128], count: u64| {
+            let mut bytes = Vec::new();
+            put_varint(&mut bytes, 0); // no origins
+            put_varint(&mut bytes, FLAG_UNPLACED);
+            put_varint(&mut bytes, count);
+            for mailbox in mailboxes {
+                bytes.extend_from_slice(&mailbox.to_be_bytes());
+            }
+            let text = format!("m2{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+            ChangeState::decode(&text).is_err()
+        };
+        assert!(!refused(&[1, 2], 2));
+        assert!(refused(&[2, 1], 2));
+        assert!(refused(&[1, 1], 2));
+        assert!(refused(&[], 0));
+        assert!(refused(&[1], MAX_UNPLACED_MAILBOXES as u64 + 1));
         for bad in [
             "",
             "m2AA",

@@ -1058,8 +1058,8 @@ fn sort_bytes(email: &Email, sort: SortKey) -> Vec<u8> {
     }
 }
 
-/// One window of the query's results, and their count (exact when `whole`, else at least the
-/// window's end).
+/// The IDs of one window of the query's results, and their count (exact when `whole`, else at
+/// least the window's end).
 async fn window(
     jmap: &Jmap,
     account: &str,
@@ -1067,16 +1067,45 @@ async fn window(
     position: usize,
     limit: usize,
     whole: bool,
-) -> Result<(Vec<Email>, usize), Value> {
+) -> Result<(Vec<MessageId>, usize), Value> {
     if !request.listed_by_service() {
         let wanted = (!whole).then(|| position.saturating_add(limit));
         let found = results(jmap, account, request, wanted).await?;
         let total = found.len();
-        return Ok((found.into_iter().skip(position).take(limit).collect(), total));
+        return Ok((
+            found
+                .into_iter()
+                .skip(position)
+                .take(limit)
+                .map(|email| email.id)
+                .collect(),
+            total,
+        ));
     }
-    base_window(&jmap.service, account, request, position, limit)
+    if let Some(name) = &request.mailbox {
+        // One mailbox: the service answers with IDs alone, reading no email.
+        let service = &jmap.service;
+        let mailbox = service.find_mailbox(account, name).map_err(service_error)?;
+        return service
+            .query_ids(account, mailbox, base_query(request, position, limit))
+            .await
+            .map_err(service_error);
+    }
+    let (emails, total) = base_window(&jmap.service, account, request, position, limit)
         .await
-        .map_err(service_error)
+        .map_err(service_error)?;
+    Ok((emails.iter().map(|email| email.id).collect(), total))
+}
+
+/// The service query for one window of the request's listing.
+fn base_query(request: &QueryRequest, position: usize, limit: usize) -> Query {
+    Query {
+        search: request.text.clone(),
+        sort: request.sort,
+        descending: request.descending,
+        position,
+        limit,
+    }
 }
 
 /// One window of the account's emails (of one mailbox, or merged over all of them), searched for
@@ -1088,13 +1117,7 @@ async fn base_window(
     position: usize,
     limit: usize,
 ) -> Result<(Vec<Email>, usize), ServiceError> {
-    let query = |position: usize, limit: usize| Query {
-        search: request.text.clone(),
-        sort: request.sort,
-        descending: request.descending,
-        position,
-        limit,
-    };
+    let query = |position: usize, limit: usize| base_query(request, position, limit);
     if let Some(name) = &request.mailbox {
         let mailbox = service.find_mailbox(account, name)?;
         let result = service.query(account, mailbox, query(position, limit)).await?;
@@ -1144,8 +1167,8 @@ pub(crate) async fn query(jmap: &Jmap, account: &str, arguments: &Map<String, Va
             None => None,
         };
         let position = request.window.start(total.unwrap_or(0), anchor)?;
-        let (emails, total) = window(jmap, account, &request, position, request.window.limit, whole).await?;
-        let ids: Vec<String> = emails.iter().map(|email| email.id.to_string()).collect();
+        let (found, total) = window(jmap, account, &request, position, request.window.limit, whole).await?;
+        let ids: Vec<String> = found.iter().map(|id| id.to_string()).collect();
         (position, ids, total)
     };
     let mut response = json!({
@@ -1197,11 +1220,11 @@ async fn anchor_index(
     let page = MAX_QUERY_LIMIT;
     let mut start = 0;
     while start < total.min(MAX_ANCHOR_SCAN) {
-        let (emails, _) = window(jmap, account, request, start, page, false).await?;
-        if let Some(offset) = emails.iter().position(|email| email.id == id) {
+        let (found, _) = window(jmap, account, request, start, page, false).await?;
+        if let Some(offset) = found.iter().position(|found| *found == id) {
             return Ok(Some(start + offset));
         }
-        if emails.len() < page {
+        if found.len() < page {
             break;
         }
         start += page;

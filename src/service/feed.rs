@@ -2,7 +2,9 @@
 //! when its mailbox becomes an alias of a same-named one or is deleted (the email rescued to the
 //! INBOX), though its own record, and so its place in the change log, did not change. When a page
 //! lists such a mailbox change, [`super::MailService::account_changes`] lists the mailbox's emails too,
-//! page by page, the place reached carried in the state token ([`PendingMailboxes`]).
+//! page by page, the place reached carried in the state token ([`PendingMailboxes`]). An email
+//! listed while this node did not hold its mailbox's record is listed again once it does (the
+//! token carries those mailboxes: `ChangeState::unplaced`).
 
 use std::collections::{BTreeSet, VecDeque};
 
@@ -13,27 +15,37 @@ use crate::store::Store;
 use super::mailboxes::AccountMailboxes;
 use super::{ChangedEmail, ServiceError};
 
-/// An email as the account feed lists it: where it is shown now.
-pub(super) fn named_email(
+/// Emails as the account feed lists them: where each is shown now. A live email whose mailbox
+/// record this node does not hold yet is listed without a mailbox, and that mailbox is added to
+/// `unplaced` (carried in the client's token, see [`ViewListing::queue_placed`]).
+pub(super) fn named_emails(
     store: &Store,
     mailboxes: &AccountMailboxes,
     emails: MailboxId,
-    id: MessageId,
-) -> Result<ChangedEmail, ServiceError> {
-    let mailbox = match store.record(emails, id)? {
-        Some(record) if record.is_live() => mailboxes
-            .tree
-            .place(record.location.mailbox)
-            .map(|placement| placement.mailbox()),
-        _ => None,
-    };
-    Ok(ChangedEmail {
-        id,
-        mailbox,
-        mailbox_name: mailbox
-            .and_then(|mailbox| mailboxes.tree.get(mailbox))
-            .map(|shown| shown.path.clone()),
-    })
+    ids: &[MessageId],
+    unplaced: &mut BTreeSet<u128>,
+) -> Result<Vec<ChangedEmail>, ServiceError> {
+    let mut named = Vec::with_capacity(ids.len());
+    for id in ids {
+        let mailbox = match store.record(emails, *id)? {
+            Some(record) if record.is_live() => {
+                let placed = mailboxes.tree.place(record.location.mailbox);
+                if placed.is_none() {
+                    unplaced.insert(record.location.mailbox.0);
+                }
+                placed.map(|placement| placement.mailbox())
+            }
+            _ => None,
+        };
+        named.push(ChangedEmail {
+            id: *id,
+            mailbox,
+            mailbox_name: mailbox
+                .and_then(|mailbox| mailboxes.tree.get(mailbox))
+                .map(|shown| shown.path.clone()),
+        });
+    }
+    Ok(named)
 }
 
 /// The feed's listing of whole mailboxes (store views) whose emails are shown elsewhere since a
@@ -98,6 +110,25 @@ impl ViewListing {
                 self.queue.push_back(view);
             }
         }
+    }
+
+    /// Queues the views of the unplaced mailboxes this node now places (it holds their records:
+    /// live, an alias, or deleted with their emails rescued), and takes them out of `unplaced`.
+    /// Their emails were listed to the client without a mailbox, and no change of their own
+    /// records says they have one now: the mailbox record's arrival must list them again. (Its
+    /// change alone does not, when the mailbox is older than what the client was shown: the
+    /// chaos runs' feed checker found emails left without a mailbox that way, after a node was
+    /// wiped and got emails back before their mailboxes.)
+    pub(super) fn queue_placed(&mut self, mailboxes: &AccountMailboxes, unplaced: &mut BTreeSet<u128>) {
+        unplaced.retain(|mailbox| {
+            if mailboxes.tree.place(MailboxId(*mailbox)).is_none() {
+                return true;
+            }
+            if !self.queue.contains(&MailboxId(*mailbox)) {
+                self.queue.push_back(MailboxId(*mailbox));
+            }
+            false
+        });
     }
 
     /// Lists up to `room` emails from the queued views into `out`, skipping those already in

@@ -718,15 +718,67 @@ impl MailService {
     /// A mailbox made of several records (see [`mailboxes`]) merges their listings by sort key.
     pub async fn query(&self, account: &str, mailbox: MailboxId, query: Query) -> Result<QueryResult, ServiceError> {
         let container = Self::emails_of(account)?;
-        let summary = self.mailbox(account, mailbox)?;
         let mailboxes = self.account_mailboxes(account)?;
         let views = mailboxes::views_of(&mailboxes, mailbox);
+        let (ids, total) = self.listed_ids(account, mailbox, &views, &query).await?;
+        // One batched read of the page's records and listings, not a lookup each.
+        let store = &self.inner.store;
+        let records = store.records_by_id(container.id(), &ids)?;
+        let states = store.local_states_by_id(container.id(), &ids)?;
+        let mut page: Vec<(MessageRecord, Listing)> = records
+            .into_iter()
+            .zip(states)
+            .filter_map(|(record, state)| Some((record?, state.and_then(|state| state.listing).unwrap_or_default())))
+            .collect();
+        if views.len() > 1 {
+            // Several listings, each sorted: merge them by the sort key, then take the window.
+            page.sort_by_cached_key(|(record, listing)| (query.sort.key(record, listing), record.id));
+            if query.descending {
+                page.reverse();
+            }
+            page = page.into_iter().skip(query.position).take(query.limit).collect();
+        }
+        let emails = page
+            .into_iter()
+            .map(|(record, listing)| Email::of(&record, mailbox, listing))
+            .collect();
+        Ok(QueryResult { emails, total })
+    }
+
+    /// The IDs of the window [`Self::query`] returns, and the size of the whole, without reading
+    /// the emails when the mailbox is one record: an Email/query answers with IDs alone, and the
+    /// page's emails are read once, by the Email/get that follows.
+    pub async fn query_ids(
+        &self,
+        account: &str,
+        mailbox: MailboxId,
+        query: Query,
+    ) -> Result<(Vec<MessageId>, usize), ServiceError> {
+        let mailboxes = self.account_mailboxes(account)?;
+        let views = mailboxes::views_of(&mailboxes, mailbox);
+        if views.len() > 1 {
+            let result = self.query(account, mailbox, query).await?;
+            return Ok((result.emails.iter().map(|email| email.id).collect(), result.total));
+        }
+        self.listed_ids(account, mailbox, &views, &query).await
+    }
+
+    /// The IDs a query reads from the sort indexes or the search index: the window itself for a
+    /// mailbox of one record, each record's first `position + limit` otherwise (to be merged).
+    async fn listed_ids(
+        &self,
+        account: &str,
+        mailbox: MailboxId,
+        views: &[MailboxId],
+        query: &Query,
+    ) -> Result<(Vec<MessageId>, usize), ServiceError> {
+        let summary = self.mailbox(account, mailbox)?;
         let store = self.inner.store.clone();
         let window = query.position.saturating_add(query.limit);
-        let (ids, total) = match query.search.clone().filter(|text| !text.trim().is_empty()) {
+        match query.search.clone().filter(|text| !text.trim().is_empty()) {
             Some(text) => {
                 let index = self.inner.search.clone();
-                let views = views.clone();
+                let views = views.to_vec();
                 let (sort, descending, single) = (query.sort, query.descending, views.len() == 1);
                 let (position, limit) = (query.position, query.limit);
                 tokio::task::spawn_blocking(move || -> Result<(Vec<MessageId>, usize), ServiceError> {
@@ -744,41 +796,20 @@ impl MailService {
                     Ok((ids, total))
                 })
                 .await
-                .map_err(|error| ServiceError::Unavailable(error.to_string()))??
+                .map_err(|error| ServiceError::Unavailable(error.to_string()))?
             }
-            None if views.len() == 1 => (
+            None if views.len() == 1 => Ok((
                 store.list_ids(views[0], query.sort, query.descending, query.position, query.limit)?,
                 summary.total as usize,
-            ),
+            )),
             None => {
                 let mut ids = Vec::new();
-                for view in &views {
+                for view in views {
                     ids.extend(store.list_ids(*view, query.sort, query.descending, 0, window)?);
                 }
-                (ids, summary.total as usize)
+                Ok((ids, summary.total as usize))
             }
-        };
-        let mut page = Vec::with_capacity(ids.len());
-        for id in ids {
-            let Some(record) = self.inner.store.record(container.id(), id)? else {
-                continue;
-            };
-            let listing = self.listing_of(&container, id)?;
-            page.push((record, listing));
         }
-        if views.len() > 1 {
-            // Several listings, each sorted: merge them by the sort key, then take the window.
-            page.sort_by_cached_key(|(record, listing)| (query.sort.key(record, listing), record.id));
-            if query.descending {
-                page.reverse();
-            }
-            page = page.into_iter().skip(query.position).take(query.limit).collect();
-        }
-        let emails = page
-            .into_iter()
-            .map(|(record, listing)| Email::of(&record, mailbox, listing))
-            .collect();
-        Ok(QueryResult { emails, total })
     }
 
     /// Created, updated and expunged IDs of a mailbox since a modseq of this node (the modseqs
@@ -838,6 +869,9 @@ impl MailService {
         };
         let mailboxes = self.account_mailboxes(account)?;
         let mut views = feed::ViewListing::new(since.pending.take());
+        // Mailboxes the client was shown emails of without a mailbox: once here, list them again.
+        let mut unplaced = std::mem::take(&mut since.unplaced);
+        views.queue_placed(&mailboxes, &mut unplaced);
         // Mailbox listings an earlier page left unfinished come first.
         let mut expanded = Vec::new();
         views.list(
@@ -852,10 +886,11 @@ impl MailService {
             // The page is full before the change log was read: the next page reads it.
             let mut new_state = since.clone();
             new_state.pending = views.pending();
-            let named = |id: &MessageId| feed::named_email(store, &mailboxes, emails, *id);
+            let updated = feed::named_emails(store, &mailboxes, emails, &expanded, &mut unplaced)?;
+            new_state.unplaced = checked_unplaced(unplaced)?;
             return Ok(AccountChanges {
                 created: Vec::new(),
-                updated: expanded.iter().map(named).collect::<Result<_, _>>()?,
+                updated,
                 destroyed: Vec::new(),
                 mailboxes: Vec::new(),
                 new_state: new_state.encode(),
@@ -935,10 +970,12 @@ impl MailService {
         updated_items.extend(expanded);
         let mut new_state = changes.new_state;
         new_state.pending = views.pending();
-        let named = |id: &MessageId| feed::named_email(store, &mailboxes, emails, *id);
+        let created = feed::named_emails(store, &mailboxes, emails, &created_items, &mut unplaced)?;
+        let updated = feed::named_emails(store, &mailboxes, emails, &updated_items, &mut unplaced)?;
+        new_state.unplaced = checked_unplaced(unplaced)?;
         Ok(AccountChanges {
-            created: created_items.iter().map(named).collect::<Result<_, _>>()?,
-            updated: updated_items.iter().map(named).collect::<Result<_, _>>()?,
+            created,
+            updated,
             destroyed,
             mailboxes: changed_mailboxes.into_iter().collect(),
             has_more: changes.has_more || new_state.pending.is_some(),
@@ -1003,4 +1040,19 @@ pub fn parse_flags(names: &[String]) -> Result<Vec<Flag>, ServiceError> {
         .iter()
         .map(|name| name.parse::<Flag>().map_err(ServiceError::from))
         .collect()
+}
+
+/// The unplaced mailboxes a new feed token carries, within the bound a token may name. Past it
+/// (a node that lacks that many mailbox records while it lists their emails) the client resyncs
+/// rather than be left with emails it was never told the mailbox of.
+fn checked_unplaced(
+    unplaced: std::collections::BTreeSet<u128>,
+) -> Result<std::collections::BTreeSet<u128>, ServiceError> {
+    if unplaced.len() > crate::changes::MAX_UNPLACED_MAILBOXES {
+        return Err(ServiceError::CannotCalculateChanges(format!(
+            "this node does not hold yet the mailboxes of emails from more than {} mailboxes; resync from a fresh state",
+            crate::changes::MAX_UNPLACED_MAILBOXES
+        )));
+    }
+    Ok(unplaced)
 }
