@@ -322,18 +322,15 @@ async fn queries_sort_and_search_near_the_data_and_changes_follow_writes() {
                 .id,
         );
     }
+    let subject_window = Query {
+        search: None,
+        sort: SortKey::Subject,
+        descending: false,
+        position: 1,
+        limit: 5,
+    };
     let by_subject = service
-        .query(
-            account,
-            inbox(service, account),
-            Query {
-                search: None,
-                sort: SortKey::Subject,
-                descending: false,
-                position: 1,
-                limit: 5,
-            },
-        )
+        .query(account, inbox(service, account), subject_window.clone())
         .await
         .unwrap();
     assert_eq!(by_subject.total, 3);
@@ -358,16 +355,7 @@ async fn queries_sort_and_search_near_the_data_and_changes_follow_writes() {
     // The IDs alone (what Email/query answers with) are the same windows, read without the emails.
     let subject_ids: Vec<_> = by_subject.emails.iter().map(|email| email.id).collect();
     for (query, expected) in [
-        (
-            Query {
-                search: None,
-                sort: SortKey::Subject,
-                descending: false,
-                position: 1,
-                limit: 5,
-            },
-            (subject_ids, 3),
-        ),
+        (subject_window, (subject_ids, 3)),
         (
             Query {
                 search: Some("apples".into()),
