@@ -1346,7 +1346,8 @@ mod tests {
             let key_of = |value: u64| if time_ordered {
                 (u128::from(1_767_000_000_000u64 + value % 10_000_000) << 80) | u128::from(value)
             } else {
-                u128::from(value) * 0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835u128
+                // Odd, so a bijection modulo 2^128: distinct values stay distinct keys.
+                u128::from(value).wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835u128)
             };
             let mut a = MemoryTree::new(StoredDepth::MAILBOX);
             let mut b = MemoryTree::new(StoredDepth::MAILBOX);
