@@ -48,8 +48,11 @@ pub struct ApiState {
 ///
 /// Missing or wrong credentials get 401 with a `WWW-Authenticate` challenge, too many failed
 /// logins 429 with `Retry-After`.
-pub fn router(service: MailService, engine: Node) -> Router {
-    let jmap = crate::jmap::routes(service.clone(), engine.config().allow_plaintext_auth);
+///
+/// `stop` is the node's stop flag: streams that would otherwise stay open (the JMAP EventSource)
+/// end when it is set, so a stopping node's HTTP server and store close without waiting.
+pub fn router(service: MailService, engine: Node, stop: tokio::sync::watch::Receiver<bool>) -> Router {
+    let jmap = crate::jmap::routes(service.clone(), engine.config().allow_plaintext_auth, stop);
     let guard = Guard {
         service: service.clone(),
         engine: engine.clone(),

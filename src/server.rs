@@ -77,9 +77,9 @@ pub async fn run(
     shutdown.await;
     tracing::info!("shutting down");
     let _ = stop_sender.send(true);
-    // Wait for the tasks to end and the store to close (open HTTP keep-alive or event-stream
-    // connections can hold it: after the limit the process exits anyway, as RocksDB's write
-    // ahead log keeps what was acknowledged).
+    // Wait for the tasks to end and the store to close. An open HTTP connection can hold it
+    // (event streams end on the stop, idle keep-alive connections are closed): after the limit
+    // the process exits anyway, as RocksDB's write-ahead log keeps what was acknowledged.
     let closed = running.closed.clone();
     drop(running);
     if !closed.wait(SHUTDOWN_LIMIT).await {
@@ -238,7 +238,7 @@ pub async fn start(
     let listener = tokio::net::TcpListener::bind(config.http).await?;
     let http = listener.local_addr()?;
     std::fs::write(config.data_dir.join("http.addr"), http.to_string())?;
-    let router = crate::api::router(service.clone(), engine.clone());
+    let router = crate::api::router(service.clone(), engine.clone(), stop.clone());
     let service_with_address = router.into_make_service_with_connect_info::<ClientAddress>();
     let mut http_stop = stop;
     let shutdown = async move { stopped(&mut http_stop).await };

@@ -552,11 +552,22 @@ async fn a_real_jmap_client_lists_queries_changes_uploads_and_is_pushed_to() {
 
 /// Reads an event stream until `wanted` shows up, and returns what was read.
 async fn event_stream_until(address: std::net::SocketAddr, path: &str, wanted: &str) -> String {
+    let mut stream = open_event_stream(address, path).await;
+    read_until(&mut stream, wanted).await
+}
+
+/// Asks for an event stream as alice, over a raw connection.
+async fn open_event_stream(address: std::net::SocketAddr, path: &str) -> tokio::net::TcpStream {
     let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
     let head = format!(
         "GET {path} HTTP/1.1\r\nHost: mail.example.org\r\nAuthorization: Basic {ALICE_BASIC}\r\nAccept: text/event-stream\r\n\r\n"
     );
     stream.write_all(head.as_bytes()).await.unwrap();
+    stream
+}
+
+/// Reads from `stream` until `wanted` shows up (at most 20 s), and returns what was read.
+async fn read_until(stream: &mut tokio::net::TcpStream, wanted: &str) -> String {
     let mut seen = Vec::new();
     let mut buffer = [0u8; 4096];
     tokio::time::timeout(std::time::Duration::from_secs(20), async {
@@ -569,6 +580,30 @@ async fn event_stream_until(address: std::net::SocketAddr, path: &str, wanted: &
     .await
     .unwrap_or_else(|_| panic!("no {wanted} within 20 s: {}", String::from_utf8_lossy(&seen)));
     String::from_utf8_lossy(&seen).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_node_ends_its_event_streams_and_closes_its_store() {
+    let directory = tempfile::tempdir().unwrap();
+    let (running, stop) = start_node(directory.path(), "stopping", Vec::new()).await;
+    let mut stream = open_event_stream(running.http, "/jmap/eventsource?types=*&closeafter=no&ping=1").await;
+    read_until(&mut stream, "event: ping").await;
+    let closed = running.closed.clone();
+    drop(running);
+    stop.send(true).unwrap();
+    // The stream ends, and with it the connection: before, an open stream held the HTTP
+    // server's graceful shutdown and the store until the process gave up waiting.
+    let mut rest = Vec::new();
+    let ended = tokio::time::timeout(std::time::Duration::from_secs(30), stream.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(ended, Ok(Ok(_))),
+        "the event stream was still open 30 s after the stop: {}",
+        String::from_utf8_lossy(&rest)
+    );
+    assert!(
+        closed.wait(std::time::Duration::from_secs(30)).await,
+        "the store never closed"
+    );
 }
 
 fn method_response(answer: &Answer, index: usize) -> Value {

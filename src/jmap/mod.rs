@@ -57,7 +57,7 @@ const MAX_PATH_DEPTH: usize = 32;
 
 /// The JMAP routes: `/.well-known/jmap`, `/jmap/api`, blob upload and download, and the
 /// EventSource.
-pub fn routes(service: MailService, allow_plaintext_auth: bool) -> Router {
+pub fn routes(service: MailService, allow_plaintext_auth: bool, stop: tokio::sync::watch::Receiver<bool>) -> Router {
     Router::new()
         .route("/.well-known/jmap", get(session))
         .route("/jmap/api", post(api))
@@ -70,6 +70,7 @@ pub fn routes(service: MailService, allow_plaintext_auth: bool) -> Router {
             allow_plaintext_auth,
             uploads: Arc::new(blobs::Uploads::default()),
             threads: Arc::new(crate::service::threads::ThreadIndex::default()),
+            stop,
         })
 }
 
@@ -80,6 +81,8 @@ pub(crate) struct Jmap {
     uploads: Arc<blobs::Uploads>,
     /// The thread index, a cache over the service (see [`crate::service::threads`]).
     threads: Arc<crate::service::threads::ThreadIndex>,
+    /// The node's stop flag: open event streams end when it is set.
+    stop: tokio::sync::watch::Receiver<bool>,
 }
 
 /// A request-level error (RFC 8620 §3.6.1), answered as RFC 7807 problem details.

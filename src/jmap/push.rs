@@ -92,14 +92,32 @@ struct Pusher {
     request: PushRequest,
     subscription: Subscription,
     ping: Option<tokio::time::Interval>,
+    /// The node's stop flag: the stream ends when it is set.
+    stop: tokio::sync::watch::Receiver<bool>,
     finished: bool,
 }
 
 impl Pusher {
+    /// The next event, or `None` once the stream is over, or the node is stopping (a stream left
+    /// open would hold the HTTP server's graceful shutdown, and the store, until the process
+    /// gives up waiting).
     async fn next_event(&mut self) -> Option<Event> {
         if self.finished {
             return None;
         }
+        let mut stop = self.stop.clone();
+        tokio::select! {
+            biased;
+            _ = stop.wait_for(|stopped| *stopped) => {
+                self.finished = true;
+                None
+            }
+            event = self.following_event() => event,
+        }
+    }
+
+    /// The next ping or state event of an open stream.
+    async fn following_event(&mut self) -> Option<Event> {
         let notice = match &mut self.ping {
             Some(ping) => tokio::select! {
                 notice = self.subscription.next() => notice,
@@ -172,6 +190,7 @@ pub(crate) async fn event_source(
         account,
         request,
         ping,
+        stop: jmap.stop.clone(),
         finished: false,
     };
     Sse::new(events(pusher)).into_response()
