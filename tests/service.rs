@@ -336,18 +336,15 @@ async fn queries_sort_and_search_near_the_data_and_changes_follow_writes() {
     assert_eq!(by_subject.total, 3);
     let subjects: Vec<&str> = by_subject.emails.iter().map(|email| email.subject.as_str()).collect();
     assert_eq!(subjects, ["bravo", "charlie"]);
+    let apples_window = Query {
+        search: Some("apples".into()),
+        sort: SortKey::Received,
+        descending: false,
+        position: 0,
+        limit: 10,
+    };
     let apples = service
-        .query(
-            account,
-            inbox(service, account),
-            Query {
-                search: Some("apples".into()),
-                sort: SortKey::Received,
-                descending: false,
-                position: 0,
-                limit: 10,
-            },
-        )
+        .query(account, inbox(service, account), apples_window.clone())
         .await
         .unwrap();
     let found: Vec<_> = apples.emails.iter().map(|email| email.id).collect();
@@ -356,16 +353,7 @@ async fn queries_sort_and_search_near_the_data_and_changes_follow_writes() {
     let subject_ids: Vec<_> = by_subject.emails.iter().map(|email| email.id).collect();
     for (query, expected) in [
         (subject_window, (subject_ids, 3)),
-        (
-            Query {
-                search: Some("apples".into()),
-                sort: SortKey::Received,
-                descending: false,
-                position: 0,
-                limit: 10,
-            },
-            (vec![ids[0], ids[2]], 2),
-        ),
+        (apples_window, (vec![ids[0], ids[2]], 2)),
     ] {
         let listed = service
             .query_ids(account, inbox(service, account), query)

@@ -26,8 +26,9 @@ pub(super) fn named_emails(
     unplaced: &mut BTreeSet<u128>,
 ) -> Result<Vec<ChangedEmail>, ServiceError> {
     let mut named = Vec::with_capacity(ids.len());
-    for id in ids {
-        let mailbox = match store.record(emails, *id)? {
+    // One batched read of the page's records, not a lookup each.
+    for (id, record) in ids.iter().zip(store.records_by_id(emails, ids)?) {
+        let mailbox = match record {
             Some(record) if record.is_live() => {
                 let placed = mailboxes.tree.place(record.location.mailbox);
                 if placed.is_none() {

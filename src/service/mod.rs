@@ -717,10 +717,21 @@ impl MailService {
     /// A window of a mailbox's listing, sorted (and filtered by full-text search) near the data.
     /// A mailbox made of several records (see [`mailboxes`]) merges their listings by sort key.
     pub async fn query(&self, account: &str, mailbox: MailboxId, query: Query) -> Result<QueryResult, ServiceError> {
-        let container = Self::emails_of(account)?;
         let mailboxes = self.account_mailboxes(account)?;
         let views = mailboxes::views_of(&mailboxes, mailbox);
-        let (ids, total) = self.listed_ids(account, mailbox, &views, &query).await?;
+        self.query_views(account, mailbox, &views, query).await
+    }
+
+    /// [`Self::query`] over the mailbox's records (`views`), worked out once by the caller.
+    async fn query_views(
+        &self,
+        account: &str,
+        mailbox: MailboxId,
+        views: &[MailboxId],
+        query: Query,
+    ) -> Result<QueryResult, ServiceError> {
+        let container = Self::emails_of(account)?;
+        let (ids, total) = self.listed_ids(account, mailbox, views, &query).await?;
         // One batched read of the page's records and listings, not a lookup each.
         let store = &self.inner.store;
         let records = store.records_by_id(container.id(), &ids)?;
@@ -757,7 +768,7 @@ impl MailService {
         let mailboxes = self.account_mailboxes(account)?;
         let views = mailboxes::views_of(&mailboxes, mailbox);
         if views.len() > 1 {
-            let result = self.query(account, mailbox, query).await?;
+            let result = self.query_views(account, mailbox, &views, query).await?;
             return Ok((result.emails.iter().map(|email| email.id).collect(), result.total));
         }
         self.listed_ids(account, mailbox, &views, &query).await
