@@ -1093,3 +1093,121 @@ async fn a_mailbox_write_collects_the_snapshots_it_supersedes_and_the_feed_destr
         assert_eq!(live_snapshots(store, account), 1);
     }
 }
+
+/// Copies every mailbox and email record of `account` from each of `sources` into `to`, which
+/// then holds all they hold and adopts their frontiers (as after reconciliations with each).
+fn gather(to: &Fixture, sources: &[&Fixture], account: &str) {
+    for source in sources {
+        copy_container(&source.store, &to.store, &MailboxKey::mailboxes(account).unwrap());
+        copy_container(&source.store, &to.store, &MailboxKey::emails(account).unwrap());
+        to.store.adopt_frontier(&source.store.frontier().unwrap()).unwrap();
+    }
+}
+
+/// Creates a mailbox at `path` on a fixture's service.
+async fn create(fixture: &Fixture, account: &str, path: &str) -> mailmesh::model::MailboxId {
+    fixture.service.create_mailbox(account, path, None).await.unwrap().id
+}
+
+/// Found by the chaos runs' feed checker (seeds 367 and 375): an email of a mailbox that was an
+/// alias was listed in its canonical mailbox; then a site that never knew the alias deleted or
+/// renamed that canonical mailbox, the group split up, and the email was shown in its own
+/// mailbox again though no record of the alias or the email changed. The client kept it in the
+/// other mailbox. Both ways of splitting the group must list it again.
+#[tokio::test]
+async fn the_feed_lists_again_the_emails_of_an_alias_whose_group_split_up() {
+    for split in ["delete", "rename"] {
+        let account = "alice@example.org";
+        let first = fixture_on(1, NOW, None, 1 << 20);
+        let third = fixture_on(3, NOW + 60_000, None, 1 << 20);
+        let second = fixture_on(2, NOW + 120_000, None, 1 << 20);
+        let mailboxes = MailboxKey::mailboxes(account).unwrap();
+        // Two sites apart each create an Archive; the first one's is older.
+        let older = first.service.create_mailbox(account, "Archive", None).await.unwrap().id;
+        let younger = third.service.create_mailbox(account, "Archive", None).await.unwrap().id;
+        let delivery = Delivery {
+            mailbox: MailboxTarget::Id(younger),
+            ..delivery(account, "unused", &message("filed", "x"))
+        };
+        let email = third.service.deliver(delivery).await.unwrap().id;
+        // The second site holds both: one Archive, the email shown in the older record.
+        gather(&second, &[&first, &third], account);
+        let start = second.service.account_changes(account, None, 100).unwrap();
+        let shown = start.created.iter().find(|listed| listed.id == email).expect("listed");
+        assert_eq!(shown.mailbox, Some(older), "{split}: shown in the canonical mailbox");
+        let token = mailmesh::changes::ChangeState::decode(&start.new_state).unwrap();
+        assert_eq!(token.aliased, std::collections::BTreeSet::from([(younger.0, older.0)]));
+        // The first site, which never saw the younger Archive, splits the group up.
+        if split == "delete" {
+            first.service.delete_mailbox(account, older).await.unwrap();
+        } else {
+            first.service.rename_mailbox(account, older, "Old").await.unwrap();
+        }
+        copy_container(&first.store, &second.store, &mailboxes);
+        second.store.adopt_frontier(&first.store.frontier().unwrap()).unwrap();
+        assert_eq!(
+            second.service.email(account, email).unwrap().mailbox,
+            younger,
+            "{split}: the email is shown in its own mailbox now"
+        );
+        // The client, reading on from its token, is told so (on a page of one or of many).
+        for limit in [1, 100] {
+            let (updated, state) = updated_since(&second.service, account, &start.new_state, limit);
+            assert_eq!(
+                updated.iter().filter(|(id, _)| *id == email).last(),
+                Some(&(email, Some(younger))),
+                "{split}, pages of {limit}: {updated:?}"
+            );
+            let token = mailmesh::changes::ChangeState::decode(&state).unwrap();
+            assert!(token.aliased.is_empty(), "{split}: {token:?}");
+            let after = second.service.account_changes(account, Some(&state), 100).unwrap();
+            assert!(
+                after
+                    .updated
+                    .iter()
+                    .all(|listed| listed.mailbox == Some(younger) || listed.id != email),
+                "{split}: {after:?}"
+            );
+        }
+    }
+}
+
+/// A mailbox renamed into the place of a same-named one brings its children beside the other's
+/// children, and a same-named child becomes an alias too: its emails are then shown in the other
+/// child, and the feed must list them there though only the parent's record changed.
+#[tokio::test]
+async fn the_feed_lists_the_emails_of_a_child_that_became_an_alias_through_its_parent() {
+    let account = "alice@example.org";
+    let first = fixture_on(1, NOW, None, 1 << 20);
+    let third = fixture_on(3, NOW + 60_000, None, 1 << 20);
+    let second = fixture_on(2, NOW + 120_000, None, 1 << 20);
+    let mailboxes = MailboxKey::mailboxes(account).unwrap();
+    let work = create(&first, account, "Work").await;
+    let reports = create(&first, account, "Work/Reports").await;
+    let projects = create(&third, account, "Projects").await;
+    let other_reports = create(&third, account, "Projects/Reports").await;
+    let delivery = Delivery {
+        mailbox: MailboxTarget::Id(other_reports),
+        ..delivery(account, "unused", &message("quarterly", "x"))
+    };
+    let email = third.service.deliver(delivery).await.unwrap().id;
+    gather(&second, &[&first, &third], account);
+    let start = second.service.account_changes(account, None, 100).unwrap();
+    let shown = start.created.iter().find(|listed| listed.id == email).expect("listed");
+    assert_eq!(shown.mailbox, Some(other_reports));
+    // On the site that never saw the other Work, Projects becomes Work: the second site then
+    // shows one Work (the older) and one Reports (the older) holding the email.
+    third.service.rename_mailbox(account, projects, "Work").await.unwrap();
+    copy_container(&third.store, &second.store, &mailboxes);
+    second.store.adopt_frontier(&third.store.frontier().unwrap()).unwrap();
+    assert_eq!(second.service.email(account, email).unwrap().mailbox, reports);
+    assert_eq!(second.service.find_mailbox(account, "Work").unwrap(), work);
+    for limit in [1, 100] {
+        let (updated, _) = updated_since(&second.service, account, &start.new_state, limit);
+        assert_eq!(
+            updated.iter().filter(|(id, _)| *id == email).last(),
+            Some(&(email, Some(reports))),
+            "pages of {limit}: {updated:?}"
+        );
+    }
+}

@@ -84,6 +84,8 @@ pub const MAX_TOKEN_TEXT_BYTES: usize = 64 * 1024;
 pub const MAX_PENDING_MAILBOXES: usize = 1024;
 /// The most mailboxes a token may name as unplaced (see [`ChangeState::unplaced`]).
 pub const MAX_UNPLACED_MAILBOXES: usize = 256;
+/// The most (mailbox, shown in) pairs a token may carry (see [`ChangeState::aliased`]).
+pub const MAX_ALIASED_PAIRS: usize = 256;
 /// Tokens of the first form: origins and an optional cursor, nothing else.
 const TOKEN_PREFIX: &str = "m1";
 /// Tokens of the second form: origins, then a varint of flags saying what follows.
@@ -92,6 +94,7 @@ const FLAG_CURSOR: u64 = 1;
 const FLAG_REVISIT: u64 = 2;
 const FLAG_PENDING: u64 = 4;
 const FLAG_UNPLACED: u64 = 8;
+const FLAG_ALIASED: u64 = 16;
 
 /// Why changes could not be listed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -146,6 +149,12 @@ pub struct ChangeState {
     /// the mailbox's record yet (so the emails were listed without a mailbox), for the service's
     /// feed: once a node holds the record, it lists those emails again. The core only carries it.
     pub unplaced: BTreeSet<u128>,
+    /// Pairs (mailbox, shown in): the client was shown emails located in the first mailbox as
+    /// in the second, another one (an alias shown in its canonical mailbox), for the service's
+    /// feed. A node that shows that mailbox's emails elsewhere (the group split up: its canonical
+    /// mailbox was deleted, renamed or moved on a site that did not know the alias) lists them
+    /// again, though no record of theirs changed. The core only carries it.
+    pub aliased: BTreeSet<(u128, u128)>,
 }
 
 /// Mailboxes whose emails the service's feed still lists, and where it stopped in the first.
@@ -203,6 +212,7 @@ impl ChangeState {
             cursor: None,
             pending: None,
             unplaced: BTreeSet::new(),
+            aliased: BTreeSet::new(),
         }
     }
 
@@ -239,6 +249,7 @@ impl ChangeState {
         // A token needing nothing of the second form keeps the first, which every node reads.
         let flagged = self.pending.is_some()
             || !self.unplaced.is_empty()
+            || !self.aliased.is_empty()
             || self.cursor.is_some_and(|cursor| cursor.revisit.is_some());
         if flagged {
             let mut flags = 0;
@@ -253,6 +264,9 @@ impl ChangeState {
             }
             if !self.unplaced.is_empty() {
                 flags |= FLAG_UNPLACED;
+            }
+            if !self.aliased.is_empty() {
+                flags |= FLAG_ALIASED;
             }
             put_varint(&mut bytes, flags);
         }
@@ -284,6 +298,13 @@ impl ChangeState {
             put_varint(&mut bytes, self.unplaced.len() as u64);
             for mailbox in &self.unplaced {
                 bytes.extend_from_slice(&mailbox.to_be_bytes());
+            }
+        }
+        if !self.aliased.is_empty() {
+            put_varint(&mut bytes, self.aliased.len() as u64);
+            for (mailbox, shown) in &self.aliased {
+                bytes.extend_from_slice(&mailbox.to_be_bytes());
+                bytes.extend_from_slice(&shown.to_be_bytes());
             }
         }
         let prefix = if flagged { TOKEN_PREFIX_FLAGGED } else { TOKEN_PREFIX };
@@ -330,7 +351,7 @@ impl ChangeState {
         }
         let flags = if flagged {
             let flags = take_varint(&mut reader)?;
-            if flags & !(FLAG_CURSOR | FLAG_REVISIT | FLAG_PENDING | FLAG_UNPLACED) != 0
+            if flags & !(FLAG_CURSOR | FLAG_REVISIT | FLAG_PENDING | FLAG_UNPLACED | FLAG_ALIASED) != 0
                 || (flags & FLAG_REVISIT != 0 && flags & FLAG_CURSOR == 0)
             {
                 return Err(ChangesError::InvalidToken("unknown flags"));
@@ -390,6 +411,19 @@ impl ChangeState {
                     return Err(ChangesError::InvalidToken("unplaced mailboxes out of order"));
                 }
                 state.unplaced.insert(mailbox);
+            }
+        }
+        if flags & FLAG_ALIASED != 0 {
+            let count = take_varint(&mut reader)?;
+            if count == 0 || count > MAX_ALIASED_PAIRS as u64 {
+                return Err(ChangesError::InvalidToken("bad count of aliased mailboxes"));
+            }
+            for _ in 0..count {
+                let pair = (take_u128(&mut reader)?, take_u128(&mut reader)?);
+                if state.aliased.last().is_some_and(|last| *last >= pair) {
+                    return Err(ChangesError::InvalidToken("aliased mailboxes out of order"));
+                }
+                state.aliased.insert(pair);
             }
         }
         if !reader.is_empty() {
@@ -656,6 +690,7 @@ pub fn changes_since(
         cursor: next_cursor,
         pending: None,
         unplaced: BTreeSet::new(),
+        aliased: BTreeSet::new(),
     };
     Ok(changes)
 }
@@ -1199,6 +1234,7 @@ mod tests {
             }),
             pending: None,
             unplaced: BTreeSet::new(),
+            aliased: BTreeSet::new(),
         };
         let text = state.encode();
         let back = ChangeState::decode(&text).unwrap();
@@ -1253,6 +1289,37 @@ mod tests {
         assert!(refused(&[1, 1], 2));
         assert!(refused(&[], 0));
         assert!(refused(&[1], MAX_UNPLACED_MAILBOXES as u64 + 1));
+        // Aliased pairs, beside everything else, and their refusals.
+        flagged.aliased = BTreeSet::from([(4, 9), (4, 11), (u128::MAX, 0)]);
+        let aliased_back = ChangeState::decode(&flagged.encode()).unwrap();
+        assert_eq!(
+            (
+                aliased_back.cursor,
+                &aliased_back.pending,
+                &aliased_back.unplaced,
+                &aliased_back.aliased
+            ),
+            (flagged.cursor, &flagged.pending, &flagged.unplaced, &flagged.aliased)
+        );
+        assert_eq!(aliased_back.encode(), flagged.encode());
+        let refused_pairs = |pairs: &[(u128, u128)], count: u64| {
+            let mut bytes = Vec::new();
+            put_varint(&mut bytes, 0); // no origins
+            put_varint(&mut bytes, FLAG_ALIASED);
+            put_varint(&mut bytes, count);
+            for (mailbox, shown) in pairs {
+                bytes.extend_from_slice(&mailbox.to_be_bytes());
+                bytes.extend_from_slice(&shown.to_be_bytes());
+            }
+            let text = format!("m2{}", base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes));
+            ChangeState::decode(&text).is_err()
+        };
+        assert!(!refused_pairs(&[(1, 2), (1, 3)], 2));
+        assert!(refused_pairs(&[(1, 3), (1, 2)], 2));
+        assert!(refused_pairs(&[(1, 2), (1, 2)], 2));
+        assert!(refused_pairs(&[], 0));
+        assert!(refused_pairs(&[(1, 2)], 2));
+        assert!(refused_pairs(&[(1, 2)], MAX_ALIASED_PAIRS as u64 + 1));
         for bad in [
             "",
             "m2AA",

@@ -4,11 +4,15 @@
 //! lists such a mailbox change, [`super::MailService::account_changes`] lists the mailbox's emails too,
 //! page by page, the place reached carried in the state token ([`PendingMailboxes`]). An email
 //! listed while this node did not hold its mailbox's record is listed again once it does (the
-//! token carries those mailboxes: `ChangeState::unplaced`).
+//! token carries those mailboxes: `ChangeState::unplaced`). An email listed as shown in another
+//! mailbox than its own (an alias shown in its canonical mailbox) is listed again once a node
+//! shows that mailbox's emails elsewhere, for the group can split up through a change made on a
+//! site that never knew the alias (the token carries those pairs: `ChangeState::aliased`).
 
 use std::collections::{BTreeSet, VecDeque};
 
-use crate::changes::{ChangeState, PendingMailboxes};
+use crate::changes::{ChangeState, PendingMailboxes, MAX_ALIASED_PAIRS, MAX_UNPLACED_MAILBOXES};
+use crate::mailbox::{MailboxTree, Placement};
 use crate::model::{MailboxId, MessageId};
 use crate::store::Store;
 
@@ -18,21 +22,30 @@ use super::{ChangedEmail, ServiceError};
 /// Emails as the account feed lists them: where each is shown now. A live email whose mailbox
 /// record this node does not hold yet is listed without a mailbox, and that mailbox is added to
 /// `unplaced` (carried in the client's token, see [`ViewListing::queue_placed`]).
+/// An email shown in an alias's canonical mailbox adds the pair (its mailbox, the one shown) to
+/// `aliased` (see [`ViewListing::queue_realiased`]).
 pub(super) fn named_emails(
     store: &Store,
     mailboxes: &AccountMailboxes,
     emails: MailboxId,
     ids: &[MessageId],
-    unplaced: &mut BTreeSet<u128>,
+    shown: &mut ShownPlaces,
 ) -> Result<Vec<ChangedEmail>, ServiceError> {
     let mut named = Vec::with_capacity(ids.len());
     // One batched read of the page's records, not a lookup each.
     for (id, record) in ids.iter().zip(store.records_by_id(emails, ids)?) {
         let mailbox = match record {
             Some(record) if record.is_live() => {
-                let placed = mailboxes.tree.place(record.location.mailbox);
-                if placed.is_none() {
-                    unplaced.insert(record.location.mailbox.0);
+                let located = record.location.mailbox;
+                let placed = mailboxes.tree.place(located);
+                match placed {
+                    None => {
+                        shown.unplaced.insert(located.0);
+                    }
+                    Some(Placement::In(canonical)) if canonical != located => {
+                        shown.aliased.insert((located.0, canonical.0));
+                    }
+                    Some(_) => {}
                 }
                 placed.map(|placement| placement.mailbox())
             }
@@ -47,6 +60,44 @@ pub(super) fn named_emails(
         });
     }
     Ok(named)
+}
+
+/// What a client's token says it was shown of where emails are, beyond the change log: the
+/// mailboxes whose emails it was shown without a mailbox (this node or the one that listed them
+/// did not hold the mailbox's record) and the (mailbox, shown in) pairs of aliases.
+#[derive(Default)]
+pub(super) struct ShownPlaces {
+    pub(super) unplaced: BTreeSet<u128>,
+    pub(super) aliased: BTreeSet<(u128, u128)>,
+}
+
+impl ShownPlaces {
+    /// Takes them out of a client's token.
+    pub(super) fn take(since: &mut ChangeState) -> Self {
+        ShownPlaces {
+            unplaced: std::mem::take(&mut since.unplaced),
+            aliased: std::mem::take(&mut since.aliased),
+        }
+    }
+
+    /// Puts them in a new token, within the bounds a token may carry. Past them (a node that
+    /// lacks that many mailbox records while it lists their emails, or that many aliases) the
+    /// client resyncs rather than be left with emails shown in the wrong mailbox.
+    pub(super) fn store_in(self, state: &mut ChangeState) -> Result<(), ServiceError> {
+        if self.unplaced.len() > MAX_UNPLACED_MAILBOXES {
+            return Err(ServiceError::CannotCalculateChanges(format!(
+                "this node does not hold yet the mailboxes of emails from more than {MAX_UNPLACED_MAILBOXES} mailboxes; resync from a fresh state"
+            )));
+        }
+        if self.aliased.len() > MAX_ALIASED_PAIRS {
+            return Err(ServiceError::CannotCalculateChanges(format!(
+                "emails of more than {MAX_ALIASED_PAIRS} aliased mailboxes were shown in others; resync from a fresh state"
+            )));
+        }
+        state.unplaced = self.unplaced;
+        state.aliased = self.aliased;
+        Ok(())
+    }
 }
 
 /// The feed's listing of whole mailboxes (store views) whose emails are shown elsewhere since a
@@ -91,6 +142,8 @@ impl ViewListing {
         for mailbox in changed {
             if tree.deleted().contains(mailbox) {
                 views.insert(*mailbox);
+                // Its children go to the top level, where they may meet same-named mailboxes.
+                views.extend(aliases_under(tree, None));
                 continue;
             }
             let Some(canonical) = tree.canonical(*mailbox) else {
@@ -105,10 +158,33 @@ impl ViewListing {
                     views.insert(member);
                 }
             }
+            // A mailbox that joins a same-named one brings its children beside the other's:
+            // same-named children become aliases too.
+            views.extend(aliases_under(tree, Some(canonical)));
         }
         for view in views {
             if !self.queue.contains(&view) {
                 self.queue.push_back(view);
+            }
+        }
+    }
+
+    /// Queues the views of the mailboxes whose emails the client was shown in a mailbox this node
+    /// does not show them in (an alias's group split up here, or here its canonical mailbox is
+    /// another), and takes their pairs out of `aliased`: the listing adds the pairs it shows now.
+    /// A mailbox this node does not place keeps its pairs until one does.
+    pub(super) fn queue_realiased(&mut self, mailboxes: &AccountMailboxes, aliased: &mut BTreeSet<(u128, u128)>) {
+        let mut moved = BTreeSet::new();
+        for (mailbox, shown) in aliased.iter() {
+            let placed = mailboxes.tree.place(MailboxId(*mailbox));
+            if placed.is_some_and(|placement| placement.mailbox().0 != *shown) {
+                moved.insert(*mailbox);
+            }
+        }
+        aliased.retain(|(mailbox, _)| !moved.contains(mailbox));
+        for mailbox in moved {
+            if !self.queue.contains(&MailboxId(mailbox)) {
+                self.queue.push_back(MailboxId(mailbox));
             }
         }
     }
@@ -171,4 +247,23 @@ impl ViewListing {
         }
         Ok(())
     }
+}
+
+/// The aliases (non-canonical members) of every visible mailbox under `root` (itself included)
+/// or, with no root, of the whole tree.
+fn aliases_under(tree: &MailboxTree, root: Option<MailboxId>) -> Vec<MailboxId> {
+    let mut aliases = Vec::new();
+    let mut stack: Vec<MailboxId> = match root {
+        Some(root) => vec![root],
+        None => tree.children(None).iter().map(|mailbox| mailbox.id).collect(),
+    };
+    let mut visited = BTreeSet::new();
+    while let Some(mailbox) = stack.pop() {
+        if !visited.insert(mailbox) {
+            continue;
+        }
+        aliases.extend(tree.members(mailbox).into_iter().filter(|member| *member != mailbox));
+        stack.extend(tree.children(Some(mailbox)).iter().map(|child| child.id));
+    }
+    aliases
 }

@@ -880,9 +880,11 @@ impl MailService {
         };
         let mailboxes = self.account_mailboxes(account)?;
         let mut views = feed::ViewListing::new(since.pending.take());
-        // Mailboxes the client was shown emails of without a mailbox: once here, list them again.
-        let mut unplaced = std::mem::take(&mut since.unplaced);
-        views.queue_placed(&mailboxes, &mut unplaced);
+        // Mailboxes the client was shown emails of without a mailbox, or in a mailbox this node
+        // does not show them in: list them again.
+        let mut shown = feed::ShownPlaces::take(&mut since);
+        views.queue_placed(&mailboxes, &mut shown.unplaced);
+        views.queue_realiased(&mailboxes, &mut shown.aliased);
         // Mailbox listings an earlier page left unfinished come first.
         let mut expanded = Vec::new();
         views.list(
@@ -897,8 +899,8 @@ impl MailService {
             // The page is full before the change log was read: the next page reads it.
             let mut new_state = since.clone();
             new_state.pending = views.pending();
-            let updated = feed::named_emails(store, &mailboxes, emails, &expanded, &mut unplaced)?;
-            new_state.unplaced = checked_unplaced(unplaced)?;
+            let updated = feed::named_emails(store, &mailboxes, emails, &expanded, &mut shown)?;
+            shown.store_in(&mut new_state)?;
             return Ok(AccountChanges {
                 created: Vec::new(),
                 updated,
@@ -981,9 +983,9 @@ impl MailService {
         updated_items.extend(expanded);
         let mut new_state = changes.new_state;
         new_state.pending = views.pending();
-        let created = feed::named_emails(store, &mailboxes, emails, &created_items, &mut unplaced)?;
-        let updated = feed::named_emails(store, &mailboxes, emails, &updated_items, &mut unplaced)?;
-        new_state.unplaced = checked_unplaced(unplaced)?;
+        let created = feed::named_emails(store, &mailboxes, emails, &created_items, &mut shown)?;
+        let updated = feed::named_emails(store, &mailboxes, emails, &updated_items, &mut shown)?;
+        shown.store_in(&mut new_state)?;
         Ok(AccountChanges {
             created,
             updated,
@@ -1051,19 +1053,4 @@ pub fn parse_flags(names: &[String]) -> Result<Vec<Flag>, ServiceError> {
         .iter()
         .map(|name| name.parse::<Flag>().map_err(ServiceError::from))
         .collect()
-}
-
-/// The unplaced mailboxes a new feed token carries, within the bound a token may name. Past it
-/// (a node that lacks that many mailbox records while it lists their emails) the client resyncs
-/// rather than be left with emails it was never told the mailbox of.
-fn checked_unplaced(
-    unplaced: std::collections::BTreeSet<u128>,
-) -> Result<std::collections::BTreeSet<u128>, ServiceError> {
-    if unplaced.len() > crate::changes::MAX_UNPLACED_MAILBOXES {
-        return Err(ServiceError::CannotCalculateChanges(format!(
-            "this node does not hold yet the mailboxes of emails from more than {} mailboxes; resync from a fresh state",
-            crate::changes::MAX_UNPLACED_MAILBOXES
-        )));
-    }
-    Ok(unplaced)
 }
