@@ -948,6 +948,7 @@ class FeedClient(threading.Thread):
         self.state = None
         self.view = {}  # id -> mailbox id
         self.catch_ups = 0
+        self.listed = 0  # items (emails and mailboxes) the calls listed, for the final polls
         self.error = None
 
     def run(self):
@@ -986,11 +987,14 @@ class FeedClient(threading.Thread):
                 created = [[item["id"], item.get("mailbox_id")] for item in answer["created"]]
                 updated = [[item["id"], item.get("mailbox_id")] for item in answer["updated"]]
                 destroyed = list(answer["destroyed"])
+                mailboxes = list(answer.get("mailboxes", []))
                 state, has_more = answer["state"], bool(answer["has_more"])
             except (ValueError, KeyError, TypeError) as problem:
                 outcome, error = "unknown", f"unparsable answer ({problem}): {body[:100]!r}"
             else:
-                record.update(created=created, updated=updated, destroyed=destroyed, state=state, has_more=has_more)
+                record.update(created=created, updated=updated, destroyed=destroyed, mailboxes=mailboxes,
+                              state=state, has_more=has_more)
+                self.listed += len(created) + len(updated) + len(destroyed) + len(mailboxes)
         record["outcome"] = outcome
         if error and outcome != "ok":
             record["error"] = error[:300]
@@ -1022,16 +1026,34 @@ class FeedClient(threading.Thread):
         return False
 
 
+FINAL_POLLS = 10
+FINAL_POLL_SECONDS = 1.0
+
+
 def final_feed_catch_ups(feed_clients, nodes, seed):
     """After convergence: every feed client catches up once more from a random node (another one
-    when a call fails, a few times), and says which node ended it."""
+    when a call fails, a few times), then polls that node about once a second, as a client does,
+    until a catch-up lists nothing at all (at most FINAL_POLLS more), and says which node ended
+    it and how many polls it took. The extra polls are needed because a node lists the emails of
+    a mailbox change only once its frontier covers that change (see `crate::changes`), which
+    can come a gossip round after the digests agree: one call right at convergence may still
+    list the mailbox without them."""
     rng = random.Random(seed * 1000 + 777)
     ended = {}
     for client in feed_clients:
         for _ in range(2 * len(nodes)):
             node = rng.choice(nodes)
             if client.catch_up(node, final=True):
-                ended[str(client.number)] = {"node": node.index, "view": len(client.view)}
+                polls = 0
+                while polls < FINAL_POLLS:
+                    time.sleep(FINAL_POLL_SECONDS)
+                    listed = client.listed
+                    if not client.catch_up(node, final=True):
+                        break
+                    polls += 1
+                    if client.listed == listed:
+                        break
+                ended[str(client.number)] = {"node": node.index, "view": len(client.view), "polls": polls}
                 break
     return ended
 

@@ -660,6 +660,8 @@ def rule_feed(run):
             writes[op["id"]].append(op["invoked"])
     final_ends = run.final.get("feed_final", {})
     counts["clients"] = len(by_client)
+    # Catch-ups after the first final one, until one listed nothing (scripts/chaos.py).
+    counts["final_polls"] = sum(end.get("polls", 0) for end in final_ends.values())
     for client, records in sorted(by_client.items()):
         account = records[0]["account"]
         state, view, created, destroyed = None, {}, set(), set()
