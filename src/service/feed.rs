@@ -116,6 +116,13 @@ impl ViewListing {
         }
     }
 
+    /// Queues a view's emails to list, unless it is queued already.
+    fn enqueue(&mut self, view: MailboxId) {
+        if !self.queue.contains(&view) {
+            self.queue.push_back(view);
+        }
+    }
+
     pub(super) fn is_pending(&self) -> bool {
         !self.queue.is_empty()
     }
@@ -163,9 +170,7 @@ impl ViewListing {
             views.extend(aliases_under(tree, Some(canonical)));
         }
         for view in views {
-            if !self.queue.contains(&view) {
-                self.queue.push_back(view);
-            }
+            self.enqueue(view);
         }
     }
 
@@ -183,9 +188,7 @@ impl ViewListing {
         }
         aliased.retain(|(mailbox, _)| !moved.contains(mailbox));
         for mailbox in moved {
-            if !self.queue.contains(&MailboxId(mailbox)) {
-                self.queue.push_back(MailboxId(mailbox));
-            }
+            self.enqueue(MailboxId(mailbox));
         }
     }
 
@@ -201,9 +204,7 @@ impl ViewListing {
             if mailboxes.tree.place(MailboxId(*mailbox)).is_none() {
                 return true;
             }
-            if !self.queue.contains(&MailboxId(*mailbox)) {
-                self.queue.push_back(MailboxId(*mailbox));
-            }
+            self.enqueue(MailboxId(*mailbox));
             false
         });
     }
